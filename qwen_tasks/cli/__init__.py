@@ -1,0 +1,49 @@
+"""The `qwen-tasks` command line: thin wrappers that parse options and call the library.
+
+Each area registers its commands on `app` from its own module (imported at the bottom), so the CLI and
+the DAG call the same library functions and neither holds logic the other lacks.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import typer
+from rich.console import Console
+
+from ..errors import QwenTasksError
+
+app = typer.Typer(
+    name="qwen-tasks",
+    help=(
+        "Label audio with Qwen-Audio models (ASR transcripts and baby-cry detection) and keep the "
+        "results in PostgreSQL.\n\nTypical flow: db upgrade -> ingest FOLDER -> label --task asr / "
+        "--task cry -> metrics / report / export. The database is QWEN_TASKS_DATABASE_URL, or an "
+        "embedded PostgreSQL under ./.qwen_tasks when unset."
+    ),
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+console = Console(stderr=True)  # progress and messages; stdout is kept for --json output
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    """Print a one-line error and return the Exit to raise."""
+    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def main() -> None:
+    """Console-script entry point: library errors become one line on stderr, not a traceback."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        app()
+    except QwenTasksError as exc:
+        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+
+
+# Command modules register themselves on `app`; keep this list in the order commands are used.
+from . import db_cmd  # noqa: E402,F401

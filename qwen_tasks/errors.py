@@ -1,0 +1,26 @@
+"""Typed errors. Retryable ones (database, CUDA OOM) are told apart from permanent ones (bad input)."""
+
+
+class QwenTasksError(Exception):
+    """Base class: the CLI prints these as one line, without a traceback."""
+
+
+class ConfigError(QwenTasksError):
+    """A setting or argument that cannot work (bad URL, unknown task, missing path)."""
+
+
+class DatabaseUnavailable(QwenTasksError):
+    """The database cannot be reached or refused us; retryable."""
+
+
+class AudioError(QwenTasksError):
+    """An audio file that cannot be used; permanent for that file, never for the batch."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+class ModelError(QwenTasksError):
+    """A model that cannot be loaded or does not match what the pipeline needs."""

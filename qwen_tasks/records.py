@@ -1,0 +1,87 @@
+"""Records that cross module boundaries: the audio a model sees and what it says about it.
+
+Stages pass these instead of dicts so that the runner, the CLI and the DAG agree on one shape.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+Task = Literal["asr", "cry"]
+CryMethod = Literal["score", "generate"]
+YesNo = Literal["yes", "no", "unknown"]
+
+TARGET_SAMPLE_RATE = 16_000
+
+
+@dataclass(frozen=True)
+class AudioClip:
+    """Decoded audio ready for a model: mono float32 at 16 kHz."""
+
+    audio_id: int
+    path: str
+    waveform: np.ndarray
+    sample_rate: int = TARGET_SAMPLE_RATE
+
+    @property
+    def duration_s(self) -> float:
+        return len(self.waveform) / self.sample_rate
+
+
+@dataclass(frozen=True)
+class LabelRequest:
+    """What to ask the model; the same request applies to every clip of a run."""
+
+    task: Task
+    language: str = "en"
+    question: str = "Is there a baby crying in this audio? Answer yes or no."
+    methods: tuple[CryMethod, ...] = ("score",)
+    max_new_tokens: int = 128
+    yes_threshold: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.task not in ("asr", "cry"):
+            raise ValueError(f"task must be 'asr' or 'cry', got {self.task!r}")
+        if not self.methods or any(m not in ("score", "generate") for m in self.methods):
+            raise ValueError(f"methods must be a non-empty subset of score/generate, got {self.methods!r}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not 0.0 <= self.yes_threshold <= 1.0:
+            raise ValueError(f"yes_threshold must be in [0, 1], got {self.yes_threshold}")
+
+
+@dataclass(frozen=True)
+class WindowResult:
+    """One <= 30 s window of a clip; long clips have several."""
+
+    index: int
+    start_s: float
+    end_s: float
+    text: str | None = None
+    p_yes: float | None = None
+
+
+@dataclass(frozen=True)
+class ClipResult:
+    """The model's output for one clip. `error` is set (and the rest empty) when the clip failed alone."""
+
+    audio_id: int
+    text: str | None = None  # ASR transcript, or the raw generated answer for cry detection
+    p_yes: float | None = None  # cry detection: probability mass of yes vs no at the first answer token
+    windows: tuple[WindowResult, ...] = field(default_factory=tuple)
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Recorded on every label so a result can always be traced to what produced it."""
+
+    model: str
+    revision: str
+    dtype: str
+    device: str
+    prompt_version: str
+    prompt_template: str

@@ -1,0 +1,189 @@
+"""SQLAlchemy Core mirrors of the tables in `sql/migrations/` (the SQL files are the source of truth).
+
+Only what Python code queries is declared; `tests/test_db.py` checks these match the migrated database.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import JSONB
+
+metadata = sa.MetaData()
+
+
+def _id() -> sa.Column:
+    return sa.Column("id", sa.BigInteger, sa.Identity(always=True), primary_key=True)
+
+
+def _ts(name: str, default: bool = True) -> sa.Column:
+    return sa.Column(name, sa.DateTime(timezone=True), server_default=sa.func.now() if default else None)
+
+
+audio = sa.Table(
+    "audio",
+    metadata,
+    _id(),
+    sa.Column("sha256", sa.Text, nullable=False, unique=True),
+    sa.Column("size_bytes", sa.BigInteger, nullable=False),
+    sa.Column("duration_s", sa.Float, nullable=False),
+    sa.Column("sample_rate", sa.Integer, nullable=False),
+    sa.Column("channels", sa.SmallInteger, nullable=False),
+    sa.Column("frames", sa.BigInteger, nullable=False),
+    sa.Column("format", sa.Text, nullable=False),
+    sa.Column("subtype", sa.Text),
+    _ts("created_at"),
+)
+
+audio_file = sa.Table(
+    "audio_file",
+    metadata,
+    _id(),
+    sa.Column("path", sa.Text, nullable=False, unique=True),
+    sa.Column("audio_id", sa.BigInteger, sa.ForeignKey("audio.id")),
+    sa.Column("size_bytes", sa.BigInteger),
+    sa.Column("mtime_ns", sa.BigInteger),
+    sa.Column("status", sa.Text, nullable=False),
+    sa.Column("reason", sa.Text),
+    _ts("first_seen"),
+    _ts("last_seen"),
+)
+
+manifest_item = sa.Table(
+    "manifest_item",
+    metadata,
+    _id(),
+    sa.Column("manifest_path", sa.Text, nullable=False),
+    sa.Column("line_no", sa.Integer, nullable=False),
+    sa.Column("kind", sa.Text, nullable=False),
+    sa.Column("audio_path", sa.Text, nullable=False),
+    sa.Column("audio_file_id", sa.BigInteger, sa.ForeignKey("audio_file.id")),
+    sa.Column("reference_text", sa.Text),
+    sa.Column("language", sa.Text),
+    sa.Column("question", sa.Text),
+    sa.Column("gt", sa.Text),
+    sa.Column("gold_label", sa.Text),
+    sa.Column("source", sa.Text),
+    sa.Column("raw", JSONB, nullable=False, server_default=sa.text("'{}'::jsonb")),
+    _ts("ingested_at"),
+    sa.UniqueConstraint("manifest_path", "line_no"),
+)
+
+label_run = sa.Table(
+    "label_run",
+    metadata,
+    _id(),
+    sa.Column("task", sa.Text, nullable=False),
+    sa.Column("model", sa.Text, nullable=False),
+    sa.Column("revision", sa.Text, nullable=False, server_default=""),
+    sa.Column("prompt_version", sa.Text, nullable=False),
+    sa.Column("prompt_template", sa.Text),
+    sa.Column("dtype", sa.Text),
+    sa.Column("device", sa.Text),
+    sa.Column("params", JSONB, nullable=False, server_default=sa.text("'{}'::jsonb")),
+    sa.Column("status", sa.Text, nullable=False, server_default="planned"),
+    sa.Column("n_planned", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("n_labelled", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("n_failed", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("audio_seconds", sa.Float, nullable=False, server_default="0"),
+    _ts("created_at"),
+    _ts("started_at", default=False),
+    _ts("finished_at", default=False),
+)
+
+label_job = sa.Table(
+    "label_job",
+    metadata,
+    _id(),
+    sa.Column("run_id", sa.BigInteger, sa.ForeignKey("label_run.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("seq", sa.Integer, nullable=False),
+    sa.Column("status", sa.Text, nullable=False, server_default="pending"),
+    sa.Column("n_items", sa.Integer, nullable=False),
+    sa.Column("audio_seconds", sa.Float, nullable=False, server_default="0"),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("max_attempts", sa.Integer, nullable=False, server_default="3"),
+    sa.Column("lease_owner", sa.Text),
+    sa.Column("lease_expires_at", sa.DateTime(timezone=True)),
+    sa.Column("last_error", sa.Text),
+    sa.Column("claim_seconds", sa.Float),
+    sa.Column("process_seconds", sa.Float),
+    _ts("created_at"),
+    _ts("started_at", default=False),
+    _ts("finished_at", default=False),
+    sa.UniqueConstraint("run_id", "seq"),
+)
+
+label_job_item = sa.Table(
+    "label_job_item",
+    metadata,
+    sa.Column("job_id", sa.BigInteger, sa.ForeignKey("label_job.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("run_id", sa.BigInteger, sa.ForeignKey("label_run.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("audio_id", sa.BigInteger, sa.ForeignKey("audio.id"), primary_key=True),
+    sa.UniqueConstraint("run_id", "audio_id"),
+)
+
+transcription = sa.Table(
+    "transcription",
+    metadata,
+    _id(),
+    sa.Column("run_id", sa.BigInteger, sa.ForeignKey("label_run.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("job_id", sa.BigInteger, sa.ForeignKey("label_job.id", ondelete="SET NULL")),
+    sa.Column("audio_id", sa.BigInteger, sa.ForeignKey("audio.id"), nullable=False),
+    sa.Column("text", sa.Text, nullable=False),
+    sa.Column("language", sa.Text),
+    sa.Column("windows", JSONB, nullable=False, server_default=sa.text("'[]'::jsonb")),
+    _ts("created_at"),
+    sa.UniqueConstraint("run_id", "audio_id"),
+)
+
+cry_answer = sa.Table(
+    "cry_answer",
+    metadata,
+    _id(),
+    sa.Column("run_id", sa.BigInteger, sa.ForeignKey("label_run.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("job_id", sa.BigInteger, sa.ForeignKey("label_job.id", ondelete="SET NULL")),
+    sa.Column("audio_id", sa.BigInteger, sa.ForeignKey("audio.id"), nullable=False),
+    sa.Column("method", sa.Text, nullable=False),
+    sa.Column("raw_answer", sa.Text),
+    sa.Column("p_yes", sa.Float),
+    sa.Column("label", sa.Text, nullable=False),
+    sa.Column("threshold", sa.Float),
+    sa.Column("windows", JSONB, nullable=False, server_default=sa.text("'[]'::jsonb")),
+    _ts("created_at"),
+    sa.UniqueConstraint("run_id", "audio_id", "method"),
+)
+
+label_failure = sa.Table(
+    "label_failure",
+    metadata,
+    _id(),
+    sa.Column("run_id", sa.BigInteger, sa.ForeignKey("label_run.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("job_id", sa.BigInteger, sa.ForeignKey("label_job.id", ondelete="SET NULL")),
+    sa.Column("audio_id", sa.BigInteger, sa.ForeignKey("audio.id"), nullable=False),
+    sa.Column("error", sa.Text, nullable=False),
+    _ts("created_at"),
+    sa.UniqueConstraint("run_id", "audio_id"),
+)
+
+human_label = sa.Table(
+    "human_label",
+    metadata,
+    _id(),
+    sa.Column("audio_id", sa.BigInteger, sa.ForeignKey("audio.id"), nullable=False),
+    sa.Column("task", sa.Text, nullable=False),
+    sa.Column("label", sa.Text),
+    sa.Column("text", sa.Text),
+    sa.Column("reviewer", sa.Text),
+    sa.Column("source", sa.Text, nullable=False, server_default="label-studio"),
+    _ts("created_at"),
+    sa.UniqueConstraint("audio_id", "task"),
+)
+
+run_metric = sa.Table(
+    "run_metric",
+    metadata,
+    sa.Column("run_id", sa.BigInteger, sa.ForeignKey("label_run.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("name", sa.Text, primary_key=True),
+    sa.Column("value", sa.Float),
+    sa.Column("details", JSONB, nullable=False, server_default=sa.text("'{}'::jsonb")),
+    _ts("computed_at"),
+)

@@ -1,0 +1,125 @@
+"""Schema, migrations and connection errors, against the real local PostgreSQL."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from qwen_tasks import db, schema
+from qwen_tasks.errors import DatabaseUnavailable
+
+CLI = [sys.executable, "-m", "qwen_tasks"]
+
+
+def test_upgrade_is_idempotent(engine: Engine) -> None:
+    first = db.applied_migrations(engine)
+    assert first and first[0] == "0001_initial"
+    assert db.upgrade(engine) == []
+    assert db.applied_migrations(engine) == first
+
+
+def test_python_table_mirrors_match_migrated_database(engine: Engine) -> None:
+    inspector = sa.inspect(engine)
+    for table in schema.metadata.sorted_tables:
+        actual = {c["name"] for c in inspector.get_columns(table.name)}
+        declared = {c.name for c in table.columns}
+        assert declared <= actual, f"{table.name}: declared but missing in SQL: {declared - actual}"
+
+
+def test_constraints_keep_bad_data_out(engine: Engine) -> None:
+    with pytest.raises(sa.exc.IntegrityError), engine.begin() as conn:
+        conn.execute(
+            schema.audio.insert().values(
+                sha256="not-a-hash",
+                size_bytes=10,
+                duration_s=1,
+                sample_rate=16000,
+                channels=1,
+                frames=16000,
+                format="WAV",
+            )
+        )
+    with pytest.raises(sa.exc.IntegrityError), engine.begin() as conn:
+        # a quarantined path must say why
+        conn.execute(schema.audio_file.insert().values(path="/x.wav", status="quarantined"))
+    with pytest.raises(sa.exc.IntegrityError), engine.begin() as conn:
+        conn.execute(schema.label_run.insert().values(task="translate", model="m", prompt_version="v1"))
+
+
+def test_same_content_two_paths_share_one_audio_row(engine: Engine) -> None:
+    with engine.begin() as conn:
+        audio_id = conn.execute(
+            schema.audio.insert()
+            .values(
+                sha256="a" * 64,
+                size_bytes=10,
+                duration_s=1.0,
+                sample_rate=16000,
+                channels=1,
+                frames=16000,
+                format="WAV",
+            )
+            .returning(schema.audio.c.id)
+        ).scalar_one()
+        for path in ("/data/a.wav", "/data/copy of a.wav"):
+            conn.execute(schema.audio_file.insert().values(path=path, audio_id=audio_id, status="ok"))
+    with engine.connect() as conn:
+        n = conn.execute(sa.select(sa.func.count()).select_from(schema.audio_file)).scalar_one()
+        assert n == 2
+        assert conn.execute(sa.select(sa.func.count()).select_from(schema.audio)).scalar_one() == 1
+
+
+def _cli(args: list[str], url: str | None, **env: str) -> subprocess.CompletedProcess[str]:
+    environment = {k: v for k, v in os.environ.items() if k != "QWEN_TASKS_DATABASE_URL"}
+    if url is not None:
+        environment["QWEN_TASKS_DATABASE_URL"] = url
+    environment.update(env)
+    return subprocess.run(CLI + args, capture_output=True, text=True, env=environment, timeout=120)
+
+
+def test_cli_upgrade_twice_then_status(database_url: str) -> None:
+    for _ in range(2):
+        out = _cli(["db", "upgrade"], database_url)
+        assert out.returncode == 0, out.stderr
+        assert "up to date" in out.stderr
+    out = _cli(["db", "status"], database_url)
+    assert "0001_initial" in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("postgresql+psycopg2://nobody_here:secret@127.0.0.1:5432/postgres", "nobody_here"),
+        ("postgresql+psycopg2://u:pw@127.0.0.1:1/postgres", "127.0.0.1:1"),
+        ("sqlite:///x.db", "must point at PostgreSQL"),
+    ],
+)
+def test_bad_database_url_is_one_line_error(url: str, expected: str) -> None:
+    out = _cli(["db", "upgrade"], url)
+    assert out.returncode == 1
+    assert "Traceback" not in out.stderr
+    assert expected in out.stderr
+    assert "secret" not in out.stderr and "pw@" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) <= 2  # one message (rich may wrap it)
+
+
+def test_get_engine_raises_typed_error() -> None:
+    with pytest.raises(DatabaseUnavailable, match="cannot connect"):
+        db.get_engine("postgresql+psycopg2://x@127.0.0.1:1/none")
+
+
+def test_embedded_server_starts_and_is_reused(tmp_path) -> None:
+    home = tmp_path / "home"
+    try:
+        for _ in range(2):
+            out = _cli(["db", "upgrade"], None, QWEN_TASKS_HOME=str(home))
+            assert out.returncode == 0, out.stderr
+        assert "up to date" in out.stderr  # second call found the migrated database
+        assert (home / "pgdata" / "PG_VERSION").exists()
+    finally:
+        db.stop_embedded(home / "pgdata")

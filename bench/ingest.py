@@ -1,0 +1,188 @@
+"""Ingest benchmark: `sha256sum` vs a first ingest vs an unchanged re-run, on the same generated files.
+
+    python bench/ingest.py                       # 10,000 x 1 s clips (about 320 MB in a temp folder)
+    python bench/ingest.py --n 2000 --registered 100000
+
+Targets (issue 4): first ingest <= 2x the sha256sum time; unchanged re-run over 100k registered files
+< 5 s. `--registered M` adds M more files that are hard links to one clip (no disk space, but real
+directory entries to stat) and registers them directly in the database, so the unchanged re-run can be
+timed at scale without hashing M files first. The run uses a throwaway database on the configured server
+(QWEN_TASKS_DATABASE_URL, or the embedded one) unless --database-url names one; it is dropped at the end.
+Page cache is warm for every timing (the files were just written); sha256sum is single-threaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import sqlalchemy as sa
+from sqlalchemy.engine import make_url
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from qwen_tasks import db, schema  # noqa: E402
+from qwen_tasks.audio import check_file  # noqa: E402
+from qwen_tasks.ingest import ingest  # noqa: E402
+
+
+def write_clips(folder: Path, n: int, seconds: float, rate: int) -> list[Path]:
+    """N distinct mono PCM_16 wav clips: one header written by soundfile, then raw noise samples."""
+    folder.mkdir(parents=True)
+    template = folder / "template.wav"
+    frames = int(seconds * rate)
+    sf.write(template, np.zeros(frames, dtype=np.int16), rate, subtype="PCM_16")
+    header = template.read_bytes()[: -frames * 2]
+    template.unlink()
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(n):
+        sub = folder / f"{i // 1000:03d}"
+        sub.mkdir(exist_ok=True)
+        path = sub / f"clip_{i:06d}.wav"
+        path.write_bytes(header + rng.integers(-3000, 3000, frames, dtype=np.int16).tobytes())
+        paths.append(path)
+    return paths
+
+
+def register_links(engine: sa.Engine, folder: Path, source: Path, m: int) -> None:
+    """M hard links to copies of `source`, registered as ok rows pointing at its (real) audio row."""
+    folder.mkdir(parents=True)
+    checked = check_file(source)
+    p = checked.probe
+    audio_row = {
+        "sha256": checked.sha256,
+        "size_bytes": checked.size_bytes,
+        "duration_s": p.duration_s,
+        "sample_rate": p.sample_rate,
+        "channels": p.channels,
+        "frames": p.frames,
+        "format": p.format,
+        "subtype": p.subtype,
+    }
+    rows = []
+    copies = folder.parent / "link-sources"  # ext4 allows 65000 links per inode: one copy per 50000
+    copies.mkdir()
+    for i in range(m):
+        if i % 50_000 == 0:
+            target = copies / f"source_{i // 50_000}.wav"
+            shutil.copyfile(source, target)
+            mtime_ns = target.stat().st_mtime_ns
+        sub = folder / f"{i // 1000:03d}"
+        sub.mkdir(exist_ok=True)
+        path = sub / f"link_{i:06d}.wav"
+        os.link(target, path)
+        rows.append(
+            {"path": str(path), "size_bytes": checked.size_bytes, "mtime_ns": mtime_ns, "status": "ok"}
+        )
+    with engine.begin() as conn:
+        audio_id = conn.execute(
+            sa.dialects.postgresql.insert(schema.audio)
+            .values(audio_row)
+            .on_conflict_do_update(index_elements=["sha256"], set_={"size_bytes": checked.size_bytes})
+            .returning(schema.audio.c.id)
+        ).scalar_one()
+        for r in rows:
+            r["audio_id"] = audio_id
+        for i in range(0, len(rows), 10_000):
+            conn.execute(sa.insert(schema.audio_file), rows[i : i + 10_000])
+
+
+def timed(label: str, fn):  # type: ignore[no-untyped-def]
+    start = time.perf_counter()
+    result = fn()
+    elapsed = time.perf_counter() - start
+    print(f"  {label:<44} {elapsed:8.2f} s", flush=True)
+    return elapsed, result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--n", type=int, default=10_000, help="clips to generate (default 10000)")
+    parser.add_argument("--seconds", type=float, default=1.0, help="clip length (default 1.0)")
+    parser.add_argument("--rate", type=int, default=16_000, help="sample rate (default 16000)")
+    parser.add_argument("--registered", type=int, default=0, help="extra registered files (e.g. 100000)")
+    parser.add_argument("--workers", type=int, default=None, help="ingest threads (default: ingest's)")
+    parser.add_argument("--dir", type=Path, default=None, help="work folder (default: a temp folder)")
+    parser.add_argument("--database-url", default=None, help="use this database instead of a temp one")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="qt-bench-ingest-", dir=args.dir))
+    temp_db = None
+    admin = None
+    try:
+        if args.database_url:
+            url = args.database_url
+        else:
+            server = db.resolve_url()
+            temp_db = f"qwen_tasks_bench_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+            admin = sa.create_engine(server, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
+            with admin.connect() as conn:
+                conn.execute(sa.text(f'CREATE DATABASE "{temp_db}"'))  # generated name, not input
+            url = make_url(server).set(database=temp_db).render_as_string(hide_password=False)
+        engine = db.get_engine(url)
+        db.upgrade(engine)
+
+        print(f"generating {args.n} x {args.seconds:g} s clips at {args.rate} Hz in {work} ...", flush=True)
+        clips = write_clips(work / "clips", args.n, args.seconds, args.rate)
+        size_mb = sum(p.stat().st_size for p in clips) / 1e6
+        folders = [work / "clips"]
+        if args.registered:
+            print(f"registering {args.registered} hard-linked files ...", flush=True)
+            t0 = time.perf_counter()
+            source = work / "link-source.wav"  # content not among the N clips, so counts stay exact
+            sf.write(source, np.full(int(args.seconds * args.rate), 5, dtype=np.int16), args.rate)
+            register_links(engine, work / "registered", source, args.registered)
+            print(f"  (registered in {time.perf_counter() - t0:.1f} s)")
+            folders.append(work / "registered")
+
+        print(
+            f"\n{args.n} files, {size_mb:.0f} MB, {os.cpu_count()} CPUs, database {db.describe(engine.url)}"
+        )
+        listing = b"\0".join(os.fsencode(p) for p in clips)
+        sha_s, _ = timed(
+            "sha256sum (xargs, one process)",
+            lambda: subprocess.run(
+                ["xargs", "-0", "sha256sum"], input=listing, stdout=subprocess.DEVNULL, check=True
+            ),
+        )
+        first_s, first = timed(
+            f"first ingest ({args.n} new files)",
+            lambda: ingest(engine, [work / "clips"], workers=args.workers),
+        )
+        total = args.n + args.registered
+        again_s, again = timed(
+            f"second ingest, nothing changed ({total} files)",
+            lambda: ingest(engine, folders, workers=args.workers),
+        )
+        if first.new != args.n or again.unchanged != total:
+            raise SystemExit(f"unexpected counts: first {first.to_dict()}, second {again.to_dict()}")
+
+        print(f"\n  first ingest / sha256sum   {first_s / sha_s:6.2f}x   (target <= 2x)")
+        print(f"  unchanged / first ingest   {again_s / first_s:6.3f}x")
+        print(f"  first ingest rate          {args.n / first_s:8.0f} files/s, {size_mb / first_s:.0f} MB/s")
+        print(f"  unchanged re-run rate      {total / again_s:8.0f} files/s", end="")
+        if total >= 100_000:
+            print(f"   (target < 5 s for 100k: {'met' if again_s * 100_000 / total < 5 else 'NOT met'})")
+        else:
+            print("   (time 100k with --registered 100000)")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        if temp_db and admin is not None:
+            db.get_engine(url).dispose()
+            with admin.connect() as conn:
+                conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{temp_db}" WITH (FORCE)'))
+            admin.dispose()
+
+
+if __name__ == "__main__":
+    main()

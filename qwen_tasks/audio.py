@@ -1,0 +1,244 @@
+"""Reading audio files: cheap probes for ingest, full decodes for the model stage.
+
+Every failure becomes `AudioError(path, reason)` with a reason a person can act on ("empty file
+(0 bytes)", "truncated: ..."), because one bad file must be quarantined or skipped, never crash a batch.
+Ingest calls `check_file` (stat + streamed sha256 + header probe + blockwise sample scan, one open per
+file); the model stage calls `load_waveform` (mono float32 at the model's rate).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import re
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import soxr
+
+from .errors import AudioError
+from .records import TARGET_SAMPLE_RATE
+
+HASH_CHUNK = 1 << 20  # 1 MiB reads: large enough for hashlib to release the GIL, small enough for memory
+SCAN_BLOCK_FRAMES = 1 << 16  # frames per block when scanning samples; keeps memory flat on long files
+
+# Containers whose integer/companded samples cannot hold NaN/Inf and whose truncation shows in the header,
+# so decoding them at ingest would tell us nothing the probe did not.
+_HEADER_CHECKED_FORMATS = frozenset({"WAV", "WAVEX", "RF64", "W64", "AIFF", "CAF"})
+_NON_FLOAT_SUBTYPE = re.compile(r"^(PCM_(S8|U8|16|24|32)|ULAW|ALAW)$")
+# libsndfile's log says "data : 32000 (should be 15978)" when a header promises more bytes than exist.
+_SHORT_DATA = re.compile(r"^data\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILINE)
+
+
+@dataclass(frozen=True)
+class AudioProbe:
+    """What the file header says, read without decoding the samples."""
+
+    frames: int
+    sample_rate: int
+    channels: int
+    format: str
+    subtype: str | None
+
+    @property
+    def duration_s(self) -> float:
+        return self.frames / self.sample_rate
+
+
+@dataclass(frozen=True)
+class CheckedAudio:
+    """A file that passed every ingest check: its identity (sha256) and what it holds."""
+
+    path: str
+    sha256: str
+    size_bytes: int
+    mtime_ns: int
+    probe: AudioProbe
+
+
+def os_error_reason(path: str | Path, exc: OSError) -> str:
+    """A short, specific reason for an OSError met while opening or reading `path`."""
+    code = exc.errno
+    if code == errno.ELOOP:
+        return "symlink loop"
+    if code == errno.ENOENT:
+        return "dangling symlink" if os.path.islink(path) else "no such file"
+    if code in (errno.EACCES, errno.EPERM):
+        return "permission denied"
+    if code == errno.EISDIR:
+        return "is a directory"
+    return f"cannot read: {exc.strerror or exc}"
+
+
+def _libsndfile_message(exc: Exception) -> str:
+    """libsndfile's own words without the "Error opening '<path>': " prefix (the path is reported anyway)."""
+    text = str(exc).strip()
+    text = re.sub(r"^Error opening .*?: ", "", text)
+    text = re.sub(r"^Error\s*:\s*", "", text)
+    return re.sub(r"\s+", " ", text) or type(exc).__name__
+
+
+def _open_failure(path: str, exc: Exception) -> AudioError:
+    """libsndfile could not open the file: not audio at all, or a known format cut short."""
+    message = _libsndfile_message(exc)
+    if "malformed" in message:
+        return AudioError(path, f"truncated or malformed: {message}")
+    return AudioError(path, f"not an audio file: {message}")
+
+
+def _probe_open(sound: sf.SoundFile, path: str) -> AudioProbe:
+    """Header checks on an open file: truncation first (more specific than 'zero frames')."""
+    extra = sound.extra_info or ""
+    short = _SHORT_DATA.search(extra)
+    if short and int(short.group(1)) > int(short.group(2)):
+        raise AudioError(
+            path,
+            f"truncated: header declares {short.group(1)} data bytes, file holds {short.group(2)}",
+        )
+    if "ended unexpectedly" in extra:
+        raise AudioError(path, "truncated: stream ends without an end-of-stream marker")
+    if sound.samplerate <= 0 or sound.channels <= 0:
+        raise AudioError(path, f"invalid header: rate {sound.samplerate}, channels {sound.channels}")
+    if sound.frames <= 0:
+        raise AudioError(path, "zero frames")
+    return AudioProbe(
+        frames=int(sound.frames),
+        sample_rate=int(sound.samplerate),
+        channels=int(sound.channels),
+        format=str(sound.format),
+        subtype=str(sound.subtype) if sound.subtype else None,
+    )
+
+
+def _open_regular(path: str) -> tuple[int, os.stat_result]:
+    """Open `path` read-only and make sure it is a non-empty regular file (FIFOs would block forever)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        raise AudioError(path, os_error_reason(path, exc)) from None
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise AudioError(path, "is a directory")
+        if not stat.S_ISREG(st.st_mode):
+            raise AudioError(path, "not a regular file")
+        if st.st_size == 0:
+            raise AudioError(path, "empty file (0 bytes)")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st
+
+
+def probe(path: str | Path) -> AudioProbe:
+    """Header facts (frames, rate, channels, format) without decoding; AudioError if unusable."""
+    path = os.fspath(path)
+    fd, _ = _open_regular(path)
+    try:
+        with sf.SoundFile(fd, closefd=False) as sound:
+            return _probe_open(sound, path)
+    except (sf.LibsndfileError, sf.SoundFileRuntimeError, RuntimeError) as exc:
+        raise _open_failure(path, exc) from None
+    finally:
+        os.close(fd)
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of the file's bytes, read in 1 MiB chunks (flat memory for hour-long files)."""
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    except OSError as exc:
+        raise AudioError(path, os_error_reason(path, exc)) from None
+
+
+def _sha256_fd(fd: int, path: str) -> str:
+    digest = hashlib.sha256()
+    try:
+        while chunk := os.read(fd, HASH_CHUNK):
+            digest.update(chunk)
+    except OSError as exc:
+        raise AudioError(path, os_error_reason(path, exc)) from None
+    return digest.hexdigest()
+
+
+def needs_sample_scan(info: AudioProbe) -> bool:
+    """True when decoding can reveal something the header cannot: float samples (NaN/Inf) or a
+    compressed stream (FLAC/OGG/MP3 truncation shows only while decoding)."""
+    if info.format not in _HEADER_CHECKED_FORMATS:
+        return True
+    return not _NON_FLOAT_SUBTYPE.match(info.subtype or "")
+
+
+def _scan_samples(sound: sf.SoundFile, path: str, info: AudioProbe) -> None:
+    """Decode blockwise (memory stays flat) and reject NaN/Inf samples or a stream that stops early."""
+    decoded = 0
+    try:
+        # read() until it returns nothing: SoundFile.blocks() pads its count to the header's frames, which
+        # would hide a stream that stops early.
+        while len(block := sound.read(SCAN_BLOCK_FRAMES, dtype="float32", always_2d=True)):
+            if not np.isfinite(block).all():
+                raise AudioError(path, "contains NaN/Inf samples")
+            decoded += len(block)
+    except (sf.LibsndfileError, sf.SoundFileRuntimeError, RuntimeError) as exc:
+        raise AudioError(path, f"truncated: {_libsndfile_message(exc)}") from None
+    if decoded == 0:
+        raise AudioError(path, "zero frames")
+    if decoded < info.frames:
+        raise AudioError(path, f"truncated: decoded {decoded} of {info.frames} frames")
+
+
+def check_file(path: str | Path) -> CheckedAudio:
+    """Everything ingest needs to accept a file, with one open: regular non-empty file, streamed sha256,
+    a readable audio header with frames, and (where it can matter) finite samples to the end."""
+    path = os.fspath(path)
+    fd, st = _open_regular(path)
+    try:
+        sha = _sha256_fd(fd, path)
+        os.lseek(fd, 0, os.SEEK_SET)
+        try:
+            with sf.SoundFile(fd, closefd=False) as sound:
+                info = _probe_open(sound, path)
+                if needs_sample_scan(info):
+                    _scan_samples(sound, path, info)
+        except (sf.LibsndfileError, sf.SoundFileRuntimeError, RuntimeError) as exc:
+            raise _open_failure(path, exc) from None
+    finally:
+        os.close(fd)
+    return CheckedAudio(path=path, sha256=sha, size_bytes=st.st_size, mtime_ns=st.st_mtime_ns, probe=info)
+
+
+def load_waveform(path: str | Path, target_rate: int = TARGET_SAMPLE_RATE) -> np.ndarray:
+    """Decode a whole file to mono float32 at `target_rate` (channel mean, soxr high quality).
+
+    The model stage calls this; it raises AudioError (never returns empty or non-finite audio) so one
+    bad clip fails alone instead of poisoning a batch.
+    """
+    path = os.fspath(path)
+    if target_rate <= 0:
+        raise ValueError(f"target_rate must be > 0, got {target_rate}")
+    fd, _ = _open_regular(path)
+    try:
+        with sf.SoundFile(fd, closefd=False) as sound:
+            rate = int(sound.samplerate)
+            data = sound.read(dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, sf.SoundFileRuntimeError, RuntimeError) as exc:
+        raise _open_failure(path, exc) from None
+    finally:
+        os.close(fd)
+    if data.shape[0] == 0:
+        raise AudioError(path, "zero frames")
+    if not np.isfinite(data).all():
+        raise AudioError(path, "contains NaN/Inf samples")
+    mono = data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0]
+    if rate != target_rate:
+        mono = soxr.resample(mono, rate, target_rate, quality="HQ")
+    mono = np.ascontiguousarray(mono, dtype=np.float32)
+    if mono.size == 0:
+        raise AudioError(path, f"zero samples after resampling from {rate} Hz to {target_rate} Hz")
+    return mono

@@ -1,0 +1,172 @@
+"""Parsing the jsonl manifests users already have, one line at a time.
+
+Two formats: ASR `{"audio", "text"[, "language"]}` and audio QA / cry `{"question", "audio", "gt",
+"source"}`. A bad line is reported with its file and line number and skipped, so one typo never costs
+the rest of the manifest. Relative audio paths resolve against the manifest's folder, as users expect
+when they move a dataset folder around.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+ManifestKind = Literal["asr", "aqa"]
+KINDS: tuple[ManifestKind, ...] = ("asr", "aqa")
+
+# Gold labels written by people: English, Chinese (哭/不哭 style), booleans and 1/0.
+_YES = frozenset(
+    {"yes", "y", "true", "t", "1", "positive", "pos", "cry", "crying", "baby crying", "是", "是的", "对",
+     "有", "哭", "在哭", "哭了", "有哭声", "哭声", "婴儿哭", "宝宝哭"}
+)  # fmt: skip
+_NO = frozenset(
+    {"no", "n", "false", "f", "0", "negative", "neg", "not crying", "no cry", "no crying", "not cry",
+     "non cry", "noncry", "否", "不是", "不对", "没有", "无", "不", "不哭", "没哭", "没有哭", "没在哭",
+     "没有哭声", "无哭声", "不是哭声"}
+)  # fmt: skip
+# "Yes, a baby is crying." / "No." / "是的，在哭": a clear yes/no word, then punctuation.
+_LEADING = re.compile(r"^(yes|no|是的|是|不是|没有|有)\s*[,.;:!，。；：！]")
+_EDGE_PUNCT = " \t\r\n\"'`.,;:!?()[]{}<>。，；：！？、“”‘’（）【】《》"
+
+
+def parse_gold_label(gt: object) -> Literal["yes", "no"] | None:
+    """'yes' / 'no' when `gt` clearly says so (yes/no/true/false/1/0/哭/不哭/有/没有/是/否 ...), else None."""
+    if isinstance(gt, bool):
+        return "yes" if gt else "no"
+    if isinstance(gt, int | float) and gt in (0, 1):
+        return "yes" if gt == 1 else "no"
+    if not isinstance(gt, str):
+        return None
+    text = re.sub(r"[\s_\-]+", " ", gt.strip().lower())
+    word = text.strip(_EDGE_PUNCT)
+    if word in _YES:
+        return "yes"
+    if word in _NO:
+        return "no"
+    lead = _LEADING.match(text)
+    if lead:
+        return "no" if lead.group(1) in ("no", "不是", "没有") else "yes"
+    return None
+
+
+@dataclass(frozen=True)
+class ManifestItem:
+    """One valid manifest line, with its audio path made absolute (not yet checked to exist)."""
+
+    manifest_path: str
+    line_no: int
+    kind: ManifestKind
+    audio_path: str
+    reference_text: str | None
+    language: str | None
+    question: str | None
+    gt: str | None
+    gold_label: str | None
+    source: str | None
+    raw: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ManifestError:
+    """A line that was skipped, and why ("line" 0 = the manifest itself could not be read)."""
+
+    manifest: str
+    line: int
+    reason: str
+
+    def to_dict(self) -> dict[str, object]:
+        return {"manifest": self.manifest, "line": self.line, "reason": self.reason}
+
+
+def _optional_text(obj: dict[str, Any], key: str) -> str | None:
+    value = obj.get(key)
+    if value is None:
+        return None
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+def _infer_kind(obj: dict[str, Any]) -> ManifestKind | None:
+    if "text" in obj:
+        return "asr"
+    if "gt" in obj or "question" in obj:
+        return "aqa"
+    return None
+
+
+def parse_line(
+    obj: Any, manifest_path: str, line_no: int, kind: ManifestKind | None
+) -> ManifestItem | ManifestError:
+    """Validate one decoded JSON value as a manifest row of `kind` (inferred from its keys when None)."""
+
+    def error(reason: str) -> ManifestError:
+        return ManifestError(manifest_path, line_no, reason)
+
+    if not isinstance(obj, dict):
+        return error(f"expected a JSON object, got {type(obj).__name__}")
+    audio = obj.get("audio")
+    if not isinstance(audio, str) or not audio.strip():
+        return error('missing "audio" (a non-empty string path)')
+    if "\x00" in json.dumps(obj):  # PostgreSQL text and jsonb cannot hold NUL
+        return error("contains a NUL character")
+    line_kind = kind or _infer_kind(obj)
+    if line_kind is None:
+        return error('cannot tell the kind: need "text" (asr) or "question"/"gt" (aqa)')
+    if line_kind == "asr" and not isinstance(obj.get("text"), str):
+        return error('not an asr line: missing "text" (a string)')
+    if line_kind == "aqa" and "gt" not in obj and "question" not in obj:
+        return error('not an aqa line: missing "question" and "gt"')
+    folder = os.path.dirname(manifest_path)
+    audio_path = os.path.abspath(os.path.join(folder, os.path.expanduser(audio)))
+    return ManifestItem(
+        manifest_path=manifest_path,
+        line_no=line_no,
+        kind=line_kind,
+        audio_path=audio_path,
+        reference_text=obj.get("text") if line_kind == "asr" else None,
+        language=_optional_text(obj, "language"),
+        question=_optional_text(obj, "question"),
+        gt=_optional_text(obj, "gt"),
+        gold_label=parse_gold_label(obj.get("gt")) if "gt" in obj else None,
+        source=_optional_text(obj, "source"),
+        raw=obj,
+    )
+
+
+def read_manifest(
+    path: str | Path, kind: ManifestKind | None = None
+) -> Iterator[ManifestItem | ManifestError]:
+    """Yield one ManifestItem or ManifestError per non-blank line; never raises for bad content.
+
+    Lines are decoded one by one, so a stray non-UTF-8 byte costs one line, not the file.
+    """
+    if kind is not None and kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    manifest_path = os.path.abspath(path)
+    try:
+        handle = open(manifest_path, "rb")  # noqa: SIM115 - closed below; errors reported, not raised
+    except OSError as exc:
+        reason = "permission denied" if isinstance(exc, PermissionError) else (exc.strerror or str(exc))
+        yield ManifestError(manifest_path, 0, f"cannot read manifest: {reason}")
+        return
+    with handle:
+        for line_no, raw_line in enumerate(handle, start=1):
+            try:
+                text = raw_line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                yield ManifestError(manifest_path, line_no, f"not valid UTF-8 ({exc.reason})")
+                continue
+            if line_no == 1:
+                text = text.removeprefix("\ufeff")
+            if not text.strip():
+                continue
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as exc:
+                yield ManifestError(manifest_path, line_no, f"bad JSON: {exc.msg} at column {exc.colno}")
+                continue
+            yield parse_line(obj, manifest_path, line_no, kind)

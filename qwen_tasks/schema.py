@@ -187,3 +187,20 @@ run_metric = sa.Table(
     sa.Column("details", JSONB, nullable=False, server_default=sa.text("'{}'::jsonb")),
     _ts("computed_at"),
 )
+
+# 0003_review_views: per-utterance ASR scores (written by qwen_tasks.metrics, read by the review views).
+utterance_score = sa.Table(
+    "utterance_score",
+    metadata,
+    sa.Column("run_id", sa.BigInteger, sa.ForeignKey("label_run.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("audio_id", sa.BigInteger, sa.ForeignKey("audio.id"), primary_key=True),
+    sa.Column("language", sa.Text, nullable=False),
+    sa.Column("unit", sa.Text, nullable=False),
+    sa.Column("reference_source", sa.Text, nullable=False),
+    sa.Column("n_ref", sa.Integer, nullable=False),
+    sa.Column("substitutions", sa.Integer, nullable=False),
+    sa.Column("deletions", sa.Integer, nullable=False),
+    sa.Column("insertions", sa.Integer, nullable=False),
+    sa.Column("error_rate", sa.Float),
+    _ts("computed_at"),
+)

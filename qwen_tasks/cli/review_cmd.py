@@ -1,0 +1,189 @@
+"""`qwen-tasks metrics / report / review-export / review-import / export-finetune`: thin wrappers over
+`metrics`, `report` and `review`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.table import Table
+
+from .. import db
+from . import app, console, fail
+
+
+def _engine():  # noqa: ANN202 - sqlalchemy Engine
+    engine = db.get_engine()
+    db.upgrade(engine)  # idempotent: views and tables of newer migrations are always there
+    return engine
+
+
+def _print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, ensure_ascii=False, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def _check_task(task: str) -> None:
+    if task not in ("asr", "cry"):
+        raise fail(f"--task must be asr or cry, got {task!r}")
+
+
+@app.command("metrics")
+def metrics(
+    run: list[int] = typer.Option(
+        None, "--run", help="Run id (repeatable) [default: latest run of each task]."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON on stdout (metric values and details)."),
+) -> None:
+    """Compute, store (run_metric) and print quality metrics of runs.
+
+    Cry: accuracy, precision, recall, F1, confusion matrix, unknown rate, ROC AUC and best-F1 threshold,
+    against gold labels (human review first, then manifests). ASR: corpus WER (words) and CER (Chinese
+    characters), per language, and the most frequent substitution pairs.
+    """
+    from ..metrics import compute_run_metrics, latest_run_ids, load_run_metrics
+
+    engine = _engine()
+    ids = list(run) if run else latest_run_ids(engine)
+    if not ids:
+        console.print("no labelling runs yet (run: qwen-tasks label --task cry|asr)")
+        if as_json:
+            _print_json({"runs": []})
+        return
+    results = []
+    for run_id in ids:
+        values = compute_run_metrics(engine, run_id)
+        stored = load_run_metrics(engine, run_id)
+        results.append(
+            {
+                "run_id": values["run_id"],
+                "task": values["task"],
+                "model": values["model"],
+                "metrics": {k: v for k, v in values.items() if k not in ("run_id", "task", "model")},
+                "details": {name: m["details"] for name, m in stored.items() if m["details"]},
+            }
+        )
+    if as_json:
+        _print_json({"runs": results})
+        return
+    for r in results:
+        table = Table(title=f"run {r['run_id']} ({r['task']}, {r['model']})", title_justify="left")
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        for name, value in r["metrics"].items():
+            table.add_row(name, "—" if value is None else f"{value:.4g}")
+        console.print(table)
+        top = (r["details"].get("substitutions") or {}).get("top") or []
+        if top:
+            pairs = ", ".join(f"{t['reference']}→{t['hypothesis']} ×{t['count']}" for t in top[:10])
+            console.print(f"top substitutions: {pairs}", highlight=False)
+
+
+@app.command("report")
+def report(
+    out: Path = typer.Option(..., "--out", help="HTML file to write (a folder gets report.html)."),
+    run: list[int] = typer.Option(
+        None, "--run", help="Run id (repeatable) [default: latest run of each task]."
+    ),
+) -> None:
+    """Write one self-contained HTML report with plots and the worst items.
+
+    Plots: p_yes histogram by gold label, ROC curve, WER distribution, throughput over the run; tables of
+    metrics, confident mistakes, unknown answers, worst utterances and substitution pairs.
+    """
+    from ..report import write_report
+
+    path = write_report(_engine(), list(run) if run else None, out)
+    console.print(f"report written to {path}")
+
+
+@app.command("review-export")
+def review_export(
+    task: str = typer.Option(..., "--task", help="cry or asr."),
+    out: Path = typer.Option(..., "--out", help="Label Studio tasks JSON to write."),
+    run: int = typer.Option(None, "--run", help="Run id [default: the task's latest run]."),
+    audio_root: str = typer.Option(None, "--audio-root", help="Strip this folder from audio paths."),
+    audio_prefix: str = typer.Option(
+        None, "--audio-prefix", help='Put this before each (relative) path, e.g. "/data/local-files/?d=".'
+    ),
+    limit: int = typer.Option(
+        None, "--limit", min=1, help="Export at most N items (highest priority first)."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
+) -> None:
+    """Export a run's review queue as Label Studio tasks (model answer pre-annotated).
+
+    The matching labelling config is written next to the tasks file as <name>.label_config.xml.
+    """
+    from ..review import export_label_studio
+
+    _check_task(task)
+    summary = export_label_studio(
+        _engine(), out, task, run_id=run, audio_root=audio_root, audio_prefix=audio_prefix, limit=limit
+    )
+    console.print(
+        f"{summary.tasks} task(s) from run {summary.run_id} written to {summary.out}; "
+        f"labelling config: {summary.config}"
+    )
+    if as_json:
+        _print_json(summary.to_dict())
+
+
+@app.command("review-import")
+def review_import(
+    path: Path = typer.Argument(..., help="Label Studio export (JSON or JSON-MIN)."),
+    task: str = typer.Option(None, "--task", help="Task of tasks that do not say (not needed for ours)."),
+    reviewer: str = typer.Option(None, "--reviewer", help="Reviewer name where the export has none."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
+) -> None:
+    """Import a reviewed Label Studio export as human labels.
+
+    Human labels override model labels and manifest gold in the views and metrics. Bad tasks are listed
+    and skipped; the exit status is 1 if any was bad.
+    """
+    from ..review import import_label_studio
+
+    if task is not None:
+        _check_task(task)
+    summary = import_label_studio(_engine(), path, task=task, reviewer=reviewer)
+    console.print(
+        f"imported {summary.imported} human label(s) from {path}; {summary.unannotated} task(s) without "
+        f"an annotation; {len(summary.errors)} bad"
+    )
+    for error in summary.errors:
+        console.print(f"[yellow]skipped:[/] {error}", highlight=False, soft_wrap=True)
+    if as_json:
+        _print_json(summary.to_dict())
+    if summary.errors:
+        raise typer.Exit(1)
+
+
+@app.command("export-finetune")
+def export_finetune(
+    out: Path = typer.Option(..., "--out", help="JSONL file to write."),
+    task: str = typer.Option("cry", "--task", help="cry (Yes./No. answers) or asr (transcripts)."),
+    include_confident: float = typer.Option(
+        None,
+        "--include-confident",
+        help="cry: also add model labels with p_yes >= P or <= 1-P (P in (0.5, 1]) that no gold contradicts.",
+    ),
+    question: str = typer.Option(None, "--question", help="cry: the question [default: the labelling one]."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
+) -> None:
+    """Write reviewed labels as Qwen2-Audio chat fine-tune data (JSONL).
+
+    Each line: the audio and the labelling question, answered "Yes." / "No." (or the transcript for
+    --task asr), for a small fine-tune that makes the model answer the task directly.
+    """
+    from ..review import export_finetune as run_export
+
+    _check_task(task)
+    summary = run_export(_engine(), out, task=task, include_confident=include_confident, question=question)
+    console.print(
+        f"{summary.rows} example(s) written to {summary.out} ({summary.human} human, {summary.model} model)"
+    )
+    if as_json:
+        _print_json(summary.to_dict())

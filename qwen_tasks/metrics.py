@@ -1,0 +1,406 @@
+"""Quality metrics of a labelling run, computed from the database and stored back in `run_metric`.
+
+Why stored: reviewers and dashboards query `run_quality` in SQL, and a run's numbers must not change
+silently when code changes. Re-running `compute_run_metrics` replaces them (after human review, for
+example, since human labels override manifest gold labels and references).
+
+Cry detection, per method (score / generate): accuracy over decided answers and strict accuracy
+(unknown counted as wrong), precision/recall/F1 for "yes", the confusion matrix, the unknown rate,
+and for p_yes the ROC AUC and a threshold sweep with the best-F1 threshold. ASR: corpus WER (word
+languages) and CER (Chinese), per language, and the most frequent substitution pairs; per-utterance
+scores go to `utterance_score` for the review queue. Both: counts and throughput from label_job.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from .db import transaction
+from .errors import ConfigError
+from .schema import (
+    cry_answer,
+    label_failure,
+    label_job,
+    label_run,
+    run_metric,
+    transcription,
+    utterance_score,
+)
+from .scoring import UtteranceScore, corpus_score, score_utterance, top_substitutions
+
+SWEEP = tuple(round(t, 2) for t in np.arange(0.05, 1.0, 0.05))
+TOP_PAIRS = 20
+
+_cry_gold = sa.table("cry_gold", sa.column("audio_id"), sa.column("gold_label"), sa.column("source"))
+_asr_reference = sa.table(
+    "asr_reference",
+    sa.column("audio_id"),
+    sa.column("reference_text"),
+    sa.column("language"),
+    sa.column("source"),
+)
+
+
+@dataclass
+class _Metrics:
+    """Name -> (value, details) in insertion order."""
+
+    values: dict[str, float | None] = field(default_factory=dict)
+    details: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def add(self, name: str, value: float | None, **details: Any) -> None:
+        self.values[name] = _finite(value)
+        self.details[name] = _jsonable(details)
+
+
+def _finite(value: float | None) -> float | None:
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _jsonable(obj: Any) -> Any:
+    """numpy scalars -> Python, NaN/inf -> None (JSONB rejects NaN)."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+# --- cry detection ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BinaryScores:
+    """Scores of yes/no predictions against gold; `unknown` answers are counted apart."""
+
+    tp: int
+    fp: int
+    fn: int
+    tn: int
+    unknown_yes: int  # gold yes, answer unknown
+    unknown_no: int
+
+    @property
+    def decided(self) -> int:
+        return self.tp + self.fp + self.fn + self.tn
+
+    @property
+    def total(self) -> int:
+        return self.decided + self.unknown_yes + self.unknown_no
+
+    @property
+    def accuracy(self) -> float | None:
+        return (self.tp + self.tn) / self.decided if self.decided else None
+
+    @property
+    def accuracy_strict(self) -> float | None:
+        return (self.tp + self.tn) / self.total if self.total else None
+
+    @property
+    def precision(self) -> float | None:
+        return self.tp / (self.tp + self.fp) if self.tp + self.fp else None
+
+    @property
+    def recall(self) -> float | None:
+        return self.tp / (self.tp + self.fn) if self.tp + self.fn else None
+
+    @property
+    def f1(self) -> float | None:
+        p, r = self.precision, self.recall
+        if p is None or r is None:
+            return None
+        return 2 * p * r / (p + r) if p + r else 0.0
+
+
+def binary_scores(gold: list[str], predicted: list[str]) -> BinaryScores:
+    """Confusion counts (positive class "yes") via scikit-learn; 'unknown' predictions kept apart."""
+    from sklearn.metrics import confusion_matrix
+
+    if len(gold) != len(predicted):
+        raise ValueError(f"gold and predicted differ in length: {len(gold)} vs {len(predicted)}")
+    pairs = [(g, p) for g, p in zip(gold, predicted, strict=True) if p in ("yes", "no")]
+    unknown_yes = sum(
+        1 for g, p in zip(gold, predicted, strict=True) if p not in ("yes", "no") and g == "yes"
+    )
+    unknown_no = sum(1 for g, p in zip(gold, predicted, strict=True) if p not in ("yes", "no") and g == "no")
+    if pairs:
+        (tn, fp), (fn, tp) = confusion_matrix(
+            [g for g, _ in pairs], [p for _, p in pairs], labels=["no", "yes"]
+        ).tolist()
+    else:
+        tn = fp = fn = tp = 0
+    return BinaryScores(tp, fp, fn, tn, unknown_yes, unknown_no)
+
+
+def roc_auc(gold: list[str], p_yes: list[float]) -> float | None:
+    """ROC AUC of p_yes for gold "yes"; None when gold has a single class (AUC is undefined)."""
+    from sklearn.metrics import roc_auc_score
+
+    y = [1 if g == "yes" else 0 for g in gold]
+    if len(set(y)) < 2:
+        return None
+    return float(roc_auc_score(y, p_yes))
+
+
+def threshold_sweep(gold: list[str], p_yes: list[float], thresholds: tuple[float, ...] = SWEEP) -> list[dict]:
+    """Precision/recall/F1/accuracy of "p_yes >= t" for each threshold t."""
+    rows = []
+    for t in thresholds:
+        s = binary_scores(gold, ["yes" if p >= t else "no" for p in p_yes])
+        rows.append(
+            {"threshold": t, "precision": s.precision, "recall": s.recall, "f1": s.f1, "accuracy": s.accuracy}
+        )
+    return rows
+
+
+def best_threshold(sweep: list[dict]) -> dict | None:
+    """The sweep row with the highest F1 (ties: the threshold closest to 0.5); None without any F1."""
+    rows = [r for r in sweep if r["f1"] is not None]
+    if not rows:
+        return None
+    return max(rows, key=lambda r: (r["f1"], -abs(r["threshold"] - 0.5)))
+
+
+def _cry_metrics(conn: Connection, run_id: int, out: _Metrics) -> None:
+    q = (
+        sa.select(
+            cry_answer.c.audio_id,
+            cry_answer.c.method,
+            cry_answer.c.label,
+            cry_answer.c.p_yes,
+            _cry_gold.c.gold_label,
+        )
+        .select_from(cry_answer.outerjoin(_cry_gold, _cry_gold.c.audio_id == cry_answer.c.audio_id))
+        .where(cry_answer.c.run_id == run_id)
+        .order_by(cry_answer.c.audio_id, cry_answer.c.method)
+    )
+    rows = conn.execute(q).all()
+    audio_ids = {r.audio_id for r in rows}
+    out.add("n_results", len(audio_ids))
+    with_gold = {r.audio_id for r in rows if r.gold_label is not None}
+    out.add("n_gold", len(with_gold))
+    by_method: dict[str, list] = defaultdict(list)
+    for r in rows:
+        by_method[r.method].append(r)
+    for method in ("score", "generate"):
+        items = by_method.get(method)
+        if not items:
+            continue
+        gold_items = [r for r in items if r.gold_label is not None]
+        unknown = sum(1 for r in items if r.label == "unknown")
+        out.add(f"{method}.n", len(items), with_gold=len(gold_items))
+        out.add(f"{method}.unknown_rate", unknown / len(items), unknown=unknown, n=len(items))
+        s = binary_scores([r.gold_label for r in gold_items], [r.label for r in gold_items])
+        out.add(f"{method}.accuracy", s.accuracy, correct=s.tp + s.tn, decided=s.decided)
+        out.add(f"{method}.accuracy_strict", s.accuracy_strict, correct=s.tp + s.tn, n=s.total)
+        out.add(f"{method}.precision", s.precision)
+        out.add(f"{method}.recall", s.recall)
+        out.add(f"{method}.f1", s.f1)
+        out.add(
+            f"{method}.confusion",
+            s.decided,
+            tp=s.tp,
+            fp=s.fp,
+            fn=s.fn,
+            tn=s.tn,
+            unknown_gold_yes=s.unknown_yes,
+            unknown_gold_no=s.unknown_no,
+            matrix={"rows": "gold no, gold yes", "cols": "predicted no, predicted yes"},
+        )
+        scored = [r for r in gold_items if r.p_yes is not None]
+        if not scored and any(r.p_yes is not None for r in items):
+            out.add(f"{method}.roc_auc", None, n=0, note="undefined: no gold labels for these clips")
+            out.add(f"{method}.best_threshold", None, best=None, sweep=[])
+        if scored:
+            gold, p = [r.gold_label for r in scored], [float(r.p_yes) for r in scored]
+            out.add(
+                f"{method}.roc_auc",
+                roc_auc(gold, p),
+                n=len(scored),
+                classes=sorted(set(gold)),
+                note=None if len(set(gold)) > 1 else "undefined: gold has a single class",
+            )
+            sweep = threshold_sweep(gold, p)
+            best = best_threshold(sweep)
+            out.add(
+                f"{method}.best_threshold",
+                best["threshold"] if best else None,
+                best=best,
+                sweep=sweep,
+            )
+    score = {r.audio_id: r.label for r in by_method.get("score", []) if r.label in ("yes", "no")}
+    generate = {r.audio_id: r.label for r in by_method.get("generate", []) if r.label in ("yes", "no")}
+    both = sorted(score.keys() & generate.keys())
+    if both:
+        agree = sum(score[a] == generate[a] for a in both)
+        out.add("methods.agreement", agree / len(both), agree=agree, n=len(both))
+
+
+# --- ASR ----------------------------------------------------------------------------------------------
+
+
+def _asr_metrics(conn: Connection, run_id: int, out: _Metrics) -> list[dict]:
+    q = (
+        sa.select(
+            transcription.c.audio_id,
+            transcription.c.text,
+            _asr_reference.c.reference_text,
+            _asr_reference.c.language,
+            _asr_reference.c.source,
+        )
+        .select_from(
+            transcription.outerjoin(_asr_reference, _asr_reference.c.audio_id == transcription.c.audio_id)
+        )
+        .where(transcription.c.run_id == run_id)
+        .order_by(transcription.c.audio_id)
+    )
+    rows = conn.execute(q).all()
+    out.add("n_results", len(rows))
+    scored: list[tuple[int, str, UtteranceScore]] = []
+    for r in rows:
+        if r.reference_text is None:
+            continue
+        scored.append((r.audio_id, r.source, score_utterance(r.reference_text, r.text, r.language)))
+    scores = [s for _, _, s in scored]
+    out.add("n_reference", len(scores))
+    for name, unit in (("wer", "word"), ("cer", "char")):
+        c = corpus_score(s for s in scores if s.unit == unit)
+        if c.n_utterances:
+            out.add(name, c.error_rate, **c.as_dict())
+    if scores:
+        c = corpus_score(scores)
+        out.add(
+            "error_rate", c.error_rate, **c.as_dict(), note="edits / reference units, words and chars mixed"
+        )
+    for lang in sorted({s.language for s in scores}):
+        subset = [s for s in scores if s.language == lang]
+        c = corpus_score(subset)
+        out.add(f"{lang}.error_rate", c.error_rate, unit=subset[0].unit, **c.as_dict())
+    if scores:
+        pairs = top_substitutions(scores, TOP_PAIRS)
+        out.add(
+            "substitutions",
+            sum(len(s.pairs) for s in scores),
+            top=[{"reference": r, "hypothesis": h, "count": n} for r, h, n in pairs],
+        )
+    return [
+        {
+            "run_id": run_id,
+            "audio_id": audio_id,
+            "language": s.language,
+            "unit": s.unit,
+            "reference_source": source,
+            "n_ref": s.n_ref,
+            "substitutions": s.substitutions,
+            "deletions": s.deletions,
+            "insertions": s.insertions,
+            "error_rate": s.error_rate,
+        }
+        for audio_id, source, s in scored
+    ]
+
+
+# --- shared -------------------------------------------------------------------------------------------
+
+
+def _throughput(conn: Connection, run_id: int, out: _Metrics) -> None:
+    j = label_job.c
+    row = conn.execute(
+        sa.select(
+            sa.func.count().label("jobs"),
+            sa.func.coalesce(sa.func.sum(j.n_items), 0).label("items"),
+            sa.func.coalesce(sa.func.sum(j.audio_seconds), 0.0).label("audio_seconds"),
+            sa.func.sum(j.process_seconds).label("busy_seconds"),
+            sa.func.min(j.started_at).label("first_start"),
+            sa.func.max(j.finished_at).label("last_finish"),
+        ).where(j.run_id == run_id, j.status == "done")
+    ).one()
+    failed = conn.execute(
+        sa.select(sa.func.count()).select_from(label_failure).where(label_failure.c.run_id == run_id)
+    ).scalar_one()
+    out.add("n_failed", failed)
+    if not row.jobs or row.first_start is None or row.last_finish is None:
+        return
+    wall = (row.last_finish - row.first_start).total_seconds()
+    details = {
+        "jobs_done": row.jobs,
+        "items": row.items,
+        "audio_seconds": row.audio_seconds,
+        "wall_seconds": wall,
+        "busy_seconds": row.busy_seconds,
+    }
+    if wall > 0:
+        out.add("throughput.items_per_s", row.items / wall, **details)
+        out.add("throughput.audio_s_per_s", row.audio_seconds / wall, **details)
+    if row.audio_seconds and row.busy_seconds is not None:
+        out.add(
+            "throughput.rtf",
+            row.busy_seconds / row.audio_seconds,
+            **details,
+            note="processing seconds per audio second (lower is faster)",
+        )
+
+
+def compute_run_metrics(engine: Engine, run_id: int) -> dict[str, Any]:
+    """Compute, store (replacing earlier values) and return the metrics of one run.
+
+    Returns a flat mapping: "run_id", "task", "model", then metric name -> value (None when undefined,
+    e.g. ROC AUC with a single gold class). Details (confusion matrix, sweep, pairs) are in run_metric.
+    """
+    with transaction(engine) as conn:
+        run = conn.execute(
+            sa.select(label_run.c.id, label_run.c.task, label_run.c.model).where(label_run.c.id == run_id)
+        ).one_or_none()
+        if run is None:
+            raise ConfigError(f"run {run_id} does not exist")
+        out = _Metrics()
+        utterances: list[dict] = []
+        if run.task == "cry":
+            _cry_metrics(conn, run_id, out)
+        else:
+            utterances = _asr_metrics(conn, run_id, out)
+        _throughput(conn, run_id, out)
+        conn.execute(sa.delete(run_metric).where(run_metric.c.run_id == run_id))
+        conn.execute(
+            sa.insert(run_metric),
+            [
+                {"run_id": run_id, "name": name, "value": value, "details": out.details[name]}
+                for name, value in out.values.items()
+            ],
+        )
+        conn.execute(sa.delete(utterance_score).where(utterance_score.c.run_id == run_id))
+        if utterances:
+            conn.execute(sa.insert(utterance_score), utterances)
+    return {"run_id": run.id, "task": run.task, "model": run.model, **out.values}
+
+
+def load_run_metrics(engine: Engine, run_id: int) -> dict[str, dict[str, Any]]:
+    """Stored metrics of a run: name -> {"value", "details"} (empty when never computed)."""
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(run_metric.c.name, run_metric.c.value, run_metric.c.details)
+            .where(run_metric.c.run_id == run_id)
+            .order_by(run_metric.c.name)
+        ).all()
+    return {r.name: {"value": r.value, "details": r.details} for r in rows}
+
+
+def latest_run_ids(engine: Engine) -> list[int]:
+    """The newest run of each task (what `qwen-tasks metrics` and `report` use by default)."""
+    with engine.connect() as conn:
+        ids = conn.execute(sa.select(sa.func.max(label_run.c.id)).group_by(label_run.c.task)).scalars()
+        return sorted(int(i) for i in ids)

@@ -1,0 +1,810 @@
+"""Turn a model's free-form answer to a yes/no question into `yes`, `no` or `unknown`.
+
+Why rules over clauses and not a lookup: models answer an unseen yes/no task verbosely ("There is a
+baby, but it is not crying."), and exact match leaves most answers unlabelled while first-word or
+substring matching is confidently wrong on negations. So the answer is cleaned, cut into sentences and
+clauses, and each clause is read for (a) an explicit answer word (yes/no/是/没有...), (b) a mention of
+the target event (crying, 哭...) with the negations that scope over it, (c) exclusive alternatives
+("only a dog barking"), and (d) hedges. Clauses must agree: any contradiction, hedge about the target or
+refusal gives `unknown`, because a wrong confident label is worse than an honest "don't know".
+
+The target is configurable (`YesNoVocabulary`), so the same reader serves other yes/no questions.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Literal
+
+import zhconv
+
+Answer = Literal["yes", "no", "unknown"]
+
+
+@dataclass(frozen=True)
+class YesNoVocabulary:
+    """Words that name the target event of a yes/no question, in English and Chinese.
+
+    English terms are whole words (list every inflection you want matched); Chinese terms are matched
+    as substrings of simplified text (traditional input is converted first). `weak_events` only count
+    next to a subject term ("a siren wailing" is not a baby wailing). `contrary` states of the subject
+    exclude the event ("the baby is laughing" answers "is a baby crying?" with no). Leave `subjects`
+    empty when the event alone is the target (e.g. "Is there speech?").
+    """
+
+    events: tuple[str, ...]
+    weak_events: tuple[str, ...] = ()
+    subjects: tuple[str, ...] = ()
+    other_subjects: tuple[str, ...] = ()
+    zh_events: tuple[str, ...] = ()
+    zh_weak_events: tuple[str, ...] = ()
+    zh_subjects: tuple[str, ...] = ()
+    zh_other_subjects: tuple[str, ...] = ()
+    contrary: tuple[str, ...] = ()
+    zh_contrary: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.events and not self.zh_events:
+            raise ValueError("YesNoVocabulary needs at least one term in events or zh_events")
+        for name in (
+            "events",
+            "weak_events",
+            "subjects",
+            "other_subjects",
+            "zh_events",
+            "zh_weak_events",
+            "zh_subjects",
+            "zh_other_subjects",
+            "contrary",
+            "zh_contrary",
+        ):
+            terms = getattr(self, name)
+            if isinstance(terms, str):
+                raise ValueError(f"YesNoVocabulary.{name} must be a tuple of terms, not one string")
+            if any(not isinstance(t, str) or not t.strip() for t in terms):
+                raise ValueError(f"YesNoVocabulary.{name} contains an empty or non-text term")
+
+
+def _forms(*stems: str) -> tuple[str, ...]:
+    """Regular English verb forms of each stem (wail -> wail, wails, wailed, wailing)."""
+    out: list[str] = []
+    for s in stems:
+        out += [s, s + "s", s + "ed", s + "ing"]
+    return tuple(out)
+
+
+CRY_VOCABULARY = YesNoVocabulary(
+    events=(
+        "cry",
+        "cries",
+        "cried",
+        "crying",
+        "crys",
+        "crier",
+        "criers",
+        "bawl",
+        "bawls",
+        "bawled",
+        "bawling",
+        "weep",
+        "weeps",
+        "wept",
+        "weeping",
+        "sob",
+        "sobs",
+        "sobbed",
+        "sobbing",
+        "teary",
+    ),
+    weak_events=_forms("wail", "whimper", "scream", "shriek", "squeal", "howl", "yowl", "fuss", "squall")
+    + ("whine", "whines", "whined", "whining", "fussy", "fusses", "fussing", "fussed", "tantrum"),
+    subjects=(
+        "baby",
+        "babies",
+        "baby's",
+        "infant",
+        "infants",
+        "infant's",
+        "newborn",
+        "newborns",
+        "neonate",
+        "neonates",
+        "toddler",
+        "toddlers",
+        "child",
+        "children",
+        "child's",
+        "kid",
+        "kids",
+        "bub",
+        "little one",
+        "babe",
+    ),
+    other_subjects=(
+        "cat",
+        "cats",
+        "kitten",
+        "kittens",
+        "dog",
+        "dogs",
+        "puppy",
+        "puppies",
+        "bird",
+        "birds",
+        "seagull",
+        "seagulls",
+        "animal",
+        "animals",
+        "goat",
+        "sheep",
+        "man",
+        "men",
+        "woman",
+        "women",
+        "adult",
+        "adults",
+        "lady",
+        "gentleman",
+        "siren",
+        "sirens",
+        "wind",
+    ),
+    zh_events=("哭", "泣", "呜咽", "嚎啕", "号啕"),
+    zh_weak_events=("啼", "嚎", "尖叫", "哼唧", "闹腾", "哭闹"),
+    zh_subjects=("婴", "宝宝", "宝贝", "小孩", "孩子", "儿童", "幼儿", "娃", "小朋友", "新生儿", "幼童"),
+    contrary=_forms("laugh", "giggle", "coo", "babble", "gurgle", "sleep", "chuckle", "smile", "play", "nap")
+    + ("giggles", "giggling", "giggled", "babbles", "babbling", "babbled", "gurgles", "gurgling", "smiling")
+    + ("asleep", "quiet", "calm", "silent", "happy", "content", "peaceful", "napping", "cooing", "laughter"),
+    zh_contrary=("笑", "咿呀", "呀呀", "牙牙", "睡", "安静", "开心", "高兴", "玩", "平静"),
+    zh_other_subjects=(
+        "猫",
+        "狗",
+        "鸟",
+        "动物",
+        "大人",
+        "成人",
+        "成年",
+        "女人",
+        "男人",
+        "妇女",
+        "女性",
+        "男性",
+        "警笛",
+    ),
+)
+
+# --- cleaning -----------------------------------------------------------------------------------------
+
+_SPECIAL_TOKEN = re.compile(
+    r"<\|im_start\|>\s*(?:system|user|assistant)?|<\|[^|>]*\|>|</?(?:s|unk|pad|eos|bos)>|\[(?:PAD|CLS|SEP|UNK)\]",
+    re.I,
+)
+_HTML_TAG = re.compile(r"</?[a-zA-Z][^>]{0,40}>")
+_QUOTES = dict.fromkeys(map(ord, '"“”„«»「」『』〝〞《》〈〉`*_#~|'), " ")
+_APOSTROPHES = dict.fromkeys(map(ord, "‘’ʼ′`"), "'")
+_CONTRACTIONS = (
+    (re.compile(r"\bcan'?t\b"), "can not"),
+    (re.compile(r"\bcannot\b"), "can not"),
+    (re.compile(r"\bwon'?t\b"), "will not"),
+    (re.compile(r"\bain'?t\b"), "is not"),
+    (re.compile(r"\bshan'?t\b"), "shall not"),
+    (
+        re.compile(
+            r"\b(is|are|was|were|do|does|did|has|have|had|could|would|should|must|might|need|dare)n'?t\b"
+        ),
+        r"\1 not",
+    ),
+    (re.compile(r"\b(there|it|that|what|here|he|she)'s\b"), r"\1 is"),
+    (re.compile(r"\bi'm\b"), "i am"),
+    (re.compile(r"\b(i|you|we|they)'re\b"), r"\1 are"),
+    (re.compile(r"\b(i|you|we|they)'ve\b"), r"\1 have"),
+    (re.compile(r"\b(i|you|we|they|he|she|it)'d\b"), r"\1 would"),
+    (re.compile(r"\b(i|you|we|they|he|she|it)'ll\b"), r"\1 will"),
+)
+
+
+def clean_answer(text: str) -> str:
+    """Lower-cased, half-width, simplified-Chinese text without special tokens, markdown or quotes."""
+    text = (text or "").replace("\\n", "\n")  # a literal backslash-n from logged or JSON-escaped output
+    text = _SPECIAL_TOKEN.sub(" ", text)
+    text = _HTML_TAG.sub(" ", text)
+    text = zhconv.convert(text, "zh-hans")  # before NFKC: it also rewrites CJK quotes to curly ones
+    text = unicodedata.normalize("NFKC", text).translate(_APOSTROPHES)
+    text = text.lower().translate(_QUOTES)
+    text = re.sub(r"(^|\s)'+|'+(\s|$|[,.!?;:])", r"\1 \2", text)  # quotes, not apostrophes in words
+    text = re.sub(r"^\s*(?:[-+>]|\d+[.)])\s+", " ", text, flags=re.M)  # bullets, block quotes
+    for pattern, repl in _CONTRACTIONS:
+        text = pattern.sub(repl, text)
+    text = re.sub(r"n't\b", " not", text)
+    text = re.sub(r"[ \t\u3000]+", " ", text)
+    return text.strip()
+
+
+# --- lexicon ------------------------------------------------------------------------------------------
+
+
+def _words(*words: str) -> str:
+    return r"\b(?:" + "|".join(sorted(map(re.escape, words), key=len, reverse=True)) + r")\b"
+
+
+def _alt(*terms: str) -> str:
+    return "(?:" + "|".join(sorted(map(re.escape, terms), key=len, reverse=True)) + ")"
+
+
+# Phrases that look negative but are not (or that must be read as something else), applied first.
+_REWRITES_EN = (
+    (r"\b(?:not only|not just|not merely|not simply|not solely)\b", " also "),
+    (r"\b(?:no doubt|without (?:a |any )?doubt|no question|undoubtedly|unmistakabl[ey])\b", " surely "),
+    (r"\bno wonder\b", " "),
+    (r"\bnothing (?:else )?but\b", " only "),
+    (r"\bnone other than\b", " "),
+    (r"\bcan not help but\b", " "),
+    (r"\bnot uncommon\b", " common "),
+    (r"\b(?:rather than|instead of)\b", " not "),
+    (
+        r"\b(?:never|not|will not|would not|can not|could not|does not|did not|do not) (?:stop|stops|stopped"
+        r"|cease|ceases|ceased|quit|quits)\b",
+        " keeps ",
+    ),
+    (r"\b(no|not|never)(?:[\s,]+\1\b)+", r"\1"),  # "no, no baby crying" is one negation, not two
+    (r"\byes(?: ?/ ?| or )no\b", " "),  # an echoed instruction ("answer yes or no")
+    (r"\bno(?: ?/ ?| or )yes\b", " "),
+    (r"\b(?:i|we) do not (?:think|believe) so\b", " no. "),
+    (r"\b(?:i am )?afraid not\b", " no. "),
+    (r"\b(?:i|we) (?:think|believe|guess) so\b", " yes. "),
+    (r"\b(?:the|my) answer (?:is|would be|will be)\s*:?", " answer: "),
+    (r"\b(?:i would|i will|i'd) (?:say|answer)\s*:?", " answer: "),
+    (r"\s[-\u2013\u2014]+\s", ", "),  # dashes between clauses read as commas
+)
+_REWRITES_ZH = (
+    ("不仅", "还"),
+    ("不但", "还"),
+    ("不只", "还"),
+    ("不光", "还"),
+    ("不止", "还"),
+    ("只不过", "只"),
+    ("不过", "但"),
+    ("不停", "持续"),
+    ("不断", "持续"),
+    ("不住", "持续"),
+    ("忍不住", "持续"),
+    ("不少", "多"),
+    ("不时", "时而"),
+    ("不久", "随后"),
+    ("非常", "很"),
+    ("无疑", "确实"),
+    ("毫无疑问", "确实"),
+    ("没错", "对"),
+    ("不错", "好"),
+    ("差不多", "约"),
+    ("无论", "不管"),
+    ("不得不", "要"),
+    ("不可能", "不会"),
+    ("是或否", " "),
+    ("是否", "吗"),
+    ("有没有", "吗"),
+    ("是不是", "吗"),
+    ("我不这么认为", "没有。"),
+    ("我不认为", "不"),
+)
+
+_NEG_EN = _words(
+    "no",
+    "not",
+    "never",
+    "none",
+    "nobody",
+    "nothing",
+    "neither",
+    "nor",
+    "without",
+    "absent",
+    "absence",
+    "lack",
+    "lacks",
+    "lacking",
+    "lacked",
+    "devoid",
+    "nowhere",
+    "unable",
+    "zero",
+    "free of",
+    "missing",
+)
+_NEG_ZH = _alt("没有", "没", "不", "无", "未", "非", "否", "别", "毫无")
+_AUX_EN = _words(
+    "is",
+    "are",
+    "was",
+    "were",
+    "be",
+    "been",
+    "can",
+    "could",
+    "does",
+    "do",
+    "did",
+    "has",
+    "have",
+    "had",
+    "will",
+    "would",
+    "should",
+    "may",
+    "might",
+    "must",
+)
+_FINITE_EN = _words(
+    "is",
+    "are",
+    "was",
+    "were",
+    "can",
+    "could",
+    "does",
+    "do",
+    "did",
+    "has",
+    "have",
+    "had",
+    "will",
+    "would",
+    "hear",
+    "hears",
+    "heard",
+    "detect",
+    "detects",
+    "detected",
+    "sounds",
+    "seems",
+    "appears",
+    "there",
+)
+_FINITE_ZH = _alt("有", "是", "在", "听到", "听见", "出现", "传来")
+_ONLY_EN = _words("only", "just", "merely", "solely", "purely", "exclusively", "instead", "rather")
+_ONLY_ZH = _alt(
+    "只有", "只是", "只能", "只听到", "只听见", "仅有", "仅仅", "仅", "唯一", "而是", "全是", "都是"
+)
+_EXCEPT_EN = _words("except", "besides", "other than", "apart from", "aside from", "but", "save for")
+_EXCEPT_ZH = _alt("除了", "以外", "之外")
+_HEDGE_EN = re.compile(
+    _words(
+        "might",
+        "may",
+        "maybe",
+        "perhaps",
+        "possibly",
+        "possible",
+        "potentially",
+        "whether",
+        "if",
+        "doubt",
+        "unsure",
+        "uncertain",
+        "unclear",
+        "ambiguous",
+        "guess",
+        "either",
+        "resembles",
+        "resemble",
+        "resembling",
+        "similar",
+        "reminiscent",
+        "mimics",
+        "mimicking",
+        "imitates",
+        "imitating",
+        "imitation",
+    )
+    + r"|\bcould(?! (?:clearly |also )?(?:hear|be heard|detect|make out|notice|tell|identify))\b"
+)
+_HEDGE_ZH = re.compile(
+    _alt(
+        "可能",
+        "也许",
+        "或许",
+        "说不定",
+        "不一定",
+        "疑似",
+        "不确定",
+        "类似",
+        "模仿",
+        "不清楚",
+        "如果",
+        "假如",
+        "吗",
+    )
+)
+_UNCERTAIN = re.compile(
+    r"\b(?:not (?:sure|certain|clear|possible to (?:tell|say|know|determine))|unsure|uncertain|unclear"
+    r"|inconclusive|ambiguous|hard to (?:tell|say|know|determine|discern|judge|hear|make out)"
+    r"|difficult to (?:tell|say|know|determine|discern|judge|hear|make out)"
+    r"|impossible to (?:tell|say|know|determine|discern|judge)"
+    r"|(?:can|could|will|would|do|does|did) not (?:really )?(?:tell|determine|say|know|be sure|be certain"
+    r"|confirm|identify|distinguish|decide|judge|make out|discern)"
+    r"|unable to (?:tell|determine|say|know|confirm|identify|distinguish|decide|judge|make out|discern)"
+    r"|no way to (?:tell|know|determine)|cannot be determined|yes and no|(?:yes|no) and (?:yes|no)"
+    r"|hard to be sure|can go either way|either way)\b"
+    r"|不确定|无法确定|无法判断|难以判断|难以确定|不能确定|不能判断|判断不了|不清楚|听不清|说不准|不好说|很难说"
+    r"|不知道|无法识别|无法分辨|难以分辨|无法得知|无法区分|难以区分|分辨不出|不敢肯定|是也不是|有也没有"
+)
+_REFUSAL = re.compile(
+    r"\b(?:as an ai|i am (?:just )?(?:an ai|a language model|a text)|language model|i am sorry|sorry"
+    r"|(?:can not|unable to|not able to|do not have the ability to) (?:listen|play|process|access|open"
+    r"|analy[sz]e)|(?:can not|unable to) hear (?:audio|the audio|sound|sounds|anything)\b"
+    r"|no audio|not provided|i do not have (?:access|the ability))"
+    r"|抱歉|对不起|作为(?:一个)?(?:ai|人工智能|语言模型)|无法(?:听|播放|处理|访问)"
+)
+_STOPPED = re.compile(r"\b(?:stopped|stops|ceased|no longer|finished)\b|不再|停止|止住|不\S?哭了")
+_WH_AFTER = re.compile(r"^\W*(?:what|which|where|who|how|when|why|exactly what|是什么|什么|哪|谁|为何)")
+_INTERROGATIVE = re.compile(
+    r"^(?:question:?\s*)?(?:is|are|does|do|did|was|were|can|could|will|would|has|have)\s+"
+    r"(?:there|the|a|an|this|it|you|any|someone|somebody)\b"
+)
+_LEAD_YES = re.compile(
+    r"^(?:answer:\s*)?(?:(?:yes|yeah|yep|yup|yea|aye|yess+)\b"
+    r"|(?:sure|correct|indeed|absolutely|definitely|certainly|affirmative|true|right|surely|of course"
+    r"|that is right|that is correct|positive"
+    r"|(?:there|it|that) (?:is|was|are|does|do)(?: indeed)?)\s*(?:[,.!;:]|$))"  # elliptical "There is."
+)
+_LEAD_NO = re.compile(
+    r"^(?:answer:\s*)?(?:(?:no|nope|nah|negative|false|incorrect|wrong|not really|not at all|none"
+    r"|absolutely not|definitely not|certainly not|of course not|surely not|not quite|probably not"
+    r"|likely not|no way|(?:there|it|that) (?:is|was|are|does|do) not|there is none|there are none)"
+    r"\s*(?:[,.!;:]|$)"
+    r"|(?:no|nope|nah)\s+(?=(?:there|it|i|the|this|that|we|they|he|she|not|sir|madam|such|audio|sound)\b))"
+)
+_LEAD_YES_ZH = re.compile(
+    r"^(?:答案[是为]?[:：]?\s*|answer:\s*)?(?:是的?|对的?|有的?|没错|确实有?|当然有?|肯定有?|是啊|对啊|有啊|是呀|有呀|是有|会|yes)"
+    r"\s*(?:[,.!;:。，！、]|$)"
+)
+_LEAD_NO_ZH = re.compile(
+    r"^(?:答案[是为]?[:：]?\s*|answer:\s*)?(?:不是的?|不对|否|没有的?|没|无|不|并没有|不会|没有啊|没有呢|并不是|no)"
+    r"\s*(?:[,.!;:。，！、]|$)"
+)
+_ANSWER_WORD = re.compile(
+    r"(?:^|\banswer:\s*|\b(?:so|thus|therefore|hence|then),?\s+)(yes|no)\s*(?:[,.!;]|$)"
+    r"|答案[是为]?[:：]?\s*(是|否|有|没有|不是)"
+)
+_SENTENCE_SPLIT = re.compile(r"(?<=[!?。！？;；\n])|(?<=\.)(?=\s|$)")  # not inside "0.5"
+_CONTRAST_EN = re.compile(
+    r"\b(?:but|however|although|though|whereas|yet|instead|nevertheless|nonetheless|while|except that)\b"
+)
+_CONTRAST_ZH = re.compile(r"但是|但|可是|然而|却|而是|虽然|尽管|不过")
+
+
+@dataclass(frozen=True)
+class _Lexicon:
+    event: re.Pattern[str]
+    weak: re.Pattern[str] | None
+    subject: re.Pattern[str] | None
+    other: re.Pattern[str] | None
+    contrary: re.Pattern[str] | None
+    needs_subject: bool
+
+
+def _term_pattern(en: tuple[str, ...], zh: tuple[str, ...]) -> re.Pattern[str] | None:
+    parts = ([_words(*en)] if en else []) + ([_alt(*zh)] if zh else [])
+    return re.compile("|".join(parts)) if parts else None
+
+
+@lru_cache(maxsize=32)
+def _lexicon(vocab: YesNoVocabulary) -> _Lexicon:
+    event = _term_pattern(vocab.events, vocab.zh_events)
+    if event is None:  # __post_init__ guarantees one of the two
+        raise ValueError("vocabulary has no event terms")
+    return _Lexicon(
+        event=event,
+        weak=_term_pattern(vocab.weak_events, vocab.zh_weak_events),
+        subject=_term_pattern(vocab.subjects, vocab.zh_subjects),
+        other=_term_pattern(vocab.other_subjects, vocab.zh_other_subjects),
+        contrary=_term_pattern(vocab.contrary, vocab.zh_contrary),
+        needs_subject=bool(vocab.subjects or vocab.zh_subjects),
+    )
+
+
+# --- reading ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Reading:
+    """Evidence gathered from one answer."""
+
+    yes: int = 0
+    no: int = 0
+    other: int = 0  # the event, but by a non-target subject ("a cat is crying")
+    hedged: bool = False  # the target mentioned under a hedge ("it might be a baby crying")
+    uncertain_global: bool = False  # "I can't tell", refusals
+    content: int = 0  # clauses that carried target evidence
+
+
+def _is_question(sentence: str) -> bool:
+    s = sentence.strip()
+    return s.endswith("?") or bool(_INTERROGATIVE.match(s)) or bool(re.search(r"[吗么][?]?$", s))
+
+
+def _sentences(text: str) -> list[str]:
+    """Sentences without their final punctuation; questions (an echoed prompt) are dropped."""
+    out: list[str] = []
+    for raw in _SENTENCE_SPLIT.split(text):
+        raw = raw.strip(" ,")
+        if raw and not _is_question(raw):
+            out.append(raw.rstrip(".!?。！？;； "))
+    return out
+
+
+def _strip_header(sentence: str) -> str:
+    """'Baby crying: no' -> 'no'; 'Answer: yes' -> 'answer: yes' (kept, answer words are read later)."""
+    m = re.match(r"^([^:]{1,60}):\s*(.+)$", sentence)
+    if not m:
+        return sentence
+    head, rest = m.group(1).strip(), m.group(2).strip()
+    if head in ("answer", "答案", "a", "回答"):
+        return "answer: " + rest
+    if re.fullmatch(r"(?:yes|no|none|present|absent|detected|not detected|是|否|有|没有|无)", rest):
+        return "answer: " + ("no" if rest in ("none", "absent", "not detected", "否", "没有", "无") else rest)
+    if re.search(_NEG_EN, head) or re.search(_FINITE_EN, head) or re.search(_NEG_ZH, head):
+        return sentence
+    return rest  # a label in front of the content ("Detected sounds: a dog barking")
+
+
+def _explicit(sentence: str, first: bool) -> tuple[int, str]:
+    """Explicit answer word at the start of a sentence: (+1 yes / -1 no / 0, the rest of the sentence)."""
+    s = sentence.strip()
+    if first or s.startswith("answer:"):
+        for pattern, sign in ((_LEAD_NO, -1), (_LEAD_YES, 1), (_LEAD_NO_ZH, -1), (_LEAD_YES_ZH, 1)):
+            m = pattern.match(s)
+            if m:
+                return sign, s[m.end() :].strip(" ,.!;:。，！、")
+    m = _ANSWER_WORD.search(s)
+    if m:
+        word = m.group(1) or m.group(2)
+        return (1 if word in ("yes", "是", "有") else -1), (s[: m.start()] + " " + s[m.end() :]).strip()
+    return 0, s
+
+
+def _rewrite(text: str) -> str:
+    for pattern, repl in _REWRITES_EN:
+        text = re.sub(pattern, repl, text)
+    for old, new in _REWRITES_ZH:
+        text = text.replace(old, new)
+    return text
+
+
+def _clauses(sentence: str) -> list[str]:
+    pieces: list[str] = []
+    for part in _CONTRAST_EN.split(sentence):
+        pieces.extend(_CONTRAST_ZH.split(part))
+    return [p.strip(" ,、，:") for p in pieces if p.strip(" ,、，:")]
+
+
+def _segment(clause: str, pos: int) -> str:
+    """The comma-delimited part of `clause` around position `pos`."""
+    start = max((m.end() for m in re.finditer(r"[,，、]", clause[:pos])), default=0)
+    stop = re.search(r"[,，、]", clause[pos:])
+    return clause[start : pos + stop.start()] if stop else clause[start:]
+
+
+def _subject_of(clause: str, pos: int, sentence: str, answer: str, lex: _Lexicon) -> str:
+    """Who does the event at `pos`: 'target', 'other' or 'none' (no subject named anywhere)."""
+    for scope in (_segment(clause, pos), clause, sentence, answer):
+        has_target = bool(lex.subject and lex.subject.search(scope))
+        has_other = bool(lex.other and lex.other.search(scope))
+        if has_target:
+            return "target"
+        if has_other:
+            return "other"
+    return "none"
+
+
+_BOUNDARY = re.compile(r"[,，、;:]|\b(?:and|or|nor|so|plus)\b|和|或|以及|也|还有|并且")
+_CONJUNCTION = re.compile(r"^\s*(?:(?:and|or|nor|plus)\b|和|或|以及|也|还有|并且)")
+_NP_START = re.compile(
+    r"^\s*(?:a|an|the|this|that|these|those|some|one|my|his|her|its|their|there|it|i|we|you|he|she|they)\b"
+)
+_NEG_ANY = re.compile(_NEG_EN + "|" + _NEG_ZH)
+
+
+def _own_negations(segment: str) -> int | None:
+    """Negations inside one segment (parity matters: 'not true that there is no X' affirms X)."""
+    negs = list(_NEG_ANY.finditer(segment))
+    exceptions = list(re.finditer(_EXCEPT_EN + "|" + _EXCEPT_ZH, segment))
+    if exceptions and (not negs or exceptions[-1].start() > negs[-1].start()):
+        return 0  # "nothing except a baby crying", "no sound other than crying": the cue is affirmed
+    if not negs:
+        return None
+    return len(negs)
+
+
+def _negations_over(clause: str, pos: int, end: int, subject: bool = False) -> int | None:
+    """How many negations scope over the cue at clause[pos:end]; None when the scope is ambiguous.
+
+    Scope is the cue's own segment (cut at commas and conjunctions). A segment without its own negation
+    inherits one from the segment before only when it continues a list ("no laughing, crying or
+    screaming"); a new finite clause ("..., a baby is crying") stops it; an article after a denied
+    noun phrase ("no dog barking, a baby crying") is ambiguous, and ambiguity is reported, not guessed.
+    """
+    before = clause[:pos]
+    barrier = max((m.end() for m in re.finditer(_ONLY_EN + "|" + _ONLY_ZH, before)), default=0)
+    scope = before[barrier:]
+    cuts = [0] + [m.start() for m in _BOUNDARY.finditer(scope)] + [len(scope)]
+    segments = [scope[a:b] for a, b in zip(cuts, cuts[1:], strict=False) if scope[a:b].strip(" ,，、;:")]
+    after = clause[end:]
+    cut = _BOUNDARY.search(after) or re.search(r"\b(?:but|while|only|just)\b", after)
+    after = after[: cut.start()] if cut else after
+    post = 0
+    if (not subject and re.search(_AUX_EN + r"\s+(?:\w+\s+)?(?:not|never)\b", after)) or re.search(
+        r"\b(?:absent|missing|none|nowhere|not (?:present|detected|heard|audible))\b", after
+    ):
+        post = 1
+    if (not subject and re.search(r"^\s*(?:没有|没|不|无|未)", after)) or re.search(
+        r"(?:没有|没|不|无|未)(?:听到|出现|检测到)", after
+    ):
+        post = 1
+    if not segments:
+        return post
+    own = _own_negations(segments[-1] + clause[pos:end])
+    if own is not None:
+        return own + post
+    # no negation of its own: inherit from the previous segment only for list continuations
+    for i in range(len(segments) - 1, 0, -1):
+        comma = segments[i].lstrip(" ").startswith((",", "，"))
+        seg = segments[i].lstrip(" ,，、;:")
+        if re.search(_FINITE_EN, seg) or re.search(_FINITE_ZH, seg):
+            return post
+        prev_own = _own_negations(segments[i - 1])
+        conj = _CONJUNCTION.match(seg)
+        rest = seg[conj.end() :] if conj else seg
+        if re.search(
+            r"[\u4e00-\u9fff]", seg
+        ):  # Chinese: 、 and conjunctions continue a list, a comma is unclear
+            continues = bool(conj) or not comma
+        elif _NP_START.match(rest):  # "..., a baby crying" / "and a baby crying" may start a new statement
+            continues = bool(conj) and conj.group(0).strip() in ("or", "nor")
+        else:
+            continues = True
+        if prev_own is not None:
+            if prev_own == 0:
+                return post
+            if not continues:
+                return None
+            return prev_own + post
+        if not continues:
+            return post
+    return post
+
+
+def _read_clause(clause: str, sentence: str, answer: str, lex: _Lexicon, reading: _Reading) -> None:
+    strong = list(lex.event.finditer(clause))
+    weak = list(lex.weak.finditer(clause)) if lex.weak else []
+    subject_here = bool(lex.subject and lex.subject.search(clause))
+    cues = strong + [m for m in weak if subject_here or not lex.needs_subject]
+    hedged = bool(_HEDGE_EN.search(clause) or _HEDGE_ZH.search(clause))
+    only = bool(re.search(_ONLY_EN, clause) or re.search(_ONLY_ZH, clause))
+    if cues and _STOPPED.search(clause[: max(m.end() for m in cues) + 1]):
+        reading.hedged = True  # "stopped crying" / "不哭了": did it cry in this audio or not?
+        return
+    if cues:
+        signs = set()
+        for m in cues:
+            who = _subject_of(clause, m.start(), sentence, answer, lex) if lex.needs_subject else "target"
+            count = _negations_over(clause, m.start(), m.end())
+            if count is None:
+                reading.hedged = True  # the negation's scope is ambiguous: do not guess
+                continue
+            negated = count % 2 == 1
+            if who == "other" and not negated:
+                reading.other += 1
+                continue
+            signs.add(-1 if negated else 1)
+        if not signs:  # only someone else's event ("an adult is crying"): read the rest of the clause
+            _read_without_event(clause, sentence, answer, lex, reading, hedged, subject_here, only)
+            return
+        if hedged:
+            reading.hedged = True
+            return
+        reading.content += 1
+        if signs == {1}:
+            reading.yes += 1
+        elif signs == {-1}:
+            reading.no += 1
+        else:
+            reading.hedged = True  # the same clause both affirms and denies: do not guess
+        return
+    _read_without_event(clause, sentence, answer, lex, reading, hedged, subject_here, only)
+
+
+def _read_without_event(
+    clause: str,
+    sentence: str,
+    answer: str,
+    lex: _Lexicon,
+    reading: _Reading,
+    hedged: bool,
+    subject_here: bool,
+    only: bool,
+) -> None:
+    """A clause that does not mention the target event: a denied subject, a contrary state, or 'only X'."""
+    if lex.subject and subject_here:
+        # "There is no baby" denies the event; "there is a baby" alone says nothing about it.
+        m = lex.subject.search(clause)
+        count = _negations_over(clause, m.start(), m.end(), subject=True) if m else None
+        if count is not None and count % 2 == 1 and not hedged:
+            reading.no += 1
+            reading.content += 1
+            return
+    if lex.contrary and not hedged:
+        # "The baby is laughing" / "it is sleeping": the target subject in a state that excludes the event
+        for m in lex.contrary.finditer(clause):
+            if _subject_of(clause, m.start(), sentence, answer, lex) != "target":
+                continue
+            if _negations_over(clause, m.start(), m.end()) == 0:
+                reading.no += 1
+                reading.content += 1
+                return
+    if subject_here:
+        return
+    if only and not hedged and not re.search(_NEG_EN + "|" + _NEG_ZH, clause):
+        # "only a dog barking": an exclusive description that leaves no room for the target
+        reading.no += 1
+        reading.content += 1
+
+
+def _read(text: str, vocab: YesNoVocabulary) -> _Reading:
+    lex = _lexicon(vocab)
+    reading = _Reading()
+    cleaned = _rewrite(clean_answer(text))
+    if _REFUSAL.search(cleaned):
+        reading.uncertain_global = True
+    sentences = [_strip_header(s) for s in _sentences(cleaned)]
+    answer = " ".join(sentences)
+    for i, sentence in enumerate(sentences):
+        for m in _UNCERTAIN.finditer(sentence):
+            # "I'm not sure what the other sound is" is about something else; a clause naming the
+            # target, or a bare "I can't tell", is about the question.
+            own = _clauses(sentence[m.start() :])[0] if _clauses(sentence[m.start() :]) else ""
+            about_target = bool(
+                lex.event.search(own) or (lex.subject and lex.subject.search(own))
+            ) or not _WH_AFTER.search(sentence[m.end() :])
+            if about_target:
+                reading.uncertain_global = True
+        sign, rest = _explicit(sentence, first=(i == 0))
+        if sign > 0:
+            reading.yes += 1
+        elif sign < 0:
+            reading.no += 1
+        # a second explicit word inside the rest ("Yes. No.", "yes, no") is caught as its own sentence
+        if rest:
+            sign2, rest2 = _explicit(rest, first=False)
+            if sign2:
+                reading.yes += sign2 > 0
+                reading.no += sign2 < 0
+                rest = rest2
+        for clause in _clauses(rest):
+            _read_clause(clause, sentence, answer, lex, reading)
+    return reading
+
+
+def normalize_yes_no(text: str, vocabulary: YesNoVocabulary | None = None) -> Answer:
+    """Read a free-form answer to a yes/no question (default: "is there a baby crying?").
+
+    Returns "unknown" for empty answers, refusals, hedges about the target, and whenever the answer's
+    parts disagree (an explicit "yes" next to "a cat is crying", or "yes and no").
+    """
+    if text is None or not str(text).strip():
+        return "unknown"
+    reading = _read(str(text), vocabulary or CRY_VOCABULARY)
+    if reading.uncertain_global or reading.hedged:
+        return "unknown"
+    if reading.yes and reading.no:
+        return "unknown"
+    if reading.yes and reading.other and not reading.content:
+        return "unknown"  # "Yes, a cat is crying": the yes is not about the target
+    if reading.yes:
+        return "yes"
+    if reading.no:
+        return "no"
+    return "unknown"

@@ -1,0 +1,345 @@
+"""One self-contained HTML report per set of runs: metrics, plots and the worst items to listen to.
+
+Self-contained (plots are inline base64 PNGs, styles inline) so the file can be mailed, attached to an
+Airflow run or opened from a shared drive with nothing else. Metrics are recomputed (and stored) when
+the report is written, so it never shows numbers older than the labels it describes.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from .errors import ConfigError
+from .metrics import compute_run_metrics, latest_run_ids, load_run_metrics
+from .schema import cry_answer, label_job, label_run, transcription, utterance_score
+
+WORST = 15
+
+_audio_path = sa.table("audio_path", sa.column("audio_id"), sa.column("path"))
+_cry_gold = sa.table("cry_gold", sa.column("audio_id"), sa.column("gold_label"), sa.column("source"))
+_asr_reference = sa.table("asr_reference", sa.column("audio_id"), sa.column("reference_text"))
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2em auto;max-width:1100px;color:#222}
+h1{font-size:1.6em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:2em}
+table{border-collapse:collapse;margin:.6em 0;font-size:.9em}td,th{border:1px solid #ddd;padding:.25em .6em;
+text-align:left;vertical-align:top}th{background:#f4f4f4}td.num{text-align:right;font-variant-numeric:tabular-nums}
+.plots{display:flex;flex-wrap:wrap;gap:1em}.plots img{max-width:520px;border:1px solid #eee}
+.muted{color:#777}code{font-size:.85em;word-break:break-all}
+"""
+
+
+def _esc(value: Any) -> str:
+    return html.escape("" if value is None else str(value))
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return _esc(value)
+
+
+def _png(fig: Any) -> str:
+    """An <img> with the figure inline as base64 PNG."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+    data = base64.b64encode(buffer.getvalue()).decode("ascii")
+    return f'<img alt="plot" src="data:image/png;base64,{data}">'
+
+
+def _figure(title: str, xlabel: str, ylabel: str) -> tuple[Any, Any]:
+    from matplotlib.figure import Figure  # no pyplot: no global state, no display backend needed
+
+    fig = Figure(figsize=(6, 3.6))
+    ax = fig.add_subplot()
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    return fig, ax
+
+
+def _table(headers: list[str], rows: list[list[Any]], numeric: set[int] | None = None) -> str:
+    numeric = numeric or set()
+    head = "".join(f"<th>{_esc(h)}</th>" for h in headers)
+    body = "".join(
+        "<tr>"
+        + "".join(
+            f'<td class="num">{_fmt(v)}</td>' if i in numeric else f"<td>{_fmt(v)}</td>"
+            for i, v in enumerate(r)
+        )
+        + "</tr>"
+        for r in rows
+    )
+    return f"<table><tr>{head}</tr>{body}</table>" if rows else '<p class="muted">none</p>'
+
+
+# --- plots --------------------------------------------------------------------------------------------
+
+
+def _throughput_plot(conn: sa.Connection, run_id: int) -> str | None:
+    jobs = conn.execute(
+        sa.select(label_job.c.finished_at, label_job.c.n_items)
+        .where(
+            label_job.c.run_id == run_id, label_job.c.status == "done", label_job.c.finished_at.is_not(None)
+        )
+        .order_by(label_job.c.finished_at)
+    ).all()
+    start = conn.execute(
+        sa.select(sa.func.min(label_job.c.started_at)).where(label_job.c.run_id == run_id)
+    ).scalar()
+    if not jobs or start is None:
+        return None
+    fig, ax = _figure(
+        f"Run {run_id}: items labelled over time", "seconds since the first job started", "items"
+    )
+    xs, ys, total = [0.0], [0], 0
+    for job in jobs:
+        total += job.n_items
+        xs.append((job.finished_at - start).total_seconds())
+        ys.append(total)
+    ax.step(xs, ys, where="post")
+    ax.plot(xs, ys, "o", markersize=3)
+    return _png(fig)
+
+
+def _cry_plots(rows: list[Any], run_id: int) -> list[str]:
+    from sklearn.metrics import roc_curve
+
+    plots = []
+    scored = [r for r in rows if r.method == "score" and r.p_yes is not None]
+    if not scored:
+        scored = [r for r in rows if r.p_yes is not None]
+    if scored:
+        fig, ax = _figure(f"Run {run_id}: p_yes by gold label", "p_yes", "clips")
+        bins = [i / 20 for i in range(21)]
+        groups = [("gold yes", "yes", "#d62728"), ("gold no", "no", "#1f77b4"), ("no gold", None, "#999999")]
+        for name, gold, color in groups:
+            values = [r.p_yes for r in scored if r.gold_label == gold]
+            if values:
+                ax.hist(values, bins=bins, alpha=0.6, label=f"{name} ({len(values)})", color=color)
+        threshold = next((r.threshold for r in scored if r.threshold is not None), None)
+        if threshold is not None:
+            ax.axvline(threshold, color="k", linestyle="--", linewidth=1, label=f"threshold {threshold:g}")
+        ax.legend()
+        plots.append(_png(fig))
+        with_gold = [r for r in scored if r.gold_label is not None]
+        if len({r.gold_label for r in with_gold}) == 2:
+            fpr, tpr, _ = roc_curve([r.gold_label == "yes" for r in with_gold], [r.p_yes for r in with_gold])
+            fig, ax = _figure(f"Run {run_id}: ROC curve", "false positive rate", "true positive rate")
+            ax.plot(fpr, tpr, marker=".")
+            ax.plot([0, 1], [0, 1], color="#bbb", linestyle=":")
+            ax.set_xlim(0, 1)
+            ax.set_ylim(0, 1.02)
+            plots.append(_png(fig))
+    return plots
+
+
+def _wer_plot(rates: list[float], run_id: int) -> str | None:
+    if not rates:
+        return None
+    fig, ax = _figure(f"Run {run_id}: utterance error rate (WER/CER)", "error rate", "utterances")
+    top = max(1.0, max(rates))
+    ax.hist(rates, bins=[top * i / 20 for i in range(21)], color="#2ca02c")
+    return _png(fig)
+
+
+# --- sections -----------------------------------------------------------------------------------------
+
+
+def _metrics_table(metrics: dict[str, dict[str, Any]]) -> str:
+    rows = [[name, m["value"]] for name, m in metrics.items() if not name.endswith(".confusion")]
+    return _table(["metric", "value"], rows, numeric={1})
+
+
+def _confusion_tables(metrics: dict[str, dict[str, Any]]) -> str:
+    out = []
+    for method in ("score", "generate"):
+        d = (metrics.get(f"{method}.confusion") or {}).get("details")
+        if not d:
+            continue
+        out.append(f"<h4>{method}: confusion matrix (rows: gold)</h4>")
+        out.append(
+            _table(
+                ["", "predicted no", "predicted yes", "unknown"],
+                [
+                    ["gold no", d["tn"], d["fp"], d["unknown_gold_no"]],
+                    ["gold yes", d["fn"], d["tp"], d["unknown_gold_yes"]],
+                ],
+                numeric={1, 2, 3},
+            )
+        )
+    return "".join(out)
+
+
+def _cry_section(
+    conn: sa.Connection, run_id: int, metrics: dict[str, dict[str, Any]]
+) -> tuple[str, list[str]]:
+    rows = conn.execute(
+        sa.select(
+            cry_answer.c.audio_id,
+            cry_answer.c.method,
+            cry_answer.c.label,
+            cry_answer.c.p_yes,
+            cry_answer.c.threshold,
+            cry_answer.c.raw_answer,
+            _cry_gold.c.gold_label,
+            _audio_path.c.path,
+        )
+        .select_from(
+            cry_answer.outerjoin(_cry_gold, _cry_gold.c.audio_id == cry_answer.c.audio_id).outerjoin(
+                _audio_path, _audio_path.c.audio_id == cry_answer.c.audio_id
+            )
+        )
+        .where(cry_answer.c.run_id == run_id)
+    ).all()
+    parts = [_confusion_tables(metrics)]
+    plots = _cry_plots(rows, run_id)
+    best = (metrics.get("score.best_threshold") or {}).get("details", {}).get("best")
+    if best:
+        parts.append(
+            f"<p>Best-F1 threshold for p_yes: <b>{best['threshold']:g}</b> (F1 {_fmt(best['f1'])}, precision "
+            f"{_fmt(best['precision'])}, recall {_fmt(best['recall'])}).</p>"
+        )
+
+    def wrongness(r: Any) -> float:
+        if r.p_yes is None:
+            return 1.0
+        return r.p_yes if r.gold_label == "no" else 1.0 - r.p_yes
+
+    wrong = [
+        r for r in rows if r.gold_label is not None and r.label in ("yes", "no") and r.label != r.gold_label
+    ]
+    wrong.sort(key=lambda r: (-wrongness(r), r.audio_id))
+    parts.append("<h3>Most confident mistakes</h3>")
+    parts.append(
+        _table(
+            ["audio", "path", "method", "gold", "label", "p_yes", "answer"],
+            [
+                [r.audio_id, r.path, r.method, r.gold_label, r.label, r.p_yes, r.raw_answer]
+                for r in wrong[:WORST]
+            ],
+            numeric={0, 5},
+        )
+    )
+    unknown = [r for r in rows if r.label == "unknown"][:WORST]
+    parts.append("<h3>Unknown answers</h3>")
+    parts.append(
+        _table(
+            ["audio", "path", "method", "gold", "answer"],
+            [[r.audio_id, r.path, r.method, r.gold_label, r.raw_answer] for r in unknown],
+            numeric={0},
+        )
+    )
+    return "".join(parts), plots
+
+
+def _asr_section(
+    conn: sa.Connection, run_id: int, metrics: dict[str, dict[str, Any]]
+) -> tuple[str, list[str]]:
+    rows = conn.execute(
+        sa.select(
+            utterance_score.c.audio_id,
+            utterance_score.c.language,
+            utterance_score.c.unit,
+            utterance_score.c.error_rate,
+            utterance_score.c.n_ref,
+            transcription.c.text,
+            _asr_reference.c.reference_text,
+            _audio_path.c.path,
+        )
+        .select_from(
+            utterance_score.join(
+                transcription,
+                sa.and_(
+                    transcription.c.run_id == utterance_score.c.run_id,
+                    transcription.c.audio_id == utterance_score.c.audio_id,
+                ),
+            )
+            .outerjoin(_asr_reference, _asr_reference.c.audio_id == utterance_score.c.audio_id)
+            .outerjoin(_audio_path, _audio_path.c.audio_id == utterance_score.c.audio_id)
+        )
+        .where(utterance_score.c.run_id == run_id)
+        .order_by(utterance_score.c.error_rate.desc().nulls_last(), utterance_score.c.audio_id)
+    ).all()
+    plots = [p for p in [_wer_plot([r.error_rate for r in rows if r.error_rate is not None], run_id)] if p]
+    parts = []
+    top = (metrics.get("substitutions") or {}).get("details", {}).get("top") or []
+    parts.append("<h3>Most frequent substitutions (reference → model)</h3>")
+    parts.append(
+        _table(
+            ["reference", "model wrote", "count"],
+            [[t["reference"], t["hypothesis"], t["count"]] for t in top],
+            {2},
+        )
+    )
+    parts.append("<h3>Worst utterances</h3>")
+    parts.append(
+        _table(
+            ["audio", "path", "lang", "error rate", "reference", "transcript"],
+            [[r.audio_id, r.path, r.language, r.error_rate, r.reference_text, r.text] for r in rows[:WORST]],
+            numeric={0, 3},
+        )
+    )
+    return "".join(parts), plots
+
+
+def _run_section(engine: Engine, run_id: int) -> str:
+    compute_run_metrics(engine, run_id)  # fresh numbers, stored for SQL users too
+    metrics = load_run_metrics(engine, run_id)
+    with engine.connect() as conn:
+        run = conn.execute(sa.select(label_run).where(label_run.c.id == run_id)).one()
+        if run.task == "cry":
+            body, plots = _cry_section(conn, run_id, metrics)
+        else:
+            body, plots = _asr_section(conn, run_id, metrics)
+        throughput = _throughput_plot(conn, run_id)
+    if throughput:
+        plots.append(throughput)
+    header = (
+        f"<h2>Run {run.id}: {_esc(run.task)} — {_esc(run.model)}</h2>"
+        f'<p class="muted">prompt {_esc(run.prompt_version)}, status {_esc(run.status)}, '
+        f"{run.n_labelled} labelled, {run.n_failed} failed, {run.audio_seconds:.1f} s of audio, "
+        f"created {_esc(run.created_at)}</p>"
+    )
+    return header + f'<div class="plots">{"".join(plots)}</div>' + _metrics_table(metrics) + body
+
+
+def write_report(engine: Engine, run_ids: list[int] | None, out: Path) -> Path:
+    """Write the HTML report of `run_ids` (default: the latest run of each task) and return its path.
+
+    `out` ending in .html/.htm is the file; anything else is taken as a folder for `report.html`.
+    """
+    out = Path(out)
+    if out.suffix.lower() not in (".html", ".htm"):
+        out = out / "report.html"
+    ids = list(run_ids) if run_ids else latest_run_ids(engine)
+    with engine.connect() as conn:
+        known = set(conn.execute(sa.select(label_run.c.id).where(label_run.c.id.in_(ids))).scalars())
+    missing = [i for i in ids if i not in known]
+    if missing:
+        raise ConfigError(f"run(s) {', '.join(map(str, missing))} do not exist")
+    sections = [_run_section(engine, run_id) for run_id in ids]
+    generated = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    body = "".join(sections) or '<p class="muted">No labelling runs yet.</p>'
+    document = (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>qwen-tasks report: runs {_esc(', '.join(map(str, ids)) or 'none')}</title>"
+        f"<style>{_CSS}</style></head><body>"
+        f'<h1>Labelling report</h1><p class="muted">Generated {generated} for run(s) '
+        f"{_esc(', '.join(map(str, ids)) or 'none')}. Gold labels and references: human review first, "
+        "then manifests.</p>"
+        f"{body}</body></html>\n"
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(document, encoding="utf-8")
+    return out

@@ -1,0 +1,538 @@
+"""Human review round trip (Label Studio) and the fine-tune export built from reviewed labels.
+
+Export: the review queue of a run becomes Label Studio tasks, each with the audio reference and the
+model's answer as a pre-annotation (prediction), so a reviewer only confirms or corrects it. Import:
+a Label Studio export (JSON or JSON-MIN) becomes `human_label` rows (upsert per audio and task), which
+the views and metrics then prefer over model labels and manifest gold. One bad task is reported with
+the file and the reason and skipped; it never sinks the rest of the file.
+
+Fine-tune export: human labels (and optionally confident model labels) in the Qwen2-Audio chat format,
+for the small fine-tune that teaches the model to answer this question with a bare "Yes." / "No.".
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.engine import Engine
+
+from .db import transaction
+from .errors import ConfigError
+from .records import LabelRequest
+from .schema import audio, audio_file, cry_answer, human_label, label_run
+
+TASKS = ("asr", "cry")
+FROM_NAME = {"cry": "cry", "asr": "transcription"}
+CHOICE_OF = {"yes": "Yes", "no": "No", "unknown": "Unsure"}
+LABEL_OF_CHOICE = {
+    "yes": "yes",
+    "y": "yes",
+    "true": "yes",
+    "是": "yes",
+    "no": "no",
+    "n": "no",
+    "false": "no",
+    "否": "no",
+    "unsure": "unknown",
+    "unknown": "unknown",
+    "skip": "unknown",
+}
+
+_review_queue = sa.table(
+    "review_queue",
+    sa.column("run_id"),
+    sa.column("task"),
+    sa.column("audio_id"),
+    sa.column("path"),
+    sa.column("reasons"),
+    sa.column("label"),
+    sa.column("p_yes"),
+    sa.column("threshold"),
+    sa.column("generate_label"),
+    sa.column("raw_answer"),
+    sa.column("gold_label"),
+    sa.column("transcript"),
+    sa.column("reference_text"),
+    sa.column("error_rate"),
+    sa.column("priority"),
+)
+_audio_path = sa.table("audio_path", sa.column("audio_id"), sa.column("path"))
+_asr_reference = sa.table("asr_reference", sa.column("audio_id"), sa.column("language"))
+_cry_gold = sa.table("cry_gold", sa.column("audio_id"), sa.column("gold_label"))
+
+
+def _check_task(task: str) -> str:
+    if task not in TASKS:
+        raise ConfigError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+    return task
+
+
+def label_config(task: str) -> str:
+    """The Label Studio labelling interface (XML) matching the exported tasks of `task`."""
+    if _check_task(task) == "cry":
+        return (
+            "<View>\n"
+            '  <Header value="$question"/>\n'
+            '  <Audio name="audio" value="$audio"/>\n'
+            '  <Choices name="cry" toName="audio" choice="single-radio" showInline="true" required="true">\n'
+            '    <Choice value="Yes"/>\n    <Choice value="No"/>\n    <Choice value="Unsure"/>\n'
+            "  </Choices>\n"
+            "</View>\n"
+        )
+    return (
+        "<View>\n"
+        '  <Audio name="audio" value="$audio"/>\n'
+        '  <Header value="Correct the transcript (the model\'s is pre-filled)"/>\n'
+        '  <TextArea name="transcription" toName="audio" rows="4" editable="true" maxSubmissions="1"/>\n'
+        "</View>\n"
+    )
+
+
+def audio_reference(path: str, audio_root: str | None = None, audio_prefix: str | None = None) -> str:
+    """What Label Studio loads: the path, relative to `audio_root` if given, behind `audio_prefix`.
+
+    e.g. root /data and prefix "/data/local-files/?d=" for Label Studio's local file serving.
+    """
+    ref = path
+    if audio_root:
+        root = audio_root.rstrip("/") + "/"
+        if not path.startswith(root):
+            raise ConfigError(f"{path}: not under --audio-root {audio_root}")
+        ref = path[len(root) :]
+    if audio_prefix:
+        return audio_prefix + quote(ref, safe="/")
+    return ref
+
+
+@dataclass(frozen=True)
+class ExportSummary:
+    out: Path
+    config: Path
+    run_id: int | None
+    tasks: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"out": str(self.out), "config": str(self.config), "run_id": self.run_id, "tasks": self.tasks}
+
+
+def _latest_run(conn: sa.Connection, task: str) -> int | None:
+    return conn.execute(sa.select(sa.func.max(label_run.c.id)).where(label_run.c.task == task)).scalar()
+
+
+def export_label_studio(
+    engine: Engine,
+    out: Path,
+    task: str,
+    run_id: int | None = None,
+    audio_root: str | None = None,
+    audio_prefix: str | None = None,
+    limit: int | None = None,
+    question: str | None = None,
+) -> ExportSummary:
+    """Write the review queue of `run_id` (default: the task's latest run) as Label Studio tasks JSON.
+
+    Items are ordered by priority (disagreement with gold first). The labelling config goes next to
+    `out` as `<stem>.label_config.xml`.
+    """
+    _check_task(task)
+    if limit is not None and limit < 1:
+        raise ConfigError(f"limit must be >= 1, got {limit}")
+    question = question or LabelRequest(task="cry").question
+    with engine.connect() as conn:
+        run_id = run_id if run_id is not None else _latest_run(conn, task)
+        run = None
+        if run_id is not None:
+            run = conn.execute(sa.select(label_run).where(label_run.c.id == run_id)).one_or_none()
+            if run is None:
+                raise ConfigError(f"run {run_id} does not exist")
+            if run.task != task:
+                raise ConfigError(f"run {run_id} is a {run.task} run, not {task}")
+        q = _review_queue
+        rows = (
+            conn.execute(
+                sa.select(q)
+                .where(q.c.run_id == run_id, q.c.task == task)
+                .order_by(q.c.priority.desc(), q.c.audio_id)
+                .limit(limit)
+            ).all()
+            if run is not None
+            else []
+        )
+    tasks = []
+    for r in rows:
+        if r.path is None:
+            continue  # no readable path any more: nothing a reviewer could listen to
+        data: dict[str, Any] = {
+            "audio": audio_reference(r.path, audio_root, audio_prefix),
+            "path": r.path,
+            "audio_id": r.audio_id,
+            "run_id": r.run_id,
+            "task": task,
+            "reasons": ", ".join(r.reasons),
+        }
+        if task == "cry":
+            data |= {
+                "question": question,
+                "p_yes": r.p_yes,
+                "gold_label": r.gold_label,
+                "answer": r.raw_answer,
+            }
+            result = {
+                "from_name": FROM_NAME[task],
+                "to_name": "audio",
+                "type": "choices",
+                "value": {"choices": [CHOICE_OF.get(r.label or "unknown", "Unsure")]},
+            }
+            score = r.p_yes
+        else:
+            data |= {"reference": r.reference_text, "error_rate": r.error_rate}
+            result = {
+                "from_name": FROM_NAME[task],
+                "to_name": "audio",
+                "type": "textarea",
+                "value": {"text": [r.transcript or ""]},
+            }
+            score = None if r.error_rate is None else max(0.0, 1.0 - r.error_rate)
+        prediction: dict[str, Any] = {
+            "model_version": f"{run.model} {run.prompt_version} run {run.id}",
+            "result": [result],
+        }
+        if score is not None:
+            prediction["score"] = score
+        tasks.append({"data": data, "predictions": [prediction]})
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(tasks, ensure_ascii=False, indent=1), encoding="utf-8")
+    config = out.with_name(f"{out.stem}.label_config.xml")
+    config.write_text(label_config(task), encoding="utf-8")
+    return ExportSummary(out=out, config=config, run_id=run_id, tasks=len(tasks))
+
+
+# --- import -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ImportSummary:
+    """What an import did; `errors` name the file, the task and the reason."""
+
+    path: Path
+    imported: int = 0
+    unannotated: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": str(self.path),
+            "imported": self.imported,
+            "unannotated": self.unannotated,
+            "errors": self.errors,
+        }
+
+
+@dataclass(frozen=True)
+class _Review:
+    audio_id: int | None
+    path: str | None
+    task: str
+    label: str | None
+    text: str | None
+    reviewer: str | None
+
+
+class _Skip(Exception):
+    """This task carries no finished annotation (not an error)."""
+
+
+def _annotation(item: dict[str, Any]) -> dict[str, Any]:
+    """The latest non-cancelled annotation of a full-format task."""
+    annotations = [
+        a for a in item.get("annotations") or [] if isinstance(a, dict) and not a.get("was_cancelled")
+    ]
+    if not annotations:
+        raise _Skip
+    return max(
+        annotations, key=lambda a: (str(a.get("updated_at") or a.get("created_at") or ""), a.get("id") or 0)
+    )
+
+
+def _reviewer(value: Any) -> str | None:
+    if isinstance(value, dict):
+        value = value.get("email") or value.get("username") or value.get("id")
+    return None if value in (None, "") else str(value)
+
+
+def _choice_label(value: Any) -> str:
+    choice = value[0] if isinstance(value, list) and value else value
+    if not isinstance(choice, str) or choice.strip().lower() not in LABEL_OF_CHOICE:
+        raise ValueError(f"choice {choice!r} is not Yes/No/Unsure")
+    return LABEL_OF_CHOICE[choice.strip().lower()]
+
+
+def _text_value(value: Any) -> str:
+    text = "\n".join(str(t) for t in value) if isinstance(value, list) else value
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError("empty transcript")
+    return text.strip()
+
+
+def _parse_task(item: Any, default_task: str | None) -> _Review:
+    if not isinstance(item, dict):
+        raise ValueError("not a JSON object")
+    data = item.get("data") if isinstance(item.get("data"), dict) else item  # JSON-MIN is flat
+    task = data.get("task") or default_task
+    label = text = None
+    if "annotations" in item:  # full JSON export
+        annotation = _annotation(item)
+        reviewer = _reviewer(annotation.get("completed_by"))
+        for result in annotation.get("result") or []:
+            value = result.get("value") or {}
+            if result.get("type") == "choices" or "choices" in value:
+                label = _choice_label(value.get("choices"))
+                task = task or "cry"
+            elif result.get("type") == "textarea" or "text" in value:
+                text = _text_value(value.get("text"))
+                task = task or "asr"
+    else:  # JSON-MIN: {"audio": ..., "cry": "Yes", "annotator": ...}
+        reviewer = _reviewer(item.get("annotator"))
+        if item.get(FROM_NAME["cry"]) is not None:
+            label, task = _choice_label(item[FROM_NAME["cry"]]), task or "cry"
+        if item.get(FROM_NAME["asr"]) is not None:
+            text, task = _text_value(item[FROM_NAME["asr"]]), task or "asr"
+    if task not in TASKS:
+        raise ValueError(f"cannot tell the task (data.task = {task!r})")
+    if task == "cry" and label is None:
+        raise _Skip
+    if task == "asr" and text is None:
+        raise _Skip
+    raw_id = data.get("audio_id")
+    audio_id = None
+    if raw_id is not None:
+        if isinstance(raw_id, bool) or not str(raw_id).isdigit():
+            raise ValueError(f"audio_id {raw_id!r} is not a number")
+        audio_id = int(raw_id)
+    path = data.get("path") or data.get("audio")
+    if audio_id is None and not path:
+        raise ValueError("no audio_id and no audio path")
+    return _Review(audio_id, path, task, label, text, reviewer)
+
+
+def _resolve_audio(conn: sa.Connection, review: _Review) -> int:
+    if review.audio_id is not None:
+        found = conn.execute(sa.select(audio.c.id).where(audio.c.id == review.audio_id)).scalar()
+        if found is None:
+            raise ValueError(f"audio_id {review.audio_id} is not in the database")
+        return found
+    found = conn.execute(
+        sa.select(audio_file.c.audio_id).where(
+            audio_file.c.path == review.path, audio_file.c.audio_id.is_not(None)
+        )
+    ).scalar()
+    if found is None:
+        raise ValueError(f"audio path {review.path!r} is not in the database")
+    return found
+
+
+def import_label_studio(
+    engine: Engine, path: Path, task: str | None = None, reviewer: str | None = None
+) -> ImportSummary:
+    """Upsert the annotations of a Label Studio export into human_label; returns what happened.
+
+    `task` is only needed for exports whose tasks carry no `data.task` (tasks not made by us);
+    `reviewer` is used where an annotation names no annotator.
+    """
+    if task is not None:
+        _check_task(task)
+    path = Path(path)
+    summary = ImportSummary(path=path)
+    try:
+        items = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path}: not a Label Studio JSON export ({exc})") from None
+    if isinstance(items, dict):
+        items = [items]
+    if not isinstance(items, list):
+        raise ConfigError(f"{path}: expected a JSON list of tasks")
+    with transaction(engine) as conn:
+        for index, item in enumerate(items):
+            where = f"{path}: task #{index + 1}" + (
+                f" (id {item['id']})" if isinstance(item, dict) and "id" in item else ""
+            )
+            try:
+                review = _parse_task(item, task)
+                audio_id = _resolve_audio(conn, review)
+            except _Skip:
+                summary.unannotated += 1
+                continue
+            except (ValueError, TypeError, AttributeError) as exc:
+                summary.errors.append(f"{where}: {exc}")
+                continue
+            values = {
+                "audio_id": audio_id,
+                "task": review.task,
+                "label": review.label if review.task == "cry" else None,
+                "text": review.text if review.task == "asr" else None,
+                "reviewer": review.reviewer or reviewer,
+                "source": "label-studio",
+            }
+            stmt = pg_insert(human_label).values(**values)
+            conn.execute(
+                stmt.on_conflict_do_update(
+                    index_elements=[human_label.c.audio_id, human_label.c.task],
+                    set_={
+                        "label": stmt.excluded.label,
+                        "text": stmt.excluded.text,
+                        "reviewer": stmt.excluded.reviewer,
+                        "source": stmt.excluded.source,
+                        "created_at": sa.func.now(),
+                    },
+                )
+            )
+            summary.imported += 1
+    return summary
+
+
+# --- fine-tune export ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FinetuneSummary:
+    out: Path
+    rows: int
+    human: int
+    model: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"out": str(self.out), "rows": self.rows, "human": self.human, "model": self.model}
+
+
+def _prompt_text(task: str, question: str | None, language: str | None) -> str:
+    """The user text the labelling prompt uses, so the fine-tuned model sees what the pipeline asks."""
+    from .prompts import qwen2_audio_spec
+    from .textnorm import canonical_language
+
+    question = question or LabelRequest(task="cry").question
+    try:
+        request = LabelRequest(task=task, question=question, language=canonical_language(language) or "en")
+        return qwen2_audio_spec(request, "chat").text
+    except (ValueError, ConfigError):  # a language the prompts do not know: the default one
+        return qwen2_audio_spec(LabelRequest(task=task, question=question), "chat").text
+
+
+def chat_row(path: str, prompt: str, answer: str) -> dict[str, Any]:
+    """One training example in the Qwen2-Audio chat format (the model card's message layout)."""
+    return {
+        "audio": path,
+        "messages": [
+            {
+                "role": "user",
+                "content": [{"type": "audio", "audio_url": path}, {"type": "text", "text": prompt}],
+            },
+            {"role": "assistant", "content": answer},
+        ],
+    }
+
+
+def export_finetune(
+    engine: Engine,
+    out: Path,
+    task: str = "cry",
+    include_confident: float | None = None,
+    question: str | None = None,
+) -> FinetuneSummary:
+    """Write human-reviewed labels (plus, with `include_confident` P, model labels from each audio's
+    latest score run with p_yes >= P or <= 1 - P that no gold label contradicts) as JSONL."""
+    _check_task(task)
+    if include_confident is not None and not 0.5 < include_confident <= 1.0:
+        raise ConfigError(f"--include-confident must be in (0.5, 1], got {include_confident}")
+    if include_confident is not None and task != "cry":
+        raise ConfigError("--include-confident only applies to --task cry (transcripts have no confidence)")
+    rows: list[dict[str, Any]] = []
+    n_human = n_model = 0
+    with engine.connect() as conn:
+        human = conn.execute(
+            sa.select(
+                human_label.c.audio_id,
+                human_label.c.label,
+                human_label.c.text,
+                _audio_path.c.path,
+                _asr_reference.c.language,
+            )
+            .select_from(
+                human_label.join(_audio_path, _audio_path.c.audio_id == human_label.c.audio_id).outerjoin(
+                    _asr_reference, _asr_reference.c.audio_id == human_label.c.audio_id
+                )
+            )
+            .where(human_label.c.task == task)
+            .order_by(human_label.c.audio_id)
+        ).all()
+        for r in human:
+            if task == "cry":
+                if r.label not in ("yes", "no"):
+                    continue
+                rows.append(
+                    chat_row(
+                        r.path, _prompt_text(task, question, None), "Yes." if r.label == "yes" else "No."
+                    )
+                )
+            else:
+                rows.append(chat_row(r.path, _prompt_text(task, question, r.language), r.text))
+            rows[-1] |= {
+                "label": r.label if task == "cry" else None,
+                "source": "human",
+                "audio_id": r.audio_id,
+            }
+            n_human += 1
+        if include_confident is not None:
+            latest = (
+                sa.select(cry_answer.c.audio_id, sa.func.max(cry_answer.c.run_id).label("run_id"))
+                .where(cry_answer.c.method == "score", cry_answer.c.p_yes.is_not(None))
+                .group_by(cry_answer.c.audio_id)
+                .subquery()
+            )
+            reviewed = sa.select(human_label.c.audio_id).where(human_label.c.task == "cry")
+            confident = conn.execute(
+                sa.select(
+                    cry_answer.c.audio_id, cry_answer.c.p_yes, _audio_path.c.path, _cry_gold.c.gold_label
+                )
+                .select_from(
+                    cry_answer.join(
+                        latest,
+                        sa.and_(
+                            latest.c.audio_id == cry_answer.c.audio_id, latest.c.run_id == cry_answer.c.run_id
+                        ),
+                    )
+                    .join(_audio_path, _audio_path.c.audio_id == cry_answer.c.audio_id)
+                    .outerjoin(_cry_gold, _cry_gold.c.audio_id == cry_answer.c.audio_id)
+                )
+                .where(
+                    cry_answer.c.method == "score",
+                    cry_answer.c.audio_id.not_in(reviewed),
+                    sa.or_(
+                        cry_answer.c.p_yes >= include_confident, cry_answer.c.p_yes <= 1 - include_confident
+                    ),
+                )
+                .order_by(cry_answer.c.audio_id)
+            ).all()
+            for r in confident:
+                label = "yes" if r.p_yes >= include_confident else "no"
+                if r.gold_label is not None and r.gold_label != label:
+                    continue  # confident but wrong against the manifest's gold: not training material
+                rows.append(
+                    chat_row(r.path, _prompt_text(task, question, None), "Yes." if label == "yes" else "No.")
+                )
+                rows[-1] |= {"label": label, "source": "model", "p_yes": r.p_yes, "audio_id": r.audio_id}
+                n_model += 1
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return FinetuneSummary(out=out, rows=len(rows), human=n_human, model=n_model)

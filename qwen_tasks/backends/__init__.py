@@ -1,0 +1,145 @@
+"""Pick and load a model backend; the runner, CLI and DAG go through these functions only.
+
+`load_backend` loads a model (seconds for the tiny model, minutes for 7B); `get_backend` keeps the last
+loaded one per process so Airflow workers running many mapped tasks load it once. `describe` gives
+the ModelInfo (incl. prompt version) a backend would record, without loading weights, for planning.
+A vLLM backend (offline `LLM.generate` with audio inputs) would be one more module here, chosen by
+`backend="vllm"`, implementing the same `label(clips, request)`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+from ..errors import ModelError
+from ..records import LabelRequest, ModelInfo
+from .base import Backend
+
+BACKENDS = ("auto", "qwen2-audio", "qwen-audio")
+
+__all__ = ["BACKENDS", "Backend", "describe", "detect_backend", "get_backend", "load_backend"]
+
+
+def detect_backend(model: str) -> str:
+    """'qwen2-audio' or 'qwen-audio' from a local config.json's model_type, else from the hub id."""
+    path = Path(model).expanduser()
+    config = path / "config.json"
+    if config.is_file():
+        try:
+            model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type", "")
+        except json.JSONDecodeError as exc:
+            raise ModelError(f"{config}: not valid JSON ({exc})") from None
+        if model_type == "qwen2_audio":
+            return "qwen2-audio"
+        if model_type == "qwen":
+            return "qwen-audio"
+        raise ModelError(f"{model}: model_type {model_type!r} is not Qwen2-Audio or Qwen-Audio")
+    lowered = model.lower()
+    if "qwen-audio" in lowered and "qwen2" not in lowered:
+        return "qwen-audio"
+    return "qwen2-audio"
+
+
+def _pick(model: str, backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ModelError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    return detect_backend(model) if backend == "auto" else backend
+
+
+def load_backend(
+    model: str,
+    *,
+    revision: str = "",
+    device: str = "auto",
+    dtype: str | None = None,
+    backend: str = "auto",
+    prompt_style: str = "auto",
+    max_batch: int | None = None,
+    trim_audio: bool = True,
+) -> Backend:
+    """Load `model` (hub id or local path, optional pinned revision) into a ready backend.
+
+    device: auto|cpu|cuda[:N]; dtype: None (bf16 on CUDA, fp32 on CPU) or float32|bfloat16|float16;
+    prompt_style: auto (chat template present / name says Instruct) | chat | base;
+    max_batch: cap on windows per forward pass inside one `label` call (None: the whole batch);
+    trim_audio: run the audio encoder only up to the batch's longest clip, not 30 s (Qwen2-Audio).
+    Raises ModelError when the model cannot be loaded or its tokenizer and config disagree.
+    """
+    kind = _pick(model, backend)
+    if kind == "qwen-audio":
+        from .qwen_audio import QwenAudioBackend
+
+        return QwenAudioBackend(
+            model,
+            revision=revision,
+            device=device,
+            dtype=dtype,
+            prompt_style=prompt_style,
+            max_batch=max_batch,
+        )
+    from .qwen2_audio import Qwen2AudioBackend
+
+    return Qwen2AudioBackend(
+        model,
+        revision=revision,
+        device=device,
+        dtype=dtype,
+        prompt_style=prompt_style,
+        max_batch=max_batch,
+        trim_audio=trim_audio,
+    )
+
+
+@functools.lru_cache(maxsize=1)
+def get_backend(
+    model: str,
+    *,
+    revision: str = "",
+    device: str = "auto",
+    dtype: str | None = None,
+    backend: str = "auto",
+    prompt_style: str = "auto",
+    max_batch: int | None = None,
+    trim_audio: bool = True,
+) -> Backend:
+    """`load_backend` cached per process by its arguments; only the most recent model is kept in memory."""
+    return load_backend(
+        model,
+        revision=revision,
+        device=device,
+        dtype=dtype,
+        backend=backend,
+        prompt_style=prompt_style,
+        max_batch=max_batch,
+        trim_audio=trim_audio,
+    )
+
+
+def describe(
+    model: str,
+    request: LabelRequest,
+    *,
+    revision: str = "",
+    device: str = "auto",
+    dtype: str | None = None,
+    backend: str = "auto",
+    prompt_style: str = "auto",
+) -> ModelInfo:
+    """The ModelInfo (model, revision, dtype, device, prompt version/template) a backend loaded with
+    these arguments records for `request` — computed without loading weights (for planning runs)."""
+    kind = _pick(model, backend)
+    if kind == "qwen-audio":
+        from . import qwen_audio as module
+    else:
+        from . import qwen2_audio as module  # type: ignore[no-redef]
+    return module.describe(
+        model, request, revision=revision, device=device, dtype=dtype, prompt_style=prompt_style
+    )
+
+
+def model_info(backend: Backend, request: LabelRequest) -> ModelInfo:
+    """ModelInfo for `request` from a loaded backend (its `describe` when it has one)."""
+    describe_method = getattr(backend, "describe", None)
+    return describe_method(request) if callable(describe_method) else backend.info

@@ -46,4 +46,10 @@ def main() -> None:
 
 
 # Command modules register themselves on `app`; keep this list in the order commands are used.
-from . import db_cmd  # noqa: E402,F401
+from . import (
+    db_cmd,  # noqa: E402,F401
+    ingest_cmd,  # noqa: E402,F401
+    label_cmd,  # noqa: E402,F401
+    model_cmd,  # noqa: E402,F401
+    review_cmd,  # noqa: E402,F401
+)

@@ -1,0 +1,188 @@
+"""Export a run's labels as JSON Lines: one object per audio path, with what produced the label.
+
+Users feed these files to other tools, so every row carries its provenance (model, revision, prompt
+version, run id) and the reference / gold answer where a manifest gave one. Audio stored at several paths
+(same bytes) gets one row per path, so a consumer can join on the path it knows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, TextIO
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from .errors import ConfigError
+from .schema import audio_file, cry_answer, label_run, manifest_item, transcription
+
+
+def latest_run_id(engine: Engine, task: str) -> int | None:
+    """The newest run of `task` that labelled something (None when there is none yet)."""
+    with engine.connect() as conn:
+        return conn.execute(
+            sa.select(sa.func.max(label_run.c.id)).where(label_run.c.task == task, label_run.c.n_labelled > 0)
+        ).scalar()
+
+
+def _manifest_value(
+    column: sa.Column, kind: str, audio_id: sa.ColumnElement, path_id: sa.ColumnElement
+) -> Any:
+    """The manifest's value for this audio: the line naming this very path first, else the newest line
+    naming any path with the same bytes."""
+    other = audio_file.alias("mf")
+    return (
+        sa.select(column)
+        .join(other, other.c.id == manifest_item.c.audio_file_id)
+        .where(other.c.audio_id == audio_id, manifest_item.c.kind == kind, column.is_not(None))
+        .order_by((manifest_item.c.audio_file_id == path_id).desc(), manifest_item.c.id.desc())
+        .limit(1)
+        .scalar_subquery()
+    )
+
+
+def _asr_query(run_id: int) -> sa.Select:
+    t = transcription
+    return (
+        sa.select(
+            audio_file.c.path,
+            t.c.audio_id,
+            t.c.text,
+            t.c.language,
+            t.c.windows,
+            _manifest_value(manifest_item.c.reference_text, "asr", t.c.audio_id, audio_file.c.id).label(
+                "reference"
+            ),
+        )
+        .join(audio_file, sa.and_(audio_file.c.audio_id == t.c.audio_id, audio_file.c.status == "ok"))
+        .where(t.c.run_id == run_id)
+        .order_by(audio_file.c.path)
+    )
+
+
+def _cry_query(run_id: int) -> sa.Select:
+    labelled = sa.select(cry_answer.c.audio_id).where(cry_answer.c.run_id == run_id).distinct().subquery()
+    score = cry_answer.alias("s")
+    gen = cry_answer.alias("g")
+    return (
+        sa.select(
+            audio_file.c.path,
+            labelled.c.audio_id,
+            score.c.p_yes.label("score_p_yes"),
+            score.c.label.label("score_label"),
+            score.c.threshold,
+            score.c.windows.label("score_windows"),
+            gen.c.raw_answer,
+            gen.c.p_yes.label("gen_p_yes"),
+            gen.c.label.label("gen_label"),
+            gen.c.windows.label("gen_windows"),
+            _manifest_value(manifest_item.c.gold_label, "aqa", labelled.c.audio_id, audio_file.c.id).label(
+                "gold"
+            ),
+        )
+        .join(audio_file, sa.and_(audio_file.c.audio_id == labelled.c.audio_id, audio_file.c.status == "ok"))
+        .outerjoin(
+            score,
+            sa.and_(
+                score.c.run_id == run_id, score.c.audio_id == labelled.c.audio_id, score.c.method == "score"
+            ),
+        )
+        .outerjoin(
+            gen,
+            sa.and_(
+                gen.c.run_id == run_id, gen.c.audio_id == labelled.c.audio_id, gen.c.method == "generate"
+            ),
+        )
+        .order_by(audio_file.c.path)
+    )
+
+
+def export_rows(engine: Engine, task: str, run_id: int | None = None) -> Iterator[dict[str, Any]]:
+    """Rows of one run (default: the latest run of `task` with labels), streamed from the database."""
+    if task not in ("asr", "cry"):
+        raise ConfigError(f"task must be 'asr' or 'cry', got {task!r}")
+    if run_id is None:
+        run_id = latest_run_id(engine, task)
+        if run_id is None:
+            raise ConfigError(f"no {task} run with labels yet (run: qwen-tasks label --task {task})")
+    with engine.connect() as conn:
+        run = conn.execute(sa.select(label_run).where(label_run.c.id == run_id)).one_or_none()
+        if run is None:
+            raise ConfigError(f"no labelling run with id {run_id} (see: qwen-tasks runs)")
+        if run.task != task:
+            raise ConfigError(f"run {run_id} is a {run.task} run, not {task}")
+        provenance = {
+            "model": run.model,
+            "revision": run.revision,
+            "prompt_version": run.prompt_version,
+            "run_id": run.id,
+        }
+        query = _asr_query(run_id) if task == "asr" else _cry_query(run_id)
+        result = conn.execution_options(stream_results=True, yield_per=1000).execute(query)
+        for row in result:
+            yield (_asr_row(row) if task == "asr" else _cry_row(row)) | provenance
+
+
+def _asr_row(row: Any) -> dict[str, Any]:
+    out = {
+        "audio": row.path,
+        "audio_id": row.audio_id,
+        "text": row.text,
+        "language": row.language,
+        "reference": row.reference,
+    }
+    if len(row.windows or []) > 1:
+        out["windows"] = row.windows
+    return out
+
+
+def _cry_row(row: Any) -> dict[str, Any]:
+    scored = row.score_label is not None
+    out: dict[str, Any] = {"audio": row.path, "audio_id": row.audio_id}
+    if row.gen_label is not None:
+        out["answer"] = row.raw_answer
+    out["p_yes"] = row.score_p_yes if scored else row.gen_p_yes
+    out["label"] = row.score_label if scored else row.gen_label
+    if scored:
+        out["threshold"] = row.threshold
+    if scored and row.gen_label is not None:
+        out["answer_label"] = row.gen_label  # what the normaliser read from the generated answer
+    out["gold"] = row.gold
+    windows = row.score_windows if scored else row.gen_windows
+    if len(windows or []) > 1:
+        out["windows"] = windows
+    return out
+
+
+def write_jsonl(rows: Iterator[dict[str, Any]], out: Path | None, stdout: TextIO | None = None) -> int:
+    """Write rows as JSON Lines to `out` (atomically: a partial file never replaces a good one) or stdout."""
+    if out is None:
+        if stdout is None:
+            raise ValueError("either out or stdout is needed")
+        return _dump(rows, stdout)
+    out = out.expanduser()
+    if out.is_dir():
+        raise ConfigError(f"{out}: is a directory; give a file name such as labels.jsonl")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            n = _dump(rows, f)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return n
+
+
+def _dump(rows: Iterator[dict[str, Any]], f: TextIO) -> int:
+    n = 0
+    for row in rows:
+        f.write(json.dumps(row, ensure_ascii=False))
+        f.write("\n")
+        n += 1
+    return n

@@ -1,0 +1,721 @@
+"""Labelling runs and their jobs in PostgreSQL: plan, claim with a lease, extend, release, finish.
+
+A run is one (task, model, revision, prompt version). Planning splits the audio that still needs a label
+into jobs (batches sized by a clip count and an audio-seconds budget) and writes run, jobs and job items
+in one transaction. Workers claim jobs with `FOR UPDATE SKIP LOCKED` and a lease kept in the database
+(database time, so worker clocks do not matter): a job whose worker died is taken over once its lease runs
+out, and a job that used up its attempts is failed with its error. Results are written by `runner`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from . import db
+from .errors import ConfigError, DatabaseUnavailable
+from .records import LabelRequest, ModelInfo
+from .schema import audio, audio_file, cry_answer, label_job, label_job_item, label_run, transcription
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LEASE_SECONDS = 120.0
+DEFAULT_MAX_ATTEMPTS = 3
+UNFINISHED_RUN = ("planned", "running")
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class PlanResult:
+    """What `plan_run` created. `run_id` is None when no audio needed labelling (no empty run is made)."""
+
+    run_id: int | None
+    job_ids: list[int]
+    n_items: int
+    n_left_over: int  # audio that needs a label but did not fit under max_jobs; the next plan takes it
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "jobs": len(self.job_ids),
+            "job_ids": list(self.job_ids),
+            "items": self.n_items,
+            "left_over": self.n_left_over,
+        }
+
+
+@dataclass(frozen=True)
+class Job:
+    """A job as claimed by one worker (the lease is held until `lease_expires_at`, database time)."""
+
+    id: int
+    run_id: int
+    seq: int
+    n_items: int
+    audio_seconds: float
+    attempts: int
+    max_attempts: int
+    lease_owner: str
+    lease_expires_at: datetime
+    claim_seconds: float = 0.0  # time spent in the claim query (for the claim-overhead figure)
+
+
+@dataclass(frozen=True)
+class JobItem:
+    """One audio of a job with the paths it can be read from (ok paths, oldest first)."""
+
+    audio_id: int
+    duration_s: float
+    paths: tuple[tuple[str, int | None], ...]  # (path, size_bytes recorded at ingest)
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """A run as stored: what to ask the model (request) and which model must answer."""
+
+    id: int
+    task: str
+    model: str
+    revision: str
+    prompt_version: str
+    status: str
+    dtype: str | None
+    device: str | None
+    params: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def request(self) -> LabelRequest:
+        raw = dict(self.params.get("request") or {"task": self.task})
+        if "methods" in raw:
+            raw["methods"] = tuple(raw["methods"])
+        return LabelRequest(**raw)
+
+
+# --- helpers -------------------------------------------------------------------------------------------
+
+
+def is_connection_error(exc: BaseException) -> bool:
+    """True for errors where a fresh connection may succeed (server restart, killed backend, network)."""
+    if isinstance(exc, DatabaseUnavailable):
+        return True
+    if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
+        return True
+    return isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError)
+
+
+def retry_db(
+    fn: Callable[[], T], *, what: str, attempts: int = 8, first_delay: float = 0.25, max_delay: float = 5.0
+) -> T:
+    """Run `fn` again (new transaction, new connection from the pool) when the connection is lost.
+
+    Only connection errors are retried; anything else (a constraint, a bug) propagates at once. The pool
+    discards a connection that died, so the next attempt gets a fresh one.
+    """
+    delay = first_delay
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except Exception as exc:
+            if not is_connection_error(exc) or attempt == attempts:
+                raise
+            log.warning(
+                "%s: database connection lost (%s); retry %d/%d", what, _short(exc), attempt, attempts
+            )
+            time.sleep(delay)
+            delay = min(delay * 2, max_delay)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _short(exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__
+
+
+def _interval(seconds: float) -> sa.ColumnElement:
+    return sa.func.make_interval(0, 0, 0, 0, 0, 0, sa.literal(float(seconds), sa.Float))
+
+
+def make_batches(
+    items: Sequence[tuple[int, float]], batch_size: int, max_batch_seconds: float
+) -> list[list[tuple[int, float]]]:
+    """Group (audio_id, duration) pairs, sorted by duration, into batches under both budgets.
+
+    Sorting keeps clips of similar length together (less padding, so less wasted compute). A batch closes
+    when adding the next clip would exceed `batch_size` clips or `max_batch_seconds` of audio; a single clip
+    longer than the budget becomes a batch of its own rather than being dropped.
+    """
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    if not max_batch_seconds > 0:
+        raise ConfigError(f"max_batch_seconds must be > 0, got {max_batch_seconds}")
+    batches: list[list[tuple[int, float]]] = []
+    current: list[tuple[int, float]] = []
+    seconds = 0.0
+    for audio_id, duration in sorted(items, key=lambda it: (it[1], it[0])):
+        if current and (len(current) >= batch_size or seconds + duration > max_batch_seconds):
+            batches.append(current)
+            current, seconds = [], 0.0
+        current.append((audio_id, duration))
+        seconds += duration
+    if current:
+        batches.append(current)
+    return batches
+
+
+# --- planning ------------------------------------------------------------------------------------------
+
+
+def _same_key_runs(task: str, info: ModelInfo, *, unfinished: bool = False) -> sa.Select:
+    q = sa.select(label_run.c.id).where(
+        label_run.c.task == task,
+        label_run.c.model == info.model,
+        label_run.c.revision == info.revision,
+        label_run.c.prompt_version == info.prompt_version,
+    )
+    return q.where(label_run.c.status.in_(UNFINISHED_RUN)) if unfinished else q
+
+
+def _has_label(task: str, info: ModelInfo, request: LabelRequest) -> sa.ColumnElement[bool]:
+    """SQL condition: this audio already has a label for the run key (every requested method, for cry)."""
+    runs = _same_key_runs(task, info)
+    if task == "asr":
+        return sa.exists().where(transcription.c.audio_id == audio.c.id, transcription.c.run_id.in_(runs))
+    return sa.and_(
+        *(
+            sa.exists().where(
+                cry_answer.c.audio_id == audio.c.id,
+                cry_answer.c.method == method,
+                cry_answer.c.run_id.in_(runs),
+            )
+            for method in request.methods
+        )
+    )
+
+
+def plan_run(
+    engine: Engine,
+    *,
+    task: str,
+    model_info: ModelInfo,
+    request: LabelRequest,
+    batch_size: int,
+    max_batch_seconds: float,
+    limit: int | None = None,
+    relabel: bool = False,
+    max_jobs: int | None = None,
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+    params: dict[str, Any] | None = None,
+) -> PlanResult:
+    """Create a run with jobs for the audio that needs a label; returns ids only (small enough for XCom).
+
+    Needs a label: audio with at least one ok path and no label for the same (task, model, revision,
+    prompt_version) — unless `relabel`, which labels it again in a new run and keeps the old labels.
+    Audio already planned in an unfinished run of the same key is never planned twice; an advisory lock on
+    the key serialises concurrent plans, so two planners (DAG and CLI) cannot both take the same audio.
+    `limit` caps the audio taken (oldest first); `max_jobs` caps the jobs (Airflow's max_map_length), the
+    remaining audio is reported as left over and planned next time.
+    """
+    if task != request.task:
+        raise ConfigError(f"task {task!r} does not match the request's task {request.task!r}")
+    if limit is not None and limit < 1:
+        raise ConfigError(f"limit must be >= 1, got {limit}")
+    if max_jobs is not None and max_jobs < 1:
+        raise ConfigError(f"max_jobs must be >= 1, got {max_jobs}")
+    if max_attempts < 1:
+        raise ConfigError(f"max_attempts must be >= 1, got {max_attempts}")
+    make_batches([], batch_size, max_batch_seconds)  # validates the budgets before touching the database
+    key = f"qwen_tasks.plan:{task}:{model_info.model}:{model_info.revision}:{model_info.prompt_version}"
+
+    def _plan() -> PlanResult:
+        with db.transaction(engine) as conn:
+            conn.execute(sa.select(sa.func.pg_advisory_xact_lock(sa.func.hashtextextended(key, 0))))
+            has_ok_path = sa.exists().where(audio_file.c.audio_id == audio.c.id, audio_file.c.status == "ok")
+            in_flight = sa.exists().where(
+                label_job_item.c.audio_id == audio.c.id,
+                label_job_item.c.run_id.in_(_same_key_runs(task, model_info, unfinished=True)),
+            )
+            query = sa.select(audio.c.id, audio.c.duration_s).where(has_ok_path, ~in_flight)
+            if not relabel:
+                query = query.where(~_has_label(task, model_info, request))
+            query = query.order_by(audio.c.id)
+            if limit is not None:
+                query = query.limit(limit)
+            todo = [(int(r.id), float(r.duration_s)) for r in conn.execute(query)]
+            batches = make_batches(todo, batch_size, max_batch_seconds)
+            if max_jobs is not None:
+                batches = batches[:max_jobs]
+            n_items = sum(len(b) for b in batches)
+            if not batches:
+                return PlanResult(run_id=None, job_ids=[], n_items=0, n_left_over=len(todo))
+            stored_params = {
+                "request": _request_dict(request),
+                "batch_size": batch_size,
+                "max_batch_seconds": max_batch_seconds,
+                "limit": limit,
+                "relabel": relabel,
+                "max_jobs": max_jobs,
+                "max_attempts": max_attempts,
+                **(params or {}),
+            }
+            run_id = conn.execute(
+                label_run.insert()
+                .values(
+                    task=task,
+                    model=model_info.model,
+                    revision=model_info.revision,
+                    prompt_version=model_info.prompt_version,
+                    prompt_template=model_info.prompt_template,
+                    # dtype and device are recorded by the first worker that loads the model: the
+                    # planner (an Airflow scheduler, a laptop) may well have no GPU.
+                    params=stored_params,
+                    status="planned",
+                    n_planned=n_items,
+                )
+                .returning(label_run.c.id)
+            ).scalar_one()
+            job_rows = [
+                {
+                    "run_id": run_id,
+                    "seq": seq,
+                    "n_items": len(batch),
+                    "audio_seconds": sum(d for _, d in batch),
+                    "max_attempts": max_attempts,
+                }
+                for seq, batch in enumerate(batches)
+            ]
+            job_ids = list(
+                conn.execute(
+                    label_job.insert().returning(label_job.c.id, sort_by_parameter_order=True), job_rows
+                ).scalars()
+            )
+            conn.execute(
+                label_job_item.insert(),
+                [
+                    {"job_id": job_id, "run_id": run_id, "audio_id": audio_id}
+                    for job_id, batch in zip(job_ids, batches, strict=True)
+                    for audio_id, _ in batch
+                ],
+            )
+            return PlanResult(
+                run_id=run_id, job_ids=job_ids, n_items=n_items, n_left_over=len(todo) - n_items
+            )
+
+    result = retry_db(_plan, what="plan run")
+    if result.run_id is not None:
+        log.info("planned run %s: %d jobs, %d clips", result.run_id, len(result.job_ids), result.n_items)
+    return result
+
+
+def _request_dict(request: LabelRequest) -> dict[str, Any]:
+    raw = dataclasses.asdict(request)
+    raw["methods"] = list(request.methods)
+    return raw
+
+
+# --- reading runs and jobs -----------------------------------------------------------------------------
+
+
+def get_run(engine: Engine | Connection, run_id: int) -> RunInfo:
+    """The run `run_id`; ConfigError when there is none (a wrong --run is a user error, not a crash)."""
+    query = sa.select(label_run).where(label_run.c.id == run_id)
+    if isinstance(engine, Connection):
+        row = engine.execute(query).one_or_none()
+    else:
+        with engine.connect() as conn:
+            row = conn.execute(query).one_or_none()
+    if row is None:
+        raise ConfigError(f"no labelling run with id {run_id} (see: qwen-tasks runs)")
+    return RunInfo(
+        id=row.id,
+        task=row.task,
+        model=row.model,
+        revision=row.revision,
+        prompt_version=row.prompt_version,
+        status=row.status,
+        dtype=row.dtype,
+        device=row.device,
+        params=dict(row.params or {}),
+    )
+
+
+def run_of_job(engine: Engine, job_id: int) -> int:
+    """The run a job belongs to (ConfigError for an unknown job id)."""
+    with engine.connect() as conn:
+        run_id = conn.execute(sa.select(label_job.c.run_id).where(label_job.c.id == job_id)).scalar()
+    if run_id is None:
+        raise ConfigError(f"no labelling job with id {job_id}")
+    return int(run_id)
+
+
+def job_items(conn: Connection, job_id: int) -> list[JobItem]:
+    """The audio of a job, in planned order (by duration), each with its ok paths."""
+    rows = conn.execute(
+        sa.select(
+            label_job_item.c.audio_id,
+            audio.c.duration_s,
+            audio_file.c.path,
+            audio_file.c.size_bytes,
+        )
+        .join(audio, audio.c.id == label_job_item.c.audio_id)
+        .outerjoin(audio_file, sa.and_(audio_file.c.audio_id == audio.c.id, audio_file.c.status == "ok"))
+        .where(label_job_item.c.job_id == job_id)
+        .order_by(audio.c.duration_s, audio.c.id, audio_file.c.id)
+    ).all()
+    items: dict[int, JobItem] = {}
+    for r in rows:
+        item = items.get(r.audio_id) or JobItem(r.audio_id, float(r.duration_s), ())
+        if r.path is not None:
+            item = dataclasses.replace(item, paths=(*item.paths, (r.path, r.size_bytes)))
+        items[r.audio_id] = item
+    return list(items.values())
+
+
+# --- claiming and leases -------------------------------------------------------------------------------
+
+
+def _job_from_row(row: Any, claim_seconds: float) -> Job:
+    return Job(
+        id=row.id,
+        run_id=row.run_id,
+        seq=row.seq,
+        n_items=row.n_items,
+        audio_seconds=float(row.audio_seconds),
+        attempts=row.attempts,
+        max_attempts=row.max_attempts,
+        lease_owner=row.lease_owner,
+        lease_expires_at=row.lease_expires_at,
+        claim_seconds=claim_seconds,
+    )
+
+
+_RETURNED = (
+    label_job.c.id,
+    label_job.c.run_id,
+    label_job.c.seq,
+    label_job.c.n_items,
+    label_job.c.audio_seconds,
+    label_job.c.attempts,
+    label_job.c.max_attempts,
+    label_job.c.lease_owner,
+    label_job.c.lease_expires_at,
+)
+
+
+def _claimable() -> sa.ColumnElement[bool]:
+    expired = sa.and_(label_job.c.status == "running", label_job.c.lease_expires_at < sa.func.now())
+    return sa.and_(
+        label_job.c.attempts < label_job.c.max_attempts,
+        sa.or_(label_job.c.status == "pending", expired),
+    )
+
+
+def _take(worker_id: str, lease_seconds: float) -> dict[str, Any]:
+    """SET clause of a claim: running, our lease, one more attempt; note a lease taken from a lost worker."""
+    took_over = sa.func.concat(
+        "lease of ", label_job.c.lease_owner, " expired on attempt ", label_job.c.attempts, " (worker lost?)"
+    )
+    return {
+        "status": "running",
+        "lease_owner": worker_id,
+        "lease_expires_at": sa.func.now() + _interval(lease_seconds),
+        "attempts": label_job.c.attempts + 1,
+        "started_at": sa.func.coalesce(label_job.c.started_at, sa.func.now()),
+        "last_error": sa.case((label_job.c.status == "running", took_over), else_=label_job.c.last_error),
+    }
+
+
+def fail_exhausted(conn: Connection, run_id: int | None = None) -> int:
+    """Fail jobs whose lease expired on their last attempt; returns how many. Called before each claim."""
+    lost = sa.func.concat(
+        sa.func.coalesce(label_job.c.last_error + "; ", ""),
+        "lease of ",
+        label_job.c.lease_owner,
+        " expired on attempt ",
+        label_job.c.attempts,
+        " of ",
+        label_job.c.max_attempts,
+        " (worker lost?)",
+    )
+    query = label_job.update().where(
+        label_job.c.status == "running",
+        label_job.c.lease_expires_at < sa.func.now(),
+        label_job.c.attempts >= label_job.c.max_attempts,
+    )
+    if run_id is not None:
+        query = query.where(label_job.c.run_id == run_id)
+    return conn.execute(query.values(status="failed", finished_at=sa.func.now(), last_error=lost)).rowcount
+
+
+def claim_job(engine: Engine, run_id: int | None, worker_id: str, lease_seconds: float) -> Job | None:
+    """Claim the next job of `run_id` (any run when None), or None when nothing is claimable now.
+
+    Claimable: pending, or running with an expired lease (its worker died), and attempts left. The row is
+    picked with `FOR UPDATE SKIP LOCKED`, so concurrent workers never wait on each other nor take the
+    same job. The time spent here is returned as `claim_seconds` (the runner stores it with the job).
+    """
+    if not lease_seconds > 0:
+        raise ConfigError(f"lease_seconds must be > 0, got {lease_seconds}")
+
+    def _claim() -> Job | None:
+        start = time.perf_counter()
+        with db.transaction(engine) as conn:
+            fail_exhausted(conn, run_id)
+            pick = sa.select(label_job.c.id).where(_claimable())
+            if run_id is not None:
+                pick = pick.where(label_job.c.run_id == run_id)
+            pick = (
+                pick.order_by(label_job.c.run_id, label_job.c.seq).limit(1).with_for_update(skip_locked=True)
+            )
+            row = conn.execute(
+                label_job.update()
+                .where(label_job.c.id == pick.scalar_subquery())
+                .values(**_take(worker_id, lease_seconds))
+                .returning(*_RETURNED)
+            ).one_or_none()
+        return None if row is None else _job_from_row(row, time.perf_counter() - start)
+
+    return retry_db(_claim, what="claim job")
+
+
+def claim_job_id(engine: Engine, job_id: int, worker_id: str, lease_seconds: float) -> Job | None:
+    """Claim one given job (the DAG maps a task per job id); None when it is not claimable now.
+
+    A job already leased to `worker_id` is returned as it is (a retry of our own call).
+    """
+
+    def _claim() -> Job | None:
+        start = time.perf_counter()
+        with db.transaction(engine) as conn:
+            mine = conn.execute(
+                sa.select(*_RETURNED).where(
+                    label_job.c.id == job_id,
+                    label_job.c.status == "running",
+                    label_job.c.lease_owner == worker_id,
+                )
+            ).one_or_none()
+            if mine is not None:
+                return _job_from_row(mine, 0.0)
+            fail_exhausted(conn)
+            locked = (
+                sa.select(label_job.c.id)
+                .where(label_job.c.id == job_id, _claimable())
+                .with_for_update(skip_locked=True)
+            )
+            row = conn.execute(
+                label_job.update()
+                .where(label_job.c.id == locked.scalar_subquery())
+                .values(**_take(worker_id, lease_seconds))
+                .returning(*_RETURNED)
+            ).one_or_none()
+        return None if row is None else _job_from_row(row, time.perf_counter() - start)
+
+    return retry_db(_claim, what=f"claim job {job_id}")
+
+
+def job_state(engine: Engine, job_id: int) -> dict[str, Any]:
+    """Status, attempts, lease and last error of one job (for waiting on a lease and for messages)."""
+    with engine.connect() as conn:
+        row = conn.execute(
+            sa.select(
+                label_job.c.status,
+                label_job.c.attempts,
+                label_job.c.max_attempts,
+                label_job.c.lease_owner,
+                label_job.c.last_error,
+                (sa.func.extract("epoch", label_job.c.lease_expires_at - sa.func.now())).label("lease_left"),
+            ).where(label_job.c.id == job_id)
+        ).one_or_none()
+    if row is None:
+        raise ConfigError(f"no labelling job with id {job_id}")
+    return dict(row._mapping)
+
+
+def extend_lease(engine: Engine, job_id: int, worker_id: str, lease_seconds: float) -> bool:
+    """Push our lease forward (heartbeat); False when the job is no longer ours (lease taken over)."""
+    with db.transaction(engine) as conn:
+        n = conn.execute(
+            label_job.update()
+            .where(
+                label_job.c.id == job_id,
+                label_job.c.status == "running",
+                label_job.c.lease_owner == worker_id,
+            )
+            .values(lease_expires_at=sa.func.now() + _interval(lease_seconds))
+        ).rowcount
+    return n == 1
+
+
+def release_job(
+    engine: Engine, job: Job, worker_id: str, error: str, *, permanent: bool = False
+) -> str | None:
+    """Give a job back after a job-level error: pending again, or failed when attempts are used up.
+
+    Returns the new status, or None when the job was no longer ours (someone else took it over).
+    """
+
+    def _release() -> str | None:
+        with db.transaction(engine) as conn:
+            row = conn.execute(
+                label_job.update()
+                .where(
+                    label_job.c.id == job.id,
+                    label_job.c.status == "running",
+                    label_job.c.lease_owner == worker_id,
+                )
+                .values(
+                    status=sa.case(
+                        (
+                            sa.literal(permanent) | (label_job.c.attempts >= label_job.c.max_attempts),
+                            "failed",
+                        ),
+                        else_="pending",
+                    ),
+                    lease_expires_at=None,
+                    last_error=error[:4000],
+                    claim_seconds=job.claim_seconds,
+                    finished_at=sa.case(
+                        (
+                            sa.literal(permanent) | (label_job.c.attempts >= label_job.c.max_attempts),
+                            sa.func.now(),
+                        ),
+                        else_=None,
+                    ),
+                )
+                .returning(label_job.c.status)
+            ).one_or_none()
+        return None if row is None else str(row.status)
+
+    return retry_db(_release, what=f"release job {job.id}")
+
+
+def give_back(engine: Engine, job: Job, worker_id: str, reason: str) -> bool:
+    """Return a job we cannot work on (interrupted, model would not load) without using up an attempt."""
+
+    def _give() -> bool:
+        with db.transaction(engine) as conn:
+            return (
+                conn.execute(
+                    label_job.update()
+                    .where(
+                        label_job.c.id == job.id,
+                        label_job.c.status == "running",
+                        label_job.c.lease_owner == worker_id,
+                    )
+                    .values(
+                        status="pending",
+                        attempts=sa.func.greatest(label_job.c.attempts - 1, 0),
+                        lease_expires_at=None,
+                        last_error=reason[:4000],
+                    )
+                ).rowcount
+                == 1
+            )
+
+    try:
+        return retry_db(_give, what=f"give back job {job.id}", attempts=3)
+    except Exception as exc:  # the lease will run out on its own; never mask the original error
+        log.warning("could not give back job %s: %s", job.id, _short(exc))
+        return False
+
+
+# --- run status ----------------------------------------------------------------------------------------
+
+
+def start_run(engine: Engine, run_id: int, info: ModelInfo | None = None) -> None:
+    """Mark a run running (first worker) and fill dtype/device, known only once a model is loaded."""
+
+    def _start() -> None:
+        with db.transaction(engine) as conn:
+            values: dict[str, Any] = {
+                "status": sa.case((label_run.c.status == "planned", "running"), else_=label_run.c.status),
+                "started_at": sa.func.coalesce(label_run.c.started_at, sa.func.now()),
+            }
+            if info is not None:
+                values["dtype"] = sa.func.coalesce(label_run.c.dtype, info.dtype or None)
+                values["device"] = sa.func.coalesce(label_run.c.device, info.device or None)
+            conn.execute(label_run.update().where(label_run.c.id == run_id).values(**values))
+
+    retry_db(_start, what=f"start run {run_id}")
+
+
+def finish_run_if_complete(engine: Engine, run_id: int) -> str | None:
+    """Close the run when no job is pending or running; returns the final status when it closed now.
+
+    Called after a job's transaction committed (inside it, a concurrent last job would not be visible, and
+    two workers finishing the last two jobs would each think the other is still running). A run is
+    'failed' only when every job failed; per-job failures are visible in run_progress.
+    """
+
+    def _finish() -> str | None:
+        with db.transaction(engine) as conn:
+            fail_exhausted(conn, run_id)
+            open_jobs = sa.exists().where(
+                label_job.c.run_id == run_id, label_job.c.status.in_(("pending", "running"))
+            )
+            any_done = sa.exists().where(label_job.c.run_id == run_id, label_job.c.status == "done")
+            row = conn.execute(
+                label_run.update()
+                .where(label_run.c.id == run_id, label_run.c.status.in_(UNFINISHED_RUN), ~open_jobs)
+                .values(
+                    status=sa.case((any_done, "done"), else_="failed"),
+                    finished_at=sa.func.now(),
+                    started_at=sa.func.coalesce(label_run.c.started_at, sa.func.now()),
+                )
+                .returning(label_run.c.status)
+            ).one_or_none()
+        return None if row is None else str(row.status)
+
+    return retry_db(_finish, what=f"finish run {run_id}")
+
+
+def open_job_counts(engine: Engine, run_id: int) -> dict[str, Any]:
+    """Pending/running jobs of a run, their clips, and seconds until the earliest running lease ends."""
+    with engine.connect() as conn:
+        row = conn.execute(
+            sa.select(
+                sa.func.count().filter(label_job.c.status == "pending").label("pending"),
+                sa.func.count().filter(label_job.c.status == "running").label("running"),
+                sa.func.coalesce(
+                    sa.func.sum(label_job.c.n_items).filter(label_job.c.status.in_(("pending", "running"))), 0
+                ).label("clips"),
+                sa.func.min(sa.func.extract("epoch", label_job.c.lease_expires_at - sa.func.now()))
+                .filter(label_job.c.status == "running")
+                .label("next_expiry"),
+            ).where(label_job.c.run_id == run_id)
+        ).one()
+    return dict(row._mapping)
+
+
+# --- progress (the run_progress view of migration 0002) ------------------------------------------------
+
+RUN_PROGRESS_COLUMNS = (
+    "run_id", "task", "model", "revision", "prompt_version", "status", "created_at", "started_at",
+    "finished_at", "clips_planned", "clips_labelled", "clips_failed", "audio_seconds", "jobs", "jobs_pending",
+    "jobs_running", "jobs_stale", "jobs_done", "jobs_failed", "clips_in_failed_jobs", "busy_seconds",
+    "claim_seconds", "wall_seconds", "rtf",
+)  # fmt: skip
+run_progress = sa.table("run_progress", *(sa.column(name) for name in RUN_PROGRESS_COLUMNS))
+
+
+def progress_rows(
+    engine: Engine, *, limit: int | None = 20, task: str | None = None, run_id: int | None = None
+) -> list[dict[str, Any]]:
+    """Rows of the run_progress view, newest run first (what `qwen-tasks runs` prints)."""
+    query = sa.select(*run_progress.c).order_by(run_progress.c.run_id.desc())
+    if task is not None:
+        query = query.where(run_progress.c.task == task)
+    if run_id is not None:
+        query = query.where(run_progress.c.run_id == run_id)
+    if limit is not None:
+        query = query.limit(limit)
+    with engine.connect() as conn:
+        return [dict(r._mapping) for r in conn.execute(query)]

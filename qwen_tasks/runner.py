@@ -1,0 +1,717 @@
+"""Process labelling jobs: load a job's audio, ask the model, write results and the done mark together.
+
+The one rule that makes workers crash-safe: a job's results, its failures, its "done" mark and the run's
+counters are written in ONE transaction that first checks the lease is still ours. A worker killed at any
+point therefore leaves either everything or nothing; the job's lease runs out and another worker redoes
+it. Unique keys plus `ON CONFLICT DO NOTHING` make a replay harmless on top of that. A lost database
+connection is retried with a fresh one (the model's output is kept in memory, not recomputed).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.engine import Engine
+
+from . import db, jobs
+from .backends.base import Backend
+from .errors import AudioError, ConfigError, ModelError, QwenTasksError
+from .records import AudioClip, ClipResult, LabelRequest, ModelInfo
+from .schema import cry_answer, label_failure, label_job, label_run, transcription
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LEASE_SECONDS = jobs.DEFAULT_LEASE_SECONDS
+
+
+class AudioStorageUnavailable(QwenTasksError):
+    """None of a job's files exists: storage is probably not mounted. Job-level, so the job is retried."""
+
+
+class LeaseLost(QwenTasksError):
+    """Our lease on a job ended and another worker took the job over; our results are discarded."""
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    """What happened to one job. status: done | retry (released, will be claimed again) | failed (attempts
+    used up) | lost (another worker took it over) | skipped (already finished when we got to it)."""
+
+    job_id: int
+    run_id: int
+    status: str
+    labelled: int = 0
+    failed: int = 0
+    audio_seconds: float = 0.0  # audio seconds of the clips labelled
+    process_seconds: float = 0.0
+    claim_seconds: float = 0.0
+    attempt: int = 0
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class WorkSummary:
+    """What one worker did on one run (`qwen-tasks work --json` prints this)."""
+
+    worker_id: str
+    run_id: int
+    jobs_done: int = 0
+    jobs_retried: int = 0
+    jobs_failed: int = 0
+    jobs_lost: int = 0
+    labelled: int = 0
+    failed: int = 0
+    audio_seconds: float = 0.0
+    wall_seconds: float = 0.0
+    model_load_seconds: float = 0.0
+    claim_seconds: float = 0.0
+    process_seconds: float = 0.0
+    run_status: str | None = None
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def rtf(self) -> float | None:
+        """Real-time factor: wall seconds per second of audio labelled (lower is faster)."""
+        return self.wall_seconds / self.audio_seconds if self.audio_seconds > 0 else None
+
+    def add(self, outcome: JobOutcome) -> None:
+        counter = {"done": "jobs_done", "retry": "jobs_retried", "failed": "jobs_failed", "lost": "jobs_lost"}
+        if outcome.status in counter:
+            setattr(self, counter[outcome.status], getattr(self, counter[outcome.status]) + 1)
+        self.labelled += outcome.labelled
+        self.failed += outcome.failed
+        self.audio_seconds += outcome.audio_seconds
+        self.claim_seconds += outcome.claim_seconds
+        self.process_seconds += outcome.process_seconds
+        if outcome.error and outcome.status in ("retry", "failed"):
+            self.errors.append(f"job {outcome.job_id}: {outcome.error}")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["rtf"] = self.rtf
+        return out
+
+
+# --- small pieces ----------------------------------------------------------------------------------------
+
+
+def default_worker_id() -> str:
+    """host:pid:random — unique per process, readable in `runs` and in pg_stat_activity investigations."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+def check_backend(run: jobs.RunInfo, backend: Backend) -> ModelInfo:
+    """Refuse to label a run with another model or prompt than it was planned for (labels would lie)."""
+    from .backends import model_info
+
+    info = model_info(backend, run.request)
+    planned = (run.model, run.revision, run.prompt_version)
+    if (info.model, info.revision, info.prompt_version) != planned:
+        raise ModelError(
+            f"run {run.id} was planned for model {run.model!r} revision {run.revision!r} prompt "
+            f"{run.prompt_version!r}, but this worker has {info.model!r} revision {info.revision!r} "
+            f"prompt {info.prompt_version!r}"
+        )
+    return info
+
+
+class LeaseKeeper:
+    """Heartbeat thread: extends a job's lease every lease/3 seconds while the job is processed.
+
+    Lets the lease be short (a dead worker's job is taken over quickly) while a live worker can spend as
+    long as it needs on a batch. `lost` becomes True when the lease was taken over; database errors in
+    the heartbeat are logged and tried again at the next beat (the lease has slack for two misses).
+    """
+
+    def __init__(self, engine: Engine, job_id: int, worker_id: str, lease_seconds: float) -> None:
+        self.engine, self.job_id, self.worker_id = engine, job_id, worker_id
+        self.lease_seconds = lease_seconds
+        self.lost = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"lease-{job_id}", daemon=True)
+
+    def _beat(self) -> None:
+        interval = max(self.lease_seconds / 3.0, 0.05)
+        while not self._stop.wait(interval):
+            try:
+                if not jobs.extend_lease(self.engine, self.job_id, self.worker_id, self.lease_seconds):
+                    self.lost = True
+                    log.warning("job %s: lease lost (taken over by another worker)", self.job_id)
+                    return
+            except Exception as exc:  # keep beating; the write transaction re-checks the lease anyway
+                log.warning("job %s: lease heartbeat failed: %s", self.job_id, jobs._short(exc))
+
+    def __enter__(self) -> LeaseKeeper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+
+def load_clips(items: Sequence[jobs.JobItem]) -> tuple[list[AudioClip], dict[int, str]]:
+    """Decode a job's audio; returns the clips and, per audio id that could not be read, why.
+
+    Each audio is tried at each of its ok paths (the same bytes may live at several). A file whose size
+    differs from what ingest recorded changed since then and is not used (its label would describe other
+    audio). When no file of the job exists at all, storage is most likely missing (unmounted disk): that is
+    raised as AudioStorageUnavailable so the job is retried rather than every clip marked failed.
+    """
+    clips: list[AudioClip] = []
+    failures: dict[int, str] = {}
+    missing_only = 0
+    for item in items:
+        reasons: list[str] = []
+        missing = 0
+        for path, size in item.paths:
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                missing += 1
+                reasons.append(f"{path}: file not found (deleted or storage not mounted?)")
+                continue
+            except OSError as exc:
+                reasons.append(f"{path}: {exc.strerror or exc}")
+                continue
+            if size is not None and st.st_size != size:
+                reasons.append(
+                    f"{path}: changed since ingest ({st.st_size} bytes, was {size}); re-run ingest"
+                )
+                continue
+            try:
+                waveform = load_waveform(path)
+            except AudioError as exc:
+                reasons.append(str(exc))
+                continue
+            clips.append(AudioClip(audio_id=item.audio_id, path=path, waveform=waveform))
+            break
+        else:
+            if not item.paths:
+                reasons.append(
+                    f"audio {item.audio_id}: no readable path left (all paths quarantined or missing)"
+                )
+            failures[item.audio_id] = "; ".join(reasons)
+            if item.paths and missing == len(item.paths):
+                missing_only += 1
+    if items and missing_only == len(items):
+        first = next(iter(failures.values()))
+        raise AudioStorageUnavailable(f"none of the {len(items)} file(s) of this job exists ({first})")
+    return clips, failures
+
+
+def load_waveform(path: str) -> Any:
+    """Indirection so the audio module (ingest's) is imported only when a worker decodes audio."""
+    from .audio import load_waveform as _load
+
+    return _load(path)
+
+
+def _normalize_answer(text: str) -> str:
+    from .normalize import normalize_yes_no
+
+    return normalize_yes_no(text)
+
+
+def clean_text(text: str | None) -> str | None:
+    """PostgreSQL text and jsonb cannot hold NUL characters, which a random or broken model can emit;
+    they are replaced (U+FFFD) so one odd answer does not sink its batch's transaction."""
+    return None if text is None else text.replace("\x00", "\ufffd")
+
+
+def _windows(result: ClipResult) -> list[dict[str, Any]]:
+    return [{**asdict(w), "text": clean_text(w.text)} for w in result.windows]
+
+
+@dataclass
+class _Rows:
+    transcription: list[dict[str, Any]] = field(default_factory=list)
+    cry_answer: list[dict[str, Any]] = field(default_factory=list)
+    failure: list[dict[str, Any]] = field(default_factory=list)
+    durations: dict[int, float] = field(default_factory=dict)
+
+
+def build_rows(
+    job: jobs.Job,
+    request: LabelRequest,
+    items: Sequence[jobs.JobItem],
+    clips: Sequence[AudioClip],
+    results: Sequence[ClipResult],
+    load_failures: dict[int, str],
+) -> _Rows:
+    """Turn model results into table rows; a result that is unusable becomes a failure row, not a crash."""
+    rows = _Rows()
+    durations = {it.audio_id: it.duration_s for it in items}
+    base = {"run_id": job.run_id, "job_id": job.id}
+    for audio_id, error in load_failures.items():
+        rows.failure.append({**base, "audio_id": audio_id, "error": error[:4000]})
+    for clip, result in zip(clips, results, strict=True):
+        if result.audio_id != clip.audio_id:
+            raise ModelError(
+                f"backend returned results out of order (audio {result.audio_id} for {clip.audio_id})"
+            )
+        problem = result.error
+        if problem is None and request.task == "asr" and result.text is None:
+            problem = "model returned no transcript"
+        if problem is None and request.task == "cry":
+            if "generate" in request.methods and result.text is None:
+                problem = "model returned no answer"
+            if "score" in request.methods and not _valid_p(result.p_yes):
+                problem = f"model returned no usable p_yes ({result.p_yes!r})"
+        if problem is not None:
+            rows.failure.append(
+                {**base, "audio_id": clip.audio_id, "error": f"{clip.path}: {problem}"[:4000]}
+            )
+            continue
+        rows.durations[clip.audio_id] = durations.get(clip.audio_id, clip.duration_s)
+        windows = _windows(result)
+        if request.task == "asr":
+            rows.transcription.append(
+                {
+                    **base,
+                    "audio_id": clip.audio_id,
+                    "text": clean_text(result.text),
+                    "language": request.language,
+                    "windows": windows,
+                }
+            )
+            continue
+        p_yes = result.p_yes if _valid_p(result.p_yes) else None
+        if "score" in request.methods:
+            label = "yes" if p_yes is not None and p_yes >= request.yes_threshold else "no"
+            rows.cry_answer.append(
+                {
+                    **base,
+                    "audio_id": clip.audio_id,
+                    "method": "score",
+                    "raw_answer": None,
+                    "p_yes": p_yes,
+                    "label": label,
+                    "threshold": request.yes_threshold,
+                    "windows": windows,
+                }
+            )
+        if "generate" in request.methods:
+            rows.cry_answer.append(
+                {
+                    **base,
+                    "audio_id": clip.audio_id,
+                    "method": "generate",
+                    "raw_answer": clean_text(result.text),
+                    "p_yes": p_yes,
+                    "label": _normalize_answer(result.text or ""),
+                    "threshold": None,
+                    "windows": windows,
+                }
+            )
+    return rows
+
+
+def _valid_p(p: float | None) -> bool:
+    return p is not None and math.isfinite(p) and 0.0 <= p <= 1.0
+
+
+def write_results(
+    engine: Engine, job: jobs.Job, worker_id: str, rows: _Rows, process_seconds: float
+) -> tuple[int, int, float]:
+    """The one transaction: lease check + done mark, results, failures, run counters.
+
+    Returns (labelled, failed, audio_seconds) as actually inserted. Raises LeaseLost (nothing written)
+    when the job is no longer ours.
+    """
+    with db.transaction(engine) as conn:
+        mine = conn.execute(
+            label_job.update()
+            .where(
+                label_job.c.id == job.id,
+                label_job.c.status == "running",
+                label_job.c.lease_owner == worker_id,
+            )
+            .values(
+                status="done",
+                finished_at=sa.func.now(),
+                lease_expires_at=None,
+                claim_seconds=job.claim_seconds,
+                process_seconds=process_seconds,
+            )
+            .returning(label_job.c.id)
+        ).one_or_none()
+        if mine is None:
+            raise LeaseLost(f"job {job.id}: lease is no longer held by {worker_id}")
+        labelled_ids: set[int] = set()
+        for table, payload in ((transcription, rows.transcription), (cry_answer, rows.cry_answer)):
+            if payload:
+                stmt = pg_insert(table).on_conflict_do_nothing().returning(table.c.audio_id)
+                labelled_ids.update(conn.execute(stmt, payload).scalars())
+        n_failed = 0
+        if rows.failure:
+            stmt = pg_insert(label_failure).on_conflict_do_nothing().returning(label_failure.c.audio_id)
+            n_failed = len(list(conn.execute(stmt, rows.failure).scalars()))
+        seconds = sum(rows.durations.get(a, 0.0) for a in labelled_ids)
+        conn.execute(
+            label_run.update()
+            .where(label_run.c.id == job.run_id)
+            .values(
+                n_labelled=label_run.c.n_labelled + len(labelled_ids),
+                n_failed=label_run.c.n_failed + n_failed,
+                audio_seconds=label_run.c.audio_seconds + seconds,
+            )
+        )
+    return len(labelled_ids), n_failed, seconds
+
+
+# --- one job ---------------------------------------------------------------------------------------------
+
+
+def _acquire(
+    engine: Engine, job_id: int, run_id: int, worker_id: str, lease_seconds: float, max_wait: float | None
+) -> jobs.Job | JobOutcome:
+    """Claim a given job, waiting for another worker's lease to end; an outcome when nothing is left to do."""
+    deadline = None if max_wait is None else time.monotonic() + max_wait
+    while True:
+        job = jobs.claim_job_id(engine, job_id, worker_id, lease_seconds)
+        if job is not None:
+            return job
+        state = jobs.job_state(engine, job_id)
+        if state["status"] in ("done", "failed"):
+            return JobOutcome(job_id, run_id, "skipped", attempt=state["attempts"], error=state["last_error"])
+        if state["status"] == "pending" and state["attempts"] >= state["max_attempts"]:
+            return JobOutcome(job_id, run_id, "skipped", attempt=state["attempts"], error=state["last_error"])
+        if deadline is not None and time.monotonic() > deadline:
+            raise ConfigError(
+                f"job {job_id} is held by {state['lease_owner']} (lease {state['lease_left']:.0f} s left)"
+            )
+        time.sleep(min(max(float(state["lease_left"] or 0.0) + 0.05, 0.05), 5.0))
+
+
+def process_job(
+    engine: Engine,
+    job_id: int,
+    backend: Backend,
+    *,
+    worker_id: str,
+    lease_seconds: float = DEFAULT_LEASE_SECONDS,
+    job: jobs.Job | None = None,
+    max_wait: float | None = None,
+) -> JobOutcome:
+    """Label one job end to end and return what happened; never raises for a bad clip or a model error.
+
+    `job` is the claim when the caller already holds it (`work`); otherwise the job is claimed here,
+    waiting for a live worker's lease to end if needed (an Airflow retry of a mapped task). A job-level
+    error (model crash, storage missing) releases the job with the error stored: pending again, or failed
+    once its attempts are used up. Only `ModelError` for a wrong model and lost databases propagate.
+    """
+    run_id = job.run_id if job is not None else jobs.run_of_job(engine, job_id)
+    run = jobs.get_run(engine, run_id)
+    info = check_backend(run, backend)
+    if job is None or job.id != job_id:
+        got = _acquire(engine, job_id, run_id, worker_id, lease_seconds, max_wait)
+        if isinstance(got, JobOutcome):
+            jobs.finish_run_if_complete(engine, run_id)
+            return got
+        job = got
+    if run.status == "planned":
+        jobs.start_run(engine, run_id, info)
+    outcome = _process_claimed(engine, job, run.request, backend, worker_id, lease_seconds)
+    if outcome.status in ("done", "failed"):
+        # after the commit: the last job to finish closes the run (see finish_run_if_complete)
+        jobs.finish_run_if_complete(engine, run_id)
+    return outcome
+
+
+def _process_claimed(
+    engine: Engine,
+    job: jobs.Job,
+    request: LabelRequest,
+    backend: Backend,
+    worker_id: str,
+    lease_seconds: float,
+) -> JobOutcome:
+    """Load, label, write for a job we hold; job-level errors release it (see process_job)."""
+    run_id = job.run_id
+    start = time.perf_counter()
+    outcome = JobOutcome(job.id, run_id, "retry", claim_seconds=job.claim_seconds, attempt=job.attempts)
+    try:
+        with LeaseKeeper(engine, job.id, worker_id, lease_seconds) as keeper:
+            try:
+                items = jobs.retry_db(lambda: _items(engine, job.id), what=f"read job {job.id}")
+                clips, load_failures = load_clips(items)
+                results = backend.label(clips, request) if clips else []
+                if len(results) != len(clips):
+                    raise ModelError(f"backend returned {len(results)} results for {len(clips)} clips")
+                rows = build_rows(job, request, items, clips, results, load_failures)
+            except Exception as exc:
+                error = f"{type(exc).__name__}: {exc}"
+                log.warning("job %s attempt %d failed: %s", job.id, job.attempts, error)
+                status = jobs.release_job(engine, job, worker_id, error)
+                return _replace(outcome, status=_release_status(status), error=error, start=start)
+            if keeper.lost:
+                return _replace(outcome, status="lost", error="lease taken over", start=start)
+            elapsed = time.perf_counter() - start
+            try:
+                labelled, failed, seconds = jobs.retry_db(
+                    lambda: write_results(engine, job, worker_id, rows, elapsed), what=f"write job {job.id}"
+                )
+            except LeaseLost as exc:
+                state = jobs.job_state(engine, job.id)
+                if state["status"] == "done" and state["lease_owner"] == worker_id:
+                    # our commit went through but its acknowledgement was lost with the connection
+                    labelled = {r["audio_id"] for r in (*rows.transcription, *rows.cry_answer)}
+                    return _replace(
+                        outcome, status="done", labelled=len(labelled), failed=len(rows.failure),
+                        audio_seconds=sum(rows.durations.get(a, 0.0) for a in labelled), start=start,
+                    )  # fmt: skip
+                return _replace(outcome, status="lost", error=str(exc), start=start)
+            except Exception as exc:
+                if jobs.is_connection_error(exc):
+                    raise  # the database stayed away through every retry; the lease will expire
+                error = f"could not store results: {type(exc).__name__}: {jobs._short(exc)}"
+                log.warning("job %s attempt %d: %s", job.id, job.attempts, error)
+                status = jobs.release_job(engine, job, worker_id, error)
+                return _replace(outcome, status=_release_status(status), error=error, start=start)
+    except BaseException:  # KeyboardInterrupt / SIGTERM: give the job back at once, attempt not counted
+        jobs.give_back(engine, job, worker_id, "worker interrupted")
+        raise
+    return _replace(
+        outcome, status="done", labelled=labelled, failed=failed, audio_seconds=seconds, start=start
+    )
+
+
+def _items(engine: Engine, job_id: int) -> list[jobs.JobItem]:
+    with engine.connect() as conn:
+        return jobs.job_items(conn, job_id)
+
+
+def _release_status(status: str | None) -> str:
+    return {"failed": "failed", "pending": "retry", None: "lost"}.get(status, "retry")
+
+
+def _replace(outcome: JobOutcome, *, start: float, **changes: Any) -> JobOutcome:
+    from dataclasses import replace
+
+    return replace(outcome, process_seconds=time.perf_counter() - start, **changes)
+
+
+# --- a worker --------------------------------------------------------------------------------------------
+
+
+def work(
+    engine: Engine,
+    run_id: int,
+    backend_factory: Callable[[], Backend],
+    *,
+    worker_id: str | None = None,
+    lease_seconds: float = DEFAULT_LEASE_SECONDS,
+    stop_when_idle: bool = True,
+    progress: Callable[[JobOutcome], None] | None = None,
+    max_jobs: int | None = None,
+) -> WorkSummary:
+    """Claim and process jobs of `run_id` until none is claimable; close the run when all jobs finished.
+
+    The model is loaded (`backend_factory()`) only when there is a job to do. With `stop_when_idle`
+    False the worker also waits for jobs other workers still hold, taking over any whose lease runs out,
+    and returns only when the run has no pending or running job left.
+    """
+    worker_id = worker_id or default_worker_id()
+    summary = WorkSummary(worker_id=worker_id, run_id=run_id)
+    run = jobs.get_run(engine, run_id)
+    started = time.perf_counter()
+    backend: Backend | None = None
+    n_jobs = 0
+    while max_jobs is None or n_jobs < max_jobs:
+        job = jobs.claim_job(engine, run_id, worker_id, lease_seconds)
+        if job is None:
+            jobs.finish_run_if_complete(engine, run_id)
+            if stop_when_idle:
+                break
+            counts = jobs.open_job_counts(engine, run_id)
+            if not counts["pending"] and not counts["running"]:
+                break
+            time.sleep(min(max(float(counts["next_expiry"] or 0.0) + 0.05, 0.1), 5.0))
+            continue
+        if backend is None:
+            backend = _load_backend(engine, run, job, worker_id, lease_seconds, backend_factory, summary)
+        outcome = process_job(
+            engine, job.id, backend, worker_id=worker_id, lease_seconds=lease_seconds, job=job
+        )
+        n_jobs += 1
+        summary.add(outcome)
+        if progress is not None:
+            progress(outcome)
+    summary.run_status = jobs.get_run(engine, run_id).status
+    summary.wall_seconds = time.perf_counter() - started
+    return summary
+
+
+def _load_backend(
+    engine: Engine,
+    run: jobs.RunInfo,
+    job: jobs.Job,
+    worker_id: str,
+    lease_seconds: float,
+    backend_factory: Callable[[], Backend],
+    summary: WorkSummary,
+) -> Backend:
+    """Load the model while holding the first job's lease (loading a 7B model takes a while)."""
+    t0 = time.perf_counter()
+    try:
+        with LeaseKeeper(engine, job.id, worker_id, lease_seconds):
+            backend = backend_factory()
+            info = check_backend(run, backend)
+    except BaseException as exc:
+        jobs.give_back(engine, job, worker_id, f"worker could not load the model: {exc}")
+        raise
+    summary.model_load_seconds = time.perf_counter() - t0
+    jobs.start_run(engine, run.id, info)
+    return backend
+
+
+# --- plan + work in one process ------------------------------------------------------------------------
+
+
+@dataclass
+class LabelSummary:
+    """`qwen-tasks label --json`: the plan and what this process labelled."""
+
+    run_id: int | None
+    planned: int
+    jobs: int
+    left_over: int
+    labelled: int = 0
+    failed: int = 0
+    jobs_failed: int = 0
+    audio_seconds: float = 0.0
+    wall_seconds: float = 0.0
+    model_load_seconds: float = 0.0
+    process_seconds: float = 0.0
+    status: str | None = None
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def rtf(self) -> float | None:
+        return self.wall_seconds / self.audio_seconds if self.audio_seconds > 0 else None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["rtf"] = self.rtf
+        return out
+
+
+def describe(
+    model: str, *, revision: str, device: str, dtype: str | None, request: LabelRequest
+) -> ModelInfo:
+    """ModelInfo for planning (model id, revision, prompt version), without loading weights."""
+    from .backends import describe as describe_model
+
+    return describe_model(model, request, revision=revision, device=device, dtype=dtype)
+
+
+def label(
+    engine: Engine,
+    *,
+    request: LabelRequest,
+    model: str,
+    revision: str = "",
+    device: str = "auto",
+    dtype: str | None = None,
+    batch_size: int = 16,
+    max_batch_seconds: float = 240.0,
+    limit: int | None = None,
+    relabel: bool = False,
+    max_jobs: int | None = None,
+    lease_seconds: float = DEFAULT_LEASE_SECONDS,
+    plan_only: bool = False,
+    on_plan: Callable[[jobs.PlanResult], None] | None = None,
+    progress: Callable[[JobOutcome], None] | None = None,
+    backend_factory: Callable[[], Backend] | None = None,
+) -> LabelSummary:
+    """Plan a run and work it to the end in this process (plain `qwen-tasks label`)."""
+    started = time.perf_counter()
+    info = describe(model, revision=revision, device=device, dtype=dtype, request=request)
+    plan = jobs.plan_run(
+        engine,
+        task=request.task,
+        model_info=info,
+        request=request,
+        batch_size=batch_size,
+        max_batch_seconds=max_batch_seconds,
+        limit=limit,
+        relabel=relabel,
+        max_jobs=max_jobs,
+        params={"device": device, "dtype": dtype},
+    )
+    if on_plan is not None:
+        on_plan(plan)
+    summary = LabelSummary(
+        run_id=plan.run_id, planned=plan.n_items, jobs=len(plan.job_ids), left_over=plan.n_left_over
+    )
+    if plan.run_id is None or plan_only:
+        summary.status = "planned" if plan.run_id is not None else None
+        summary.wall_seconds = time.perf_counter() - started
+        return summary
+    if backend_factory is None:
+
+        def backend_factory() -> Backend:
+            from .backends import get_backend
+
+            return get_backend(model, revision=revision, device=device, dtype=dtype)
+
+    done = work(
+        engine,
+        plan.run_id,
+        backend_factory,
+        lease_seconds=lease_seconds,
+        stop_when_idle=False,
+        progress=progress,
+    )
+    summary.labelled, summary.failed = done.labelled, done.failed
+    summary.jobs_failed = done.jobs_failed
+    summary.audio_seconds = done.audio_seconds
+    summary.model_load_seconds = done.model_load_seconds
+    summary.process_seconds = done.process_seconds
+    summary.status = done.run_status
+    summary.errors = done.errors
+    summary.wall_seconds = time.perf_counter() - started
+    return summary
+
+
+def request_from_options(
+    task: str,
+    *,
+    method: str = "score",
+    language: str = "en",
+    question: str | None = None,
+    max_new_tokens: int = 128,
+    threshold: float = 0.5,
+) -> LabelRequest:
+    """A LabelRequest from CLI/DAG options (`method` both = score and generate); ConfigError when invalid."""
+    methods = {"score": ("score",), "generate": ("generate",), "both": ("score", "generate")}.get(method)
+    if methods is None:
+        raise ConfigError(f"method must be score, generate or both, got {method!r}")
+    fields: dict[str, Any] = {
+        "task": task,
+        "language": language,
+        "methods": methods if task == "cry" else ("score",),
+        "max_new_tokens": max_new_tokens,
+        "yes_threshold": threshold,
+    }
+    if question:
+        fields["question"] = question
+    try:
+        return LabelRequest(**fields)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None

@@ -1,0 +1,75 @@
+"""Helpers shared by the labelling tests (jobs, runner, workers, label CLI): real files, real ingest.
+
+Not a test module: imported by tests/test_jobs.py, test_runner.py, test_workers.py, test_label_cli.py.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from qwen_tasks import schema
+from qwen_tasks.ingest import ingest
+
+CLI = [sys.executable, "-m", "qwen_tasks"]
+
+
+def write_clips(folder: Path, durations: Sequence[float], *, rate: int = 16000, seed: int = 0) -> list[Path]:
+    """One mono wav per duration (noise plus a tone, so every file has different bytes)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i, seconds in enumerate(durations):
+        t = np.arange(int(seconds * rate)) / rate
+        signal = 0.2 * np.sin(2 * np.pi * (200 + 37 * i) * t) + 0.02 * rng.standard_normal(len(t))
+        path = folder / f"clip_{i:03d}.wav"
+        sf.write(path, signal.astype(np.float32), rate, subtype="PCM_16")
+        paths.append(path)
+    return paths
+
+
+def ingest_clips(engine: Engine, folder: Path, durations: Sequence[float], seed: int = 0) -> dict[Path, int]:
+    """Write clips and ingest them with the real ingest; returns path -> audio id."""
+    paths = write_clips(folder, durations, seed=seed)
+    summary = ingest(engine, [folder])
+    if summary.new != len(paths):
+        raise RuntimeError(f"ingest registered {summary.new} of {len(paths)} clips: {summary.to_dict()}")
+    with engine.connect() as conn:
+        rows = conn.execute(sa.select(schema.audio_file.c.path, schema.audio_file.c.audio_id)).all()
+    by_path = {os.path.realpath(r.path): r.audio_id for r in rows}
+    return {p: by_path[os.path.realpath(p)] for p in paths}
+
+
+def build_tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny random-init Qwen2-Audio, built once per test session and shared by the test modules
+    (each module's `tiny_model_dir` fixture calls this; the second call finds it on disk)."""
+    from qwen_tasks.tiny_model import make_tiny_model
+
+    out = tmp_path_factory.getbasetemp() / "labelling-tiny-model"
+    if not (out / "config.json").is_file():
+        make_tiny_model(out, preset="tiny")
+    return out
+
+
+def run_cli(
+    args: Sequence[str], url: str, timeout: float = 300, **env: str
+) -> subprocess.CompletedProcess[str]:
+    """`qwen-tasks ARGS` in a real subprocess against the test database."""
+    environment = {**os.environ, "QWEN_TASKS_DATABASE_URL": url, **env}
+    return subprocess.run(
+        [*CLI, *args], capture_output=True, text=True, env=environment, timeout=timeout, check=False
+    )
+
+
+def count(engine: Engine, table: sa.Table, *where: sa.ColumnElement[bool]) -> int:
+    with engine.connect() as conn:
+        return conn.execute(sa.select(sa.func.count()).select_from(table).where(*where)).scalar_one()

@@ -39,7 +39,8 @@ def synth_clip(seconds: float, rate: int, seed: int, channels: int = 1, cry: boo
 
 def write_sample_set(root: Path, n: int = 12, long_seconds: float = 45.0, seed: int = 0) -> SampleSet:
     """Write `n` clips (wav/flac/ogg, 8-48 kHz, mono and stereo, 1-7 s), one long clip, one duplicate,
-    two broken files, and both manifest formats users already have. Idempotent for the same arguments."""
+    two broken files, and both manifest formats users already have. Existing files are left alone (the
+    Vorbis encoder gives every .ogg a random stream serial, so rewriting one would change its bytes)."""
     root.mkdir(parents=True, exist_ok=True)
     (root / "nested").mkdir(exist_ok=True)
     formats = [("wav", "PCM_16"), ("flac", "PCM_16"), ("ogg", "VORBIS")]
@@ -52,10 +53,13 @@ def write_sample_set(root: Path, n: int = 12, long_seconds: float = 45.0, seed: 
         channels = 2 if i % 4 == 3 else 1
         folder = root / "nested" if i % 3 == 2 else root
         path = folder / f"clip_{i:03d}.{ext}"
-        sf.write(path, synth_clip(seconds, rate, seed + i, channels, cry=i % 2 == 0), rate, subtype=subtype)
+        if not path.exists():
+            data = synth_clip(seconds, rate, seed + i, channels, cry=i % 2 == 0)
+            sf.write(path, data, rate, subtype=subtype)
         clips.append(path)
     long_path = root / "long_recording.wav"
-    sf.write(long_path, synth_clip(long_seconds, 16000, seed + 999, cry=True), 16000)
+    if not long_path.exists():
+        sf.write(long_path, synth_clip(long_seconds, 16000, seed + 999, cry=True), 16000)
     clips.append(long_path)
     dup = root / "nested" / "copy of clip_000.wav"
     dup.write_bytes(clips[0].read_bytes())

@@ -1,0 +1,175 @@
+"""Which labels database a DAG task talks to: the Airflow connection `qwen_tasks_db`, else the CLI's URL.
+
+Airflow users keep database credentials in Airflow connections (UI, secrets backend, or the
+`AIRFLOW_CONN_QWEN_TASKS_DB` environment variable in URI or JSON form); CLI users set
+`QWEN_TASKS_DATABASE_URL`. Both must reach the same database, so this module turns the connection into
+the SQLAlchemy URL `qwen_tasks.db` expects. Order: the Airflow connection, then QWEN_TASKS_DATABASE_URL,
+then the embedded server (what `qwen_tasks.db.get_engine()` does with no URL).
+
+Importing this module never imports Airflow: the CLI and the tests use it without Airflow set up.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+from sqlalchemy.engine import URL, Engine
+
+from . import db
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+CONN_ID = "qwen_tasks_db"
+ENV_VAR = "AIRFLOW_CONN_" + CONN_ID.upper()
+_POSTGRES_TYPES = {"postgres", "postgresql"}
+# Connection extras that are libpq connection parameters (passed through as URL query arguments).
+_LIBPQ_EXTRAS = {
+    "sslmode",
+    "sslcert",
+    "sslkey",
+    "sslrootcert",
+    "sslcrl",
+    "application_name",
+    "connect_timeout",
+    "options",
+    "keepalives",
+    "keepalives_idle",
+    "target_session_attrs",
+}
+
+
+@dataclass(frozen=True)
+class ConnFields:
+    """The parts of an Airflow connection we use (Airflow's Postgres convention: `schema` = database)."""
+
+    conn_type: str
+    host: str | None = None
+    port: int | None = None
+    login: str | None = None
+    password: str | None = None
+    schema: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def fields_from_env_value(value: str) -> ConnFields:
+    """Parse an AIRFLOW_CONN_* value the way Airflow does: JSON object if it starts with `{`, else URI."""
+    text = value.strip()
+    if text.startswith("{"):
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{ENV_VAR} is not valid JSON: {exc.msg} (column {exc.colno})") from None
+        extra = raw.get("extra") or {}
+        if isinstance(extra, str):
+            try:
+                extra = json.loads(extra) if extra.strip() else {}
+            except json.JSONDecodeError:
+                raise ConfigError(f"{ENV_VAR}: 'extra' is not valid JSON") from None
+        if not isinstance(extra, dict):
+            raise ConfigError(f"{ENV_VAR}: 'extra' must be a JSON object")
+        port = raw.get("port")
+        return ConnFields(
+            conn_type=str(raw.get("conn_type") or ""),
+            host=raw.get("host"),
+            port=int(port) if port not in (None, "") else None,
+            login=raw.get("login"),
+            password=raw.get("password"),
+            schema=raw.get("schema"),
+            extra=dict(extra),
+        )
+    parts = urlsplit(text)
+    if not parts.scheme:
+        raise ConfigError(f"{ENV_VAR} must be a URI like postgresql://user:pw@host:5432/db or a JSON object")
+    query = dict(parse_qsl(parts.query, keep_blank_values=True))
+    extra: dict[str, Any] = {}
+    if "__extra__" in query:  # Airflow's way of putting a JSON extra into a URI
+        try:
+            extra = dict(json.loads(query.pop("__extra__")))
+        except (json.JSONDecodeError, TypeError, ValueError):
+            raise ConfigError(f"{ENV_VAR}: __extra__ is not a JSON object") from None
+    extra.update(query)
+    try:
+        port = parts.port
+    except ValueError:
+        raise ConfigError(f"{ENV_VAR} has an invalid port") from None
+    return ConnFields(
+        conn_type=parts.scheme.replace("-", "_"),
+        host=unquote(parts.hostname) if parts.hostname else None,
+        port=port,
+        login=unquote(parts.username) if parts.username else None,
+        password=unquote(parts.password) if parts.password else None,
+        schema=unquote(parts.path[1:]) if len(parts.path) > 1 else None,
+        extra=extra,
+    )
+
+
+def fields_from_airflow(conn: Any) -> ConnFields:
+    """Read an Airflow `Connection` object (from the metadata DB or a secrets backend)."""
+    return ConnFields(
+        conn_type=conn.conn_type or "",
+        host=conn.host or None,
+        port=conn.port or None,
+        login=conn.login or None,
+        password=conn.password or None,
+        schema=conn.schema or None,
+        extra=dict(conn.extra_dejson or {}),
+    )
+
+
+def to_sqlalchemy_url(conn: ConnFields) -> URL:
+    """The SQLAlchemy URL for a Postgres connection; anything else is a ConfigError naming the problem."""
+    if conn.conn_type.lower() not in _POSTGRES_TYPES:
+        raise ConfigError(
+            f"connection {CONN_ID} must be of type postgres (got {conn.conn_type or 'none'!r}); "
+            "the labels database is PostgreSQL"
+        )
+    if not conn.schema:
+        raise ConfigError(f"connection {CONN_ID} names no database (Airflow's 'schema' field)")
+    query = {k: str(v) for k, v in conn.extra.items() if k in _LIBPQ_EXTRAS}
+    return URL.create(
+        "postgresql+psycopg2",
+        username=conn.login,
+        password=conn.password,
+        host=conn.host,
+        port=conn.port,
+        database=conn.schema,
+        query=query,
+    )
+
+
+def _from_airflow_runtime() -> ConnFields | None:
+    """The connection as a running task sees it (metadata DB, secrets backends); None outside a task."""
+    try:
+        from airflow.sdk import Connection
+        from airflow.sdk.exceptions import AirflowNotFoundException
+    except ImportError:
+        return None
+    try:
+        return fields_from_airflow(Connection.get(CONN_ID))
+    except AirflowNotFoundException:
+        return None
+    except Exception as exc:  # not inside a task (no supervisor to ask): fall back quietly
+        log.debug("no Airflow runtime to look up %s: %s", CONN_ID, exc)
+        return None
+
+
+def resolve_database_url(*, use_airflow: bool = True) -> str | None:
+    """The labels database URL for a DAG task, or None for the embedded server (see module docstring)."""
+    env_value = os.environ.get(ENV_VAR)
+    fields = fields_from_env_value(env_value) if env_value else None
+    if fields is None and use_airflow:
+        fields = _from_airflow_runtime()
+    if fields is not None:
+        return to_sqlalchemy_url(fields).render_as_string(hide_password=False)
+    return os.environ.get("QWEN_TASKS_DATABASE_URL") or None
+
+
+def get_engine() -> Engine:
+    """The engine a DAG task uses: `qwen_tasks.db.get_engine` on the resolved URL."""
+    return db.get_engine(resolve_database_url())

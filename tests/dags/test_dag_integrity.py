@@ -1,0 +1,190 @@
+"""Every DAG in dags/ parses cleanly, cheaply and safely, and has the shape the pipeline relies on.
+
+The DAG folder is parsed the way the DAG processor does (DagBag) in a subprocess with a throwaway
+AIRFLOW_HOME: importing Airflow writes under AIRFLOW_HOME and reads its configuration once per process,
+and tests must never touch a user's ~/airflow. The database URLs given to the probe point at nothing,
+so any connection attempt at parse time would show up as an import error or an engine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+DAGS = ROOT / "dags"
+DAG_ID = "qwen_audio_labelling"
+
+PROBE = r"""
+import copy, json, sys, time
+start = time.perf_counter()
+from airflow.dag_processing.dagbag import DagBag
+bag = DagBag(sys.argv[1])
+seconds = time.perf_counter() - start
+from qwen_tasks import db
+out = {
+    "import_errors": {k: str(v)[-800:] for k, v in bag.import_errors.items()},
+    "seconds": seconds,
+    "heavy_modules": [m for m in sys.argv[3].split(",") if m in sys.modules],
+    "engines_created": db._engine_for.cache_info().currsize,
+    "dags": {},
+}
+bad_confs = json.loads(sys.argv[2])
+for dag_id, dag in bag.dags.items():
+    tasks = {}
+    for t in dag.tasks:
+        tasks[t.task_id] = {
+            "retries": t.retries,
+            "pool": t.pool,
+            "queue": t.queue,
+            "mapped": type(t).__name__.endswith("MappedOperator"),
+            "map_index_template": getattr(t, "map_index_template", None),
+            "trigger_rule": str(getattr(t.trigger_rule, "value", t.trigger_rule)),
+            "backoff": bool(t.retry_exponential_backoff),
+            "upstream": sorted(t.upstream_task_ids),
+        }
+    rejected = {}
+    for conf in bad_confs:
+        params = copy.deepcopy(dag.params)
+        try:
+            params.update(conf)
+            params.validate()
+            rejected[json.dumps(conf)] = None
+        except Exception as exc:
+            rejected[json.dumps(conf)] = type(exc).__name__
+    out["dags"][dag_id] = {
+        "tags": sorted(dag.tags),
+        "schedule": str(dag.schedule),
+        "catchup": dag.catchup,
+        "max_active_runs": dag.max_active_runs,
+        "doc_md": dag.doc_md or "",
+        "params": {k: v for k, v in dag.params.dump().items()},
+        "tasks": tasks,
+        "rejected": rejected,
+    }
+print("PROBE " + json.dumps(out, default=str))
+"""
+
+BAD_CONFS: list[dict[str, Any]] = [
+    {"tasks": ["translate"]},
+    {"tasks": []},
+    {"batch_size": 0},
+    {"max_batch_seconds": 0},
+    {"method": "maybe"},
+    {"yes_threshold": 1.5},
+    {"language": "english"},
+    {"limit": 0},
+    {"relabel": "yes please"},
+    {"device": "tpu"},
+]
+HEAVY = ("torch", "transformers", "qwen_tasks.runner", "qwen_tasks.backends")
+GOOD_CONFS: list[dict[str, Any]] = [{"tasks": ["cry"], "limit": 5, "method": "both"}, {"limit": None}]
+
+
+@pytest.fixture(scope="module")
+def probe(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    home = tmp_path_factory.mktemp("airflow-home")
+    env = {
+        **os.environ,
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS),
+        "QWEN_TASKS_SCHEDULE": "30 1 * * *",
+        "QWEN_TASKS_MODEL": "/models/my-qwen2-audio",
+        # nothing listens there: a database access at parse time would fail loudly
+        "QWEN_TASKS_DATABASE_URL": "postgresql+psycopg2://nobody@127.0.0.1:1/none",
+        "AIRFLOW_CONN_QWEN_TASKS_DB": "postgresql://nobody@127.0.0.1:1/none",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", PROBE, str(DAGS), json.dumps(BAD_CONFS + GOOD_CONFS), ",".join(HEAVY)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=180,
+        check=False,
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("PROBE ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    return json.loads(lines[-1][len("PROBE ") :])
+
+
+def test_every_dag_imports_without_errors(probe: dict[str, Any]) -> None:
+    assert probe["import_errors"] == {}
+    assert DAG_ID in probe["dags"]
+
+
+def test_parsing_is_cheap_and_touches_no_database_or_model(probe: dict[str, Any]) -> None:
+    assert probe["heavy_modules"] == [], "torch/transformers/model code must be imported inside tasks"
+    assert probe["engines_created"] == 0, "no database engine may be created at parse time"
+    assert probe["seconds"] < 30  # generous: 2 shared CPUs; typically ~2 s including Airflow's import
+
+
+def test_every_dag_has_tags_retries_and_docs(probe: dict[str, Any]) -> None:
+    for dag_id, dag in probe["dags"].items():
+        assert dag["tags"], f"{dag_id} has no tags"
+        assert dag["doc_md"].strip(), f"{dag_id} has no doc_md"
+        for task_id, task in dag["tasks"].items():
+            assert task["retries"] >= 1, f"{dag_id}.{task_id} has no retries"
+
+
+def test_labelling_dag_shape(probe: dict[str, Any]) -> None:
+    dag = probe["dags"][DAG_ID]
+    assert dag["schedule"] == "30 1 * * *"  # QWEN_TASKS_SCHEDULE
+    assert dag["catchup"] is False and dag["max_active_runs"] == 1
+    tasks = dag["tasks"]
+    assert set(tasks) == {"ingest", "plan", "label_batch", "metrics", "report"}
+    assert tasks["plan"]["upstream"] == ["ingest"]
+    assert tasks["label_batch"]["upstream"] == ["plan"]
+    assert tasks["metrics"]["upstream"] == ["label_batch", "plan"]
+    assert "metrics" in tasks["report"]["upstream"]
+    # a second night with nothing new maps label_batch over [] (skipped): metrics and report still run
+    assert tasks["metrics"]["trigger_rule"] == tasks["report"]["trigger_rule"] == "none_failed"
+
+
+def test_gpu_task_uses_the_gpu_pool_and_queue(probe: dict[str, Any]) -> None:
+    label = probe["dags"][DAG_ID]["tasks"]["label_batch"]
+    assert label["mapped"] is True
+    assert (label["pool"], label["queue"]) == ("gpu", "gpu")
+    assert label["retries"] >= 2 and label["backoff"] is True
+    assert label["map_index_template"] == "{{ batch_name }}"
+    others = [t for tid, t in probe["dags"][DAG_ID]["tasks"].items() if tid != "label_batch"]
+    assert all(t["pool"] != "gpu" and t["queue"] != "gpu" for t in others), "only labelling holds a GPU"
+
+
+def test_params_defaults_come_from_the_environment(probe: dict[str, Any]) -> None:
+    params = probe["dags"][DAG_ID]["params"]
+    assert params["model"] == "/models/my-qwen2-audio"  # QWEN_TASKS_MODEL
+    assert params["tasks"] == ["asr", "cry"]
+    expected = {
+        "audio_dirs", "asr_manifests", "aqa_manifests", "tasks", "model", "revision", "device", "dtype",
+        "method", "batch_size", "max_batch_seconds", "limit", "relabel", "question", "yes_threshold",
+        "max_new_tokens", "language", "report_dir",
+    }  # fmt: skip
+    assert set(params) == expected
+
+
+def test_params_form_rejects_bad_values_and_accepts_good_ones(probe: dict[str, Any]) -> None:
+    rejected = probe["dags"][DAG_ID]["rejected"]
+    for conf in BAD_CONFS:
+        assert rejected[json.dumps(conf)] == "ParamValidationError", conf
+    for conf in GOOD_CONFS:
+        assert rejected[json.dumps(conf)] is None, conf
+
+
+def test_no_airflow2_leftovers() -> None:
+    """`ruff check dags/ --select AIR3` (Airflow 3 migration rules) is clean."""
+    ruff = Path(sys.executable).with_name("ruff")
+    proc = subprocess.run(
+        [str(ruff), "check", str(DAGS), "--select", "AIR3", "--no-cache"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr

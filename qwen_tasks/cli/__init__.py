@@ -45,11 +45,5 @@ def main() -> None:
         sys.exit(1)
 
 
-# Command modules register themselves on `app`; keep this list in the order commands are used.
-from . import (
-    db_cmd,  # noqa: E402,F401
-    ingest_cmd,  # noqa: E402,F401
-    label_cmd,  # noqa: E402,F401
-    model_cmd,  # noqa: E402,F401
-    review_cmd,  # noqa: E402,F401
-)
+# Command modules register themselves on `app`; `--help` lists them in this order.
+from . import db_cmd, ingest_cmd, label_cmd, model_cmd, review_cmd  # noqa: E402,F401

@@ -1,0 +1,410 @@
+"""Inference benchmark: seed-style batch 1 vs our batching, score vs generate, pipeline overhead.
+
+Run from the project root (builds the `bench` preset model in a temp dir unless --model is given):
+
+    .venv/bin/python bench/inference.py                 # CPU, N=24 clips, 32 new tokens
+    .venv/bin/python bench/inference.py --preset 7b --device cuda --n 64   # on a GPU
+
+All sections use the same N synthetic clips (0.5-7 s) and the same loaded model, in one process:
+1. seed-style (batch 1, generate, stock 30 s encoder, like the original scripts) vs ours
+   (duration-sorted batches from jobs.make_batches, trimmed encoder), ASR; plus batch 1 as shipped;
+2. cry detection: `score` (one forward pass) vs `generate` (N new tokens), batched;
+3. pipeline overhead: runner.label (the code behind `qwen-tasks label`: audio decode + resampling,
+   windowing, database) vs a bare `processor` + `model.generate` loop over the same batches;
+4. the audio encoder over 30 s (stock) vs only up to the batch's longest clip (our default).
+Outputs are also compared (batch 1 vs batched must be identical: batch invariance).
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from qwen_tasks.records import AudioClip, LabelRequest  # noqa: E402
+
+SR = 16000
+
+
+@dataclass
+class Timing:
+    name: str
+    seconds: float
+    clips: int
+    audio_s: float
+
+    @property
+    def clips_per_s(self) -> float:
+        return self.clips / self.seconds
+
+    @property
+    def rtf(self) -> float:
+        return self.seconds / self.audio_s
+
+    def row(self) -> str:
+        return f"{self.name:<44} {self.seconds:8.2f} s  {self.clips_per_s:7.2f} clips/s  RTF {self.rtf:.4f}"
+
+    def to_dict(self) -> dict:
+        return {"seconds": self.seconds, "clips_per_s": self.clips_per_s, "rtf": self.rtf}
+
+
+def synth_clips(n: int, seed: int = 0) -> list[AudioClip]:
+    """n clips of 0.5-7 s (tone + noise, a few 'cry' chirps), deterministic."""
+    from qwen_tasks.samples import synth_clip
+
+    rng = np.random.default_rng(seed)
+    clips = []
+    for i in range(n):
+        seconds = float(0.5 + 6.5 * rng.random())
+        wave = synth_clip(seconds, SR, seed + i, cry=i % 3 == 0)[:, 0]
+        clips.append(AudioClip(audio_id=i + 1, path=f"clip_{i:03d}.wav", waveform=wave))
+    return clips
+
+
+def batches_of(clips: list[AudioClip], batch_size: int, max_batch_seconds: float) -> list[list[AudioClip]]:
+    from qwen_tasks.jobs import make_batches
+
+    by_id = {c.audio_id: c for c in clips}
+    plan = make_batches([(c.audio_id, c.duration_s) for c in clips], batch_size, max_batch_seconds)
+    return [[by_id[a] for a, _ in batch] for batch in plan]
+
+
+def timed(name: str, fn, clips: list[AudioClip]) -> tuple[Timing, object]:
+    start = time.perf_counter()
+    out = fn()
+    return Timing(name, time.perf_counter() - start, len(clips), sum(c.duration_s for c in clips)), out
+
+
+def same_outputs(a, b, tol: float = 1e-4) -> tuple[int, float]:
+    """(number of clips with identical text, max |p_yes difference|)."""
+    same = sum(x.text == y.text for x, y in zip(a, b, strict=True))
+    diffs = [abs(x.p_yes - y.p_yes) for x, y in zip(a, b, strict=True) if x.p_yes is not None]
+    return same, max(diffs, default=0.0)
+
+
+# --- 3. bare loop -----------------------------------------------------------------------------------
+
+
+def bare_loop(backend, batches: list[list[np.ndarray]], prompt: str, max_new_tokens: int) -> list[str]:
+    """What a hand-written script does: processor + model.generate per batch, nothing else."""
+    import torch
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        eos_token_id=backend.eos_ids,
+        pad_token_id=backend.pad_id,
+    )
+    texts: list[str] = []
+    for waves in batches:
+        inputs = backend.processor(
+            text=[prompt] * len(waves), audio=waves, sampling_rate=SR, return_tensors="pt", padding=True
+        ).to(backend.device)
+        with torch.inference_mode():
+            out = backend.model.generate(**inputs, generation_config=config)
+        texts.extend(
+            backend.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        )
+    return texts
+
+
+def pipeline_section(args, backend, clips: list[AudioClip], request: LabelRequest) -> dict:
+    """runner.label end to end on files in a throwaway database vs the bare loop on the same batches."""
+    import soundfile as sf
+    import sqlalchemy as sa
+
+    from qwen_tasks import db, runner
+    from qwen_tasks.ingest import ingest
+
+    admin_url = args.admin_url or f"postgresql+psycopg2://{getpass.getuser()}@127.0.0.1:5432/postgres"
+    name = f"qwen_tasks_bench_{uuid.uuid4().hex[:8]}"
+    admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))  # generated name
+    url = sa.engine.make_url(admin_url).set(database=name)
+    try:
+        engine = db.get_engine(url)
+        db.upgrade(engine)
+        with tempfile.TemporaryDirectory(prefix="qwen_bench_audio_") as tmp:
+            # half at 44.1 kHz stereo so the pipeline pays for decoding *and* resampling, like real folders
+            for i, clip in enumerate(clips):
+                if i % 2:
+                    import soxr
+
+                    wave = soxr.resample(clip.waveform, SR, 44100)
+                    sf.write(Path(tmp) / f"clip_{i:03d}.flac", np.stack([wave, wave], axis=1), 44100)
+                else:
+                    sf.write(Path(tmp) / f"clip_{i:03d}.wav", clip.waveform, SR, subtype="PCM_16")
+            ingest(engine, [Path(tmp)])
+            pipeline_times: list[float] = []
+            bare_times: list[float] = []
+            summary = None
+            batches: list[list[np.ndarray]] = []
+            trim = backend.trim_audio
+            backend.trim_audio = False  # like for like: the bare loop runs the stock 30 s encoder pass
+            for repeat in range(args.repeat + 1):  # alternate the two so load from other processes hits both
+                if repeat == args.repeat:
+                    backend.trim_audio = True  # and once more as shipped (trimmed encoder)
+                start = time.perf_counter()
+                summary = runner.label(
+                    engine,
+                    request=request,
+                    model=backend.model_id,
+                    device=args.device,
+                    batch_size=args.batch_size,
+                    max_batch_seconds=args.max_batch_seconds,
+                    relabel=repeat > 0,
+                    backend_factory=lambda: backend,
+                )
+                elapsed = time.perf_counter() - start
+                if summary.labelled != len(clips):
+                    raise RuntimeError(f"pipeline labelled {summary.labelled}/{len(clips)}: {summary.errors}")
+                if repeat == args.repeat:
+                    trimmed_s = elapsed
+                    break
+                pipeline_times.append(elapsed)
+                if not batches:
+                    batches = _job_batches(engine, summary.run_id)
+                start = time.perf_counter()
+                bare_loop(backend, batches, backend.prompt_text(request), request.max_new_tokens)
+                bare_times.append(time.perf_counter() - start)
+            backend.trim_audio = trim
+    finally:
+        db.get_engine(url).dispose()
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+    pipeline_s, bare_s = min(pipeline_times), min(bare_times)
+    return {
+        "pipeline_s": pipeline_s,
+        "bare_s": bare_s,
+        "pipeline_all_s": pipeline_times,
+        "bare_all_s": bare_times,
+        "overhead_pct": 100.0 * (pipeline_s - bare_s) / bare_s,
+        "pipeline_trimmed_s": trimmed_s,
+        "jobs": len(batches),
+        "labelled": summary.labelled if summary else 0,
+    }
+
+
+def _job_batches(engine, run_id: int) -> list[list[np.ndarray]]:
+    """The run's jobs as batches of decoded audio (decoded here, outside any timing)."""
+    import sqlalchemy as sa
+
+    from qwen_tasks.audio import load_waveform
+    from qwen_tasks.schema import audio_file, label_job, label_job_item
+
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(label_job.c.seq, audio_file.c.path)
+            .select_from(label_job_item)
+            .join(label_job, label_job.c.id == label_job_item.c.job_id)
+            .join(audio_file, audio_file.c.audio_id == label_job_item.c.audio_id)
+            .where(label_job.c.run_id == run_id, audio_file.c.status == "ok")
+            .order_by(label_job.c.seq, label_job_item.c.audio_id)
+        ).all()
+    groups: dict[int, list[np.ndarray]] = {}
+    for seq, path in rows:
+        groups.setdefault(seq, []).append(load_waveform(path))
+    return [groups[k] for k in sorted(groups)]
+
+
+# --- 4. encoder only up to the longest clip -----------------------------------------------------------
+
+
+def trim_section(backend, batches: list[list[AudioClip]], score: LabelRequest, asr: LabelRequest) -> dict:
+    """Stock 30 s encoder pass vs the trimmed one (backend.trim_audio), same batches, same model."""
+    clips = [c for b in batches for c in b]
+    out: dict = {}
+    for name, request in (("score", score), ("asr", asr)):
+        runs = {}
+        for trim in (False, True):
+            backend.trim_audio = trim
+            runs[trim] = timed(
+                name, lambda r=request: [x for b in batches for x in backend.label(b, r)], clips
+            )
+        (full_t, full), (trim_t, trimmed) = runs[False], runs[True]
+        same, p_diff = same_outputs(full, trimmed)
+        out[name] = {
+            "full_s": full_t.seconds,
+            "trimmed_s": trim_t.seconds,
+            "saving_pct": 100 * (1 - trim_t.seconds / full_t.seconds),
+            "identical_text": same,
+            "max_abs_p_yes_diff": p_diff,
+        }
+    backend.trim_audio = True
+    return out  # leaves the backend trimmed, as shipped
+
+
+# --- main ---------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", help="checkpoint dir or hub id (default: build --preset in a temp dir)")
+    parser.add_argument("--preset", default="bench", choices=["tiny", "bench", "7b"])
+    parser.add_argument("--n", type=int, default=24, help="number of clips (default 24)")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-batch-seconds", type=float, default=240.0)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    parser.add_argument("--skip-pipeline", action="store_true", help="skip section 3 (needs PostgreSQL)")
+    parser.add_argument("--skip-seed", action="store_true", help="skip the slow batch-1 baseline")
+    parser.add_argument("--no-trim", action="store_true", help="sections 1-3 with the stock 30 s encoder")
+    parser.add_argument("--repeat", type=int, default=2, help="pipeline vs bare repetitions (min is kept)")
+    parser.add_argument("--admin-url", help="PostgreSQL admin URL for the throwaway bench database")
+    parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
+    args = parser.parse_args()
+
+    import torch
+
+    from qwen_tasks.backends import load_backend
+    from qwen_tasks.tiny_model import make_tiny_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tmp = tempfile.TemporaryDirectory(prefix="qwen_bench_model_")
+    model = args.model or str(make_tiny_model(Path(tmp.name) / args.preset, args.preset))
+    t0 = time.perf_counter()
+    backend = load_backend(model, device=args.device, trim_audio=not args.no_trim)
+    load_s = time.perf_counter() - t0
+    n_params = sum(p.numel() for p in backend.model.parameters())
+    clips = synth_clips(args.n)
+    audio_s = sum(c.duration_s for c in clips)
+    batches = batches_of(clips, args.batch_size, args.max_batch_seconds)
+    asr = LabelRequest("asr", max_new_tokens=args.max_new_tokens)
+    score = LabelRequest("cry", methods=("score",))
+    gen = LabelRequest("cry", methods=("generate",), max_new_tokens=args.max_new_tokens)
+    backend.label(clips[:2], asr)  # warm-up (allocator, kernels)
+
+    report: dict = {
+        "model": model if args.model else f"{args.preset} preset (random init)",
+        "params_m": n_params / 1e6,
+        "device": backend.device,
+        "dtype": backend.dtype,
+        "torch_threads": torch.get_num_threads(),
+        "host": platform.processor() or platform.machine(),
+        "load_avg_start": os.getloadavg()[0],
+        "n_clips": len(clips),
+        "audio_seconds": audio_s,
+        "batches": [len(b) for b in batches],
+        "max_new_tokens": args.max_new_tokens,
+        "model_load_s": load_s,
+    }
+    print(
+        f"model: {report['model']}, {n_params / 1e6:.1f}M params, {backend.device}/{backend.dtype}, "
+        f"{report['torch_threads']} threads, load avg {report['load_avg_start']:.2f}"
+    )
+    print(
+        f"{len(clips)} clips, {audio_s:.1f} s audio, batches {report['batches']}, "
+        f"{args.max_new_tokens} new tokens\n"
+    )
+
+    ordered = [c for b in batches for c in b]
+    ours_t, ours = timed(
+        "ours: duration-sorted batches, generate",
+        lambda: [r for b in batches for r in backend.label(b, asr)],
+        ordered,
+    )
+    print(ours_t.row())
+    report["asr_batched"] = ours_t.to_dict()
+    if not args.skip_seed:
+        shipped = backend.trim_audio
+        backend.trim_audio = False  # the seed scripts run the stock forward: 30 s of encoder per clip
+        seed_t, seed = timed(
+            "seed-style: batch 1, generate, stock encoder",
+            lambda: [backend.label([c], asr)[0] for c in ordered],
+            ordered,
+        )
+        backend.trim_audio = shipped
+        one_t, one = timed(
+            "batch 1, generate, as shipped", lambda: [backend.label([c], asr)[0] for c in ordered], ordered
+        )
+        print(seed_t.row())
+        print(one_t.row())
+        same, _ = same_outputs(seed, ours)
+        same_one, _ = same_outputs(one, ours)
+        speedup = seed_t.seconds / ours_t.seconds
+        print(
+            f"  -> ours vs seed-style {speedup:.2f}x; batching alone (batch 1 vs batched, both as shipped) "
+            f"{one_t.seconds / ours_t.seconds:.2f}x; identical transcripts: "
+            f"{same}/{len(ordered)} (seed-style), {same_one}/{len(ordered)} (batch 1)"
+        )
+        report["asr_batch1_seed"] = seed_t.to_dict()
+        report["asr_batch1_shipped"] = one_t.to_dict()
+        report["asr_speedup_vs_seed"] = speedup
+        report["asr_speedup_batching_alone"] = one_t.seconds / ours_t.seconds
+        report["asr_identical"] = min(same, same_one)
+
+    score_t, scored = timed(
+        "cry score (1 forward pass), batched",
+        lambda: [r for b in batches for r in backend.label(b, score)],
+        ordered,
+    )
+    gen_t, generated = timed(
+        f"cry generate ({args.max_new_tokens} tokens), batched",
+        lambda: [r for b in batches for r in backend.label(b, gen)],
+        ordered,
+    )
+    print(score_t.row())
+    print(gen_t.row())
+    _, p_diff = same_outputs(scored, generated)
+    print(
+        f"  -> score {gen_t.seconds / score_t.seconds:.2f}x faster than generate; "
+        f"max |p_yes(score) - p_yes(first generate step)| = {p_diff:.2e}"
+    )
+    report["cry_score"] = score_t.to_dict()
+    report["cry_generate"] = gen_t.to_dict()
+    report["score_speedup"] = gen_t.seconds / score_t.seconds
+    report["score_vs_generate_p_diff"] = p_diff
+
+    if args.skip_pipeline:
+        print("\npipeline overhead: skipped (--skip-pipeline)")
+    else:
+        pipe = pipeline_section(args, backend, clips, asr)
+        print(
+            f"\npipeline (runner.label: decode+resample+db) {pipe['pipeline_s']:8.2f} s "
+            f"vs bare processor+generate {pipe['bare_s']:.2f} s on the same {pipe['jobs']} batches "
+            f"-> overhead {pipe['overhead_pct']:+.1f} %"
+        )
+        print(
+            "  (both with the stock 30 s encoder; the pipeline as shipped, trimmed encoder: "
+            f"{pipe['pipeline_trimmed_s']:.2f} s)"
+        )
+        report["pipeline"] = pipe
+
+    trim = trim_section(backend, batches, score, asr)
+    for name, t in trim.items():
+        print(
+            f"\nencoder up to the longest clip ({name}): {t['trimmed_s']:.2f} s vs {t['full_s']:.2f} s "
+            f"over 30 s -> saving {t['saving_pct']:.1f} %, "
+            f"identical text {t['identical_text']}/{len(clips)}, "
+            f"max |p_yes diff| {t['max_abs_p_yes_diff']:.2e}"
+        )
+    report["encoder_trim"] = trim
+    report["load_avg_end"] = os.getloadavg()[0]
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()

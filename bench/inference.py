@@ -25,7 +25,6 @@ import platform
 import sys
 import tempfile
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,20 +125,13 @@ def bare_loop(backend, batches: list[list[np.ndarray]], prompt: str, max_new_tok
 def pipeline_section(args, backend, clips: list[AudioClip], request: LabelRequest) -> dict:
     """runner.label end to end on files in a throwaway database vs the bare loop on the same batches."""
     import soundfile as sf
-    import sqlalchemy as sa
 
     from qwen_tasks import db, runner
     from qwen_tasks.ingest import ingest
 
     admin_url = args.admin_url or f"postgresql+psycopg2://{getpass.getuser()}@127.0.0.1:5432/postgres"
-    name = f"qwen_tasks_bench_{uuid.uuid4().hex[:8]}"
-    admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))  # generated name
-    url = sa.engine.make_url(admin_url).set(database=name)
-    try:
+    with db.scratch_database(admin_url, prefix="qwen_tasks_bench") as url:
         engine = db.get_engine(url)
-        db.upgrade(engine)
         with tempfile.TemporaryDirectory(prefix="qwen_bench_audio_") as tmp:
             # half at 44.1 kHz stereo so the pipeline pays for decoding *and* resampling, like real folders
             for i, clip in enumerate(clips):
@@ -184,11 +176,6 @@ def pipeline_section(args, backend, clips: list[AudioClip], request: LabelReques
                 bare_loop(backend, batches, backend.prompt_text(request), request.max_new_tokens)
                 bare_times.append(time.perf_counter() - start)
             backend.trim_audio = trim
-    finally:
-        db.get_engine(url).dispose()
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
     pipeline_s, bare_s = min(pipeline_times), min(bare_times)
     return {
         "pipeline_s": pipeline_s,

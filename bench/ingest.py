@@ -14,19 +14,18 @@ Page cache is warm for every timing (the files were just written); sha256sum is 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 import sqlalchemy as sa
-from sqlalchemy.engine import make_url
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -117,18 +116,12 @@ def main() -> None:
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="qt-bench-ingest-", dir=args.dir))
-    temp_db = None
-    admin = None
-    try:
+    with contextlib.ExitStack() as stack:
+        stack.callback(shutil.rmtree, work, ignore_errors=True)
         if args.database_url:
             url = args.database_url
-        else:
-            server = db.resolve_url()
-            temp_db = f"qwen_tasks_bench_{os.getpid()}_{uuid.uuid4().hex[:6]}"
-            admin = sa.create_engine(server, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
-            with admin.connect() as conn:
-                conn.execute(sa.text(f'CREATE DATABASE "{temp_db}"'))  # generated name, not input
-            url = make_url(server).set(database=temp_db).render_as_string(hide_password=False)
+        else:  # a throwaway database on the configured server (or the embedded one)
+            url = stack.enter_context(db.scratch_database(db.resolve_url(), prefix="qwen_tasks_bench"))
         engine = db.get_engine(url)
         db.upgrade(engine)
 
@@ -175,13 +168,6 @@ def main() -> None:
             print(f"   (target < 5 s for 100k: {'met' if again_s * 100_000 / total < 5 else 'NOT met'})")
         else:
             print("   (time 100k with --registered 100000)")
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-        if temp_db and admin is not None:
-            db.get_engine(url).dispose()
-            with admin.connect() as conn:
-                conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{temp_db}" WITH (FORCE)'))
-            admin.dispose()
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -150,15 +149,9 @@ def main() -> None:
     counts = [int(w) for w in args.workers.split(",")]
     cores = os.cpu_count() or 1
 
-    admin = sa.create_engine(args.admin_url, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
-    name = f"qwen_tasks_bench_{uuid.uuid4().hex[:8]}"
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))  # generated name
-    url = sa.make_url(args.admin_url).set(database=name).render_as_string(hide_password=False)
     results = []
-    try:
+    with db.scratch_database(args.admin_url, prefix="qwen_tasks_bench") as url:
         engine = db.get_engine(url)
-        db.upgrade(engine)
         with tempfile.TemporaryDirectory() as tmp:
             model = args.model
             if model is None:
@@ -183,10 +176,6 @@ def main() -> None:
                         f"{res['workers_that_did_jobs']} worker(s) did jobs",
                         flush=True,
                     )
-        engine.dispose()
-    finally:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     if args.json:
         print(json.dumps(results))
     print(f"cpu cores: {cores}; target: claim overhead < 2 % at the default batch size", file=sys.stderr)

@@ -168,3 +168,34 @@ def applied_migrations(engine: Engine) -> list[str]:
             sa.text("SELECT migration_id FROM _yoyo_migration ORDER BY applied_at_utc")
         ).scalars()
         return list(rows)
+
+
+@contextmanager
+def scratch_database(admin_url: str | URL, prefix: str = "qwen_tasks_scratch") -> Iterator[str]:
+    """A new, migrated database on the server of `admin_url`, dropped (forcefully) on exit.
+
+    For tests and benchmarks, which must never write into a user's labels database. Yields its URL.
+    """
+    import os
+    import uuid
+
+    server = make_url(admin_url)
+    if server.drivername == "postgresql":
+        server = server.set(drivername="postgresql+psycopg2")
+    name = f"{prefix}_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    admin = sa.create_engine(server, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
+    try:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))  # generated identifier, not input
+    except sa.exc.OperationalError as exc:
+        admin.dispose()
+        raise DatabaseUnavailable(f"cannot connect to {describe(server)}: {_one_line(exc)}") from None
+    url = server.set(database=name).render_as_string(hide_password=False)
+    try:
+        upgrade(get_engine(url))
+        yield url
+    finally:
+        _engine_for(url).dispose()  # close pooled connections so the drop does not have to kill them
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()

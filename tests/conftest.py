@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import getpass
 import os
-import uuid
 from collections.abc import Iterator
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import Engine
 
 from qwen_tasks import db
 
@@ -23,37 +22,25 @@ DATA_TABLES = (
 )
 
 
-def _admin_url() -> sa.URL:
-    raw = os.environ.get("QWEN_TASKS_TEST_DATABASE_URL") or (
+def _admin_url() -> str:
+    return os.environ.get("QWEN_TASKS_TEST_DATABASE_URL") or (
         f"postgresql+psycopg2://{getpass.getuser()}@127.0.0.1:5432/postgres"
     )
-    url = make_url(raw)
-    return url.set(drivername="postgresql+psycopg2") if url.drivername == "postgresql" else url
 
 
 @pytest.fixture(scope="session")
 def database_url() -> Iterator[str]:
     """URL of a fresh, migrated database; also exported as QWEN_TASKS_DATABASE_URL for subprocesses."""
-    admin_url = _admin_url()
-    name = f"qwen_tasks_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
-    admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))  # generated name, not user input
-    url = admin_url.set(database=name).render_as_string(hide_password=False)
     previous = os.environ.get("QWEN_TASKS_DATABASE_URL")
-    os.environ["QWEN_TASKS_DATABASE_URL"] = url
-    try:
-        db.upgrade(db.get_engine(url))
-        yield url
-    finally:
-        if previous is None:
-            os.environ.pop("QWEN_TASKS_DATABASE_URL", None)
-        else:
-            os.environ["QWEN_TASKS_DATABASE_URL"] = previous
-        db.get_engine(url).dispose()
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    with db.scratch_database(_admin_url(), prefix="qwen_tasks_test") as url:
+        os.environ["QWEN_TASKS_DATABASE_URL"] = url
+        try:
+            yield url
+        finally:
+            if previous is None:
+                os.environ.pop("QWEN_TASKS_DATABASE_URL", None)
+            else:
+                os.environ["QWEN_TASKS_DATABASE_URL"] = previous
 
 
 @pytest.fixture

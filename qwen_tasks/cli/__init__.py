@@ -6,11 +6,14 @@ the DAG call the same library functions and neither holds logic the other lacks.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
+from typing import Any
 
 import typer
 from rich.console import Console
+from sqlalchemy.engine import Engine
 
 from ..errors import QwenTasksError
 
@@ -33,6 +36,22 @@ def fail(message: str, code: int = 1) -> typer.Exit:
     """Print a one-line error and return the Exit to raise."""
     console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
+
+
+def open_database() -> Engine:
+    """The configured database with the schema brought up to date: `db.upgrade` is idempotent and cheap,
+    so no command needs a separate `db upgrade` step first (and views of newer migrations exist)."""
+    from .. import db
+
+    engine = db.get_engine()
+    db.upgrade(engine)
+    return engine
+
+
+def print_json(obj: Any) -> None:
+    """One JSON object on stdout (progress and messages go to stderr, so stdout stays parseable)."""
+    sys.stdout.write(json.dumps(obj, default=str, ensure_ascii=False) + "\n")
+    sys.stdout.flush()
 
 
 def main() -> None:

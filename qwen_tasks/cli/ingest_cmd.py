@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
 from sqlalchemy.engine import Engine
 
-from .. import db
 from ..errors import ConfigError
 from ..ingest import IngestSummary, ingest
 from ..manifest import ManifestKind
-from . import app, console, fail
+from . import app, console, fail, open_database, print_json
 
 
 def _print_summary(summary: IngestSummary) -> None:
@@ -60,8 +58,7 @@ def ingest_command(
     for p in [*paths, *manifest]:
         if not p.exists() and not p.is_symlink():
             raise fail(f"no such file or directory: {p}")
-    engine = db.get_engine()
-    db.upgrade(engine)  # idempotent and cheap: a new user needs no separate `db upgrade`
+    engine = open_database()
     manifests: list[tuple[Path, ManifestKind | None]] = [(m, kind) for m in manifest]
     try:
         if console.is_terminal:  # the bar goes to stderr, so it never mixes with --json on stdout
@@ -71,7 +68,7 @@ def ingest_command(
     except ConfigError as exc:
         raise fail(str(exc)) from None
     if as_json:
-        typer.echo(json.dumps(summary.to_dict(), ensure_ascii=False))
+        print_json(summary.to_dict())
     else:
         _print_summary(summary)
 

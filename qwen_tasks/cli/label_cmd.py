@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -12,22 +11,11 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .. import db, jobs, runner
+from .. import jobs, runner
 from ..config import get_settings
-from . import app, console, fail
+from . import app, console, fail, open_database, print_json
 
 TASKS = ("asr", "cry")
-
-
-def _engine():  # noqa: ANN202 - sqlalchemy Engine
-    engine = db.get_engine()
-    db.upgrade(engine)  # idempotent and cheap: a new user needs no separate step
-    return engine
-
-
-def _print_json(obj: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(obj, default=str) + "\n")
-    sys.stdout.flush()
 
 
 class _Bar:
@@ -103,7 +91,7 @@ def label(
         task, method=method, language=language, question=question, max_new_tokens=max_new_tokens,
         threshold=threshold,
     )  # fmt: skip
-    engine = _engine()
+    engine = open_database()
     bar: _Bar | None = None
 
     def on_plan(plan: jobs.PlanResult) -> None:
@@ -143,14 +131,14 @@ def label(
             bar.__exit__()
     if plan_only:
         if as_json:
-            _print_json({"run_id": summary.run_id, "jobs": summary.jobs, "items": summary.planned,
+            print_json({"run_id": summary.run_id, "jobs": summary.jobs, "items": summary.planned,
                          "left_over": summary.left_over})  # fmt: skip
         elif summary.run_id is not None:
             typer.echo(summary.run_id)
         return
     out = summary.to_dict()
     if as_json:
-        _print_json(out)
+        print_json(out)
     if summary.run_id is not None:
         rtf = f", RTF {summary.rtf:.3f}" if summary.rtf else ""
         console.print(
@@ -191,7 +179,7 @@ def work(
 
     Example: qwen-tasks work --run 7 --device cuda:1
     """  # fmt: skip
-    engine = _engine()
+    engine = open_database()
     info = jobs.get_run(engine, run)
     settings = get_settings()
     planned_device = info.params.get("device") or settings.device
@@ -211,7 +199,7 @@ def work(
             progress=bar, max_jobs=max_jobs,
         )  # fmt: skip
     if as_json:
-        _print_json(summary.to_dict())
+        print_json(summary.to_dict())
     console.print(
         f"worker {summary.worker_id}: {summary.jobs_done} jobs done, {summary.jobs_failed} failed, "
         f"{summary.labelled} clips labelled; run {run} is {summary.run_status}",
@@ -244,9 +232,9 @@ def runs(
     """
     if task is not None and task not in TASKS:
         raise fail(f"--task must be asr or cry, got {task!r}")
-    rows = jobs.progress_rows(_engine(), limit=limit, task=task, run_id=run)
+    rows = jobs.progress_rows(open_database(), limit=limit, task=task, run_id=run)
     if as_json:
-        sys.stdout.write(json.dumps(rows, default=str) + "\n")
+        print_json(rows)
         return
     if not rows:
         console.print("no labelling runs yet (start one with: qwen-tasks label --task cry)")
@@ -287,6 +275,6 @@ def export(
 
     if task not in TASKS:
         raise fail(f"--task must be asr or cry, got {task!r}")
-    engine = _engine()
+    engine = open_database()
     n = write_jsonl(export_rows(engine, task, run), out, stdout=sys.stdout)
     console.print(f"wrote {n} rows{f' to {out}' if out else ''}", highlight=False)

@@ -3,27 +3,12 @@
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
-from typing import Any
 
 import typer
 from rich.table import Table
 
-from .. import db
-from . import app, console, fail
-
-
-def _engine():  # noqa: ANN202 - sqlalchemy Engine
-    engine = db.get_engine()
-    db.upgrade(engine)  # idempotent: views and tables of newer migrations are always there
-    return engine
-
-
-def _print_json(obj: Any) -> None:
-    sys.stdout.write(json.dumps(obj, ensure_ascii=False, default=str) + "\n")
-    sys.stdout.flush()
+from . import app, console, fail, open_database, print_json
 
 
 def _check_task(task: str) -> None:
@@ -46,12 +31,12 @@ def metrics(
     """
     from ..metrics import compute_run_metrics, latest_run_ids, load_run_metrics
 
-    engine = _engine()
+    engine = open_database()
     ids = list(run) if run else latest_run_ids(engine)
     if not ids:
         console.print("no labelling runs yet (run: qwen-tasks label --task cry|asr)")
         if as_json:
-            _print_json({"runs": []})
+            print_json({"runs": []})
         return
     results = []
     for run_id in ids:
@@ -67,7 +52,7 @@ def metrics(
             }
         )
     if as_json:
-        _print_json({"runs": results})
+        print_json({"runs": results})
         return
     for r in results:
         table = Table(title=f"run {r['run_id']} ({r['task']}, {r['model']})", title_justify="left")
@@ -96,7 +81,7 @@ def report(
     """
     from ..report import write_report
 
-    path = write_report(_engine(), list(run) if run else None, out)
+    path = write_report(open_database(), list(run) if run else None, out)
     console.print(f"report written to {path}")
 
 
@@ -122,14 +107,14 @@ def review_export(
 
     _check_task(task)
     summary = export_label_studio(
-        _engine(), out, task, run_id=run, audio_root=audio_root, audio_prefix=audio_prefix, limit=limit
+        open_database(), out, task, run_id=run, audio_root=audio_root, audio_prefix=audio_prefix, limit=limit
     )
     console.print(
         f"{summary.tasks} task(s) from run {summary.run_id} written to {summary.out}; "
         f"labelling config: {summary.config}"
     )
     if as_json:
-        _print_json(summary.to_dict())
+        print_json(summary.to_dict())
 
 
 @app.command("review-import")
@@ -148,7 +133,7 @@ def review_import(
 
     if task is not None:
         _check_task(task)
-    summary = import_label_studio(_engine(), path, task=task, reviewer=reviewer)
+    summary = import_label_studio(open_database(), path, task=task, reviewer=reviewer)
     console.print(
         f"imported {summary.imported} human label(s) from {path}; {summary.unannotated} task(s) without "
         f"an annotation; {len(summary.errors)} bad"
@@ -156,7 +141,7 @@ def review_import(
     for error in summary.errors:
         console.print(f"[yellow]skipped:[/] {error}", highlight=False, soft_wrap=True)
     if as_json:
-        _print_json(summary.to_dict())
+        print_json(summary.to_dict())
     if summary.errors:
         raise typer.Exit(1)
 
@@ -181,9 +166,11 @@ def export_finetune(
     from ..review import export_finetune as run_export
 
     _check_task(task)
-    summary = run_export(_engine(), out, task=task, include_confident=include_confident, question=question)
+    summary = run_export(
+        open_database(), out, task=task, include_confident=include_confident, question=question
+    )
     console.print(
         f"{summary.rows} example(s) written to {summary.out} ({summary.human} human, {summary.model} model)"
     )
     if as_json:
-        _print_json(summary.to_dict())
+        print_json(summary.to_dict())

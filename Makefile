@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # GPU users: make install TORCH_INDEX=https://download.pytorch.org/whl/cu128  (see README)
 TORCH_INDEX ?=
 
-.PHONY: install demo test lint format bench clean-demo
+.PHONY: help install demo test lint format bench
 .DEFAULT_GOAL := help
 
 help:

@@ -495,13 +495,7 @@ def claim_job_id(engine: Engine, job_id: int, worker_id: str, lease_seconds: flo
     def _claim() -> Job | None:
         start = time.perf_counter()
         with db.transaction(engine) as conn:
-            mine = conn.execute(
-                sa.select(*_RETURNED).where(
-                    label_job.c.id == job_id,
-                    label_job.c.status == "running",
-                    label_job.c.lease_owner == worker_id,
-                )
-            ).one_or_none()
+            mine = conn.execute(sa.select(*_RETURNED).where(held_by(job_id, worker_id))).one_or_none()
             if mine is not None:
                 return _job_from_row(mine, 0.0)
             fail_exhausted(conn)
@@ -539,16 +533,20 @@ def job_state(engine: Engine, job_id: int) -> dict[str, Any]:
     return dict(row._mapping)
 
 
+def held_by(job_id: int, worker_id: str) -> sa.ColumnElement[bool]:
+    """The job is running under `worker_id`'s lease. Every write a worker makes is conditioned on this,
+    so a worker whose lease expired and was taken over writes nothing."""
+    return sa.and_(
+        label_job.c.id == job_id, label_job.c.status == "running", label_job.c.lease_owner == worker_id
+    )
+
+
 def extend_lease(engine: Engine, job_id: int, worker_id: str, lease_seconds: float) -> bool:
     """Push our lease forward (heartbeat); False when the job is no longer ours (lease taken over)."""
     with db.transaction(engine) as conn:
         n = conn.execute(
             label_job.update()
-            .where(
-                label_job.c.id == job_id,
-                label_job.c.status == "running",
-                label_job.c.lease_owner == worker_id,
-            )
+            .where(held_by(job_id, worker_id))
             .values(lease_expires_at=sa.func.now() + _interval(lease_seconds))
         ).rowcount
     return n == 1
@@ -566,11 +564,7 @@ def release_job(
         with db.transaction(engine) as conn:
             row = conn.execute(
                 label_job.update()
-                .where(
-                    label_job.c.id == job.id,
-                    label_job.c.status == "running",
-                    label_job.c.lease_owner == worker_id,
-                )
+                .where(held_by(job.id, worker_id))
                 .values(
                     status=sa.case(
                         (
@@ -605,11 +599,7 @@ def give_back(engine: Engine, job: Job, worker_id: str, reason: str) -> bool:
             return (
                 conn.execute(
                     label_job.update()
-                    .where(
-                        label_job.c.id == job.id,
-                        label_job.c.status == "running",
-                        label_job.c.lease_owner == worker_id,
-                    )
+                    .where(held_by(job.id, worker_id))
                     .values(
                         status="pending",
                         attempts=sa.func.greatest(label_job.c.attempts - 1, 0),

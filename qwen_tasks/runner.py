@@ -336,11 +336,7 @@ def write_results(
     with db.transaction(engine) as conn:
         mine = conn.execute(
             label_job.update()
-            .where(
-                label_job.c.id == job.id,
-                label_job.c.status == "running",
-                label_job.c.lease_owner == worker_id,
-            )
+            .where(jobs.held_by(job.id, worker_id))
             .values(
                 status="done",
                 finished_at=sa.func.now(),

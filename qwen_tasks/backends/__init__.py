@@ -92,29 +92,9 @@ def load_backend(
     )
 
 
-@functools.lru_cache(maxsize=1)
-def get_backend(
-    model: str,
-    *,
-    revision: str = "",
-    device: str = "auto",
-    dtype: str | None = None,
-    backend: str = "auto",
-    prompt_style: str = "auto",
-    max_batch: int | None = None,
-    trim_audio: bool = True,
-) -> Backend:
-    """`load_backend` cached per process by its arguments; only the most recent model is kept in memory."""
-    return load_backend(
-        model,
-        revision=revision,
-        device=device,
-        dtype=dtype,
-        backend=backend,
-        prompt_style=prompt_style,
-        max_batch=max_batch,
-        trim_audio=trim_audio,
-    )
+# `load_backend` cached per process by its arguments; only the most recent model is kept in memory, so
+# a worker that switches models frees the previous one (`get_backend.cache_clear()` frees it too).
+get_backend = functools.lru_cache(maxsize=1)(load_backend)
 
 
 def describe(

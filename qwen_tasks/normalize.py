@@ -418,6 +418,8 @@ _HEDGE_ZH = re.compile(
         "吗",
     )
 )
+# "a baby crying or a cat meowing": the target offered as one of alternatives is not an affirmation.
+_ALTERNATIVE = re.compile(r"\bor\b|或者|或是")
 _UNCERTAIN = re.compile(
     r"\b(?:not (?:sure|certain|clear|possible to (?:tell|say|know|determine))|unsure|uncertain|unclear"
     r"|inconclusive|ambiguous|hard to (?:tell|say|know|determine|discern|judge|hear|make out)"
@@ -444,15 +446,19 @@ _INTERROGATIVE = re.compile(
     r"^(?:question:?\s*)?(?:is|are|does|do|did|was|were|can|could|will|would|has|have)\s+"
     r"(?:there|the|a|an|this|it|you|any|someone|somebody)\b"
 )
+_SURE = r"(?:definitely|certainly|absolutely|surely|clearly|obviously)"  # "Definitely yes."
 _LEAD_YES = re.compile(
-    r"^(?:answer:\s*)?(?:(?:yes|yeah|yep|yup|yea|aye|yess+)\b"
+    r"^(?:answer:\s*)?(?:(?:" + _SURE + r"\s+)?(?:yes|yeah|yep|yup|yea|aye|yess+)\b"
     r"|(?:sure|correct|indeed|absolutely|definitely|certainly|affirmative|true|right|surely|of course"
     r"|that is right|that is correct|positive"
     r"|(?:there|it|that) (?:is|was|are|does|do)(?: indeed)?)\s*(?:[,.!;:]|$))"  # elliptical "There is."
 )
 _LEAD_NO = re.compile(
-    r"^(?:answer:\s*)?(?:(?:no|nope|nah|negative|false|incorrect|wrong|not really|not at all|none"
-    r"|absolutely not|definitely not|certainly not|of course not|surely not|not quite|probably not"
+    r"^(?:answer:\s*)?(?:(?:(?:"
+    + _SURE
+    + r"\s+)?(?:no|nope|nah)|negative|false|incorrect|wrong|not really|not at all|none"
+    r"|absolutely not|definitely not|certainly not|of course not|surely not|obviously not|clearly not"
+    r"|not quite|probably not"
     r"|likely not|no way|(?:there|it|that) (?:is|was|are|does|do) not|there is none|there are none)"
     r"\s*(?:[,.!;:]|$)"
     r"|(?:no|nope|nah)\s+(?=(?:there|it|i|the|this|that|we|they|he|she|not|sir|madam|such|audio|sound)\b))"
@@ -703,7 +709,7 @@ def _read_clause(clause: str, sentence: str, answer: str, lex: _Lexicon, reading
         if not signs:  # only someone else's event ("an adult is crying"): read the rest of the clause
             _read_without_event(clause, sentence, answer, lex, reading, hedged, subject_here, only)
             return
-        if hedged:
+        if hedged or (signs == {1} and _ALTERNATIVE.search(clause)):
             reading.hedged = True
             return
         reading.content += 1

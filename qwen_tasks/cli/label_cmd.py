@@ -59,7 +59,7 @@ class _Bar:
 @app.command("label")
 def label(
     task: str = typer.Option(..., "--task", help="asr (transcribe) or cry (is a baby crying? yes/no)."),
-    model: str = typer.Option(None, "--model", help="Hub id or local path [default: QWEN_TASKS_MODEL]."),
+    model: str = typer.Option(None, "--model", help="Hub id or local path (default: QWEN_TASKS_MODEL)."),
     revision: str = typer.Option(None, "--revision", help="Pinned model revision (commit/tag)."),
     batch_size: int = typer.Option(None, "--batch-size", min=1, help="Max clips per job/batch."),
     max_batch_seconds: float = typer.Option(
@@ -67,8 +67,8 @@ def label(
     ),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1, help="Generation length cap."),
     limit: int = typer.Option(None, "--limit", min=1, help="Label at most N audio (oldest first)."),
-    device: str = typer.Option(None, "--device", help="auto, cpu or cuda [default: QWEN_TASKS_DEVICE]."),
-    dtype: str = typer.Option(None, "--dtype", help="float32, bfloat16 or float16 [default: per device]."),
+    device: str = typer.Option(None, "--device", help="auto, cpu or cuda (default: QWEN_TASKS_DEVICE)."),
+    dtype: str = typer.Option(None, "--dtype", help="float32, bfloat16 or float16 (default: per device)."),
     method: str = typer.Option("score", "--method", help="cry only: score, generate or both."),
     language: str = typer.Option("en", "--language", help="asr: language code of the speech."),
     question: str = typer.Option(None, "--question", help="cry: the yes/no question asked."),
@@ -156,8 +156,8 @@ def label(
 @app.command("work")
 def work(
     run: int = typer.Option(..., "--run", help="Run id (from `label --plan-only` or `runs`)."),
-    device: str = typer.Option(None, "--device", help="auto, cpu or cuda [default: as planned]."),
-    dtype: str = typer.Option(None, "--dtype", help="float32, bfloat16 or float16 [default: per device]."),
+    device: str = typer.Option(None, "--device", help="auto, cpu or cuda (default: as planned)."),
+    dtype: str = typer.Option(None, "--dtype", help="float32, bfloat16 or float16 (default: per device)."),
     lease_seconds: float = typer.Option(
         jobs.DEFAULT_LEASE_SECONDS,
         "--lease-seconds",
@@ -165,7 +165,7 @@ def work(
         help="A killed worker's job is taken over after this long.",
     ),
     worker_id: str = typer.Option(
-        None, "--worker-id", help="Name recorded on the jobs [default: host:pid:rnd]."
+        None, "--worker-id", help="Name recorded on the jobs (default: host:pid:rnd)."
     ),
     wait: bool = typer.Option(
         True,
@@ -263,8 +263,8 @@ def _short_model(model: str) -> str:
 @app.command("export")
 def export(
     task: str = typer.Option(..., "--task", help="asr or cry."),
-    run: int = typer.Option(None, "--run", help="Run id [default: the latest run of the task with labels]."),
-    out: Path = typer.Option(None, "--out", help="JSON Lines file [default: stdout]."),
+    run: int = typer.Option(None, "--run", help="Run id (default: the latest run of the task with labels)."),
+    out: Path = typer.Option(None, "--out", help="JSON Lines file (default: stdout)."),
 ) -> None:
     """Export a run's labels as JSON Lines, one object per audio path.
 

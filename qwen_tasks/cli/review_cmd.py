@@ -19,7 +19,7 @@ def _check_task(task: str) -> None:
 @app.command("metrics")
 def metrics(
     run: list[int] = typer.Option(
-        None, "--run", help="Run id (repeatable) [default: latest run of each task]."
+        None, "--run", help="Run id (repeatable) (default: latest run of each task)."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON on stdout (metric values and details)."),
 ) -> None:
@@ -71,7 +71,7 @@ def metrics(
 def report(
     out: Path = typer.Option(..., "--out", help="HTML file to write (a folder gets report.html)."),
     run: list[int] = typer.Option(
-        None, "--run", help="Run id (repeatable) [default: latest run of each task]."
+        None, "--run", help="Run id (repeatable) (default: latest run of each task)."
     ),
 ) -> None:
     """Write one self-contained HTML report with plots and the worst items.
@@ -89,7 +89,7 @@ def report(
 def review_export(
     task: str = typer.Option(..., "--task", help="cry or asr."),
     out: Path = typer.Option(..., "--out", help="Label Studio tasks JSON to write."),
-    run: int = typer.Option(None, "--run", help="Run id [default: the task's latest run]."),
+    run: int = typer.Option(None, "--run", help="Run id (default: the task's latest run)."),
     audio_root: str = typer.Option(None, "--audio-root", help="Strip this folder from audio paths."),
     audio_prefix: str = typer.Option(
         None, "--audio-prefix", help='Put this before each (relative) path, e.g. "/data/local-files/?d=".'
@@ -155,7 +155,7 @@ def export_finetune(
         "--include-confident",
         help="cry: also add model labels with p_yes >= P or <= 1-P (P in (0.5, 1]) that no gold contradicts.",
     ),
-    question: str = typer.Option(None, "--question", help="cry: the question [default: the labelling one]."),
+    question: str = typer.Option(None, "--question", help="cry: the question (default: the labelling one)."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
 ) -> None:
     """Write reviewed labels as Qwen2-Audio chat fine-tune data (JSONL).

@@ -43,6 +43,11 @@ class LeaseLost(QwenTasksError):
     """Our lease on a job ended and another worker took the job over; our results are discarded."""
 
 
+def real_time_factor(wall_seconds: float, audio_seconds: float) -> float | None:
+    """Wall seconds per second of audio labelled (lower is faster); None before any audio is done."""
+    return wall_seconds / audio_seconds if audio_seconds > 0 else None
+
+
 @dataclass(frozen=True)
 class JobOutcome:
     """What happened to one job. status: done | retry (released, will be claimed again) | failed (attempts
@@ -85,8 +90,7 @@ class WorkSummary:
 
     @property
     def rtf(self) -> float | None:
-        """Real-time factor: wall seconds per second of audio labelled (lower is faster)."""
-        return self.wall_seconds / self.audio_seconds if self.audio_seconds > 0 else None
+        return real_time_factor(self.wall_seconds, self.audio_seconds)
 
     def add(self, outcome: JobOutcome) -> None:
         counter = {"done": "jobs_done", "retry": "jobs_retried", "failed": "jobs_failed", "lost": "jobs_lost"}
@@ -599,7 +603,7 @@ class LabelSummary:
 
     @property
     def rtf(self) -> float | None:
-        return self.wall_seconds / self.audio_seconds if self.audio_seconds > 0 else None
+        return real_time_factor(self.wall_seconds, self.audio_seconds)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)

@@ -17,8 +17,26 @@ import jiwer
 from .textnorm import Unit, canonical_language, detect_language, join_units, tokenize, unit_for
 
 
+class _EditTotals:
+    """Shared by one utterance's and a corpus's scores: WER/CER = edits / reference units."""
+
+    n_ref: int
+    substitutions: int
+    deletions: int
+    insertions: int
+
+    @property
+    def errors(self) -> int:
+        return self.substitutions + self.deletions + self.insertions
+
+    @property
+    def error_rate(self) -> float | None:
+        """Edits per reference unit; None when the reference is empty (undefined, not zero)."""
+        return self.errors / self.n_ref if self.n_ref else None
+
+
 @dataclass(frozen=True)
-class UtteranceScore:
+class UtteranceScore(_EditTotals):
     """Edit counts of one hypothesis against its reference, in the units of its language."""
 
     language: str
@@ -31,15 +49,6 @@ class UtteranceScore:
     reference: str = ""  # normalised text that was scored
     hypothesis: str = ""
     pairs: tuple[tuple[str, str], ...] = field(default_factory=tuple)  # (reference phrase, hypothesis phrase)
-
-    @property
-    def errors(self) -> int:
-        return self.substitutions + self.deletions + self.insertions
-
-    @property
-    def error_rate(self) -> float | None:
-        """Edits per reference unit; None when the reference is empty (undefined, not zero)."""
-        return self.errors / self.n_ref if self.n_ref else None
 
     def as_dict(self) -> dict:
         return {
@@ -55,7 +64,7 @@ class UtteranceScore:
 
 
 @dataclass(frozen=True)
-class CorpusScore:
+class CorpusScore(_EditTotals):
     """Totals over many utterances; `error_rate` = total edits / total reference units."""
 
     n_utterances: int
@@ -63,14 +72,6 @@ class CorpusScore:
     substitutions: int
     deletions: int
     insertions: int
-
-    @property
-    def errors(self) -> int:
-        return self.substitutions + self.deletions + self.insertions
-
-    @property
-    def error_rate(self) -> float | None:
-        return self.errors / self.n_ref if self.n_ref else None
 
     def as_dict(self) -> dict:
         return {

@@ -346,42 +346,9 @@ class Qwen2AudioBackend:
             return self._generate(inputs, embeds, request)
 
     def _embed_trimmed(self, inputs: Any) -> Any:
-        """Prompt embeddings with audio features from the encoder run only up to the longest clip.
-
-        The stock forward always encodes 30 s (3000 mel frames) per clip, most of it masked padding
-        for short clips. Here the same layers run over the first `frames` frames (the longest clip
-        plus 2 frames, so the convolutions at each clip's end see the same neighbours) with the
-        position table cut to match; frames past a clip's end are masked exactly as in the stock pass.
-        Measured: identical transcripts, p_yes within ~5e-7 of the 30 s pass (tests/test_backends.py).
-        """
-        import torch
-        from transformers.masking_utils import create_bidirectional_mask
-
-        model = self.model
-        tower = model.model.audio_tower
-        mask = inputs["feature_attention_mask"]
-        frames = min(int(mask.sum(-1).max()) + 2, mask.shape[-1])
-        frames += frames % 2
-        x = inputs["input_features"][..., :frames].to(dtype=tower.conv1.weight.dtype)
-        x = torch.nn.functional.gelu(tower.conv1(x))
-        x = torch.nn.functional.gelu(tower.conv2(x)).permute(0, 2, 1)
-        x = x + tower.embed_positions.weight[: x.shape[1]]
-        feat_len, out_len = tower._get_feat_extract_output_lengths(mask.sum(-1))
-        keep = (torch.arange(x.shape[1], device=x.device)[None, :] < feat_len[:, None]).long()
-        attn = create_bidirectional_mask(config=tower.config, inputs_embeds=x[..., :1], attention_mask=keep)
-        for layer in tower.layers:
-            x = layer(x, attn)
-        x = tower.avg_pooler(x.permute(0, 2, 1)).permute(0, 2, 1)
-        audio = model.model.multi_modal_projector(tower.layer_norm(x))
-        valid = torch.arange(audio.shape[1], device=audio.device)[None, :] < out_len[:, None]
-        ids = inputs["input_ids"]
-        slots = ids == model.config.audio_token_id
-        if int(slots.sum()) != int(valid.sum()):
-            raise ModelError(
-                f"{int(slots.sum())} audio tokens in the prompt but {int(valid.sum())} audio frames"
-            )
-        embeds = model.get_input_embeddings()(ids)
-        return embeds.masked_scatter(slots.unsqueeze(-1), audio[valid].to(embeds.dtype))
+        """Prompt embeddings with the audio encoder run only up to the batch's longest clip (see
+        `prompt_embeddings`)."""
+        return prompt_embeddings(self.model, inputs)
 
     def _score(self, inputs: Any, embeds: Any | None) -> list[float]:
         """One forward pass; the LM head is applied to the last position only (cheap for a big vocab)."""
@@ -439,6 +406,48 @@ class Qwen2AudioBackend:
                 ids = ids[:k]
                 break
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+def prompt_embeddings(model: Any, inputs: Any, *, encoder_grad: bool = True) -> Any:
+    """Input embeddings of a processed batch, the audio features merged in at the `<|AUDIO|>` slots,
+    with the audio encoder run only up to the batch's longest clip.
+
+    The stock forward always encodes 30 s (3000 mel frames) per clip, most of it masked padding for
+    short clips. Here the same layers run over the first `frames` frames (the longest clip plus 2
+    frames, so the convolutions at each clip's end see the same neighbours) with the position table cut
+    to match; frames past a clip's end are masked exactly as in the stock pass. Measured: identical
+    transcripts, p_yes within ~5e-7 of the 30 s pass (tests/test_backends.py). Labelling and
+    fine-tuning both embed through here, so a model is trained on exactly what it sees when labelling.
+    `encoder_grad=False` runs the (frozen) encoder without autograd: training then keeps no encoder
+    activations, which is most of the memory a 30-s clip costs outside the language model.
+    """
+    import torch
+    from transformers.masking_utils import create_bidirectional_mask
+
+    tower = model.model.audio_tower
+    mask = inputs["feature_attention_mask"]
+    frames = min(int(mask.sum(-1).max()) + 2, mask.shape[-1])
+    frames += frames % 2
+    with torch.set_grad_enabled(encoder_grad and torch.is_grad_enabled()):
+        x = inputs["input_features"][..., :frames].to(dtype=tower.conv1.weight.dtype)
+        x = torch.nn.functional.gelu(tower.conv1(x))
+        x = torch.nn.functional.gelu(tower.conv2(x)).permute(0, 2, 1)
+        x = x + tower.embed_positions.weight[: x.shape[1]]
+        feat_len, out_len = tower._get_feat_extract_output_lengths(mask.sum(-1))
+        keep = (torch.arange(x.shape[1], device=x.device)[None, :] < feat_len[:, None]).long()
+        attn = create_bidirectional_mask(config=tower.config, inputs_embeds=x[..., :1], attention_mask=keep)
+        for layer in tower.layers:
+            x = layer(x, attn)
+        x = tower.avg_pooler(x.permute(0, 2, 1)).permute(0, 2, 1)
+        x = tower.layer_norm(x)
+    audio = model.model.multi_modal_projector(x)
+    valid = torch.arange(audio.shape[1], device=audio.device)[None, :] < out_len[:, None]
+    ids = inputs["input_ids"]
+    slots = ids == model.config.audio_token_id
+    if int(slots.sum()) != int(valid.sum()):
+        raise ModelError(f"{int(slots.sum())} audio tokens in the prompt but {int(valid.sum())} audio frames")
+    embeds = model.get_input_embeddings()(ids)
+    return embeds.masked_scatter(slots.unsqueeze(-1), audio[valid].to(embeds.dtype))
 
 
 def length_groups(

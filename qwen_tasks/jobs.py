@@ -93,6 +93,14 @@ class RunInfo:
     params: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def load_args(self) -> dict[str, Any]:
+        """How a worker loads this run's model: the base checkpoint at its own revision, plus the LoRA
+        adapter of a fine-tuned version (whose digest is part of the recorded revision)."""
+        adapter = self.params.get("adapter")
+        revision = self.params.get("base_revision", self.revision) if adapter else self.revision
+        return {"model": self.model, "revision": revision, "adapter": adapter}
+
+    @property
     def request(self) -> LabelRequest:
         raw = dict(self.params.get("request") or {"task": self.task})
         if "methods" in raw:
@@ -174,19 +182,25 @@ def make_batches(
 # --- planning ------------------------------------------------------------------------------------------
 
 
-def _same_key_runs(task: str, info: ModelInfo, *, unfinished: bool = False) -> sa.Select:
+def _same_key_runs(
+    task: str, info: ModelInfo, *, unfinished: bool = False, purpose: str | None = None
+) -> sa.Select:
     q = sa.select(label_run.c.id).where(
         label_run.c.task == task,
         label_run.c.model == info.model,
         label_run.c.revision == info.revision,
         label_run.c.prompt_version == info.prompt_version,
     )
+    if purpose is not None:
+        q = q.where(label_run.c.purpose == purpose)
     return q.where(label_run.c.status.in_(UNFINISHED_RUN)) if unfinished else q
 
 
 def _has_label(task: str, info: ModelInfo, request: LabelRequest) -> sa.ColumnElement[bool]:
-    """SQL condition: this audio already has a label for the run key (every requested method, for cry)."""
-    runs = _same_key_runs(task, info)
+    """SQL condition: this audio already has a production label for the run key (every requested method,
+    for cry). Labels of evaluation runs (a fine-tune's held-out check) do not count: once that version
+    is promoted, the nightly run labels the held-out audio like any other."""
+    runs = _same_key_runs(task, info, purpose="label")
     if task == "asr":
         return sa.exists().where(transcription.c.audio_id == audio.c.id, transcription.c.run_id.in_(runs))
     return sa.and_(
@@ -214,6 +228,8 @@ def plan_run(
     max_jobs: int | None = None,
     max_attempts: int = DEFAULT_MAX_ATTEMPTS,
     params: dict[str, Any] | None = None,
+    audio_ids: Sequence[int] | None = None,
+    purpose: str = "label",
 ) -> PlanResult:
     """Create a run with jobs for the audio that needs a label; returns ids only (small enough for XCom).
 
@@ -222,8 +238,11 @@ def plan_run(
     Audio already planned in an unfinished run of the same key is never planned twice; an advisory lock on
     the key serialises concurrent plans, so two planners (DAG and CLI) cannot both take the same audio.
     `limit` caps the audio taken (oldest first); `max_jobs` caps the jobs (Airflow's max_map_length), the
-    remaining audio is reported as left over and planned next time.
+    remaining audio is reported as left over and planned next time. `audio_ids` restricts the run to
+    those audio (a fine-tune's held-out split); `purpose` 'evaluation' marks such a run (see 0004).
     """
+    if purpose not in ("label", "evaluation"):
+        raise ConfigError(f"purpose must be 'label' or 'evaluation', got {purpose!r}")
     if task != request.task:
         raise ConfigError(f"task {task!r} does not match the request's task {request.task!r}")
     if limit is not None and limit < 1:
@@ -244,6 +263,8 @@ def plan_run(
                 label_job_item.c.run_id.in_(_same_key_runs(task, model_info, unfinished=True)),
             )
             query = sa.select(audio.c.id, audio.c.duration_s).where(has_ok_path, ~in_flight)
+            if audio_ids is not None:
+                query = query.where(audio.c.id.in_(list(audio_ids)))
             if not relabel:
                 query = query.where(~_has_label(task, model_info, request))
             query = query.order_by(audio.c.id)
@@ -279,6 +300,7 @@ def plan_run(
                     params=stored_params,
                     status="planned",
                     n_planned=n_items,
+                    purpose=purpose,
                 )
                 .returning(label_run.c.id)
             ).scalar_one()

@@ -383,7 +383,8 @@ def label_step(
         return {**base, "status": "skipped"}
     if job["status"] == "failed":
         raise JobFailed(f"job {job_id} (run {run_id}) has failed for good: {_last_error(engine, job_id)}")
-    backend = get_backend(job["model"], revision=job["revision"], device=p.device, dtype=p.dtype_arg)
+    run = jobs.get_run(engine, run_id)
+    backend = get_backend(**run.load_args, device=p.device, dtype=p.dtype_arg)
     # claims the job (waiting out a dead worker's lease), marks the run running, closes it after the last job
     outcome = process_job(engine, job_id, backend, worker_id=worker or default_worker_id())
     out = {**base, **_small(outcome), "run_status": jobs.get_run(engine, run_id).status}

@@ -612,12 +612,27 @@ class LabelSummary:
 
 
 def describe(
-    model: str, *, revision: str, device: str, dtype: str | None, request: LabelRequest
+    model: str,
+    *,
+    revision: str,
+    device: str,
+    dtype: str | None,
+    request: LabelRequest,
+    adapter: str | None = None,
 ) -> ModelInfo:
     """ModelInfo for planning (model id, revision, prompt version), without loading weights."""
     from .backends import describe as describe_model
 
-    return describe_model(model, request, revision=revision, device=device, dtype=dtype)
+    return describe_model(model, request, revision=revision, device=device, dtype=dtype, adapter=adapter)
+
+
+def model_params(revision: str, adapter: str | None) -> dict[str, Any]:
+    """What a run stores so workers can load its model (see RunInfo.load_args)."""
+    if not adapter:
+        return {}
+    from .backends.adapter import adapter_dir
+
+    return {"adapter": str(adapter_dir(adapter)), "base_revision": revision}
 
 
 def label(
@@ -638,10 +653,17 @@ def label(
     on_plan: Callable[[jobs.PlanResult], None] | None = None,
     progress: Callable[[JobOutcome], None] | None = None,
     backend_factory: Callable[[], Backend] | None = None,
+    adapter: str | None = None,
+    audio_ids: Sequence[int] | None = None,
+    purpose: str = "label",
+    extra_params: dict[str, Any] | None = None,
 ) -> LabelSummary:
-    """Plan a run and work it to the end in this process (plain `qwen-tasks label`)."""
+    """Plan a run and work it to the end in this process (plain `qwen-tasks label`).
+
+    `adapter`: a LoRA adapter on top of `model` (a fine-tuned version); `audio_ids` / `purpose`: an
+    evaluation run over a fixed set of audio (see jobs.plan_run)."""
     started = time.perf_counter()
-    info = describe(model, revision=revision, device=device, dtype=dtype, request=request)
+    info = describe(model, revision=revision, device=device, dtype=dtype, request=request, adapter=adapter)
     plan = jobs.plan_run(
         engine,
         task=request.task,
@@ -652,7 +674,9 @@ def label(
         limit=limit,
         relabel=relabel,
         max_jobs=max_jobs,
-        params={"device": device, "dtype": dtype},
+        params={"device": device, "dtype": dtype, **model_params(revision, adapter), **(extra_params or {})},
+        audio_ids=audio_ids,
+        purpose=purpose,
     )
     if on_plan is not None:
         on_plan(plan)
@@ -668,7 +692,7 @@ def label(
         def backend_factory() -> Backend:
             from .backends import get_backend
 
-            return get_backend(model, revision=revision, device=device, dtype=dtype)
+            return get_backend(model, revision=revision, device=device, dtype=dtype, adapter=adapter)
 
     done = work(
         engine,

@@ -88,6 +88,7 @@ label_run = sa.Table(
     _ts("created_at"),
     _ts("started_at", default=False),
     _ts("finished_at", default=False),
+    sa.Column("purpose", sa.Text, nullable=False, server_default="label"),  # 0004
 )
 
 label_job = sa.Table(
@@ -204,3 +205,70 @@ utterance_score = sa.Table(
     sa.Column("error_rate", sa.Float),
     _ts("computed_at"),
 )
+
+# 0004_model_version: the stored fine-tune split and the model version registry (qwen_tasks.registry).
+finetune_split = sa.Table(
+    "finetune_split",
+    metadata,
+    sa.Column("task", sa.Text, primary_key=True),
+    sa.Column("audio_id", sa.BigInteger, sa.ForeignKey("audio.id"), primary_key=True),
+    sa.Column("part", sa.Text, nullable=False),
+    _ts("assigned_at"),
+)
+
+model_version = sa.Table(
+    "model_version",
+    metadata,
+    _id(),
+    sa.Column("name", sa.Text, nullable=False, unique=True),
+    sa.Column("task", sa.Text, nullable=False),
+    sa.Column("base_model", sa.Text, nullable=False),
+    sa.Column("base_revision", sa.Text, nullable=False, server_default=""),
+    sa.Column("adapter_path", sa.Text, nullable=False),
+    sa.Column("adapter_sha256", sa.Text, nullable=False),
+    sa.Column("revision", sa.Text, nullable=False),
+    sa.Column("prompt_version", sa.Text, nullable=False),
+    sa.Column("request", JSONB, nullable=False),
+    sa.Column("data_digest", sa.Text, nullable=False),
+    sa.Column("counts", JSONB, nullable=False),
+    sa.Column("hyperparams", JSONB, nullable=False),
+    sa.Column("loss_curve", JSONB, nullable=False),
+    sa.Column("train_seconds", sa.Float, nullable=False),
+    sa.Column("base_run_id", sa.BigInteger, sa.ForeignKey("label_run.id")),
+    sa.Column("candidate_run_id", sa.BigInteger, sa.ForeignKey("label_run.id")),
+    sa.Column("metrics", JSONB),
+    sa.Column("status", sa.Text, nullable=False, server_default="candidate"),
+    sa.Column("status_reason", sa.Text),
+    sa.Column("forced", sa.Boolean, nullable=False, server_default=sa.false()),
+    _ts("created_at"),
+    _ts("promoted_at", default=False),
+    _ts("retired_at", default=False),
+)
+
+# Views (sql/migrations/0003_review_views.sql), declared once here for SQLAlchemy Core queries.
+audio_path = sa.Table(
+    "audio_path", metadata, sa.Column("audio_id", sa.BigInteger), sa.Column("path", sa.Text)
+)
+
+cry_gold = sa.Table(
+    "cry_gold",
+    metadata,
+    sa.Column("audio_id", sa.BigInteger),
+    sa.Column("gold_label", sa.Text),
+    sa.Column("source", sa.Text),
+    sa.Column("manifest_item_id", sa.BigInteger),
+    sa.Column("reviewer", sa.Text),
+)
+
+asr_reference = sa.Table(
+    "asr_reference",
+    metadata,
+    sa.Column("audio_id", sa.BigInteger),
+    sa.Column("reference_text", sa.Text),
+    sa.Column("language", sa.Text),
+    sa.Column("source", sa.Text),
+    sa.Column("manifest_item_id", sa.BigInteger),
+    sa.Column("reviewer", sa.Text),
+)
+
+VIEWS = (audio_path, cry_gold, asr_reference)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import random
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -198,8 +199,9 @@ def attach_lora(model: Any, config: TrainConfig) -> Any:
     from peft import get_peft_model
 
     torch.manual_seed(config.seed)
-    peft_model = get_peft_model(model, lora_config(config))
-    return peft_model
+    with warnings.catch_warnings():  # peft still calls transformers' deprecated is_gradient_checkpointing
+        warnings.simplefilter("ignore", FutureWarning)
+        return get_peft_model(model, lora_config(config))
 
 
 def train(

@@ -17,8 +17,8 @@ from sqlalchemy.engine import Engine
 from qwen_tasks import db
 
 DATA_TABLES = (
-    "run_metric, human_label, label_failure, cry_answer, transcription, label_job_item, label_job, "
-    "label_run, manifest_item, audio_file, audio"
+    "model_version, finetune_split, run_metric, human_label, label_failure, cry_answer, transcription, "
+    "label_job_item, label_job, label_run, manifest_item, audio_file, audio"
 )
 
 

@@ -42,10 +42,13 @@ def detect_backend(model: str) -> str:
     return "qwen2-audio"
 
 
-def _pick(model: str, backend: str) -> str:
+def _pick(model: str, backend: str, adapter: str | None = None) -> str:
     if backend not in BACKENDS:
         raise ModelError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    return detect_backend(model) if backend == "auto" else backend
+    kind = detect_backend(model) if backend == "auto" else backend
+    if adapter and kind != "qwen2-audio":
+        raise ModelError("LoRA adapters are supported for Qwen2-Audio models only")
+    return kind
 
 
 def load_backend(
@@ -58,16 +61,18 @@ def load_backend(
     prompt_style: str = "auto",
     max_batch: int | None = None,
     trim_audio: bool = True,
+    adapter: str | None = None,
 ) -> Backend:
     """Load `model` (hub id or local path, optional pinned revision) into a ready backend.
 
     device: auto|cpu|cuda[:N]; dtype: None (bf16 on CUDA, fp32 on CPU) or float32|bfloat16|float16;
     prompt_style: auto (chat template present / name says Instruct) | chat | base;
     max_batch: cap on windows per forward pass inside one `label` call (None: the whole batch);
-    trim_audio: run the audio encoder only up to the batch's longest clip, not 30 s (Qwen2-Audio).
+    trim_audio: run the audio encoder only up to the batch's longest clip, not 30 s (Qwen2-Audio);
+    adapter: a LoRA adapter directory (`qwen-tasks finetune`) merged into the base weights.
     Raises ModelError when the model cannot be loaded or its tokenizer and config disagree.
     """
-    kind = _pick(model, backend)
+    kind = _pick(model, backend, adapter)
     if kind == "qwen-audio":
         from .qwen_audio import QwenAudioBackend
 
@@ -89,6 +94,7 @@ def load_backend(
         prompt_style=prompt_style,
         max_batch=max_batch,
         trim_audio=trim_audio,
+        adapter=adapter,
     )
 
 
@@ -106,16 +112,26 @@ def describe(
     dtype: str | None = None,
     backend: str = "auto",
     prompt_style: str = "auto",
+    adapter: str | None = None,
 ) -> ModelInfo:
     """The ModelInfo (model, revision, dtype, device, prompt version/template) a backend loaded with
     these arguments records for `request` — computed without loading weights (for planning runs)."""
-    kind = _pick(model, backend)
-    if kind == "qwen-audio":
-        from . import qwen_audio as module
-    else:
-        from . import qwen2_audio as module  # type: ignore[no-redef]
-    return module.describe(
-        model, request, revision=revision, device=device, dtype=dtype, prompt_style=prompt_style
+    if _pick(model, backend, adapter) == "qwen-audio":
+        from . import qwen_audio
+
+        return qwen_audio.describe(
+            model, request, revision=revision, device=device, dtype=dtype, prompt_style=prompt_style
+        )
+    from . import qwen2_audio
+
+    return qwen2_audio.describe(
+        model,
+        request,
+        revision=revision,
+        device=device,
+        dtype=dtype,
+        prompt_style=prompt_style,
+        adapter=adapter,
     )
 
 

@@ -27,6 +27,7 @@ import numpy as np
 from .. import prompts, windows
 from ..errors import ModelError
 from ..records import TARGET_SAMPLE_RATE, AudioClip, ClipResult, LabelRequest, ModelInfo, WindowResult
+from .adapter import adapter_digest, adapter_dir, adapter_revision, merge_adapter
 from .backoff import run_resilient
 
 log = logging.getLogger(__name__)
@@ -127,6 +128,7 @@ def describe(
     device: str = "auto",
     dtype: str | None = None,
     prompt_style: str = "auto",
+    adapter: str | None = None,
 ) -> ModelInfo:
     """ModelInfo a Qwen2-Audio backend would record for `request`, without loading any weights.
 
@@ -139,7 +141,7 @@ def describe(
     dev = resolve_device(device)
     return ModelInfo(
         model=model_id,
-        revision=revision,
+        revision=adapter_revision(revision, adapter_digest(adapter)) if adapter else revision,
         dtype=resolve_dtype(dtype, dev),
         device=dev,
         prompt_version=spec.version,
@@ -166,6 +168,7 @@ class Qwen2AudioBackend:
         prompt_style: str = "auto",
         max_batch: int | None = None,
         trim_audio: bool = True,
+        adapter: str | None = None,
     ) -> None:
         import torch
         from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
@@ -174,7 +177,9 @@ class Qwen2AudioBackend:
         hf_logging.disable_progress_bar()  # the label command shows its own progress
 
         self.model_id = resolve_model_id(model)
-        self.revision = revision
+        self.base_revision = revision
+        self.adapter = str(adapter_dir(adapter)) if adapter else None
+        self.revision = adapter_revision(revision, adapter_digest(self.adapter)) if self.adapter else revision
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.style = (
@@ -192,6 +197,8 @@ class Qwen2AudioBackend:
             )
         except (OSError, ValueError, RuntimeError, KeyError) as exc:
             raise ModelError(f"cannot load Qwen2-Audio model {model!r}: {exc}") from exc
+        if self.adapter:
+            self.model = merge_adapter(self.model, self.adapter)
         self.model.to(self.device).eval()
         self.tokenizer = self.processor.tokenizer
         self.tokenizer.padding_side = "left"  # batched generation needs the prompt to end at the same column
@@ -209,7 +216,7 @@ class Qwen2AudioBackend:
             )
         self.info = ModelInfo(
             model=self.model_id,
-            revision=revision,
+            revision=self.revision,
             dtype=self.dtype,
             device=self.device,
             prompt_version="",

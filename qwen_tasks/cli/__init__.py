@@ -65,4 +65,4 @@ def main() -> None:
 
 
 # Command modules register themselves on `app`; `--help` lists them in this order.
-from . import db_cmd, ingest_cmd, label_cmd, model_cmd, review_cmd  # noqa: E402,F401
+from . import db_cmd, ingest_cmd, label_cmd, model_cmd, review_cmd, finetune_cmd  # noqa: E402,F401,I001

@@ -59,8 +59,11 @@ class _Bar:
 @app.command("label")
 def label(
     task: str = typer.Option(..., "--task", help="asr (transcribe) or cry (is a baby crying? yes/no)."),
-    model: str = typer.Option(None, "--model", help="Hub id or local path (default: QWEN_TASKS_MODEL)."),
+    model: str = typer.Option(
+        None, "--model", help="Hub id, local path or fine-tuned version name (default: QWEN_TASKS_MODEL)."
+    ),
     revision: str = typer.Option(None, "--revision", help="Pinned model revision (commit/tag)."),
+    adapter: str = typer.Option(None, "--adapter", help="LoRA adapter directory on top of --model."),
     batch_size: int = typer.Option(None, "--batch-size", min=1, help="Max clips per job/batch."),
     max_batch_seconds: float = typer.Option(
         None, "--max-batch-seconds", min=0.1, help="Max audio s per batch."
@@ -92,6 +95,7 @@ def label(
         threshold=threshold,
     )  # fmt: skip
     engine = open_database()
+    model, revision, adapter = _resolve_model(engine, model or settings.model, revision, adapter)
     bar: _Bar | None = None
 
     def on_plan(plan: jobs.PlanResult) -> None:
@@ -112,8 +116,9 @@ def label(
         summary = runner.label(
             engine,
             request=request,
-            model=model or settings.model,
+            model=model,
             revision=settings.model_revision if revision is None else revision,
+            adapter=adapter,
             device=device or settings.device,
             dtype=dtype,
             batch_size=batch_size or settings.batch_size,
@@ -153,6 +158,24 @@ def label(
         )
 
 
+def _resolve_model(
+    engine: Any, model: str, revision: str | None, adapter: str | None
+) -> tuple[str, str | None, str | None]:
+    """A registered version name becomes its base model, base revision and adapter directory."""
+    from ..registry import resolve_model
+
+    version = resolve_model(engine, model)
+    if version is None:
+        return model, revision, adapter
+    if adapter or revision:
+        raise fail(f"--model {model} is a fine-tuned version: it brings its own base revision and adapter")
+    console.print(
+        f"{model}: {version.task} version ({version.status}) = {version.base_model} + {version.adapter_path}",
+        highlight=False,
+    )
+    return version.base_model, version.base_revision, version.adapter_path
+
+
 @app.command("work")
 def work(
     run: int = typer.Option(..., "--run", help="Run id (from `label --plan-only` or `runs`)."),
@@ -188,7 +211,7 @@ def work(
     def factory():  # noqa: ANN202 - Backend
         from ..backends import get_backend
 
-        return get_backend(info.model, revision=info.revision, device=device or planned_device,
+        return get_backend(**info.load_args, device=device or planned_device,
                            dtype=dtype or planned_dtype)  # fmt: skip
 
     counts = jobs.open_job_counts(engine, run)

@@ -1,0 +1,205 @@
+"""`qwen-tasks finetune` and `qwen-tasks models [promote|retire]`: thin wrappers over finetune, registry."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from ..finetune import FinetuneOptions
+from . import app, console, open_database, print_json
+
+_D = FinetuneOptions()  # defaults shown in --help come from the options object itself
+
+
+@app.command("finetune")
+def finetune(
+    task: str = typer.Option(..., "--task", help="cry or asr."),
+    base: str = typer.Option(None, "--base", help="Base model: hub id or path (default: QWEN_TASKS_MODEL)."),
+    revision: str = typer.Option("", "--revision", help="Pinned revision of the base model."),
+    name: str = typer.Option(None, "--name", help="Version name (default: <task>-<UTC time>)."),
+    epochs: int = typer.Option(_D.epochs, "--epochs", min=1, help="Passes over the training part."),
+    lr: float = typer.Option(_D.lr, "--lr", min=0.0, help="AdamW learning rate."),
+    rank: int = typer.Option(_D.rank, "--rank", min=1, help="LoRA rank."),
+    alpha: int = typer.Option(_D.alpha, "--alpha", min=1, help="LoRA alpha."),
+    targets: str = typer.Option(
+        ",".join(_D.targets), "--targets", help="LoRA on: lm (attention + MLP), projector, audio (encoder)."
+    ),
+    batch_size: int = typer.Option(_D.batch_size, "--batch-size", min=1, help="Clips per optimiser step."),
+    max_clips: int = typer.Option(None, "--max-clips", min=2, help="Train on at most N clips (stratified)."),
+    min_clips: int = typer.Option(_D.min_clips, "--min-clips", min=1, help="Refuse with fewer per class."),
+    heldout: float = typer.Option(_D.heldout_fraction, "--heldout-fraction", help="Share held out (stored)."),
+    min_improvement: float = typer.Option(
+        _D.min_improvement, "--min-improvement", min=0.0, help="Gate margin over the base on held-out audio."
+    ),
+    promote: bool = typer.Option(False, "--promote", help="Promote the version if it passes the gate."),
+    device: str = typer.Option(None, "--device", help="auto, cpu or cuda (default: QWEN_TASKS_DEVICE)."),
+    dtype: str = typer.Option(None, "--dtype", help="float32, bfloat16 or float16 (default: per device)."),
+    question: str = typer.Option(_D.question, "--question", help="cry: the question the version answers."),
+    language: str = typer.Option(_D.language, "--language", help="asr: language of the transcripts."),
+    eval_method: str = typer.Option(
+        _D.eval_method, "--eval-method", help="cry held-out runs: score or both."
+    ),
+    seed: int = typer.Option(_D.seed, "--seed", help="Seed for the adapter init and the batch order."),
+    out: str = typer.Option("", "--out", help="Adapter directory (default: $QWEN_TASKS_HOME/models/NAME)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON summary on stdout."),
+) -> None:
+    """Fine-tune a LoRA adapter on reviewed labels, evaluate base vs candidate on held-out audio, register it.
+
+    Training rows: human labels first, then manifest gold / references; a stored, content-based train /
+    held-out split. Ends with two real labelling runs over the held-out audio (base, candidate) and the
+    gate: the version is `candidate` if it beats the base by --min-improvement, else `rejected`.
+    Example: qwen-tasks finetune --task cry --base ./tiny --epochs 2 --device cpu --promote
+    """
+    from ..config import get_settings
+    from ..finetune import run_finetune
+
+    settings = get_settings()
+    options = FinetuneOptions(
+        task=task, base=base or "", base_revision=revision, name=name or "", epochs=epochs, lr=lr, rank=rank,
+        alpha=alpha, targets=tuple(t.strip() for t in targets.split(",") if t.strip()), batch_size=batch_size,
+        max_clips=max_clips, min_clips=min_clips, heldout_fraction=heldout, min_improvement=min_improvement,
+        promote=promote, device=device or settings.device, dtype=dtype, question=question, language=language,
+        eval_method=eval_method, seed=seed, out_dir=out,
+    )  # fmt: skip
+    engine = open_database()
+    bar = _TrainBar()
+
+    def prepared(p: Any) -> None:
+        console.print(
+            f"training on {sum(p.train.values())} clips {p.train}, held out {sum(p.heldout.values())} "
+            f"{p.heldout}; left out {p.skipped}; sources {p.sources}",
+            highlight=False,
+            soft_wrap=True,
+        )
+
+    try:
+        summary = run_finetune(engine, options, progress=bar, on_prepared=prepared, on_step=bar.done)
+    finally:
+        bar.done()
+    if as_json:
+        print_json(summary.to_dict())
+    for line in summary.gate.get("reasons", []):
+        console.print(f"  {line}", highlight=False)
+    state = "promoted" if summary.promoted else summary.status
+    console.print(
+        f"{summary.name}: {state} ({summary.steps} steps in {summary.train_seconds:.1f} s; held-out runs "
+        f"{summary.base_run_id} (base) and {summary.candidate_run_id} (candidate)); "
+        f"adapter {summary.adapter_path}",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+class _TrainBar:
+    """Rich progress on stderr: optimiser steps with the loss, clips/s and time left."""
+
+    def __init__(self) -> None:
+        self.progress: Progress | None = None
+        self.task: Any = None
+
+    def __call__(self, p: Any) -> None:
+        if self.progress is None:
+            self.progress = Progress(
+                TextColumn("[bold]training"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn(
+                    "steps  epoch {task.fields[epoch]}  loss {task.fields[loss]}  {task.fields[rate]}"
+                ),
+                TimeRemainingColumn(),
+                console=console,
+            )
+            self.progress.start()
+            self.task = self.progress.add_task("train", total=p.total_steps, epoch=1, loss="", rate="")
+        self.progress.update(
+            self.task,
+            completed=p.step,
+            epoch=p.epoch,
+            loss=f"{p.loss:.4f}",
+            rate=f"{p.clips_per_s:.1f} clips/s",
+        )
+
+    def done(self, message: str | None = None) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+        if message:
+            console.print(message, highlight=False)
+
+
+models_app = typer.Typer(
+    help="Fine-tuned model versions: list them, promote one for the nightly run, retire one.",
+    invoke_without_command=True,
+    no_args_is_help=False,
+)
+app.add_typer(models_app, name="models")
+
+
+@models_app.callback()
+def models(
+    ctx: typer.Context,
+    task: str = typer.Option(None, "--task", help="Only cry or asr versions."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON list on stdout."),
+) -> None:
+    """List model versions (newest first) with base vs candidate on their held-out audio."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from ..registry import list_versions
+
+    rows = list_versions(open_database(), task)
+    if as_json:
+        print_json(rows)
+        return
+    if not rows:
+        console.print("no model versions yet (make one with: qwen-tasks finetune --task cry)")
+        return
+    table = Table(title="model versions (newest first)")
+    for col in ("name", "task", "status", "train", "held out", "base", "candidate", "gate", "created"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        table.add_row(
+            r["name"], r["task"], r["status"] + (" (forced)" if r["forced"] else ""), _counts(r["train"]),
+            _counts(r["heldout"]), _headline(r["task"], r["base"]), _headline(r["task"], r["candidate"]),
+            {True: "passed", False: "failed"}.get(r["gate_passed"], "-"), str(r["created_at"])[:16],
+        )  # fmt: skip
+    out = type(console)()
+    if not out.is_terminal:
+        out = type(console)(width=200)
+    out.print(table)
+
+
+def _counts(counts: dict[str, int] | None) -> str:
+    return ", ".join(f"{k} {v}" for k, v in (counts or {}).items()) or "-"
+
+
+def _headline(task: str, metrics: dict[str, Any] | None) -> str:
+    if not metrics:
+        return "-"
+    keys = ("score.roc_auc", "score.f1") if task == "cry" else ("error_rate",)
+    names = {"score.roc_auc": "AUC", "score.f1": "F1", "error_rate": "WER/CER"}
+    return ", ".join(f"{names[k]} {metrics[k]:.3f}" for k in keys if metrics.get(k) is not None) or "-"
+
+
+@models_app.command("promote")
+def promote(
+    name: str = typer.Argument(..., help="Version name (see: qwen-tasks models)."),
+    force: bool = typer.Option(False, "--force", help="Promote even if it did not beat the base (recorded)."),
+) -> None:
+    """Make NAME the version the nightly run uses for its task (the previous one is retired)."""
+    from ..registry import promote as do_promote
+
+    version = do_promote(open_database(), name, force=force)
+    note = " (forced: it did not pass the gate)" if version.forced else ""
+    console.print(f"{name} is now the promoted {version.task} model{note}", highlight=False)
+
+
+@models_app.command("retire")
+def retire(name: str = typer.Argument(..., help="Version name.")) -> None:
+    """Stop using NAME for the nightly run (it stays in the registry, its labels stay)."""
+    from ..registry import retire as do_retire
+
+    version = do_retire(open_database(), name)
+    console.print(f"{name} ({version.task}) is retired", highlight=False)

@@ -1,0 +1,664 @@
+"""Fine-tune from reviewed labels: training rows, the stored split, training, held-out evaluation, gate.
+
+The loop `qwen-tasks finetune` and the `qwen_audio_finetune` DAG run, one function per step:
+1. `prepare`: the labelled audio of a task from the review views — a human label (Label Studio import)
+   wins over the manifest's gold / reference (views cry_gold, asr_reference); nothing the model itself
+   said is ever a training answer. The train / held-out split is by audio content (sha256), stratified by
+   label for cry, stored in `finetune_split` and kept, so held-out audio is never trained on by any
+   version. Too few labelled clips per class, or a single class, is refused with one line.
+2. `train_version`: LoRA on the training part only (`qwen_tasks.trainer`), with the labelling prompt of
+   the run that will use it; the adapter is written atomically and registered (`model_version`).
+3. `evaluate_version`: two real labelling runs (purpose 'evaluation') over the held-out audio — the base
+   model, and base + adapter loaded from disk through the normal backend path — and their metrics.
+4. `decide`: the gate (`registry.gate`) sets `candidate` or `rejected`; promotion is optional.
+Only ids, names and counts go between steps (XCom in the DAG).
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from . import jobs, registry
+from .db import transaction
+from .errors import ConfigError
+from .records import LabelRequest
+from .registry import VersionStatus
+from .schema import asr_reference, audio, audio_file, cry_gold, finetune_split, model_version
+
+log = logging.getLogger(__name__)
+
+TASKS = ("cry", "asr")
+MAX_SECONDS = 30.0  # one encoder window: a longer clip has no per-window label to learn from
+
+
+@dataclass(frozen=True)
+class FinetuneOptions:
+    """Everything `qwen-tasks finetune` takes; the DAG's Params are generated from these defaults."""
+
+    task: str = "cry"
+    base: str = ""  # hub id or path; "" = QWEN_TASKS_MODEL
+    base_revision: str = ""
+    name: str = ""  # "" = <task>-<UTC timestamp>
+    epochs: int = 2
+    lr: float = 3e-3
+    rank: int = 16
+    alpha: int = 32
+    targets: tuple[str, ...] = ("lm", "projector")
+    batch_size: int = 8
+    max_clips: int | None = None
+    min_clips: int = 20
+    heldout_fraction: float = 0.33
+    min_improvement: float = registry.DEFAULT_MIN_IMPROVEMENT
+    promote: bool = False
+    device: str = "auto"
+    dtype: str | None = None
+    question: str = LabelRequest(task="cry").question
+    language: str = "en"
+    eval_method: str = "both"  # cry: score only, or score + generate (shows whether answers got decisive)
+    eval_max_new_tokens: int = 32
+    seed: int = 0
+    out_dir: str = ""  # "" = $QWEN_TASKS_HOME/models/<name>
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ConfigError(f"--task must be cry or asr, got {self.task!r}")
+        if self.min_clips < 1:
+            raise ConfigError(f"--min-clips must be >= 1, got {self.min_clips}")
+        if self.max_clips is not None and self.max_clips < 2:
+            raise ConfigError(f"--max-clips must be >= 2, got {self.max_clips}")
+        if not 0.0 < self.heldout_fraction < 1.0:
+            raise ConfigError(f"--heldout-fraction must be between 0 and 1, got {self.heldout_fraction}")
+        if self.min_improvement < 0:
+            raise ConfigError(f"--min-improvement must be >= 0, got {self.min_improvement}")
+        if self.eval_method not in ("score", "both"):
+            raise ConfigError(f"--eval-method must be score or both, got {self.eval_method!r}")
+        if self.name:
+            registry.check_name(self.name)
+        self.train_config()  # validates the hyper-parameters
+
+    def train_config(self) -> Any:
+        from .trainer import TrainConfig
+
+        return TrainConfig(
+            epochs=self.epochs,
+            lr=self.lr,
+            batch_size=self.batch_size,
+            rank=self.rank,
+            alpha=self.alpha,
+            targets=tuple(self.targets),
+            seed=self.seed,
+        )
+
+    def request(self) -> LabelRequest:
+        """The labelling request the version is trained for (its prompt is the training prompt)."""
+        try:
+            return LabelRequest(task=self.task, language=self.language, question=self.question)  # type: ignore[arg-type]
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
+    def eval_request(self) -> LabelRequest:
+        """What the held-out runs ask; cry adds `generate`: the report then shows whether answers got
+        decisive."""
+        methods = ("score", "generate") if self.task == "cry" and self.eval_method == "both" else ("score",)
+        return replace(self.request(), methods=methods, max_new_tokens=self.eval_max_new_tokens)
+
+    def resolved(self) -> FinetuneOptions:
+        """Defaults filled in from the environment: base model and version name."""
+        from .config import get_settings
+
+        base = self.base or get_settings().model
+        name = self.name or f"{self.task}-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}"
+        return replace(self, base=base, name=name)
+
+    @classmethod
+    def from_mapping(cls, raw: dict[str, Any]) -> FinetuneOptions:
+        """From DAG params / JSON (unknown keys ignored; lists for tuples)."""
+        known = {f.name for f in fields(cls)}
+        values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in raw.items() if k in known}
+        try:
+            return cls(**values)
+        except TypeError as exc:
+            raise ConfigError(f"fine-tune params: {exc}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["targets"] = list(self.targets)
+        return out
+
+
+@dataclass(frozen=True)
+class Row:
+    """One labelled audio: its answer (gold label or reference transcript) and where that comes from."""
+
+    audio_id: int
+    sha256: str
+    duration_s: float
+    answer: str
+    source: str  # human | manifest
+
+    @property
+    def cls(self) -> str:
+        """Stratification class: the label for cry; one class for ASR."""
+        return self.answer if self.answer in ("yes", "no") else "all"
+
+
+@dataclass
+class Prepared:
+    """What `prepare` found: counts per part and class, and why clips were left out."""
+
+    task: str
+    train: dict[str, int] = field(default_factory=dict)
+    heldout: dict[str, int] = field(default_factory=dict)
+    skipped: dict[str, int] = field(default_factory=dict)
+    sources: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --- 1. data and split ------------------------------------------------------------------------------------
+
+
+def labelled_rows(engine: Engine, options: FinetuneOptions) -> tuple[list[Row], dict[str, int]]:
+    """Labelled audio of the task (human first, then manifests) with a readable path, <= 30 s."""
+    if options.task == "cry":
+        query = sa.select(
+            cry_gold.c.audio_id,
+            cry_gold.c.gold_label.label("answer"),
+            cry_gold.c.source,
+            audio.c.sha256,
+            audio.c.duration_s,
+        ).join(audio, audio.c.id == cry_gold.c.audio_id)
+    else:
+        query = (
+            sa.select(
+                asr_reference.c.audio_id,
+                asr_reference.c.reference_text.label("answer"),
+                asr_reference.c.source,
+                audio.c.sha256,
+                audio.c.duration_s,
+            )
+            .join(audio, audio.c.id == asr_reference.c.audio_id)
+            .where(
+                asr_reference.c.reference_text.is_not(None),
+                sa.or_(asr_reference.c.language.is_(None), asr_reference.c.language == options.language),
+            )
+        )
+    readable = sa.exists().where(audio_file.c.audio_id == audio.c.id, audio_file.c.status == "ok")
+    skipped = {"over_30s": 0, "no_readable_file": 0}
+    rows: list[Row] = []
+    with engine.connect() as conn:
+        for r in conn.execute(query.add_columns(readable.label("readable")).order_by(audio.c.id)):
+            if not r.readable:
+                skipped["no_readable_file"] += 1
+            elif float(r.duration_s) > MAX_SECONDS:
+                skipped["over_30s"] += 1
+            else:
+                answer = r.answer.strip() if options.task == "asr" else r.answer
+                rows.append(Row(int(r.audio_id), r.sha256, float(r.duration_s), answer, r.source))
+    return rows, skipped
+
+
+def split_key(task: str, sha256: str) -> str:
+    """Order within a class: a hash of the content, so the split depends on the audio, not on ids."""
+    return hashlib.sha256(f"{task}:{sha256}".encode()).hexdigest()
+
+
+def assign_split(engine: Engine, task: str, rows: Sequence[Row], fraction: float) -> dict[int, str]:
+    """audio_id -> 'train' | 'heldout' for `rows`: stored assignments are kept, new audio is assigned so
+    each class keeps about `fraction` held out (lowest split keys first). Serialised per task."""
+    with transaction(engine) as conn:
+        conn.execute(
+            sa.select(sa.func.pg_advisory_xact_lock(sa.func.hashtextextended(f"qwen_tasks.split:{task}", 0)))
+        )
+        query = sa.select(finetune_split.c.audio_id, finetune_split.c.part).where(
+            finetune_split.c.task == task
+        )
+        stored = {int(a): str(p) for a, p in conn.execute(query).all()}
+        by_class: dict[str, list[Row]] = {}
+        for row in rows:
+            by_class.setdefault(row.cls, []).append(row)
+        new: list[dict[str, Any]] = []
+        for members in by_class.values():
+            held = sum(1 for m in members if stored.get(m.audio_id) == "heldout")
+            need = max(0, round(fraction * len(members)) - held)
+            fresh = sorted(
+                (m for m in members if m.audio_id not in stored), key=lambda m: split_key(task, m.sha256)
+            )
+            for k, m in enumerate(fresh):
+                new.append({"task": task, "audio_id": m.audio_id, "part": "heldout" if k < need else "train"})
+        if new:
+            conn.execute(pg_insert_ignore(finetune_split), new)
+        stored.update({n["audio_id"]: n["part"] for n in new})
+    return {row.audio_id: stored[row.audio_id] for row in rows}
+
+
+def pg_insert_ignore(table: sa.Table) -> Any:
+    from sqlalchemy.dialects.postgresql import insert
+
+    return insert(table).on_conflict_do_nothing()
+
+
+def _counts(rows: Sequence[Row]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for r in rows:
+        out[r.cls] = out.get(r.cls, 0) + 1
+    return dict(sorted(out.items()))
+
+
+def prepare(engine: Engine, options: FinetuneOptions) -> tuple[Prepared, list[Row], list[Row]]:
+    """Labelled rows split into (train, held-out), after the checks that make training meaningful."""
+    rows, skipped = labelled_rows(engine, options)
+    counts = _counts(rows)
+    what = "labelled clips" if options.task == "cry" else "clips with a reference transcript"
+    if options.task == "cry":
+        if len(counts) < 2:
+            only = ", ".join(f"{k} {v}" for k, v in counts.items()) or "none"
+            raise ConfigError(
+                f"cannot fine-tune cry: only one class among the {what} ({only}); a detector needs both yes "
+                "and no examples (review more audio or add a manifest with gold labels)"
+            )
+        short = {k: v for k, v in counts.items() if v < options.min_clips}
+        if short:
+            have = ", ".join(f"{k} {v}" for k, v in counts.items())
+            raise ConfigError(
+                f"cannot fine-tune cry: too few {what} ({have}); need at least {options.min_clips} per class "
+                "(--min-clips)"
+            )
+    elif len(rows) < options.min_clips:
+        raise ConfigError(
+            f"cannot fine-tune asr: {len(rows)} {what} in language {options.language!r}; need at least "
+            f"{options.min_clips} (--min-clips)"
+        )
+    parts = assign_split(engine, options.task, rows, options.heldout_fraction)
+    train = [r for r in rows if parts[r.audio_id] == "train"]
+    heldout = [r for r in rows if parts[r.audio_id] == "heldout"]
+    if options.max_clips is not None and len(train) > options.max_clips:
+        train = _stratified_head(train, options.max_clips, options.task)
+        skipped["over_max_clips"] = len([r for r in rows if parts[r.audio_id] == "train"]) - len(train)
+    if not train or not heldout or len(_counts(heldout)) < len(counts):
+        raise ConfigError(
+            f"cannot fine-tune {options.task}: the split left {len(train)} training and {len(heldout)} "
+            "held-out clips; every class needs both (label more audio or change --heldout-fraction)"
+        )
+    sources: dict[str, int] = {}
+    for r in train:
+        sources[r.source] = sources.get(r.source, 0) + 1
+    prepared = Prepared(
+        options.task, _counts(train), _counts(heldout), skipped, dict(sorted(sources.items()))
+    )
+    return prepared, train, heldout
+
+
+def _stratified_head(rows: Sequence[Row], n: int, task: str) -> list[Row]:
+    """The first `n` rows by split key, taken round-robin over classes (keeps the label balance)."""
+    by_class: dict[str, list[Row]] = {}
+    for r in sorted(rows, key=lambda r: split_key(task, r.sha256)):
+        by_class.setdefault(r.cls, []).append(r)
+    out: list[Row] = []
+    queues = [list(v) for _, v in sorted(by_class.items())]
+    while len(out) < n and any(queues):
+        for q in queues:
+            if q and len(out) < n:
+                out.append(q.pop(0))
+    return out
+
+
+def heldout_ids(engine: Engine, task: str) -> list[int]:
+    """Held-out audio of `task` that currently has a label (what evaluation runs label)."""
+    labelled = cry_gold if task == "cry" else asr_reference
+    with engine.connect() as conn:
+        return sorted(
+            int(a)
+            for a in conn.execute(
+                sa.select(finetune_split.c.audio_id).where(
+                    finetune_split.c.task == task,
+                    finetune_split.c.part == "heldout",
+                    finetune_split.c.audio_id.in_(sa.select(labelled.c.audio_id)),
+                )
+            ).scalars()
+        )
+
+
+def data_digest(options: FinetuneOptions, train: Sequence[Row], prompt_version: str) -> str:
+    """sha256 over what the adapter learned from: base, prompt version and (audio sha256, answer) pairs."""
+    payload = json.dumps(
+        {"base": options.base, "prompt": prompt_version, "rows": sorted((r.sha256, r.answer) for r in train)},
+        ensure_ascii=False,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+# --- 2. train and register ------------------------------------------------------------------------------
+
+
+@dataclass
+class Trained:
+    """A trained, registered version; `backend` holds the in-memory model (adapter applied, unmerged)."""
+
+    name: str
+    adapter_path: str
+    adapter_sha256: str
+    revision: str
+    prepared: Prepared
+    result: Any
+    backend: Any = None
+
+
+def _load_examples(engine: Engine, rows: Sequence[Row]) -> tuple[list[Any], int]:
+    """Decode the training audio through the same checks as labelling (size, allowed paths)."""
+    from .runner import AudioStorageUnavailable, load_clips
+    from .trainer import Example
+
+    with engine.connect() as conn:
+        found = conn.execute(
+            sa.select(audio_file.c.audio_id, audio_file.c.path, audio_file.c.size_bytes)
+            .where(audio_file.c.audio_id.in_([r.audio_id for r in rows]), audio_file.c.status == "ok")
+            .order_by(audio_file.c.id)
+        ).all()
+    paths: dict[int, list[tuple[str, int | None]]] = {}
+    for f in found:
+        paths.setdefault(int(f.audio_id), []).append((f.path, f.size_bytes))
+    items = [jobs.JobItem(r.audio_id, r.duration_s, tuple(paths.get(r.audio_id, ()))) for r in rows]
+    try:
+        clips, failures = load_clips(items)
+    except AudioStorageUnavailable as exc:
+        raise ConfigError(f"cannot read the training audio: {exc}") from None
+    for audio_id, why in list(failures.items())[:5]:
+        log.warning("training audio %s left out: %s", audio_id, why)
+    answers = {r.audio_id: r.answer for r in rows}
+    return [Example(c.audio_id, c.waveform, answers[c.audio_id]) for c in clips], len(failures)
+
+
+def _models_dir(options: FinetuneOptions) -> Path:
+    from .config import get_settings
+
+    return (
+        Path(options.out_dir).expanduser().resolve()
+        if options.out_dir
+        else get_settings().home / "models" / options.name
+    )
+
+
+def _clear_interrupted(engine: Engine, name: str) -> None:
+    """A version row without an evaluation is what a killed fine-tune leaves; the same name starts over."""
+    version = registry.get_version(engine, name)
+    if version is None:
+        return
+    if version.metrics is not None or version.status is not VersionStatus.CANDIDATE:
+        raise ConfigError(f"model version {name!r} exists already; choose another --name")
+    log.warning("model version %s was interrupted before its evaluation; training it again", name)
+    with transaction(engine) as conn:
+        conn.execute(model_version.delete().where(model_version.c.name == name))
+
+
+def train_version(
+    engine: Engine,
+    options: FinetuneOptions,
+    *,
+    progress: Callable[[Any], None] | None = None,
+    on_prepared: Callable[[Prepared], None] | None = None,
+    keep_backend: bool = False,
+) -> Trained:
+    """Prepare the data, train a LoRA adapter on the training part, save it and register it (status
+    `candidate`, no metrics yet). Nothing is registered until the adapter is on disk."""
+    from .backends import load_backend
+    from .backends.adapter import adapter_digest, adapter_revision
+    from .trainer import save_adapter, train
+
+    options = options.resolved()
+    _clear_interrupted(engine, options.name)
+    prepared, train_rows, _ = prepare(engine, options)
+    if on_prepared is not None:
+        on_prepared(prepared)
+    request = options.request()
+    backend = load_backend(
+        options.base, revision=options.base_revision, device=options.device, dtype=options.dtype
+    )
+    info = backend.describe(request)
+    examples, unreadable = _load_examples(engine, train_rows)
+    if unreadable:
+        prepared.skipped["unreadable"] = unreadable
+    if not examples:
+        raise ConfigError("none of the training audio could be read (see the warnings above)")
+    peft_model, result = train(
+        backend, backend.prompt_text(request), examples, options.train_config(), progress=progress
+    )
+    target = _models_dir(options)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        save_adapter(peft_model, staging)
+        (staging / "QWEN_TASKS_VERSION.json").write_text(
+            json.dumps({"name": options.name, "task": options.task, "base": options.base}, indent=2) + "\n"
+        )
+        if target.exists():
+            shutil.rmtree(target)  # a killed earlier attempt of this name (no registry row points at it)
+        os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    sha = adapter_digest(target)
+    revision = adapter_revision(options.base_revision, sha)
+    digest = data_digest(options, train_rows, info.prompt_version)
+    with transaction(engine) as conn:
+        registry.register(
+            conn,
+            {
+                "name": options.name,
+                "task": options.task,
+                "base_model": info.model,
+                "base_revision": options.base_revision,
+                "adapter_path": str(target),
+                "adapter_sha256": sha,
+                "revision": revision,
+                "prompt_version": info.prompt_version,
+                "request": {**asdict(request), "methods": list(request.methods)},
+                "data_digest": digest,
+                "counts": {
+                    "train": prepared.train,
+                    "heldout": prepared.heldout,
+                    "skipped": prepared.skipped,
+                    "sources": prepared.sources,
+                    "examples": len(examples),
+                },
+                "hyperparams": {
+                    **options.train_config().to_dict(),
+                    "max_clips": options.max_clips,
+                    "heldout_fraction": options.heldout_fraction,
+                    "min_clips": options.min_clips,
+                    "device": info.device,
+                    "dtype": info.dtype,
+                },
+                "loss_curve": {"step": result.losses, "epoch": result.epoch_losses},
+                "train_seconds": result.seconds,
+                "status": VersionStatus.CANDIDATE,
+            },
+        )
+    trained = Trained(options.name, str(target), sha, revision, prepared, result)
+    if keep_backend:
+        trained.backend = backend
+    else:
+        del backend, peft_model
+        _free_memory()
+    return trained
+
+
+def _free_memory() -> None:
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:  # pragma: no cover - torch is a hard dependency
+        pass
+
+
+# --- 3. evaluate and 4. decide ------------------------------------------------------------------------------
+
+
+def evaluate_version(engine: Engine, name: str, options: FinetuneOptions) -> dict[str, Any]:
+    """Label the held-out audio with the base model and with the version (two real runs), compute and
+    store their metrics and the gate decision on the version. Returns run ids, metrics and the gate."""
+    from .backends import get_backend
+    from .metrics import compute_run_metrics
+    from .runner import label
+
+    version = registry.require_version(engine, name)
+    ids = heldout_ids(engine, version.task)
+    if not ids:
+        raise ConfigError(f"{name}: no labelled held-out audio to evaluate on")
+    opts = replace(
+        options,
+        task=version.task,
+        question=version.request.get("question", options.question),
+        language=version.request.get("language", options.language),
+    )
+    request = opts.eval_request()
+    runs: dict[str, int] = {}
+    for role, adapter in (("base", None), ("candidate", version.adapter_path)):
+        summary = label(
+            engine,
+            request=request,
+            model=version.base_model,
+            revision=version.base_revision,
+            device=opts.device,
+            dtype=opts.dtype,
+            relabel=True,
+            audio_ids=ids,
+            purpose="evaluation",
+            adapter=adapter,
+            extra_params={"model_version": name, "role": role},
+        )
+        if summary.run_id is None:
+            raise ConfigError(f"{name}: nothing planned for the {role} evaluation (held-out audio in use?)")
+        if summary.status != "done":
+            raise ConfigError(
+                f"{name}: {role} evaluation run {summary.run_id} ended {summary.status} "
+                f"({'; '.join(summary.errors[-2:])})"
+            )
+        runs[role] = summary.run_id
+    get_backend.cache_clear()
+    _free_memory()
+    metrics = {role: compute_run_metrics(engine, run_id) for role, run_id in runs.items()}
+    result = registry.gate(version.task, metrics["base"], metrics["candidate"], opts.min_improvement)
+    keep = (
+        "run_id",
+        "n_results",
+        "n_gold",
+        "n_reference",
+        "score.roc_auc",
+        "score.f1",
+        "score.accuracy",
+        "generate.accuracy",
+        "generate.unknown_rate",
+        "wer",
+        "cer",
+        "error_rate",
+    )
+    stored = {role: {k: m.get(k) for k in keep if k in m} for role, m in metrics.items()}
+    status = VersionStatus.CANDIDATE if result.passed else VersionStatus.REJECTED
+    with transaction(engine) as conn:
+        conn.execute(
+            model_version.update()
+            .where(model_version.c.name == name)
+            .values(
+                base_run_id=runs["base"],
+                candidate_run_id=runs["candidate"],
+                metrics={**stored, "gate": result.to_dict()},
+                status=status,
+                status_reason="; ".join(result.reasons),
+            )
+        )
+    return {
+        "base_run_id": runs["base"],
+        "candidate_run_id": runs["candidate"],
+        **stored,
+        "gate": result.to_dict(),
+        "status": str(status),
+    }
+
+
+@dataclass
+class FinetuneSummary:
+    """`qwen-tasks finetune --json`."""
+
+    name: str
+    task: str
+    status: str
+    adapter_path: str
+    revision: str
+    train: dict[str, int]
+    heldout: dict[str, int]
+    skipped: dict[str, int]
+    train_seconds: float
+    steps: int
+    final_loss: float | None
+    base_run_id: int | None = None
+    candidate_run_id: int | None = None
+    base: dict[str, Any] = field(default_factory=dict)
+    candidate: dict[str, Any] = field(default_factory=dict)
+    gate: dict[str, Any] = field(default_factory=dict)
+    promoted: bool = False
+    wall_seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def run_finetune(
+    engine: Engine,
+    options: FinetuneOptions,
+    *,
+    progress: Callable[[Any], None] | None = None,
+    on_prepared: Callable[[Prepared], None] | None = None,
+    on_step: Callable[[str], None] | None = None,
+) -> FinetuneSummary:
+    """The whole loop: prepare, train, register, evaluate base and candidate, gate, promote if asked."""
+    started = time.perf_counter()
+    options = options.resolved()
+    trained = train_version(engine, options, progress=progress, on_prepared=on_prepared)
+    if on_step is not None:
+        on_step(f"adapter saved to {trained.adapter_path}; evaluating base and candidate on held-out audio")
+    evaluation = evaluate_version(engine, trained.name, options)
+    promoted = False
+    if options.promote and evaluation["gate"]["passed"]:
+        registry.promote(engine, trained.name)
+        promoted = True
+    version = registry.require_version(engine, trained.name)
+    return FinetuneSummary(
+        name=trained.name,
+        task=options.task,
+        status=str(version.status),
+        adapter_path=trained.adapter_path,
+        revision=trained.revision,
+        train=trained.prepared.train,
+        heldout=trained.prepared.heldout,
+        skipped=trained.prepared.skipped,
+        train_seconds=trained.result.seconds,
+        steps=trained.result.steps,
+        final_loss=trained.result.epoch_losses[-1] if trained.result.epoch_losses else None,
+        base_run_id=evaluation["base_run_id"],
+        candidate_run_id=evaluation["candidate_run_id"],
+        base=evaluation["base"],
+        candidate=evaluation["candidate"],
+        gate=evaluation["gate"],
+        promoted=promoted,
+        wall_seconds=time.perf_counter() - started,
+    )

@@ -1,0 +1,284 @@
+"""The model version registry (table `model_version`): fine-tuned versions, the promotion gate, lookup.
+
+Owns the rules for which version labels production audio: a version is born a `candidate` (it beat the
+base on the held-out split by the margin) or `rejected` (it did not); `promote` makes it the one the
+nightly DAG uses for its task (the previous promoted version is retired in the same transaction), and
+is refused for a version that does not pass the gate unless forced — the force is recorded. Names are
+what users type (`label --model NAME`); `resolve_model` turns a name into base + adapter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from .db import transaction
+from .errors import ConfigError
+from .schema import model_version
+
+NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}"  # also a CHECK in 0004_model_version.sql
+DEFAULT_MIN_IMPROVEMENT = 0.01
+
+
+class VersionStatus(StrEnum):
+    CANDIDATE = "candidate"
+    PROMOTED = "promoted"
+    REJECTED = "rejected"
+    RETIRED = "retired"
+
+
+# What the gate compares per task: (metric name in run_metric, True when higher is better).
+GATE_METRICS: dict[str, tuple[tuple[str, bool], ...]] = {
+    "cry": (("score.roc_auc", True), ("score.f1", True)),
+    "asr": (("error_rate", False),),
+}
+# F1 is stored as undefined when a run never says yes (precision 0/0); with gold labels present that is
+# an F1 of 0 for the gate (sklearn's zero_division=0), not a reason to skip the comparison.
+ZERO_WHEN_UNDEFINED = ("score.f1",)
+
+
+def _gate_value(metrics: dict[str, Any], name: str) -> float | None:
+    value = metrics.get(name)
+    if value is None and name in ZERO_WHEN_UNDEFINED and metrics.get("n_gold"):
+        return 0.0
+    return value
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    """A row of model_version, as the rest of the code needs it."""
+
+    id: int
+    name: str
+    task: str
+    status: VersionStatus
+    base_model: str
+    base_revision: str
+    adapter_path: str
+    adapter_sha256: str
+    revision: str
+    prompt_version: str
+    request: dict[str, Any]
+    metrics: dict[str, Any] | None
+    base_run_id: int | None
+    candidate_run_id: int | None
+    forced: bool
+
+    @classmethod
+    def from_row(cls, row: Any) -> ModelVersion:
+        return cls(
+            id=row.id,
+            name=row.name,
+            task=row.task,
+            status=VersionStatus(row.status),
+            base_model=row.base_model,
+            base_revision=row.base_revision,
+            adapter_path=row.adapter_path,
+            adapter_sha256=row.adapter_sha256,
+            revision=row.revision,
+            prompt_version=row.prompt_version,
+            request=dict(row.request or {}),
+            metrics=row.metrics,
+            base_run_id=row.base_run_id,
+            candidate_run_id=row.candidate_run_id,
+            forced=row.forced,
+        )
+
+
+@dataclass(frozen=True)
+class GateResult:
+    """Whether the candidate beats the base on every gate metric by `margin`; one reason per metric."""
+
+    passed: bool
+    margin: float
+    reasons: list[str] = field(default_factory=list)
+    compared: dict[str, dict[str, float | None]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "passed": self.passed,
+            "margin": self.margin,
+            "reasons": self.reasons,
+            "compared": self.compared,
+        }
+
+
+def check_name(name: str) -> str:
+    import re
+
+    if not re.fullmatch(NAME_PATTERN, name):
+        raise ConfigError(
+            f"model version name {name!r} must be 1-100 letters, digits, '.', '_' or '-' (starting with a "
+            "letter or digit)"
+        )
+    return name
+
+
+def gate(task: str, base: dict[str, Any], candidate: dict[str, Any], margin: float) -> GateResult:
+    """Compare held-out metrics (name -> value) of base and candidate for `task`."""
+    reasons: list[str] = []
+    compared: dict[str, dict[str, float | None]] = {}
+    passed = True
+    for name, higher_better in GATE_METRICS[task]:
+        b, c = _gate_value(base, name), _gate_value(candidate, name)
+        compared[name] = {"base": b, "candidate": c}
+        if c is None:
+            passed = False
+            reasons.append(
+                f"{name}: undefined for the candidate (no gold / reference on the held-out split?)"
+            )
+            continue
+        if b is None:  # the base could not be scored: the candidate has nothing to beat
+            reasons.append(f"{name}: base undefined, candidate {c:.4f}")
+            continue
+        gain = (c - b) if higher_better else (b - c)
+        ok = gain >= margin
+        passed = passed and ok
+        better = "higher" if higher_better else "lower"
+        reasons.append(
+            f"{name}: base {b:.4f} -> candidate {c:.4f} ({better} is better; gain {gain:+.4f}, "
+            f"{'meets' if ok else 'below'} the margin {margin:.4f})"
+        )
+    return GateResult(passed=passed, margin=margin, reasons=reasons, compared=compared)
+
+
+# --- reading -----------------------------------------------------------------------------------------------
+
+
+def get_version(engine: Engine | Connection, name: str) -> ModelVersion | None:
+    query = sa.select(model_version).where(model_version.c.name == name)
+    if isinstance(engine, Connection):
+        row = engine.execute(query).one_or_none()
+    else:
+        with engine.connect() as conn:
+            row = conn.execute(query).one_or_none()
+    return None if row is None else ModelVersion.from_row(row)
+
+
+def require_version(engine: Engine | Connection, name: str) -> ModelVersion:
+    version = get_version(engine, name)
+    if version is None:
+        raise ConfigError(f"no model version named {name!r} (see: qwen-tasks models)")
+    return version
+
+
+def promoted_version(engine: Engine, task: str) -> ModelVersion | None:
+    """The version the nightly run uses for `task`, if any was promoted."""
+    with engine.connect() as conn:
+        row = conn.execute(
+            sa.select(model_version).where(
+                model_version.c.task == task, model_version.c.status == VersionStatus.PROMOTED
+            )
+        ).one_or_none()
+    return None if row is None else ModelVersion.from_row(row)
+
+
+def list_versions(engine: Engine, task: str | None = None) -> list[dict[str, Any]]:
+    """Every version, newest first, with its held-out comparison (for `qwen-tasks models`)."""
+    query = sa.select(model_version).order_by(model_version.c.id.desc())
+    if task is not None:
+        query = query.where(model_version.c.task == task)
+    with engine.connect() as conn:
+        rows = conn.execute(query).all()
+    out = []
+    for r in rows:
+        gate_info = (r.metrics or {}).get("gate") or {}
+        out.append(
+            {
+                "name": r.name,
+                "task": r.task,
+                "status": r.status,
+                "base_model": r.base_model,
+                "revision": r.revision,
+                "adapter_path": r.adapter_path,
+                "created_at": r.created_at,
+                "base_run_id": r.base_run_id,
+                "candidate_run_id": r.candidate_run_id,
+                "heldout": (r.counts or {}).get("heldout"),
+                "train": (r.counts or {}).get("train"),
+                "base": (r.metrics or {}).get("base"),
+                "candidate": (r.metrics or {}).get("candidate"),
+                "gate_passed": gate_info.get("passed"),
+                "forced": r.forced,
+                "status_reason": r.status_reason,
+            }
+        )
+    return out
+
+
+def resolve_model(engine: Engine, model: str) -> ModelVersion | None:
+    """The registered version called `model`, or None when `model` is a hub id / path (a name never
+    contains '/'). Retired and rejected versions can still be labelled with on purpose."""
+    if "/" in model or not model:
+        return None
+    return get_version(engine, model)
+
+
+# --- writing -----------------------------------------------------------------------------------------------
+
+
+def register(conn: Connection, values: dict[str, Any]) -> int:
+    """Insert a version row (status from `values`); returns its id. A name in use is a ConfigError."""
+    check_name(values["name"])
+    if conn.execute(sa.select(model_version.c.id).where(model_version.c.name == values["name"])).first():
+        raise ConfigError(f"model version {values['name']!r} exists already; choose another --name")
+    return int(
+        conn.execute(model_version.insert().values(**values).returning(model_version.c.id)).scalar_one()
+    )
+
+
+def set_status(
+    engine: Engine, name: str, status: VersionStatus, *, reason: str | None = None, forced: bool = False
+) -> ModelVersion:
+    """Move a version to `status` (promotion retires the task's previous promoted version)."""
+    with transaction(engine) as conn:
+        version = require_version(conn, name)
+        values: dict[str, Any] = {"status": status, "status_reason": reason}
+        if status is VersionStatus.PROMOTED:
+            conn.execute(
+                model_version.update()
+                .where(
+                    model_version.c.task == version.task,
+                    model_version.c.status == VersionStatus.PROMOTED,
+                    model_version.c.name != name,
+                )
+                .values(
+                    status=VersionStatus.RETIRED,
+                    retired_at=sa.func.now(),
+                    status_reason=f"replaced by {name}",
+                )
+            )
+            values.update(promoted_at=sa.func.now(), forced=forced)
+        if status is VersionStatus.RETIRED:
+            values["retired_at"] = sa.func.now()
+        conn.execute(model_version.update().where(model_version.c.name == name).values(**values))
+    return require_version(engine, name)
+
+
+def promote(engine: Engine, name: str, *, force: bool = False) -> ModelVersion:
+    """Make `name` the version the nightly run uses for its task; refused unless its evaluation passed the
+    gate (stored with the version), or `force` (recorded on the row)."""
+    version = require_version(engine, name)
+    if version.status is VersionStatus.PROMOTED:
+        return version
+    gate_info = (version.metrics or {}).get("gate")
+    if gate_info is None and not force:
+        raise ConfigError(
+            f"{name} has no held-out evaluation yet (was its fine-tune interrupted?); use --force"
+        )
+    if gate_info is not None and not gate_info.get("passed") and not force:
+        why = "; ".join(gate_info.get("reasons") or [])
+        raise ConfigError(f"promotion of {name} refused: it does not beat the base on held-out audio ({why})")
+    passed = bool(gate_info and gate_info.get("passed"))
+    reason = "gate passed" if passed else "forced with --force despite the gate"
+    return set_status(engine, name, VersionStatus.PROMOTED, reason=reason, forced=force and not passed)
+
+
+def retire(engine: Engine, name: str) -> ModelVersion:
+    """Stop using `name` (the nightly run falls back to the base model, or another promoted version)."""
+    require_version(engine, name)
+    return set_status(engine, name, VersionStatus.RETIRED, reason="retired by hand")

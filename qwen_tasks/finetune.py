@@ -141,6 +141,60 @@ class FinetuneOptions:
         return out
 
 
+def dag_param_specs(settings: Any = None) -> dict[str, dict[str, Any]]:
+    """JSON-schema specs of the `qwen_audio_finetune` DAG's Params, from FinetuneOptions' own defaults
+    (the UI form and the CLI cannot disagree). Read at DAG parse time: environment only. `auto_promote` is
+    the option `promote`; optional values are nullable, and null means the CLI's default."""
+    from .config import get_settings
+
+    d = FinetuneOptions()
+    base = (settings or get_settings()).model
+    return {
+        "task": {"default": d.task, "type": "string", "enum": list(TASKS), "title": "Task"},
+        "base": {
+            "default": base,
+            "type": "string",
+            "minLength": 1,
+            "title": "Base model",
+            "description": "Hub id or local path (default: QWEN_TASKS_MODEL).",
+        },
+        "name": {
+            "default": None,
+            "type": ["null", "string"],
+            "pattern": f"^{registry.NAME_PATTERN}$",
+            "title": "Version name",
+            "description": "Empty: <task>-<DAG run id>.",
+        },
+        "epochs": {"default": d.epochs, "type": "integer", "minimum": 1, "maximum": 100, "title": "Epochs"},
+        "lr": {"default": d.lr, "type": "number", "exclusiveMinimum": 0, "maximum": 1, "title": "LR"},
+        "rank": {"default": d.rank, "type": "integer", "minimum": 1, "maximum": 256, "title": "LoRA rank"},
+        "max_clips": {"default": None, "type": ["null", "integer"], "minimum": 2, "title": "Max clips"},
+        "min_improvement": {
+            "default": d.min_improvement,
+            "type": "number",
+            "minimum": 0,
+            "maximum": 1,
+            "title": "Min improvement",
+            "description": "Gate: the candidate must beat the base on held-out audio by this margin.",
+        },
+        "auto_promote": {"default": False, "type": "boolean", "title": "Promote if it passes the gate"},
+        "device": {"default": "auto", "type": "string", "enum": ["auto", "cpu", "cuda"], "title": "Device"},
+    }
+
+
+def options_from_params(params: dict[str, Any], run_name: str = "") -> FinetuneOptions:
+    """FinetuneOptions from the DAG's params (validated again: the REST API can send anything)."""
+    import re
+
+    raw = {k: v for k, v in params.items() if k in dag_param_specs() and v is not None}
+    raw["promote"] = bool(raw.pop("auto_promote", False))
+    if not raw.get("name") and run_name:
+        raw["name"] = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{raw.get('task', 'cry')}-{run_name}").strip("-")[
+            :100
+        ]
+    return FinetuneOptions.from_mapping(raw)
+
+
 @dataclass(frozen=True)
 class Row:
     """One labelled audio: its answer (gold label or reference transcript) and where that comes from."""

@@ -314,21 +314,118 @@ def _run_section(engine: Engine, run_id: int) -> str:
     return header + f'<div class="plots">{"".join(plots)}</div>' + _metrics_table(metrics) + body
 
 
-def write_report(engine: Engine, run_ids: list[int] | None, out: Path) -> Path:
+# --- a fine-tuned version: base vs candidate on the same held-out audio -----------------------------------
+
+
+def _version_section(engine: Engine, name: str) -> tuple[str, list[int]]:
+    """Side by side for one model version: headline metrics, overlaid ROC (cry) or error rates and top
+    substitutions (ASR), from its two evaluation runs. Returns the HTML and those run ids."""
+    from .registry import require_version
+
+    version = require_version(engine, name)
+    runs = [r for r in (version.base_run_id, version.candidate_run_id) if r is not None]
+    header = (
+        f"<h2>Model version {_esc(name)}: base vs fine-tuned on the same held-out audio</h2>"
+        f'<p class="muted">{_esc(version.task)}, status {_esc(version.status)}'
+        f"{' (forced)' if version.forced else ''}, base {_esc(version.base_model)}, revision "
+        f"<code>{_esc(version.revision)}</code>, adapter <code>{_esc(version.adapter_path)}</code></p>"
+    )
+    if len(runs) < 2:
+        return header + '<p class="muted">not evaluated yet (its fine-tune was interrupted)</p>', runs
+    metrics = {
+        role: load_run_metrics(engine, run_id)
+        for role, run_id in zip(("base", "candidate"), runs, strict=True)
+    }
+    for role, run_id in zip(("base", "candidate"), runs, strict=True):
+        if not metrics[role]:
+            compute_run_metrics(engine, run_id)
+            metrics[role] = load_run_metrics(engine, run_id)
+    names = sorted(set(metrics["base"]) | set(metrics["candidate"]))
+    skip = (".confusion", "substitutions", ".best_threshold", "throughput.")
+    rows = [
+        [n, metrics["base"].get(n, {}).get("value"), metrics["candidate"].get(n, {}).get("value")]
+        for n in names
+        if not any(k in n for k in skip)
+    ]
+    body = _table(["metric", f"base (run {runs[0]})", f"fine-tuned (run {runs[1]})"], rows, numeric={1, 2})
+    gate = (version.metrics or {}).get("gate") or {}
+    reasons = "".join(f"<li>{_esc(r)}</li>" for r in gate.get("reasons", []))
+    body += f"<p>Promotion gate: <b>{'passed' if gate.get('passed') else 'failed'}</b></p><ul>{reasons}</ul>"
+    plots: list[str] = []
+    with engine.connect() as conn:
+        if version.task == "cry":
+            plot = _overlaid_roc(conn, runs)
+            if plot:
+                plots.append(plot)
+        else:
+            for role, title in (("base", "base"), ("candidate", "fine-tuned")):
+                details = (metrics[role].get("substitutions") or {}).get("details") or {}
+                pairs = details.get("top") or []
+                body += f"<h3>Top substitutions, {title}</h3>" + _table(
+                    ["reference", "hypothesis", "count"],
+                    [[p["reference"], p["hypothesis"], p["count"]] for p in pairs[:10]],
+                    numeric={2},
+                )
+    return header + f'<div class="plots">{"".join(plots)}</div>' + body, runs
+
+
+def _overlaid_roc(conn: sa.Connection, runs: list[int]) -> str | None:
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    fig, ax = _figure(
+        "ROC on held-out audio: base vs fine-tuned", "false positive rate", "true positive rate"
+    )
+    drawn = False
+    for role, run_id, color in (("base", runs[0], "#1f77b4"), ("fine-tuned", runs[1], "#d62728")):
+        rows = conn.execute(
+            sa.select(cry_answer.c.p_yes, _cry_gold.c.gold_label)
+            .join(_cry_gold, _cry_gold.c.audio_id == cry_answer.c.audio_id)
+            .where(
+                cry_answer.c.run_id == run_id, cry_answer.c.method == "score", cry_answer.c.p_yes.is_not(None)
+            )
+        ).all()
+        gold = [r.gold_label == "yes" for r in rows]
+        if len(set(gold)) < 2:
+            continue
+        fpr, tpr, _ = roc_curve(gold, [r.p_yes for r in rows])
+        auc = roc_auc_score(gold, [r.p_yes for r in rows])
+        ax.plot(fpr, tpr, marker=".", color=color, label=f"{role} (run {run_id}), AUC {auc:.3f}")
+        drawn = True
+    if not drawn:
+        return None
+    ax.plot([0, 1], [0, 1], color="#bbb", linestyle=":")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.legend(loc="lower right")
+    return _png(fig)
+
+
+def write_report(
+    engine: Engine, run_ids: list[int] | None, out: Path, *, versions: list[str] | None = None
+) -> Path:
     """Write the HTML report of `run_ids` (default: the latest run of each task) and return its path.
 
-    `out` ending in .html/.htm is the file; anything else is taken as a folder for `report.html`.
+    `versions`: fine-tuned model versions to compare with their base first (their two evaluation runs
+    are added to the runs). `out` ending in .html/.htm is the file; anything else is taken as a folder
+    for `report.html`.
     """
     out = Path(out)
     if out.suffix.lower() not in (".html", ".htm"):
         out = out / "report.html"
-    ids = list(run_ids) if run_ids else latest_run_ids(engine)
+    comparisons: list[str] = []
+    version_runs: list[int] = []
+    for name in versions or []:
+        section, runs = _version_section(engine, name)
+        comparisons.append(section)
+        version_runs.extend(runs)
+    ids = list(run_ids) if run_ids else ([] if versions else latest_run_ids(engine))
+    ids += [r for r in version_runs if r not in ids]
     with engine.connect() as conn:
         known = set(conn.execute(sa.select(label_run.c.id).where(label_run.c.id.in_(ids))).scalars())
     missing = [i for i in ids if i not in known]
     if missing:
         raise ConfigError(f"run(s) {', '.join(map(str, missing))} do not exist")
-    sections = [_run_section(engine, run_id) for run_id in ids]
+    sections = comparisons + [_run_section(engine, run_id) for run_id in ids]
     generated = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     body = "".join(sections) or '<p class="muted">No labelling runs yet.</p>'
     document = (

@@ -73,15 +73,20 @@ def report(
     run: list[int] = typer.Option(
         None, "--run", help="Run id (repeatable) (default: latest run of each task)."
     ),
+    version: list[str] = typer.Option(
+        None, "--version", help="Fine-tuned version (repeatable): base vs fine-tuned on its held-out audio."
+    ),
 ) -> None:
     """Write one self-contained HTML report with plots and the worst items.
 
     Plots: p_yes histogram by gold label, ROC curve, WER distribution, throughput over the run; tables of
-    metrics, confident mistakes, unknown answers, worst utterances and substitution pairs.
+    metrics, confident mistakes, unknown answers, worst utterances and substitution pairs. With
+    --version NAME: its base and fine-tuned evaluation runs side by side (overlaid ROC, or error rates and
+    top substitutions) first.
     """
     from ..report import write_report
 
-    path = write_report(open_database(), list(run) if run else None, out)
+    path = write_report(open_database(), list(run) if run else None, out, versions=list(version or []))
     console.print(f"report written to {path}")
 
 

@@ -1,0 +1,126 @@
+"""Fine-tune benchmark: does the loop make a model better, and how long does it take on this machine?
+
+The tiny random-init Qwen2-Audio knows nothing, but it can learn a task whose classes differ in the
+signal. On the learnable synthetic sets (`qwen_tasks.samples`) this runs the real `finetune` loop in a
+throwaway database — ingest, stored split, LoRA training, base and candidate evaluation runs, gate —
+and prints base vs candidate side by side:
+
+    .venv/bin/python bench/finetune.py                      # cry: 240 clips (160 train / 80 held out)
+    .venv/bin/python bench/finetune.py --asr                # also the digit-tone ASR set (slow on CPU)
+
+Targets (issue 12, our 2-core CPU): cry held-out ROC AUC >= 0.98 and accuracy >= 0.95 after `finetune`,
+in <= 5 min, both runs stored and the gate passing. ASR: report the WER before and after, whatever it is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def run_task(engine, task: str, manifest: Path, kind: str, model: Path, args, tmp: Path) -> dict:
+    from qwen_tasks.finetune import FinetuneOptions, run_finetune
+    from qwen_tasks.ingest import ingest
+
+    ingest(engine, [manifest.parent], manifests=[(manifest, kind)])
+    cry = task == "cry"
+    options = FinetuneOptions(
+        task=task,
+        base=str(model),
+        name=f"bench-{task}",
+        device="cpu",
+        epochs=args.epochs if cry else args.asr_epochs,
+        rank=16 if cry else 32,
+        alpha=32 if cry else 64,
+        targets=("lm", "projector") if cry else ("lm", "projector", "audio"),
+        lr=3e-3,
+        batch_size=8,
+        heldout_fraction=1 / 3,
+        eval_method="both",
+        eval_max_new_tokens=8 if cry else 24,
+        out_dir=str(tmp / f"adapter-{task}"),
+    )
+    start = time.perf_counter()
+    summary = run_finetune(engine, options)
+    total = time.perf_counter() - start
+    keys = (
+        ("score.roc_auc", "score.accuracy", "score.f1", "generate.unknown_rate")
+        if cry
+        else ("wer", "error_rate")
+    )
+    print(f"\n{task}: {summary.train} train, {summary.heldout} held out; {summary.steps} steps")
+    print(f"  {'metric':<24} {'base':>10} {'fine-tuned':>12}")
+    for k in keys:
+        b, c = summary.base.get(k), summary.candidate.get(k)
+        print(f"  {k:<24} {_f(b):>10} {_f(c):>12}")
+    print(
+        f"  training {summary.train_seconds:.1f} s; whole finetune (train + 2 evaluation runs) {total:.1f} s"
+    )
+    print(f"  gate: {'passed' if summary.gate['passed'] else 'failed'}; status {summary.status}")
+    for reason in summary.gate["reasons"]:
+        print(f"    {reason}")
+    return {**summary.to_dict(), "total_seconds": total}
+
+
+def _f(value) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--n", type=int, default=240, help="clips in the cry set (default 240)")
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--asr", action="store_true", help="also fine-tune ASR on the digit-tone set")
+    parser.add_argument("--asr-n", type=int, default=240)
+    parser.add_argument("--asr-epochs", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    parser.add_argument("--admin-url", help="PostgreSQL admin URL for the throwaway database")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args()
+
+    import torch
+
+    from qwen_tasks import db
+    from qwen_tasks.samples import write_cry_training_set, write_digit_training_set
+    from qwen_tasks.tiny_model import make_tiny_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f}"
+    )
+    admin = args.admin_url or f"postgresql+psycopg2://{getpass.getuser()}@127.0.0.1:5432/postgres"
+    report: dict = {"load_avg_start": os.getloadavg()[0]}
+    with (
+        tempfile.TemporaryDirectory(prefix="qwen_ft_bench_") as t,
+        db.scratch_database(admin, prefix="qwen_ft_bench") as url,
+    ):
+        tmp = Path(t)
+        os.environ["QWEN_TASKS_HOME"] = str(tmp / "home")
+        engine = db.get_engine(url)
+        db.upgrade(engine)
+        model = make_tiny_model(tmp / "tiny", "tiny")
+        cry = write_cry_training_set(tmp / "cry", n=args.n)
+        report["cry"] = run_task(engine, "cry", cry, "aqa", model, args, tmp)
+        if args.asr:
+            digits = write_digit_training_set(tmp / "digits", n=args.asr_n)
+            report["asr"] = run_task(engine, "asr", digits, "asr", model, args, tmp)
+    report["load_avg_end"] = os.getloadavg()[0]
+    print(f"\nload average at the end {report['load_avg_end']:.2f}")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""
+### Qwen-Audio fine-tune from reviewed labels (manual trigger only)
+
+Makes the model better from what reviewers confirmed, and only keeps a version that is measurably better:
+
+1. **prepare**: the labelled audio of the task (human labels first, then manifest gold / references), the
+   stored train / held-out split (by audio content; held-out audio is never trained on); refuses with one
+   line when there are too few labelled clips or only one class;
+2. **train** (pool `gpu`): a LoRA adapter on the training part, saved and registered in `model_version`;
+3. **evaluate** (pool `gpu`): two real labelling runs over the held-out audio — base and fine-tuned — and
+   the promotion gate (cry: ROC AUC and F1, ASR: error rate, by `min_improvement`);
+4. **promote** when `auto_promote` is on and the gate passed: the nightly `qwen_audio_labelling` DAG then
+   labels with this version (its labels get a new revision, so everything is labelled again);
+5. **report**: base vs fine-tuned side by side on the same held-out audio.
+
+Only the version name, run ids and counts travel between tasks. Compare versions in SQL:
+`SELECT * FROM model_version_quality ORDER BY created_at DESC;`
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pendulum
+from airflow.sdk import Param, dag, get_current_context, task
+
+from qwen_tasks.finetune import dag_param_specs
+
+DAG_ID = "qwen_audio_finetune"
+PARAMS = {name: Param(spec.pop("default"), **spec) for name, spec in dag_param_specs().items()}
+
+
+def _options():  # noqa: ANN202 - FinetuneOptions; imported inside tasks only
+    from qwen_tasks.finetune import options_from_params
+
+    ctx = get_current_context()
+    return options_from_params(dict(ctx["params"]), run_name=ctx["run_id"])
+
+
+def _engine():  # noqa: ANN202 - Engine
+    from qwen_tasks import db
+    from qwen_tasks.airflow_conn import resolve_database_url
+
+    engine = db.get_engine(resolve_database_url())
+    db.upgrade(engine)
+    return engine
+
+
+@dag(
+    dag_id=DAG_ID,
+    schedule=None,
+    start_date=pendulum.datetime(2024, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    tags=["qwen-audio", "fine-tune", "review"],
+    doc_md=__doc__,
+    params=PARAMS,
+    default_args={"owner": "qwen-tasks", "retries": 1, "retry_delay": timedelta(minutes=1)},
+    dagrun_timeout=timedelta(hours=24),
+)
+def qwen_audio_finetune():
+    @task
+    def prepare() -> dict:
+        """Labelled clips per class and part; stores the split. Fails at once when training is pointless."""
+        from qwen_tasks.finetune import prepare as prepare_data
+
+        prepared, _, _ = prepare_data(_engine(), _options().resolved())
+        return prepared.to_dict()
+
+    @task(pool="gpu", queue="gpu", execution_timeout=timedelta(hours=12))
+    def train(prepared: dict) -> str:
+        """LoRA training on the training part; returns the registered version's name."""
+        import logging
+
+        from qwen_tasks.finetune import train_version
+
+        log = logging.getLogger(__name__)
+        log.info(
+            "training data (clips per class): train %s, held out %s", prepared["train"], prepared["heldout"]
+        )
+
+        def progress(p) -> None:  # noqa: ANN001 - trainer.Progress
+            if p.step == 1 or p.step % 10 == 0 or p.step == p.total_steps:
+                log.info("step %d/%d epoch %d loss %.4f %.1f clips/s, %.0f s left", p.step, p.total_steps,
+                         p.epoch, p.loss, p.clips_per_s, p.eta_s)  # fmt: skip
+
+        trained = train_version(_engine(), _options(), progress=progress)
+        log.info("version %s: adapter %s, revision %s", trained.name, trained.adapter_path, trained.revision)
+        return trained.name
+
+    @task(pool="gpu", queue="gpu", execution_timeout=timedelta(hours=12))
+    def evaluate(name: str) -> dict:
+        """Base and fine-tuned labelling runs over the held-out audio; metrics and the gate are stored."""
+        from qwen_tasks.finetune import evaluate_version
+
+        result = evaluate_version(_engine(), name, _options())
+        return {
+            "name": name,
+            "base_run_id": result["base_run_id"],
+            "candidate_run_id": result["candidate_run_id"],
+            "gate_passed": bool(result["gate"]["passed"]),
+            "status": result["status"],
+        }
+
+    @task
+    def promote(evaluation: dict) -> dict:
+        """Promote when asked and allowed; otherwise say why not (the version stays in the registry)."""
+        from qwen_tasks import registry
+
+        options = _options()
+        if options.promote and evaluation["gate_passed"]:
+            version = registry.promote(_engine(), evaluation["name"])
+            return {"name": version.name, "status": str(version.status)}
+        why = "auto_promote is off" if not options.promote else "it did not beat the base on held-out audio"
+        return {"name": evaluation["name"], "status": evaluation["status"], "not_promoted": why}
+
+    @task
+    def report(evaluation: dict, promoted: dict) -> dict:
+        """Base vs fine-tuned report under $QWEN_TASKS_HOME/reports/<DAG run id>/."""
+        import re
+
+        from qwen_tasks.config import get_settings
+        from qwen_tasks.report import write_report
+
+        ctx = get_current_context()
+        folder = re.sub(r"[^A-Za-z0-9_.-]+", "_", ctx["run_id"]).strip("_") or "finetune"
+        out = get_settings().home / "reports" / folder / "finetune.html"
+        path = write_report(_engine(), [], out, versions=[evaluation["name"]])
+        return {"report": str(path), **promoted}
+
+    evaluation = evaluate(train(prepare()))
+    report(evaluation, promote(evaluation))
+
+
+qwen_audio_finetune()

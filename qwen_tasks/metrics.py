@@ -35,8 +35,7 @@ from .schema import (
     transcription,
     utterance_score,
 )
-from .scoring import UtteranceScore, corpus_score, resolve_language, score_utterance, top_substitutions
-from .textnorm import prefetch
+from .scoring import UtteranceScore, corpus_score, score_utterance, top_substitutions
 
 SWEEP = tuple(round(t, 2) for t in np.arange(0.05, 1.0, 0.05))
 TOP_PAIRS = 20
@@ -273,12 +272,6 @@ def _asr_metrics(conn: Connection, run_id: int, out: _Metrics) -> list[dict]:
     )
     rows = conn.execute(q).all()
     out.add("n_results", len(rows))
-    by_language: dict[str, list[str]] = defaultdict(list)
-    for r in rows:
-        if r.reference_text is not None:
-            by_language[resolve_language(r.reference_text, r.language)] += [r.reference_text, r.text or ""]
-    for lang, texts in by_language.items():
-        prefetch(texts, lang)  # Chinese number readings in a few batched grammar calls
     scored: list[tuple[int, str, UtteranceScore]] = []
     for r in rows:
         if r.reference_text is None:

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from qwen_tasks import textnorm
 from qwen_tasks.textnorm import (
     canonical_language,
     cjk_ratio,
     detect_language,
     join_units,
     normalize_text,
-    prefetch,
     spoken_numbers,
     strip_tags,
     tokenize,
@@ -99,21 +97,3 @@ def test_english_formatting_variants() -> None:
     assert tokenize("3:30 p.m.", "en") == tokenize("three thirty PM", "en") == ["3", "30", "pm"]
     assert tokenize("3:00 a.m.", "en") == tokenize("3 am", "en") == ["3", "am"]
     assert tokenize("25:70 pm", "en") == ["25", "70", "pm"]  # not a clock time: left alone
-
-
-def test_prefetch_batches_without_changing_results(monkeypatch: pytest.MonkeyPatch) -> None:
-    ages = ("十二", "三十五", "一百", "两千", "二十一")
-    texts = [f"第{i}天有{i * 37}个人，约{i}.5公里，百分之{i + 10}，{ages[i % 5]}岁" for i in range(1, 40)]
-    alone = [tokenize(t, "zh") for t in texts]
-    inverse, forward = textnorm._wetext()
-    calls: list[str] = []
-
-    def counted(grammar):  # noqa: ANN001, ANN202 - a grammar that records its inputs
-        return lambda s: calls.append(s) or grammar(s)
-
-    fakes = (counted(inverse), counted(forward))
-    monkeypatch.setattr(textnorm, "_wetext", lambda: fakes)
-    prefetch(texts, "zh")
-    assert len(calls) == 2  # one inverse and one forward call for 39 texts
-    assert [tokenize(t, "zh") for t in texts] == alone
-    assert len(calls) == 2  # everything was prepared by them

@@ -8,7 +8,9 @@ Cry detection, per method (score / generate): accuracy over decided answers and 
 (unknown counted as wrong), precision/recall/F1 for "yes", the confusion matrix, the unknown rate,
 and for p_yes the ROC AUC and a threshold sweep with the best-F1 threshold. ASR: corpus WER (word
 languages) and CER (Chinese), per language, and the most frequent substitution pairs; per-utterance
-scores go to `utterance_score` for the review queue. Both: counts and throughput from label_job.
+scores go to `utterance_score` for the review queue. The same corpus rates under the official
+Qwen2-Audio scoring are stored beside them as `wer_official` / `cer_official`. Both: counts and
+throughput from label_job.
 """
 
 from __future__ import annotations
@@ -281,6 +283,15 @@ def _asr_metrics(conn: Connection, run_id: int, out: _Metrics) -> list[dict]:
         c = corpus_score(s for s in scores if s.unit == unit)
         if c.n_utterances:
             out.add(name, c.error_rate, **c.as_dict())
+    official = [
+        score_utterance(r.reference_text, r.text, r.language, mode="official")
+        for r in rows
+        if r.reference_text is not None
+    ]
+    for name, unit in (("wer_official", "word"), ("cer_official", "char")):
+        c = corpus_score(s for s in official if s.unit == unit)
+        if c.n_utterances:
+            out.add(name, c.error_rate, **c.as_dict(), scoring="Qwen2-Audio eval_audio/evaluate_asr.py")
     if scores:
         c = corpus_score(scores)
         out.add(

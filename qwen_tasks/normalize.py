@@ -8,16 +8,20 @@ the target event (crying, 哭...) with the negations that scope over it, (c) exc
 ("only a dog barking"), and (d) hedges. Clauses must agree: any contradiction, hedge about the target or
 refusal gives `unknown`, because a wrong confident label is worse than an honest "don't know".
 
+Before that, structured answers (JSON, XML-like tags, key-value lines, multiple-choice letters) are
+read by their keys, and self-corrections ("Yes. Hmm, actually no.") by their last committed answer.
+
 The target is configurable (`YesNoVocabulary`), so the same reader serves other yes/no questions.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import unicodedata
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Literal
+from typing import Any, Literal
 
 import zhconv
 
@@ -98,6 +102,8 @@ CRY_VOCABULARY = YesNoVocabulary(
         "sobbed",
         "sobbing",
         "teary",
+        "in tears",
+        "into tears",
     ),
     weak_events=_forms("wail", "whimper", "scream", "shriek", "squeal", "howl", "yowl", "fuss", "squall")
     + ("whine", "whines", "whined", "whining", "fussy", "fusses", "fussing", "fussed", "tantrum"),
@@ -250,6 +256,9 @@ def _alt(*terms: str) -> str:
     return "(?:" + "|".join(sorted(map(re.escape, terms), key=len, reverse=True)) + ")"
 
 
+# Stands for "the event asked about" where an answer refers to it without naming it ("no such sound").
+_TARGET = "\ue000"
+
 # Phrases that look negative but are not (or that must be read as something else), applied first.
 _REWRITES_EN = (
     (r"\b(?:not only|not just|not merely|not simply|not solely)\b", " also "),
@@ -274,8 +283,29 @@ _REWRITES_EN = (
     (r"\b(?:the|my) answer (?:is|would be|will be)\s*:?", " answer: "),
     (r"\b(?:i would|i will|i'd) (?:say|answer)\s*:?", " answer: "),
     (r"\s[-\u2013\u2014]+\s", ", "),  # dashes between clauses read as commas
+    # indirect negation: "not that I can hear", "far from it", "can't make out any crying"
+    (
+        r"^(?:answer: )?(?:not that (?:i|we) (?:can|could) (?:hear|tell|detect|make out)|far from it)\b",
+        " no. ",
+    ),
+    (
+        r"\b(can not|could not|do not|did not|does not) (?:make out|pick up|discern|perceive)"
+        r"(?= (?:any|anything|a single|even)\b)",
+        r"\1 hear",
+    ),
+    # a phrase standing for the asked-about event ("nothing of the sort", "no such sound"): the target
+    (r"^\(?[a-d] ?[).:\]] ?(?=(?:yes|no)\b)", " "),  # a multiple-choice letter before the answer: "(B) No"
+    (r"\bnothing of (?:the|that) (?:sort|kind|nature)\b", "no " + _TARGET),
+    (r"(?<=thing) (?:of (?:the|that) (?:sort|kind|nature)|like (?:that|this))\b", " " + _TARGET),
+    (r"\b(?:such (?:a )?|(?:this|that) kind of )(?:thing|sound|noise)s?\b", _TARGET),
 )
 _REWRITES_ZH = (
+    ("哦不", "不对"),
+    ("这样的声音", _TARGET),
+    ("这种声音", _TARGET),
+    ("这回事", _TARGET),
+    ("这种情况", _TARGET),
+    ("这样的情况", _TARGET),
     ("不仅", "还"),
     ("不但", "还"),
     ("不只", "还"),
@@ -415,7 +445,8 @@ _HEDGE_EN = re.compile(
         "imitating",
         "imitation",
     )
-    + r"|\bcould(?! (?:clearly |also )?(?:hear|be heard|detect|make out|notice|tell|identify))\b"
+    + r"|\b(?:a bit|a little|sort of|kind of|somewhat|almost|vaguely) like\b"
+    + r"|\bcould(?! (?:not |clearly |also )?(?:hear|be heard|detect|make out|notice|tell|identify))\b"
 )
 _HEDGE_ZH = re.compile(
     _alt(
@@ -445,7 +476,7 @@ _UNCERTAIN = re.compile(
     r"|confirm|identify|distinguish|decide|judge|make out|discern)"
     r"|unable to (?:tell|determine|say|know|confirm|identify|distinguish|decide|judge|make out|discern)"
     r"|no way to (?:tell|know|determine)|cannot be determined|yes and no|(?:yes|no) and (?:yes|no)"
-    r"|hard to be sure|can go either way|either way)\b"
+    r"|hard to be sure|can go either way|either way|(?:i am|we are) (?:only |just |merely )?guessing)\b"
     r"|不确定|无法确定|无法判断|难以判断|难以确定|不能确定|不能判断|判断不了|不清楚|听不清|说不准|不好说|很难说"
     r"|不知道|无法识别|无法分辨|难以分辨|无法得知|无法区分|难以区分|分辨不出|不敢肯定|是也不是|有也没有"
 )
@@ -453,10 +484,24 @@ _REFUSAL = re.compile(
     r"\b(?:as an ai|i am (?:just )?(?:an ai|a language model|a text)|language model|i am sorry|sorry"
     r"|(?:can not|unable to|not able to|do not have the ability to) (?:listen|play|process|access|open"
     r"|analy[sz]e)|(?:can not|unable to) hear (?:audio|the audio|sound|sounds|anything)\b"
+    r"(?! ?(?:\ue000|like))"
     r"|no audio|not provided|i do not have (?:access|the ability))"
     r"|抱歉|对不起|作为(?:一个)?(?:ai|人工智能|语言模型)|无法(?:听|播放|处理|访问)"
 )
 _STOPPED = re.compile(r"\b(?:stopped|stops|ceased|no longer|finished)\b|不再|停止|止住|不\S?哭了")
+_STOPPED_AFTER = re.compile(
+    r"^\s*(?:\w+\s+){0,2}?(?:stopped|stops|ceased|ceases|ended|ends|died down|dies down)\b"
+)
+# A moment inside the clip: crying that stops "halfway through" or "after a few seconds" did occur,
+# while "the baby has stopped crying" may describe the time before the recording (unknown).
+_PARTWAY = re.compile(
+    r"\b(?:half ?way|part ?way|mid ?way|in the middle|towards? the end|near the end|at the end|by the end"
+    r"|at the (?:start|beginning)|at first|then|eventually|briefly|shortly"
+    r"|after (?:a|an|one|a few|a couple of|several|some|\d+|two|three|four|five|ten) ?(?:seconds?|moments?"
+    r"|minutes?|while|s)|(?:a|one|a few) (?:seconds?|moments?) later|seconds? in"
+    r"|for (?:a|a few|a couple of|several|some|\d+|two|three|five|ten) ?(?:seconds?|moments?|while|s))\b"
+    r"|一会儿?|一下|然后|后来|随后|中途|开头|开始时|最后|几秒|片刻|过了"
+)
 _WH_AFTER = re.compile(r"^\W*(?:what|which|where|who|how|when|why|exactly what|是什么|什么|哪|谁|为何)")
 _INTERROGATIVE = re.compile(
     r"^(?:question:?\s*)?(?:is|are|does|do|did|was|were|can|could|will|would|has|have)\s+"
@@ -519,7 +564,7 @@ def _lexicon(vocab: YesNoVocabulary) -> _Lexicon:
     if event is None:  # __post_init__ guarantees one of the two
         raise ValueError("vocabulary has no event terms")
     return _Lexicon(
-        event=event,
+        event=re.compile(event.pattern + "|" + _TARGET),
         weak=_term_pattern(vocab.weak_events, vocab.zh_weak_events),
         subject=_term_pattern(vocab.subjects, vocab.zh_subjects),
         other=_term_pattern(vocab.other_subjects, vocab.zh_other_subjects),
@@ -548,12 +593,19 @@ def _is_question(sentence: str) -> bool:
     return s.endswith("?") or bool(_INTERROGATIVE.match(s)) or bool(re.search(r"[吗么][?]?$", s))
 
 
+# An echoed instruction once its "yes or no" is gone: "Please answer with yes or no." / "请回答是或否。"
+_INSTRUCTION = re.compile(
+    r"^(?:please |kindly )?(?:answer|respond|reply)(?: (?:with|in|using|only|by))*(?: (?:a|one|the|single))*"
+    r"(?: (?:word|format))?[\s:,]*$|^请?(?:用|以)?(?:回答|回复|作答)[\s:：,，]*$"
+)
+
+
 def _sentences(text: str) -> list[str]:
-    """Sentences without their final punctuation; questions (an echoed prompt) are dropped."""
+    """Sentences without final punctuation; questions and instructions (an echoed prompt) are dropped."""
     out: list[str] = []
     for raw in _SENTENCE_SPLIT.split(text):
         raw = raw.strip(" ,")
-        if raw and not _is_question(raw):
+        if raw and not _is_question(raw) and not _INSTRUCTION.match(raw.rstrip(".!?。！？;； ")):
             out.append(raw.rstrip(".!?。！？;； "))
     return out
 
@@ -588,11 +640,19 @@ def _explicit(sentence: str, first: bool) -> tuple[int, str]:
     return 0, s
 
 
+_REWRITES_ZH_RE = (
+    (re.compile(r"哪(?:里|儿)?有(?:什么)?"), "没有"),  # rhetorical: 哪有什么哭声 = there is no crying
+    (re.compile(r"是\s*(?:或|/|还是)\s*否|有\s*(?:或|/|还是)\s*没有"), " "),  # an echoed instruction
+)
+
+
 def _rewrite(text: str) -> str:
     for pattern, repl in _REWRITES_EN:
-        text = re.sub(pattern, repl, text)
+        text = re.sub(pattern, repl, text, flags=re.M)
     for old, new in _REWRITES_ZH:
         text = text.replace(old, new)
+    for regex, new in _REWRITES_ZH_RE:
+        text = regex.sub(new, text)
     return text
 
 
@@ -706,8 +766,18 @@ def _read_clause(clause: str, sentence: str, answer: str, lex: _Lexicon, reading
     cues = strong + [m for m in weak if subject_here or not lex.needs_subject]
     hedged = bool(_HEDGE_EN.search(clause) or _HEDGE_ZH.search(clause))
     only = bool(re.search(_ONLY_EN, clause) or re.search(_ONLY_ZH, clause))
-    if cues and _STOPPED.search(clause[: max(m.end() for m in cues) + 1]):
-        reading.hedged = True  # "stopped crying" / "不哭了": did it cry in this audio or not?
+    last = max(m.end() for m in cues) if cues else 0
+    if cues and (_STOPPED.search(clause[: last + 1]) or _STOPPED_AFTER.match(clause[last:])):
+        if hedged or not (_PARTWAY.search(clause) or _PARTWAY.search(sentence)):
+            reading.hedged = True  # "stopped crying" / "不哭了": did it cry in this audio or not?
+            return
+        # "the baby stops crying halfway through": it cried in the clip
+        who = _subject_of(clause, cues[0].start(), sentence, answer, lex) if lex.needs_subject else "target"
+        if who == "other":
+            reading.other += 1
+        else:
+            reading.yes += 1
+            reading.content += 1
         return
     if cues:
         signs = set()
@@ -775,14 +845,14 @@ def _read_without_event(
         reading.content += 1
 
 
-def _read(text: str, vocab: YesNoVocabulary) -> _Reading:
-    lex = _lexicon(vocab)
+def _read(cleaned: str, lex: _Lexicon, context: str | None = None) -> _Reading:
+    """Evidence in an answer that went through clean_answer and _rewrite; `context` (default: the
+    answer itself) is where a subject is looked up when no nearer one is named."""
     reading = _Reading()
-    cleaned = _rewrite(clean_answer(text))
     if _REFUSAL.search(cleaned):
         reading.uncertain_global = True
     sentences = [_strip_header(s) for s in _sentences(cleaned)]
-    answer = " ".join(sentences)
+    answer = context if context is not None else " ".join(sentences)
     for i, sentence in enumerate(sentences):
         for m in _UNCERTAIN.finditer(sentence):
             # "I'm not sure what the other sound is" is about something else; a clause naming the
@@ -810,15 +880,8 @@ def _read(text: str, vocab: YesNoVocabulary) -> _Reading:
     return reading
 
 
-def normalize_yes_no(text: str, vocabulary: YesNoVocabulary | None = None) -> Answer:
-    """Read a free-form answer to a yes/no question (default: "is there a baby crying?").
-
-    Returns "unknown" for empty answers, refusals, hedges about the target, and whenever the answer's
-    parts disagree (an explicit "yes" next to "a cat is crying", or "yes and no").
-    """
-    if text is None or not str(text).strip():
-        return "unknown"
-    reading = _read(str(text), vocabulary or CRY_VOCABULARY)
+def _decide(reading: _Reading) -> Answer:
+    """The answer one reading supports."""
     if reading.uncertain_global or reading.hedged:
         return "unknown"
     if reading.yes and reading.no:
@@ -830,3 +893,224 @@ def normalize_yes_no(text: str, vocabulary: YesNoVocabulary | None = None) -> An
     if reading.no:
         return "no"
     return "unknown"
+
+
+def _status(reading: _Reading) -> str:
+    """_decide, with its unknowns told apart: 'hedge' (doubt), 'other' (someone else does it), 'mixed'
+    (contradiction) or 'none' (nothing about the question)."""
+    decided = _decide(reading)
+    if decided != "unknown":
+        return decided
+    if reading.uncertain_global or reading.hedged:
+        return "hedge"
+    if reading.yes and reading.no:
+        return "mixed"
+    return "other" if reading.other else "none"
+
+
+# --- self-corrections ---------------------------------------------------------------------------------
+
+# Where an answer corrects itself. A bare "no"/"不对" right before "wait" is itself the corrected answer,
+# so the text is cut before it (zero width) and it starts the next part.
+_CORRECTION = re.compile(
+    r"(?:\b(?:hmm+|um+|uh+|oh|well)\b[\s,.!]*)*\b(?:actually|wait|hold on|on second thought|on reflection"
+    r"|correction|i mean|scratch that|i take (?:that|it) back|i stand corrected"
+    r"|let me correct (?:myself|that)"
+    r"|listening again|on closer listening|on a second listen)\b"
+    r"|(?=\b(?:no|nope|yes)\b[\s,.!]*(?:wait|hold on|actually|i mean)\b)"
+    r"|(?=不对)|等等|等一下|其实|更正|我是说|纠正一下|说错了|我听错了|再听一下"
+)
+
+
+def _corrected(cleaned: str, lex: _Lexicon) -> Answer | None:
+    """The last committed answer of a self-correcting reply; None when the reply does not correct itself.
+
+    "Yes. Hmm, actually no." -> no; "No, wait, yes, a baby is crying." -> yes. An answer that flips more
+    than once, or that ends in doubt or in someone else doing it ("Yes. Actually, I'm not sure." /
+    "...actually it's an adult crying"), is unknown.
+    """
+    parts = [p.strip(" ,.;:!?、，。…") for p in _CORRECTION.split(cleaned)]
+    statuses = [_status(_read(p, lex, context=cleaned)) for p in parts if p]
+    if len(parts) < 2 or "mixed" in statuses:
+        return None
+    decided = [s for s in statuses if s in ("yes", "no")]
+    if not decided:
+        return None
+    if sum(a != b for a, b in zip(decided, decided[1:], strict=False)) > 1:
+        return "unknown"
+    last = max(i for i, s in enumerate(statuses) if s in ("yes", "no"))
+    if {"hedge", "other"} & set(statuses[last + 1 :]):
+        return "unknown"
+    return decided[-1]  # type: ignore[return-value]
+
+
+# --- structured answers -------------------------------------------------------------------------------
+
+_ANSWER_KEYS = re.compile(
+    r"^(?:final )?(?:answer|label|result|prediction|predicted|response|output|decision|verdict|choice"
+    r"|classification|class|value|detected|present)$|^(?:答案|结果|回答|判断|结论|标签)$"
+)
+_VALUE_ANSWER = {
+    "yes": "yes",
+    "true": "yes",
+    "present": "yes",
+    "detected": "yes",
+    "positive": "yes",
+    "y": "yes",
+    "是": "yes",
+    "有": "yes",
+    "存在": "yes",
+    "no": "no",
+    "false": "no",
+    "absent": "no",
+    "not detected": "no",
+    "not present": "no",
+    "none": "no",
+    "negative": "no",
+    "n": "no",
+    "否": "no",
+    "无": "no",
+    "没有": "no",
+    "不是": "no",
+    "不存在": "no",
+}
+_KEY_VALUE = re.compile(
+    r"([^\s:=;,{}<>()\[\]\n，；。][^:=;,{}<>\n，；。：]{0,50}?)\s*[:=：]\s*"
+    r"(yes|no|true|false|present|absent|detected|not detected|not present|none|是|否|有|无|没有|不是)"
+    r"\s*(?=[,;，；。.\n]|$)"
+)
+_TAG_PAIR = re.compile(r"<([a-z][\w\-]{0,40})>\s*([^<]{0,200}?)\s*</\1\s*>")
+_JSON_OBJECT = re.compile(r"\{.*\}", re.S)
+_OPTION = re.compile(
+    r"(?:^|(?<=[\s(\[:,;：，；]))\(?([a-d])\s*[).:\]]\s*(yes|no|是|否)\b|\b([a-d])\s*\(\s*(yes|no|是|否)\s*\)"
+)
+_CHOICE = re.compile(
+    r"(?:\b(?:answer|choice|option)\b(?: is)?|\b(?:i(?: would|'d| will)? )?(?:pick|choose|go with|select)\b"
+    r"|答案(?:是|为)?|选择?|->|=>|→)\s*[:：]?\s*\(?([a-d])\)?"
+    r"(?=\s*(?:[).,;!(（。，；！]|$))"
+)
+
+
+def _key_kind(key: str, lex: _Lexicon) -> str:
+    """'answer' (the answer itself), 'target' (names the asked-about event), 'other' or 'note'."""
+    words = re.sub(r"[_\-.]+", " ", key).strip().lower()
+    words = re.sub(r"([a-z])([A-Z])", r"\1 \2", words)
+    if _ANSWER_KEYS.match(words):
+        return "answer"
+    if lex.event.search(words) or (lex.weak and lex.weak.search(words)):
+        if lex.other and lex.other.search(words) and not (lex.subject and lex.subject.search(words)):
+            return "other"
+        return "target"
+    return "other" if lex.other and lex.other.search(words) else "note"
+
+
+def _value_answer(value: Any) -> Answer | None:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, str):
+        return _VALUE_ANSWER.get(value.strip().strip(".!").lower())  # type: ignore[return-value]
+    return None
+
+
+def _from_fields(fields: list[tuple[str, Any]], lex: _Lexicon) -> Answer | None:
+    """Answer from (key, value) fields; None when no field answers the question."""
+    answers: set[str] = set()
+    notes: list[str] = []
+    for key, value in fields:
+        kind = _key_kind(str(key), lex)
+        answer = _value_answer(value)
+        words = re.sub(r"[_\-.]+", " ", str(key)).strip().lower()
+        negated = bool(re.search(r"^(?:no|not|non|without|absence of)\b|^(?:没有|无|不)", words))
+        if kind in ("answer", "target") and answer is not None:
+            answers.add({"yes": "no", "no": "yes"}[answer] if negated and kind == "target" else answer)
+        elif kind == "note" and isinstance(value, str) and len(value.split()) > 2:
+            notes.append(value)
+    if not answers:
+        return None
+    if len(answers) > 1:
+        return "unknown"
+    (answer,) = answers
+    # an explanation that says the opposite makes the field untrustworthy
+    if any(_answer(note, lex, structured=False) not in (answer, "unknown") for note in notes):
+        return "unknown"
+    return answer  # type: ignore[return-value]
+
+
+def _json_fields(obj: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    out: list[tuple[str, Any]] = []
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            if isinstance(value, dict | list):
+                out += _json_fields(value, f"{prefix}{key} ")
+            else:
+                out.append((f"{prefix}{key}", value))
+    elif isinstance(obj, list):
+        for value in obj:
+            out += _json_fields(value, prefix)
+    return out
+
+
+def _structured(text: str, lex: _Lexicon) -> Answer | None:
+    """JSON, XML-like tags, key-value lines and multiple-choice letters; None when the answer is prose."""
+    raw = unicodedata.normalize("NFKC", text)
+    found = _JSON_OBJECT.search(raw)
+    if found:
+        try:
+            obj = json.loads(found.group(0))
+        except ValueError:
+            obj = None
+        if isinstance(obj, dict):
+            return _from_fields(_json_fields(obj), lex) or "unknown"
+    lowered = raw.lower()
+    tags = _TAG_PAIR.findall(lowered)
+    if tags:
+        answer = _from_fields(tags, lex)
+        if answer is not None:
+            return answer
+    # key-value lines count only when they are the whole answer ("speech: no, baby crying: yes"), so
+    # "Answer: yes, but a cat is crying" is still read as prose
+    pairs = list(_KEY_VALUE.finditer(lowered))
+    if pairs and not re.sub(r"[\s,;，；。.`]", "", _KEY_VALUE.sub("", lowered)):
+        fields = [(m.group(1), m.group(2)) for m in pairs]
+        answer = _from_fields(fields, lex)
+        if answer is None and all(_key_kind(k, lex) == "other" for k, _ in fields):
+            return "unknown"  # "Dog barking: yes" says nothing about a baby crying
+        if answer is not None:
+            return answer
+    options = {
+        m.group(1) or m.group(3): _VALUE_ANSWER[m.group(2) or m.group(4)] for m in _OPTION.finditer(lowered)
+    }
+    if options:
+        choices = {m.group(1) for m in _CHOICE.finditer(lowered)} & options.keys()
+        if len(choices) == 1:
+            return options[choices.pop()]  # type: ignore[return-value]
+        if len(set(options.values())) > 1:
+            return "unknown"  # the options echoed back with no choice made
+    return None
+
+
+# --- the answer ---------------------------------------------------------------------------------------
+
+
+def _answer(text: str, lex: _Lexicon, structured: bool = True) -> Answer:
+    if structured:
+        answer = _structured(text, lex)
+        if answer is not None:
+            return answer
+    cleaned = _rewrite(clean_answer(text))
+    corrected = _corrected(cleaned, lex)
+    if corrected is not None:
+        return corrected
+    return _decide(_read(cleaned, lex))
+
+
+def normalize_yes_no(text: str, vocabulary: YesNoVocabulary | None = None) -> Answer:
+    """Read a free-form answer to a yes/no question (default: "is there a baby crying?").
+
+    Returns "unknown" for empty answers, refusals, hedges about the target, and whenever the answer's
+    parts disagree (an explicit "yes" next to "a cat is crying", or "yes and no"). A self-correction
+    counts its last committed answer ("Yes. Hmm, actually no." -> no) unless it flips more than once.
+    """
+    if text is None or not str(text).strip():
+        return "unknown"
+    return _answer(str(text), _lexicon(vocabulary or CRY_VOCABULARY))

@@ -13,6 +13,7 @@ for the small fine-tune that teaches the model to answer this question with a ba
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from sqlalchemy.engine import Engine
 
 from .db import transaction
 from .errors import ConfigError
+from .jobs import get_run
 from .records import LabelRequest
 from .schema import audio, audio_file, cry_answer, human_label, label_run
 
@@ -94,17 +96,34 @@ def label_config(task: str) -> str:
     )
 
 
+LOCAL_FILES_PREFIX = "/data/local-files/?d="  # Label Studio's local file serving (docs/review.md)
+
+
 def audio_reference(path: str, audio_root: str | None = None, audio_prefix: str | None = None) -> str:
     """What Label Studio loads: the path, relative to `audio_root` if given, behind `audio_prefix`.
 
-    e.g. root /data and prefix "/data/local-files/?d=" for Label Studio's local file serving.
+    For Label Studio's local file serving the prefix is "/data/local-files/?d=" and `audio_root` is
+    LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT: `?d=` is relative to that root, and the file must lie in a
+    subfolder of it (a Local Files storage on the project covers that subfolder; the root itself is
+    refused), so /srv/ls/audio/a.wav under root /srv/ls becomes /data/local-files/?d=audio/a.wav.
     """
+    local_files = bool(audio_prefix) and "local-files/?d=" in (audio_prefix or "")
+    if local_files and not audio_root:
+        raise ConfigError(
+            "--audio-prefix for Label Studio local files needs --audio-root: the folder set as "
+            "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT (?d= paths are relative to it)"
+        )
     ref = path
     if audio_root:
         root = audio_root.rstrip("/") + "/"
         if not path.startswith(root):
             raise ConfigError(f"{path}: not under --audio-root {audio_root}")
         ref = path[len(root) :]
+        if local_files and "/" not in ref:
+            raise ConfigError(
+                f"{path}: directly in --audio-root {audio_root}; Label Studio serves local files only "
+                "from a subfolder of its document root (give the document root, not the audio folder)"
+            )
     if audio_prefix:
         return audio_prefix + quote(ref, safe="/")
     return ref
@@ -143,7 +162,6 @@ def export_label_studio(
     _check_task(task)
     if limit is not None and limit < 1:
         raise ConfigError(f"limit must be >= 1, got {limit}")
-    question = question or LabelRequest(task="cry").question
     with engine.connect() as conn:
         run_id = run_id if run_id is not None else _latest_run(conn, task)
         run = None
@@ -153,6 +171,8 @@ def export_label_studio(
                 raise ConfigError(f"run {run_id} does not exist")
             if run.task != task:
                 raise ConfigError(f"run {run_id} is a {run.task} run, not {task}")
+            # the reviewer answers the question this run asked, not the default one
+            question = question or get_run(conn, run_id).request.question
         q = _review_queue
         rows = (
             conn.execute(
@@ -219,7 +239,10 @@ def export_label_studio(
 
 @dataclass
 class ImportSummary:
-    """What an import did; `errors` name the file, the task and the reason."""
+    """What an import did; `errors` name the file, the task and the reason.
+
+    `imported` counts audio-and-task labels written (a task once, however many JSON-MIN rows it has).
+    """
 
     path: Path
     imported: int = 0
@@ -242,7 +265,10 @@ class _Review:
     task: str
     label: str | None
     text: str | None
-    reviewer: str | None
+    reviewer_name: str | None  # an e-mail or user name, when the export carries one
+    reviewer_id: str | None  # Label Studio's numeric user id (all a default export may carry)
+    order: tuple[str, int]  # (updated_at, annotation id): the latest annotation of a task wins
+    key: str | None  # Label Studio's task id: JSON-MIN has one row per annotation of a task
 
 
 class _Skip(Exception):
@@ -256,15 +282,37 @@ def _annotation(item: dict[str, Any]) -> dict[str, Any]:
     ]
     if not annotations:
         raise _Skip
-    return max(
-        annotations, key=lambda a: (str(a.get("updated_at") or a.get("created_at") or ""), a.get("id") or 0)
-    )
+    return max(annotations, key=_annotation_order)
 
 
-def _reviewer(value: Any) -> str | None:
-    if isinstance(value, dict):
-        value = value.get("email") or value.get("username") or value.get("id")
-    return None if value in (None, "") else str(value)
+def _annotation_order(annotation: dict[str, Any]) -> tuple[str, int]:
+    raw_id = annotation.get("annotation_id", annotation.get("id"))
+    number = int(raw_id) if isinstance(raw_id, int | str) and str(raw_id).isdigit() else 0
+    return str(annotation.get("updated_at") or annotation.get("created_at") or ""), number
+
+
+_EMAIL = re.compile(r"[^\s,<>]+@[^\s,<>]+")
+
+
+def _reviewer(*values: Any) -> tuple[str | None, str | None]:
+    """(name, id) of the annotator from what an export carries: `completed_by` as an id or an object,
+    `created_username` ("First Last ann@example.org, 7"), or JSON-MIN's `annotator` (id or e-mail)."""
+    name = user_id = None
+    for value in values:
+        if isinstance(value, dict):
+            name = name or value.get("email") or value.get("username") or None
+            value = value.get("id")
+        if value is None or value == "" or isinstance(value, bool):
+            continue
+        text = str(value).strip()
+        email = _EMAIL.search(text)
+        if email:
+            name = name or email.group(0)
+        elif text.isdigit():
+            user_id = user_id or text
+        elif "," not in text:
+            name = name or text
+    return name, user_id
 
 
 def _choice_label(value: Any) -> str:
@@ -275,9 +323,10 @@ def _choice_label(value: Any) -> str:
 
 
 def _text_value(value: Any) -> str:
+    """The reviewed transcript; an explicitly empty one ("no speech") is a valid answer."""
     text = "\n".join(str(t) for t in value) if isinstance(value, list) else value
-    if not isinstance(text, str) or not text.strip():
-        raise ValueError("empty transcript")
+    if not isinstance(text, str):
+        raise ValueError(f"transcript {text!r} is not text")
     return text.strip()
 
 
@@ -289,7 +338,8 @@ def _parse_task(item: Any, default_task: str | None) -> _Review:
     label = text = None
     if "annotations" in item:  # full JSON export
         annotation = _annotation(item)
-        reviewer = _reviewer(annotation.get("completed_by"))
+        name, user_id = _reviewer(annotation.get("completed_by"), annotation.get("created_username"))
+        order = _annotation_order(annotation)
         for result in annotation.get("result") or []:
             value = result.get("value") or {}
             if result.get("type") == "choices" or "choices" in value:
@@ -298,8 +348,9 @@ def _parse_task(item: Any, default_task: str | None) -> _Review:
             elif result.get("type") == "textarea" or "text" in value:
                 text = _text_value(value.get("text"))
                 task = task or "asr"
-    else:  # JSON-MIN: {"audio": ..., "cry": "Yes", "annotator": ...}
-        reviewer = _reviewer(item.get("annotator"))
+    else:  # JSON-MIN: {"audio": ..., "cry": "Yes", "annotator": ..., "annotation_id": ...}
+        name, user_id = _reviewer(item.get("annotator"))
+        order = _annotation_order(item)
         if item.get(FROM_NAME["cry"]) is not None:
             label, task = _choice_label(item[FROM_NAME["cry"]]), task or "cry"
         if item.get(FROM_NAME["asr"]) is not None:
@@ -319,7 +370,8 @@ def _parse_task(item: Any, default_task: str | None) -> _Review:
     path = data.get("path") or data.get("audio")
     if audio_id is None and not path:
         raise ValueError("no audio_id and no audio path")
-    return _Review(audio_id, path, task, label, text, reviewer)
+    key = None if item.get("id") is None else str(item["id"])
+    return _Review(audio_id, path, task, label, text, name, user_id, order, key)
 
 
 def _resolve_audio(conn: sa.Connection, review: _Review) -> int:
@@ -361,6 +413,8 @@ def import_label_studio(
     if not isinstance(items, list):
         raise ConfigError(f"{path}: expected a JSON list of tasks")
     with transaction(engine) as conn:
+        latest: dict[tuple[int, str], tuple[_Review, int]] = {}
+        seen_keys: set[str] = set()
         for index, item in enumerate(items):
             where = f"{path}: task #{index + 1}" + (
                 f" (id {item['id']})" if isinstance(item, dict) and "id" in item else ""
@@ -369,17 +423,30 @@ def import_label_studio(
                 review = _parse_task(item, task)
                 audio_id = _resolve_audio(conn, review)
             except _Skip:
-                summary.unannotated += 1
+                # JSON-MIN lists a task once per annotation: count a task, not its rows
+                key = str(item.get("id")) if isinstance(item, dict) and item.get("id") is not None else None
+                if key is None or key not in seen_keys:
+                    summary.unannotated += 1
+                if key is not None:
+                    seen_keys.add(key)
                 continue
             except (ValueError, TypeError, AttributeError) as exc:
                 summary.errors.append(f"{where}: {exc}")
                 continue
+            if review.key is not None:
+                seen_keys.add(review.key)
+            # the latest annotation per audio and task wins (a task reviewed twice, JSON-MIN rows)
+            previous = latest.get((audio_id, review.task))
+            if previous is None or review.order >= previous[0].order:
+                latest[(audio_id, review.task)] = (review, index)
+        for (audio_id, review_task), (review, _) in sorted(latest.items(), key=lambda kv: kv[1][1]):
             values = {
                 "audio_id": audio_id,
-                "task": review.task,
-                "label": review.label if review.task == "cry" else None,
-                "text": review.text if review.task == "asr" else None,
-                "reviewer": review.reviewer or reviewer,
+                "task": review_task,
+                "label": review.label if review_task == "cry" else None,
+                "text": review.text if review_task == "asr" else None,
+                # who reviewed: an e-mail or name from the export, else --reviewer, else the user id
+                "reviewer": review.reviewer_name or reviewer or review.reviewer_id,
                 "source": "label-studio",
             }
             stmt = pg_insert(human_label).values(**values)

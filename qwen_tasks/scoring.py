@@ -1,9 +1,14 @@
 """WER/CER per utterance and per corpus, with the substitution pairs that reveal systematic paraphrases.
 
+Two modes: "default" normalises with `textnorm` (formatting differences score 0, see docs/review.md);
+"official" reproduces Qwen2-Audio's evaluate_asr.py unit for unit (`official_asr`), so a run's
+`cer_official` / `wer_official` can stand next to a paper's table.
+
 Corpus error rate is total edits / total reference units (as the official Qwen-Audio evaluation), not
 the mean of per-utterance rates, so a long utterance weighs what it contains. Alignment is jiwer's
-(Levenshtein with S/D/I counts). Adjacent edited units are merged into one pair, so a model writing
-开心 where the speaker said 高兴 shows up as the pair 高兴 -> 开心 rather than two character swaps.
+(Levenshtein with S/D/I counts; S + D + I is the edit distance the official script computes). Adjacent
+edited units are merged into one pair, so a model writing 开心 where the speaker said 高兴 shows up as
+the pair 高兴 -> 开心 rather than two character swaps.
 """
 
 from __future__ import annotations
@@ -11,10 +16,15 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Literal
 
 import jiwer
 
+from . import official_asr
 from .textnorm import Unit, canonical_language, detect_language, join_units, tokenize, unit_for
+
+ScoringMode = Literal["default", "official"]
+SCORING_MODES: tuple[ScoringMode, ...] = ("default", "official")
 
 
 class _EditTotals:
@@ -113,12 +123,23 @@ def _edit_pairs(
     return pairs
 
 
-def score_utterance(reference: str, hypothesis: str | None, language: str | None = None) -> UtteranceScore:
+def units_of(text: str, language: str, mode: ScoringMode = "default") -> tuple[Unit, list[str]]:
+    """The unit kind and the scoring units of `text` in `language` (canonical code) under `mode`."""
+    if mode == "official":
+        unit: Unit = "char" if language in official_asr.CHAR_LANGUAGES else "word"
+        return unit, official_asr.official_units(text, language)
+    if mode != "default":
+        raise ValueError(f"scoring mode must be one of {', '.join(SCORING_MODES)}, got {mode!r}")
+    return unit_for(language), tokenize(text, language)
+
+
+def score_utterance(
+    reference: str, hypothesis: str | None, language: str | None = None, mode: ScoringMode = "default"
+) -> UtteranceScore:
     """Score one hypothesis; `language` None means detect it from the reference."""
     lang = resolve_language(reference, language)
-    unit = unit_for(lang)
-    ref = tokenize(reference, lang)
-    hyp = tokenize(hypothesis or "", lang)
+    unit, ref = units_of(reference, lang, mode)
+    _, hyp = units_of(hypothesis or "", lang, mode)
     if not ref:
         return UtteranceScore(lang, unit, 0, 0, 0, 0, len(hyp), "", join_units(hyp))
     if not hyp:

@@ -153,7 +153,11 @@ def test_asr_run_metrics_hand_computed(engine: Engine) -> None:
     assert m["cer"] == pytest.approx(0.2)
     assert m["zh.error_rate"] == pytest.approx(0.2)
     assert m["error_rate"] == pytest.approx(4 / 16)
+    # the official Qwen2-Audio scoring counts the traditional 氣 against 气: 1 + 2 of 10 characters
+    assert m["cer_official"] == pytest.approx(0.3)
+    assert m["wer_official"] == pytest.approx(2 / 6)
     stored = load_run_metrics(engine, run_id)
+    assert stored["cer_official"]["details"]["n_ref"] == 10
     top = stored["substitutions"]["details"]["top"]
     assert {"reference": "高兴", "hypothesis": "开心", "count": 1} in top
     assert {"reference": "sat", "hypothesis": "sit", "count": 1} in top

@@ -130,3 +130,18 @@ def test_vocabulary_validation(kwargs: dict) -> None:
 def test_default_vocabulary_is_hashable_and_reused() -> None:
     assert hash(CRY_VOCABULARY) == hash(CRY_VOCABULARY)
     assert normalize_yes_no("Yes.", CRY_VOCABULARY) == "yes"
+
+
+def test_structured_answers_and_anaphora_follow_the_vocabulary() -> None:
+    dog = YesNoVocabulary(events=("bark", "barks", "barking"), subjects=("dog", "dogs"), zh_events=("狗叫",))
+    assert normalize_yes_no('{"dog_barking": true, "baby_crying": false}', dog) == "yes"
+    assert normalize_yes_no('{"dog_barking": true, "baby_crying": false}') == "no"
+    assert normalize_yes_no("<barking>no</barking>", dog) == "no"
+    assert normalize_yes_no("Nothing of the sort.", dog) == "no"  # "the sort" is whatever was asked
+
+
+def test_self_correction_counts_flips() -> None:
+    assert normalize_yes_no("Yes. Hmm, actually no.") == "no"
+    assert normalize_yes_no("No — wait, yes, a baby is crying.") == "yes"
+    assert normalize_yes_no("Yes. Actually no. Wait, yes.") == "unknown"  # flips twice
+    assert normalize_yes_no("Yes. Actually, I'm not sure.") == "unknown"  # ends in doubt

@@ -285,8 +285,16 @@ def test_review_cli_round_trip(engine: Engine, database_url: str, tmp_path: Path
         }
     ]
     (tmp_path / "r.json").write_text(json.dumps(reviewed))
-    imp = cli("review-import", str(tmp_path / "r.json"), "--json")
+    long_dir = tmp_path / ("a-folder-name-long-enough-to-overflow-an-80-column-terminal-" * 2)
+    long_dir.mkdir()
+    (long_dir / "r.json").write_text(json.dumps(reviewed))
+    imp = cli("review-import", str(long_dir / "r.json"), "--json")
     assert imp.returncode == 1  # one bad task: reported, the rest imported
+    # the summary is one line on stderr, not wrapped at 80 columns mid-sentence
+    assert (
+        f"imported 1 human label(s) from {long_dir / 'r.json'}; 1 task(s) without an annotation; 1 bad"
+        in (imp.stderr.splitlines())
+    )
     summary = json.loads(imp.stdout)
     assert summary["imported"] == 1 and "424242" in summary["errors"][0]
     assert "audio_id 424242 is not in the database" in imp.stderr
@@ -337,6 +345,125 @@ def test_export_finetune_asr_uses_human_transcripts(engine: Engine, tmp_path: Pa
     assert summary.rows == 1
     assert row["messages"][1]["content"] == "今天天气很好"
     assert "in Chinese" in row["messages"][0]["content"][1]["text"]
+
+
+def test_review_export_asks_the_runs_question(engine: Engine, tmp_path: Path) -> None:
+    run_id, _ = seed_cry_scenario(engine)
+    question = "Is there a dog barking in this audio? Answer yes or no."
+    with engine.begin() as conn:
+        conn.execute(
+            sa.update(schema.label_run)
+            .where(schema.label_run.c.id == run_id)
+            .values(params={"request": {"task": "cry", "question": question}})
+        )
+    export_label_studio(engine, tmp_path / "t.json", "cry")
+    tasks = json.loads((tmp_path / "t.json").read_text(encoding="utf-8"))
+    assert {t["data"]["question"] for t in tasks} == {question}
+    export_label_studio(engine, tmp_path / "u.json", "cry", question="Override?")
+    assert json.loads((tmp_path / "u.json").read_text())[0]["data"]["question"] == "Override?"
+
+
+def test_label_studio_local_files_url_shape(engine: Engine, tmp_path: Path) -> None:
+    # LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT=/srv/ls, a Local Files storage on /srv/ls/audio
+    assert (
+        audio_reference("/srv/ls/audio/day 1/a.wav", "/srv/ls", "/data/local-files/?d=")
+        == "/data/local-files/?d=audio/day%201/a.wav"
+    )
+    with pytest.raises(ConfigError, match="needs --audio-root"):  # absolute paths cannot be served
+        audio_reference("/srv/ls/audio/a.wav", None, "/data/local-files/?d=")
+    with pytest.raises(ConfigError, match="subfolder of its document root"):
+        audio_reference("/srv/ls/audio/a.wav", "/srv/ls/audio", "/data/local-files/?d=")  # the 404 mistake
+    seed_cry_scenario(engine)  # clips under /data/audio
+    summary = export_label_studio(
+        engine, tmp_path / "t.json", "cry", audio_root="/data", audio_prefix="/data/local-files/?d="
+    )
+    tasks = json.loads(summary.out.read_text(encoding="utf-8"))
+    assert tasks[0]["data"]["audio"] == "/data/local-files/?d=audio/clip_002.wav"
+    with pytest.raises(ConfigError, match="subfolder"):
+        export_label_studio(
+            engine, tmp_path / "t.json", "cry", audio_root="/data/audio", audio_prefix="/data/local-files/?d="
+        )
+
+
+def _choice_task(task_id: int, audio_id: int, choice: str, **annotation: object) -> dict:
+    return {
+        "id": task_id,
+        "data": {"audio_id": audio_id, "task": "cry"},
+        "annotations": [
+            {
+                "result": [{"from_name": "cry", "type": "choices", "value": {"choices": [choice]}}],
+                **annotation,
+            }
+        ],
+    }
+
+
+def _reviewers(engine: Engine) -> dict[int, tuple]:
+    with engine.connect() as conn:
+        rows = conn.execute(sa.select(schema.human_label)).all()
+    return {r.audio_id: (r.label, r.text, r.reviewer) for r in rows}
+
+
+def test_reviewer_is_the_email_else_the_option_else_the_id(engine: Engine, tmp_path: Path) -> None:
+    _, ids = seed_cry_scenario(engine)
+    items = [
+        _choice_task(1, ids[0], "Yes", completed_by=1),  # Label Studio's default export: a user id
+        _choice_task(2, ids[1], "No", completed_by=2, created_username=" ann@example.org, 2"),
+        _choice_task(3, ids[2], "No", completed_by={"id": 3, "email": "bo@example.org"}),
+    ]
+    path = tmp_path / "full.json"
+    path.write_text(json.dumps(items))
+    assert import_label_studio(engine, path, reviewer="carol").imported == 3
+    got = _reviewers(engine)
+    assert [got[i][2] for i in ids[:3]] == ["carol", "ann@example.org", "bo@example.org"]
+    assert import_label_studio(engine, path).imported == 3
+    assert _reviewers(engine)[ids[0]][2] == "1"  # nothing better known: the id
+
+
+def test_json_min_counts_tasks_and_accepts_an_empty_transcript(engine: Engine, tmp_path: Path) -> None:
+    _, ids = seed_asr_scenario(engine)
+    rows = [  # JSON-MIN: one row per annotation; task 11 was annotated twice
+        {
+            "id": 11,
+            "audio_id": ids[0],
+            "task": "asr",
+            "transcription": "the cat sat",
+            "annotator": 4,
+            "annotation_id": 1,
+            "updated_at": "2025-01-01T10:00:00Z",
+        },
+        {
+            "id": 11,
+            "audio_id": ids[0],
+            "task": "asr",
+            "transcription": "the cat sat on the mat",
+            "annotator": 4,
+            "annotation_id": 2,
+            "updated_at": "2025-01-02T10:00:00Z",
+        },
+        {"id": 12, "audio_id": ids[1], "task": "asr", "transcription": "", "annotator": "li@example.org"},
+        {"id": 13, "audio_id": ids[2], "task": "asr", "transcription": ["我很开心"], "annotator": 4},
+    ]
+    path = tmp_path / "min.json"
+    path.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    result = import_label_studio(engine, path, reviewer="dana")
+    assert (result.imported, result.unannotated, result.errors) == (3, 0, [])
+    got = _reviewers(engine)
+    assert got[ids[0]] == (None, "the cat sat on the mat", "dana")  # the later annotation wins
+    assert got[ids[1]] == (None, "", "li@example.org")  # "no speech" is a transcript too
+    # the full format's empty textarea too
+    full = [
+        {
+            "id": 21,
+            "data": {"audio_id": ids[2], "task": "asr"},
+            "annotations": [
+                {"result": [{"from_name": "transcription", "type": "textarea", "value": {"text": [""]}}]}
+            ],
+        }
+    ]
+    path.write_text(json.dumps(full))
+    assert import_label_studio(engine, path).errors == []
+    assert _reviewers(engine)[ids[2]][1] == ""
 
 
 def test_helpers() -> None:

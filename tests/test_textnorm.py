@@ -10,6 +10,7 @@ from qwen_tasks.textnorm import (
     detect_language,
     join_units,
     normalize_text,
+    spoken_numbers,
     strip_tags,
     tokenize,
     unit_for,
@@ -31,7 +32,7 @@ def test_english_uses_whisper_normaliser() -> None:
 
 def test_chinese_traditional_full_width_and_punctuation() -> None:
     assert tokenize("今天天氣很好，對嗎？", "zh") == list("今天天气很好对吗")
-    assert tokenize("ＡＢＣ　１２３。", "zh") == ["abc", "123"]
+    assert tokenize("ＡＢＣ　１２３。", "zh") == ["abc", *"一百二十三"]  # numbers are read out
     assert normalize_text("我用 iPhone 打電話！", "zh") == "我用 iphone 打电话"
 
 
@@ -75,3 +76,24 @@ def test_detect_language_by_cjk_ratio() -> None:
 
 def test_other_word_languages_use_the_basic_normaliser() -> None:
     assert tokenize("Bonjour, le monde!", "fr") == ["bonjour", "le", "monde"]
+
+
+def test_chinese_numbers_have_one_spoken_form() -> None:
+    # every way of writing or reading a number gives the same characters
+    forms = {spoken_numbers(t) for t in ("工资12000", "工资一万两千", "工资一万二千")}
+    assert forms == {"工资一万二千"}
+    assert spoken_numbers("二〇二三年") == spoken_numbers("2023年") == "二零二三年"
+    assert spoken_numbers("十一点半") == spoken_numbers("11:30")
+    assert spoken_numbers("第2天") == "第二天"  # WeTextProcessing alone says 第两天
+    # words that merely contain numerals, fillers and erhua stay as they are
+    for text in ("一心一意", "万一下雨", "三心二意", "呃，那边儿有人啊", "今天天气很好"):
+        assert spoken_numbers(text) == text
+
+
+def test_english_formatting_variants() -> None:
+    assert tokenize("OK", "en") == tokenize("O.K.", "en") == tokenize("okay", "en") == ["okay"]
+    assert tokenize("can't", "en") == tokenize("cannot", "en") == ["can", "not"]
+    assert tokenize("U.S.A. and e.g.", "en") == ["usa", "and", "eg"]
+    assert tokenize("3:30 p.m.", "en") == tokenize("three thirty PM", "en") == ["3", "30", "pm"]
+    assert tokenize("3:00 a.m.", "en") == tokenize("3 am", "en") == ["3", "am"]
+    assert tokenize("25:70 pm", "en") == ["25", "70", "pm"]  # not a clock time: left alone

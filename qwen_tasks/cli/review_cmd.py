@@ -64,7 +64,7 @@ def metrics(
         top = (r["details"].get("substitutions") or {}).get("top") or []
         if top:
             pairs = ", ".join(f"{t['reference']}→{t['hypothesis']} ×{t['count']}" for t in top[:10])
-            console.print(f"top substitutions: {pairs}", highlight=False)
+            console.print(f"top substitutions: {pairs}", highlight=False, soft_wrap=True)
 
 
 @app.command("report")
@@ -95,7 +95,11 @@ def review_export(
     task: str = typer.Option(..., "--task", help="cry or asr."),
     out: Path = typer.Option(..., "--out", help="Label Studio tasks JSON to write."),
     run: int = typer.Option(None, "--run", help="Run id (default: the task's latest run)."),
-    audio_root: str = typer.Option(None, "--audio-root", help="Strip this folder from audio paths."),
+    audio_root: str = typer.Option(
+        None,
+        "--audio-root",
+        help="Strip this folder from audio paths (for Label Studio local files: its document root).",
+    ),
     audio_prefix: str = typer.Option(
         None, "--audio-prefix", help='Put this before each (relative) path, e.g. "/data/local-files/?d=".'
     ),
@@ -105,6 +109,8 @@ def review_export(
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
 ) -> None:
     """Export a run's review queue as Label Studio tasks (model answer pre-annotated).
+
+    Cry tasks ask the question the run asked. To play local audio in Label Studio see docs/review.md.
 
     The matching labelling config is written next to the tasks file as <name>.label_config.xml.
     """
@@ -116,7 +122,9 @@ def review_export(
     )
     console.print(
         f"{summary.tasks} task(s) from run {summary.run_id} written to {summary.out}; "
-        f"labelling config: {summary.config}"
+        f"labelling config: {summary.config}",
+        soft_wrap=True,  # one line, however long the paths: scripts grep it
+        highlight=False,
     )
     if as_json:
         print_json(summary.to_dict())
@@ -126,7 +134,11 @@ def review_export(
 def review_import(
     path: Path = typer.Argument(..., help="Label Studio export (JSON or JSON-MIN)."),
     task: str = typer.Option(None, "--task", help="Task of tasks that do not say (not needed for ours)."),
-    reviewer: str = typer.Option(None, "--reviewer", help="Reviewer name where the export has none."),
+    reviewer: str = typer.Option(
+        None,
+        "--reviewer",
+        help="Reviewer name where the export has no e-mail (Label Studio's default exports carry user ids).",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
 ) -> None:
     """Import a reviewed Label Studio export as human labels.
@@ -141,7 +153,9 @@ def review_import(
     summary = import_label_studio(open_database(), path, task=task, reviewer=reviewer)
     console.print(
         f"imported {summary.imported} human label(s) from {path}; {summary.unannotated} task(s) without "
-        f"an annotation; {len(summary.errors)} bad"
+        f"an annotation; {len(summary.errors)} bad",
+        soft_wrap=True,
+        highlight=False,
     )
     for error in summary.errors:
         console.print(f"[yellow]skipped:[/] {error}", highlight=False, soft_wrap=True)

@@ -27,8 +27,9 @@ What the backend does beyond calling the remote code, and why:
   zero padding. Zeroing each clip's mel frames past the ones its encoder uses (`_zero_past_length`)
   gives a clip the same encoder input in a batch as alone; batch 1 is unchanged. Measured on the tiny
   checkpoint, batch 8 vs 1: p_yes differences ~1e-6 without it, <= 6e-8 with it.
-- `score` runs the transformer once over the prompts and applies the LM head to the last position only
-  (the full-sequence logits of a 7B model with a 155k vocabulary would be gigabytes per batch).
+- The LM head runs on the last position only, in `score` (one forward pass) and in `generate`'s prefill
+  (`_lm_head_on_last_position`): the remote forward computes it at every prompt position otherwise,
+  gigabytes of logits for a batch of 30 s windows with a 155k vocabulary, of which only the last is read.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -397,12 +398,12 @@ class QwenAudioBackend:
         tokens = self.tokenizer(texts, return_tensors="pt", padding="longest", audio_info=audio_info)
         input_ids = tokens.input_ids.to(self.device)
         attention_mask = tokens.attention_mask.to(self.device)
-        with torch.inference_mode():
+        with torch.inference_mode(), self._lm_head_on_last_position():
             if request.task == "cry" and tuple(request.methods) == ("score",):
-                hidden = self.model.transformer(
+                logits = self.model(
                     input_ids=input_ids, attention_mask=attention_mask, audio_info=audio_info, use_cache=False
-                ).last_hidden_state
-                return [_UnitOut(p_yes=p) for p in self._p_yes(self.model.lm_head(hidden[:, -1, :]))]
+                ).logits
+                return [_UnitOut(p_yes=p) for p in self._p_yes(logits[:, -1, :])]
             gen = self.model.generate(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
@@ -413,6 +414,20 @@ class QwenAudioBackend:
         texts_out = [self._decode(row) for row in rows]
         p_yes = self._p_yes(gen.scores[0]) if request.task == "cry" else [None] * len(rows)
         return [_UnitOut(text=t, p_yes=p) for t, p in zip(texts_out, p_yes, strict=True)]
+
+    @contextlib.contextmanager
+    def _lm_head_on_last_position(self) -> Iterator[None]:
+        """Apply the LM head to the last position only, which is all that `generate` and `score` read.
+
+        The remote forward has no `logits_to_keep`: the prefill would compute the 155k-token head at every
+        prompt position (a batch of 30 s windows is ~770 positions each: 9 of them make 4.3 GB of fp32
+        logits). A forward pre-hook on the head, only while we infer, cuts its input to the last step.
+        """
+        handle = self.model.lm_head.register_forward_pre_hook(lambda _module, args: (args[0][:, -1:, :],))
+        try:
+            yield
+        finally:
+            handle.remove()
 
     def _greedy(self, request: LabelRequest) -> Any:
         """The eval scripts' decoding, as a config of its own: the checkpoint's generation_config.json

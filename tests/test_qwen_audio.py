@@ -170,12 +170,30 @@ def test_encoder_input_is_zeroed_past_each_clips_length() -> None:
     assert bool((full == 1).all())
 
 
+def test_a_dot_in_the_checkpoint_folder_is_refused_when_planning(tmp_path: Path) -> None:
+    model = qwen_audio_only_config(tmp_path / "Qwen-Audio.v1")
+    with pytest.raises(ModelError, match=r"transformers_modules\.Qwen-Audio\.v1, which the '\.' breaks"):
+        qwen_audio.describe(str(model), LabelRequest("asr"), device="cpu")
+
+
 def test_prompt_style_from_the_generation_config(tmp_path: Path) -> None:
     for fmt, style, version in (("chatml", "chat", "qa-chat-asr-v1"), ("raw", "base", "qa-eval-asr-v1")):
         model = qwen_audio_only_config(tmp_path / fmt)
         (model / "generation_config.json").write_text(json.dumps({"chat_format": fmt}), encoding="utf-8")
         assert qwen_audio.detect_prompt_style(str(model)) == style
         assert qwen_audio.describe(str(model), LabelRequest("asr"), device="cpu").prompt_version == version
+
+
+def test_compose_image_builds_both_environments() -> None:
+    """Read, not built (no Docker engine here): the image has the second venv, ffmpeg and the variable."""
+    dockerfile = (ROOT / "docker" / "Dockerfile").read_text(encoding="utf-8")
+    venv = "/opt/qwen-audio-venv"
+    assert f"python -m venv {venv}" in dockerfile
+    assert "--no-deps \\\n        -r /opt/qwen_tasks/requirements-qwen-audio.lock" in dockerfile
+    assert f"{venv}/bin/pip install --no-cache-dir --no-deps /opt/qwen_tasks" in dockerfile
+    assert f"QWEN_TASKS_QWEN_AUDIO_PYTHON={venv}/bin/python" in dockerfile
+    assert "apt-get install -y --no-install-recommends ffmpeg" in dockerfile
+    assert ".venv-qwen-audio" in (ROOT / "docker" / "Dockerfile.dockerignore").read_text(encoding="utf-8")
 
 
 # --- the Qwen-Audio environment ------------------------------------------------------------------------

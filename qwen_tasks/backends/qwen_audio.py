@@ -185,6 +185,18 @@ def _style(model_id: str, prompt_style: str) -> prompts.PromptStyle:
     return style  # type: ignore[return-value]
 
 
+def check_folder_name(model_id: str) -> None:
+    """transformers imports a local checkpoint's remote code as `transformers_modules.<folder name>`, so a
+    '.' in that name fails with ModuleNotFoundError on load: say so when planning, before any worker."""
+    path = Path(model_id)
+    if path.is_dir() and "." in path.name:
+        raise ModelError(
+            f"{model_id}: transformers imports this checkpoint's code as module "
+            f"transformers_modules.{path.name}, which the '.' breaks; rename the folder (or link it under "
+            "a name without '.')"
+        )
+
+
 def describe(
     model: str,
     request: LabelRequest,
@@ -197,6 +209,7 @@ def describe(
     """ModelInfo this backend records for `request`, without loading anything (works in any environment:
     planning happens wherever `qwen-tasks label` or the DAG runs)."""
     model_id = resolve_model_id(model)
+    check_folder_name(model_id)
     spec = prompts.qwen_audio_spec(request, _style(model_id, prompt_style))
     dev = resolve_device(device)
     return ModelInfo(
@@ -284,6 +297,7 @@ class QwenAudioBackend:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.model_id = resolve_model_id(model)
+        check_folder_name(self.model_id)
         self.revision = revision
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)

@@ -215,17 +215,25 @@ def run_qa_cli(args: Sequence[str], url: str, **env: str) -> subprocess.Complete
 
 @pytest.mark.slow
 def test_worker_modules_import_under_both_transformers_versions() -> None:
+    """Each environment imports the worker side and refuses the other environment's models."""
     code = (
         "import importlib, importlib.metadata as m, json\n"
         f"for name in {WORKER_MODULES!r}: importlib.import_module(name)\n"
-        "from qwen_tasks.backends import qwen_audio\n"
-        "print(json.dumps([m.version('transformers'), qwen_audio.runs_here()]))"
+        "from qwen_tasks.backends import WrongEnvironment, check_environment, qwen_audio, required_python\n"
+        "refused = []\n"
+        "for model in ('Qwen/Qwen-Audio', 'Qwen/Qwen2-Audio-7B-Instruct'):\n"
+        "    try: check_environment(model, run_id=5)\n"
+        "    except WrongEnvironment as exc: refused.append([model, str(exc)])\n"
+        "print(json.dumps([m.version('transformers'), required_python('Qwen/Qwen-Audio') is None, refused]))"
     )
     for python in (Path(sys.executable), qa_python()):
         proc = subprocess.run([str(python), "-c", code], capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr
-        version, runs_here = json.loads(proc.stdout.strip().splitlines()[-1])
-        assert runs_here == version.startswith("4."), (python, version)
+        version, qwen_audio_here, refused = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert qwen_audio_here == version.startswith("4."), (python, version)
+        [(model, message)] = refused
+        assert model == ("Qwen/Qwen2-Audio-7B-Instruct" if qwen_audio_here else "Qwen/Qwen-Audio")
+        assert "work --run 5`" in message
 
 
 # --- real end to end on a tiny checkpoint of the public model code ------------------------------------

@@ -320,6 +320,7 @@ def test_tiny_qwen_audio_end_to_end(
     # the same clips one at a time: same answers, same p_yes
     both1 = qa("label", "--task", "cry", "--method", "both", "--batch-size", "1", "--max-new-tokens", "8",
                "--relabel")  # fmt: skip
+    figures["cry_both_batch1_process_s"] = both1["process_seconds"]
     single = _labels(engine, both1["run_id"], "generate")
     assert {a: t for a, (t, _) in single.items()} == {a: t for a, (t, _) in generated.items()}
     figures["cry_max_dp_yes_batch8_vs_1"] = max(abs(single[a][1] - generated[a][1]) for a in ids.values())
@@ -346,6 +347,7 @@ def test_tiny_qwen_audio_end_to_end(
         "<|startoftranscript|><|en|><|transcribe|><|en|><|notimestamps|><|wo_itn|>"
     )
     asr1 = qa("label", "--task", "asr", "--batch-size", "1", "--max-new-tokens", "24", "--relabel")
+    figures["asr_batch1_process_s"] = asr1["process_seconds"]
     batched, alone = _labels(engine, asr_run), _labels(engine, asr1["run_id"])
     assert set(batched) == set(ids.values()) and batched == alone
     assert all(text for text, _ in batched.values())

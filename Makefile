@@ -12,7 +12,7 @@ help:
 	@echo "make demo   - install into .venv, then run the nightly DAG once on generated sample audio"
 	@echo "make test   - install into .venv, then run lint and the test suite (needs PostgreSQL)"
 	@echo "make lint / format / bench / install"
-	@echo "make install-qwen-audio - .venv-qwen-audio: transformers 4.37.2 for the original Qwen-Audio (docs/models.md)"
+	@echo "make install-qwen-audio - .venv-qwen-audio (transformers 4.53.3) for the original Qwen-Audio (docs/models.md)"
 
 $(BIN)/.installed: requirements.lock pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

@@ -5,13 +5,14 @@ BIN    := $(VENV)/bin
 # GPU users: make install TORCH_INDEX=https://download.pytorch.org/whl/cu128  (see README)
 TORCH_INDEX ?=
 
-.PHONY: help install demo test lint format bench
+.PHONY: help install demo test lint format bench install-qwen-audio
 .DEFAULT_GOAL := help
 
 help:
 	@echo "make demo   - install into .venv, then run the nightly DAG once on generated sample audio"
 	@echo "make test   - install into .venv, then run lint and the test suite (needs PostgreSQL)"
 	@echo "make lint / format / bench / install"
+	@echo "make install-qwen-audio - .venv-qwen-audio (transformers 4.53.3) for the original Qwen-Audio (docs/models.md)"
 
 $(BIN)/.installed: requirements.lock pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,6 +23,24 @@ $(BIN)/.installed: requirements.lock pyproject.toml
 	@touch $@
 
 install: $(BIN)/.installed
+
+# The original Qwen-Audio's remote code needs transformers 4.x: a second environment, its own lock file,
+# the project installed without Airflow. --no-deps: the lock is the whole set, so pip adds nothing (no
+# CUDA libraries either); the check after it refuses a CUDA torch unless TORCH_INDEX asked for one.
+QA_VENV := .venv-qwen-audio
+QA_BIN  := $(QA_VENV)/bin
+
+$(QA_BIN)/.installed: requirements-qwen-audio.lock pyproject.toml
+	@test -x $(QA_BIN)/python || $(PYTHON) -m venv $(QA_VENV)
+	$(QA_BIN)/python -m pip install --quiet --upgrade pip
+	@if [ -n "$(TORCH_INDEX)" ]; then $(QA_BIN)/python -m pip install --quiet torch==2.13.0 --index-url $(TORCH_INDEX); fi
+	$(QA_BIN)/python -m pip install --quiet --no-deps -r requirements-qwen-audio.lock
+	$(QA_BIN)/python -m pip install --quiet --no-deps -e .
+	@$(QA_BIN)/python -c "import torch, transformers; assert '$(TORCH_INDEX)' or torch.version.cuda is None, 'a CUDA torch was installed without TORCH_INDEX'; print('$(QA_VENV): torch', torch.__version__, 'transformers', transformers.__version__)"
+	@command -v ffmpeg >/dev/null || echo "note: ffmpeg is not on PATH; Qwen-Audio's tokenizer needs it (apt-get install ffmpeg / brew install ffmpeg)"
+	@touch $@
+
+install-qwen-audio: $(QA_BIN)/.installed
 
 demo: install
 	$(BIN)/python -m qwen_tasks.demo

@@ -24,3 +24,13 @@ class AudioError(QwenTasksError):
 
 class ModelError(QwenTasksError):
     """A model that cannot be loaded or does not match what the pipeline needs."""
+
+
+class WrongEnvironment(ModelError):
+    """The model needs another Python environment (the original Qwen-Audio: transformers 4.x). Raised
+    before any weights load; `python` is that environment's interpreter, `command` the worker to run."""
+
+    def __init__(self, message: str, *, python: str | None = None, command: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.python = python
+        self.command = command or []

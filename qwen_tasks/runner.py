@@ -25,6 +25,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Engine
 
 from . import db, jobs
+from .backends import check_environment
 from .backends.base import Backend
 from .errors import AudioError, ConfigError, ModelError, QwenTasksError
 from .records import AudioClip, ClipResult, LabelRequest, ModelInfo
@@ -529,6 +530,7 @@ def work(
     worker_id = worker_id or default_worker_id()
     summary = WorkSummary(worker_id=worker_id, run_id=run_id)
     run = jobs.get_run(engine, run_id)
+    check_environment(run.model, run_id=run_id)  # before any claim: refusing must not use up attempts
     started = time.perf_counter()
     backend: Backend | None = None
     n_jobs = 0

@@ -11,15 +11,26 @@ from __future__ import annotations
 
 import functools
 import json
+import sys
 from pathlib import Path
 
-from ..errors import ModelError
+from ..errors import ModelError, WrongEnvironment
 from ..records import LabelRequest, ModelInfo
 from .base import Backend
 
 BACKENDS = ("auto", "qwen2-audio", "qwen-audio")
 
-__all__ = ["BACKENDS", "Backend", "describe", "detect_backend", "get_backend", "load_backend"]
+__all__ = [
+    "BACKENDS",
+    "Backend",
+    "WrongEnvironment",
+    "check_environment",
+    "describe",
+    "detect_backend",
+    "get_backend",
+    "load_backend",
+    "required_python",
+]
 
 
 def detect_backend(model: str) -> str:
@@ -51,6 +62,42 @@ def _pick(model: str, backend: str, adapter: str | None = None) -> str:
     return kind
 
 
+def required_python(model: str, backend: str = "auto") -> Path | None:
+    """The interpreter that must load `model`: None when this one can, else the Qwen-Audio environment's
+    python (`QWEN_TASKS_QWEN_AUDIO_PYTHON`, default `.venv-qwen-audio/bin/python`; it may not exist
+    yet). Reads only config.json / the name: no weights, no transformers import."""
+    from . import qwen_audio
+
+    if _kind_or_none(model, backend) == "qwen-audio" and not qwen_audio.runs_here():
+        return qwen_audio.interpreter()
+    return None
+
+
+def check_environment(model: str, backend: str = "auto", *, run_id: int | None = None) -> None:
+    """Raise WrongEnvironment (one line naming the worker command for `run_id`) when this interpreter
+    cannot run `model`; called by `load_backend` and by workers before they claim a job."""
+    from . import qwen_audio
+
+    kind = _kind_or_none(model, backend)
+    if kind == "qwen-audio":
+        qwen_audio.check_environment(model, run_id=run_id)
+    elif kind == "qwen2-audio" and qwen_audio.runs_here():
+        # the other way round: a worker of the Qwen-Audio environment got a Qwen2-Audio run (that backend
+        # is written and tested against the main environment's transformers 5)
+        raise WrongEnvironment(
+            f"{model} is a Qwen2-Audio model; this interpreter ({sys.executable}) is a Qwen-Audio "
+            f"environment (transformers {qwen_audio.transformers_version()}): run `qwen-tasks work --run "
+            f"{run_id if run_id is not None else 'ID'}` from the project's main environment (.venv)"
+        )
+
+
+def _kind_or_none(model: str, backend: str) -> str | None:
+    try:
+        return _pick(model, backend)
+    except ModelError:
+        return None  # an unusable model or backend name: loading it reports why
+
+
 def load_backend(
     model: str,
     *,
@@ -70,9 +117,11 @@ def load_backend(
     max_batch: cap on windows per forward pass inside one `label` call (None: the whole batch);
     trim_audio: run the audio encoder only up to the batch's longest clip, not 30 s (Qwen2-Audio);
     adapter: a LoRA adapter directory (`qwen-tasks finetune`) merged into the base weights.
-    Raises ModelError when the model cannot be loaded or its tokenizer and config disagree.
+    Raises ModelError when the model cannot be loaded or its tokenizer and config disagree, and its
+    subclass WrongEnvironment, before loading anything, when the model needs another interpreter.
     """
     kind = _pick(model, backend, adapter)
+    check_environment(model, kind)
     if kind == "qwen-audio":
         from .qwen_audio import QwenAudioBackend
 

@@ -1,26 +1,54 @@
-"""The original Qwen-Audio / Qwen-Audio-Chat through `trust_remote_code`, with its eval-script prompts.
+"""The original Qwen-Audio / Qwen-Audio-Chat (`trust_remote_code`), with its eval-script prompts.
 
-Kept so results can be compared with the published Qwen-Audio numbers. Its model and tokenizer code
-live in the hub repository, so this backend cannot be loaded offline and is NOT exercised by the test
-suite here: only its prompt building is (tests/test_prompts.py). It mirrors eval_audio/evaluate_asr.py
-and evaluate_aqa.py: the tokenizer reads audio from the `<audio>path</audio>` tag, left padding with
-the end-of-document token, greedy decoding, output cut at the first end-of-document token and
-`<|...|>` tags stripped. The waveform the pipeline decoded is written to a temporary 16 kHz WAV per
-window, so both backends see exactly the same audio (and long clips are windowed the same way).
+Kept so results can be compared with the published Qwen-Audio numbers. Its model and tokenizer code live
+in the checkpoint (hub repo or local copy) and only load under **transformers 4.x** (verified from
+4.37.2 to 4.53.3, TRANSFORMERS_SPEC): transformers 5 removed `DisjunctiveConstraint` (imported by
+`transformers_stream_generator`, which the remote code requires) and `PreTrainedModel.get_head_mask`
+(called in its forward pass). So it runs in a second pinned environment, `.venv-qwen-audio`
+(`make install-qwen-audio`, `requirements-qwen-audio.lock`); this module also says which interpreter
+that is (`interpreter()`, `QWEN_TASKS_QWEN_AUDIO_PYTHON`) and refuses, before any weights load, to run
+where it cannot (`check_environment`, raising `WrongEnvironment` with the worker command to use).
+
+What the backend does beyond calling the remote code, and why:
+- Non-Python assets: the remote `audio.py` loads `mel_filters.npz` from its own folder in the
+  transformers modules cache, where transformers copies only `.py` files. The file is copied there from
+  the checkpoint (or the hub) when missing, before any audio is processed.
+- ffmpeg: the remote tokenizer decodes audio by running the `ffmpeg` CLI; its absence is reported on
+  load with how to install it, not as a failure on the first clip.
+- Prompts: those of eval_audio/evaluate_asr.py and evaluate_aqa.py (`prompts.qwen_audio_spec`); the
+  tokenizer reads each clip from the `<audio>path</audio>` tag, so every window of a decoded clip is
+  written to a temporary 16 kHz WAV (both backends see exactly the same audio and windows); left padding
+  with the end-of-document token, greedy decoding, output cut at the first stop token, `<|...|>` tags
+  stripped.
+- Batch invariance (Qwen-Audio #43: answers changed with the batch size). The text side is invariant:
+  left padding is masked and the rotary embeddings depend only on relative positions. The audio encoder
+  is not: it cuts the batch's mel features to the longest clip, so the convolution at a shorter clip's
+  last frame reads a real mel frame of the clip's 30 s padding where, alone, it reads the convolution's
+  zero padding. Zeroing each clip's mel frames past the ones its encoder uses (`_zero_past_length`)
+  gives a clip the same encoder input in a batch as alone; batch 1 is unchanged. Measured on the tiny
+  checkpoint, batch 8 vs 1: p_yes differences ~1e-6 without it, <= 6e-8 with it.
+- The LM head runs on the last position only, in `score` (one forward pass) and in `generate`'s prefill
+  (`_lm_head_on_last_position`): the remote forward computes it at every prompt position otherwise,
+  gigabytes of logits for a batch of 30 s windows with a 155k vocabulary, of which only the last is read.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib.metadata
+import os
+import shutil
+import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .. import prompts, windows
-from ..errors import ModelError
-from ..records import AudioClip, ClipResult, LabelRequest, ModelInfo
+from ..errors import ModelError, QwenTasksError, WrongEnvironment
+from ..records import TARGET_SAMPLE_RATE, AudioClip, ClipResult, LabelRequest, ModelInfo
 from .backoff import run_resilient
 from .qwen2_audio import (
     NO_VARIANTS,
@@ -36,10 +64,137 @@ from .qwen2_audio import (
 
 BACKEND_NAME = "qwen-audio"
 
+PYTHON_ENV_VAR = "QWEN_TASKS_QWEN_AUDIO_PYTHON"  # the interpreter of the Qwen-Audio environment
+VENV_DIR = ".venv-qwen-audio"  # where `make install-qwen-audio` creates it, in the project checkout
+INSTALL_COMMAND = "make install-qwen-audio"
+# transformers versions the remote code was verified with: 4.37.2 (what the issue found working) to
+# 4.53.3 (pinned in requirements-qwen-audio.lock; 4.54.1 fails inside generate, 4.57.6 no longer exports
+# what transformers-stream-generator imports, 5.x has no get_head_mask). The tiny checkpoint gave the
+# same transcripts, answers and p_yes with 4.37.2, 4.49.0, 4.50.3, 4.52.4 and 4.53.3.
+TRANSFORMERS_SPEC = ">=4.37,<4.54"
+
+# Files the remote code reads from its own folder that transformers does not copy there.
+ASSETS = ("mel_filters.npz",)
+FFMPEG_HINT = (
+    "install it (Debian/Ubuntu: apt-get install ffmpeg; macOS: brew install ffmpeg; conda: "
+    "conda install -c conda-forge ffmpeg) or put it on PATH"
+)
+
+
+# --- which interpreter ------------------------------------------------------------------------------
+
+
+def transformers_version() -> str:
+    """The installed transformers version, read without importing transformers (which is slow)."""
+    try:
+        return importlib.metadata.version("transformers")
+    except importlib.metadata.PackageNotFoundError:
+        return "none"
+
+
+def runs_here() -> bool:
+    """True when this interpreter's transformers can load the Qwen-Audio remote code."""
+    return _version_in(transformers_version(), TRANSFORMERS_SPEC)
+
+
+def _version_in(version: str, spec: str) -> bool:
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        return Version(version) in SpecifierSet(spec)
+    except InvalidVersion:
+        return False
+
+
+def interpreter() -> Path:
+    """The Python of the Qwen-Audio environment: `QWEN_TASKS_QWEN_AUDIO_PYTHON`, else
+    `.venv-qwen-audio/bin/python` in the project checkout this package runs from (an editable install),
+    else in the current directory. The path may not exist yet (`make install-qwen-audio` creates it)."""
+    configured = os.environ.get(PYTHON_ENV_VAR, "").strip()
+    if configured:
+        return Path(configured).expanduser()
+    checkout = Path(__file__).resolve().parents[2]
+    root = checkout if (checkout / "pyproject.toml").is_file() else Path.cwd()
+    return root / VENV_DIR / "bin" / "python"
+
+
+def worker_command(run_id: int | str, python: Path | None = None) -> list[str]:
+    """The command that works run `run_id` in the Qwen-Audio environment: its `qwen-tasks` script when
+    it sits next to the interpreter (a virtualenv), else `python -m qwen_tasks`."""
+    python = python or interpreter()
+    script = python.parent / "qwen-tasks"
+    head = [str(script)] if script.is_file() else [str(python), "-m", "qwen_tasks"]
+    return [*head, "work", "--run", str(run_id)]
+
+
+def _shown(path: str) -> str:
+    """A path as a user would type it: relative to the current directory when under it."""
+    try:
+        return str(Path(path).relative_to(Path.cwd()))
+    except ValueError:
+        return path
+
+
+def check_environment(model: str, *, run_id: int | None = None) -> None:
+    """Raise WrongEnvironment (before anything heavy is imported) when this interpreter cannot run the
+    Qwen-Audio remote code; the message names the worker command to use instead, in one line."""
+    if runs_here():
+        return
+    python = interpreter()
+    command = worker_command(run_id if run_id is not None else "ID", python)
+    shown = " ".join(_shown(part) for part in command)
+    where = (
+        f"run `{shown}`"
+        if python.exists()
+        else f"create its environment with `{INSTALL_COMMAND}` (or set {PYTHON_ENV_VAR}), then run `{shown}`"
+    )
+    raise WrongEnvironment(
+        f"{model} is an original Qwen-Audio model (trust_remote_code), which needs transformers "
+        f"{TRANSFORMERS_SPEC}; "
+        f"this interpreter ({sys.executable}) has transformers {transformers_version()}: {where}",
+        python=str(python),
+        command=command,
+    )
+
+
+# --- planning ---------------------------------------------------------------------------------------
+
 
 def detect_prompt_style(model_id: str) -> prompts.PromptStyle:
-    """Qwen-Audio-Chat uses ChatML; the base Qwen-Audio the eval-script task prompts."""
+    """Qwen-Audio-Chat uses ChatML; the base Qwen-Audio the eval-script task prompts. A local checkpoint
+    is a chat model when its generation config says chat_format "chatml" (as the hub's does)."""
+    path = Path(model_id)
+    config = path / "generation_config.json"
+    if config.is_file():
+        import json
+
+        try:
+            fmt = json.loads(config.read_text(encoding="utf-8")).get("chat_format")
+        except json.JSONDecodeError as exc:
+            raise ModelError(f"{config}: not valid JSON ({exc})") from None
+        if fmt in ("chatml", "raw"):
+            return "chat" if fmt == "chatml" else "base"
     return "chat" if "chat" in model_id.lower() else "base"
+
+
+def _style(model_id: str, prompt_style: str) -> prompts.PromptStyle:
+    style = detect_prompt_style(model_id) if prompt_style == "auto" else prompt_style
+    if style not in ("chat", "base"):
+        raise ModelError(f"prompt_style must be auto, chat or base, got {prompt_style!r}")
+    return style  # type: ignore[return-value]
+
+
+def check_folder_name(model_id: str) -> None:
+    """transformers imports a local checkpoint's remote code as `transformers_modules.<folder name>`, so a
+    '.' in that name fails with ModuleNotFoundError on load: say so when planning, before any worker."""
+    path = Path(model_id)
+    if path.is_dir() and "." in path.name:
+        raise ModelError(
+            f"{model_id}: transformers imports this checkpoint's code as module "
+            f"transformers_modules.{path.name}, which the '.' breaks; rename the folder (or link it under "
+            "a name without '.')"
+        )
 
 
 def describe(
@@ -51,12 +206,11 @@ def describe(
     dtype: str | None = None,
     prompt_style: str = "auto",
 ) -> ModelInfo:
-    """ModelInfo this backend records for `request`, without loading anything."""
+    """ModelInfo this backend records for `request`, without loading anything (works in any environment:
+    planning happens wherever `qwen-tasks label` or the DAG runs)."""
     model_id = resolve_model_id(model)
-    style = detect_prompt_style(model_id) if prompt_style == "auto" else prompt_style
-    if style not in ("chat", "base"):
-        raise ModelError(f"prompt_style must be auto, chat or base, got {prompt_style!r}")
-    spec = prompts.qwen_audio_spec(request, style)  # type: ignore[arg-type]
+    check_folder_name(model_id)
+    spec = prompts.qwen_audio_spec(request, _style(model_id, prompt_style))
     dev = resolve_device(device)
     return ModelInfo(
         model=model_id,
@@ -66,6 +220,62 @@ def describe(
         prompt_version=spec.version,
         prompt_template=spec.text,
     )
+
+
+# --- loading ----------------------------------------------------------------------------------------
+
+
+def check_ffmpeg() -> str:
+    """Path of the ffmpeg CLI the remote tokenizer runs to read audio; ModelError saying how to get it."""
+    found = shutil.which("ffmpeg")
+    if found is None:
+        raise ModelError(
+            f"ffmpeg not found on PATH (Qwen-Audio's tokenizer reads audio with it): {FFMPEG_HINT}"
+        )
+    return found
+
+
+def install_assets(code_dir: Path, model_id: str, revision: str = "") -> list[Path]:
+    """Copy ASSETS next to the remote code in `code_dir` when missing there; returns what was copied.
+
+    Taken from the local checkpoint, else downloaded from the hub repo at `revision`.
+    """
+    copied: list[Path] = []
+    for name in ASSETS:
+        target = code_dir / name
+        if target.is_file():
+            continue
+        local = Path(model_id) / name
+        if local.is_file():
+            source = local
+        else:
+            try:
+                from huggingface_hub import hf_hub_download
+
+                source = Path(hf_hub_download(model_id, name, revision=revision or None))
+            except Exception as exc:  # noqa: BLE001 - any hub failure is one message
+                raise ModelError(
+                    f"{model_id}: {name} is missing next to its code ({code_dir}) and could not be "
+                    f"fetched: {type(exc).__name__}: {exc}"
+                ) from None
+        tmp = target.with_name(f".{name}.{os.getpid()}.tmp")
+        shutil.copyfile(source, tmp)
+        os.replace(tmp, target)  # atomic: concurrent workers never see half a file
+        copied.append(target)
+    return copied
+
+
+def _zero_past_length(audio_info: list[dict[str, Any]]) -> None:
+    """Zero each clip's mel frames past the 2*T its encoder reads (T = frames after the convolutions).
+
+    The encoder trims the batch to the longest clip's 2*T frames; a shorter clip's last convolution then
+    reads its frame 2*T, which, alone, is the convolution's zero padding. Alone, frames >= 2*T are
+    trimmed away, so zeroing them changes nothing at batch 1.
+    """
+    for info in audio_info:
+        mel = info["input_audios"]
+        for row, length in enumerate(info["input_audio_lengths"][:, 0].tolist()):
+            mel[row, :, 2 * int(length) :] = 0
 
 
 class QwenAudioBackend:
@@ -81,30 +291,45 @@ class QwenAudioBackend:
         prompt_style: str = "auto",
         max_batch: int | None = None,
     ) -> None:
+        check_environment(model)
+        check_ffmpeg()
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.model_id = resolve_model_id(model)
+        check_folder_name(self.model_id)
         self.revision = revision
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
-        self.style = detect_prompt_style(self.model_id) if prompt_style == "auto" else prompt_style
-        if self.style not in ("chat", "base"):
-            raise ModelError(f"prompt_style must be auto, chat or base, got {prompt_style!r}")
+        self.style = _style(self.model_id, prompt_style)
         self.max_batch = max_batch
         kwargs: dict[str, Any] = {"trust_remote_code": True}
         if revision:
             kwargs["revision"] = revision
+        # The remote code picks its own precision from config flags (bf16 when the GPU has it); set
+        # them so the dtype asked for is the dtype used and recorded.
+        precision = {"bf16": self.dtype == "bfloat16", "fp16": self.dtype == "float16",
+                     "fp32": self.dtype == "float32"}  # fmt: skip
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(self.model_id, **kwargs)
-            self.model = AutoModelForCausalLM.from_pretrained(
-                self.model_id, dtype=getattr(torch, self.dtype), **kwargs
-            )
-        except (OSError, ValueError, ImportError) as exc:
+            # The remote code prints progress to stdout; keep stdout for `--json` output.
+            with contextlib.redirect_stdout(sys.stderr):
+                self.tokenizer = AutoTokenizer.from_pretrained(self.model_id, **kwargs)
+                install_assets(Path(sys.modules[type(self.tokenizer).__module__].__file__).parent,
+                               self.model_id, revision)  # fmt: skip
+                self.model = AutoModelForCausalLM.from_pretrained(
+                    self.model_id, torch_dtype=getattr(torch, self.dtype), **precision, **kwargs
+                )
+        except QwenTasksError:
+            raise
+        except Exception as exc:  # remote code fails in its own ways; each becomes one line
             raise ModelError(
-                f"cannot load Qwen-Audio model {model!r} (needs its remote code from the hub): {exc}"
+                f"cannot load Qwen-Audio model {model!r} (transformers {transformers_version()}): "
+                f"{type(exc).__name__}: {exc}"
             ) from exc
         self.model.to(self.device).eval()
+        loaded = str(next(self.model.parameters()).dtype).removeprefix("torch.")
+        if loaded != self.dtype:
+            raise ModelError(f"{self.model_id}: asked for {self.dtype}, the remote code loaded {loaded}")
         self.tokenizer.padding_side = "left"
         eod = getattr(self.tokenizer, "eod_id", None)
         if eod is None:
@@ -115,6 +340,11 @@ class QwenAudioBackend:
         im_end = getattr(self.tokenizer, "im_end_id", None)
         if self.style == "chat" and im_end is not None:
             self.stop_ids.add(int(im_end))
+        # Ids that are not text: the audio span markers (decoding them needs the prompt's audio_info)
+        # and any id past the tokenizer's vocabulary (the embedding matrix is padded beyond it).
+        self.n_vocab = len(self.tokenizer)
+        markers = [getattr(self.tokenizer, f"audio_{n}_id", None) for n in ("start", "end", "pad")]
+        self.skip_ids = {int(i) for i in markers if i is not None}
         self.yes_ids = self._single_token_ids(YES_VARIANTS)
         self.no_ids = self._single_token_ids(NO_VARIANTS)
         self.info = ModelInfo(self.model_id, revision, self.dtype, self.device, "", "")
@@ -128,10 +358,12 @@ class QwenAudioBackend:
         return ids
 
     def describe(self, request: LabelRequest) -> ModelInfo:
-        spec = prompts.qwen_audio_spec(request, self.style)  # type: ignore[arg-type]
+        spec = prompts.qwen_audio_spec(request, self.style)
         return ModelInfo(
             self.model_id, self.revision, self.dtype, self.device, spec.version, prompt_template=spec.text
         )
+
+    # --- labelling ----------------------------------------------------------------------------------
 
     def label(self, clips: Sequence[AudioClip], request: LabelRequest) -> list[ClipResult]:
         """Same contract as Qwen2AudioBackend.label; windows go through temporary WAV files."""
@@ -139,7 +371,7 @@ class QwenAudioBackend:
 
         if request.task == "cry" and (not self.yes_ids or not self.no_ids):
             raise ModelError(f"{self.model_id}: tokenizer has no single-token yes/no variants to score")
-        spec = prompts.qwen_audio_spec(request, self.style)  # type: ignore[arg-type]
+        spec = prompts.qwen_audio_spec(request, self.style)
         errors: dict[int, str] = {}
         units: list[_Unit] = []
         for pos, clip in enumerate(clips):
@@ -153,11 +385,11 @@ class QwenAudioBackend:
             paths: dict[int, str] = {}
             for k, unit in enumerate(units):
                 path = Path(tmp) / f"{k}.wav"
-                sf.write(path, np.clip(unit.waveform, -1.0, 1.0), 16000, subtype="PCM_16")
+                sf.write(path, np.clip(unit.waveform, -1.0, 1.0), TARGET_SAMPLE_RATE, subtype="PCM_16")
                 paths[id(unit)] = str(path)
             outs = run_resilient(
                 units,
-                lambda chunk: self._infer(chunk, [paths[id(u)] for u in chunk], spec, request),
+                lambda chunk: self._infer([paths[id(u)] for u in chunk], spec, request),
                 lambda unit, exc: _UnitOut(error=f"{clips[unit.clip_pos].path}: {type(exc).__name__}: {exc}"),
                 max_batch=self.max_batch,
             )
@@ -171,40 +403,66 @@ class QwenAudioBackend:
             for pos, clip in enumerate(clips)
         ]
 
-    def _infer(
-        self, units: list[_Unit], paths: list[str], spec: prompts.PromptSpec, request: LabelRequest
-    ) -> list[_UnitOut]:
+    def _infer(self, paths: list[str], spec: prompts.PromptSpec, request: LabelRequest) -> list[_UnitOut]:
         import torch
 
         texts = [prompts.qwen_audio_prompt(spec, p) for p in paths]
-        audio_info = [self.tokenizer.process_audio(t) for t in texts]
+        audio_info = [self.tokenizer.process_audio(t) for t in texts]  # runs ffmpeg on each file
+        _zero_past_length(audio_info)
         tokens = self.tokenizer(texts, return_tensors="pt", padding="longest", audio_info=audio_info)
         input_ids = tokens.input_ids.to(self.device)
         attention_mask = tokens.attention_mask.to(self.device)
-        score_only = request.task == "cry" and tuple(request.methods) == ("score",)
-        with torch.inference_mode():
-            if score_only:
-                out = self.model(input_ids=input_ids, attention_mask=attention_mask, audio_info=audio_info)
-                return [_UnitOut(p_yes=p) for p in self._p_yes(out.logits[:, -1, :])]
+        with torch.inference_mode(), self._lm_head_on_last_position():
+            if request.task == "cry" and tuple(request.methods) == ("score",):
+                logits = self.model(
+                    input_ids=input_ids, attention_mask=attention_mask, audio_info=audio_info, use_cache=False
+                ).logits
+                return [_UnitOut(p_yes=p) for p in self._p_yes(logits[:, -1, :])]
             gen = self.model.generate(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
-                do_sample=False,
-                num_beams=1,
-                max_new_tokens=request.max_new_tokens,
-                min_new_tokens=1,
-                repetition_penalty=1.0,
-                use_cache=True,
-                pad_token_id=self.eod_id,
-                eos_token_id=sorted(self.stop_ids),
+                generation_config=self._greedy(request),
                 audio_info=audio_info,
-                return_dict_in_generate=True,
-                output_logits=request.task == "cry",
             )
         rows = gen.sequences[:, input_ids.shape[1] :].tolist()
         texts_out = [self._decode(row) for row in rows]
-        p_yes = self._p_yes(gen.logits[0]) if request.task == "cry" else [None] * len(rows)
+        p_yes = self._p_yes(gen.scores[0]) if request.task == "cry" else [None] * len(rows)
         return [_UnitOut(text=t, p_yes=p) for t, p in zip(texts_out, p_yes, strict=True)]
+
+    @contextlib.contextmanager
+    def _lm_head_on_last_position(self) -> Iterator[None]:
+        """Apply the LM head to the last position only, which is all that `generate` and `score` read.
+
+        The remote forward has no `logits_to_keep`: the prefill would compute the 155k-token head at every
+        prompt position (a batch of 30 s windows is ~770 positions each: 9 of them make 4.3 GB of fp32
+        logits). A forward pre-hook on the head, only while we infer, cuts its input to the last step.
+        """
+        handle = self.model.lm_head.register_forward_pre_hook(lambda _module, args: (args[0][:, -1:, :],))
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    def _greedy(self, request: LabelRequest) -> Any:
+        """The eval scripts' decoding, as a config of its own: the checkpoint's generation_config.json
+        asks for sampling (top_p 0.8), which would only be overridden key by key, with warnings."""
+        from transformers import GenerationConfig
+
+        return GenerationConfig(
+            do_sample=False,
+            num_beams=1,
+            max_new_tokens=request.max_new_tokens,
+            min_new_tokens=1,
+            repetition_penalty=1.0,
+            use_cache=True,
+            pad_token_id=self.eod_id,
+            eos_token_id=sorted(self.stop_ids),
+            return_dict_in_generate=True,
+            # output_scores, not output_logits (absent before transformers 4.38): the processed scores of
+            # the first step differ from its logits only at the stop ids (min_new_tokens), never at the
+            # yes/no ids p_yes is read from.
+            output_scores=request.task == "cry",
+        )
 
     def _p_yes(self, logits: Any) -> list[float]:
         import torch
@@ -219,4 +477,5 @@ class QwenAudioBackend:
             if token in self.stop_ids:
                 ids = ids[:k]
                 break
+        ids = [i for i in ids if i < self.n_vocab and i not in self.skip_ids]
         return prompts.strip_special_tags(self.tokenizer.decode(ids, skip_special_tokens=False))

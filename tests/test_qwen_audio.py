@@ -1,0 +1,359 @@
+"""The original Qwen-Audio backend (`trust_remote_code`) and its own environment, `.venv-qwen-audio`.
+
+Fast lane, in the main environment (transformers 5, which cannot run the remote code): loading refuses
+before touching any weights and names the command to use; a worker refuses a Qwen-Audio run without
+claiming a job; the asset copy, the ffmpeg check and the batch-invariance fix on real tensors.
+
+Real end to end (slow): the Qwen-Audio environment (`make install-qwen-audio`) labels a tiny random
+checkpoint built from the public QwenLM/Qwen-Audio code (`tests/qwen_audio_tiny.py`) through the CLI and
+the real database: ingest -> label --task cry --method both / --task asr, rows, provenance and batch 1
+vs 8. It needs a copy of that repository in QWEN_AUDIO_CODE_DIR (docs/models.md says how) and skips with
+the reason otherwise; CI cannot reach GitHub, so it skips there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sqlalchemy as sa
+from labelling_helpers import count, ingest_clips, run_cli
+from sqlalchemy.engine import Engine
+
+from qwen_tasks import prompts, runner, schema
+from qwen_tasks.backends import load_backend, qwen_audio, required_python
+from qwen_tasks.errors import ModelError, WrongEnvironment
+from qwen_tasks.records import LabelRequest
+
+ROOT = Path(__file__).resolve().parents[1]
+BUILDER = ROOT / "tests" / "qwen_audio_tiny.py"
+CODE_DIR = os.environ.get("QWEN_AUDIO_CODE_DIR", "")
+# What a worker of either environment imports (the DAG's label step will run `pipeline` there too).
+WORKER_MODULES = ("qwen_tasks.cli", "qwen_tasks.runner", "qwen_tasks.jobs", "qwen_tasks.pipeline",
+                  "qwen_tasks.db", "qwen_tasks.audio", "qwen_tasks.normalize", "qwen_tasks.export",
+                  "qwen_tasks.backends", "qwen_tasks.backends.qwen_audio")  # fmt: skip
+
+main_env_only = pytest.mark.skipif(
+    qwen_audio.runs_here(), reason="this interpreter is a Qwen-Audio environment (transformers 4.x)"
+)
+
+
+def qwen_audio_only_config(folder: Path) -> Path:
+    """A checkpoint folder with nothing but a Qwen-Audio config.json: proves that nothing is loaded."""
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"model_type": "qwen"}), encoding="utf-8")
+    return folder
+
+
+# --- fast lane: which interpreter, refusing before loading --------------------------------------------
+
+
+@main_env_only
+def test_load_backend_refuses_before_loading_and_names_the_command(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = qwen_audio_only_config(tmp_path / "qwen-audio-local")
+    python = tmp_path / "nowhere" / "bin" / "python"
+    monkeypatch.setenv(qwen_audio.PYTHON_ENV_VAR, str(python))
+    assert required_python(str(model)) == python
+    assert required_python("Qwen/Qwen-Audio-Chat") == python  # hub ids: by name
+    assert required_python("Qwen/Qwen2-Audio-7B-Instruct") is None
+    with pytest.raises(WrongEnvironment) as caught:
+        load_backend(str(model), device="cpu")  # no weights in the folder: loading was never tried
+    message = str(caught.value)
+    assert "\n" not in message and "needs transformers >=4.37,<4.54" in message
+    assert "make install-qwen-audio" in message and qwen_audio.PYTHON_ENV_VAR in message
+    assert caught.value.python == str(python)
+    assert caught.value.command == [str(python), "-m", "qwen_tasks", "work", "--run", "ID"]
+    assert isinstance(caught.value, ModelError)  # callers that handle ModelError keep working
+
+
+def test_interpreter_default_and_worker_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(qwen_audio.PYTHON_ENV_VAR, raising=False)
+    assert qwen_audio.interpreter() == ROOT / ".venv-qwen-audio" / "bin" / "python"
+    venv_bin = tmp_path / "venv" / "bin"
+    venv_bin.mkdir(parents=True)
+    (venv_bin / "python").touch()
+    (venv_bin / "qwen-tasks").touch()
+    monkeypatch.setenv(qwen_audio.PYTHON_ENV_VAR, str(venv_bin / "python"))
+    assert qwen_audio.worker_command(7) == [str(venv_bin / "qwen-tasks"), "work", "--run", "7"]
+
+
+@main_env_only
+def test_worker_refuses_a_qwen_audio_run_without_claiming_a_job(
+    engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(qwen_audio.PYTHON_ENV_VAR, str(tmp_path / "qa" / "bin" / "python"))
+    model = qwen_audio_only_config(tmp_path / "qwen-audio-local")
+    ingest_clips(engine, tmp_path / "audio", [1.0, 1.5, 2.0])
+    plan = runner.label(engine, request=LabelRequest("cry"), model=str(model), device="cpu", plan_only=True)
+    assert plan.run_id is not None and plan.jobs == 1  # planning needs no model and works anywhere
+    loads: list[int] = []
+
+    def factory():  # noqa: ANN202 - never called
+        loads.append(1)
+        raise AssertionError("the model must not be loaded")
+
+    with pytest.raises(WrongEnvironment, match=rf"-m qwen_tasks work --run {plan.run_id}`$"):
+        runner.work(engine, plan.run_id, factory)
+    assert loads == []
+    with engine.connect() as conn:
+        rows = conn.execute(sa.select(schema.label_job).where(schema.label_job.c.run_id == plan.run_id)).all()
+    assert [(r.status, r.attempts, r.lease_owner, r.last_error) for r in rows] == [("pending", 0, None, None)]
+
+
+@pytest.mark.slow
+@main_env_only
+def test_cli_worker_and_label_refuse_in_one_line(engine: Engine, database_url: str, tmp_path: Path) -> None:
+    """`qwen-tasks work` / `label` of the main environment, as a user runs them (real subprocesses)."""
+    model = qwen_audio_only_config(tmp_path / "qwen-audio-local")
+    ingest_clips(engine, tmp_path / "audio", [1.0, 2.0])
+    python = tmp_path / "qa" / "bin" / "python"
+    labelled = run_cli(["label", "--task", "asr", "--model", str(model), "--device", "cpu"], database_url,
+                       QWEN_TASKS_QWEN_AUDIO_PYTHON=str(python))  # fmt: skip
+    assert labelled.returncode == 1
+    with engine.connect() as conn:
+        run_id = conn.execute(sa.select(sa.func.max(schema.label_run.c.id))).scalar_one()
+    errors = [line for line in labelled.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in labelled.stderr
+    assert errors[0].endswith(f"then run `{python} -m qwen_tasks work --run {run_id}`")
+    worked = run_cli(["work", "--run", str(run_id)], database_url, QWEN_TASKS_QWEN_AUDIO_PYTHON=str(python))
+    assert worked.returncode == 1 and "Traceback" not in worked.stderr
+    assert f"work --run {run_id}`" in worked.stderr and "make install-qwen-audio" in worked.stderr
+    with engine.connect() as conn:
+        jobs = conn.execute(sa.select(schema.label_job.c.status, schema.label_job.c.attempts)).all()
+    assert [tuple(j) for j in jobs] == [("pending", 0)]
+
+
+# --- fast lane: assets, ffmpeg, batch invariance, prompt style ----------------------------------------
+
+
+def test_install_assets_copies_missing_files_once(tmp_path: Path) -> None:
+    model = qwen_audio_only_config(tmp_path / "model")
+    np.savez_compressed(model / "mel_filters.npz", mel_80=np.ones((80, 201), dtype=np.float32))
+    code = tmp_path / "modules" / "model"
+    code.mkdir(parents=True)
+    assert qwen_audio.install_assets(code, str(model)) == [code / "mel_filters.npz"]
+    with np.load(code / "mel_filters.npz") as f:
+        assert f["mel_80"].shape == (80, 201)
+    assert qwen_audio.install_assets(code, str(model)) == []  # present: left alone
+    assert sorted(p.name for p in code.iterdir()) == ["mel_filters.npz"]  # no temporary file left
+    other = tmp_path / "modules" / "other"
+    other.mkdir()
+    with pytest.raises(ModelError, match=r"mel_filters\.npz is missing next to its code"):
+        qwen_audio.install_assets(other, str(tmp_path / "no-such-checkpoint"))
+
+
+def test_missing_ffmpeg_says_how_to_install_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(ModelError, match=r"ffmpeg not found on PATH .*apt-get install ffmpeg"):
+        qwen_audio.check_ffmpeg()
+
+
+def test_encoder_input_is_zeroed_past_each_clips_length() -> None:
+    import torch
+
+    info = [
+        {"input_audios": torch.ones(1, 80, 3000), "input_audio_lengths": torch.IntTensor([[50, 25]])},
+        {"input_audios": torch.ones(1, 80, 3000), "input_audio_lengths": torch.IntTensor([[1500, 750]])},
+    ]
+    qwen_audio._zero_past_length(info)
+    short, full = info[0]["input_audios"][0], info[1]["input_audios"][0]
+    assert bool((short[:, :100] == 1).all()) and bool((short[:, 100:] == 0).all())
+    assert bool((full == 1).all())
+
+
+def test_a_dot_in_the_checkpoint_folder_is_refused_when_planning(tmp_path: Path) -> None:
+    model = qwen_audio_only_config(tmp_path / "Qwen-Audio.v1")
+    with pytest.raises(ModelError, match=r"transformers_modules\.Qwen-Audio\.v1, which the '\.' breaks"):
+        qwen_audio.describe(str(model), LabelRequest("asr"), device="cpu")
+
+
+def test_prompt_style_from_the_generation_config(tmp_path: Path) -> None:
+    for fmt, style, version in (("chatml", "chat", "qa-chat-asr-v1"), ("raw", "base", "qa-eval-asr-v1")):
+        model = qwen_audio_only_config(tmp_path / fmt)
+        (model / "generation_config.json").write_text(json.dumps({"chat_format": fmt}), encoding="utf-8")
+        assert qwen_audio.detect_prompt_style(str(model)) == style
+        assert qwen_audio.describe(str(model), LabelRequest("asr"), device="cpu").prompt_version == version
+
+
+def test_compose_image_builds_both_environments() -> None:
+    """Read, not built (no Docker engine here): the image has the second venv, ffmpeg and the variable."""
+    dockerfile = (ROOT / "docker" / "Dockerfile").read_text(encoding="utf-8")
+    venv = "/opt/qwen-audio-venv"
+    assert f"python -m venv {venv}" in dockerfile
+    assert "--no-deps \\\n        -r /opt/qwen_tasks/requirements-qwen-audio.lock" in dockerfile
+    assert f"{venv}/bin/pip install --no-cache-dir --no-deps /opt/qwen_tasks" in dockerfile
+    assert f"QWEN_TASKS_QWEN_AUDIO_PYTHON={venv}/bin/python" in dockerfile
+    assert "apt-get install -y --no-install-recommends ffmpeg" in dockerfile
+    assert ".venv-qwen-audio" in (ROOT / "docker" / "Dockerfile.dockerignore").read_text(encoding="utf-8")
+
+
+# --- the Qwen-Audio environment ------------------------------------------------------------------------
+
+
+def qa_python() -> Path:
+    python = qwen_audio.interpreter()
+    if not python.exists():
+        pytest.skip(f"no Qwen-Audio environment at {python}: run `make install-qwen-audio`")
+    return python
+
+
+def run_qa_cli(args: Sequence[str], url: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """`qwen-tasks ARGS` run by the Qwen-Audio environment's interpreter, against the test database."""
+    environment = {**os.environ, "QWEN_TASKS_DATABASE_URL": url, "HF_HUB_OFFLINE": "1", **env}
+    return subprocess.run([str(qa_python()), "-m", "qwen_tasks", *args], capture_output=True, text=True,
+                          env=environment, timeout=600, check=False)  # fmt: skip
+
+
+@pytest.mark.slow
+def test_worker_modules_import_under_both_transformers_versions() -> None:
+    """Each environment imports the worker side and refuses the other environment's models."""
+    code = (
+        "import importlib, importlib.metadata as m, json\n"
+        f"for name in {WORKER_MODULES!r}: importlib.import_module(name)\n"
+        "from qwen_tasks.backends import WrongEnvironment, check_environment, qwen_audio, required_python\n"
+        "refused = []\n"
+        "for model in ('Qwen/Qwen-Audio', 'Qwen/Qwen2-Audio-7B-Instruct'):\n"
+        "    try: check_environment(model, run_id=5)\n"
+        "    except WrongEnvironment as exc: refused.append([model, str(exc)])\n"
+        "print(json.dumps([m.version('transformers'), required_python('Qwen/Qwen-Audio') is None, refused]))"
+    )
+    for python in (Path(sys.executable), qa_python()):
+        proc = subprocess.run([str(python), "-c", code], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        version, qwen_audio_here, refused = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert qwen_audio_here == version.startswith("4."), (python, version)
+        [(model, message)] = refused
+        assert model == ("Qwen/Qwen2-Audio-7B-Instruct" if qwen_audio_here else "Qwen/Qwen-Audio")
+        assert "work --run 5`" in message
+
+
+# --- real end to end on a tiny checkpoint of the public model code ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def qa_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(checkpoint, HF_HOME): the tiny checkpoint, and a fresh modules cache shared by its users."""
+    if not CODE_DIR:
+        pytest.skip("QWEN_AUDIO_CODE_DIR is not set: a copy of QwenLM/Qwen-Audio is needed (docs/models.md)")
+    python = qa_python()
+    base = tmp_path_factory.mktemp("qwen_audio")
+    out, hf_home = base / "tiny_qwen_audio", base / "hf"
+    proc = subprocess.run(
+        [str(python), str(BUILDER), "--code", CODE_DIR, str(out)], capture_output=True, text=True,
+        env={**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"}, timeout=600, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return out, hf_home
+
+
+def _labels(engine: Engine, run_id: int, method: str | None = None) -> dict[int, tuple[str | None, float]]:
+    """audio_id -> (raw answer, p_yes) of one cry run (one method), or (text, 0.0) of an ASR run."""
+    with engine.connect() as conn:
+        if method is None:
+            t = schema.transcription
+            rows = conn.execute(sa.select(t.c.audio_id, t.c.text).where(t.c.run_id == run_id)).all()
+            return {r.audio_id: (r.text, 0.0) for r in rows}
+        c = schema.cry_answer.c
+        rows = conn.execute(
+            sa.select(c.audio_id, c.raw_answer, c.p_yes).where(c.run_id == run_id, c.method == method)
+        ).all()
+    return {r.audio_id: (r.raw_answer, r.p_yes) for r in rows}
+
+
+def _run(engine: Engine, run_id: int) -> sa.Row:
+    with engine.connect() as conn:
+        return conn.execute(sa.select(schema.label_run).where(schema.label_run.c.id == run_id)).one()
+
+
+def _last_json(proc: subprocess.CompletedProcess[str]) -> dict:
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])  # remote code's prints went to stderr
+
+
+@pytest.mark.slow
+def test_tiny_qwen_audio_end_to_end(
+    engine: Engine, database_url: str, qa_checkpoint: tuple[Path, Path], tmp_path: Path
+) -> None:
+    checkpoint, hf_home = qa_checkpoint
+    env = {"HF_HOME": str(hf_home)}
+    durations = [1.0, 1.7, 2.4, 3.1, 3.8, 4.5, 5.2, 33.0]  # the last one is two windows
+    ids = ingest_clips(engine, tmp_path / "audio", durations)
+    long_id = list(ids.values())[-1]
+    model = ["--model", str(checkpoint), "--device", "cpu"]
+    figures: dict[str, float] = {}
+
+    def qa(*args: str) -> dict:
+        return _last_json(run_qa_cli([*args, *model, "--json"], database_url, **env))
+
+    # cry, both methods, one batch of 8 clips
+    started = time.perf_counter()
+    both8 = qa("label", "--task", "cry", "--method", "both", "--batch-size", "8", "--max-new-tokens", "8")
+    figures["cry_both_batch8_wall_s"] = time.perf_counter() - started
+    figures["cry_both_batch8_model_load_s"] = both8["model_load_seconds"]
+    figures["cry_both_batch8_process_s"] = both8["process_seconds"]
+    assert (both8["labelled"], both8["failed"], both8["status"]) == (8, 0, "done")
+    run = _run(engine, both8["run_id"])
+    spec = prompts.qwen_audio_spec(LabelRequest("cry", methods=("score", "generate")), "base")
+    assert (run.model, run.revision, run.prompt_version) == (str(checkpoint.resolve()), "", spec.version)
+    assert spec.version == "qa-eval-aqa-both-v1" and run.prompt_template == spec.text
+    assert "<|startofanalysis|><|en|><|question|>" in spec.text
+    assert (run.dtype, run.device, run.status) == ("float32", "cpu", "done")
+    generated, scored = _labels(engine, run.id, "generate"), _labels(engine, run.id, "score")
+    assert set(generated) == set(scored) == set(ids.values())
+    assert all(text is not None and 0.0 <= p <= 1.0 for text, p in generated.values())
+    assert all(scored[a][1] == generated[a][1] for a in ids.values())  # one pass gives both
+    with engine.connect() as conn:
+        windows = conn.execute(
+            sa.select(schema.cry_answer.c.windows).where(schema.cry_answer.c.audio_id == long_id)
+        ).scalars().all()  # fmt: skip
+    assert [len(w) for w in windows] == [2, 2]
+
+    # the same clips one at a time: same answers, same p_yes
+    both1 = qa("label", "--task", "cry", "--method", "both", "--batch-size", "1", "--max-new-tokens", "8",
+               "--relabel")  # fmt: skip
+    figures["cry_both_batch1_process_s"] = both1["process_seconds"]
+    single = _labels(engine, both1["run_id"], "generate")
+    assert {a: t for a, (t, _) in single.items()} == {a: t for a, (t, _) in generated.items()}
+    figures["cry_max_dp_yes_batch8_vs_1"] = max(abs(single[a][1] - generated[a][1]) for a in ids.values())
+    assert figures["cry_max_dp_yes_batch8_vs_1"] <= 1e-4
+
+    # score alone: one forward pass, the LM head on the last position only; the same p_yes
+    score8 = qa("label", "--task", "cry", "--method", "score", "--batch-size", "8")
+    assert _run(engine, score8["run_id"]).prompt_version == "qa-eval-aqa-score-v1"
+    score_only = _labels(engine, score8["run_id"], "score")
+    figures["score_vs_both_max_dp_yes"] = max(abs(score_only[a][1] - generated[a][1]) for a in ids.values())
+    assert figures["score_vs_both_max_dp_yes"] <= 1e-4
+
+    # ASR the two-environment way: planned by the main environment, worked by the Qwen-Audio one
+    planned = run_cli(["label", "--task", "asr", *model, "--batch-size", "8", "--max-new-tokens", "24",
+                       "--plan-only", "--json"], database_url, **env)  # fmt: skip
+    asr_run = _last_json(planned)["run_id"]
+    started = time.perf_counter()
+    worked = _last_json(run_qa_cli(["work", "--run", str(asr_run), "--json"], database_url, **env))
+    figures["asr_batch8_work_wall_s"] = time.perf_counter() - started
+    figures["asr_batch8_process_s"] = worked["process_seconds"]
+    assert (worked["jobs_done"], worked["labelled"], worked["run_status"]) == (1, 8, "done")
+    run = _run(engine, asr_run)
+    assert run.prompt_version == "qa-eval-asr-v1" and run.prompt_template.endswith(
+        "<|startoftranscript|><|en|><|transcribe|><|en|><|notimestamps|><|wo_itn|>"
+    )
+    asr1 = qa("label", "--task", "asr", "--batch-size", "1", "--max-new-tokens", "24", "--relabel")
+    figures["asr_batch1_process_s"] = asr1["process_seconds"]
+    batched, alone = _labels(engine, asr_run), _labels(engine, asr1["run_id"])
+    assert set(batched) == set(ids.values()) and batched == alone
+    assert all(text for text, _ in batched.values())
+    assert count(engine, schema.transcription) == 16 and count(engine, schema.label_failure) == 0
+
+    # the asset the remote audio front end loads from its own folder was put there
+    modules = hf_home / "modules" / "transformers_modules" / checkpoint.name
+    assert (modules / "mel_filters.npz").is_file() and (modules / "audio.py").is_file()
+    print(f"\nqwen-audio tiny end to end: {json.dumps(figures)}")

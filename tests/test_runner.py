@@ -15,6 +15,7 @@ from qwen_tasks import export, jobs, runner, schema
 from qwen_tasks.backends import get_backend
 from qwen_tasks.backends.base import Backend
 from qwen_tasks.errors import ModelError
+from qwen_tasks.options import LabelOptions
 from qwen_tasks.records import LabelRequest
 
 
@@ -155,17 +156,12 @@ def test_rerun_labels_nothing_and_relabel_keeps_old_labels(
     tiny_model_dir: Path,
 ) -> None:
     ingest_clips(engine, tmp_path / "a", [1.0, 2.0])
-    request = LabelRequest(task="cry")
 
     def label(**kw: object) -> runner.LabelSummary:
-        return runner.label(
-            engine,
-            request=request,
-            model=str(tiny_model_dir),
-            device="cpu",
-            backend_factory=lambda: backend,
-            **kw,
-        )  # type: ignore[arg-type]
+        opts = LabelOptions.from_mapping(
+            {"tasks": ["cry"], "model": str(tiny_model_dir), "device": "cpu", **kw}
+        )
+        return runner.label(engine, opts, backend_factory=lambda: backend)
 
     first = label()
     assert first.run_id is not None and first.labelled == 2 and first.status == "done"

@@ -36,6 +36,8 @@ from .schema import cry_answer, label_failure, label_job, label_run, transcripti
 log = logging.getLogger(__name__)
 
 DEFAULT_LEASE_SECONDS = jobs.DEFAULT_LEASE_SECONDS
+# Tries of a job's result transaction when the connection drops (about 18 s of back-off in all).
+WRITE_ATTEMPTS = 8
 
 
 class AudioStorageUnavailable(QwenTasksError):
@@ -504,7 +506,9 @@ def _process_claimed(
             elapsed = time.perf_counter() - start
             try:
                 labelled, failed, seconds = jobs.retry_db(
-                    lambda: write_results(engine, job, worker_id, rows, elapsed), what=f"write job {job.id}"
+                    lambda: write_results(engine, job, worker_id, rows, elapsed),
+                    what=f"write job {job.id}",
+                    attempts=WRITE_ATTEMPTS,
                 )
             except LeaseLost as exc:
                 state = jobs.job_state(engine, job.id)

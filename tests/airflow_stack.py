@@ -40,6 +40,18 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _descends(pid: int, root: int) -> bool:
+    while pid > 1:
+        if pid == root:
+            return True
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return False
+        pid = int(stat.rsplit(")", 1)[1].split()[1])  # field 4: the parent's pid
+    return False
+
+
 def wait_until(what: str, check: Callable[[], Any], timeout: float, interval: float = 0.5) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -58,6 +70,7 @@ class AirflowStack:
     env_extra: dict[str, str] = field(default_factory=dict)
     workers: int = 2
     password: str = field(default_factory=lambda: secrets.token_urlsafe(12))
+    jwt_secret: str = field(default_factory=lambda: secrets.token_urlsafe(32))  # one for every process
     port: int = field(default_factory=free_port)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     meta_url: str = ""
@@ -85,7 +98,7 @@ class AirflowStack:
             "AIRFLOW__API__BASE_URL": self.base_url,
             "AIRFLOW__API__PORT": str(self.port),
             "AIRFLOW__API__WORKERS": "1",
-            "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_urlsafe(32),
+            "AIRFLOW__API_AUTH__JWT_SECRET": self.jwt_secret,
             "AIRFLOW__CORE__AUTH_MANAGER": (
                 "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager"
             ),
@@ -129,7 +142,7 @@ class AirflowStack:
             self.airflow("db", "migrate", timeout=600)
             self.airflow("pools", "set", "gpu", str(self.workers), "GPU slots")
             self.spawn("api-server", "api-server", "--port", str(self.port))
-            self.spawn("scheduler", "scheduler")
+            self.spawn("scheduler", "scheduler", AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT=str(free_port()))
             self.spawn("dag-processor", "dag-processor")
             for k in range(1, self.workers + 1):
                 self.spawn_worker(k)
@@ -140,10 +153,14 @@ class AirflowStack:
             raise
         return self
 
-    def spawn(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+    def spawn(self, name: str, *args: str, **env: str) -> subprocess.Popen[bytes]:
         log = (self.home / f"{name}.log").open("ab")
         proc = subprocess.Popen(
-            [*AIRFLOW, *args], env=self.env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            [*AIRFLOW, *args],
+            env={**self.env(), **env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         self.procs[name] = proc
         return proc
@@ -152,6 +169,7 @@ class AirflowStack:
         return self.spawn(
             f"worker-{k}", "celery", "worker", "--queues", "default,gpu", "--concurrency", "1",
             "--celery-hostname", f"w{k}@%h", "--without-mingle", "--without-gossip",
+            AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT=str(free_port()),  # each its own log server
         )  # fmt: skip
 
     def _api_up(self) -> bool:
@@ -209,10 +227,25 @@ class AirflowStack:
 
         return wait_until(f"DAG run {run_id}", finished, timeout=timeout, interval=2)
 
-    def kill_group(self, name: str) -> None:
-        """SIGKILL a process and everything it started (a worker machine lost), and remember it."""
+    def descends_from(self, pid: int, name: str) -> bool:
+        """Whether process `pid` was started (directly or not) by the stack's process `name` (the task
+        supervisor starts each task in a session of its own, so process groups do not tell)."""
+        return _descends(pid, self.procs[name].pid)
+
+    def kill_machine(self, name: str) -> None:
+        """SIGKILL a process and everything it started, all at once (a worker machine lost)."""
         proc = self.procs.pop(name)
-        os.killpg(proc.pid, signal.SIGKILL)
+        doomed = [proc.pid] + [
+            int(e.name)
+            for e in Path("/proc").iterdir()
+            if e.name.isdigit() and int(e.name) != proc.pid and _descends(int(e.name), proc.pid)
+        ]
+        for pid in doomed:  # freeze them all first, so none reacts to another one dying
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+        for pid in doomed:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         proc.wait(timeout=30)
         self.procs[f"killed-{name}"] = proc
 

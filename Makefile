@@ -43,3 +43,4 @@ bench: install
 	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/inference.py
 	$(BIN)/python bench/workers.py
+	$(BIN)/python bench/dag.py

@@ -654,6 +654,8 @@ def work(
             outcome = process_job(
                 engine, job.id, backend, worker_id=worker_id, lease_seconds=lease_seconds, job=job
             )
+        except WriteFailed:
+            raise  # the job was released with its attempt counted (or its lease will run out)
         except BaseException as exc:
             # anything between the claim and the job's own handling: do not keep the job hostage
             jobs.give_back(engine, job, worker_id, f"worker stopped ({_why(exc)})")

@@ -106,13 +106,15 @@ class WaitForWorkersOperator(BaseOperator):
         return self._finished(event)
 
     def _finished(self, progress: dict[str, Any]) -> dict[str, Any]:
-        from .pipeline import JobFailed
+        from airflow.sdk.exceptions import AirflowFailException
 
         runs = progress["runs"]
         failed = sum(int(r["failed"]) for r in runs.values())
         self.log.info("runs finished: %s", runs)
-        if failed:
-            raise JobFailed(f"{failed} job(s) failed after all attempts in runs {sorted(runs)}")
+        if failed:  # a retry would find the same: fail for good, like label_batch
+            raise AirflowFailException(
+                f"{failed} job(s) failed after all attempts in runs {sorted(runs)} (label_job.last_error)"
+            )
         return {
             "waited": True,
             "run_ids": sorted(int(r) for r in runs),

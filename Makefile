@@ -62,4 +62,5 @@ bench: install
 	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/inference.py
 	$(BIN)/python bench/workers.py
+	$(BIN)/python bench/dag.py
 	$(BIN)/python bench/finetune.py

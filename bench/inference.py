@@ -128,6 +128,7 @@ def pipeline_section(args, backend, clips: list[AudioClip], request: LabelReques
 
     from qwen_tasks import db, runner
     from qwen_tasks.ingest import ingest
+    from qwen_tasks.options import LabelOptions
 
     admin_url = args.admin_url or f"postgresql+psycopg2://{getpass.getuser()}@127.0.0.1:5432/postgres"
     with db.scratch_database(admin_url, prefix="qwen_tasks_bench") as url:
@@ -153,16 +154,13 @@ def pipeline_section(args, backend, clips: list[AudioClip], request: LabelReques
                 if repeat == args.repeat:
                     backend.trim_audio = True  # and once more as shipped (trimmed encoder)
                 start = time.perf_counter()
-                summary = runner.label(
-                    engine,
-                    request=request,
-                    model=backend.model_id,
-                    device=args.device,
-                    batch_size=args.batch_size,
-                    max_batch_seconds=args.max_batch_seconds,
-                    relabel=repeat > 0,
-                    backend_factory=lambda: backend,
-                )
+                opts = LabelOptions.from_mapping(
+                    {"tasks": [request.task], "model": backend.model_id, "device": args.device,
+                     "batch_size": args.batch_size, "max_batch_seconds": args.max_batch_seconds,
+                     "relabel": repeat > 0, "max_new_tokens": request.max_new_tokens,
+                     "language": request.language, "question": request.question}
+                )  # fmt: skip
+                summary = runner.label(engine, opts, backend_factory=lambda run: backend)
                 elapsed = time.perf_counter() - start
                 if summary.labelled != len(clips):
                     raise RuntimeError(f"pipeline labelled {summary.labelled}/{len(clips)}: {summary.errors}")

@@ -5,22 +5,25 @@ Runs nightly (cron `QWEN_TASKS_SCHEDULE`, default `0 2 * * *` UTC) and on demand
 
 1. **ingest** the audio folders and manifests (new files only; unreadable files are quarantined with
    their reason, never dropped);
-2. **plan** one labelling run per task (`asr`, `cry`) over the audio that has no label yet for this
-   model, revision and prompt version, split into jobs of at most `batch_size` clips and
-   `max_batch_seconds` of audio (at most `[core] max_map_length` jobs per DAG run; the rest waits for
-   the next run);
-3. **label_batch**, one mapped task per job, on the `gpu` pool and the `gpu` Celery queue, with
-   retries and exponential back-off;
+2. **plan**: resume unfinished jobs of earlier runs with the same model and prompt, then plan one
+   labelling run per task (`asr`, `cry`) over the audio that has no label yet, split into jobs of at most
+   `batch_size` clips and `max_batch_seconds` of audio;
+3. **label_batch**, mapped over worker *slots* (`slots`, default the `gpu` pool size; never more than
+   the jobs), on the `gpu` pool and the `gpu` Celery queue: each slot loads the model **once** and claims
+   jobs until the runs are drained; a slot that dies has its jobs taken over by the others or by its
+   Airflow retry. With `workers=external`, no slot runs: **wait_for_workers** defers until a fleet of
+   `qwen-tasks work --follow` processes has labelled the runs;
 4. **metrics** (WER/CER, accuracy, AUC, speed) stored per run in `run_metric`;
 5. **report** written under `$QWEN_TASKS_HOME/reports/<dag run id>/`.
 
-**Manual run:** *Trigger DAG* → fill in the form (folders, manifests, tasks, model, method, ...).
-Only ids and counts travel between tasks; the labels are in the `qwen_tasks_db` database:
+**Manual run:** *Trigger DAG* → the defaults work as they are; empty optional fields mean the default.
+Only ids and counts travel between tasks; the labels are in the labels database:
 `SELECT * FROM run_progress ORDER BY run_id DESC;`
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,24 +32,29 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
 
+from qwen_tasks.airflow_wait import WaitForWorkersOperator
+from qwen_tasks.config import Settings
 from qwen_tasks.errors import ConfigError
-from qwen_tasks.pipeline import DEVICES, DTYPES, LABEL_RETRIES, METHODS, TASKS, JobFailed, PipelineParams
+from qwen_tasks.options import LabelOptions
+from qwen_tasks.pipeline import LABEL_RETRIES, JobFailed
 
 DAG_ID = "qwen_audio_labelling"
 SCHEDULE = os.environ.get("QWEN_TASKS_SCHEDULE", "0 2 * * *").strip() or None
-_DEFAULTS = PipelineParams.defaults()  # environment only: no database, no model at parse time
+# Environment only (no database, no model at parse time). A bad QWEN_TASKS_* value must not become an
+# import error: it is replaced by its default here, and every task fails with the one-line error.
+_SETTINGS = Settings.from_env(strict=False)
+for _error in _SETTINGS.errors:
+    logging.getLogger(__name__).warning("%s (the DAG's tasks will fail until it is fixed)", _error)
 # First retry delay (doubles on each retry); the local harness lowers it so a failure shows up quickly.
-RETRY_DELAY = timedelta(seconds=float(os.environ.get("QWEN_TASKS_RETRY_DELAY_SECONDS") or 30))
+try:
+    RETRY_DELAY = timedelta(seconds=float(os.environ.get("QWEN_TASKS_RETRY_DELAY_SECONDS") or 30))
+except ValueError:
+    RETRY_DELAY = timedelta(seconds=30)
 
-
-def _string_list(title: str, description: str, default: tuple[str, ...]) -> Param:
-    return Param(
-        list(default),
-        type="array",
-        items={"type": "string", "minLength": 1},
-        title=title,
-        description=description,
-    )
+# The trigger form: generated from the options object the CLI uses, so they cannot disagree.
+PARAMS = {
+    name: Param(default, **schema) for name, (default, schema) in LabelOptions.param_specs(_SETTINGS).items()
+}
 
 
 @contextmanager
@@ -58,89 +66,6 @@ def no_retry_for_permanent_errors() -> Iterator[None]:
         yield
     except (ConfigError, JobFailed) as exc:
         raise AirflowFailException(str(exc)) from exc
-
-
-PARAMS = {
-    "audio_dirs": _string_list(
-        "Audio folders",
-        "Folders scanned recursively for audio (one per line). Default: QWEN_TASKS_AUDIO_DIRS.",
-        _DEFAULTS.audio_dirs,
-    ),
-    "asr_manifests": _string_list(
-        "ASR manifests",
-        'jsonl files with {"audio", "text"} lines (reference transcripts).',
-        _DEFAULTS.asr_manifests,
-    ),
-    "aqa_manifests": _string_list(
-        "Cry / audio-QA manifests",
-        'jsonl files with {"question", "audio", "gt", "source"} lines (gold yes/no labels).',
-        _DEFAULTS.aqa_manifests,
-    ),
-    "tasks": Param(
-        list(_DEFAULTS.tasks),
-        type="array",
-        items={"type": "string", "enum": list(TASKS)},
-        minItems=1,
-        uniqueItems=True,
-        title="Tasks",
-        description="asr = transcripts, cry = is a baby crying (yes/no/unknown).",
-    ),
-    "model": Param(
-        _DEFAULTS.model, type="string", minLength=1, title="Model", description="Hub id or local path."
-    ),
-    "revision": Param(
-        _DEFAULTS.revision,
-        type="string",
-        title="Revision",
-        description="Pinned hub revision (empty = default).",
-    ),
-    "device": Param(_DEFAULTS.device, type="string", enum=list(DEVICES), title="Device"),
-    "dtype": Param(_DEFAULTS.dtype, type="string", enum=list(DTYPES), title="Weights dtype"),
-    "method": Param(
-        _DEFAULTS.method,
-        type="string",
-        enum=list(METHODS),
-        title="Cry method",
-        description="score = P(yes) from one forward pass; generate = free answer, normalised; both.",
-    ),
-    "batch_size": Param(
-        _DEFAULTS.batch_size, type="integer", minimum=1, maximum=1024, title="Clips per batch"
-    ),
-    "max_batch_seconds": Param(
-        _DEFAULTS.max_batch_seconds,
-        type="number",
-        exclusiveMinimum=0,
-        maximum=86400,
-        title="Audio seconds per batch",
-        description="One mapped task labels at most this much audio.",
-    ),
-    "limit": Param(
-        None, type=["null", "integer"], minimum=1, title="Limit", description="Label at most this many clips."
-    ),
-    "relabel": Param(
-        False, type="boolean", title="Relabel", description="Label again audio that has labels."
-    ),
-    "question": Param(_DEFAULTS.question, type="string", minLength=1, title="Cry question"),
-    "yes_threshold": Param(
-        _DEFAULTS.yes_threshold, type="number", minimum=0, maximum=1, title="Yes threshold"
-    ),
-    "max_new_tokens": Param(
-        _DEFAULTS.max_new_tokens, type="integer", minimum=1, maximum=4096, title="Max new tokens"
-    ),
-    "language": Param(
-        _DEFAULTS.language,
-        type="string",
-        pattern="^[a-z]{2,3}$",
-        title="ASR language",
-        description="en, zh, ...",
-    ),
-    "report_dir": Param(
-        _DEFAULTS.report_dir,
-        type="string",
-        title="Report folder",
-        description="Empty = $QWEN_TASKS_HOME/reports. One sub-folder per DAG run.",
-    ),
-}
 
 
 @dag(
@@ -173,8 +98,9 @@ def qwen_audio_labelling():
 
     @task
     def plan(ingested: dict) -> list[int]:
-        """One run per task; returns the job ids label_batch maps over (at most [core] max_map_length).
-        The run ids (for metrics and report) and per-task counts go out as the XComs `run_ids` and `plan`."""
+        """Resume unfinished jobs, plan new runs; returns the slot numbers label_batch maps over
+        (min(jobs, slots); none with workers=external). The run ids go out as the XCom `run_ids`, the
+        counts as `plan`."""
         from airflow.sdk import conf
 
         from qwen_tasks.airflow_conn import resolve_database_url
@@ -190,7 +116,7 @@ def qwen_audio_labelling():
             )
         ctx["ti"].xcom_push(key="run_ids", value=planned["run_ids"])
         ctx["ti"].xcom_push(key="plan", value={k: v for k, v in planned.items() if k != "job_ids"})
-        return planned["job_ids"]
+        return list(range(planned["slots"]))
 
     @task(
         pool="gpu",
@@ -199,22 +125,28 @@ def qwen_audio_labelling():
         retry_delay=RETRY_DELAY,
         retry_exponential_backoff=True,
         max_retry_delay=timedelta(minutes=15),
-        execution_timeout=timedelta(hours=2),
-        map_index_template="{{ batch_name }}",
+        execution_timeout=timedelta(hours=12),
+        map_index_template="{{ worker_name }}",
         multiple_outputs=False,
     )
-    def label_batch(job_id: int) -> dict:
-        """Label one job; the model is loaded inside the task (never at parse time)."""
-        from qwen_tasks import db
+    def label_batch(slot: int, run_ids: list) -> dict:
+        """One worker slot: loads the model once (inside the task, never at parse time) and labels jobs
+        of this DAG run's runs until none is left."""
         from qwen_tasks.airflow_conn import resolve_database_url
-        from qwen_tasks.pipeline import batch_name, job_summary, label_step
+        from qwen_tasks.pipeline import slot_name, work_step
 
         ctx = get_current_context()
-        ctx["batch_name"] = f"job {job_id}"  # the UI name if the lookup below fails
-        url = resolve_database_url()
+        slots = len(ctx["ti"].xcom_pull(task_ids="plan") or []) or 1
+        ctx["worker_name"] = slot_name(slot, slots)
+
+        def name(text: str) -> None:
+            ctx["worker_name"] = text
+
         with no_retry_for_permanent_errors():
-            ctx["batch_name"] = batch_name(job_summary(db.get_engine(url), job_id))
-            return label_step(job_id, ctx["params"], database_url=url)
+            return work_step(
+                ctx["params"], run_ids, slot=slot, slots=slots, database_url=resolve_database_url(),
+                on_name=name,
+            )  # fmt: skip
 
     @task(trigger_rule="none_failed", multiple_outputs=False)
     def metrics(run_ids: list) -> dict:
@@ -238,9 +170,10 @@ def qwen_audio_labelling():
             )
 
     planned = plan(ingest())
-    labelled = label_batch.expand(job_id=planned)
+    labelled = label_batch.partial(run_ids=planned["run_ids"]).expand(slot=planned)
+    waited = WaitForWorkersOperator(task_id="wait_for_workers", run_ids=planned["run_ids"])
     computed = metrics(planned["run_ids"])
-    labelled >> computed
+    [labelled, waited] >> computed
     report(planned["run_ids"], computed)
 
 

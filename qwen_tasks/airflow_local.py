@@ -10,7 +10,10 @@ Used by `make demo` and the end-to-end test, so both exercise the DAG itself, no
   small JSON result (run state, task states, XCom values of the non-mapped tasks) to a file; the full
   Airflow log goes to `<home>/logs/dag_test/`.
 - `dag.test()` does not enforce pools (it runs every ready task itself, one at a time), but the `gpu` pool
-  is created anyway so the same metadata database also works with `airflow standalone`.
+  is created anyway (QWEN_TASKS_GPU_POOL_SLOTS slots) so the same home also works with `airflow standalone`.
+- The home's `airflow.cfg` is written by us before Airflow would write its own, and it pins no absolute
+  path: the database is `${AIRFLOW_HOME}/airflow.db` and the DAGs folder comes from the environment, so a
+  copied or moved checkout uses its own files (Airflow expands environment variables in the file).
 """
 
 from __future__ import annotations
@@ -68,6 +71,36 @@ def airflow_env(home: Path, dags_folder: Path | None = None, *, quiet: bool = Tr
     return env
 
 
+CFG_MARKER = "# qwen_tasks.airflow_local: no absolute paths"
+AIRFLOW_CFG = f"""{CFG_MARKER}
+# The Airflow home of the qwen-audio-labelling demo and tests. Paths come from the environment when an
+# Airflow command runs (Airflow expands ${{...}} here), so this folder can be copied or moved:
+#   AIRFLOW_HOME                this folder
+#   AIRFLOW__CORE__DAGS_FOLDER  the checkout's dags/ (set by qwen_tasks.airflow_local, or export it)
+[core]
+load_examples = False
+executor = LocalExecutor
+# airflow standalone on a laptop: the default (32) starts 32 worker processes, ~2 GB while idle
+parallelism = 4
+
+[database]
+sql_alchemy_conn = sqlite:///${{AIRFLOW_HOME}}/airflow.db
+
+[logging]
+base_log_folder = ${{AIRFLOW_HOME}}/logs
+"""
+
+
+def write_airflow_cfg(home: Path) -> Path:
+    """Write the home's airflow.cfg unless it is ours already (an old, path-pinning one is replaced)."""
+    cfg = home / "airflow.cfg"
+    if cfg.is_file() and cfg.read_text(errors="replace").startswith(CFG_MARKER):
+        return cfg
+    home.mkdir(parents=True, exist_ok=True)
+    cfg.write_text(AIRFLOW_CFG)
+    return cfg
+
+
 def _airflow_version() -> str:
     from importlib.metadata import version
 
@@ -76,6 +109,7 @@ def _airflow_version() -> str:
 
 def ensure_metadata_db(home: Path, env: dict[str, str]) -> dict[str, Any]:
     """`airflow db migrate` once per home and Airflow version; returns whether it ran and how long."""
+    write_airflow_cfg(home)
     marker = home / f".migrated-{_airflow_version()}"
     if marker.exists():
         return {"migrated": False, "seconds": 0.0}
@@ -179,7 +213,10 @@ def _child(conf: dict[str, Any], out: Path) -> None:
     from airflow.utils.session import create_session
 
     Pool.create_or_update_pool(
-        GPU_POOL, slots=1, description="GPU slots for label_batch", include_deferred=False
+        GPU_POOL,
+        slots=get_settings().gpu_slots,
+        description="GPU slots for label_batch (QWEN_TASKS_GPU_POOL_SLOTS)",
+        include_deferred=False,
     )
     bag = DagBag(os.environ["AIRFLOW__CORE__DAGS_FOLDER"])  # examples are off via LOAD_EXAMPLES
     if bag.import_errors:

@@ -2,15 +2,25 @@
 
 Everything has a default so that `qwen-tasks` works on a laptop with no configuration; the DAG and
 the CLI read the same variables, so a label made by either is traceable to the same settings.
+
+A bad value (`QWEN_TASKS_BATCH_SIZE=abc`) is a ConfigError naming the variable: one line in every
+command. The DAG file parses with `strict=False` (the bad value is replaced by its default and noted in
+`errors`), so a typo never becomes a DAG import error; its tasks read the settings strictly and fail
+with that same one line.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
+
+from .errors import ConfigError
 
 DEFAULT_MODEL = "Qwen/Qwen2-Audio-7B-Instruct"
+T = TypeVar("T")
 
 
 def _env_int(name: str, default: int, minimum: int = 1) -> int:
@@ -20,9 +30,9 @@ def _env_int(name: str, default: int, minimum: int = 1) -> int:
     try:
         value = int(raw)
     except ValueError:
-        raise ValueError(f"{name} must be an integer, got {raw!r}") from None
+        raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
     if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+        raise ConfigError(f"{name} must be >= {minimum}, got {value}")
     return value
 
 
@@ -33,9 +43,9 @@ def _env_float(name: str, default: float) -> float:
     try:
         value = float(raw)
     except ValueError:
-        raise ValueError(f"{name} must be a number, got {raw!r}") from None
-    if not value > 0:
-        raise ValueError(f"{name} must be > 0, got {value}")
+        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise ConfigError(f"{name} must be a number > 0, got {raw!r}")
     return value
 
 
@@ -56,23 +66,42 @@ class Settings:
     device: str = "auto"
     batch_size: int = 16
     max_batch_seconds: float = 240.0
+    gpu_slots: int = 1  # the `gpu` pool's size: how many labelling workers the DAG fans out to
+    lease_seconds: float = 120.0  # a dead worker's job is taken over after this long
+    errors: tuple[str, ...] = ()  # bad values replaced by defaults (only with strict=False)
 
     @property
     def embedded_pgdata(self) -> Path:
         return self.home / "pgdata"
 
     @classmethod
-    def from_env(cls) -> Settings:
+    def from_env(cls, *, strict: bool = True) -> Settings:
+        """Read the environment; a bad value raises ConfigError naming the variable (strict), or is
+        replaced by its default and reported in `errors` (strict=False: DAG parse time)."""
+        errors: list[str] = []
+
+        def read(fn: Callable[[], T], default: T) -> T:
+            try:
+                return fn()
+            except ConfigError as exc:
+                if strict:
+                    raise
+                errors.append(str(exc))
+                return default
+
         home = os.environ.get("QWEN_TASKS_HOME")
         return cls(
             database_url=os.environ.get("QWEN_TASKS_DATABASE_URL") or None,
             home=Path(home).expanduser().resolve() if home else Path.cwd().resolve() / ".qwen_tasks",
             allowed_roots=_env_paths("QWEN_TASKS_ALLOWED_ROOTS"),
             model=os.environ.get("QWEN_TASKS_MODEL") or DEFAULT_MODEL,
-            model_revision=os.environ.get("QWEN_TASKS_MODEL_REVISION", ""),
+            model_revision=os.environ.get("QWEN_TASKS_MODEL_REVISION", "").strip(),
             device=os.environ.get("QWEN_TASKS_DEVICE") or "auto",
-            batch_size=_env_int("QWEN_TASKS_BATCH_SIZE", 16),
-            max_batch_seconds=_env_float("QWEN_TASKS_MAX_BATCH_SECONDS", 240.0),
+            batch_size=read(lambda: _env_int("QWEN_TASKS_BATCH_SIZE", 16), 16),
+            max_batch_seconds=read(lambda: _env_float("QWEN_TASKS_MAX_BATCH_SECONDS", 240.0), 240.0),
+            gpu_slots=read(lambda: _env_int("QWEN_TASKS_GPU_POOL_SLOTS", 1), 1),
+            lease_seconds=read(lambda: _env_float("QWEN_TASKS_LEASE_SECONDS", 120.0), 120.0),
+            errors=tuple(errors),
         )
 
 

@@ -114,7 +114,10 @@ def _summary(result: DagTestResult) -> None:
         console.print("    label_batch: skipped: nothing new to label, no model loaded")
     else:
         done = sum(s == "success" for s in labels)
-        console.print(f"    label_batch: {done}/{len(labels)} mapped task(s) succeeded")
+        console.print(
+            f"    label_batch: {done}/{len(labels)} worker slot(s) succeeded (each loads the model once "
+            "and labels jobs until the runs are done)"
+        )
     report = xcom.get("report") or {}
     if report.get("report"):
         console.print(f"    report: {report['report']}")

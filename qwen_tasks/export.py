@@ -23,10 +23,9 @@ from .schema import audio_file, cry_answer, label_run, manifest_item, transcript
 
 def latest_run_id(engine: Engine, task: str) -> int | None:
     """The newest run of `task` that labelled something (None when there is none yet)."""
-    with engine.connect() as conn:
-        return conn.execute(
-            sa.select(sa.func.max(label_run.c.id)).where(label_run.c.task == task, label_run.c.n_labelled > 0)
-        ).scalar()
+    from .jobs import latest_run_ids
+
+    return next(iter(latest_run_ids(engine, tasks=[task], with_labels=True)), None)
 
 
 def _manifest_value(

@@ -567,12 +567,65 @@ def _free_memory() -> None:
 # --- 3. evaluate and 4. decide ------------------------------------------------------------------------------
 
 
+def evaluation_run(
+    engine: Engine, version: registry.ModelVersion, opts: FinetuneOptions, role: str, audio_ids: Sequence[int]
+) -> int:
+    """One real labelling run (purpose 'evaluation') of the base model or of the version (base + its
+    adapter, loaded from disk through the normal backend path) over `audio_ids`; returns its id."""
+    from .backends import describe
+    from .runner import Until, backend_for_run, work
+
+    request = opts.eval_request()
+    choice = registry.ModelChoice(
+        version.base_model,
+        version.base_revision,
+        version.adapter_path if role == "candidate" else None,
+        version.name,
+    )
+    info = describe(
+        choice.model,
+        request,
+        revision=choice.revision,
+        device=opts.device,
+        dtype=opts.dtype,
+        adapter=choice.adapter,
+    )
+    plan = jobs.plan_run(
+        engine,
+        task=version.task,
+        model_info=info,
+        request=request,
+        batch_size=opts.batch_size * 2,
+        max_batch_seconds=240.0,
+        relabel=True,
+        audio_ids=audio_ids,
+        purpose="evaluation",
+        params={
+            "device": opts.device,
+            "dtype": opts.dtype,
+            **choice.params,
+            "model_version": version.name,
+            "role": role,
+        },
+    )
+    if plan.run_id is None:
+        raise ConfigError(
+            f"{version.name}: nothing planned for the {role} evaluation (held-out audio in use?)"
+        )
+    summary = work(engine, plan.run_id, backend_for_run(opts.device, opts.dtype), until=Until.DRAINED)
+    if summary.run_status != "done":
+        raise ConfigError(
+            f"{version.name}: {role} evaluation run {plan.run_id} ended {summary.run_status} "
+            f"({'; '.join(summary.errors[-2:])})"
+        )
+    return plan.run_id
+
+
 def evaluate_version(engine: Engine, name: str, options: FinetuneOptions) -> dict[str, Any]:
     """Label the held-out audio with the base model and with the version (two real runs), compute and
     store their metrics and the gate decision on the version. Returns run ids, metrics and the gate."""
     from .backends import get_backend
     from .metrics import compute_run_metrics
-    from .runner import label
 
     version = registry.require_version(engine, name)
     ids = heldout_ids(engine, version.task)
@@ -584,30 +637,7 @@ def evaluate_version(engine: Engine, name: str, options: FinetuneOptions) -> dic
         question=version.request.get("question", options.question),
         language=version.request.get("language", options.language),
     )
-    request = opts.eval_request()
-    runs: dict[str, int] = {}
-    for role, adapter in (("base", None), ("candidate", version.adapter_path)):
-        summary = label(
-            engine,
-            request=request,
-            model=version.base_model,
-            revision=version.base_revision,
-            device=opts.device,
-            dtype=opts.dtype,
-            relabel=True,
-            audio_ids=ids,
-            purpose="evaluation",
-            adapter=adapter,
-            extra_params={"model_version": name, "role": role},
-        )
-        if summary.run_id is None:
-            raise ConfigError(f"{name}: nothing planned for the {role} evaluation (held-out audio in use?)")
-        if summary.status != "done":
-            raise ConfigError(
-                f"{name}: {role} evaluation run {summary.run_id} ended {summary.status} "
-                f"({'; '.join(summary.errors[-2:])})"
-            )
-        runs[role] = summary.run_id
+    runs = {role: evaluation_run(engine, version, opts, role, ids) for role in ("base", "candidate")}
     get_backend.cache_clear()
     _free_memory()
     metrics = {role: compute_run_metrics(engine, run_id) for role, run_id in runs.items()}

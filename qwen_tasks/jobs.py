@@ -22,14 +22,17 @@ from sqlalchemy.engine import Connection, Engine
 
 from . import db
 from .errors import ConfigError, DatabaseUnavailable
-from .records import LabelRequest, ModelInfo
+from .records import UNFINISHED_RUN, JobStatus, LabelRequest, ModelInfo, RunStatus
 from .schema import audio, audio_file, cry_answer, label_job, label_job_item, label_run, transcription
 
 log = logging.getLogger(__name__)
 
 DEFAULT_LEASE_SECONDS = 120.0
+# Attempts per job, the same for every planner (CLI, DAG): a job-level error releases the job and any
+# worker may claim it again; after this many claims it fails for good with its last error.
 DEFAULT_MAX_ATTEMPTS = 3
-UNFINISHED_RUN = ("planned", "running")
+# Planning sends NOTIFY on this channel (payload: the model); `work --follow` LISTENs for new jobs.
+JOBS_CHANNEL = "qwen_tasks_jobs"
 
 T = TypeVar("T")
 
@@ -327,6 +330,8 @@ def plan_run(
                     for audio_id, _ in batch
                 ],
             )
+            # delivered on commit: workers waiting for this model wake up at once instead of polling
+            conn.execute(sa.select(sa.func.pg_notify(JOBS_CHANNEL, model_info.model[:7000])))
             return PlanResult(
                 run_id=run_id, job_ids=job_ids, n_items=n_items, n_left_over=len(todo) - n_items
             )
@@ -477,25 +482,60 @@ def fail_exhausted(conn: Connection, run_id: int | None = None) -> int:
     return conn.execute(query.values(status="failed", finished_at=sa.func.now(), last_error=lost)).rowcount
 
 
-def claim_job(engine: Engine, run_id: int | None, worker_id: str, lease_seconds: float) -> Job | None:
-    """Claim the next job of `run_id` (any run when None), or None when nothing is claimable now.
+RunSelector = int | Sequence[int] | None
+
+
+def _runs_filter(runs: RunSelector, model: tuple[str, str] | None) -> list[sa.ColumnElement[bool]]:
+    """WHERE terms choosing which runs' jobs a worker takes: given run ids, and/or the unfinished runs
+    of one (model, revision) (a `work --follow` worker serves every run of the model it has loaded)."""
+    where: list[sa.ColumnElement[bool]] = []
+    if isinstance(runs, int):
+        where.append(label_job.c.run_id == runs)
+    elif runs is not None:
+        where.append(label_job.c.run_id.in_([int(r) for r in runs]))
+    if model is not None:
+        where.append(
+            label_job.c.run_id.in_(
+                sa.select(label_run.c.id).where(
+                    label_run.c.model == model[0],
+                    label_run.c.revision == model[1],
+                    label_run.c.status.in_(UNFINISHED_RUN),
+                )
+            )
+        )
+    return where
+
+
+def claim_job(
+    engine: Engine,
+    runs: RunSelector,
+    worker_id: str,
+    lease_seconds: float,
+    *,
+    model: tuple[str, str] | None = None,
+) -> Job | None:
+    """Claim the next job of `runs` (a run id, several, or any run when None; only runs of `model` =
+    (model, revision) when given), or None when nothing is claimable now.
 
     Claimable: pending, or running with an expired lease (its worker died), and attempts left. The row is
     picked with `FOR UPDATE SKIP LOCKED`, so concurrent workers never wait on each other nor take the
-    same job. The time spent here is returned as `claim_seconds` (the runner stores it with the job).
+    same job; free jobs of a run come in plan order, before a dead worker's job whose lease just ran out
+    only when that one is older. The time spent here is returned as `claim_seconds`.
     """
     if not lease_seconds > 0:
         raise ConfigError(f"lease_seconds must be > 0, got {lease_seconds}")
+    where = _runs_filter(runs, model)
 
     def _claim() -> Job | None:
         start = time.perf_counter()
         with db.transaction(engine) as conn:
-            fail_exhausted(conn, run_id)
-            pick = sa.select(label_job.c.id).where(_claimable())
-            if run_id is not None:
-                pick = pick.where(label_job.c.run_id == run_id)
+            fail_exhausted(conn, runs if isinstance(runs, int) else None)
             pick = (
-                pick.order_by(label_job.c.run_id, label_job.c.seq).limit(1).with_for_update(skip_locked=True)
+                sa.select(label_job.c.id)
+                .where(_claimable(), *where)
+                .order_by(label_job.c.run_id, label_job.c.seq)
+                .limit(1)
+                .with_for_update(skip_locked=True)
             )
             row = conn.execute(
                 label_job.update()
@@ -689,8 +729,12 @@ def finish_run_if_complete(engine: Engine, run_id: int) -> str | None:
     return retry_db(_finish, what=f"finish run {run_id}")
 
 
-def open_job_counts(engine: Engine, run_id: int) -> dict[str, Any]:
-    """Pending/running jobs of a run, their clips, and seconds until the earliest running lease ends."""
+def open_job_counts(
+    engine: Engine, runs: RunSelector, *, model: tuple[str, str] | None = None
+) -> dict[str, Any]:
+    """Pending/running jobs of `runs` (see claim_job), their clips, the seconds until the earliest running
+    lease ends, and who holds the running ones (for the "waiting for ..." log line)."""
+    where = _runs_filter(runs, model)
     with engine.connect() as conn:
         row = conn.execute(
             sa.select(
@@ -702,9 +746,110 @@ def open_job_counts(engine: Engine, run_id: int) -> dict[str, Any]:
                 sa.func.min(sa.func.extract("epoch", label_job.c.lease_expires_at - sa.func.now()))
                 .filter(label_job.c.status == "running")
                 .label("next_expiry"),
-            ).where(label_job.c.run_id == run_id)
+                sa.func.array_agg(sa.distinct(label_job.c.lease_owner))
+                .filter(label_job.c.status == "running")
+                .label("holders"),
+            ).where(*where)
         ).one()
-    return dict(row._mapping)
+    out = dict(row._mapping)
+    out["holders"] = [h for h in (out["holders"] or []) if h]
+    return out
+
+
+def run_status_counts(engine: Engine, run_ids: Sequence[int]) -> dict[int, dict[str, Any]]:
+    """Per run: its status and how many of its jobs are pending/running/done/failed (for progress logs
+    and for the DAG's wait on external workers)."""
+    if not run_ids:
+        return {}
+    query = (
+        sa.select(
+            label_run.c.id,
+            label_run.c.status,
+            label_run.c.n_planned,
+            label_run.c.n_labelled,
+            label_run.c.n_failed,
+            *(
+                sa.func.count(label_job.c.id).filter(label_job.c.status == s.value).label(s.value)
+                for s in JobStatus
+            ),
+        )
+        .outerjoin(label_job, label_job.c.run_id == label_run.c.id)
+        .where(label_run.c.id.in_([int(r) for r in run_ids]))
+        .group_by(label_run.c.id)
+    )
+    with engine.connect() as conn:
+        return {int(r.id): dict(r._mapping) for r in conn.execute(query)}
+
+
+def wait_for_new_jobs(engine: Engine, timeout: float) -> bool:
+    """Block up to `timeout` seconds for a NOTIFY on JOBS_CHANNEL (a planner committed new jobs); True
+    when one came. Polling stays the safety net: callers look for jobs after every return anyway."""
+    import select
+
+    raw = engine.raw_connection()
+    try:
+        dbapi = raw.driver_connection
+        dbapi.autocommit = True
+        with dbapi.cursor() as cur:
+            cur.execute(f"LISTEN {JOBS_CHANNEL}")  # a constant identifier, never user input
+        ready, _, _ = select.select([dbapi], [], [], max(timeout, 0.0))
+        if ready:
+            dbapi.poll()
+        got = bool(dbapi.notifies)
+        dbapi.notifies.clear()
+        with dbapi.cursor() as cur:
+            cur.execute("UNLISTEN *")
+        return got
+    finally:
+        raw.invalidate()  # a connection that LISTENed is not handed to anyone else
+
+
+def latest_run_ids(
+    engine: Engine | Connection,
+    *,
+    tasks: Sequence[str] | None = None,
+    model: str | None = None,
+    statuses: Sequence[str] | None = None,
+    with_labels: bool = False,
+) -> list[int]:
+    """The newest run per task, among runs that pass the filters (the one "latest run" rule, used by
+    metrics, report, export, review and the DAG's report): `tasks`, `model`, run `statuses` (e.g.
+    ("done",)), `with_labels` (at least one clip labelled). Sorted by run id."""
+    query = sa.select(sa.func.max(label_run.c.id)).group_by(label_run.c.task)
+    if tasks is not None:
+        query = query.where(label_run.c.task.in_([str(t) for t in tasks]))
+    if model is not None:
+        query = query.where(label_run.c.model == model)
+    if statuses is not None:
+        query = query.where(label_run.c.status.in_([str(s) for s in statuses]))
+    if with_labels:
+        query = query.where(label_run.c.n_labelled > 0)
+    if isinstance(engine, Connection):
+        return sorted(int(r) for r in engine.execute(query).scalars())
+    with engine.connect() as conn:
+        return sorted(int(r) for r in conn.execute(query).scalars())
+
+
+def discard_untouched_run(engine: Engine, run_id: int) -> bool:
+    """Delete a run that no worker has started (status planned, no job ever claimed): what `label` does
+    when the model it planned for will not load, so no orphan run is left behind. True if deleted."""
+
+    def _discard() -> bool:
+        with db.transaction(engine) as conn:
+            touched = sa.exists().where(label_job.c.run_id == run_id, label_job.c.attempts > 0)
+            row = conn.execute(
+                sa.select(label_run.c.id)
+                .where(label_run.c.id == run_id, label_run.c.status == RunStatus.PLANNED.value, ~touched)
+                .with_for_update()
+            ).one_or_none()
+            if row is None:
+                return False
+            conn.execute(label_job_item.delete().where(label_job_item.c.run_id == run_id))
+            conn.execute(label_job.delete().where(label_job.c.run_id == run_id))
+            conn.execute(label_run.delete().where(label_run.c.id == run_id))
+            return True
+
+    return retry_db(_discard, what=f"discard run {run_id}")
 
 
 # --- progress (the run_progress view of migration 0002) ------------------------------------------------

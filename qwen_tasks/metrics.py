@@ -412,6 +412,6 @@ def load_run_metrics(engine: Engine, run_id: int) -> dict[str, dict[str, Any]]:
 
 def latest_run_ids(engine: Engine) -> list[int]:
     """The newest run of each task (what `qwen-tasks metrics` and `report` use by default)."""
-    with engine.connect() as conn:
-        ids = conn.execute(sa.select(sa.func.max(label_run.c.id)).group_by(label_run.c.task)).scalars()
-        return sorted(int(i) for i in ids)
+    from .jobs import latest_run_ids as latest
+
+    return latest(engine)

@@ -6,12 +6,46 @@ Stages pass these instead of dicts so that the runner, the CLI and the DAG agree
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Literal
 
 import numpy as np
 
-Task = Literal["asr", "cry"]
-CryMethod = Literal["score", "generate"]
+
+class Task(StrEnum):
+    """What a run asks the model: a transcript, or the yes/no cry question."""
+
+    ASR = "asr"
+    CRY = "cry"
+
+
+class CryMethod(StrEnum):
+    """How a cry answer is read: p(yes) from one forward pass, or a generated answer normalised."""
+
+    SCORE = "score"
+    GENERATE = "generate"
+
+
+class RunStatus(StrEnum):
+    """label_run.status (the CHECK constraint of migration 0001 holds the same names)."""
+
+    PLANNED = "planned"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class JobStatus(StrEnum):
+    """label_job.status."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
+UNFINISHED_RUN: tuple[str, ...] = (RunStatus.PLANNED.value, RunStatus.RUNNING.value)
+FINISHED_RUN: tuple[str, ...] = (RunStatus.DONE.value, RunStatus.FAILED.value)
 YesNo = Literal["yes", "no", "unknown"]
 
 TARGET_SAMPLE_RATE = 16_000
@@ -43,10 +77,14 @@ class LabelRequest:
     yes_threshold: float = 0.5
 
     def __post_init__(self) -> None:
-        if self.task not in ("asr", "cry"):
+        if self.task not in set(Task):
             raise ValueError(f"task must be 'asr' or 'cry', got {self.task!r}")
-        if not self.methods or any(m not in ("score", "generate") for m in self.methods):
+        if not self.methods or any(m not in set(CryMethod) for m in self.methods):
             raise ValueError(f"methods must be a non-empty subset of score/generate, got {self.methods!r}")
+        # plain strings from here on (the enums compare equal to them), so requests stored as JSON and
+        # requests built in code are equal
+        object.__setattr__(self, "task", str(self.task))
+        object.__setattr__(self, "methods", tuple(str(m) for m in self.methods))
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if not 0.0 <= self.yes_threshold <= 1.0:

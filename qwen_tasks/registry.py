@@ -210,6 +210,55 @@ def list_versions(engine: Engine, task: str | None = None) -> list[dict[str, Any
     return out
 
 
+@dataclass(frozen=True)
+class ModelChoice:
+    """What a run of one task is labelled with: a base model (+ revision), and the adapter and name of a
+    fine-tuned version when there is one. `params` is what the run stores for its workers
+    (jobs.RunInfo.load_args)."""
+
+    model: str
+    revision: str
+    adapter: str | None = None
+    version: str | None = None
+
+    @property
+    def params(self) -> dict[str, Any]:
+        if not self.adapter:
+            return {}
+        return {"adapter": self.adapter, "base_revision": self.revision, "model_version": self.version}
+
+
+def model_for(
+    engine: Engine,
+    task: str,
+    model: str,
+    revision: str = "",
+    adapter: str | None = None,
+    promoted: bool = True,
+) -> ModelChoice:
+    """The one rule for which model labels `task`: a registered version name (its base + adapter), else
+    the model (a local path made absolute) with `adapter`, else — with `promoted` — the task's promoted
+    version when it was trained on this very base model and revision, else the base model alone."""
+    from .backends.adapter import adapter_dir
+    from .options import resolve_model as resolve_path
+
+    version = resolve_model(engine, model)
+    if version is not None:
+        if version.task != task:
+            raise ConfigError(f"model version {model!r} was fine-tuned for {version.task}, not {task}")
+        if adapter:
+            raise ConfigError(f"{model} is a fine-tuned version: it brings its own adapter")
+        return ModelChoice(version.base_model, version.base_revision, version.adapter_path, version.name)
+    base = resolve_path(model)
+    if adapter:
+        return ModelChoice(base, revision, str(adapter_dir(adapter)))
+    if promoted:
+        current = promoted_version(engine, task)
+        if current is not None and (current.base_model, current.base_revision) == (base, revision):
+            return ModelChoice(base, revision, current.adapter_path, current.name)
+    return ModelChoice(base, revision)
+
+
 def resolve_model(engine: Engine, model: str) -> ModelVersion | None:
     """The registered version called `model`, or None when `model` is a hub id / path (a name never
     contains '/'). Retired and rejected versions can still be labelled with on purpose."""

@@ -141,7 +141,9 @@ class ExportSummary:
 
 
 def _latest_run(conn: sa.Connection, task: str) -> int | None:
-    return conn.execute(sa.select(sa.func.max(label_run.c.id)).where(label_run.c.task == task)).scalar()
+    from .jobs import latest_run_ids
+
+    return next(iter(latest_run_ids(conn, tasks=[task])), None)
 
 
 def export_label_studio(

@@ -12,12 +12,15 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from enum import StrEnum
 from typing import Any
 
 import sqlalchemy as sa
@@ -27,13 +30,15 @@ from sqlalchemy.engine import Engine
 from . import db, jobs
 from .backends import check_environment
 from .backends.base import Backend
-from .errors import AudioError, ConfigError, ModelError, QwenTasksError
+from .errors import AudioError, ConfigError, DatabaseUnavailable, ModelError, QwenTasksError
 from .records import AudioClip, ClipResult, LabelRequest, ModelInfo
 from .schema import cry_answer, label_failure, label_job, label_run, transcription
 
 log = logging.getLogger(__name__)
 
 DEFAULT_LEASE_SECONDS = jobs.DEFAULT_LEASE_SECONDS
+# Tries of a job's result transaction when the connection drops (about 18 s of back-off in all).
+WRITE_ATTEMPTS = 8
 
 
 class AudioStorageUnavailable(QwenTasksError):
@@ -42,6 +47,22 @@ class AudioStorageUnavailable(QwenTasksError):
 
 class LeaseLost(QwenTasksError):
     """Our lease on a job ended and another worker took the job over; our results are discarded."""
+
+
+class WriteFailed(DatabaseUnavailable):
+    """A job's results could not be stored through every retry; the job was released (attempt counted)."""
+
+
+class Terminated(BaseException):  # noqa: N818 - like KeyboardInterrupt, not an error of the work
+    """SIGTERM (Airflow, `docker stop`, Kubernetes): stop now, give the job in hand back, exit 143."""
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, Terminated):
+        return "SIGTERM"
+    if isinstance(exc, KeyboardInterrupt):
+        return "SIGINT"
+    return type(exc).__name__
 
 
 def real_time_factor(wall_seconds: float, audio_seconds: float) -> float | None:
@@ -74,7 +95,8 @@ class WorkSummary:
     """What one worker did on one run (`qwen-tasks work --json` prints this)."""
 
     worker_id: str
-    run_id: int
+    run_id: int | None  # the run worked on (None: several runs, see run_ids)
+    run_ids: list[int] = field(default_factory=list)
     jobs_done: int = 0
     jobs_retried: int = 0
     jobs_failed: int = 0
@@ -84,16 +106,23 @@ class WorkSummary:
     audio_seconds: float = 0.0
     wall_seconds: float = 0.0
     model_load_seconds: float = 0.0
+    model_loads: int = 0  # a worker loads each model it needs once (several only if its runs differ)
     claim_seconds: float = 0.0
     process_seconds: float = 0.0
     run_status: str | None = None
     errors: list[str] = field(default_factory=list)
+    job_ids: list[int] = field(default_factory=list)  # jobs this worker finished or failed, in order
+    stopped: str | None = None  # why the worker stopped early (SIGTERM), None when it ran out of work
 
     @property
     def rtf(self) -> float | None:
         return real_time_factor(self.wall_seconds, self.audio_seconds)
 
     def add(self, outcome: JobOutcome) -> None:
+        if outcome.status in ("done", "failed"):
+            self.job_ids.append(outcome.job_id)
+        if outcome.run_id not in self.run_ids:
+            self.run_ids.append(outcome.run_id)
         counter = {"done": "jobs_done", "retry": "jobs_retried", "failed": "jobs_failed", "lost": "jobs_lost"}
         if outcome.status in counter:
             setattr(self, counter[outcome.status], getattr(self, counter[outcome.status]) + 1)
@@ -152,13 +181,27 @@ class LeaseKeeper:
     def _beat(self) -> None:
         interval = max(self.lease_seconds / 3.0, 0.05)
         while not self._stop.wait(interval):
-            try:
-                if not jobs.extend_lease(self.engine, self.job_id, self.worker_id, self.lease_seconds):
-                    self.lost = True
-                    log.warning("job %s: lease lost (taken over by another worker)", self.job_id)
-                    return
-            except Exception as exc:  # keep beating; the write transaction re-checks the lease anyway
-                log.warning("job %s: lease heartbeat failed: %s", self.job_id, jobs._short(exc))
+            if not self.beat():
+                return
+
+    def beat(self) -> bool:
+        """Extend the lease once; False when there is nothing left to keep (lost, or finished by us)."""
+        try:
+            if jobs.extend_lease(self.engine, self.job_id, self.worker_id, self.lease_seconds):
+                return True
+            # Not running under our lease any more. Our own commit (done, or released after an error)
+            # may have just won the race with this beat: that is no lost lease.
+            state = jobs.job_state(self.engine, self.job_id)
+            if state["lease_owner"] == self.worker_id and state["status"] != "running":
+                return False
+            self.lost = True
+            log.warning(
+                "job %s: lease lost (taken over by %s)", self.job_id, state["lease_owner"] or "nobody"
+            )
+            return False
+        except Exception as exc:  # keep beating; the write transaction re-checks the lease anyway
+            log.warning("job %s: lease heartbeat failed: %s", self.job_id, jobs._short(exc))
+            return True
 
     def __enter__(self) -> LeaseKeeper:
         self._thread.start()
@@ -465,7 +508,9 @@ def _process_claimed(
             elapsed = time.perf_counter() - start
             try:
                 labelled, failed, seconds = jobs.retry_db(
-                    lambda: write_results(engine, job, worker_id, rows, elapsed), what=f"write job {job.id}"
+                    lambda: write_results(engine, job, worker_id, rows, elapsed),
+                    what=f"write job {job.id}",
+                    attempts=WRITE_ATTEMPTS,
                 )
             except LeaseLost as exc:
                 state = jobs.job_state(engine, job.id)
@@ -479,13 +524,23 @@ def _process_claimed(
                 return _replace(outcome, status="lost", error=str(exc), start=start)
             except Exception as exc:
                 if jobs.is_connection_error(exc):
-                    raise  # the database stayed away through every retry; the lease will expire
+                    # The database stayed away through every retry: this attempt is used up (counted,
+                    # like any job-level error), and the worker stops with the error.
+                    error = f"could not store results: database unreachable: {jobs._short(exc)}"
+                    log.warning("job %s attempt %d: %s", job.id, job.attempts, error)
+                    try:
+                        jobs.release_job(engine, job, worker_id, error)
+                    except Exception:  # still down: the lease runs out and the next claim counts it
+                        log.warning("job %s: could not release it either; its lease will run out", job.id)
+                    raise WriteFailed(f"job {job.id}: {error}") from exc
                 error = f"could not store results: {type(exc).__name__}: {jobs._short(exc)}"
                 log.warning("job %s attempt %d: %s", job.id, job.attempts, error)
                 status = jobs.release_job(engine, job, worker_id, error)
                 return _replace(outcome, status=_release_status(status), error=error, start=start)
-    except BaseException:  # KeyboardInterrupt / SIGTERM: give the job back at once, attempt not counted
-        jobs.give_back(engine, job, worker_id, "worker interrupted")
+    except WriteFailed:
+        raise  # released above, its attempt counted
+    except BaseException as exc:  # Ctrl-C / SIGTERM: give the job back at once, attempt not counted
+        jobs.give_back(engine, job, worker_id, f"worker interrupted ({_why(exc)})")
         raise
     return _replace(
         outcome, status="done", labelled=labelled, failed=failed, audio_seconds=seconds, start=start
@@ -510,53 +565,165 @@ def _replace(outcome: JobOutcome, *, start: float, **changes: Any) -> JobOutcome
 # --- a worker --------------------------------------------------------------------------------------------
 
 
+class Until(StrEnum):
+    """When a worker stops on its own: `idle` (nothing claimable now), `drained` (its runs have no
+    pending or running job left: it also waits for other workers' jobs and takes over any whose lease
+    runs out), `stopped` (never: `work --follow` serves new runs until SIGTERM)."""
+
+    IDLE = "idle"
+    DRAINED = "drained"
+    STOPPED = "stopped"
+
+
+@dataclass
+class StopFlag:
+    """Set (by a SIGTERM handler, a test) to make a worker stop after the job in hand."""
+
+    reason: str | None = None
+
+    def __bool__(self) -> bool:
+        return self.reason is not None
+
+
+BackendFactory = Callable[[jobs.RunInfo], Backend]
+
+
+def backend_for_run(device: str | None = None, dtype: str | None = None) -> BackendFactory:
+    """The usual factory: the run's own model (base checkpoint at its revision, plus the adapter of a
+    fine-tuned version: RunInfo.load_args), on `device`/`dtype` or what the run was planned with."""
+
+    def load(run: jobs.RunInfo) -> Backend:
+        from .backends import get_backend
+        from .config import get_settings
+
+        planned_device = run.params.get("device") or get_settings().device
+        planned_dtype = run.params.get("dtype")
+        return get_backend(**run.load_args, device=device or planned_device, dtype=dtype or planned_dtype)
+
+    return load
+
+
+def _model_key(run: jobs.RunInfo) -> tuple[str, str]:
+    """Runs with the same key are served by one loaded model (the revision names an adapter too)."""
+    return (run.model, run.revision)
+
+
 def work(
     engine: Engine,
-    run_id: int,
-    backend_factory: Callable[[], Backend],
+    runs: jobs.RunSelector,
+    backend_factory: BackendFactory,
     *,
     worker_id: str | None = None,
     lease_seconds: float = DEFAULT_LEASE_SECONDS,
-    stop_when_idle: bool = True,
+    until: Until | str = Until.DRAINED,
+    model: tuple[str, str] | None = None,
     progress: Callable[[JobOutcome], None] | None = None,
     max_jobs: int | None = None,
+    stop: StopFlag | None = None,
+    poll_seconds: float = 5.0,
+    backend: Backend | None = None,
 ) -> WorkSummary:
-    """Claim and process jobs of `run_id` until none is claimable; close the run when all jobs finished.
+    """The one worker loop (CLI `label`/`work`, the DAG's label_batch, `work --follow`): claim a job of
+    `runs` (run ids; or every unfinished run of `model` = (model, revision) when runs is None), label it,
+    commit, repeat; see `Until` for when it stops. Free jobs are always taken before the worker waits
+    for a lease held by someone else, so a retry never sits out a dead worker's lease while work is free.
 
-    The model is loaded (`backend_factory()`) only when there is a job to do. With `stop_when_idle`
-    False the worker also waits for jobs other workers still hold, taking over any whose lease runs out,
-    and returns only when the run has no pending or running job left.
+    The model is loaded (`backend_factory(run)`) when the first job is claimed (or pass a loaded
+    `backend`); once loaded, jobs of runs with the same model are claimed first, so a worker whose runs
+    use different models (a promoted fine-tuned version for cry, the base for ASR) loads each of them
+    once. A model that needs another Python environment is refused before any job is claimed, so the
+    refusal uses up no attempt. SIGTERM/Ctrl-C while a job is in hand give it back without using one.
     """
+    until = Until(until)
     worker_id = worker_id or default_worker_id()
-    summary = WorkSummary(worker_id=worker_id, run_id=run_id)
-    run = jobs.get_run(engine, run_id)
-    check_environment(run.model, run_id=run_id)  # before any claim: refusing must not use up attempts
+    single = runs if isinstance(runs, int) else None
+    summary = WorkSummary(worker_id=worker_id, run_id=single)
+    if runs is not None:
+        summary.run_ids = [runs] if isinstance(runs, int) else [int(r) for r in runs]
+    known: dict[int, jobs.RunInfo] = {r: jobs.get_run(engine, r) for r in summary.run_ids}
+    for run_id, info in known.items():
+        check_environment(info.model, run_id=run_id)
+    if model is not None:
+        check_environment(model[0])
     started = time.perf_counter()
-    backend: Backend | None = None
+    waiting_for: tuple[Any, ...] | None = None
+    loaded: tuple[str, str] | None = None
     n_jobs = 0
-    while max_jobs is None or n_jobs < max_jobs:
-        job = jobs.claim_job(engine, run_id, worker_id, lease_seconds)
+    while (max_jobs is None or n_jobs < max_jobs) and not stop:
+        job = None
+        if loaded is not None and model is None:  # keep the loaded model busy before switching
+            job = jobs.claim_job(engine, runs, worker_id, lease_seconds, model=loaded)
         if job is None:
-            jobs.finish_run_if_complete(engine, run_id)
-            if stop_when_idle:
+            job = jobs.claim_job(engine, runs, worker_id, lease_seconds, model=model)
+        if job is None:
+            for run_id in summary.run_ids:
+                jobs.finish_run_if_complete(engine, run_id)
+            if until == Until.IDLE or stop:
                 break
-            counts = jobs.open_job_counts(engine, run_id)
-            if not counts["pending"] and not counts["running"]:
+            counts = jobs.open_job_counts(engine, runs, model=model)
+            if until == Until.DRAINED and not counts["pending"] and not counts["running"]:
                 break
-            time.sleep(min(max(float(counts["next_expiry"] or 0.0) + 0.05, 0.1), 5.0))
+            state = (counts["pending"], counts["running"], tuple(counts["holders"]))
+            if state != waiting_for:
+                waiting_for = state
+                if counts["running"]:
+                    log.info(
+                        "no free job: %d job(s) held by %s (next lease ends in %.0f s); waiting to take "
+                        "over any whose worker is gone",
+                        counts["running"], ", ".join(counts["holders"]) or "?",
+                        max(float(counts["next_expiry"] or 0.0), 0.0),
+                    )  # fmt: skip
+                elif until == Until.STOPPED:
+                    log.info("idle: waiting for new jobs for model %s", model[0] if model else "?")
+            nap = min(max(float(counts["next_expiry"] or poll_seconds) + 0.05, 0.1), poll_seconds)
+            if until == Until.STOPPED:
+                jobs.wait_for_new_jobs(engine, nap)
+            else:
+                time.sleep(nap)
             continue
-        if backend is None:
-            backend = _load_backend(engine, run, job, worker_id, lease_seconds, backend_factory, summary)
-        outcome = process_job(
-            engine, job.id, backend, worker_id=worker_id, lease_seconds=lease_seconds, job=job
-        )
+        waiting_for = None
+        try:
+            run = known.get(job.run_id) or known.setdefault(job.run_id, jobs.get_run(engine, job.run_id))
+            if job.run_id not in summary.run_ids:
+                summary.run_ids.append(job.run_id)
+            if backend is None or (loaded is not None and _model_key(run) != loaded):
+                check_environment(run.model, run_id=run.id)
+                backend = _load_backend(engine, run, job, worker_id, lease_seconds, backend_factory, summary)
+                loaded = _model_key(run)
+            outcome = process_job(
+                engine, job.id, backend, worker_id=worker_id, lease_seconds=lease_seconds, job=job
+            )
+        except WriteFailed:
+            raise  # the job was released with its attempt counted (or its lease will run out)
+        except BaseException as exc:
+            # anything between the claim and the job's own handling: do not keep the job hostage
+            jobs.give_back(engine, job, worker_id, f"worker stopped ({_why(exc)})")
+            raise
         n_jobs += 1
         summary.add(outcome)
+        _log_outcome(engine, run, job, outcome)
         if progress is not None:
             progress(outcome)
-    summary.run_status = jobs.get_run(engine, run_id).status
+    if stop:
+        summary.stopped = stop.reason
+    if summary.run_id is not None:
+        summary.run_status = jobs.get_run(engine, summary.run_id).status
     summary.wall_seconds = time.perf_counter() - started
     return summary
+
+
+def _log_outcome(engine: Engine, run: jobs.RunInfo, job: jobs.Job, outcome: JobOutcome) -> None:
+    """Per-job progress in the worker's log (the Airflow task log for label_batch)."""
+    counts = jobs.run_status_counts(engine, [run.id]).get(run.id) or {}
+    finished = int(counts.get("done", 0)) + int(counts.get("failed", 0))
+    total = finished + int(counts.get("pending", 0)) + int(counts.get("running", 0))
+    detail = f": {outcome.error}" if outcome.error and outcome.status != "done" else ""
+    log.info(
+        "job %d (%s run %d batch %d, %d clips, %.0f s audio) attempt %d: %s in %.1f s, %d labelled, "
+        "%d failed%s; run %d: %d/%d jobs finished",
+        job.id, run.task, run.id, job.seq, job.n_items, job.audio_seconds, outcome.attempt, outcome.status,
+        outcome.process_seconds, outcome.labelled, outcome.failed, detail, run.id, finished, total,
+    )  # fmt: skip
 
 
 def _load_backend(
@@ -565,21 +732,62 @@ def _load_backend(
     job: jobs.Job,
     worker_id: str,
     lease_seconds: float,
-    backend_factory: Callable[[], Backend],
+    backend_factory: BackendFactory,
     summary: WorkSummary,
 ) -> Backend:
-    """Load the model while holding the first job's lease (loading a 7B model takes a while)."""
+    """Load the model while holding the first job's lease (loading a 7B model takes a while).
+
+    Any failure gives the job back (no attempt used) and becomes one ModelError line naming the model:
+    corrupt weights or a missing file must not end in a library traceback."""
     t0 = time.perf_counter()
+    log.info("loading model %s (revision %s) for job %d ...", run.model, run.revision or "default", job.id)
     try:
         with LeaseKeeper(engine, job.id, worker_id, lease_seconds):
-            backend = backend_factory()
+            try:
+                backend = backend_factory(run)
+            except QwenTasksError:
+                raise
+            except Exception as exc:
+                first = (str(exc).strip().splitlines() or [""])[0][:300]
+                raise ModelError(f"could not load model {run.model}: {type(exc).__name__}: {first}") from exc
             info = check_backend(run, backend)
     except BaseException as exc:
-        jobs.give_back(engine, job, worker_id, f"worker could not load the model: {exc}")
+        jobs.give_back(engine, job, worker_id, f"worker could not load the model: {exc or _why(exc)}")
         raise
-    summary.model_load_seconds = time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
+    summary.model_load_seconds += seconds
+    summary.model_loads += 1
+    log.info(
+        "model %s (revision %s) loaded in %.1f s (device %s, dtype %s)", run.model, run.revision or "default",
+        seconds, info.device, info.dtype,
+    )  # fmt: skip
     jobs.start_run(engine, run.id, info)
     return backend
+
+
+@contextmanager
+def signals_handled(stop: StopFlag | None = None) -> Iterator[StopFlag]:
+    """SIGTERM handling for a worker process (CLI only: inside Airflow, the task runner owns signals).
+
+    Without `stop`, SIGTERM raises Terminated at once: the job in hand is given back (attempt not
+    counted) and the command exits 143. With `stop` (`work --follow`), the first SIGTERM asks the worker
+    to finish its current job and stop; a second one interrupts like the first case."""
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise Terminated("SIGTERM")
+
+    def drain(signum: int, frame: Any) -> None:
+        assert stop is not None
+        stop.reason = "SIGTERM"
+        log.warning("SIGTERM: finishing the current job, then stopping (send it again to stop now)")
+        signal.signal(signal.SIGTERM, interrupt)
+
+    signal.signal(signal.SIGTERM, drain if stop is not None else interrupt)
+    try:
+        yield stop if stop is not None else StopFlag()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # --- plan + work in one process ------------------------------------------------------------------------
@@ -587,18 +795,21 @@ def _load_backend(
 
 @dataclass
 class LabelSummary:
-    """`qwen-tasks label --json`: the plan and what this process labelled."""
+    """`qwen-tasks label --json`: the plan (resumed and new jobs) and what this process labelled."""
 
-    run_id: int | None
+    run_id: int | None  # the newest run worked on (a new run, else the resumed one); None: nothing to do
     planned: int
     jobs: int
     left_over: int
+    run_ids: list[int] = field(default_factory=list)
+    resumed_jobs: int = 0
     labelled: int = 0
     failed: int = 0
     jobs_failed: int = 0
     audio_seconds: float = 0.0
     wall_seconds: float = 0.0
     model_load_seconds: float = 0.0
+    model_loads: int = 0  # a worker loads each model it needs once (several only if its runs differ)
     process_seconds: float = 0.0
     status: str | None = None
     errors: list[str] = field(default_factory=list)
@@ -613,131 +824,60 @@ class LabelSummary:
         return out
 
 
-def describe(
-    model: str,
-    *,
-    revision: str,
-    device: str,
-    dtype: str | None,
-    request: LabelRequest,
-    adapter: str | None = None,
-) -> ModelInfo:
-    """ModelInfo for planning (model id, revision, prompt version), without loading weights."""
-    from .backends import describe as describe_model
-
-    return describe_model(model, request, revision=revision, device=device, dtype=dtype, adapter=adapter)
-
-
-def model_params(revision: str, adapter: str | None) -> dict[str, Any]:
-    """What a run stores so workers can load its model (see RunInfo.load_args)."""
-    if not adapter:
-        return {}
-    from .backends.adapter import adapter_dir
-
-    return {"adapter": str(adapter_dir(adapter)), "base_revision": revision}
-
-
 def label(
     engine: Engine,
+    options: Any,
     *,
-    request: LabelRequest,
-    model: str,
-    revision: str = "",
-    device: str = "auto",
-    dtype: str | None = None,
-    batch_size: int = 16,
-    max_batch_seconds: float = 240.0,
-    limit: int | None = None,
-    relabel: bool = False,
     max_jobs: int | None = None,
     lease_seconds: float = DEFAULT_LEASE_SECONDS,
     plan_only: bool = False,
-    on_plan: Callable[[jobs.PlanResult], None] | None = None,
+    on_plan: Callable[[Any], None] | None = None,
     progress: Callable[[JobOutcome], None] | None = None,
-    backend_factory: Callable[[], Backend] | None = None,
-    adapter: str | None = None,
-    audio_ids: Sequence[int] | None = None,
-    purpose: str = "label",
-    extra_params: dict[str, Any] | None = None,
+    backend_factory: BackendFactory | None = None,
+    stop: StopFlag | None = None,
 ) -> LabelSummary:
-    """Plan a run and work it to the end in this process (plain `qwen-tasks label`).
+    """`qwen-tasks label`: the DAG's planning step (resume unfinished jobs of this model and prompt, then
+    plan a run over what has no label yet) and the worker loop, in this process, until the runs are done.
 
-    `adapter`: a LoRA adapter on top of `model` (a fine-tuned version); `audio_ids` / `purpose`: an
-    evaluation run over a fixed set of audio (see jobs.plan_run)."""
+    `options` is a `qwen_tasks.options.LabelOptions` with one task. A model that will not load leaves no
+    run behind: the run planned by this call is discarded (resumed runs stay for the next try)."""
+    from .pipeline import plan
+
     started = time.perf_counter()
-    info = describe(model, revision=revision, device=device, dtype=dtype, request=request, adapter=adapter)
-    plan = jobs.plan_run(
-        engine,
-        task=request.task,
-        model_info=info,
-        request=request,
-        batch_size=batch_size,
-        max_batch_seconds=max_batch_seconds,
-        limit=limit,
-        relabel=relabel,
-        max_jobs=max_jobs,
-        params={"device": device, "dtype": dtype, **model_params(revision, adapter), **(extra_params or {})},
-        audio_ids=audio_ids,
-        purpose=purpose,
-    )
+    planned = plan(engine, options, max_jobs=max_jobs)
     if on_plan is not None:
-        on_plan(plan)
+        on_plan(planned)
     summary = LabelSummary(
-        run_id=plan.run_id, planned=plan.n_items, jobs=len(plan.job_ids), left_over=plan.n_left_over
+        run_id=planned.run_ids[-1] if planned.run_ids else None,
+        planned=planned.items,
+        jobs=len(planned.job_ids),
+        left_over=planned.left_over,
+        run_ids=list(planned.run_ids),
+        resumed_jobs=planned.resumed_jobs,
     )
-    if plan.run_id is None or plan_only:
-        summary.status = "planned" if plan.run_id is not None else None
+    if not planned.run_ids or plan_only:
+        summary.status = "planned" if planned.run_ids else None
         summary.wall_seconds = time.perf_counter() - started
         return summary
     if backend_factory is None:
+        backend_factory = backend_for_run(options.device, options.dtype_arg)
 
-        def backend_factory() -> Backend:
-            from .backends import get_backend
-
-            return get_backend(model, revision=revision, device=device, dtype=dtype, adapter=adapter)
-
-    done = work(
-        engine,
-        plan.run_id,
-        backend_factory,
-        lease_seconds=lease_seconds,
-        stop_when_idle=False,
-        progress=progress,
-    )
+    try:
+        done = work(
+            engine, planned.run_ids, backend_factory, lease_seconds=lease_seconds, until=Until.DRAINED,
+            progress=progress, stop=stop,
+        )  # fmt: skip
+    except ModelError:
+        for run_id in planned.new_run_ids:
+            if jobs.discard_untouched_run(engine, run_id):
+                log.warning("run %d discarded: the model could not be loaded, nothing was labelled", run_id)
+        raise
     summary.labelled, summary.failed = done.labelled, done.failed
     summary.jobs_failed = done.jobs_failed
     summary.audio_seconds = done.audio_seconds
     summary.model_load_seconds = done.model_load_seconds
     summary.process_seconds = done.process_seconds
-    summary.status = done.run_status
+    summary.status = jobs.get_run(engine, summary.run_id).status if summary.run_id is not None else None
     summary.errors = done.errors
     summary.wall_seconds = time.perf_counter() - started
     return summary
-
-
-def request_from_options(
-    task: str,
-    *,
-    method: str = "score",
-    language: str = "en",
-    question: str | None = None,
-    max_new_tokens: int = 128,
-    threshold: float = 0.5,
-) -> LabelRequest:
-    """A LabelRequest from CLI/DAG options (`method` both = score and generate); ConfigError when invalid."""
-    methods = {"score": ("score",), "generate": ("generate",), "both": ("score", "generate")}.get(method)
-    if methods is None:
-        raise ConfigError(f"method must be score, generate or both, got {method!r}")
-    fields: dict[str, Any] = {
-        "task": task,
-        "language": language,
-        "methods": methods if task == "cry" else ("score",),
-        "max_new_tokens": max_new_tokens,
-        "yes_threshold": threshold,
-    }
-    if question:
-        fields["question"] = question
-    try:
-        return LabelRequest(**fields)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None

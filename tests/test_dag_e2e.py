@@ -4,7 +4,10 @@ audio with broken files. Three DAG runs in a row, as a user would see them:
 1. first night: everything is ingested (bad files quarantined), both tasks labelled, metrics and a
    report written;
 2. second night, nothing new: 0 jobs planned, label_batch skipped (no model loaded), no new run;
-3. a manual run whose trigger conf overrides Params (only cry, relabel, limit 2, score only).
+3. a manual run whose trigger conf overrides Params (only cry, relabel, limit 2, score only);
+4. `workers=external` with two worker slots' worth of jobs: the DAG only plans and waits (deferred, a
+   trigger polling the runs) while a `qwen-tasks work --follow` process labels them; SIGTERM then stops
+   that worker (exit 143).
 
 The DAG reaches the labels database only through the Airflow connection AIRFLOW_CONN_QWEN_TASKS_DB
 (QWEN_TASKS_DATABASE_URL is removed from its environment), in a project-local AIRFLOW_HOME under tmp.
@@ -12,13 +15,17 @@ The DAG reaches the labels database only through the Airflow connection AIRFLOW_
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
 from conftest import DATA_TABLES
-from labelling_helpers import build_tiny_model
+from labelling_helpers import CLI, build_tiny_model
 from sqlalchemy.engine import make_url
 
 from qwen_tasks import db
@@ -29,6 +36,8 @@ from qwen_tasks.schema import audio_file, cry_answer, label_job, label_run, run_
 pytestmark = pytest.mark.slow
 
 OVERRIDE = {"tasks": ["cry"], "relabel": True, "limit": 2, "method": "score"}
+EXTERNAL = {"tasks": ["cry"], "relabel": True, "limit": 3, "method": "score", "batch_size": 1,
+            "workers": "external"}  # fmt: skip
 
 
 def snapshot(engine: sa.Engine) -> dict[str, Any]:
@@ -96,12 +105,32 @@ def nights(
         .render_as_string(hide_password=False),
         "QWEN_TASKS_DATABASE_URL": None,
         "QWEN_TASKS_RETRY_DELAY_SECONDS": "1",  # a failure shows up in seconds, not minutes
+        "QWEN_TASKS_WAIT_POLL_SECONDS": "1",
     }
     home = work / "airflow-home"
     out: dict[str, Any] = {"samples": samples, "home": home, "work": work}
     for name, run_conf in (("first", conf), ("second", conf), ("override", {**conf, **OVERRIDE})):
         out[name] = run_dag_test(run_conf, home=home, extra_env=env, timeout=900)
         out[f"{name}_db"] = snapshot(engine)
+    # an external worker fleet of one: it keeps the model loaded and serves every new run of it
+    logs = work / "follow.err"
+    follower = subprocess.Popen(
+        [*CLI, "work", "--follow", "--model", str(tiny_model_dir), "--device", "cpu", "--poll-seconds", "1",
+         "--worker-id", "fleet-1", "--json"],
+        stdout=subprocess.PIPE, stderr=logs.open("wb"), text=True,
+        env={**os.environ, "QWEN_TASKS_DATABASE_URL": database_url},
+    )  # fmt: skip
+    try:
+        out["external"] = run_dag_test({**conf, **EXTERNAL}, home=home, extra_env=env, timeout=900)
+        out["external_db"] = snapshot(engine)
+    finally:
+        follower.send_signal(signal.SIGTERM)
+        stdout, _ = follower.communicate(timeout=120)
+    out["follower"] = {
+        "code": follower.returncode,
+        "summary": json.loads(stdout.strip().splitlines()[-1]) if stdout.strip() else {},
+        "stderr": logs.read_text(errors="replace"),
+    }
     out["bad_conf"] = _expect_failure(
         lambda: run_dag_test({**conf, "batch_size": 0}, home=home, extra_env=env)
     )
@@ -131,7 +160,8 @@ def test_first_run_labels_both_tasks(nights: dict[str, Any]) -> None:
     for task in ("ingest", "plan", "metrics", "report"):
         assert got[task] == ["success"], task
     names = [t["name"] for t in first.tasks if t["task_id"] == "label_batch"]
-    assert any(n.startswith("asr run") for n in names) and any(n.startswith("cry run") for n in names)
+    # one slot (the gpu pool size) did every job of both runs, and its name in the UI says so
+    assert len(names) == 1 and names[0].startswith("worker 1/1: asr run") and "cry run" in names[0]
 
     snap = nights["first_db"]
     runs = {r["task"]: r for r in snap["runs"]}
@@ -203,3 +233,24 @@ def test_invalid_trigger_conf_is_refused_before_anything_runs(nights: dict[str, 
     message = nights["bad_conf"]
     assert message, "a DAG run with batch_size=0 must not be created"
     assert "batch_size" in message
+
+
+def test_external_workers_label_while_the_dag_waits_deferred(nights: dict[str, Any]) -> None:
+    external: DagTestResult = nights["external"]
+    assert external.state == "success"
+    got = states(external)
+    assert got["label_batch"] == ["skipped"]  # no Airflow slot held a GPU
+    assert got["wait_for_workers"] == ["success"]
+    before, after = nights["override_db"], nights["external_db"]
+    (run,) = [r for r in after["runs"] if r["id"] not in {b["id"] for b in before["runs"]}]
+    assert (run["status"], run["n_planned"], run["n_labelled"]) == ("done", 3, 3)
+    follower = nights["follower"]
+    assert follower["code"] == 143, follower["stderr"][-2000:]
+    assert follower["summary"]["jobs_done"] == 3 and run["id"] in follower["summary"]["run_ids"]
+    assert "Traceback" not in follower["stderr"]
+
+
+def test_the_airflow_home_pins_no_absolute_path(nights: dict[str, Any]) -> None:
+    cfg = (nights["home"] / "airflow.cfg").read_text()
+    assert str(nights["home"]) not in cfg and str(Path(__file__).resolve().parents[1]) not in cfg
+    assert "${AIRFLOW_HOME}/airflow.db" in cfg

@@ -127,7 +127,7 @@ def test_bad_input_gets_one_line_errors(engine: Engine, database_url: str, tmp_p
         (["label", "--task", "speech"], "--task must be asr or cry"),
         (
             ["label", "--task", "cry", "--method", "vote", "--plan-only"],
-            "method must be score, generate or both",
+            "--method must be one of ['score', 'generate', 'both'] (got 'vote')",
         ),
         (["label", "--task", "cry", "--model", str(tmp_path), "--plan-only"], "not a model directory"),
     ):

@@ -1,9 +1,9 @@
 """The DAG's steps as plain functions (qwen_tasks.pipeline), without Airflow, on the real database,
-real ingest and the tiny model: params validation, job budgets, resuming unfinished jobs, retries."""
+real ingest and the tiny model: options validation, job budgets, resuming unfinished jobs, worker slots,
+taking over a dead slot's job, attempts."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -11,10 +11,11 @@ import sqlalchemy as sa
 from labelling_helpers import build_tiny_model, count, write_clips
 from sqlalchemy.engine import Engine
 
-from qwen_tasks import pipeline, schema
+from qwen_tasks import jobs, pipeline, schema
 from qwen_tasks.backends import get_backend
-from qwen_tasks.errors import ConfigError, QwenTasksError
-from qwen_tasks.pipeline import JobFailed, PipelineParams
+from qwen_tasks.errors import ConfigError
+from qwen_tasks.options import LabelOptions
+from qwen_tasks.pipeline import JobFailed
 
 
 @pytest.fixture(scope="module")
@@ -29,11 +30,11 @@ def test_defaults_come_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp
     monkeypatch.setenv("QWEN_TASKS_MODEL", "/models/q2a")
     monkeypatch.setenv("QWEN_TASKS_BATCH_SIZE", "4")
     monkeypatch.setenv("QWEN_TASKS_AUDIO_DIRS", f"{tmp_path / 'a'}:{tmp_path / 'b'}")
-    p = PipelineParams.from_mapping({})
+    p = LabelOptions.from_mapping({})
     assert (p.model, p.batch_size) == ("/models/q2a", 4)
     assert p.audio_dirs == (str(tmp_path / "a"), str(tmp_path / "b"))
     assert p.tasks == ("asr", "cry")
-    assert PipelineParams.from_mapping({"method": "both"}).methods == ("score", "generate")
+    assert LabelOptions.from_mapping({"method": "both"}).methods == ("score", "generate")
 
 
 @pytest.mark.parametrize(
@@ -56,15 +57,42 @@ def test_defaults_come_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp
 )
 def test_bad_params_name_the_field(raw: dict, field: str) -> None:
     with pytest.raises(ConfigError, match=f"param '{field}'"):
-        PipelineParams.from_mapping({"model": "m", **raw})
+        LabelOptions.from_mapping({"model": "m", **raw})
+
+
+def test_null_means_the_default_like_a_missing_cli_flag(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("QWEN_TASKS_MODEL_REVISION", "v2")
+    monkeypatch.setenv("QWEN_TASKS_GPU_POOL_SLOTS", "3")
+    cleared = {"revision": None, "report_dir": "", "limit": None, "slots": None, "asr_manifests": None}
+    assert LabelOptions.from_mapping({"model": "m", **cleared}) == LabelOptions.from_mapping({"model": "m"})
+    got = LabelOptions.from_mapping({"model": "m", **cleared})
+    assert (got.revision, got.slots, got.limit, got.asr_manifests) == ("v2", 3, None, ())
+    with pytest.raises(ConfigError, match="param 'model'"):
+        LabelOptions.from_mapping({"model": None})  # not optional: null is an error, not a default
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("QWEN_TASKS_BATCH_SIZE", "abc", "QWEN_TASKS_BATCH_SIZE must be an integer, got 'abc'"),
+        ("QWEN_TASKS_MAX_BATCH_SECONDS", "-1", "QWEN_TASKS_MAX_BATCH_SECONDS must be a number > 0"),
+        ("QWEN_TASKS_LEASE_SECONDS", "soon", "QWEN_TASKS_LEASE_SECONDS must be a number"),
+    ],
+)
+def test_a_bad_environment_value_is_a_config_error_naming_it(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str, message: str
+) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=message):
+        LabelOptions.from_mapping({"model": "m"})
 
 
 def test_unknown_keys_are_ignored_and_values_normalised() -> None:
-    p = PipelineParams.from_mapping(
+    p = LabelOptions.from_mapping(
         {"model": "m", "audio_dirs": "/one/folder", "tasks": ["cry", "cry"], "limit": None, "x": 1}
     )
     assert p.audio_dirs == ("/one/folder",) and p.tasks == ("cry",) and p.limit is None
-    assert PipelineParams.from_mapping(p.as_dict()) == p  # what the DAG uses as Param defaults
+    assert LabelOptions.from_mapping(p.as_dict()) == p  # what the DAG uses as Param defaults
 
 
 # --- steps on the database -----------------------------------------------------------------------------
@@ -109,23 +137,27 @@ def test_plan_respects_the_job_budget_then_resumes_unfinished_jobs(
     assert len(set(second["job_ids"])) == len(second["job_ids"])
 
 
-def test_label_step_labels_once_and_skips_done_jobs_without_the_model(
+def test_slots_label_every_job_once_and_load_the_model_only_when_there_is_work(
     engine: Engine, tmp_path: Path, database_url: str, tiny_model_dir: Path
 ) -> None:
-    write_clips(tmp_path / "audio", [1.0, 2.0])
+    write_clips(tmp_path / "audio", [1.0, 1.2, 1.4, 2.0])
     pipeline.ingest_step({"model": "m", "audio_dirs": [str(tmp_path / "audio")]}, database_url=database_url)
-    params = _params(tiny_model_dir, tasks=["cry"], batch_size=8)
+    params = _params(tiny_model_dir, tasks=["cry"], slots=2)
     planned = pipeline.plan_step(params, database_url=database_url)
-    (job_id,) = planned["job_ids"]
-    out = pipeline.label_step(job_id, params, database_url=database_url)
-    assert out["status"] == "done" and out["labelled"] == 2 and out["run_status"] == "done"
-    assert count(engine, schema.cry_answer) == 2
-
+    assert planned["jobs"] == 4 and planned["slots"] == 2  # min(jobs, slots)
+    names: list[str] = []
+    first = pipeline.work_step(
+        params, planned["run_ids"], slot=0, slots=2, database_url=database_url, on_name=names.append
+    )
+    # one slot alone drains the run (the other slot, started later, finds nothing to do)
+    assert first["jobs_done"] == 4 and first["labelled"] == 4
+    assert names == [f"worker 1/2: cry run {planned['run_ids'][0]} batches 0,1,2,3 (4 clips)"]
+    assert count(engine, schema.cry_answer) == 4
     loads = get_backend.cache_info()
-    again = pipeline.label_step(job_id, params, database_url=database_url)  # an Airflow retry / clear
-    assert again["status"] == "skipped"
-    assert get_backend.cache_info() == loads  # the model was not even looked up
-    assert count(engine, schema.cry_answer) == 2
+    second = pipeline.work_step(params, planned["run_ids"], slot=1, slots=2, database_url=database_url)
+    assert second["jobs_done"] == 0 and second["model_load_seconds"] == 0
+    assert get_backend.cache_info() == loads  # nothing to claim: the model was not even looked up
+    assert jobs.get_run(engine, planned["run_ids"][0]).status == "done"
 
     metrics = pipeline.metrics_step(planned["run_ids"], database_url=database_url)
     assert metrics["runs"] == 1 and metrics["metrics"][str(planned["run_ids"][0])]
@@ -134,29 +166,61 @@ def test_label_step_labels_once_and_skips_done_jobs_without_the_model(
     )
     assert report["run_ids"] == planned["run_ids"] and report["new"] is False  # latest runs
     assert Path(report["report"]).is_file() and Path(report["report"]).parent.name == "a_b_c"
+    external = pipeline.plan_step(
+        {**params, "workers": "external", "relabel": True}, database_url=database_url
+    )
+    assert external["jobs"] == 4 and external["slots"] == 0  # no Airflow slot: the fleet labels these
+    assert pipeline.runs_progress(external["run_ids"], database_url=database_url)["finished"] is False
 
 
-def test_job_errors_are_retried_then_fail_for_good(
-    engine: Engine, tmp_path: Path, database_url: str, tiny_model_dir: Path
+def test_a_retried_slot_takes_free_jobs_before_waiting_out_a_dead_lease(
+    engine: Engine, tmp_path: Path, database_url: str, tiny_model_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    write_clips(tmp_path / "audio", [1.0])
+    write_clips(tmp_path / "audio", [1.0, 1.2, 1.4])
     pipeline.ingest_step({"model": "m", "audio_dirs": [str(tmp_path / "audio")]}, database_url=database_url)
     params = _params(tiny_model_dir, tasks=["cry"])
-    (job_id,) = pipeline.plan_step(params, database_url=database_url)["job_ids"]
-    shutil.rmtree(tmp_path / "audio")  # "storage not mounted": a job-level error, worth retrying
-
-    for _ in range(pipeline.LABEL_RETRIES):  # Airflow's tries before the last one
-        with pytest.raises(QwenTasksError, match="will be retried") as info:
-            pipeline.label_step(job_id, params, database_url=database_url)
-        assert not isinstance(info.value, JobFailed)
-    with pytest.raises(JobFailed, match="failed after"):
-        pipeline.label_step(job_id, params, database_url=database_url)
-    with pytest.raises(JobFailed, match="for good"):  # a cleared task fails again, with the reason
-        pipeline.label_step(job_id, params, database_url=database_url)
+    planned = pipeline.plan_step(params, database_url=database_url)
+    dead = jobs.claim_job(engine, planned["run_ids"], "dead-slot", lease_seconds=4.0)  # killed holding it
+    assert dead is not None
+    caplog.set_level("INFO", logger="qwen_tasks")
+    out = pipeline.work_step(params, planned["run_ids"], database_url=database_url, worker="retry")
+    assert out["jobs_done"] == 3
     with engine.connect() as conn:
-        status, error = conn.execute(
-            sa.select(schema.label_job.c.status, schema.label_job.c.last_error).where(
-                schema.label_job.c.id == job_id
-            )
-        ).one()
-    assert status == "failed" and "none of the 1 file(s)" in error
+        rows = conn.execute(
+            sa.select(
+                schema.label_job.c.id, schema.label_job.c.finished_at, schema.label_job.c.attempts
+            ).order_by(schema.label_job.c.finished_at)
+        ).all()
+    assert [r.id for r in rows][-1] == dead.id  # the free jobs first, the dead worker's job last
+    assert rows[-1].attempts == 2
+    assert (rows[1].finished_at - rows[0].finished_at).total_seconds() < 3  # no lease wait in between
+    logged = caplog.text
+    assert "model" in logged and "loaded in" in logged  # what the task log shows
+    assert "held by dead-slot" in logged and "waiting to take over" in logged
+    assert f"job {dead.id} (cry run" in logged and "jobs finished" in logged
+
+
+def test_job_errors_are_retried_then_fail_the_slot_for_good(
+    engine: Engine, tmp_path: Path, database_url: str, tiny_model_dir: Path
+) -> None:
+    write_clips(tmp_path / "audio", [1.0, 2.0])
+    pipeline.ingest_step({"model": "m", "audio_dirs": [str(tmp_path / "audio")]}, database_url=database_url)
+    params = _params(tiny_model_dir, tasks=["cry"])
+    planned = pipeline.plan_step(params, database_url=database_url)
+    gone = sorted((tmp_path / "audio").glob("*.wav"))[0]
+    gone.unlink()  # deleted after ingest: its job errors at job level on every attempt
+
+    with pytest.raises(JobFailed, match="1 job\\(s\\) failed after all attempts"):
+        pipeline.work_step(params, planned["run_ids"], database_url=database_url)
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(
+                schema.label_job.c.status, schema.label_job.c.attempts, schema.label_job.c.last_error
+            ).order_by(schema.label_job.c.id)
+        ).all()
+    failed = [r for r in rows if r.status == "failed"]
+    assert len(failed) == 1 and failed[0].attempts == jobs.DEFAULT_MAX_ATTEMPTS
+    assert "none of the 1 file(s)" in failed[0].last_error
+    assert [r.status for r in rows].count("done") == 1  # the other job was labelled all the same
+    # a retry of the slot (or a cleared task) has nothing left to do
+    assert pipeline.work_step(params, planned["run_ids"], database_url=database_url)["jobs_done"] == 0

@@ -30,6 +30,7 @@ from sqlalchemy.engine import Engine
 from qwen_tasks import prompts, runner, schema
 from qwen_tasks.backends import load_backend, qwen_audio, required_python
 from qwen_tasks.errors import ModelError, WrongEnvironment
+from qwen_tasks.options import LabelOptions
 from qwen_tasks.records import LabelRequest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,11 +94,12 @@ def test_worker_refuses_a_qwen_audio_run_without_claiming_a_job(
     monkeypatch.setenv(qwen_audio.PYTHON_ENV_VAR, str(tmp_path / "qa" / "bin" / "python"))
     model = qwen_audio_only_config(tmp_path / "qwen-audio-local")
     ingest_clips(engine, tmp_path / "audio", [1.0, 1.5, 2.0])
-    plan = runner.label(engine, request=LabelRequest("cry"), model=str(model), device="cpu", plan_only=True)
+    options = LabelOptions.from_mapping({"tasks": ["cry"], "model": str(model), "device": "cpu"})
+    plan = runner.label(engine, options, plan_only=True)
     assert plan.run_id is not None and plan.jobs == 1  # planning needs no model and works anywhere
     loads: list[int] = []
 
-    def factory():  # noqa: ANN202 - never called
+    def factory(run):  # noqa: ANN001,ANN202 - never called
         loads.append(1)
         raise AssertionError("the model must not be loaded")
 

@@ -15,6 +15,7 @@ from qwen_tasks import export, jobs, runner, schema
 from qwen_tasks.backends import get_backend
 from qwen_tasks.backends.base import Backend
 from qwen_tasks.errors import ModelError
+from qwen_tasks.options import LabelOptions
 from qwen_tasks.records import LabelRequest
 
 
@@ -39,7 +40,7 @@ def plan(engine: Engine, backend: Backend, request: LabelRequest, **kw: object) 
 
 
 def work(engine: Engine, run_id: int, backend: Backend, **kw: object) -> runner.WorkSummary:
-    return runner.work(engine, run_id, lambda: backend, lease_seconds=30, **kw)  # type: ignore[arg-type]
+    return runner.work(engine, run_id, lambda run: backend, lease_seconds=30, **kw)  # type: ignore[arg-type]
 
 
 def test_job_results_done_mark_and_counters(engine: Engine, backend: Backend, tmp_path: Path) -> None:
@@ -155,17 +156,12 @@ def test_rerun_labels_nothing_and_relabel_keeps_old_labels(
     tiny_model_dir: Path,
 ) -> None:
     ingest_clips(engine, tmp_path / "a", [1.0, 2.0])
-    request = LabelRequest(task="cry")
 
     def label(**kw: object) -> runner.LabelSummary:
-        return runner.label(
-            engine,
-            request=request,
-            model=str(tiny_model_dir),
-            device="cpu",
-            backend_factory=lambda: backend,
-            **kw,
-        )  # type: ignore[arg-type]
+        opts = LabelOptions.from_mapping(
+            {"tasks": ["cry"], "model": str(tiny_model_dir), "device": "cpu", **kw}
+        )
+        return runner.label(engine, opts, backend_factory=lambda run: backend)
 
     first = label()
     assert first.run_id is not None and first.labelled == 2 and first.status == "done"
@@ -241,3 +237,41 @@ def test_process_job_by_id_as_a_dag_task_does(engine: Engine, backend: Backend, 
     run = jobs.get_run(engine, result.run_id)
     assert run.status == "done" and run.device == "cpu" and run.dtype == "float32"  # closed by the last task
     assert runner.process_job(engine, second, backend, worker_id="airflow-c").status == "skipped"
+
+
+def test_a_heartbeat_racing_our_own_commit_is_no_lost_lease(
+    engine: Engine, backend: Backend, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    ingest_clips(engine, tmp_path / "a", [1.0])
+    result = plan(engine, backend, LabelRequest(task="cry"))
+    job = jobs.claim_job(engine, result.run_id, "w1", 30)
+    assert job is not None
+    caplog.set_level("WARNING", logger="qwen_tasks")
+    with runner.LeaseKeeper(engine, job.id, "w1", lease_seconds=0.3) as keeper:
+        runner.write_results(engine, job, "w1", runner._Rows(), 0.1)  # our commit: the job is done
+        time.sleep(0.4)  # several heartbeats after it
+    assert keeper.lost is False
+    assert "lease lost" not in caplog.text
+    # a real take-over still is one
+    job2 = jobs.claim_job(engine, None, "w1", 30)
+    assert job2 is None  # (the only job is done)
+
+
+def test_a_write_that_exhausts_its_retries_counts_the_attempt(
+    engine: Engine, backend: Backend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ingest_clips(engine, tmp_path / "a", [1.0])
+    result = plan(engine, backend, LabelRequest(task="cry"))
+    job = jobs.claim_job(engine, result.run_id, "w1", 30)
+    assert job is not None
+
+    def database_gone(*args: object, **kwargs: object) -> None:
+        raise sa.exc.OperationalError("INSERT", {}, Exception("server closed the connection unexpectedly"))
+
+    monkeypatch.setattr(runner, "write_results", database_gone)  # the database stays away for the write
+    monkeypatch.setattr(runner, "WRITE_ATTEMPTS", 2)
+    with pytest.raises(runner.WriteFailed, match="database unreachable"):
+        runner.process_job(engine, job.id, backend, worker_id="w1", job=job)
+    state = jobs.job_state(engine, job.id)
+    assert state["status"] == "pending" and state["attempts"] == 1  # counted, not given back
+    assert "could not store results" in state["last_error"]

@@ -55,13 +55,22 @@ def print_json(obj: Any) -> None:
 
 
 def main() -> None:
-    """Console-script entry point: library errors become one line on stderr, not a traceback."""
+    """Console-script entry point: library errors become one line on stderr, not a traceback; SIGTERM
+    (after the job in hand was given back) exits 143 and Ctrl-C 130, each with one line."""
+    from ..runner import Terminated
+
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         app()
     except QwenTasksError as exc:
         console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(1)
+    except Terminated:
+        console.print("stopped by SIGTERM (the job in hand was given back)", highlight=False)
+        sys.exit(143)
+    except KeyboardInterrupt:
+        console.print("interrupted (the job in hand was given back)", highlight=False)
+        sys.exit(130)
 
 
 # Command modules register themselves on `app`; `--help` lists them in this order.

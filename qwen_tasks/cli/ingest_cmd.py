@@ -37,7 +37,10 @@ def _print_summary(summary: IngestSummary) -> None:
 @app.command("ingest")
 def ingest_command(
     paths: list[Path] = typer.Argument(
-        ..., help="Folders (scanned recursively for wav/flac/ogg/mp3), audio files, or *.jsonl manifests."
+        None,
+        help="Folders (scanned recursively for wav/flac/ogg/mp3), audio files, or *.jsonl manifests. "
+        "Optional with --manifest.",
+        show_default=False,
     ),
     manifest: list[Path] = typer.Option(
         [], "--manifest", "-m", help="A jsonl manifest (ASR or audio-QA format); repeatable."
@@ -55,6 +58,9 @@ def ingest_command(
 ) -> None:
     """Register audio in the database: new files are probed and hashed, unchanged ones skipped, identical
     bytes stored once, bad files quarantined with a reason. Exit 0 when the run completes."""
+    paths = paths or []
+    if not paths and not manifest:
+        raise fail("give at least one PATH or --manifest FILE (see: qwen-tasks ingest --help)", code=2)
     for p in [*paths, *manifest]:
         if not p.exists() and not p.is_symlink():
             raise fail(f"no such file or directory: {p}")

@@ -56,6 +56,12 @@ class _Bar:
             console.print(f"job {outcome.job_id}: {outcome.status}: {outcome.error}", highlight=False)
 
 
+def _label_mapping(**flags: Any) -> dict[str, Any]:
+    """CLI flags (None = not given: the options' default) as a LabelOptions mapping."""
+    renamed = {"threshold": "yes_threshold"}
+    return {renamed.get(k, k): v for k, v in flags.items() if v is not None}
+
+
 @app.command("label")
 def label(
     task: str = typer.Option(..., "--task", help="asr (transcribe) or cry (is a baby crying? yes/no)."),
@@ -64,82 +70,103 @@ def label(
     ),
     revision: str = typer.Option(None, "--revision", help="Pinned model revision (commit/tag)."),
     adapter: str = typer.Option(None, "--adapter", help="LoRA adapter directory on top of --model."),
-    batch_size: int = typer.Option(None, "--batch-size", min=1, help="Max clips per job/batch."),
-    max_batch_seconds: float = typer.Option(
-        None, "--max-batch-seconds", min=0.1, help="Max audio s per batch."
+    promoted: bool = typer.Option(
+        None,
+        "--promoted/--no-promoted",
+        help="Use the task's promoted fine-tuned version of --model when there is one (default: yes).",
     ),
-    max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1, help="Generation length cap."),
-    limit: int = typer.Option(None, "--limit", min=1, help="Label at most N audio (oldest first)."),
+    batch_size: int = typer.Option(
+        None, "--batch-size", help="Max clips per job/batch (default: QWEN_TASKS_BATCH_SIZE, 16)."
+    ),
+    max_batch_seconds: float = typer.Option(
+        None, "--max-batch-seconds", help="Max audio s per batch (QWEN_TASKS_MAX_BATCH_SECONDS, 240)."
+    ),
+    max_new_tokens: int = typer.Option(None, "--max-new-tokens", help="Generation length cap (128)."),
+    limit: int = typer.Option(None, "--limit", help="Label at most N audio (oldest first)."),
     device: str = typer.Option(None, "--device", help="auto, cpu or cuda (default: QWEN_TASKS_DEVICE)."),
     dtype: str = typer.Option(None, "--dtype", help="float32, bfloat16 or float16 (default: per device)."),
-    method: str = typer.Option("score", "--method", help="cry only: score, generate or both."),
-    language: str = typer.Option("en", "--language", help="asr: language code of the speech."),
+    method: str = typer.Option(None, "--method", help="cry only: score, generate or both (score)."),
+    language: str = typer.Option(None, "--language", help="asr: language code of the speech (en)."),
     question: str = typer.Option(None, "--question", help="cry: the yes/no question asked."),
-    threshold: float = typer.Option(0.5, "--threshold", min=0.0, max=1.0, help="cry: p_yes >= this is yes."),
+    threshold: float = typer.Option(None, "--threshold", help="cry: p_yes >= this is yes (0.5)."),
     relabel: bool = typer.Option(False, "--relabel", help="Label again in a new run (old labels kept)."),
     plan_only: bool = typer.Option(False, "--plan-only", help="Create the run and its jobs, then stop."),
     max_jobs: int = typer.Option(None, "--max-jobs", min=1, help="Plan at most N jobs (rest left over)."),
-    lease_seconds: float = typer.Option(jobs.DEFAULT_LEASE_SECONDS, "--lease-seconds", min=0.5),
+    lease_seconds: float = typer.Option(
+        None, "--lease-seconds", min=0.5, help="Job lease (default: QWEN_TASKS_LEASE_SECONDS, 120)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON summary on stdout."),
 ) -> None:
     """Label ingested audio that has no label yet for this model and prompt (plan + work in one go).
 
-    Examples: qwen-tasks label --task cry --model ./tiny --device cpu --json;
-    qwen-tasks label --task asr --plan-only (then: qwen-tasks work --run ID, on as many machines as you like).
+    An unfinished run of the same model and prompt (killed, or its model would not load) is resumed
+    first, the same way the nightly DAG does. Examples: qwen-tasks label --task cry --model ./tiny
+    --device cpu --json; qwen-tasks label --task asr --plan-only (then: qwen-tasks work --run ID, on as
+    many machines as you like).
     """
+    from ..options import LabelOptions
+
     if task not in TASKS:
         raise fail(f"--task must be asr or cry, got {task!r}")
     settings = get_settings()
-    request = runner.request_from_options(
-        task, method=method, language=language, question=question, max_new_tokens=max_new_tokens,
-        threshold=threshold,
+    opts = LabelOptions.from_mapping(
+        _label_mapping(
+            tasks=[task], model=model, revision=revision, adapter=adapter, promoted=promoted,
+            batch_size=batch_size, max_batch_seconds=max_batch_seconds, max_new_tokens=max_new_tokens,
+            limit=limit, device=device, dtype=dtype, method=method, language=language, question=question,
+            threshold=threshold, relabel=relabel,
+        ),
+        settings,
+        flags=True,
     )  # fmt: skip
     engine = open_database()
-    model, revision, adapter = _resolve_model(engine, model or settings.model, revision, adapter)
     bar: _Bar | None = None
 
-    def on_plan(plan: jobs.PlanResult) -> None:
+    def on_plan(plan: Any) -> None:
         nonlocal bar
-        if plan.run_id is None:
+        if not plan.run_ids:
             console.print(
                 f"nothing to label for --task {task} (every ingested audio has a label for this model)"
             )
             return
-        left = f", {plan.n_left_over} left for the next run" if plan.n_left_over else ""
-        console.print(
-            f"run {plan.run_id}: {plan.n_items} clips in {len(plan.job_ids)} jobs{left}", highlight=False
-        )
+        if plan.resumed_jobs:
+            resumed = sorted(set(plan.run_ids) - set(plan.new_run_ids))
+            console.print(
+                f"resuming run {', '.join(map(str, resumed))}: {plan.resumed_jobs} unfinished job(s)",
+                highlight=False,
+            )
+        left = f", {plan.left_over} left for the next run" if plan.left_over else ""
+        for run_id in plan.new_run_ids:
+            console.print(
+                f"run {run_id}: {plan.items} clips in {len(plan.job_ids) - plan.resumed_jobs} jobs{left}",
+                highlight=False,
+            )
         if not plan_only:
-            bar = _Bar(plan.n_items, f"{task} run {plan.run_id}").__enter__()
+            clips = int(jobs.open_job_counts(engine, plan.run_ids)["clips"])
+            bar = _Bar(clips, f"{task} run {plan.run_ids[-1]}").__enter__()
 
     try:
-        summary = runner.label(
-            engine,
-            request=request,
-            model=model,
-            revision=settings.model_revision if revision is None else revision,
-            adapter=adapter,
-            device=device or settings.device,
-            dtype=dtype,
-            batch_size=batch_size or settings.batch_size,
-            max_batch_seconds=max_batch_seconds or settings.max_batch_seconds,
-            limit=limit,
-            relabel=relabel,
-            max_jobs=max_jobs,
-            lease_seconds=lease_seconds,
-            plan_only=plan_only,
-            on_plan=on_plan,
-            progress=lambda outcome: bar(outcome) if bar is not None else None,
-        )
+        with runner.signals_handled():
+            summary = runner.label(
+                engine,
+                opts,
+                max_jobs=max_jobs,
+                lease_seconds=lease_seconds or settings.lease_seconds,
+                plan_only=plan_only,
+                on_plan=on_plan,
+                progress=lambda outcome: bar(outcome) if bar is not None else None,
+            )
     finally:
         if bar is not None:
             bar.__exit__()
     if plan_only:
         if as_json:
-            print_json({"run_id": summary.run_id, "jobs": summary.jobs, "items": summary.planned,
-                         "left_over": summary.left_over})  # fmt: skip
-        elif summary.run_id is not None:
-            typer.echo(summary.run_id)
+            print_json({"run_id": summary.run_id, "run_ids": summary.run_ids, "jobs": summary.jobs,
+                        "resumed_jobs": summary.resumed_jobs, "items": summary.planned,
+                        "left_over": summary.left_over})  # fmt: skip
+        else:
+            for run_id in summary.run_ids:
+                typer.echo(run_id)
         return
     out = summary.to_dict()
     if as_json:
@@ -158,34 +185,26 @@ def label(
         )
 
 
-def _resolve_model(
-    engine: Any, model: str, revision: str | None, adapter: str | None
-) -> tuple[str, str | None, str | None]:
-    """A registered version name becomes its base model, base revision and adapter directory."""
-    from ..registry import resolve_model
-
-    version = resolve_model(engine, model)
-    if version is None:
-        return model, revision, adapter
-    if adapter or revision:
-        raise fail(f"--model {model} is a fine-tuned version: it brings its own base revision and adapter")
-    console.print(
-        f"{model}: {version.task} version ({version.status}) = {version.base_model} + {version.adapter_path}",
-        highlight=False,
-    )
-    return version.base_model, version.base_revision, version.adapter_path
-
-
 @app.command("work")
 def work(
-    run: int = typer.Option(..., "--run", help="Run id (from `label --plan-only` or `runs`)."),
-    device: str = typer.Option(None, "--device", help="auto, cpu or cuda (default: as planned)."),
+    run: int = typer.Option(None, "--run", help="Run id (from `label --plan-only` or `runs`)."),
+    follow: bool = typer.Option(
+        False,
+        "--follow",
+        help="Stay up: load --model once and label every new run of it (planned by the DAG with "
+        "workers=external, or by label --plan-only) until SIGTERM.",
+    ),
+    model: str = typer.Option(None, "--model", help="--follow: the model to serve (QWEN_TASKS_MODEL)."),
+    revision: str = typer.Option(
+        None, "--revision", help="--follow: its revision (QWEN_TASKS_MODEL_REVISION)."
+    ),
+    device: str = typer.Option(None, "--device", help="auto, cpu or cuda[:N] (default: as planned)."),
     dtype: str = typer.Option(None, "--dtype", help="float32, bfloat16 or float16 (default: per device)."),
     lease_seconds: float = typer.Option(
-        jobs.DEFAULT_LEASE_SECONDS,
+        None,
         "--lease-seconds",
         min=0.5,
-        help="A killed worker's job is taken over after this long.",
+        help="A killed worker's job is taken over after this long (default: QWEN_TASKS_LEASE_SECONDS, 120).",
     ),
     worker_id: str = typer.Option(
         None, "--worker-id", help="Name recorded on the jobs (default: host:pid:rnd)."
@@ -195,37 +214,98 @@ def work(
         "--wait/--no-wait",
         help="Wait for jobs other workers hold (take over if they die) or stop when idle.",
     ),
+    poll_seconds: float = typer.Option(
+        5.0, "--poll-seconds", min=0.1, help="--follow: look for new jobs at least this often."
+    ),
     max_jobs: int = typer.Option(None, "--max-jobs", min=1, help="Stop after N jobs."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON summary on stdout."),
 ) -> None:
-    """Claim and process jobs of a run until none is left (start as many workers as you have GPUs).
+    """Claim and process jobs of a run until none is left (start as many workers as you have GPUs), or,
+    with --follow, keep a model loaded and serve every new run of it.
 
-    Example: qwen-tasks work --run 7 --device cuda:1
+    SIGTERM: `work --run` gives the job in hand back at once and exits 143; `work --follow` finishes
+    its current job first (a second SIGTERM interrupts it). Examples: qwen-tasks work --run 7 --device
+    cuda:1; qwen-tasks work --follow --model Qwen/Qwen2-Audio-7B-Instruct --device cuda
     """  # fmt: skip
+    if (run is None) == (not follow):
+        raise fail("give --run ID, or --follow to serve new runs of a model")
     engine = open_database()
-    info = jobs.get_run(engine, run)
     settings = get_settings()
-    planned_device = info.params.get("device") or settings.device
-    planned_dtype = info.params.get("dtype")
-
-    def factory():  # noqa: ANN202 - Backend
-        from ..backends import get_backend
-
-        return get_backend(**info.load_args, device=device or planned_device,
-                           dtype=dtype or planned_dtype)  # fmt: skip
-
+    lease = lease_seconds or settings.lease_seconds
+    if follow:
+        _follow(engine, settings, model, revision, device, dtype, lease, worker_id, poll_seconds, max_jobs,
+                as_json)  # fmt: skip
+        return
+    jobs.get_run(engine, run)  # a wrong --run is one line before anything else
+    factory = runner.backend_for_run(device, dtype)
     counts = jobs.open_job_counts(engine, run)
     total = int(counts["clips"])
-    with _Bar(total, f"run {run}") as bar:
+    with _Bar(total, f"run {run}") as bar, runner.signals_handled():
         summary = runner.work(
-            engine, run, factory, worker_id=worker_id, lease_seconds=lease_seconds, stop_when_idle=not wait,
-            progress=bar, max_jobs=max_jobs,
+            engine, run, factory, worker_id=worker_id, lease_seconds=lease,
+            until=runner.Until.DRAINED if wait else runner.Until.IDLE, progress=bar, max_jobs=max_jobs,
         )  # fmt: skip
+    _work_done(summary, f"run {run} is {summary.run_status}", as_json)
+
+
+def _follow(
+    engine: Any, settings: Any, model: str | None, revision: str | None, device: str | None,
+    dtype: str | None, lease: float, worker_id: str | None, poll_seconds: float, max_jobs: int | None,
+    as_json: bool,
+) -> None:  # fmt: skip
+    """`work --follow`: load the model now, then serve every unfinished run of it until SIGTERM."""
+    from ..backends import get_backend
+    from ..options import resolve_model
+    from ..registry import resolve_model as registered
+
+    rev = settings.model_revision if revision is None else revision.strip()
+    # a fine-tuned version's name serves that version (base + adapter); a plain model serves the base
+    version = registered(engine, model or settings.model)
+    name = version.base_model if version else resolve_model(model or settings.model)
+    adapter = version.adapter_path if version else None
+    if version is not None:
+        rev = version.base_revision
+    shown = f"revision {rev or 'default'}" + (f", adapter {adapter}" if adapter else "")
+    console.print(f"loading {name} ({shown}) ...", highlight=False)
+    started = time.perf_counter()
+    try:
+        backend = get_backend(
+            name, revision=rev, device=device or settings.device, dtype=dtype, adapter=adapter
+        )
+    except Exception as exc:
+        if isinstance(exc, runner.QwenTasksError):
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise fail(f"could not load model {name}: {type(exc).__name__}: {first}") from None
+    model_id = getattr(backend, "model_id", name)
+    console.print(
+        f"model loaded in {time.perf_counter() - started:.1f} s; waiting for runs of {model_id} "
+        "(SIGTERM: finish the current job, then stop)",
+        highlight=False,
+    )
+    stop = runner.StopFlag()
+    with runner.signals_handled(stop):
+        summary = runner.work(
+            engine, None, lambda run: backend, worker_id=worker_id, lease_seconds=lease,
+            until=runner.Until.STOPPED, model=(model_id, getattr(backend, "revision", rev)),
+            max_jobs=max_jobs, stop=stop,
+            poll_seconds=poll_seconds, backend=backend,
+            progress=lambda o: console.print(
+                f"job {o.job_id} (run {o.run_id}): {o.status}, {o.labelled} labelled, {o.failed} failed",
+                highlight=False,
+            ),
+        )  # fmt: skip
+    _work_done(summary, f"runs {summary.run_ids or 'none'}", as_json)
+    if summary.stopped:
+        raise typer.Exit(143)
+
+
+def _work_done(summary: runner.WorkSummary, where: str, as_json: bool) -> None:
     if as_json:
         print_json(summary.to_dict())
     console.print(
         f"worker {summary.worker_id}: {summary.jobs_done} jobs done, {summary.jobs_failed} failed, "
-        f"{summary.labelled} clips labelled; run {run} is {summary.run_status}",
+        f"{summary.labelled} clips labelled; {where}",
         highlight=False,
     )
     if summary.jobs_failed:
@@ -256,6 +336,8 @@ def runs(
     if task is not None and task not in TASKS:
         raise fail(f"--task must be asr or cry, got {task!r}")
     rows = jobs.progress_rows(open_database(), limit=limit, task=task, run_id=run)
+    if run is not None and not rows:
+        raise fail(f"run {run} does not exist (see: qwen-tasks runs)")
     if as_json:
         print_json(rows)
         return

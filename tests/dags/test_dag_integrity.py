@@ -82,14 +82,22 @@ BAD_CONFS: list[dict[str, Any]] = [
     {"limit": 0},
     {"relabel": "yes please"},
     {"device": "tpu"},
+    {"slots": 0},
+    {"workers": "kubernetes"},
+    {"tasks": None},
 ]
 HEAVY = ("torch", "transformers", "qwen_tasks.runner", "qwen_tasks.backends")
-GOOD_CONFS: list[dict[str, Any]] = [{"tasks": ["cry"], "limit": 5, "method": "both"}, {"limit": None}]
+# What the trigger form sends when optional fields are left empty or cleared: null must validate.
+GOOD_CONFS: list[dict[str, Any]] = [
+    {"tasks": ["cry"], "limit": 5, "method": "both"},
+    {"limit": None},
+    {"revision": None, "report_dir": None, "slots": None},
+    {"asr_manifests": None, "aqa_manifests": None, "audio_dirs": None},
+    {"workers": "external", "slots": 4},
+]
 
 
-@pytest.fixture(scope="module")
-def probe(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    home = tmp_path_factory.mktemp("airflow-home")
+def run_probe(home: Path, **extra_env: str) -> dict[str, Any]:
     env = {
         **os.environ,
         "AIRFLOW_HOME": str(home),
@@ -100,6 +108,7 @@ def probe(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         # nothing listens there: a database access at parse time would fail loudly
         "QWEN_TASKS_DATABASE_URL": "postgresql+psycopg2://nobody@127.0.0.1:1/none",
         "AIRFLOW_CONN_QWEN_TASKS_DB": "postgresql://nobody@127.0.0.1:1/none",
+        **extra_env,
     }
     proc = subprocess.run(
         [sys.executable, "-c", PROBE, str(DAGS), json.dumps(BAD_CONFS + GOOD_CONFS), ",".join(HEAVY)],
@@ -112,6 +121,24 @@ def probe(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     lines = [line for line in proc.stdout.splitlines() if line.startswith("PROBE ")]
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
     return json.loads(lines[-1][len("PROBE ") :])
+
+
+@pytest.fixture(scope="module")
+def probe(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return run_probe(tmp_path_factory.mktemp("airflow-home"))
+
+
+def test_a_bad_environment_value_is_no_import_error(tmp_path: Path) -> None:
+    """QWEN_TASKS_BATCH_SIZE=abc: the DAG still parses (the tasks fail with the one-line error)."""
+    got = run_probe(
+        tmp_path,
+        QWEN_TASKS_BATCH_SIZE="abc",
+        QWEN_TASKS_MAX_BATCH_SECONDS="-1",
+        QWEN_TASKS_GPU_POOL_SLOTS="x",
+    )
+    assert got["import_errors"] == {}
+    params = got["dags"][DAG_ID]["params"]
+    assert (params["batch_size"], params["max_batch_seconds"], params["slots"]) == (16, 240.0, 1)
 
 
 def test_every_dag_imports_without_errors(probe: dict[str, Any]) -> None:
@@ -138,10 +165,11 @@ def test_labelling_dag_shape(probe: dict[str, Any]) -> None:
     assert dag["schedule"] == "30 1 * * *"  # QWEN_TASKS_SCHEDULE
     assert dag["catchup"] is False and dag["max_active_runs"] == 1
     tasks = dag["tasks"]
-    assert set(tasks) == {"ingest", "plan", "label_batch", "metrics", "report"}
+    assert set(tasks) == {"ingest", "plan", "label_batch", "wait_for_workers", "metrics", "report"}
     assert tasks["plan"]["upstream"] == ["ingest"]
     assert tasks["label_batch"]["upstream"] == ["plan"]
-    assert tasks["metrics"]["upstream"] == ["label_batch", "plan"]
+    assert tasks["wait_for_workers"]["upstream"] == ["plan"]
+    assert tasks["metrics"]["upstream"] == ["label_batch", "plan", "wait_for_workers"]
     assert "metrics" in tasks["report"]["upstream"]
     # a second night with nothing new maps label_batch over [] (skipped): metrics and report still run
     assert tasks["metrics"]["trigger_rule"] == tasks["report"]["trigger_rule"] == "none_failed"
@@ -152,7 +180,7 @@ def test_gpu_task_uses_the_gpu_pool_and_queue(probe: dict[str, Any]) -> None:
     assert label["mapped"] is True
     assert (label["pool"], label["queue"]) == ("gpu", "gpu")
     assert label["retries"] >= 2 and label["backoff"] is True
-    assert label["map_index_template"] == "{{ batch_name }}"
+    assert label["map_index_template"] == "{{ worker_name }}"
     others = [t for tid, t in probe["dags"][DAG_ID]["tasks"].items() if tid != "label_batch"]
     assert all(t["pool"] != "gpu" and t["queue"] != "gpu" for t in others), "only labelling holds a GPU"
 
@@ -164,9 +192,17 @@ def test_params_defaults_come_from_the_environment(probe: dict[str, Any]) -> Non
     expected = {
         "audio_dirs", "asr_manifests", "aqa_manifests", "tasks", "model", "revision", "device", "dtype",
         "method", "batch_size", "max_batch_seconds", "limit", "relabel", "question", "yes_threshold",
-        "max_new_tokens", "language", "report_dir",
+        "max_new_tokens", "language", "report_dir", "slots", "workers", "adapter", "promoted",
     }  # fmt: skip
     assert set(params) == expected
+
+
+def test_optional_params_default_to_null_not_to_a_required_empty_string(probe: dict[str, Any]) -> None:
+    """The form marks a string Param with default "" as required: Trigger would stay disabled."""
+    params = probe["dags"][DAG_ID]["params"]
+    for name in ("revision", "report_dir", "limit", "audio_dirs", "asr_manifests", "aqa_manifests"):
+        assert params[name] is None, name
+    assert params["slots"] == 1 and params["workers"] == "airflow"
 
 
 def test_params_form_rejects_bad_values_and_accepts_good_ones(probe: dict[str, Any]) -> None:

@@ -1,0 +1,272 @@
+"""A real, local multi-process Airflow for tests: CeleryExecutor, Redis broker, PostgreSQL metadata.
+
+Not a test module. `AirflowStack` migrates a throwaway metadata database, then starts the api-server
+(UI, REST and the execution API the task runners talk to), a scheduler, a dag-processor and N
+`airflow celery worker` processes (queues default and gpu, concurrency 1), each in its own process group
+with its log under the stack's home. `stop()` ends every process group it started (SIGTERM, then
+SIGKILL after a grace period) and drops the metadata database; nothing else is touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import make_url
+
+from qwen_tasks import db
+
+ROOT = Path(__file__).resolve().parents[1]
+AIRFLOW = [sys.executable, "-m", "airflow"]
+DAG_ID = "qwen_audio_labelling"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _descends(pid: int, root: int) -> bool:
+    while pid > 1:
+        if pid == root:
+            return True
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return False
+        pid = int(stat.rsplit(")", 1)[1].split()[1])  # field 4: the parent's pid
+    return False
+
+
+def wait_until(what: str, check: Callable[[], Any], timeout: float, interval: float = 0.5) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+@dataclass
+class AirflowStack:
+    home: Path
+    admin_url: str
+    labels_url: str
+    env_extra: dict[str, str] = field(default_factory=dict)
+    workers: int = 2
+    password: str = field(default_factory=lambda: secrets.token_urlsafe(12))
+    jwt_secret: str = field(default_factory=lambda: secrets.token_urlsafe(32))  # one for every process
+    port: int = field(default_factory=free_port)
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    meta_url: str = ""
+    _scratch: Any = None
+
+    # --- setup -----------------------------------------------------------------------------------------
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def env(self) -> dict[str, str]:
+        labels = make_url(self.labels_url).set(drivername="postgresql")
+        meta = make_url(self.meta_url)
+        prefix = f"qwen_test_{os.getpid()}_{self.port}_"
+        env = {
+            **os.environ,
+            "AIRFLOW_HOME": str(self.home),
+            "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
+            "AIRFLOW__CORE__PARALLELISM": "8",
+            "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
+            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.base_url}/execution/",
+            "AIRFLOW__API__BASE_URL": self.base_url,
+            "AIRFLOW__API__PORT": str(self.port),
+            "AIRFLOW__API__WORKERS": "1",
+            "AIRFLOW__API_AUTH__JWT_SECRET": self.jwt_secret,
+            "AIRFLOW__CORE__AUTH_MANAGER": (
+                "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager"
+            ),
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(self.home / "passwords.json"),
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": meta.render_as_string(hide_password=False),
+            "AIRFLOW__CELERY__BROKER_URL": "redis://127.0.0.1:6379/0",
+            "AIRFLOW__CELERY__RESULT_BACKEND": "db+"
+            + meta.set(drivername="postgresql").render_as_string(hide_password=False),
+            "AIRFLOW__CELERY__WORKER_CONCURRENCY": "1",
+            # the shared Redis: every key of this stack under its own prefix
+            "AIRFLOW__CELERY_BROKER_TRANSPORT_OPTIONS__GLOBAL_KEYPREFIX": prefix,
+            "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "20",
+            "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL": "5",
+            "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
+            "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
+            "AIRFLOW_CONN_QWEN_TASKS_DB": labels.render_as_string(hide_password=False),
+            "QWEN_TASKS_SCHEDULE": "",  # manual runs only: no catch-up run on unpause
+            "QWEN_TASKS_HOME": str(self.home / "qwen_tasks"),
+            "QWEN_TASKS_RETRY_DELAY_SECONDS": "1",
+            "OMP_NUM_THREADS": "1",
+            **self.env_extra,
+        }
+        env.pop("QWEN_TASKS_DATABASE_URL", None)  # the DAG must reach the labels through the connection
+        return env
+
+    def airflow(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        out = subprocess.run(
+            [*AIRFLOW, *args], env=self.env(), capture_output=True, text=True, timeout=timeout, check=False
+        )
+        if out.returncode != 0:
+            raise AssertionError(f"airflow {' '.join(args)} failed:\n{(out.stderr or out.stdout)[-3000:]}")
+        return out
+
+    def start(self) -> AirflowStack:
+        self.home.mkdir(parents=True, exist_ok=True)
+        (self.home / "passwords.json").write_text(json.dumps({"admin": self.password}))
+        self._scratch = db.scratch_database(self.admin_url, prefix="qwen_tasks_airflow_meta")
+        self.meta_url = self._scratch.__enter__()
+        try:
+            self.airflow("db", "migrate", timeout=600)
+            self.airflow("pools", "set", "gpu", str(self.workers), "GPU slots")
+            self.spawn("api-server", "api-server", "--port", str(self.port))
+            self.spawn("scheduler", "scheduler", AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT=str(free_port()))
+            self.spawn("dag-processor", "dag-processor")
+            for k in range(1, self.workers + 1):
+                self.spawn_worker(k)
+            wait_until("the api-server", self._api_up, timeout=240)
+            wait_until(f"{DAG_ID} to be parsed", self._dag_serialized, timeout=240, interval=1)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def spawn(self, name: str, *args: str, **env: str) -> subprocess.Popen[bytes]:
+        log = (self.home / f"{name}.log").open("ab")
+        proc = subprocess.Popen(
+            [*AIRFLOW, *args],
+            env={**self.env(), **env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.procs[name] = proc
+        return proc
+
+    def spawn_worker(self, k: int) -> subprocess.Popen[bytes]:
+        return self.spawn(
+            f"worker-{k}", "celery", "worker", "--queues", "default,gpu", "--concurrency", "1",
+            "--celery-hostname", f"w{k}@%h", "--without-mingle", "--without-gossip",
+            AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT=str(free_port()),  # each its own log server
+        )  # fmt: skip
+
+    def _api_up(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.base_url}/api/v2/version", timeout=5) as r:
+                return r.status == 200
+        except Exception:
+            self.check_alive()
+            return False
+
+    def meta(self) -> sa.Engine:
+        return db.get_engine(self.meta_url)
+
+    def _dag_serialized(self) -> bool:
+        self.check_alive()
+        with self.meta().connect() as conn:
+            return bool(
+                conn.execute(
+                    sa.text("SELECT count(*) FROM serialized_dag WHERE dag_id = :d"), {"d": DAG_ID}
+                ).scalar()
+            )
+
+    def check_alive(self) -> None:
+        for name, proc in self.procs.items():
+            if proc.poll() is not None and not name.startswith("killed"):
+                tail = (self.home / f"{name}.log").read_text(errors="replace")[-3000:]
+                raise AssertionError(f"{name} exited with {proc.returncode}:\n{tail}")
+
+    # --- running ---------------------------------------------------------------------------------------
+
+    def dag_runs(self) -> list[dict[str, Any]]:
+        with self.meta().connect() as conn:
+            rows = conn.execute(
+                sa.text("SELECT run_id, state, conf FROM dag_run WHERE dag_id = :d ORDER BY id"),
+                {"d": DAG_ID},
+            )
+            return [dict(r._mapping) for r in rows]
+
+    def task_instances(self, run_id: str) -> list[dict[str, Any]]:
+        with self.meta().connect() as conn:
+            rows = conn.execute(
+                sa.text(
+                    "SELECT task_id, map_index, state, try_number, hostname, rendered_map_index "
+                    "FROM task_instance WHERE dag_id = :d AND run_id = :r ORDER BY task_id, map_index"
+                ),
+                {"d": DAG_ID, "r": run_id},
+            )
+            return [dict(r._mapping) for r in rows]
+
+    def wait_for_run(self, run_id: str, timeout: float) -> str:
+        def finished() -> str | None:
+            self.check_alive()
+            state = next((r["state"] for r in self.dag_runs() if r["run_id"] == run_id), None)
+            return state if state in ("success", "failed") else None
+
+        return wait_until(f"DAG run {run_id}", finished, timeout=timeout, interval=2)
+
+    def descends_from(self, pid: int, name: str) -> bool:
+        """Whether process `pid` was started (directly or not) by the stack's process `name` (the task
+        supervisor starts each task in a session of its own, so process groups do not tell)."""
+        return _descends(pid, self.procs[name].pid)
+
+    def kill_machine(self, name: str) -> None:
+        """SIGKILL a process and everything it started, all at once (a worker machine lost)."""
+        proc = self.procs.pop(name)
+        doomed = [proc.pid] + [
+            int(e.name)
+            for e in Path("/proc").iterdir()
+            if e.name.isdigit() and int(e.name) != proc.pid and _descends(int(e.name), proc.pid)
+        ]
+        for pid in doomed:  # freeze them all first, so none reacts to another one dying
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+        for pid in doomed:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        self.procs[f"killed-{name}"] = proc
+
+    # --- teardown --------------------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        live = [p for p in self.procs.values() if p.poll() is None]
+        for proc in live:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        for proc in live:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
+        for proc in self.procs.values():  # the group too: children a SIGTERM left behind
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=10)
+        self.procs.clear()
+        if self._scratch is not None:
+            db.get_engine(self.meta_url).dispose()
+            self._scratch.__exit__(None, None, None)
+            self._scratch = None

@@ -1,0 +1,206 @@
+"""The DAG under a real, distributed Airflow: CeleryExecutor with the local Redis as broker, a PostgreSQL
+metadata database, api-server, scheduler, dag-processor and two `airflow celery worker` processes on the
+`gpu` queue (tests/airflow_stack.py starts them all and stops every one of them).
+
+1. The Airflow UI's trigger form, in a real browser (Playwright driving Debian's Chromium): log in, open
+   the DAG, open Trigger, submit with the defaults plus one changed Param (`limit`), the run succeeds and
+   the change took effect (checked in SQL); a wrong-typed value shows an error and creates no run.
+2. Two labelling slots, one per Celery worker; one worker machine is SIGKILLed (its whole process group)
+   while it holds a job: the other slot takes the job over once its lease runs out, the killed task's
+   Airflow retry finds nothing left, the DAG run succeeds, and every clip is labelled exactly once.
+   The model is loaded once per slot.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from airflow_stack import DAG_ID, AirflowStack, wait_until
+from conftest import DATA_TABLES
+from labelling_helpers import build_tiny_model
+from test_workers import blocked_pids, writes_blocked
+
+from qwen_tasks import db
+from qwen_tasks.samples import write_sample_set
+from qwen_tasks.schema import cry_answer, label_job, label_run
+
+pytestmark = pytest.mark.slow
+CHROMIUM = Path("/usr/bin/chromium")
+LOADED = re.compile(r"model \S+ loaded in [0-9.]+ s")
+
+
+def _admin_url() -> str:
+    return os.environ.get("QWEN_TASKS_TEST_DATABASE_URL") or (
+        f"postgresql+psycopg2://{getpass.getuser()}@127.0.0.1:5432/postgres"
+    )
+
+
+@pytest.fixture(scope="module")
+def stack(
+    database_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Any:  # Iterator[tuple[AirflowStack, SampleSet]]
+    engine = db.get_engine(database_url)
+    with engine.begin() as conn:  # other modules share the labels database: start from empty tables
+        conn.execute(sa.text(f"TRUNCATE {DATA_TABLES} RESTART IDENTITY CASCADE"))
+    work = tmp_path_factory.mktemp("airflow-stack")
+    samples = write_sample_set(work / "audio", n=4, long_seconds=6.0)
+    model = build_tiny_model(tmp_path_factory)
+    st = AirflowStack(
+        home=work / "home",
+        admin_url=_admin_url(),
+        labels_url=database_url,
+        env_extra={
+            # the Param defaults a first trigger needs: the tiny model and the sample audio
+            "QWEN_TASKS_MODEL": str(model),
+            "QWEN_TASKS_DEVICE": "cpu",
+            "QWEN_TASKS_AUDIO_DIRS": str(samples.root),
+            "QWEN_TASKS_GPU_POOL_SLOTS": "2",
+            "QWEN_TASKS_LEASE_SECONDS": "6",
+        },
+    )
+    st.start()
+    try:
+        yield st, samples
+    finally:
+        st.stop()
+
+
+def _labels(database_url: str) -> sa.Engine:
+    return db.get_engine(database_url)
+
+
+def _runs_of(database_url: str, dag_run_id: str) -> list[dict[str, Any]]:
+    with _labels(database_url).connect() as conn:
+        rows = conn.execute(
+            sa.select(label_run).where(label_run.c.params["airflow_dag_run"].astext == dag_run_id)
+        )
+        return [dict(r._mapping) for r in rows]
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium")
+def test_the_trigger_form_works_with_its_defaults_in_a_real_browser(
+    stack: tuple[AirflowStack, Any], database_url: str
+) -> None:
+    sync_api = pytest.importorskip("playwright.sync_api", reason="needs the playwright package")
+    st, _ = stack
+    shots = st.home / "screenshots"
+    shots.mkdir(exist_ok=True)
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        try:
+            page.goto(f"{st.base_url}/")
+            page.wait_for_url(re.compile(r".*/auth/login.*"), timeout=60_000)
+            page.locator("input[name=username], input#username, input[type=text]").first.fill("admin")
+            page.locator("input[type=password]").fill(st.password)
+            page.keyboard.press("Enter")
+            page.wait_for_url(re.compile(r"^(?!.*auth/login).*$"), timeout=60_000)
+
+            # 1. defaults plus one changed Param
+            page.goto(f"{st.base_url}/dags/{DAG_ID}")
+            page.get_by_test_id("trigger-dag-button").click()
+            dialog = page.get_by_role("dialog")
+            limit = dialog.locator("input[name=element_limit]")
+            limit.fill("2")
+            page.screenshot(path=str(shots / "1-form.png"), full_page=True)
+            submit = dialog.get_by_role("button", name=re.compile("^Trigger$"))
+            assert submit.is_enabled(), "Trigger is disabled with the default values"
+            before = {r["run_id"] for r in st.dag_runs()}
+            submit.click()
+            new = wait_until(
+                "the DAG run the form created",
+                lambda: [r for r in st.dag_runs() if r["run_id"] not in before],
+                timeout=60,
+            )
+            assert len(new) == 1
+            run_id = new[0]["run_id"]
+            assert st.wait_for_run(run_id, timeout=600) == "success", st.task_instances(run_id)
+            runs = _runs_of(database_url, run_id)
+            assert {r["task"] for r in runs} == {"asr", "cry"}  # the default tasks
+            for r in runs:  # the changed Param took effect, the defaults did too
+                assert r["params"]["limit"] == 2 and r["n_planned"] == 2 and r["n_labelled"] == 2
+                assert r["revision"] == "" and r["status"] == "done"
+
+            # 2. a wrong-typed value: the form says so and no run is created
+            page.goto(f"{st.base_url}/dags/{DAG_ID}")
+            page.get_by_test_id("trigger-dag-button").click()
+            dialog = page.get_by_role("dialog")
+            dialog.locator("input[name=element_language]").fill("English!")
+            dialog.locator("input[name=element_batch_size]").fill("0")
+            page.keyboard.press("Tab")
+            page.screenshot(path=str(shots / "2-invalid.png"), full_page=True)
+            submit = dialog.get_by_role("button", name=re.compile("^Trigger$"))
+            before = {r["run_id"] for r in st.dag_runs()}
+            if submit.is_enabled():
+                submit.click()
+            wait_until(
+                "the form's validation error",
+                lambda: dialog.get_by_text(
+                    re.compile("(does not match|less than the minimum|invalid)", re.I)
+                ).first.is_visible(),
+                timeout=30,
+            )
+            page.wait_for_timeout(3000)
+            assert {r["run_id"] for r in st.dag_runs()} == before
+        except BaseException:
+            page.screenshot(path=str(shots / "failure.png"), full_page=True)
+            raise
+        finally:
+            browser.close()
+
+
+def test_a_killed_celery_worker_loses_no_clip_and_labels_none_twice(
+    stack: tuple[AirflowStack, Any], database_url: str
+) -> None:
+    st, samples = stack
+    labels = _labels(database_url)
+    conf = {"tasks": ["cry"], "relabel": True, "batch_size": 1, "slots": 2, "max_new_tokens": 4}
+    run_id = "kill-a-worker"
+    with writes_blocked(labels):
+        st.airflow("dags", "trigger", DAG_ID, "--run-id", run_id, "--conf", json.dumps(conf))
+        # both slots (one per Celery worker) have labelled a job and wait inside its write transaction
+        wait_until("both slots inside their write", lambda: len(blocked_pids(labels)) == 2, timeout=600)
+        with labels.connect() as conn:
+            held = conn.execute(
+                sa.select(label_job.c.id, label_job.c.lease_owner).where(label_job.c.status == "running")
+            ).all()
+        owners = {job_id: owner for job_id, owner in held}
+        doomed = [j for j, owner in owners.items() if st.descends_from(int(owner.split(":")[1]), "worker-1")]
+        assert len(doomed) == 1, owners
+        st.kill_machine("worker-1")  # the machine is gone: celery worker, its pool, supervisor and task
+    assert st.wait_for_run(run_id, timeout=600) == "success", st.task_instances(run_id)
+
+    (run,) = _runs_of(database_url, run_id)
+    with labels.connect() as conn:
+        per_audio = dict(
+            conn.execute(
+                sa.select(cry_answer.c.audio_id, sa.func.count())
+                .where(cry_answer.c.run_id == run["id"])
+                .group_by(cry_answer.c.audio_id)
+            ).all()
+        )
+        taken_over = conn.execute(sa.select(label_job).where(label_job.c.id == doomed[0])).one()
+    assert run["status"] == "done" and run["n_planned"] == len(samples.clips)
+    assert len(per_audio) == len(samples.clips) and set(per_audio.values()) == {1}  # all, each once
+    assert run["n_labelled"] == len(samples.clips)
+    assert taken_over.status == "done" and taken_over.attempts == 2
+    assert "expired" in taken_over.last_error and taken_over.lease_owner != owners[doomed[0]]
+
+    tis = [t for t in st.task_instances(run_id) if t["task_id"] == "label_batch"]
+    assert len(tis) == 2 and all(t["state"] == "success" for t in tis)
+    assert any(t["try_number"] >= 2 for t in tis)  # the killed slot was retried by Airflow
+    assert all(t["rendered_map_index"].startswith("worker ") for t in tis)
+    slot_logs = [
+        p.read_text(errors="replace")
+        for p in (st.home / "logs").rglob("*.log")
+        if f"run_id={run_id}" in str(p) and "task_id=label_batch" in str(p)
+    ]
+    # one model load per slot (the killed one's included); the retry found nothing and loaded nothing
+    assert sum(len(LOADED.findall(text)) for text in slot_logs) == 2, [t[-1500:] for t in slot_logs]

@@ -153,9 +153,11 @@ def run_dag_test(
     extra_env: dict[str, str | None] | None = None,
     timeout: float = 1800,
     check: bool = True,
+    dag_id: str = DAG_ID,
 ) -> DagTestResult:
-    """Run the DAG once with `conf` as trigger conf in a child process; raise DagRunFailed unless it
-    succeeded (when `check`). `extra_env` adds variables to the child's environment (None removes one)."""
+    """Run a DAG (default: the nightly labelling one) once with `conf` as trigger conf in a child process;
+    raise DagRunFailed unless it succeeded (when `check`). `extra_env` adds variables to the child's
+    environment (None removes one)."""
     home = (home or default_home()).resolve()
     env = airflow_env(home, dags_folder)
     for key, value in (extra_env or {}).items():
@@ -180,6 +182,8 @@ def run_dag_test(
                 json.dumps(conf),
                 "--out",
                 str(result_file),
+                "--dag-id",
+                dag_id,
             ],
             env=env,
             stdout=log,
@@ -204,7 +208,7 @@ def run_dag_test(
 # --- child process -------------------------------------------------------------------------------------
 
 
-def _child(conf: dict[str, Any], out: Path) -> None:
+def _child(conf: dict[str, Any], out: Path, dag_id: str = DAG_ID) -> None:
     """In the child: make the pool, parse the DAG like the DAG processor does, run it, write the result."""
     from airflow.dag_processing.dagbag import DagBag
     from airflow.models.pool import Pool
@@ -221,13 +225,13 @@ def _child(conf: dict[str, Any], out: Path) -> None:
     bag = DagBag(os.environ["AIRFLOW__CORE__DAGS_FOLDER"])  # examples are off via LOAD_EXAMPLES
     if bag.import_errors:
         raise SystemExit(f"DAG import errors: {bag.import_errors}")
-    dag = bag.get_dag(DAG_ID)
+    dag = bag.get_dag(dag_id)
     if dag is None:
-        raise SystemExit(f"no DAG {DAG_ID} in {os.environ['AIRFLOW__CORE__DAGS_FOLDER']}")
+        raise SystemExit(f"no DAG {dag_id} in {os.environ['AIRFLOW__CORE__DAGS_FOLDER']}")
     dag_run = dag.test(run_conf=conf)
     with create_session() as session:
         tis = session.query(TaskInstance).filter(
-            TaskInstance.dag_id == DAG_ID, TaskInstance.run_id == dag_run.run_id
+            TaskInstance.dag_id == dag_id, TaskInstance.run_id == dag_run.run_id
         )
         tasks = [
             {
@@ -240,7 +244,10 @@ def _child(conf: dict[str, Any], out: Path) -> None:
         ]
         rows = session.scalars(
             XComModel.get_many(
-                run_id=dag_run.run_id, dag_ids=DAG_ID, task_ids=list(SUMMARY_TASKS), map_indexes=-1
+                run_id=dag_run.run_id,
+                dag_ids=dag_id,
+                task_ids=list(SUMMARY_TASKS) if dag_id == DAG_ID else None,
+                map_indexes=-1,
             )
         ).all()
         # "plan" = its return value; "plan.run_ids" = the XCom it pushed under the key run_ids
@@ -256,11 +263,12 @@ def _child(conf: dict[str, Any], out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Run the qwen_audio_labelling DAG once with dag.test()")
+    parser = argparse.ArgumentParser(description="Run a DAG (qwen_audio_labelling) once with dag.test()")
     parser.add_argument("--conf", default="{}", help="trigger conf as JSON (overrides the DAG's Params)")
     parser.add_argument("--out", required=True, type=Path, help="where to write the JSON result")
+    parser.add_argument("--dag-id", default=DAG_ID, help=f"which DAG (default {DAG_ID})")
     args = parser.parse_args(argv)
-    _child(json.loads(args.conf), args.out)
+    _child(json.loads(args.conf), args.out, args.dag_id)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,68 @@
+"""The fine-tune DAG end to end with `dag.test()`, then the nightly DAG labelling with what it promoted.
+
+Real Airflow, the real local PostgreSQL (reached only through AIRFLOW_CONN_QWEN_TASKS_DB), the tiny model
+and the learnable synthetic cry set: prepare → train → evaluate → promote → report; then the labelling
+DAG picks the promoted version for cry (its runs carry the version's revision), and `promoted: false`
+labels with the base model again.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from conftest import DATA_TABLES
+from labelling_helpers import build_tiny_model
+from sqlalchemy.engine import make_url
+
+from qwen_tasks import db, registry
+from qwen_tasks.airflow_local import run_dag_test
+from qwen_tasks.ingest import ingest
+from qwen_tasks.samples import write_cry_training_set
+from qwen_tasks.schema import label_run
+
+pytestmark = pytest.mark.slow
+
+
+def test_finetune_dag_promotes_and_the_nightly_dag_uses_the_version(
+    database_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    engine = db.get_engine(database_url)
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"TRUNCATE {DATA_TABLES} RESTART IDENTITY CASCADE"))
+    work = tmp_path_factory.mktemp("finetune-dag")
+    model = build_tiny_model(tmp_path_factory)
+    manifest = write_cry_training_set(work / "cry", n=48)
+    ingest(engine, [manifest.parent], manifests=[(manifest, "aqa")])
+    env: dict[str, str | None] = {
+        "AIRFLOW_CONN_QWEN_TASKS_DB": make_url(database_url)
+        .set(drivername="postgresql")
+        .render_as_string(hide_password=False),
+        "QWEN_TASKS_DATABASE_URL": None,
+        "QWEN_TASKS_HOME": str(work / "home"),
+    }
+    home = work / "airflow-home"
+    conf = {"task": "cry", "base": str(model), "device": "cpu", "epochs": 3, "auto_promote": True,
+            "min_improvement": 0.0, "name": "dag-cry"}  # fmt: skip
+    result = run_dag_test(conf, home=home, extra_env=env, dag_id="qwen_audio_finetune", timeout=1200)
+    states = {t["task_id"]: t["state"] for t in result.tasks}
+    assert states == dict.fromkeys(("prepare", "train", "evaluate", "promote", "report"), "success")
+    assert result.xcom["train"] == "dag-cry"  # only the name, ids and counts cross XCom
+    evaluation = result.xcom["evaluate"]
+    assert set(evaluation) == {"name", "base_run_id", "candidate_run_id", "gate_passed", "status"}
+    version = registry.require_version(engine, "dag-cry")
+    assert version.status is registry.VersionStatus.PROMOTED and evaluation["gate_passed"]
+    assert Path(result.xcom["report"]["report"]).is_file()
+
+    nightly = {"tasks": ["cry"], "model": str(model), "device": "cpu", "report_dir": str(work / "reports")}
+    run_dag_test(nightly, home=home, extra_env=env)
+    run_dag_test({**nightly, "promoted": False}, home=home, extra_env=env)
+    with engine.connect() as conn:
+        production = conn.execute(
+            sa.select(label_run.c.revision, label_run.c.n_labelled, label_run.c.params)
+            .where(label_run.c.purpose == "label")
+            .order_by(label_run.c.id)
+        ).all()
+    assert [(r.revision, r.n_labelled) for r in production] == [(version.revision, 48), ("", 48)]
+    assert production[0].params["model_version"] == "dag-cry"

@@ -24,10 +24,15 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
 
+from qwen_tasks.config import Settings
 from qwen_tasks.finetune import dag_param_specs
 
 DAG_ID = "qwen_audio_finetune"
-PARAMS = {name: Param(spec.pop("default"), **spec) for name, spec in dag_param_specs().items()}
+# Environment only, never an import error (a bad QWEN_TASKS_* value fails the tasks with one line).
+PARAMS = {
+    name: Param(spec.pop("default"), **spec)
+    for name, spec in dag_param_specs(Settings.from_env(strict=False)).items()
+}
 
 
 def _options():  # noqa: ANN202 - FinetuneOptions; imported inside tasks only

@@ -129,6 +129,8 @@ def plan(
         if budget is not None:
             budget -= len(resumed)
         entry: dict[str, Any] = {"resumed_jobs": len(resumed), "run_id": None, "jobs": 0, "items": 0}
+        if choice.version:
+            entry["model_version"] = choice.version
         out.per_task[task] = entry
         if resumed:
             log.info("%s: resuming %d unfinished job(s) of run(s) %s", task, len(resumed),

@@ -129,6 +129,11 @@ def label(
                 f"nothing to label for --task {task} (every ingested audio has a label for this model)"
             )
             return
+        version = (plan.per_task.get(task) or {}).get("model_version")
+        if version:
+            console.print(
+                f"labelling with fine-tuned version {version} (revision {plan.revision})", highlight=False
+            )
         if plan.resumed_jobs:
             resumed = sorted(set(plan.run_ids) - set(plan.new_run_ids))
             console.print(
@@ -345,12 +350,13 @@ def runs(
         console.print("no labelling runs yet (start one with: qwen-tasks label --task cry)")
         return
     table = Table(title="labelling runs (newest first)")
-    for name in ("run", "task", "model", "prompt", "status", "jobs p/r/d/f", "labelled", "failed", "audio s",
-                 "wall s", "RTF"):  # fmt: skip
+    for name in ("run", "task", "model", "revision", "prompt", "status", "jobs p/r/d/f", "labelled", "failed",
+                 "audio s", "wall s", "RTF"):  # fmt: skip
         table.add_column(name, overflow="fold")
     for r in rows:
         table.add_row(
-            str(r["run_id"]), r["task"], _short_model(r["model"]), r["prompt_version"], r["status"],
+            str(r["run_id"]), r["task"], _short_model(r["model"]), r["revision"] or "-", r["prompt_version"],
+            r["status"],
             f"{r['jobs_pending']}/{r['jobs_running']}/{r['jobs_done']}/{r['jobs_failed']}",
             f"{r['clips_labelled']}/{r['clips_planned']}", str(r["clips_failed"]), _fmt(r["audio_seconds"]),
             _fmt(r["wall_seconds"]), _fmt(r["rtf"], 3),

@@ -30,7 +30,7 @@ from sqlalchemy.engine import Engine
 from . import db, jobs
 from .backends import check_environment
 from .backends.base import Backend
-from .errors import AudioError, ConfigError, DatabaseUnavailable, ModelError, QwenTasksError
+from .errors import AudioError, ConfigError, DatabaseUnavailable, ModelError, QwenTasksError, WrongEnvironment
 from .records import AudioClip, ClipResult, LabelRequest, ModelInfo
 from .schema import cry_answer, label_failure, label_job, label_run, transcription
 
@@ -867,6 +867,8 @@ def label(
             engine, planned.run_ids, backend_factory, lease_seconds=lease_seconds, until=Until.DRAINED,
             progress=progress, stop=stop,
         )  # fmt: skip
+    except WrongEnvironment:
+        raise  # the plan is right, only this interpreter cannot run it: keep it for `work --run`
     except ModelError:
         for run_id in planned.new_run_ids:
             if jobs.discard_untouched_run(engine, run_id):

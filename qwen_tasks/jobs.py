@@ -22,7 +22,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from . import db
 from .errors import ConfigError, DatabaseUnavailable
-from .records import LabelRequest, ModelInfo
+from .records import LabelRequest, ModelInfo, RecordedPath
 from .schema import audio, audio_file, cry_answer, label_job, label_job_item, label_run, transcription
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ class JobItem:
 
     audio_id: int
     duration_s: float
-    paths: tuple[tuple[str, int | None], ...]  # (path, size_bytes recorded at ingest)
+    paths: tuple[RecordedPath, ...]  # what ingest recorded of each path (labelling checks it again)
 
 
 @dataclass(frozen=True)
@@ -364,6 +364,9 @@ def job_items(conn: Connection, job_id: int) -> list[JobItem]:
             audio.c.duration_s,
             audio_file.c.path,
             audio_file.c.size_bytes,
+            audio_file.c.mtime_ns,
+            audio_file.c.root,
+            audio_file.c.path_bytes,
         )
         .join(audio, audio.c.id == label_job_item.c.audio_id)
         .outerjoin(audio_file, sa.and_(audio_file.c.audio_id == audio.c.id, audio_file.c.status == "ok"))
@@ -374,7 +377,9 @@ def job_items(conn: Connection, job_id: int) -> list[JobItem]:
     for r in rows:
         item = items.get(r.audio_id) or JobItem(r.audio_id, float(r.duration_s), ())
         if r.path is not None:
-            item = dataclasses.replace(item, paths=(*item.paths, (r.path, r.size_bytes)))
+            raw = bytes(r.path_bytes) if r.path_bytes is not None else None
+            recorded = RecordedPath(r.path, r.size_bytes, r.mtime_ns, r.root, raw)
+            item = dataclasses.replace(item, paths=(*item.paths, recorded))
         items[r.audio_id] = item
     return list(items.values())
 

@@ -244,7 +244,8 @@ def read_manifest(
                 continue
             if line_no == 1:
                 text = text.removeprefix("\ufeff")
-            if not text.strip():
+            text = text.strip()  # what is stored as `raw` and hashed: the line without its newline
+            if not text:
                 continue
             try:
                 obj = _decode(text)

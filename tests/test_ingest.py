@@ -349,6 +349,40 @@ def test_conflicting_answers_for_one_audio_are_warned_and_counted(engine: Engine
     assert "manifest conflicts 1" in done.stderr
 
 
+@pytest.mark.parametrize("folder", ["/m/data", "/", "/m/with space/"])
+def test_audio_paths_resolve_exactly_like_abspath(folder: str) -> None:
+    """The per-folder cache behind manifest paths gives what os.path.abspath(join(...)) gives."""
+    from qwen_tasks.manifest import _resolve
+
+    cases = [
+        "a.wav",
+        "sub/a.wav",
+        "./a.wav",
+        "../x/a.wav",
+        "/abs/a.wav",
+        "a//b.wav",
+        "sub/../a.wav",
+        "~/a.wav",
+    ]
+    cases += [
+        "~",
+        "~x",
+        "a/",
+        "a/.",
+        "a/..",
+        "..",
+        ".",
+        "./",
+        "//x/y.wav",
+        "///a.wav",
+        "x/./y.wav",
+        "婴儿/哭.wav",
+    ]
+    for audio in cases:
+        expected = os.path.abspath(os.path.join(folder, os.path.expanduser(audio)))
+        assert _resolve(os.path.join(folder, "m.jsonl"), audio) == expected, audio
+
+
 def test_kind_option_rejects_lines_of_the_other_format(engine: Engine, tmp_path: Path) -> None:
     clip(tmp_path / "1.wav", 1)
     manifest = write_jsonl(

@@ -216,31 +216,36 @@ def _load_known(
     nightly re-run does not send 100k paths as a parameter; only paths not found that way are sent.
     """
     t, m = schema.audio_file, schema.manifest_item
-    conditions = [
-        t.c.path.startswith(path_prefix(display_path(d)), autoescape=True) for d in found.scanned_dirs
-    ]
-    if manifests:
-        linked = sa.select(m.c.audio_file_id).where(m.c.manifest_path == sa.any_(_array(manifests, sa.Text)))
-        conditions.append(t.c.id.in_(linked))
-    known = _select_known(conn, conditions) if conditions else {}
+    known: dict[str, _Known] = {}
+    if found.scanned_dirs:
+        prefixes = [
+            t.c.path.startswith(path_prefix(display_path(d)), autoescape=True) for d in found.scanned_dirs
+        ]
+        known.update(_select_known(conn, sa.select().where(sa.or_(*prefixes))))
+    if manifests:  # a join, not IN (...): it stays fast when the planner's statistics are stale
+        by_lines = sa.select().join_from(m, t, t.c.id == m.c.audio_file_id)
+        known.update(
+            _select_known(conn, by_lines.where(m.c.manifest_path == sa.any_(_array(manifests, sa.Text))))
+        )
     rest = [p for p in explicit if p not in known]
     if rest:
-        known.update(
-            _select_known(conn, [t.c.path == sa.any_(_array([display_path(p) for p in rest], sa.Text))])
-        )
+        by_path = sa.select().where(t.c.path == sa.any_(_array([display_path(p) for p in rest], sa.Text)))
+        known.update(_select_known(conn, by_path))
     return known
 
 
-def _select_known(conn: sa.Connection, conditions: list[sa.ColumnElement[bool]]) -> dict[str, _Known]:
+def _select_known(conn: sa.Connection, query: sa.Select) -> dict[str, _Known]:
+    """The audio_file rows `query` finds (a SELECT with FROM and WHERE but no columns yet), as _Known.
+    A file named by several lines comes back several times; the dict keeps one."""
     t = schema.audio_file
     columns = (t.c.path, t.c.path_bytes, t.c.id, t.c.size_bytes, t.c.mtime_ns, t.c.status, t.c.audio_id)
     # one row of arrays: psycopg2 parses arrays in C, where 100k result rows cost a Python object each
-    row = conn.execute(
-        sa.select(*(sa.func.array_agg(c) for c in (*columns, t.c.root))).where(sa.or_(*conditions))
-    ).one()
+    row = conn.execute(query.add_columns(*(sa.func.array_agg(c) for c in (*columns, t.c.root)))).one()
     if row[0] is None:
         return {}
-    paths = [p if b is None else os.fsdecode(bytes(b)) for p, b in zip(row[0], row[1], strict=True)]
+    paths = row[0]
+    if row[1].count(None) != len(row[1]):  # names that are not UTF-8: the exact bytes are the key
+        paths = [p if b is None else os.fsdecode(bytes(b)) for p, b in zip(row[0], row[1], strict=True)]
     return dict(zip(paths, map(_Known._make, zip(*row[2:], strict=True)), strict=True))
 
 

@@ -101,11 +101,11 @@ class ManifestError:
         return {"manifest": self.manifest, "line": self.line, "reason": self.reason}
 
 
-def _optional_text(obj: dict[str, Any], key: str) -> str | None:
-    value = obj.get(key)
-    if value is None:
-        return None
-    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+def _as_text(value: Any) -> str | None:
+    """A field as stored in a text column: strings as they are, other JSON values as JSON."""
+    if value is None or isinstance(value, str):
+        return value
+    return json.dumps(value, ensure_ascii=False)
 
 
 def _unstorable(value: Any, where: str = "") -> str | None:
@@ -203,17 +203,19 @@ def parse_line(
         return error('not an asr line: missing "text" (a string)')
     if line_kind == "aqa" and "gt" not in obj and "question" not in obj:
         return error('not an aqa line: missing "question" and "gt"')
+    get = obj.get
+    gt = get("gt")
     return ManifestItem(
         manifest_path=manifest_path,
         line_no=line_no,
         kind=line_kind,
         audio_path=_resolve(manifest_path, audio),
-        reference_text=obj.get("text") if line_kind == "asr" else None,
-        language=_optional_text(obj, "language"),
-        question=_optional_text(obj, "question"),
-        gt=_optional_text(obj, "gt"),
-        gold_label=parse_gold_label(obj.get("gt")) if "gt" in obj else None,
-        source=_optional_text(obj, "source"),
+        reference_text=get("text") if line_kind == "asr" else None,
+        language=_as_text(get("language")),
+        question=_as_text(get("question")),
+        gt=_as_text(gt),
+        gold_label=parse_gold_label(gt) if gt is not None else None,
+        source=_as_text(get("source")),
         raw=obj,
         line=line if line is not None else json.dumps(obj, ensure_ascii=False),
     )

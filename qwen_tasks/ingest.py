@@ -269,8 +269,10 @@ def _upsert(
     key: list[str],
     update: Sequence[str],
     touch: str | None = None,
-) -> None:
-    """INSERT ... ON CONFLICT (key) DO UPDATE (or DO NOTHING when `update` is empty) for many rows.
+    returning: Sequence[str] = (),
+) -> list[sa.Row]:
+    """INSERT ... ON CONFLICT (key) DO UPDATE (or DO NOTHING when `update` is empty) for many rows;
+    returns the `returning` columns of the rows written.
 
     The rows travel as one array parameter per column and come back as a table through unnest(): one
     short statement whatever the row count. (SQLAlchemy's multi-VALUES batching renders and binds a
@@ -287,7 +289,10 @@ def _upsert(
         stmt = stmt.on_conflict_do_update(index_elements=key, set_=set_)
     else:
         stmt = stmt.on_conflict_do_nothing(index_elements=key)
-    conn.execute(stmt)
+    if not returning:
+        conn.execute(stmt)
+        return []
+    return list(conn.execute(stmt.returning(*(table.c[c] for c in returning))))
 
 
 class _Writer:
@@ -300,6 +305,7 @@ class _Writer:
         self.known = known
         self.roots = roots  # path -> the allowed root that admitted it
         self.summary = summary
+        self.file_ids: dict[str, int] = {}  # audio_file id of each row written (stored path form)
 
     def quarantine(self, path: str, reason: str) -> None:
         self.summary.quarantined += 1
@@ -376,7 +382,10 @@ class _Writer:
                 )
             if file_rows:
                 columns = ("path_bytes", "audio_id", "size_bytes", "mtime_ns", "status", "reason", "root")
-                _upsert(conn, file_t, file_rows, ["path"], columns, touch="last_seen")
+                written = _upsert(
+                    conn, file_t, file_rows, ["path"], columns, touch="last_seen", returning=("path", "id")
+                )
+                self.file_ids.update((path, file_id) for path, file_id in written)
 
 
 def _stat_or_none(path: str) -> os.stat_result | None:
@@ -521,26 +530,29 @@ _MANIFEST_COLUMNS = (
 _TEXT_FIELDS = ("kind", "audio_path", "reference_text", "language", "question", "gt", "gold_label", "source")
 
 
-def _upsert_manifest_lines(conn: sa.Connection, manifest_path: str, lines: Sequence[ManifestItem]) -> None:
+def _upsert_manifest_lines(
+    conn: sa.Connection, manifest_path: str, lines: Sequence[ManifestItem], file_ids: dict[str, int]
+) -> None:
     """INSERT ... SELECT FROM unnest(arrays) ... ON CONFLICT DO UPDATE: many lines in one statement with
-    one array parameter per column (not a placeholder per value). The database joins in the audio_file id
-    and casts the line's own text to jsonb for `raw`, so the line is stored as written."""
-    t, f = schema.manifest_item, schema.audio_file
+    one array parameter per column (not a placeholder per value). The line's own text is cast to jsonb
+    for `raw` by the database, so the line is stored as written."""
+    t = schema.manifest_item
     arrays = [_array([item.line_no for item in lines], sa.Integer)]
     arrays += [_array([getattr(item, name) for item in lines], sa.Text) for name in _TEXT_FIELDS]
+    arrays.append(_array([file_ids.get(item.audio_path) for item in lines], sa.BigInteger))
     arrays.append(_array([item.line for item in lines], sa.Text))
     arrays.append(_array([line_hash(item.line) for item in lines], sa.BigInteger))
-    u = sa.func.unnest(*arrays).table_valued("line_no", *_TEXT_FIELDS, "raw", "line_hash")
+    u = sa.func.unnest(*arrays).table_valued("line_no", *_TEXT_FIELDS, "audio_file_id", "raw", "line_hash")
     u = u.render_derived("u")
     select = sa.select(
         sa.literal(manifest_path, sa.Text),
         u.c.line_no,
         *(u.c[name] for name in _TEXT_FIELDS[:2]),
-        f.c.id,
+        u.c.audio_file_id,
         *(u.c[name] for name in _TEXT_FIELDS[2:]),
         sa.cast(u.c.raw, JSONB),
         u.c.line_hash,
-    ).select_from(u.outerjoin(f, f.c.path == u.c.audio_path))
+    )
     stmt = pg_insert(t).from_select(["manifest_path", "line_no", *_MANIFEST_COLUMNS], select)
     stmt = stmt.on_conflict_do_update(
         index_elements=["manifest_path", "line_no"],
@@ -569,8 +581,8 @@ def _write_manifest_items(
 ) -> None:
     """Upsert manifest rows on (manifest_path, line_no) and drop rows of lines that are gone or no longer
     valid. A line whose stored row has the same hash, kind, gold label and audio_file id is not written:
-    a nightly re-run of an unchanged manifest writes nothing. `file_ids`: audio_file ids known before this
-    run's writes (a path first seen in this run has none, so its lines are written)."""
+    a nightly re-run of an unchanged manifest writes nothing. `file_ids`: path -> audio_file id, for every
+    path this run looked at (known before, or written now)."""
     t = schema.manifest_item
     by_manifest: dict[str, list[ManifestItem]] = {m: [] for m in manifest_paths}
     for item in items:
@@ -588,13 +600,12 @@ def _write_manifest_items(
                 )
         pending = []
         for item in lines:
-            file_id = file_ids.get(item.audio_path)
-            current = (item.kind, item.gold_label, file_id, line_hash(item.line))
-            if file_id is None or stored.get(item.line_no) != current:
+            current = (item.kind, item.gold_label, file_ids.get(item.audio_path), line_hash(item.line))
+            if stored.get(item.line_no) != current:
                 pending.append(item)
         for i in range(0, len(pending), MANIFEST_CHUNK):
             with transaction(engine) as conn:
-                _upsert_manifest_lines(conn, manifest_path, pending[i : i + MANIFEST_CHUNK])
+                _upsert_manifest_lines(conn, manifest_path, pending[i : i + MANIFEST_CHUNK], file_ids)
 
 
 def _drop_name_collisions(found: _Discovery, summary: IngestSummary) -> None:
@@ -737,6 +748,6 @@ def ingest(
 
     with transaction(engine) as conn:
         _mark_missing(conn, found, known, summary)
-    file_ids = {path: k.id for path, k in known.items()}
+    file_ids = {path: k.id for path, k in known.items()} | writer.file_ids  # manifest paths are UTF-8
     _write_manifest_items(engine, items, [os.path.abspath(m) for m, _ in all_manifests], file_ids)
     return summary

@@ -311,9 +311,9 @@ class _Writer:
             existing: set[str] = set()
             ids: dict[str, int] = {}
             if shas:
-                existing = set(
-                    conn.execute(sa.select(audio_t.c.sha256).where(audio_t.c.sha256.in_(shas))).scalars()
-                )
+                by_sha = audio_t.c.sha256 == sa.any_(_array(shas, sa.Text))
+                ids = dict(conn.execute(sa.select(audio_t.c.sha256, audio_t.c.id).where(by_sha)).all())
+                existing = set(ids)
                 new_rows = {}
                 for c in ok:
                     if c.sha256 not in existing and c.sha256 not in new_rows:
@@ -329,11 +329,12 @@ class _Writer:
                             "subtype": p.subtype,
                         }
                 if new_rows:
-                    _upsert(conn, audio_t, list(new_rows.values()), ["sha256"], ())
-                rows = conn.execute(
-                    sa.select(audio_t.c.sha256, audio_t.c.id).where(audio_t.c.sha256.in_(shas))
-                )
-                ids = {sha: audio_id for sha, audio_id in rows}
+                    rows = list(new_rows.values())
+                    ids.update(_upsert(conn, audio_t, rows, ["sha256"], (), returning=("sha256", "id")))
+                    if len(ids) < len(shas):  # stored by a concurrent ingest since our SELECT: not returned
+                        ids.update(
+                            conn.execute(sa.select(audio_t.c.sha256, audio_t.c.id).where(by_sha)).all()
+                        )
             file_rows = []
             seen_in_chunk: set[str] = set()
             for c in ok:

@@ -117,17 +117,16 @@ class _Roots:
             real = self._real_dirs[folder] = os.path.realpath(folder)
         return real
 
-    def root_of(self, real: str, real_dir: str | None = None) -> str | None:
-        """The most specific root that `real` lies under, or None when it is outside them all."""
-        if real_dir is not None:
-            if real_dir not in self._dir_roots:
-                self._dir_roots[real_dir] = self._longest(real_dir)
-            root = self._dir_roots[real_dir]
-            if root is not None:
-                return root
-        return self._longest(real)
+    def root_of_dir(self, real_dir: str) -> str | None:
+        """root_of(real_dir), remembered: files are classified folder after folder."""
+        try:
+            return self._dir_roots[real_dir]
+        except KeyError:
+            root = self._dir_roots[real_dir] = self.root_of(real_dir)
+            return root
 
-    def _longest(self, real: str) -> str | None:
+    def root_of(self, real: str) -> str | None:
+        """The most specific root that `real` lies under, or None when it is outside them all."""
         inside = [r for r in self.roots if within_roots(real, [r])]
         return max(inside, key=len) if inside else None
 
@@ -417,14 +416,15 @@ def _classify(
         return "bad", "invalid path", None, None
     else:
         st_error = None
-    folder, _, name = path.rpartition("/")  # `path` is absolute and normalised: os.path.split, faster
     if real_dir is None and st is not None and not stat.S_ISLNK(st.st_mode):
-        real_dir = roots.real_dir(folder or "/")
+        real_dir = roots.real_dir(path.rpartition("/")[0] or "/")  # `path` is absolute and normalised
     if real_dir is not None:
-        real = real_dir + name if real_dir.endswith("/") else f"{real_dir}/{name}"
+        root = roots.root_of_dir(real_dir)  # every root holding the folder holds its plain entries
+        if root is None:  # a file named as a root itself (`ingest /data/x.wav`)
+            name = path.rpartition("/")[2]
+            root = roots.root_of(real_dir + name if real_dir.endswith("/") else f"{real_dir}/{name}")
     else:  # a symlink, or a path that cannot be stat'ed: resolve it to judge where it points
-        real = os.path.realpath(path)
-    root = roots.root_of(real, real_dir)
+        root = roots.root_of(os.path.realpath(path))
     if root is None:
         return "bad", OUTSIDE_ROOTS, None, None  # never read: not even its size is recorded
     if st is not None and stat.S_ISLNK(st.st_mode):
@@ -632,7 +632,7 @@ def _drop_name_collisions(found: _Discovery, summary: IngestSummary) -> None:
     name of another file found in this run (a file literally named `a\\xff.wav`), the two would share
     one row: the undecodable one is reported as quarantined and not stored."""
     for table in (found.paths, found.bad):
-        for path in [p for p in table if display_path(p) != p]:
+        for path in [p for p in table if not p.isascii() and display_path(p) != p]:
             if display_path(path) in found.paths or display_path(path) in found.bad:
                 del table[path]
                 summary.quarantined += 1
@@ -773,6 +773,7 @@ def ingest(
 
     with transaction(engine) as conn:
         _mark_missing(conn, found, known, summary)
-    file_ids = {path: k.id for path, k in known.items()} | writer.file_ids  # manifest paths are UTF-8
-    _write_manifest_items(engine, items, stored.lines, file_ids)
+    if items or stored.lines:
+        file_ids = {path: k.id for path, k in known.items()} | writer.file_ids  # manifest paths are UTF-8
+        _write_manifest_items(engine, items, stored.lines, file_ids)
     return summary

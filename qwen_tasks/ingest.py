@@ -501,11 +501,8 @@ def _find_conflicts(items: Sequence[ManifestItem]) -> list[dict[str, object]]:
         prev = earlier[0]
         shown_prev = prev.reference_text if item.kind == "asr" else prev.gt
         shown = item.reference_text if item.kind == "asr" else item.gt
-        where = (
-            f"line {prev.line_no}"
-            if prev.manifest_path == item.manifest_path
-            else (f"{prev.manifest_path}:{prev.line_no}")
-        )
+        same_file = prev.manifest_path == item.manifest_path
+        where = f"line {prev.line_no}" if same_file else f"{prev.manifest_path}:{prev.line_no}"
         warnings.append(
             {
                 "manifest": item.manifest_path,

@@ -149,13 +149,9 @@ def _open_regular(path: str, *, raise_not_found: bool = False) -> tuple[int, os.
     """
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    except FileNotFoundError:
-        if raise_not_found:
-            raise
-        raise AudioError(
-            path, os_error_reason(path, FileNotFoundError(errno.ENOENT, "no such file"))
-        ) from None
     except OSError as exc:
+        if raise_not_found and isinstance(exc, FileNotFoundError):
+            raise
         raise AudioError(path, os_error_reason(path, exc)) from None
     try:
         st = os.fstat(fd)

@@ -204,7 +204,7 @@ def _make_parents(out: Path) -> Path | None:
         top = parent
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:  # a parent is a file, permission denied
+    except OSError as exc:  # permission denied, read-only file system
         raise ConfigError(f"{out}: cannot create its folder: {exc.strerror or exc}") from None
     return top
 

@@ -204,6 +204,7 @@ class Qwen2AudioBackend:
         trim_audio: bool = True,
     ) -> None:
         import torch
+        from safetensors import SafetensorError
         from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
         from transformers.utils import logging as hf_logging
 
@@ -221,8 +222,6 @@ class Qwen2AudioBackend:
         kwargs: dict[str, Any] = {"revision": revision} if revision else {}
         # on a GPU, load the weights straight onto it (a 7B model need not fit in host memory first)
         placement: dict[str, Any] = {"device_map": self.device} if self.device.startswith("cuda") else {}
-        from safetensors import SafetensorError
-
         try:
             self.processor = AutoProcessor.from_pretrained(self.model_id, **kwargs)
             self.model = Qwen2AudioForConditionalGeneration.from_pretrained(

@@ -3,7 +3,11 @@
 Every failure becomes `AudioError(path, reason)` with a reason a person can act on ("empty file
 (0 bytes)", "truncated: ..."), because one bad file must be quarantined or skipped, never crash a batch.
 Ingest calls `check_file` (stat + streamed sha256 + header probe + blockwise sample scan, one open per
-file); the model stage calls `load_waveform` (mono float32 at the model's rate).
+file); the model stage calls `load_ingested` (the file must still be the one ingest admitted: under its
+allowed root, same size and mtime) or `load_waveform` (mono float32 at the model's rate).
+
+The allowed-roots rule (`within_roots`) and the stored form of a path (`display_path`) live here too,
+so ingest (which admits files) and labelling (which re-checks them when it reads) share one definition.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import hashlib
 import os
 import re
 import stat
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +26,7 @@ import soundfile as sf
 import soxr
 
 from .errors import AudioError
-from .records import TARGET_SAMPLE_RATE
+from .records import TARGET_SAMPLE_RATE, RecordedPath
 
 HASH_CHUNK = 1 << 20  # 1 MiB reads: large enough for hashlib to release the GIL, small enough for memory
 SCAN_BLOCK_FRAMES = 1 << 16  # frames per block when scanning samples; keeps memory flat on long files
@@ -58,6 +63,29 @@ class CheckedAudio:
     size_bytes: int
     mtime_ns: int
     probe: AudioProbe
+
+
+def path_prefix(folder: str) -> str:
+    """`folder` with one trailing separator: a prefix that matches the folder's contents, not its siblings."""
+    return folder if folder.endswith(os.sep) else folder + os.sep
+
+
+def within_roots(real: str, roots: Sequence[str]) -> bool:
+    """True when `real` (a path with symlinks resolved) is one of `roots` or lies under one of them."""
+    return any(real == r or real.startswith(path_prefix(r)) for r in roots)
+
+
+def display_path(path: str) -> str:
+    """A path as PostgreSQL text can hold it: verbatim when UTF-8, else each undecodable byte as \\xNN.
+
+    Python gives such names as str with surrogate escapes; the database keeps the exact bytes beside
+    this form (audio_file.path_bytes), so nothing is lost.
+    """
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return os.fsencode(path).decode("utf-8", "backslashreplace")
+    return path
 
 
 def os_error_reason(path: str | Path, exc: OSError) -> str:
@@ -114,11 +142,16 @@ def _probe_open(sound: sf.SoundFile, path: str) -> AudioProbe:
     )
 
 
-def _open_regular(path: str) -> tuple[int, os.stat_result]:
-    """Open `path` read-only and make sure it is a non-empty regular file (FIFOs would block forever)."""
+def _open_regular(path: str, *, raise_not_found: bool = False) -> tuple[int, os.stat_result]:
+    """Open `path` read-only and make sure it is a non-empty regular file (FIFOs would block forever).
+
+    `raise_not_found`: let FileNotFoundError through (labelling tells a deleted file from lost storage).
+    """
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except OSError as exc:
+        if raise_not_found and isinstance(exc, FileNotFoundError):
+            raise
         raise AudioError(path, os_error_reason(path, exc)) from None
     try:
         st = os.fstat(fd)
@@ -216,21 +249,26 @@ def check_file(path: str | Path) -> CheckedAudio:
 def load_waveform(path: str | Path, target_rate: int = TARGET_SAMPLE_RATE) -> np.ndarray:
     """Decode a whole file to mono float32 at `target_rate` (channel mean, soxr high quality).
 
-    The model stage calls this; it raises AudioError (never returns empty or non-finite audio) so one
-    bad clip fails alone instead of poisoning a batch.
+    The model stage calls this (through `load_ingested`); it raises AudioError (never returns empty or
+    non-finite audio) so one bad clip fails alone instead of poisoning a batch.
     """
     path = os.fspath(path)
     if target_rate <= 0:
         raise ValueError(f"target_rate must be > 0, got {target_rate}")
     fd, _ = _open_regular(path)
     try:
+        return _decode_fd(fd, path, target_rate)
+    finally:
+        os.close(fd)
+
+
+def _decode_fd(fd: int, path: str, target_rate: int) -> np.ndarray:
+    try:
         with sf.SoundFile(fd, closefd=False) as sound:
             rate = int(sound.samplerate)
             data = sound.read(dtype="float32", always_2d=True)
     except (sf.LibsndfileError, sf.SoundFileRuntimeError, RuntimeError) as exc:
         raise _open_failure(path, exc) from None
-    finally:
-        os.close(fd)
     if data.shape[0] == 0:
         raise AudioError(path, "zero frames")
     if not np.isfinite(data).all():
@@ -242,3 +280,72 @@ def load_waveform(path: str | Path, target_rate: int = TARGET_SAMPLE_RATE) -> np
     if mono.size == 0:
         raise AudioError(path, f"zero samples after resampling from {rate} Hz to {target_rate} Hz")
     return mono
+
+
+def _real_path_of(fd: int, path: str) -> str:
+    """Where an open file really is. On Linux /proc names the very inode we hold, so a file swapped for a
+    symlink after this point cannot slip through; elsewhere, the resolved path."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return os.path.realpath(path)
+
+
+def _configured_roots() -> list[str]:
+    from .config import get_settings
+
+    return [str(r) for r in get_settings().allowed_roots]
+
+
+def location_problem(recorded: RecordedPath, real: str) -> str | None:
+    """Why a registered file whose real location is now `real` may not be read, or None when it may.
+
+    It must lie under the root that admitted it at its latest ingest (audio_file.root) and, when
+    QWEN_TASKS_ALLOWED_ROOTS is set now, under one of those too: an operator can narrow the roots, never
+    widen them. A row ingested before roots were recorded (migration 0006; the next ingest records them)
+    is held to QWEN_TASKS_ALLOWED_ROOTS, or when that is unset, to the real location of its own folder.
+    """
+    configured = _configured_roots()
+    shown = display_path(real)
+    if recorded.root is not None:
+        if not within_roots(real, [recorded.root]):
+            return f"now resolves to {shown}, outside its allowed root {display_path(recorded.root)}"
+    elif not configured:
+        folder = os.path.realpath(os.path.dirname(recorded.fs_path))
+        if not within_roots(real, [folder]):
+            return f"now resolves to {shown}, outside its folder {display_path(folder)}"
+    if configured and not within_roots(real, configured):
+        return f"now resolves to {shown}, outside QWEN_TASKS_ALLOWED_ROOTS"
+    return None
+
+
+def load_ingested(recorded: RecordedPath, target_rate: int = TARGET_SAMPLE_RATE) -> np.ndarray:
+    """`load_waveform` for a file registered by ingest, read only if it is still the file ingest admitted.
+
+    Ingest judged the path once; a file replaced afterwards (say, by a same-size symlink to a file outside
+    the allowed roots) must not be labelled. So, on the open file: its real location must pass
+    `location_problem`, and its size and mtime must be those ingest recorded. Raises AudioError(path,
+    reason) naming what differs, or FileNotFoundError when the file is gone (a deleted file and unmounted
+    storage look alike; the caller decides).
+    """
+    if target_rate <= 0:
+        raise ValueError(f"target_rate must be > 0, got {target_rate}")
+    path = recorded.path  # the stored, printable form: messages end up in label_failure
+    fs_path = recorded.fs_path
+    try:
+        fd, st = _open_regular(fs_path, raise_not_found=True)
+    except AudioError as exc:
+        raise AudioError(path, exc.reason) from None
+    try:
+        problem = location_problem(recorded, _real_path_of(fd, fs_path))
+        if problem:
+            raise AudioError(path, f"{problem}; not read")
+        if recorded.size_bytes is not None and st.st_size != recorded.size_bytes:
+            raise AudioError(
+                path, f"changed since ingest ({st.st_size} bytes, was {recorded.size_bytes}); re-run ingest"
+            )
+        if recorded.mtime_ns is not None and st.st_mtime_ns != recorded.mtime_ns:
+            raise AudioError(path, "changed since ingest (modification time differs); re-run ingest")
+        return _decode_fd(fd, path, target_rate)
+    finally:
+        os.close(fd)

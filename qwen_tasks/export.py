@@ -7,7 +7,9 @@ version, run id) and the reference / gold answer where a manifest gave one. Audi
 
 from __future__ import annotations
 
+import itertools
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Iterator
@@ -19,6 +21,8 @@ from sqlalchemy.engine import Engine
 
 from .errors import ConfigError
 from .schema import audio_file, cry_answer, label_run, manifest_item, transcription
+
+log = logging.getLogger(__name__)
 
 
 def latest_run_id(engine: Engine, task: str) -> int | None:
@@ -158,7 +162,12 @@ def _cry_row(row: Any) -> dict[str, Any]:
 
 
 def write_jsonl(rows: Iterator[dict[str, Any]], out: Path | None, stdout: TextIO | None = None) -> int:
-    """Write rows as JSON Lines to `out` (atomically: a partial file never replaces a good one) or stdout."""
+    """Write rows as JSON Lines to `out` (atomically: a partial file never replaces a good one) or stdout.
+
+    Missing folders of `out` are created, and that is said on stderr (a warning naming the top folder
+    created), because a typo in --out would otherwise silently make a new tree somewhere on the disk. The
+    first row is read before anything is created, so an export that fails (no such run) leaves nothing.
+    """
     if out is None:
         if stdout is None:
             raise ValueError("either out or stdout is needed")
@@ -166,7 +175,12 @@ def write_jsonl(rows: Iterator[dict[str, Any]], out: Path | None, stdout: TextIO
     out = out.expanduser()
     if out.is_dir():
         raise ConfigError(f"{out}: is a directory; give a file name such as labels.jsonl")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    rows = iter(rows)
+    first = next(rows, None)
+    rows = itertools.chain([first], rows) if first is not None else rows
+    created = _make_parents(out)
+    if created is not None:
+        log.warning("created folder %s for %s (it did not exist)", created, out)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -176,6 +190,22 @@ def write_jsonl(rows: Iterator[dict[str, Any]], out: Path | None, stdout: TextIO
         Path(tmp).unlink(missing_ok=True)
         raise
     return n
+
+
+def _make_parents(out: Path) -> Path | None:
+    """Create the missing folders above `out`; returns the topmost one created (None when none was)."""
+    top = None
+    for parent in out.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"{out}: {parent} is a file, not a folder")
+            break
+        top = parent
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # permission denied, read-only file system
+        raise ConfigError(f"{out}: cannot create its folder: {exc.strerror or exc}") from None
+    return top
 
 
 def _dump(rows: Iterator[dict[str, Any]], f: TextIO) -> int:

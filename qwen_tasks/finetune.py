@@ -415,20 +415,12 @@ class Trained:
 
 
 def _load_examples(engine: Engine, rows: Sequence[Row]) -> tuple[list[Any], int]:
-    """Decode the training audio through the same checks as labelling (size, allowed paths)."""
+    """Decode the training audio through the same checks as labelling (allowed root, size, mtime)."""
     from .runner import AudioStorageUnavailable, load_clips
     from .trainer import Example
 
     with engine.connect() as conn:
-        found = conn.execute(
-            sa.select(audio_file.c.audio_id, audio_file.c.path, audio_file.c.size_bytes)
-            .where(audio_file.c.audio_id.in_([r.audio_id for r in rows]), audio_file.c.status == "ok")
-            .order_by(audio_file.c.id)
-        ).all()
-    paths: dict[int, list[tuple[str, int | None]]] = {}
-    for f in found:
-        paths.setdefault(int(f.audio_id), []).append((f.path, f.size_bytes))
-    items = [jobs.JobItem(r.audio_id, r.duration_s, tuple(paths.get(r.audio_id, ()))) for r in rows]
+        items = jobs.audio_items(conn, [r.audio_id for r in rows])
     try:
         clips, failures = load_clips(items)
     except AudioStorageUnavailable as exc:

@@ -6,7 +6,10 @@ The first stage of the nightly DAG and of the CLI (`qwen-tasks ingest`); both ca
   was ok last time is not opened again, so a nightly run over an unchanged tree costs one stat per file.
 - Deduplicated by content: audio rows are keyed by sha256; two paths with the same bytes share one row.
 - Quarantine, never crash: every bad path gets an audio_file row with a specific reason and the run
-  goes on. Paths whose real location (symlinks resolved) is outside the allowed roots are never read.
+  goes on. Paths whose real location (symlinks resolved) is outside the allowed roots are never read;
+  the root that admitted a file is recorded, and labelling checks it again when it reads the file.
+- Lossless: a file name that is not UTF-8 is stored exactly (audio_file.path_bytes) beside a readable
+  form, and is ingested like any other file.
 - Crash-safe: files are checked and written in chunks, one transaction per chunk, with
   INSERT ... ON CONFLICT; a kill loses at most the chunk in flight and a re-run finishes the job.
 """
@@ -14,28 +17,30 @@ The first stage of the nightly DAG and of the CLI (`qwen-tasks ingest`); both ca
 from __future__ import annotations
 
 import os
+import re
 import stat
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Engine
 
 from . import schema
-from .audio import CheckedAudio, check_file, os_error_reason
+from .audio import CheckedAudio, check_file, display_path, os_error_reason, path_prefix, within_roots
 from .config import get_settings
 from .db import transaction
 from .errors import AudioError, ConfigError
-from .manifest import ManifestError, ManifestItem, ManifestKind, read_manifest
+from .manifest import ManifestError, ManifestItem, ManifestKind, line_hash, read_manifest
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
 MANIFEST_EXTENSIONS = frozenset({".jsonl"})
 CHUNK_SIZE = 500  # files per transaction: a kill loses at most this many files' work
+MANIFEST_CHUNK = 10_000  # manifest lines per statement: one INSERT ... SELECT FROM unnest(arrays)
 # Threads checking files (hash + probe + scan). Small files are GIL-bound, so more threads than cores
 # only add contention; hashlib and libsndfile release the GIL, which is what two threads exploit.
 DEFAULT_WORKERS = max(1, min(4, os.cpu_count() or 1))
@@ -47,8 +52,9 @@ Progress = Callable[[int, int], None]  # (files done, files total)
 @dataclass
 class IngestSummary:
     """Counts per path (each path lands in exactly one of new / changed / duplicate / unchanged /
-    quarantined), the quarantined paths with reasons and the skipped manifest lines. `to_dict()` is
-    what `qwen-tasks ingest --json` prints and what the DAG task returns."""
+    quarantined), the quarantined paths with reasons, the skipped manifest lines, and the lines that
+    contradict another line about the same audio. `to_dict()` is what `qwen-tasks ingest --json` prints
+    and what the DAG task returns."""
 
     new: int = 0
     unchanged: int = 0
@@ -57,8 +63,10 @@ class IngestSummary:
     quarantined: int = 0
     missing: int = 0
     manifest_items: int = 0
+    manifest_conflicts: int = 0  # lines whose gt/text for a path contradicts an earlier line's
     quarantine: list[dict[str, str]] = field(default_factory=list)
     manifest_errors: list[dict[str, object]] = field(default_factory=list)
+    manifest_warnings: list[dict[str, object]] = field(default_factory=list)  # the conflicts, by line
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -72,31 +80,55 @@ class _Known(NamedTuple):
     mtime_ns: int | None
     status: str
     audio_id: int | None
+    root: str | None
 
 
 @dataclass
 class _Discovery:
-    """Candidate paths (absolute, symlinks kept) and paths already judged bad while walking."""
+    """Candidate paths (absolute, symlinks kept, in the OS's form) and paths already judged bad."""
 
-    # path -> whether its real location still needs the allowed-roots check. Plain entries found while
-    # walking a folder inside the roots are inside by construction, which saves a realpath() (one lstat
-    # per path component) per file on the nightly run.
-    paths: dict[str, bool] = field(default_factory=dict)
+    # path -> the real folder that holds it when walking found it (a plain entry of a folder inside the
+    # roots: its real path is that folder + its name, no realpath() needed), else None (resolve it).
+    paths: dict[str, str | None] = field(default_factory=dict)
     bad: dict[str, str] = field(default_factory=dict)
     scanned_dirs: list[str] = field(default_factory=list)
     unreadable_dirs: list[str] = field(default_factory=list)
 
-    def add(self, path: str, check_root: bool = True) -> None:
-        if path not in self.bad:
-            self.paths[path] = self.paths.get(path, False) or check_root
+    def add(self, path: str, real_dir: str | None = None) -> None:
+        if path not in self.bad and self.paths.get(path) is None:
+            self.paths[path] = real_dir
 
 
-def _prefix(folder: str) -> str:
-    return folder if folder.endswith(os.sep) else folder + os.sep
+class _Roots:
+    """The allowed roots, and memos that make the root check cost one lstat per file.
 
+    A path's real location is its folder's real location plus its name unless the path itself is a
+    symlink, so realpath() (an lstat per path component) runs once per folder, not once per file.
+    """
 
-def _within(real: str, roots: Sequence[str]) -> bool:
-    return any(real == r or real.startswith(_prefix(r)) for r in roots)
+    def __init__(self, roots: Sequence[str]) -> None:
+        self.roots = list(roots)
+        self._real_dirs: dict[str, str] = {}
+        self._dir_roots: dict[str, str | None] = {}
+
+    def real_dir(self, folder: str) -> str:
+        real = self._real_dirs.get(folder)
+        if real is None:
+            real = self._real_dirs[folder] = os.path.realpath(folder)
+        return real
+
+    def root_of_dir(self, real_dir: str) -> str | None:
+        """root_of(real_dir), remembered: files are classified folder after folder."""
+        try:
+            return self._dir_roots[real_dir]
+        except KeyError:
+            root = self._dir_roots[real_dir] = self.root_of(real_dir)
+            return root
+
+    def root_of(self, real: str) -> str | None:
+        """The most specific root that `real` lies under, or None when it is outside them all."""
+        inside = [r for r in self.roots if within_roots(real, [r])]
+        return max(inside, key=len) if inside else None
 
 
 def _is_audio_name(name: str) -> bool:
@@ -107,9 +139,9 @@ def _walk(top: str, roots: Sequence[str], found: _Discovery) -> None:
     """Recursive scan without recursion limits. Directory symlinks are followed when their target is
     inside the allowed roots and not visited yet (so a link back to a parent cannot loop forever)."""
     visited = {os.path.realpath(top)}
-    stack = [top]
+    stack = [(top, os.path.realpath(top))]
     while stack:
-        folder = stack.pop()
+        folder, real_folder = stack.pop()
         try:
             entries = list(os.scandir(folder))
         except OSError as exc:
@@ -125,24 +157,24 @@ def _walk(top: str, roots: Sequence[str], found: _Discovery) -> None:
             except OSError:
                 is_link, is_dir = False, False
             if is_dir:
-                stack.append(path)
+                stack.append((path, os.path.join(real_folder, entry.name)))
                 if audio_name:
                     found.bad[path] = "is a directory"
                 continue
             if audio_name:
-                found.add(path, check_root=is_link)
+                found.add(path, None if is_link else real_folder)
             elif is_link:
                 real = os.path.realpath(path)
-                if real not in visited and _within(real, roots) and os.path.isdir(real):
+                if real not in visited and within_roots(real, roots) and os.path.isdir(real):
                     visited.add(real)
-                    stack.append(path)
+                    stack.append((path, real))
 
 
 def _discover(paths: Iterable[Path], roots: Sequence[str], found: _Discovery) -> None:
     for p in paths:
         path = os.path.abspath(p)
         if os.path.isdir(path):
-            if _within(os.path.realpath(path), roots):
+            if within_roots(os.path.realpath(path), roots):
                 found.scanned_dirs.append(path)
                 _walk(path, roots, found)
             else:
@@ -173,39 +205,53 @@ def _split_manifests(
     return audio_paths, list(by_path.values())
 
 
-def _load_known(conn: sa.Connection, found: _Discovery, explicit: Sequence[str]) -> dict[str, _Known]:
-    """Known audio_file rows under the scanned folders or named explicitly: one SELECT, no per-file query."""
+def _load_known(
+    conn: sa.Connection, found: _Discovery, explicit: Sequence[str], by_lines: dict[str, _Known]
+) -> dict[str, _Known]:
+    """Known audio_file rows under the scanned folders, or named explicitly (no per-file query), added
+    to `by_lines` (the rows the manifests' stored lines point at, read earlier: `_read_stored`). Keyed by
+    the name as the OS gives it (exact bytes when not UTF-8). Only explicit paths found neither way are
+    sent to the database, so a nightly re-run of a 100k-line manifest does not send 100k paths."""
     t = schema.audio_file
-    conditions = [t.c.path.startswith(_prefix(d), autoescape=True) for d in found.scanned_dirs]
-    if explicit:
-        conditions.append(t.c.path == sa.any_(_array(explicit, sa.Text)))
-    if not conditions:
+    known = dict(by_lines)
+    if found.scanned_dirs:
+        prefixes = [
+            t.c.path.startswith(path_prefix(display_path(d)), autoescape=True) for d in found.scanned_dirs
+        ]
+        known.update(_select_known(conn, sa.select().where(sa.or_(*prefixes))))
+    rest = [p for p in explicit if p not in known]
+    if rest:
+        by_path = sa.select().where(t.c.path == sa.any_(_array([display_path(p) for p in rest], sa.Text)))
+        known.update(_select_known(conn, by_path))
+    return known
+
+
+def _select_known(conn: sa.Connection, query: sa.Select) -> dict[str, _Known]:
+    """The audio_file rows `query` finds (a SELECT with FROM and WHERE but no columns yet), as _Known.
+    A file named by several lines comes back several times; the dict keeps one."""
+    t = schema.audio_file
+    columns = (t.c.path, t.c.path_bytes, t.c.id, t.c.size_bytes, t.c.mtime_ns, t.c.status, t.c.audio_id)
+    # one row of arrays: psycopg2 parses arrays in C, where 100k result rows cost a Python object each
+    row = conn.execute(query.add_columns(*(sa.func.array_agg(c) for c in (*columns, t.c.root)))).one()
+    if row[0] is None:
         return {}
-    rows = conn.execute(
-        sa.select(t.c.path, t.c.id, t.c.size_bytes, t.c.mtime_ns, t.c.status, t.c.audio_id).where(
-            sa.or_(*conditions)
-        )
-    ).all()
-    return {r[0]: _Known._make(r[1:]) for r in rows}
+    paths = row[0]
+    if row[1].count(None) != len(row[1]):  # names that are not UTF-8: the exact bytes are the key
+        paths = [p if b is None else os.fsdecode(bytes(b)) for p, b in zip(row[0], row[1], strict=True)]
+    return dict(zip(paths, map(_Known._make, zip(*row[2:], strict=True)), strict=True))
 
 
-def _array(values: Sequence[object], item_type: type[sa.types.TypeEngine]) -> sa.BindParameter:
+def _array(
+    values: Sequence[object], item_type: type[sa.types.TypeEngine] | sa.types.TypeEngine
+) -> sa.BindParameter:
     """One array parameter for `= ANY(...)`: a 100k-long IN list would render 100k placeholders."""
     return sa.bindparam(None, list(values), type_=ARRAY(item_type))
 
 
-def _is_utf8(path: str) -> bool:
-    """False for names with undecodable bytes (surrogate escapes): PostgreSQL text cannot hold them."""
-    try:
-        path.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def _db_path(path: str) -> str:
-    """The path as stored: verbatim, or with undecodable bytes escaped as \\xNN."""
-    return path if _is_utf8(path) else os.fsencode(path).decode("utf-8", "backslashreplace")
+def _file_row(path: str, **values: object) -> dict[str, object]:
+    """An audio_file row for `path` (the OS's form): readable text, plus the exact bytes when not UTF-8."""
+    shown = display_path(path)
+    return {"path": shown, "path_bytes": os.fsencode(path) if shown != path else None, **values}
 
 
 def _upsert(
@@ -215,14 +261,19 @@ def _upsert(
     key: list[str],
     update: Sequence[str],
     touch: str | None = None,
-) -> None:
-    """INSERT ... ON CONFLICT (key) DO UPDATE (or DO NOTHING when `update` is empty) for many rows.
+    returning: Sequence[str] = (),
+) -> list[sa.Row]:
+    """INSERT ... ON CONFLICT (key) DO UPDATE (or DO NOTHING when `update` is empty) for many rows;
+    returns the `returning` columns of the rows written.
 
-    With RETURNING, SQLAlchemy batches the rows into multi-VALUES statements ("insertmanyvalues");
-    without it psycopg2 would send an upsert executemany row by row (4x slower here), and building one
-    huge VALUES statement ourselves costs more in SQL compilation than it saves.
+    The rows travel as one array parameter per column and come back as a table through unnest(): one
+    short statement whatever the row count. (SQLAlchemy's multi-VALUES batching renders and binds a
+    placeholder per value, which cost more client time here than the database spent on the rows.)
     """
-    stmt = pg_insert(table)
+    names = list(rows[0])
+    arrays = [_array([r[n] for r in rows], table.c[n].type) for n in names]
+    u = sa.func.unnest(*arrays).table_valued(*names).render_derived("u")
+    stmt = pg_insert(table).from_select(names, sa.select(*(u.c[n] for n in names)))
     if update:
         set_: dict[str, object] = {c: stmt.excluded[c] for c in update}
         if touch:
@@ -230,20 +281,27 @@ def _upsert(
         stmt = stmt.on_conflict_do_update(index_elements=key, set_=set_)
     else:
         stmt = stmt.on_conflict_do_nothing(index_elements=key)
-    conn.execute(stmt.returning(*(table.c[k] for k in key)), rows).all()
+    if not returning:
+        conn.execute(stmt)
+        return []
+    return list(conn.execute(stmt.returning(*(table.c[c] for c in returning))))
 
 
 class _Writer:
     """Writes one chunk of checked files in one transaction and keeps the run's counts."""
 
-    def __init__(self, engine: Engine, known: dict[str, _Known], summary: IngestSummary) -> None:
+    def __init__(
+        self, engine: Engine, known: dict[str, _Known], roots: dict[str, str], summary: IngestSummary
+    ) -> None:
         self.engine = engine
         self.known = known
+        self.roots = roots  # path -> the allowed root that admitted it
         self.summary = summary
+        self.file_ids: dict[str, int] = {}  # audio_file id of each row written (stored path form)
 
     def quarantine(self, path: str, reason: str) -> None:
         self.summary.quarantined += 1
-        self.summary.quarantine.append({"path": path, "reason": reason})
+        self.summary.quarantine.append({"path": display_path(path), "reason": reason})
 
     def write_chunk(self, ok: list[CheckedAudio], bad: list[tuple[str, str, os.stat_result | None]]) -> None:
         audio_t, file_t = schema.audio, schema.audio_file
@@ -252,9 +310,9 @@ class _Writer:
             existing: set[str] = set()
             ids: dict[str, int] = {}
             if shas:
-                existing = set(
-                    conn.execute(sa.select(audio_t.c.sha256).where(audio_t.c.sha256.in_(shas))).scalars()
-                )
+                by_sha = audio_t.c.sha256 == sa.any_(_array(shas, sa.Text))
+                ids = dict(conn.execute(sa.select(audio_t.c.sha256, audio_t.c.id).where(by_sha)).all())
+                existing = set(ids)
                 new_rows = {}
                 for c in ok:
                     if c.sha256 not in existing and c.sha256 not in new_rows:
@@ -270,11 +328,12 @@ class _Writer:
                             "subtype": p.subtype,
                         }
                 if new_rows:
-                    _upsert(conn, audio_t, list(new_rows.values()), ["sha256"], ())
-                rows = conn.execute(
-                    sa.select(audio_t.c.sha256, audio_t.c.id).where(audio_t.c.sha256.in_(shas))
-                )
-                ids = {sha: audio_id for sha, audio_id in rows}
+                    rows = list(new_rows.values())
+                    ids.update(_upsert(conn, audio_t, rows, ["sha256"], (), returning=("sha256", "id")))
+                    if len(ids) < len(shas):  # stored by a concurrent ingest since our SELECT: not returned
+                        ids.update(
+                            conn.execute(sa.select(audio_t.c.sha256, audio_t.c.id).where(by_sha)).all()
+                        )
             file_rows = []
             seen_in_chunk: set[str] = set()
             for c in ok:
@@ -291,30 +350,35 @@ class _Writer:
                     self.summary.new += 1
                 seen_in_chunk.add(c.sha256)
                 file_rows.append(
-                    {
-                        "path": c.path,
-                        "audio_id": audio_id,
-                        "size_bytes": c.size_bytes,
-                        "mtime_ns": c.mtime_ns,
-                        "status": "ok",
-                        "reason": None,
-                    }
+                    _file_row(
+                        c.path,
+                        audio_id=audio_id,
+                        size_bytes=c.size_bytes,
+                        mtime_ns=c.mtime_ns,
+                        status="ok",
+                        reason=None,
+                        root=self.roots.get(c.path),
+                    )
                 )
             for path, reason, st in bad:
-                self.quarantine(_db_path(path), reason)
+                self.quarantine(path, reason)
                 file_rows.append(
-                    {
-                        "path": _db_path(path),
-                        "audio_id": None,
-                        "size_bytes": st.st_size if st is not None else None,
-                        "mtime_ns": st.st_mtime_ns if st is not None else None,
-                        "status": "quarantined",
-                        "reason": reason,
-                    }
+                    _file_row(
+                        path,
+                        audio_id=None,
+                        size_bytes=st.st_size if st is not None else None,
+                        mtime_ns=st.st_mtime_ns if st is not None else None,
+                        status="quarantined",
+                        reason=reason,
+                        root=self.roots.get(path),
+                    )
                 )
             if file_rows:
-                columns = ("audio_id", "size_bytes", "mtime_ns", "status", "reason")
-                _upsert(conn, file_t, file_rows, ["path"], columns, touch="last_seen")
+                columns = ("path_bytes", "audio_id", "size_bytes", "mtime_ns", "status", "reason", "root")
+                written = _upsert(
+                    conn, file_t, file_rows, ["path"], columns, touch="last_seen", returning=("path", "id")
+                )
+                self.file_ids.update((path, file_id) for path, file_id in written)
 
 
 def _stat_or_none(path: str) -> os.stat_result | None:
@@ -334,22 +398,45 @@ def _check(path: str) -> CheckedAudio | AudioError:
         return AudioError(path, f"unexpected error: {type(exc).__name__}: {exc}")
 
 
+def _check_all(paths: list[str]) -> list[CheckedAudio | AudioError]:
+    return [_check(p) for p in paths]
+
+
 def _classify(
-    path: str, check_root: bool, roots: Sequence[str], known: dict[str, _Known]
-) -> tuple[str, str | None, os.stat_result | None]:
-    """('unchanged' | 'check' | 'bad', reason, stat) from the path and one stat, never opening the file."""
-    if not _is_utf8(path):
-        return "bad", "file name is not valid UTF-8", None
-    if check_root and not _within(os.path.realpath(path), roots):
-        return "bad", OUTSIDE_ROOTS, None
+    path: str, real_dir: str | None, roots: _Roots, known: dict[str, _Known]
+) -> tuple[str, str | None, os.stat_result | None, str | None]:
+    """('unchanged' | 'check' | 'bad', reason, stat, root) from one lstat (two for a symlink), never
+    opening the file. `real_dir`: the real folder holding `path` when walking found it."""
     try:
-        st = os.stat(path)
+        st = os.stat(path) if real_dir is not None else os.lstat(path)
     except OSError as exc:
-        return "bad", os_error_reason(path, exc), None
-    except ValueError:  # embedded NUL from a manifest
-        return "bad", "invalid path", None
+        st_error: OSError | None = exc
+        st = None
+    except ValueError:  # an embedded NUL (manifest lines with one are refused earlier; belt and braces)
+        return "bad", "invalid path", None, None
+    else:
+        st_error = None
+    if real_dir is None and st is not None and not stat.S_ISLNK(st.st_mode):
+        real_dir = roots.real_dir(path.rpartition("/")[0] or "/")  # `path` is absolute and normalised
+    if real_dir is not None:
+        root = roots.root_of_dir(real_dir)  # every root holding the folder holds its plain entries
+        if root is None:  # a file named as a root itself (`ingest /data/x.wav`)
+            name = path.rpartition("/")[2]
+            root = roots.root_of(real_dir + name if real_dir.endswith("/") else f"{real_dir}/{name}")
+    else:  # a symlink, or a path that cannot be stat'ed: resolve it to judge where it points
+        root = roots.root_of(os.path.realpath(path))
+    if root is None:
+        return "bad", OUTSIDE_ROOTS, None, None  # never read: not even its size is recorded
+    if st is not None and stat.S_ISLNK(st.st_mode):
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            st, st_error = None, exc
+    if st is None:
+        assert st_error is not None
+        return "bad", os_error_reason(path, st_error), None, root
     if stat.S_ISDIR(st.st_mode):
-        return "bad", "is a directory", st
+        return "bad", "is a directory", st, root
     prev = known.get(path)
     if (
         prev is not None
@@ -357,16 +444,16 @@ def _classify(
         and prev.size_bytes == st.st_size
         and prev.mtime_ns == st.st_mtime_ns
     ):
-        return "unchanged", None, st
-    return "check", None, st
+        return "unchanged", None, st, root
+    return "check", None, st, root
 
 
 def _mark_missing(
     conn: sa.Connection, found: _Discovery, known: dict[str, _Known], summary: IngestSummary
 ) -> None:
     """Known paths under a fully scanned folder that are gone from disk become status 'missing'."""
-    skip = tuple(_prefix(d) for d in found.unreadable_dirs)
-    prefixes = tuple(_prefix(d) for d in found.scanned_dirs if d not in found.unreadable_dirs)
+    skip = tuple(path_prefix(d) for d in found.unreadable_dirs)
+    prefixes = tuple(path_prefix(d) for d in found.scanned_dirs if d not in found.unreadable_dirs)
     if not prefixes:
         return
     gone = [
@@ -389,67 +476,179 @@ def _mark_missing(
         summary.missing += len(gone)
 
 
-def _manifest_row(item: ManifestItem, audio_file_id: int | None) -> dict[str, object]:
-    return {
-        "manifest_path": item.manifest_path,
-        "line_no": item.line_no,
-        "kind": item.kind,
-        "audio_path": item.audio_path,
-        "audio_file_id": audio_file_id,
-        "reference_text": item.reference_text,
-        "language": item.language,
-        "question": item.question,
-        "gt": item.gt,
-        "gold_label": item.gold_label,
-        "source": item.source,
-        "raw": item.raw,
-    }
+_WHITESPACE = re.compile(r"\s+")
 
 
-def _file_ids(conn: sa.Connection, paths: Sequence[str]) -> dict[str, int]:
-    f = schema.audio_file
-    found: dict[str, int] = {}
-    for i in range(0, len(paths), 10_000):
-        part = paths[i : i + 10_000]
-        result = conn.execute(sa.select(f.c.path, f.c.id).where(f.c.path == sa.any_(_array(part, sa.Text))))
-        found.update((path, file_id) for path, file_id in result)
-    return found
+def _find_conflicts(items: Sequence[ManifestItem]) -> list[dict[str, object]]:
+    """Lines that give an audio a different answer than an earlier line of this run: a different `gt` for
+    the same (path, question), read as yes/no where it says yes or no, or a different ASR reference `text`
+    for the same path. Both lines are stored, but only one of them can serve as gold, so each is reported
+    (as a warning naming both lines) rather than resolved silently."""
+    first: dict[tuple[object, ...], tuple[ManifestItem, str]] = {}
+    warnings: list[dict[str, object]] = []
+    for item in items:
+        if item.kind == "asr":
+            key: tuple[object, ...] = ("asr", item.audio_path)
+            field_name, value = "text", _WHITESPACE.sub(" ", (item.reference_text or "").strip())
+        elif item.gt is not None:
+            key = ("aqa", item.audio_path, item.question)
+            field_name, value = "gt", item.gold_label or _WHITESPACE.sub(" ", item.gt.strip()).casefold()
+        else:
+            continue
+        earlier = first.setdefault(key, (item, value))
+        if earlier[0] is item or earlier[1] == value:
+            continue
+        prev = earlier[0]
+        shown_prev = prev.reference_text if item.kind == "asr" else prev.gt
+        shown = item.reference_text if item.kind == "asr" else item.gt
+        same_file = prev.manifest_path == item.manifest_path
+        where = f"line {prev.line_no}" if same_file else f"{prev.manifest_path}:{prev.line_no}"
+        warnings.append(
+            {
+                "manifest": item.manifest_path,
+                "line": item.line_no,
+                "reason": f"conflicting {field_name} for {item.audio_path}: {shown!r} here, {shown_prev!r} "
+                f"at {where}; only one can be used as the reference",
+            }
+        )
+    return warnings
+
+
+_MANIFEST_COLUMNS = (
+    "kind", "audio_path", "audio_file_id", "reference_text", "language", "question", "gt", "gold_label",
+    "source", "raw", "line_hash",
+)  # fmt: skip
+_TEXT_FIELDS = ("kind", "audio_path", "reference_text", "language", "question", "gt", "gold_label", "source")
+
+
+def _upsert_manifest_lines(
+    conn: sa.Connection, manifest_path: str, lines: Sequence[ManifestItem], file_ids: dict[str, int]
+) -> None:
+    """INSERT ... SELECT FROM unnest(arrays) ... ON CONFLICT DO UPDATE: many lines in one statement with
+    one array parameter per column (not a placeholder per value). The line's own text is cast to jsonb
+    for `raw` by the database, so the line is stored as written."""
+    t = schema.manifest_item
+    arrays = [_array([item.line_no for item in lines], sa.Integer)]
+    arrays += [_array([getattr(item, name) for item in lines], sa.Text) for name in _TEXT_FIELDS]
+    arrays.append(_array([file_ids.get(item.audio_path) for item in lines], sa.BigInteger))
+    arrays.append(_array([item.line for item in lines], sa.Text))
+    arrays.append(_array([line_hash(item.line) for item in lines], sa.BigInteger))
+    u = sa.func.unnest(*arrays).table_valued("line_no", *_TEXT_FIELDS, "audio_file_id", "raw", "line_hash")
+    u = u.render_derived("u")
+    select = sa.select(
+        sa.literal(manifest_path, sa.Text),
+        u.c.line_no,
+        *(u.c[name] for name in _TEXT_FIELDS[:2]),
+        u.c.audio_file_id,
+        *(u.c[name] for name in _TEXT_FIELDS[2:]),
+        sa.cast(u.c.raw, JSONB),
+        u.c.line_hash,
+    )
+    stmt = pg_insert(t).from_select(["manifest_path", "line_no", *_MANIFEST_COLUMNS], select)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=["manifest_path", "line_no"],
+        set_={**{c: stmt.excluded[c] for c in _MANIFEST_COLUMNS}, "ingested_at": sa.func.now()},
+    )
+    conn.execute(stmt)
+
+
+def _stored_lines(conn: sa.Connection, manifest_path: str) -> dict[int, tuple[object, ...]]:
+    """line_no -> (kind, gold_label, audio_file_id, line_hash) of a manifest's stored rows.
+
+    Fetched as one row of arrays (array_agg): psycopg2 parses arrays in C, where 100k result rows would
+    cost a Python object each (about 4x the time)."""
+    t = schema.manifest_item
+    columns = (t.c.line_no, t.c.kind, t.c.gold_label, t.c.audio_file_id, t.c.line_hash)
+    row = conn.execute(
+        sa.select(*(sa.func.array_agg(c) for c in columns)).where(t.c.manifest_path == manifest_path)
+    ).one()
+    if row[0] is None:
+        return {}
+    return dict(zip(row[0], zip(*row[1:], strict=True), strict=True))
+
+
+@dataclass
+class _Stored:
+    """What the database holds for this run's manifests: the audio_file rows their lines point at, and
+    per manifest, line_no -> (kind, gold_label, audio_file_id, line_hash) of each stored line."""
+
+    files: dict[str, _Known] = field(default_factory=dict)
+    lines: dict[str, dict[int, tuple[object, ...]]] = field(default_factory=dict)
+
+
+def _read_stored(engine: Engine, manifest_paths: Sequence[str]) -> _Stored:
+    """Read-only, and independent of the lines being parsed, so it runs while they are (see ingest())."""
+    t, m = schema.audio_file, schema.manifest_item
+    with transaction(engine) as conn:
+        # a join, not IN (...): it stays fast when the planner's statistics are stale (just after a bulk
+        # ingest); a file named by several lines comes back several times and the dict keeps one
+        by_lines = sa.select().join_from(m, t, t.c.id == m.c.audio_file_id)
+        files = _select_known(
+            conn, by_lines.where(m.c.manifest_path == sa.any_(_array(manifest_paths, sa.Text)))
+        )
+        return _Stored(files, {path: _stored_lines(conn, path) for path in manifest_paths})
 
 
 def _write_manifest_items(
-    engine: Engine, items: list[ManifestItem], manifest_paths: Sequence[str], chunk_size: int
+    engine: Engine,
+    items: list[ManifestItem],
+    stored_lines: dict[str, dict[int, tuple[object, ...]]],
+    file_ids: dict[str, int],
 ) -> None:
-    """Upsert manifest rows on (manifest_path, line_no), skipping rows that are already identical (a
-    nightly re-run writes nothing), and drop rows of lines that are gone or no longer valid."""
+    """Upsert manifest rows on (manifest_path, line_no) and drop rows of lines that are gone or no longer
+    valid. A line whose stored row has the same hash, kind, gold label and audio_file id is not written:
+    a nightly re-run of an unchanged manifest writes nothing. `file_ids`: path -> audio_file id, for every
+    path this run looked at (known before, or written now)."""
     t = schema.manifest_item
-    by_manifest: dict[str, list[ManifestItem]] = {m: [] for m in manifest_paths}
+    by_manifest: dict[str, list[ManifestItem]] = {m: [] for m in stored_lines}
     for item in items:
         by_manifest.setdefault(item.manifest_path, []).append(item)
-    columns = ("kind", "audio_path", "audio_file_id", "reference_text", "language", "question", "gt")
-    columns += ("gold_label", "source", "raw")
     for manifest_path, lines in by_manifest.items():
-        with transaction(engine) as conn:
-            stored = conn.execute(
-                sa.select(t.c.line_no, t.c.kind, t.c.audio_path, t.c.audio_file_id, t.c.raw).where(
-                    t.c.manifest_path == manifest_path
+        stored = stored_lines.get(manifest_path, {})
+        stale = stored.keys() - {item.line_no for item in lines}
+        if stale:
+            with transaction(engine) as conn:
+                conn.execute(
+                    sa.delete(t).where(
+                        t.c.manifest_path == manifest_path,
+                        t.c.line_no == sa.any_(_array(sorted(stale), sa.Integer)),
+                    )
                 )
-            )
-            current = {r.line_no: (r.kind, r.audio_path, r.audio_file_id, r.raw) for r in stored}
-            valid = {item.line_no for item in lines}
-            stale = [n for n in current if n not in valid]
-            if stale:
-                conn.execute(sa.delete(t).where(t.c.manifest_path == manifest_path, t.c.line_no.in_(stale)))
-            file_ids = _file_ids(conn, sorted({item.audio_path for item in lines}))
         pending = []
         for item in lines:
-            file_id = file_ids.get(item.audio_path)
-            if current.get(item.line_no) != (item.kind, item.audio_path, file_id, item.raw):
-                pending.append(_manifest_row(item, file_id))
-        for i in range(0, len(pending), chunk_size):
+            current = (item.kind, item.gold_label, file_ids.get(item.audio_path), line_hash(item.line))
+            if stored.get(item.line_no) != current:
+                pending.append(item)
+        for i in range(0, len(pending), MANIFEST_CHUNK):
             with transaction(engine) as conn:
-                _upsert(
-                    conn, t, pending[i : i + chunk_size], ["manifest_path", "line_no"], columns, "ingested_at"
+                _upsert_manifest_lines(conn, manifest_path, pending[i : i + MANIFEST_CHUNK], file_ids)
+
+
+def _drop_name_collisions(found: _Discovery, summary: IngestSummary) -> None:
+    """A name that is not UTF-8 is stored under its readable \\xNN form. Should that form be the exact
+    name of another file found in this run (a file literally named `a\\xff.wav`), the two would share
+    one row: the undecodable one is reported as quarantined and not stored."""
+    for table in (found.paths, found.bad):
+        for path in [p for p in table if not p.isascii() and display_path(p) != p]:
+            if display_path(path) in found.paths or display_path(path) in found.bad:
+                del table[path]
+                summary.quarantined += 1
+                summary.quarantine.append(
+                    {
+                        "path": display_path(path),
+                        "reason": "file name is not valid UTF-8 and its \\xNN form is another file's name; "
+                        "not stored (rename one of them)",
+                    }
                 )
+
+
+def _record_roots(conn: sa.Connection, roots: Sequence[tuple[int, str]]) -> None:
+    """Set audio_file.root for unchanged rows whose admitting root is new (one UPDATE ... FROM unnest)."""
+    t = schema.audio_file
+    ids = _array([file_id for file_id, _ in roots], sa.BigInteger)
+    u = sa.func.unnest(ids, _array([root for _, root in roots], sa.Text)).table_valued("id", "root")
+    u = u.render_derived("u")
+    conn.execute(sa.update(t).values(root=u.c.root).where(t.c.id == u.c.id))
 
 
 def ingest(
@@ -485,36 +684,56 @@ def ingest(
 
     summary = IngestSummary()
     items: list[ManifestItem] = []
-    for manifest_path, manifest_kind in all_manifests:
-        for entry in read_manifest(manifest_path, manifest_kind):
-            if isinstance(entry, ManifestError):
-                summary.manifest_errors.append(entry.to_dict())
-            else:
-                items.append(entry)
+    manifest_paths = [os.path.abspath(m) for m, _ in all_manifests]
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingest-read") as early:
+        # The database reads what it holds for these manifests while this thread parses their lines
+        # (psycopg2 waits for the server without the GIL): a fifth of an unchanged 100k-line re-run.
+        reading = early.submit(_read_stored, engine, manifest_paths) if manifest_paths else None
+        for manifest_path, manifest_kind in all_manifests:
+            for entry in read_manifest(manifest_path, manifest_kind):
+                if isinstance(entry, ManifestError):
+                    summary.manifest_errors.append(entry.to_dict())
+                else:
+                    items.append(entry)
+        stored = reading.result() if reading is not None else _Stored()
     summary.manifest_items = len(items)
+    summary.manifest_warnings = _find_conflicts(items)
+    summary.manifest_conflicts = len(summary.manifest_warnings)
 
     found = _Discovery()
     _discover(audio_paths, allowed, found)
     for item in items:
         found.add(item.audio_path)
+    _drop_name_collisions(found, summary)
 
-    explicit = [p for p, check_root in found.paths.items() if check_root]  # not found by walking
+    explicit = [p for p, real_dir in found.paths.items() if real_dir is None]  # not found by walking
     with transaction(engine) as conn:  # connection loss -> DatabaseUnavailable, like every write
-        known = _load_known(conn, found, explicit)
-    writer = _Writer(engine, known, summary)
+        known = _load_known(conn, found, explicit, stored.files)
+    admitted: dict[str, str] = {}  # path -> the root that admitted it
+    writer = _Writer(engine, known, admitted, summary)
 
     to_check: list[str] = []
     early_bad: list[tuple[str, str, os.stat_result | None]] = []
+    new_roots: list[tuple[int, str]] = []
     for path, reason in found.bad.items():
         early_bad.append((path, reason, None))
-    for path, check_root in found.paths.items():
-        verdict, reason, st = _classify(path, check_root, allowed, known)
+    checker = _Roots(allowed)
+    for path, real_dir in found.paths.items():
+        verdict, reason, st, root = _classify(path, real_dir, checker, known)
+        if root is not None:
+            admitted[path] = root
         if verdict == "unchanged":
             summary.unchanged += 1  # not written at all: a nightly run over an unchanged tree is read-only
+            prev = known[path]
+            if root is not None and prev.root != root:  # rows from before migration 0006, or new roots
+                new_roots.append((prev.id, root))
         elif verdict == "bad":
             early_bad.append((path, reason or "unknown", st))
         else:
             to_check.append(path)
+    if new_roots:
+        with transaction(engine) as conn:
+            _record_roots(conn, new_roots)
 
     total = len(found.paths) + len(found.bad)
     done = total - len(to_check)
@@ -527,10 +746,16 @@ def ingest(
     with ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="ingest") as pool:
         # Pipelined: the pool checks chunk k+1 while this thread writes chunk k (psycopg2 releases the
         # GIL while Postgres works), so hashing and database time overlap instead of adding up.
-        futures = [pool.submit(_check, p) for p in chunks[0]] if chunks else []
+        # A task is a slice of a chunk, not a file: 10,000 futures cost more than the GIL-bound checks
+        # of small files they would spread; four slices per thread keep the threads evenly busy.
+        def submit(chunk: list[str]) -> list[Future[list[CheckedAudio | AudioError]]]:
+            step = max(1, -(-len(chunk) // (4 * n_workers)))
+            return [pool.submit(_check_all, chunk[i : i + step]) for i in range(0, len(chunk), step)]
+
+        futures = submit(chunks[0]) if chunks else []
         for k, chunk in enumerate(chunks):
-            results = [f.result() for f in futures]
-            futures = [pool.submit(_check, p) for p in chunks[k + 1]] if k + 1 < len(chunks) else []
+            results = [r for f in futures for r in f.result()]
+            futures = submit(chunks[k + 1]) if k + 1 < len(chunks) else []
             ok: list[CheckedAudio] = []
             bad: list[tuple[str, str, os.stat_result | None]] = []
             for path, result in zip(chunk, results, strict=True):
@@ -545,5 +770,7 @@ def ingest(
 
     with transaction(engine) as conn:
         _mark_missing(conn, found, known, summary)
-    _write_manifest_items(engine, items, [os.path.abspath(m) for m, _ in all_manifests], chunk_size)
+    if items or stored.lines:
+        file_ids = {path: k.id for path, k in known.items()} | writer.file_ids  # manifest paths are UTF-8
+        _write_manifest_items(engine, items, stored.lines, file_ids)
     return summary

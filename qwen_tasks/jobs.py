@@ -22,7 +22,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from . import db
 from .errors import ConfigError, DatabaseUnavailable
-from .records import UNFINISHED_RUN, JobStatus, LabelRequest, ModelInfo, RunStatus
+from .records import UNFINISHED_RUN, JobStatus, LabelRequest, ModelInfo, RecordedPath, RunStatus
 from .schema import audio, audio_file, cry_answer, label_job, label_job_item, label_run, transcription
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ class JobItem:
 
     audio_id: int
     duration_s: float
-    paths: tuple[tuple[str, int | None], ...]  # (path, size_bytes recorded at ingest)
+    paths: tuple[RecordedPath, ...]  # what ingest recorded of each path (labelling checks it again)
 
 
 @dataclass(frozen=True)
@@ -385,23 +385,34 @@ def run_of_job(engine: Engine, job_id: int) -> int:
 
 def job_items(conn: Connection, job_id: int) -> list[JobItem]:
     """The audio of a job, in planned order (by duration), each with its ok paths."""
+    ids = sa.select(label_job_item.c.audio_id).where(label_job_item.c.job_id == job_id)
+    return audio_items(conn, ids)
+
+
+def audio_items(conn: Connection, audio_ids: Any) -> list[JobItem]:
+    """Audio (ids, or a subquery of ids) by duration, each with its ok paths as ingest recorded them:
+    what `runner.load_clips` needs to re-check and read them (labelling, and fine-tune training rows)."""
     rows = conn.execute(
         sa.select(
-            label_job_item.c.audio_id,
+            audio.c.id.label("audio_id"),
             audio.c.duration_s,
             audio_file.c.path,
             audio_file.c.size_bytes,
+            audio_file.c.mtime_ns,
+            audio_file.c.root,
+            audio_file.c.path_bytes,
         )
-        .join(audio, audio.c.id == label_job_item.c.audio_id)
         .outerjoin(audio_file, sa.and_(audio_file.c.audio_id == audio.c.id, audio_file.c.status == "ok"))
-        .where(label_job_item.c.job_id == job_id)
+        .where(audio.c.id.in_(audio_ids))
         .order_by(audio.c.duration_s, audio.c.id, audio_file.c.id)
     ).all()
     items: dict[int, JobItem] = {}
     for r in rows:
         item = items.get(r.audio_id) or JobItem(r.audio_id, float(r.duration_s), ())
         if r.path is not None:
-            item = dataclasses.replace(item, paths=(*item.paths, (r.path, r.size_bytes)))
+            raw = bytes(r.path_bytes) if r.path_bytes is not None else None
+            recorded = RecordedPath(r.path, r.size_bytes, r.mtime_ns, r.root, raw)
+            item = dataclasses.replace(item, paths=(*item.paths, recorded))
         items[r.audio_id] = item
     return list(items.values())
 

@@ -2,13 +2,18 @@
 
 Two formats: ASR `{"audio", "text"[, "language"]}` and audio QA / cry `{"question", "audio", "gt",
 "source"}`. A bad line is reported with its file and line number and skipped, so one typo never costs
-the rest of the manifest. Relative audio paths resolve against the manifest's folder, as users expect
-when they move a dataset folder around.
+the rest of the manifest. That includes lines that are valid JSON but cannot be stored: PostgreSQL text
+and jsonb hold neither NUL (`\u0000`) nor lone UTF-16 surrogates (`\ud800`), and jsonb has no NaN.
+Relative audio paths resolve against the manifest's folder, as users expect when they move a dataset
+folder around.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
+import math
 import os
 import re
 from collections.abc import Iterator
@@ -34,14 +39,8 @@ _LEADING = re.compile(r"^(yes|no|是的|是|不是|没有|有)\s*[,.;:!，。；
 _EDGE_PUNCT = " \t\r\n\"'`.,;:!?()[]{}<>。，；：！？、“”‘’（）【】《》"
 
 
-def parse_gold_label(gt: object) -> Literal["yes", "no"] | None:
-    """'yes' / 'no' when `gt` clearly says so (yes/no/true/false/1/0/哭/不哭/有/没有/是/否 ...), else None."""
-    if isinstance(gt, bool):
-        return "yes" if gt else "no"
-    if isinstance(gt, int | float) and gt in (0, 1):
-        return "yes" if gt == 1 else "no"
-    if not isinstance(gt, str):
-        return None
+@functools.lru_cache(maxsize=4096)  # a manifest repeats a handful of gt values, 100k times over
+def _gold_from_text(gt: str) -> Literal["yes", "no"] | None:
     text = re.sub(r"[\s_\-]+", " ", gt.strip().lower())
     word = text.strip(_EDGE_PUNCT)
     if word in _YES:
@@ -54,7 +53,18 @@ def parse_gold_label(gt: object) -> Literal["yes", "no"] | None:
     return None
 
 
-@dataclass(frozen=True)
+def parse_gold_label(gt: object) -> Literal["yes", "no"] | None:
+    """'yes' / 'no' when `gt` clearly says so (yes/no/true/false/1/0/哭/不哭/有/没有/是/否 ...), else None."""
+    if isinstance(gt, bool):
+        return "yes" if gt else "no"
+    if isinstance(gt, int | float) and gt in (0, 1):
+        return "yes" if gt == 1 else "no"
+    if not isinstance(gt, str):
+        return None
+    return _gold_from_text(gt)
+
+
+@dataclass(slots=True)  # not frozen: a frozen __init__ sets each field through object.__setattr__, 4x slower
 class ManifestItem:
     """One valid manifest line, with its audio path made absolute (not yet checked to exist)."""
 
@@ -69,6 +79,14 @@ class ManifestItem:
     gold_label: str | None
     source: str | None
     raw: dict[str, Any]
+    line: str = ""  # the line as written (what `raw` was decoded from); stored as jsonb verbatim
+
+
+def line_hash(line: str) -> int:
+    """A signed 64-bit BLAKE2b digest of a line as written (manifest_item.line_hash): equal lines, equal
+    hashes, so a re-ingest can tell an unchanged line from its stored row without comparing the JSON."""
+    digest = hashlib.blake2b(line.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
 
 
 @dataclass(frozen=True)
@@ -83,11 +101,69 @@ class ManifestError:
         return {"manifest": self.manifest, "line": self.line, "reason": self.reason}
 
 
-def _optional_text(obj: dict[str, Any], key: str) -> str | None:
-    value = obj.get(key)
-    if value is None:
+def _as_text(value: Any) -> str | None:
+    """A field as stored in a text column: strings as they are, other JSON values as JSON."""
+    if value is None or isinstance(value, str):
+        return value
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _unstorable(value: Any, where: str = "") -> str | None:
+    """Why a decoded JSON value cannot be stored in PostgreSQL text/jsonb, or None when it can.
+
+    json.loads accepts `\u0000` and unpaired surrogate escapes (`\ud800`, `\udcff`); PostgreSQL rejects
+    both, and one such string would otherwise abort the whole chunk's transaction.
+    """
+    if isinstance(value, str):
+        if "\x00" in value:
+            return f"contains a NUL character (\\u0000){where}"
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return f"contains a lone surrogate escape (\\u{ord(value[exc.start]):04x}){where}"
         return None
-    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    if isinstance(value, dict):
+        for key, item in value.items():
+            reason = _unstorable(key, f" in a key{where}") or _unstorable(item, where or f' in "{key}"')
+            if reason:
+                return reason
+    elif isinstance(value, list):
+        for item in value:
+            reason = _unstorable(item, where)
+            if reason:
+                return reason
+    return None
+
+
+def _no_constant(name: str) -> float:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (math.inf, -math.inf):
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
+# json.loads without NaN/Infinity or floats beyond double range (JSON and jsonb have neither). One decoder:
+# json.loads(text, **hooks) would build a new one per line.
+_decode = json.JSONDecoder(parse_constant=_no_constant, parse_float=_finite_float).decode
+
+
+@functools.lru_cache(maxsize=4096)
+def _resolve_folder(manifest_path: str, sub: str) -> str:
+    return os.path.abspath(os.path.join(os.path.dirname(manifest_path), os.path.expanduser(sub)))
+
+
+def _resolve(manifest_path: str, audio: str) -> str:
+    """`audio` made absolute against the manifest's folder and normalised, like os.path.abspath, with
+    the folder part resolved once per distinct folder (most of the cost on a 100k-line manifest)."""
+    sub, sep, name = audio.rpartition("/")
+    if name in ("", ".", "..") or (not sep and name.startswith("~")):
+        return _resolve_folder(manifest_path, audio)
+    base = _resolve_folder(manifest_path, sub + sep)
+    return base + name if base.endswith("/") else f"{base}/{name}"
 
 
 def _infer_kind(obj: dict[str, Any]) -> ManifestKind | None:
@@ -99,9 +175,12 @@ def _infer_kind(obj: dict[str, Any]) -> ManifestKind | None:
 
 
 def parse_line(
-    obj: Any, manifest_path: str, line_no: int, kind: ManifestKind | None
+    obj: Any, manifest_path: str, line_no: int, kind: ManifestKind | None, line: str | None = None
 ) -> ManifestItem | ManifestError:
-    """Validate one decoded JSON value as a manifest row of `kind` (inferred from its keys when None)."""
+    """Validate one decoded JSON value as a manifest row of `kind` (inferred from its keys when None).
+
+    `line` is the text `obj` was decoded from, when there is one: it is kept verbatim as the row's `raw`.
+    """
 
     def error(reason: str) -> ManifestError:
         return ManifestError(manifest_path, line_no, reason)
@@ -111,8 +190,12 @@ def parse_line(
     audio = obj.get("audio")
     if not isinstance(audio, str) or not audio.strip():
         return error('missing "audio" (a non-empty string path)')
-    if "\x00" in json.dumps(obj):  # PostgreSQL text and jsonb cannot hold NUL
-        return error("contains a NUL character")
+    # NUL and surrogates can only come from \u escapes (json.loads refuses raw control characters, and a
+    # raw surrogate is invalid UTF-8), so the deep check runs only where the line has one.
+    if line is None or "\\u" in line:
+        unstorable = _unstorable(obj)
+        if unstorable:
+            return error(unstorable)
     line_kind = kind or _infer_kind(obj)
     if line_kind is None:
         return error('cannot tell the kind: need "text" (asr) or "question"/"gt" (aqa)')
@@ -120,20 +203,21 @@ def parse_line(
         return error('not an asr line: missing "text" (a string)')
     if line_kind == "aqa" and "gt" not in obj and "question" not in obj:
         return error('not an aqa line: missing "question" and "gt"')
-    folder = os.path.dirname(manifest_path)
-    audio_path = os.path.abspath(os.path.join(folder, os.path.expanduser(audio)))
+    get = obj.get
+    gt = get("gt")
     return ManifestItem(
         manifest_path=manifest_path,
         line_no=line_no,
         kind=line_kind,
-        audio_path=audio_path,
-        reference_text=obj.get("text") if line_kind == "asr" else None,
-        language=_optional_text(obj, "language"),
-        question=_optional_text(obj, "question"),
-        gt=_optional_text(obj, "gt"),
-        gold_label=parse_gold_label(obj.get("gt")) if "gt" in obj else None,
-        source=_optional_text(obj, "source"),
+        audio_path=_resolve(manifest_path, audio),
+        reference_text=get("text") if line_kind == "asr" else None,
+        language=_as_text(get("language")),
+        question=_as_text(get("question")),
+        gt=_as_text(gt),
+        gold_label=parse_gold_label(gt) if gt is not None else None,
+        source=_as_text(get("source")),
         raw=obj,
+        line=line if line is not None else json.dumps(obj, ensure_ascii=False),
     )
 
 
@@ -162,11 +246,16 @@ def read_manifest(
                 continue
             if line_no == 1:
                 text = text.removeprefix("\ufeff")
-            if not text.strip():
+            text = text.strip()  # what is stored as `raw` and hashed: the line without its newline
+            if not text:
                 continue
             try:
-                obj = json.loads(text)
+                obj = _decode(text)
             except json.JSONDecodeError as exc:
                 yield ManifestError(manifest_path, line_no, f"bad JSON: {exc.msg} at column {exc.colno}")
                 continue
-            yield parse_line(obj, manifest_path, line_no, kind)
+            except (ValueError, RecursionError) as exc:  # NaN/Infinity; nesting deeper than Python's stack
+                reason = str(exc) if isinstance(exc, ValueError) else "nested too deeply"
+                yield ManifestError(manifest_path, line_no, f"bad JSON: {reason}")
+                continue
+            yield parse_line(obj, manifest_path, line_no, kind, text)

@@ -5,9 +5,10 @@ Stages pass these instead of dicts so that the runner, the CLI and the DAG agree
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 
@@ -49,6 +50,21 @@ FINISHED_RUN: tuple[str, ...] = (RunStatus.DONE.value, RunStatus.FAILED.value)
 YesNo = Literal["yes", "no", "unknown"]
 
 TARGET_SAMPLE_RATE = 16_000
+
+
+class RecordedPath(NamedTuple):
+    """One path of an audio as ingest recorded it: what labelling checks again before it reads the file."""
+
+    path: str  # as stored: exact, or (name not UTF-8) readable with \\xNN escapes and exact in path_bytes
+    size_bytes: int | None
+    mtime_ns: int | None = None
+    root: str | None = None  # the allowed root that admitted it (None: ingested before migration 0006)
+    path_bytes: bytes | None = None
+
+    @property
+    def fs_path(self) -> str:
+        """The name to open (surrogate escapes for undecodable bytes, as os.fsdecode gives them)."""
+        return os.fsdecode(self.path_bytes) if self.path_bytes is not None else self.path
 
 
 @dataclass(frozen=True)

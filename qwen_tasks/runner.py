@@ -31,7 +31,7 @@ from . import db, jobs
 from .backends import check_environment
 from .backends.base import Backend
 from .errors import AudioError, ConfigError, DatabaseUnavailable, ModelError, QwenTasksError, WrongEnvironment
-from .records import AudioClip, ClipResult, LabelRequest, ModelInfo
+from .records import AudioClip, ClipResult, LabelRequest, ModelInfo, RecordedPath
 from .schema import cry_answer, label_failure, label_job, label_run, transcription
 
 log = logging.getLogger(__name__)
@@ -215,10 +215,11 @@ class LeaseKeeper:
 def load_clips(items: Sequence[jobs.JobItem]) -> tuple[list[AudioClip], dict[int, str]]:
     """Decode a job's audio; returns the clips and, per audio id that could not be read, why.
 
-    Each audio is tried at each of its ok paths (the same bytes may live at several). A file whose size
-    differs from what ingest recorded changed since then and is not used (its label would describe other
-    audio). When no file of the job exists at all, storage is most likely missing (unmounted disk): that is
-    raised as AudioStorageUnavailable so the job is retried rather than every clip marked failed.
+    Each audio is tried at each of its ok paths (the same bytes may live at several). A file that is no
+    longer what ingest recorded (size, mtime, real location under its allowed root: audio.load_ingested)
+    is not used (its label would describe other audio, or audio that may not be read). When no file of
+    the job exists at all, storage is most likely missing (unmounted disk): that is raised as
+    AudioStorageUnavailable so the job is retried rather than every clip marked failed.
     """
     clips: list[AudioClip] = []
     failures: dict[int, str] = {}
@@ -226,27 +227,17 @@ def load_clips(items: Sequence[jobs.JobItem]) -> tuple[list[AudioClip], dict[int
     for item in items:
         reasons: list[str] = []
         missing = 0
-        for path, size in item.paths:
+        for recorded in item.paths:
             try:
-                st = os.stat(path)
+                waveform = load_ingested(recorded)  # refuses a file that is no longer what ingest admitted
             except FileNotFoundError:
                 missing += 1
-                reasons.append(f"{path}: file not found (deleted or storage not mounted?)")
+                reasons.append(f"{recorded.path}: file not found (deleted or storage not mounted?)")
                 continue
-            except OSError as exc:
-                reasons.append(f"{path}: {exc.strerror or exc}")
-                continue
-            if size is not None and st.st_size != size:
-                reasons.append(
-                    f"{path}: changed since ingest ({st.st_size} bytes, was {size}); re-run ingest"
-                )
-                continue
-            try:
-                waveform = load_waveform(path)
             except AudioError as exc:
                 reasons.append(str(exc))
                 continue
-            clips.append(AudioClip(audio_id=item.audio_id, path=path, waveform=waveform))
+            clips.append(AudioClip(audio_id=item.audio_id, path=recorded.path, waveform=waveform))
             break
         else:
             if not item.paths:
@@ -262,11 +253,11 @@ def load_clips(items: Sequence[jobs.JobItem]) -> tuple[list[AudioClip], dict[int
     return clips, failures
 
 
-def load_waveform(path: str) -> Any:
+def load_ingested(recorded: RecordedPath) -> Any:
     """Indirection so the audio module (ingest's) is imported only when a worker decodes audio."""
-    from .audio import load_waveform as _load
+    from .audio import load_ingested as _load
 
-    return _load(path)
+    return _load(recorded)
 
 
 def _normalize_answer(text: str) -> str:

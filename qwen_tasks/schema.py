@@ -46,6 +46,8 @@ audio_file = sa.Table(
     sa.Column("reason", sa.Text),
     _ts("first_seen"),
     _ts("last_seen"),
+    sa.Column("path_bytes", sa.LargeBinary),  # 0006: the exact name when it is not UTF-8
+    sa.Column("root", sa.Text),  # 0006: the allowed root that admitted it at its latest ingest
 )
 
 manifest_item = sa.Table(
@@ -65,6 +67,7 @@ manifest_item = sa.Table(
     sa.Column("source", sa.Text),
     sa.Column("raw", JSONB, nullable=False, server_default=sa.text("'{}'::jsonb")),
     _ts("ingested_at"),
+    sa.Column("line_hash", sa.BigInteger),  # 0006: BLAKE2b-64 of the line as written (re-ingest skips)
     sa.UniqueConstraint("manifest_path", "line_no"),
 )
 

@@ -182,7 +182,8 @@ def make_tiny_model(
     """Write a random-init Qwen2-Audio checkpoint (model, tokenizer, features, processor) to `out_dir`.
 
     `instruct=False` writes no chat template, so the backend treats it as a base model (raw prompts).
-    Returns the directory. The `7b` preset needs a GPU-sized machine (it allocates ~16 GB in bf16).
+    Returns the directory; ConfigError when `out_dir` is a file or cannot be created. The `7b` preset
+    needs a GPU-sized machine (it allocates ~16 GB in bf16).
     """
     import torch
     from transformers import (
@@ -199,7 +200,12 @@ def make_tiny_model(
         raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     spec = PRESETS[preset]
     out = Path(out_dir).expanduser().resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out_dir}: exists and is not a directory; give a new or empty directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a parent is a file, permission denied, read-only file system
+        raise ConfigError(f"{out_dir}: cannot create the directory: {exc.strerror or exc}") from None
 
     tokenizer = build_tokenizer()
     config = _model_config(spec, tokenizer)

@@ -264,6 +264,125 @@ def test_manifest_rerun_rewrites_nothing_and_drops_removed_lines(engine: Engine,
     assert (only.line_no, only.reference_text) == (1, "two, corrected")
 
 
+def test_one_unstorable_line_is_reported_and_every_other_line_ingested(
+    engine: Engine, tmp_path: Path
+) -> None:
+    data = tmp_path / "set"
+    clip(data / "a.wav", 1)
+    good = json.dumps({"question": "Is a baby crying?", "audio": "a.wav", "gt": "yes", "source": "s"})
+    lines = [good] * 1000
+    lines[599] = good.replace('"yes"', '"ye\\u0000s"')  # line 600: a NUL escape in gt
+    manifest = write_jsonl(data / "cry.jsonl", lines)
+
+    summary = ingest(engine, [manifest])
+
+    assert summary.manifest_items == 999
+    assert summary.manifest_errors == [
+        {"manifest": str(manifest), "line": 600, "reason": 'contains a NUL character (\\u0000) in "gt"'}
+    ]
+    assert _count(engine, schema.manifest_item) == 999
+
+
+@pytest.mark.parametrize(
+    ("line", "reason"),
+    [
+        ('{"audio": "a\\u0000.wav", "text": "x"}', 'contains a NUL character (\\u0000) in "audio"'),
+        ('{"audio": "a.wav", "text": "\\u0000"}', 'contains a NUL character (\\u0000) in "text"'),
+        ('{"audio": "a.wav", "text": "x\\ud800"}', 'contains a lone surrogate escape (\\ud800) in "text"'),
+        ('{"audio": "\\udcff.wav", "text": "x"}', 'contains a lone surrogate escape (\\udcff) in "audio"'),
+        ('{"audio": "a.wav", "gt": "no", "meta": {"k": ["\\ud800"]}}', "contains a lone surrogate escape"),
+        ('{"audio": "a.wav", "gt": "no", "\\u0000": 1}', "contains a NUL character (\\u0000) in a key"),
+        ('{"audio": "a.wav", "gt": NaN}', "bad JSON: NaN is not valid JSON"),
+        ('{"audio": "a.wav", "gt": 1e999}', "bad JSON: number 1e999 is out of range"),
+    ],
+)
+def test_lines_postgres_cannot_store_are_malformed_lines(
+    engine: Engine, tmp_path: Path, line: str, reason: str
+) -> None:
+    clip(tmp_path / "a.wav", 1)
+    ok = json.dumps({"audio": "a.wav", "text": "fine", "gt": "yes"})
+    manifest = write_jsonl(tmp_path / "m.jsonl", [ok, line, '{"audio": "a.wav", "text": "\\ud83d\\ude00"}'])
+
+    summary = ingest(engine, [manifest])
+
+    assert [(e["line"], e["reason"][: len(reason)]) for e in summary.manifest_errors] == [(2, reason)]
+    assert summary.manifest_items == 2  # a proper surrogate pair (an emoji) is fine
+    texts = {r.line_no: r.reference_text for r in rows(engine, schema.manifest_item)}
+    assert texts == {1: "fine", 3: "\U0001f600"}
+
+
+def test_conflicting_answers_for_one_audio_are_warned_and_counted(engine: Engine, tmp_path: Path) -> None:
+    clip(tmp_path / "a.wav", 1)
+    clip(tmp_path / "b.wav", 2)
+    q = "Is a baby crying?"
+    cry = write_jsonl(
+        tmp_path / "cry.jsonl",
+        [
+            {"question": q, "audio": "a.wav", "gt": "yes"},
+            {"question": q, "audio": "./a.wav", "gt": "Yes, a baby is crying."},  # same answer, other words
+            {"question": "Is a dog barking?", "audio": "a.wav", "gt": "no"},  # another question
+            {"question": q, "audio": "b.wav", "gt": "no"},
+            {"question": q, "audio": "a.wav", "gt": "不哭"},  # contradicts line 1
+        ],
+    )
+    asr = write_jsonl(
+        tmp_path / "asr.jsonl",
+        [{"audio": "b.wav", "text": "hello  world"}, {"audio": "b.wav", "text": "hello world"}],
+    )
+    other = write_jsonl(tmp_path / "more.jsonl", [{"audio": "b.wav", "text": "goodbye world"}])
+
+    summary = ingest(engine, [cry, asr, other])
+
+    assert summary.manifest_conflicts == 2
+    warnings = {
+        (Path(str(w["manifest"])).name, w["line"]): str(w["reason"]) for w in summary.manifest_warnings
+    }
+    assert set(warnings) == {("cry.jsonl", 5), ("more.jsonl", 1)}
+    assert warnings[("cry.jsonl", 5)].startswith(
+        f"conflicting gt for {tmp_path / 'a.wav'}: '不哭' here, 'yes' at line 1"
+    )
+    assert f"'hello  world' at {asr}:1" in warnings[("more.jsonl", 1)]
+    assert summary.manifest_items == 8  # every line is still stored
+    done = CliRunner().invoke(app, ["ingest", str(cry)])
+    assert done.exit_code == 0
+    assert f"warning {cry}:5: conflicting gt" in done.stderr
+    assert "manifest conflicts 1" in done.stderr
+
+
+@pytest.mark.parametrize("folder", ["/m/data", "/", "/m/with space/"])
+def test_audio_paths_resolve_exactly_like_abspath(folder: str) -> None:
+    """The per-folder cache behind manifest paths gives what os.path.abspath(join(...)) gives."""
+    from qwen_tasks.manifest import _resolve
+
+    cases = [
+        "a.wav",
+        "sub/a.wav",
+        "./a.wav",
+        "../x/a.wav",
+        "/abs/a.wav",
+        "a//b.wav",
+        "sub/../a.wav",
+        "~/a.wav",
+    ]
+    cases += [
+        "~",
+        "~x",
+        "a/",
+        "a/.",
+        "a/..",
+        "..",
+        ".",
+        "./",
+        "//x/y.wav",
+        "///a.wav",
+        "x/./y.wav",
+        "婴儿/哭.wav",
+    ]
+    for audio in cases:
+        expected = os.path.abspath(os.path.join(folder, os.path.expanduser(audio)))
+        assert _resolve(os.path.join(folder, "m.jsonl"), audio) == expected, audio
+
+
 def test_kind_option_rejects_lines_of_the_other_format(engine: Engine, tmp_path: Path) -> None:
     clip(tmp_path / "1.wav", 1)
     manifest = write_jsonl(
@@ -315,16 +434,26 @@ def test_allowed_roots_from_environment(engine: Engine, tmp_path: Path, monkeypa
     assert summary.quarantine == [{"path": str(tmp_path / "b" / "2.wav"), "reason": "outside allowed roots"}]
 
 
-def test_non_utf8_file_name_is_quarantined_not_crashing(engine: Engine, tmp_path: Path) -> None:
+def test_non_utf8_file_name_is_stored_losslessly_and_stays_stable(engine: Engine, tmp_path: Path) -> None:
     clip(tmp_path / "fine.wav", 1)
     raw = os.fsencode(tmp_path) + b"/bad\xff name.wav"
     with open(raw, "wb") as f:
-        f.write((tmp_path / "fine.wav").read_bytes())
-    summary = ingest(engine, [tmp_path])
-    assert summary.new == 1
-    assert summary.quarantine == [
-        {"path": f"{tmp_path}/bad\\xff name.wav", "reason": "file name is not valid UTF-8"}
-    ]
+        f.write(clip(tmp_path.parent / f"{tmp_path.name}-src.wav", 2).read_bytes())
+    shown = f"{tmp_path}/bad\\xff name.wav"
+
+    first = ingest(engine, [tmp_path])
+    assert (first.new, first.quarantined, first.quarantine) == (2, 0, [])
+    for _ in range(3):  # it used to alternate between quarantined and missing on every re-run
+        again = ingest(engine, [tmp_path])
+        assert (again.unchanged, again.quarantined, again.missing) == (2, 0, 0), again
+        row = by_path(engine)[shown]
+        assert (row.status, bytes(row.path_bytes)) == ("ok", raw)
+    assert by_path(engine)[str(tmp_path / "fine.wav")].path_bytes is None  # UTF-8 names: path is exact
+
+    os.unlink(raw)
+    gone = ingest(engine, [tmp_path])
+    assert (gone.unchanged, gone.missing) == (1, 1)
+    assert by_path(engine)[shown].status == "missing"
 
 
 def test_missing_path_is_a_config_error_and_writes_nothing(engine: Engine, tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -79,8 +80,9 @@ def test_unreadable_clips_fail_alone(engine: Engine, backend: Backend, tmp_path:
     resized, garbled, good = list(ids)
     with resized.open("ab") as f:  # changed since ingest: size differs
         f.write(b"\0" * 100)
-    size = garbled.stat().st_size
-    garbled.write_bytes(b"x" * size)  # same size, no longer audio
+    st = garbled.stat()
+    garbled.write_bytes(b"x" * st.st_size)  # same size and mtime (ingest would see no change), not audio
+    os.utime(garbled, ns=(st.st_atime_ns, st.st_mtime_ns))
     request = LabelRequest(task="asr", max_new_tokens=4)
     result = plan(engine, backend, request)
     assert result.run_id is not None

@@ -149,6 +149,42 @@ def describe(
     )
 
 
+def load_failure(model: str, model_id: str, exc: BaseException) -> ModelError:
+    """One line saying why a checkpoint did not load, naming the broken file where one can be found.
+
+    safetensors' own errors do not say which file ("Error while deserializing header: incomplete
+    metadata, file not fully covered"), so for a local checkpoint each weight file is opened again, on
+    its own, to find the truncated or corrupt one.
+    """
+    from safetensors import SafetensorError
+
+    detail = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, SafetensorError):
+        broken = _broken_weight_file(Path(model_id))
+        if broken is not None:
+            path, reason = broken
+            return ModelError(
+                f"cannot load Qwen2-Audio model {model!r}: {path}: corrupt or truncated weights ({reason})"
+            )
+        return ModelError(f"cannot load Qwen2-Audio model {model!r}: corrupt or truncated weights ({detail})")
+    return ModelError(f"cannot load Qwen2-Audio model {model!r}: {detail}")
+
+
+def _broken_weight_file(folder: Path) -> tuple[Path, str] | None:
+    """The first *.safetensors file in `folder` that safetensors cannot open, with its reason."""
+    from safetensors import SafetensorError, safe_open
+
+    if not folder.is_dir():
+        return None
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as exc:
+            return path, " ".join(str(exc).split())
+    return None
+
+
 def _check_style(style: str) -> prompts.PromptStyle:
     if style not in ("chat", "base"):
         raise ModelError(f"prompt_style must be auto, chat or base, got {style!r}")
@@ -171,6 +207,7 @@ class Qwen2AudioBackend:
         adapter: str | None = None,
     ) -> None:
         import torch
+        from safetensors import SafetensorError
         from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
         from transformers.utils import logging as hf_logging
 
@@ -195,8 +232,8 @@ class Qwen2AudioBackend:
             self.model = Qwen2AudioForConditionalGeneration.from_pretrained(
                 self.model_id, dtype=getattr(torch, self.dtype), **kwargs, **placement
             )
-        except (OSError, ValueError, RuntimeError, KeyError) as exc:
-            raise ModelError(f"cannot load Qwen2-Audio model {model!r}: {exc}") from exc
+        except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as exc:
+            raise load_failure(model, self.model_id, exc) from exc
         if self.adapter:
             self.model = merge_adapter(self.model, self.adapter)
         self.model.to(self.device).eval()

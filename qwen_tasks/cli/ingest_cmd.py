@@ -17,7 +17,8 @@ def _print_summary(summary: IngestSummary) -> None:
     console.print(
         f"new {summary.new}, duplicate {summary.duplicate}, changed {summary.changed}, "
         f"unchanged {summary.unchanged}, quarantined {summary.quarantined}, missing {summary.missing}, "
-        f"manifest items {summary.manifest_items}",
+        f"manifest items {summary.manifest_items}"
+        + (f", manifest conflicts {summary.manifest_conflicts}" if summary.manifest_conflicts else ""),
         highlight=False,
         soft_wrap=True,
     )
@@ -28,6 +29,13 @@ def _print_summary(summary: IngestSummary) -> None:
     for e in summary.manifest_errors:
         console.print(
             f"  skipped {e['manifest']}:{e['line']}: {e['reason']}",
+            highlight=False,
+            markup=False,
+            soft_wrap=True,
+        )
+    for w in summary.manifest_warnings:
+        console.print(
+            f"  warning {w['manifest']}:{w['line']}: {w['reason']}",
             highlight=False,
             markup=False,
             soft_wrap=True,

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from ..errors import ConfigError
 from . import app, console, fail
 
 
@@ -34,5 +35,10 @@ def make_tiny_model_cmd(
 
         if not torch.cuda.is_available():
             raise fail("preset 7b allocates ~16 GB of random weights; run it on a machine with a CUDA GPU")
-    path = make_tiny_model(out_dir, preset, seed=seed, instruct=not base)
+    try:
+        path = make_tiny_model(out_dir, preset, seed=seed, instruct=not base)
+    except ConfigError as exc:
+        raise fail(str(exc)) from None
+    except OSError as exc:  # writing the files: disk full, permission denied
+        raise fail(f"{out_dir}: cannot write the checkpoint: {exc.strerror or exc}") from None
     console.print(f"wrote {preset} Qwen2-Audio checkpoint (seed {seed}) to {path}")

@@ -29,7 +29,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-console = Console(stderr=True)  # progress and messages; stdout is kept for --json output
+console = Console(stderr=True, soft_wrap=True)  # progress and messages (never hard-wrapped mid-sentence)
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:

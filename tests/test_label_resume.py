@@ -89,8 +89,9 @@ def test_corrupt_weights_are_one_line_and_leave_no_run_behind(
     weights.write_bytes(b"\x00" * weights.stat().st_size)  # same size, garbage
     result = run_cli(["label", "--task", "cry", "--model", str(broken), "--device", "cpu"], database_url)
     assert result.returncode == 1
-    assert "Traceback" not in result.stderr and "could not load model" in result.stderr
-    assert [line for line in result.stderr.splitlines() if line.startswith("error:")], result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert "Traceback" not in result.stderr and len(errors) == 1, result.stderr
+    assert "model.safetensors: corrupt or truncated weights" in errors[0]  # names the broken file
     assert count(engine, schema.label_run) == 0 and count(engine, schema.label_job) == 0
 
     good = run_cli(

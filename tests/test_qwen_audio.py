@@ -27,7 +27,7 @@ import sqlalchemy as sa
 from labelling_helpers import count, ingest_clips, run_cli
 from sqlalchemy.engine import Engine
 
-from qwen_tasks import prompts, runner, schema
+from qwen_tasks import environments, prompts, runner, schema
 from qwen_tasks.backends import load_backend, qwen_audio, required_python
 from qwen_tasks.errors import ModelError, WrongEnvironment
 from qwen_tasks.options import LabelOptions
@@ -62,7 +62,7 @@ def test_load_backend_refuses_before_loading_and_names_the_command(
 ) -> None:
     model = qwen_audio_only_config(tmp_path / "qwen-audio-local")
     python = tmp_path / "nowhere" / "bin" / "python"
-    monkeypatch.setenv(qwen_audio.PYTHON_ENV_VAR, str(python))
+    monkeypatch.setenv(environments.PYTHON_ENV_VAR, str(python))
     assert required_python(str(model)) == python
     assert required_python("Qwen/Qwen-Audio-Chat") == python  # hub ids: by name
     assert required_python("Qwen/Qwen2-Audio-7B-Instruct") is None
@@ -70,28 +70,28 @@ def test_load_backend_refuses_before_loading_and_names_the_command(
         load_backend(str(model), device="cpu")  # no weights in the folder: loading was never tried
     message = str(caught.value)
     assert "\n" not in message and "needs transformers >=4.37,<4.54" in message
-    assert "make install-qwen-audio" in message and qwen_audio.PYTHON_ENV_VAR in message
+    assert "make install-qwen-audio" in message and environments.PYTHON_ENV_VAR in message
     assert caught.value.python == str(python)
     assert caught.value.command == [str(python), "-m", "qwen_tasks", "work", "--run", "ID"]
     assert isinstance(caught.value, ModelError)  # callers that handle ModelError keep working
 
 
 def test_interpreter_default_and_worker_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(qwen_audio.PYTHON_ENV_VAR, raising=False)
-    assert qwen_audio.interpreter() == ROOT / ".venv-qwen-audio" / "bin" / "python"
+    monkeypatch.delenv(environments.PYTHON_ENV_VAR, raising=False)
+    assert environments.interpreter() == ROOT / ".venv-qwen-audio" / "bin" / "python"
     venv_bin = tmp_path / "venv" / "bin"
     venv_bin.mkdir(parents=True)
     (venv_bin / "python").touch()
     (venv_bin / "qwen-tasks").touch()
-    monkeypatch.setenv(qwen_audio.PYTHON_ENV_VAR, str(venv_bin / "python"))
-    assert qwen_audio.worker_command(7) == [str(venv_bin / "qwen-tasks"), "work", "--run", "7"]
+    monkeypatch.setenv(environments.PYTHON_ENV_VAR, str(venv_bin / "python"))
+    assert environments.worker_command(7) == [str(venv_bin / "qwen-tasks"), "work", "--run", "7"]
 
 
 @main_env_only
 def test_worker_refuses_a_qwen_audio_run_without_claiming_a_job(
     engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv(qwen_audio.PYTHON_ENV_VAR, str(tmp_path / "qa" / "bin" / "python"))
+    monkeypatch.setenv(environments.PYTHON_ENV_VAR, str(tmp_path / "qa" / "bin" / "python"))
     model = qwen_audio_only_config(tmp_path / "qwen-audio-local")
     ingest_clips(engine, tmp_path / "audio", [1.0, 1.5, 2.0])
     options = LabelOptions.from_mapping({"tasks": ["cry"], "model": str(model), "device": "cpu"})
@@ -202,7 +202,7 @@ def test_compose_image_builds_both_environments() -> None:
 
 
 def qa_python() -> Path:
-    python = qwen_audio.interpreter()
+    python = environments.interpreter()
     if not python.exists():
         pytest.skip(f"no Qwen-Audio environment at {python}: run `make install-qwen-audio`")
     return python

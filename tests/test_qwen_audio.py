@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -24,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import sqlalchemy as sa
-from labelling_helpers import count, ingest_clips, run_cli
+from labelling_helpers import CLI, count, ingest_clips, run_cli
 from sqlalchemy.engine import Engine
 
 from qwen_tasks import environments, prompts, runner, schema
@@ -111,27 +112,40 @@ def test_worker_refuses_a_qwen_audio_run_without_claiming_a_job(
     assert [(r.status, r.attempts, r.lease_owner, r.last_error) for r in rows] == [("pending", 0, None, None)]
 
 
-@pytest.mark.slow
 @main_env_only
-def test_cli_worker_and_label_refuse_in_one_line(engine: Engine, database_url: str, tmp_path: Path) -> None:
-    """`qwen-tasks work` / `label` of the main environment, as a user runs them (real subprocesses)."""
+def test_label_without_the_environment_plans_and_says_how_to_create_it(
+    engine: Engine, database_url: str, tmp_path: Path
+) -> None:
+    """`qwen-tasks label` / `work` of the main environment with a Qwen-Audio model and no Qwen-Audio
+    environment, as a user runs them (real subprocesses; no weights anywhere): label plans, then exits 1
+    with one line saying how to create the environment and what to run then; the plan stays, and the
+    same command again resumes it rather than planning anew."""
     model = qwen_audio_only_config(tmp_path / "qwen-audio-local")
     ingest_clips(engine, tmp_path / "audio", [1.0, 2.0])
     python = tmp_path / "qa" / "bin" / "python"
-    labelled = run_cli(["label", "--task", "asr", "--model", str(model), "--device", "cpu"], database_url,
-                       QWEN_TASKS_QWEN_AUDIO_PYTHON=str(python))  # fmt: skip
-    assert labelled.returncode == 1
+    env = {environments.PYTHON_ENV_VAR: str(python)}
+    command = ["label", "--task", "asr", "--model", str(model), "--device", "cpu", "--json"]
+    labelled = run_cli(command, database_url, **env)
+    assert labelled.returncode == 1 and labelled.stdout == "" and "Traceback" not in labelled.stderr
     with engine.connect() as conn:
         run_id = conn.execute(sa.select(sa.func.max(schema.label_run.c.id))).scalar_one()
+    assert f"run {run_id}: 2 clips in 1 jobs" in labelled.stderr
     errors = [line for line in labelled.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "Traceback" not in labelled.stderr
-    assert errors[0].endswith(f"then run `{python} -m qwen_tasks work --run {run_id}`")
-    worked = run_cli(["work", "--run", str(run_id)], database_url, QWEN_TASKS_QWEN_AUDIO_PYTHON=str(python))
+    assert errors == [
+        f"error: run {run_id} planned for {model}, an original Qwen-Audio model, which only its own "
+        f"environment can label; there is no Qwen-Audio environment at {python}: create it with `make "
+        "install-qwen-audio` (or set QWEN_TASKS_QWEN_AUDIO_PYTHON to its python), then run this command "
+        f"again, or `{python} -m qwen_tasks work --run {run_id}`"
+    ]
+    again = run_cli(command, database_url, **env)
+    assert again.returncode == 1 and f"resuming run {run_id}: 1 unfinished job(s)" in again.stderr
+    worked = run_cli(["work", "--run", str(run_id)], database_url, **env)
     assert worked.returncode == 1 and "Traceback" not in worked.stderr
     assert f"work --run {run_id}`" in worked.stderr and "make install-qwen-audio" in worked.stderr
     with engine.connect() as conn:
-        jobs = conn.execute(sa.select(schema.label_job.c.status, schema.label_job.c.attempts)).all()
-    assert [tuple(j) for j in jobs] == [("pending", 0)]
+        jobs = conn.execute(sa.select(schema.label_job.c.run_id, schema.label_job.c.status,
+                                      schema.label_job.c.attempts)).all()  # fmt: skip
+    assert [tuple(j) for j in jobs] == [(run_id, "pending", 0)]  # one plan, kept, no attempt used
 
 
 # --- fast lane: assets, ffmpeg, batch invariance, prompt style ----------------------------------------
@@ -296,10 +310,30 @@ def test_tiny_qwen_audio_end_to_end(
     def qa(*args: str) -> dict:
         return _last_json(run_qa_cli([*args, *model, "--json"], database_url, **env))
 
-    # cry, both methods, one batch of 8 clips
+    # cry, both methods, one batch of 8 clips, by `qwen-tasks label` of the main environment: it plans,
+    # then runs the Qwen-Audio environment's worker, whose progress it shows and whose summary it reports
+    # with the keys of any `label --json`
     started = time.perf_counter()
-    both8 = qa("label", "--task", "cry", "--method", "both", "--batch-size", "8", "--max-new-tokens", "8")
+    cry8 = [
+        "--task",
+        "cry",
+        "--method",
+        "both",
+        "--batch-size",
+        "8",
+        "--max-new-tokens",
+        "8",
+        *model,
+        "--json",
+    ]
+    delegated = run_cli(["label", *cry8], database_url, **env)
     figures["cry_both_batch8_wall_s"] = time.perf_counter() - started
+    both8 = _last_json(delegated)
+    assert set(both8) == set(runner.LabelSummary(run_id=None, planned=0, jobs=0, left_over=0).to_dict())
+    assert f"run {both8['run_id']}: labelling in the Qwen-Audio environment" in delegated.stderr
+    assert "8/8 clips" in delegated.stderr and "1 jobs done, 0 failed, 8 clips labelled" in delegated.stderr
+    assert (both8["planned"], both8["jobs"], both8["model_loads"]) == (8, 1, 1)
+    assert both8["audio_seconds"] == pytest.approx(sum(durations), abs=0.01)
     figures["cry_both_batch8_model_load_s"] = both8["model_load_seconds"]
     figures["cry_both_batch8_process_s"] = both8["process_seconds"]
     assert (both8["labelled"], both8["failed"], both8["status"]) == (8, 0, "done")
@@ -359,3 +393,49 @@ def test_tiny_qwen_audio_end_to_end(
     modules = hf_home / "modules" / "transformers_modules" / checkpoint.name
     assert (modules / "mel_filters.npz").is_file() and (modules / "audio.py").is_file()
     print(f"\nqwen-audio tiny end to end: {json.dumps(figures)}")
+
+
+@pytest.mark.slow
+@main_env_only
+def test_label_forwards_sigterm_to_the_worker_and_passes_its_exit_status_back(
+    engine: Engine, database_url: str, qa_checkpoint: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """SIGTERM to `qwen-tasks label` while the Qwen-Audio environment's worker labels: the worker gets
+    it, gives the job in hand back (no attempt used) and exits 143, and so does `label`; the same
+    command again finishes the run, with no label lost or duplicated."""
+    checkpoint, hf_home = qa_checkpoint
+    ids = ingest_clips(engine, tmp_path / "audio", [1.0] * 4)
+    command = [*CLI, "label", "--task", "asr", "--model", str(checkpoint), "--device", "cpu", "--batch-size",
+               "1", "--max-new-tokens", "8", "--json"]  # fmt: skip
+    env = {
+        **os.environ,
+        "QWEN_TASKS_DATABASE_URL": database_url,
+        "HF_HOME": str(hf_home),
+        "HF_HUB_OFFLINE": "1",
+    }
+    label = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    jobs_done = sa.select(sa.func.count()).where(schema.label_job.c.status == "done")
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and label.poll() is None:
+        with engine.connect() as conn:
+            if conn.execute(jobs_done).scalar_one():
+                break
+        time.sleep(0.2)
+    label.send_signal(signal.SIGTERM)
+    stdout, stderr = label.communicate(timeout=120)
+    assert label.returncode == 143, stderr[-2000:]
+    assert stdout == "" and "stopped by SIGTERM (the job in hand was given back)" in stderr
+    with engine.connect() as conn:
+        jobs = conn.execute(sa.select(schema.label_job.c.status, schema.label_job.c.attempts)).all()
+    done = [j for j in jobs if j.status == "done"]
+    assert 1 <= len(done) < 4 and all(j.attempts == 1 for j in done)
+    assert all((j.status, j.attempts) == ("pending", 0) for j in jobs if j.status != "done")
+    assert count(engine, schema.transcription) == len(done)
+
+    again = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, check=False)
+    resumed = _last_json(again)
+    left = 4 - len(done)
+    assert (resumed["resumed_jobs"], resumed["labelled"], resumed["status"]) == (left, left, "done")
+    with engine.connect() as conn:
+        labelled = conn.execute(sa.select(schema.transcription.c.audio_id)).scalars().all()
+    assert sorted(labelled) == sorted(ids.values())  # each clip once

@@ -439,3 +439,84 @@ def test_label_forwards_sigterm_to_the_worker_and_passes_its_exit_status_back(
     with engine.connect() as conn:
         labelled = conn.execute(sa.select(schema.transcription.c.audio_id)).scalars().all()
     assert sorted(labelled) == sorted(ids.values())  # each clip once
+
+
+# --- the nightly DAG: label_batch_qwen_audio in the Qwen-Audio environment ----------------------------
+
+
+@pytest.mark.slow
+@main_env_only
+def test_the_dag_labels_qwen_audio_runs_in_the_qwen_audio_environment(
+    engine: Engine, database_url: str, qa_checkpoint: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """`dag.test()` of the nightly DAG on the tiny Qwen-Audio checkpoint, the labels database reachable
+    only through the Airflow connection. First with no Qwen-Audio environment on the worker: plan, then
+    label_batch_qwen_audio fails at once (no retries) saying how to create it, and the jobs stay pending
+    with no attempt used. Then with it: the next DAG run resumes those jobs, label_batch_qwen_audio
+    labels them in that interpreter (no Airflow there), label_batch is skipped, metrics and report run."""
+    from sqlalchemy.engine import make_url
+
+    from qwen_tasks.airflow_local import run_dag_test
+    from qwen_tasks.samples import write_sample_set
+
+    checkpoint, hf_home = qa_checkpoint
+    samples = write_sample_set(tmp_path / "audio", n=4, long_seconds=32.0)
+    conf = {"audio_dirs": [str(samples.root)], "asr_manifests": [str(samples.asr_manifest)],
+            "aqa_manifests": [str(samples.aqa_manifest)], "tasks": ["asr", "cry"], "model": str(checkpoint),
+            "device": "cpu", "method": "both", "max_new_tokens": 8, "slots": 2,
+            "report_dir": str(tmp_path / "reports")}  # fmt: skip
+    env: dict[str, str | None] = {
+        "AIRFLOW_CONN_QWEN_TASKS_DB": make_url(database_url).set(drivername="postgresql")
+        .render_as_string(hide_password=False),
+        "QWEN_TASKS_DATABASE_URL": None,  # the other interpreter gets the connection from the task
+        "QWEN_TASKS_RETRY_DELAY_SECONDS": "1",
+        "HF_HOME": str(hf_home),
+        "HF_HUB_OFFLINE": "1",
+    }  # fmt: skip
+    home = tmp_path / "airflow-home"
+
+    missing = tmp_path / "no-env" / "bin" / "python"
+    failed = run_dag_test(conf, home=home, extra_env={**env, environments.PYTHON_ENV_VAR: str(missing)},
+                          timeout=900, check=False)  # fmt: skip
+    assert failed.state == "failed"
+    assert failed.states("label_batch_qwen_audio") == ["failed", "failed"]  # failed for good: no retry
+    assert failed.states("label_batch") == ["skipped"] and failed.states("qwen_audio_slots") == ["success"]
+    log = Path(failed.log_file).read_text(errors="replace")
+    assert f"there is no Qwen-Audio environment at {missing}: create it with `make install-qwen-audio`" in log
+    planned = failed.xcom["plan.plan"]
+    assert (planned["slots"], planned["qwen_audio_slots"]) == (0, 2)
+    run_ids = sorted(planned["run_ids"])
+    assert sorted(planned["qwen_audio_run_ids"]) == run_ids and len(run_ids) == 2
+    with engine.connect() as conn:
+        jobs = conn.execute(sa.select(schema.label_job.c.status, schema.label_job.c.attempts)).all()
+    assert jobs and all((j.status, j.attempts) == ("pending", 0) for j in jobs)
+
+    started = time.perf_counter()
+    night = run_dag_test(conf, home=home, extra_env=env, timeout=900)
+    wall = time.perf_counter() - started
+    assert night.states("label_batch") == ["skipped"]
+    assert night.states("label_batch_qwen_audio") == ["success", "success"]
+    assert night.xcom["plan.plan"]["per_task"]["asr"]["resumed_jobs"] == 1
+    assert sorted(night.xcom["plan.run_ids"]) == run_ids  # the failed night's plan, resumed
+    names = [t["name"] for t in night.tasks if t["task_id"] == "label_batch_qwen_audio"]
+    assert any(name.startswith("worker 1/2: asr run") for name in names), names
+    log = Path(night.log_file).read_text(errors="replace")
+    assert "No module named 'pendulum'" not in log and "Traceback" not in log
+
+    n_audio = len(samples.clips)
+    with engine.connect() as conn:
+        runs = {r.task: r for r in conn.execute(sa.select(schema.label_run)).all()}
+        cry = conn.execute(
+            sa.select(schema.cry_answer.c.method, sa.func.count()).group_by(schema.cry_answer.c.method)
+        ).all()
+        metric_runs = set(conn.execute(sa.select(schema.run_metric.c.run_id).distinct()).scalars())
+    assert {t: (r.status, r.model, r.device, r.prompt_version) for t, r in runs.items()} == {
+        "asr": ("done", str(checkpoint.resolve()), "cpu", "qa-eval-asr-v1"),
+        "cry": ("done", str(checkpoint.resolve()), "cpu", "qa-eval-aqa-both-v1"),
+    }
+    assert count(engine, schema.transcription) == n_audio and dict(cry) == {
+        "score": n_audio,
+        "generate": n_audio,
+    }
+    assert metric_runs == set(run_ids) and Path(night.xcom["report"]["report"]).is_file()
+    print(f"\nqwen-audio DAG night: {wall:.1f} s wall (dag.test, incl. Airflow start), log {night.log_file}")

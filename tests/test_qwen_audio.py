@@ -40,7 +40,8 @@ CODE_DIR = os.environ.get("QWEN_AUDIO_CODE_DIR", "")
 # What a worker of either environment imports (the DAG's label step will run `pipeline` there too).
 WORKER_MODULES = ("qwen_tasks.cli", "qwen_tasks.runner", "qwen_tasks.jobs", "qwen_tasks.pipeline",
                   "qwen_tasks.db", "qwen_tasks.audio", "qwen_tasks.normalize", "qwen_tasks.export",
-                  "qwen_tasks.backends", "qwen_tasks.backends.qwen_audio")  # fmt: skip
+                  "qwen_tasks.backends", "qwen_tasks.backends.qwen_audio",
+                  "qwen_tasks.environments")  # fmt: skip
 
 main_env_only = pytest.mark.skipif(
     qwen_audio.runs_here(), reason="this interpreter is a Qwen-Audio environment (transformers 4.x)"

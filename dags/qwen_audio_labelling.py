@@ -11,8 +11,10 @@ Runs nightly (cron `QWEN_TASKS_SCHEDULE`, default `0 2 * * *` UTC) and on demand
 3. **label_batch**, mapped over worker *slots* (`slots`, default the `gpu` pool size; never more than
    the jobs), on the `gpu` pool and the `gpu` Celery queue: each slot loads the model **once** and claims
    jobs until the runs are drained; a slot that dies has its jobs taken over by the others or by its
-   Airflow retry. With `workers=external`, no slot runs: **wait_for_workers** defers until a fleet of
-   `qwen-tasks work --follow` processes has labelled the runs;
+   Airflow retry. Runs of an original Qwen-Audio model (transformers 4.x) go to
+   **label_batch_qwen_audio** instead: the same slots, run by the Qwen-Audio environment's python
+   (`QWEN_TASKS_QWEN_AUDIO_PYTHON` on the workers). With `workers=external`, no slot runs:
+   **wait_for_workers** defers until a fleet of `qwen-tasks work --follow` processes has labelled the runs;
 4. **metrics** (WER/CER, accuracy, AUC, speed) stored per run in `run_metric`;
 5. **report** written under `$QWEN_TASKS_HOME/reports/<dag run id>/`.
 
@@ -28,12 +30,15 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
+from pathlib import Path
+from typing import Any
 
 import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
 
 from qwen_tasks.airflow_wait import WaitForWorkersOperator
 from qwen_tasks.config import Settings
+from qwen_tasks.environments import PYTHON_ENV_VAR, interpreter
 from qwen_tasks.errors import ConfigError
 from qwen_tasks.options import LabelOptions
 from qwen_tasks.pipeline import LABEL_RETRIES, JobFailed
@@ -51,6 +56,11 @@ try:
 except ValueError:
     RETRY_DELAY = timedelta(seconds=30)
 
+# The Qwen-Audio environment's python (QWEN_TASKS_QWEN_AUDIO_PYTHON, else the checkout's
+# .venv-qwen-audio), read where the DAG is parsed: a worker parses it again before running a task, so
+# the path that counts is the worker's. Checked when the task starts, not here.
+QWEN_AUDIO_PYTHON = str(interpreter())
+
 # The trigger form: generated from the options object the CLI uses, so they cannot disagree.
 PARAMS = {
     name: Param(default, **schema) for name, (default, schema) in LabelOptions.param_specs(_SETTINGS).items()
@@ -66,6 +76,40 @@ def no_retry_for_permanent_errors() -> Iterator[None]:
         yield
     except (ConfigError, JobFailed) as exc:
         raise AirflowFailException(str(exc)) from exc
+
+
+def qwen_audio_slot_starts(context: Any) -> None:
+    """label_batch_qwen_audio, on the Airflow side before the Qwen-Audio python starts: that python has
+    no Airflow, so the labels database (the Airflow connection) goes into its environment as
+    QWEN_TASKS_DATABASE_URL (never into its arguments, which the UI shows); a missing environment fails
+    the task with how to create it."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from qwen_tasks.airflow_conn import resolve_database_url
+    from qwen_tasks.environments import how_to_create
+    from qwen_tasks.pipeline import slot_name
+
+    op = context["task"]
+    python = Path(op.python)
+    if not python.is_absolute():
+        raise AirflowFailException(f"{PYTHON_ENV_VAR} must be an absolute path on the workers, got {python}")
+    if not python.is_file():
+        raise AirflowFailException(f"runs of an original Qwen-Audio model need it: {how_to_create(python)}")
+    with no_retry_for_permanent_errors():
+        url = resolve_database_url()
+    if url:
+        op.env_vars = {**(op.env_vars or {}), "QWEN_TASKS_DATABASE_URL": url}
+    context["worker_name"] = slot_name(op.op_kwargs["slot"], len(op.op_kwargs["slots"]))
+
+
+def qwen_audio_slot_ended(context: Any, result: Any) -> None:
+    """label_batch_qwen_audio, on the Airflow side after it: its UI name, and a permanent failure (only
+    values cross from the other interpreter) fails the task without retries, as in label_batch."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    context["worker_name"] = result.get("name") or context.get("worker_name")
+    if result.get("failed_for_good"):
+        raise AirflowFailException(result["failed_for_good"])
 
 
 @dag(
@@ -148,6 +192,36 @@ def qwen_audio_labelling():
                 on_name=name,
             )  # fmt: skip
 
+    @task(multiple_outputs=False)
+    def qwen_audio_slots(counts: dict) -> list[int]:
+        """The slot numbers label_batch_qwen_audio maps over (none unless runs of an original Qwen-Audio
+        model were planned): Airflow maps a task only over another's return value, and plan's is
+        label_batch's."""
+        return list(range(counts["qwen_audio_slots"]))
+
+    @task.external_python(
+        python=QWEN_AUDIO_PYTHON,
+        expect_airflow=False,  # the Qwen-Audio environment has no Airflow: plain arguments, no context
+        pool="gpu",
+        queue="gpu",
+        retries=LABEL_RETRIES,
+        retry_delay=RETRY_DELAY,
+        retry_exponential_backoff=True,
+        max_retry_delay=timedelta(minutes=15),
+        execution_timeout=timedelta(hours=12),
+        map_index_template="{{ worker_name }}",
+        pre_execute=qwen_audio_slot_starts,
+        post_execute=qwen_audio_slot_ended,
+        multiple_outputs=False,
+    )
+    def label_batch_qwen_audio(slot: int, run_ids: list, slots: list) -> dict:
+        """label_batch for runs of an original Qwen-Audio model, in the Qwen-Audio environment's python
+        (transformers 4.x). Airflow runs a copy of this function's source there, with its arguments
+        pickled: it may only import and call."""
+        from qwen_tasks.pipeline import work_step_elsewhere
+
+        return work_step_elsewhere(run_ids, slot=slot, slots=len(slots))
+
     @task(trigger_rule="none_failed", multiple_outputs=False)
     def metrics(run_ids: list) -> dict:
         """Quality and speed metrics per run, stored in run_metric."""
@@ -171,9 +245,13 @@ def qwen_audio_labelling():
 
     planned = plan(ingest())
     labelled = label_batch.partial(run_ids=planned["run_ids"]).expand(slot=planned)
+    qa_slots = qwen_audio_slots(planned["plan"])
+    labelled_qa = label_batch_qwen_audio.partial(run_ids=planned["run_ids"], slots=qa_slots).expand(
+        slot=qa_slots
+    )
     waited = WaitForWorkersOperator(task_id="wait_for_workers", run_ids=planned["run_ids"])
     computed = metrics(planned["run_ids"])
-    [labelled, waited] >> computed
+    [labelled, labelled_qa, waited] >> computed
     report(planned["run_ids"], computed)
 
 

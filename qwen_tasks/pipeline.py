@@ -10,7 +10,9 @@ step can be called, tested and debugged without Airflow. Each step:
 
 `plan` is the one planning function (`qwen-tasks label` calls it too): resume, then plan. Labelling fans
 out over worker slots, not jobs: `work_step` is one slot, which loads the model once and claims jobs of
-the DAG run's runs until none is left (the lease / SKIP LOCKED claim makes sharing safe).
+the DAG run's runs until none is left (the lease / SKIP LOCKED claim makes sharing safe). Runs of an
+original Qwen-Audio model are labelled by slots of their own in the Qwen-Audio environment's python
+(`work_step_elsewhere`, `qwen_tasks.environments`): each interpreter's slots take the runs it can load.
 Steps are idempotent the way Airflow retries need: ingest upserts, planning never plans audio twice, a
 slot whose runs are already done returns at once without loading the model.
 """
@@ -84,6 +86,8 @@ class Plan:
     items: int = 0  # clips in new runs
     left_over: int = 0  # audio that did not fit under max_jobs (planned next time)
     per_task: dict[str, dict[str, Any]] = field(default_factory=dict)
+    run_models: dict[int, str] = field(default_factory=dict)  # run id -> the model that labels it
+    run_jobs: dict[int, int] = field(default_factory=dict)  # run id -> its jobs in job_ids
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -125,6 +129,9 @@ def plan(
         resumed = unfinished_jobs(engine, task, info.model, info.revision, info.prompt_version, limit=budget)
         out.job_ids.extend(job_id for job_id, _ in resumed)
         out.run_ids.extend(sorted({run_id for _, run_id in resumed} - set(out.run_ids)))
+        for _, run_id in resumed:
+            out.run_models[run_id] = info.model
+            out.run_jobs[run_id] = out.run_jobs.get(run_id, 0) + 1
         out.resumed_jobs += len(resumed)
         if budget is not None:
             budget -= len(resumed)
@@ -153,6 +160,8 @@ def plan(
         if result.run_id is not None:
             out.run_ids.append(result.run_id)
             out.new_run_ids.append(result.run_id)
+            out.run_models[result.run_id] = info.model
+            out.run_jobs[result.run_id] = len(result.job_ids)
         out.job_ids.extend(result.job_ids)
         out.items += result.n_items
         out.left_over += result.n_left_over
@@ -171,12 +180,20 @@ def plan_step(
     database_url: str | None = None,
     context: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """`plan` for a DAG run; returns ids and counts, plus `slots`: how many label_batch workers to map
-    (min(jobs, slots); 0 when nothing is to do or the jobs go to external workers)."""
+    """`plan` for a DAG run; returns ids and counts, plus how many worker slots to map: `slots` for
+    label_batch (this interpreter) and `qwen_audio_slots` for label_batch_qwen_audio (runs of an original
+    Qwen-Audio model, `qwen_audio_run_ids`); each min(its jobs, the slots param), 0 when nothing is to do
+    or the jobs go to external workers."""
+    from .backends import required_python
+
     p = options(params)
     planned = plan(_engine(database_url), p, max_jobs=max_jobs, context=context)
     n_jobs = len(planned.job_ids)
-    slots = 0 if p.workers == Workers.EXTERNAL else min(n_jobs, p.slots)
+    elsewhere = [r for r in planned.run_ids if required_python(planned.run_models[r]) is not None]
+    jobs_elsewhere = sum(planned.run_jobs.get(r, 0) for r in elsewhere)
+    airflow = p.workers == Workers.AIRFLOW
+    slots = min(n_jobs - jobs_elsewhere, p.slots) if airflow else 0
+    qwen_audio_slots = min(jobs_elsewhere, p.slots) if airflow else 0
     out = {
         "run_ids": planned.run_ids,
         "job_ids": planned.job_ids,
@@ -185,11 +202,17 @@ def plan_step(
         "per_task": planned.per_task,
         "workers": p.workers,
         "slots": slots,
+        "qwen_audio_run_ids": elsewhere,
+        "qwen_audio_slots": qwen_audio_slots,
     }
-    log.info(
-        "planned %d job(s) in run(s) %s (%d resumed); %s", n_jobs, planned.run_ids, planned.resumed_jobs,
-        f"{slots} label_batch worker(s)" if p.workers == Workers.AIRFLOW else "for external workers",
-    )  # fmt: skip
+    if airflow:
+        where = f"{slots} label_batch worker(s)"
+        if qwen_audio_slots:
+            where += f", {qwen_audio_slots} in the Qwen-Audio environment for run(s) {elsewhere}"
+    else:
+        where = "for external workers"
+    log.info("planned %d job(s) in run(s) %s (%d resumed); %s", n_jobs, planned.run_ids,
+             planned.resumed_jobs, where)  # fmt: skip
     return out
 
 
@@ -256,7 +279,7 @@ def _job_names(engine: Engine, job_ids: Sequence[int]) -> list[str]:
 
 
 def work_step(
-    params: Mapping[str, Any],
+    params: Mapping[str, Any] | None,
     run_ids: Sequence[int],
     *,
     slot: int = 0,
@@ -270,20 +293,25 @@ def work_step(
     runs out). Job-level errors are retried on the job (any slot may take it again); a job that used up
     its attempts fails this slot at the end (JobFailed), after the other jobs were done.
 
+    Only runs whose model this interpreter can load are worked; the others are left to the slots of the
+    interpreter that can (plan_step maps both). `params` None: device and dtype as planned.
     `on_name(name)` is called with the slot's UI name once its jobs are known (the DAG's map name)."""
     from .runner import Until, backend_for_run, default_worker_id, work
 
-    p = options(params)
+    device, dtype = (None, None)
+    if params is not None:
+        p = options(params)
+        device, dtype = p.device, p.dtype_arg
     settings = get_settings()
     engine = _engine(database_url)
     worker_id = worker or f"{default_worker_id()}:slot{slot + 1}"
-    ids = [int(r) for r in run_ids]
+    ids = _runs_for_this_interpreter(engine, [int(r) for r in run_ids])
     if not ids:
         return {"slot": slot, "jobs_done": 0, "labelled": 0}
 
     log.info("worker %d/%d (%s): labelling runs %s", slot + 1, slots, worker_id, ids)
     summary = work(
-        engine, ids, backend_for_run(p.device, p.dtype_arg), worker_id=worker_id,
+        engine, ids, backend_for_run(device, dtype), worker_id=worker_id,
         lease_seconds=settings.lease_seconds, until=Until.DRAINED,
     )  # fmt: skip
     names = _job_names(engine, summary.job_ids)
@@ -313,6 +341,43 @@ def work_step(
             f"{summary.jobs_failed} job(s) failed after all attempts: {'; '.join(summary.errors[-3:])}"
         )
     return out
+
+
+def _runs_for_this_interpreter(engine: Engine, run_ids: Sequence[int]) -> list[int]:
+    """The runs among `run_ids` whose model this interpreter can load (see environments)."""
+    from .backends import check_environment
+    from .errors import WrongEnvironment
+    from .jobs import get_run
+
+    out = []
+    for run_id in run_ids:
+        try:
+            check_environment(get_run(engine, run_id).model, run_id=run_id)
+        except WrongEnvironment as exc:
+            log.info("run %d is left to the slots of another interpreter: %s", run_id, exc)
+            continue
+        out.append(run_id)
+    return out
+
+
+def work_step_elsewhere(run_ids: Sequence[int], *, slot: int = 0, slots: int = 1) -> dict[str, Any]:
+    """label_batch_qwen_audio's body, run by the Qwen-Audio environment's python (Airflow's
+    ExternalPythonOperator; no Airflow there): `work_step` on the database named by
+    QWEN_TASKS_DATABASE_URL (the task puts the Airflow connection there), device and dtype as planned,
+    SIGTERM giving the job in hand back (this process owns its signals, unlike a task in Airflow's).
+
+    Only values cross the process boundary, so the slot's UI name is returned (`name`), and so is a
+    failure that retrying will not fix (`failed_for_good`: bad settings, a job out of attempts) rather
+    than raised as an exception, which would arrive as text and be retried."""
+    from .runner import signals_handled
+
+    names = [slot_name(slot, slots)]
+    try:
+        with signals_handled():
+            out = work_step(None, run_ids, slot=slot, slots=slots, on_name=names.append)
+    except (ConfigError, JobFailed) as exc:
+        return {"slot": slot, "name": names[-1], "failed_for_good": str(exc)}
+    return {**out, "name": names[-1]}
 
 
 def runs_progress(run_ids: Sequence[int], *, database_url: str | None = None) -> dict[str, Any]:

@@ -157,6 +157,8 @@ def test_first_run_labels_both_tasks(nights: dict[str, Any]) -> None:
     assert first.state == "success"
     got = states(first)
     assert got["label_batch"] and set(got["label_batch"]) == {"success"}
+    # a Qwen2-Audio model: no slot of the Qwen-Audio environment is mapped (tests/test_qwen_audio.py)
+    assert got["qwen_audio_slots"] == ["success"] and got["label_batch_qwen_audio"] == ["skipped"]
     for task in ("ingest", "plan", "metrics", "report"):
         assert got[task] == ["success"], task
     names = [t["name"] for t in first.tasks if t["task_id"] == "label_batch"]

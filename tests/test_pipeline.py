@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from labelling_helpers import build_tiny_model, count, write_clips
 from sqlalchemy.engine import Engine
 
-from qwen_tasks import jobs, pipeline, schema
+from qwen_tasks import environments, jobs, pipeline, schema
 from qwen_tasks.backends import get_backend
 from qwen_tasks.errors import ConfigError
 from qwen_tasks.options import LabelOptions
@@ -145,6 +145,7 @@ def test_slots_label_every_job_once_and_load_the_model_only_when_there_is_work(
     params = _params(tiny_model_dir, tasks=["cry"], slots=2)
     planned = pipeline.plan_step(params, database_url=database_url)
     assert planned["jobs"] == 4 and planned["slots"] == 2  # min(jobs, slots)
+    assert (planned["qwen_audio_slots"], planned["qwen_audio_run_ids"]) == (0, [])  # no Qwen-Audio slot
     names: list[str] = []
     first = pipeline.work_step(
         params, planned["run_ids"], slot=0, slots=2, database_url=database_url, on_name=names.append
@@ -171,6 +172,30 @@ def test_slots_label_every_job_once_and_load_the_model_only_when_there_is_work(
     )
     assert external["jobs"] == 4 and external["slots"] == 0  # no Airflow slot: the fleet labels these
     assert pipeline.runs_progress(external["run_ids"], database_url=database_url)["finished"] is False
+
+
+@pytest.mark.skipif(environments.runs_here(), reason="this interpreter is the Qwen-Audio environment")
+def test_runs_of_an_original_qwen_audio_model_get_slots_of_their_own(
+    engine: Engine, tmp_path: Path, database_url: str
+) -> None:
+    """Planned here (no model is loaded to plan), labelled by the Qwen-Audio environment's slots: the
+    main environment's slots leave those runs alone, without claiming a job."""
+    model = tmp_path / "qwen-audio-local"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "qwen"}', encoding="utf-8")
+    write_clips(tmp_path / "audio", [1.0, 1.2, 1.4])
+    pipeline.ingest_step({"model": "m", "audio_dirs": [str(tmp_path / "audio")]}, database_url=database_url)
+    params = {"model": str(model), "tasks": ["asr", "cry"], "batch_size": 1, "slots": 4, "device": "cpu"}
+    planned = pipeline.plan_step(params, database_url=database_url)
+    assert planned["jobs"] == 6 and (planned["slots"], planned["qwen_audio_slots"]) == (0, 4)
+    assert planned["qwen_audio_run_ids"] == planned["run_ids"] and len(planned["run_ids"]) == 2
+    out = pipeline.work_step(params, planned["run_ids"], database_url=database_url)  # a label_batch slot
+    assert out["jobs_done"] == 0
+    with engine.connect() as conn:
+        states = conn.execute(sa.select(schema.label_job.c.status, schema.label_job.c.attempts)).all()
+    assert sorted(set(states)) == [("pending", 0)]
+    external = pipeline.plan_step({**params, "workers": "external"}, database_url=database_url)
+    assert (external["slots"], external["qwen_audio_slots"]) == (0, 0)  # the fleet labels these
 
 
 def test_a_retried_slot_takes_free_jobs_before_waiting_out_a_dead_lease(

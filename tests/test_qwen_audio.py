@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -24,10 +25,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import sqlalchemy as sa
-from labelling_helpers import count, ingest_clips, run_cli
+from labelling_helpers import CLI, count, ingest_clips, run_cli
 from sqlalchemy.engine import Engine
 
-from qwen_tasks import prompts, runner, schema
+from qwen_tasks import environments, prompts, runner, schema
 from qwen_tasks.backends import load_backend, qwen_audio, required_python
 from qwen_tasks.errors import ModelError, WrongEnvironment
 from qwen_tasks.options import LabelOptions
@@ -39,7 +40,8 @@ CODE_DIR = os.environ.get("QWEN_AUDIO_CODE_DIR", "")
 # What a worker of either environment imports (the DAG's label step will run `pipeline` there too).
 WORKER_MODULES = ("qwen_tasks.cli", "qwen_tasks.runner", "qwen_tasks.jobs", "qwen_tasks.pipeline",
                   "qwen_tasks.db", "qwen_tasks.audio", "qwen_tasks.normalize", "qwen_tasks.export",
-                  "qwen_tasks.backends", "qwen_tasks.backends.qwen_audio")  # fmt: skip
+                  "qwen_tasks.backends", "qwen_tasks.backends.qwen_audio",
+                  "qwen_tasks.environments")  # fmt: skip
 
 main_env_only = pytest.mark.skipif(
     qwen_audio.runs_here(), reason="this interpreter is a Qwen-Audio environment (transformers 4.x)"
@@ -62,7 +64,7 @@ def test_load_backend_refuses_before_loading_and_names_the_command(
 ) -> None:
     model = qwen_audio_only_config(tmp_path / "qwen-audio-local")
     python = tmp_path / "nowhere" / "bin" / "python"
-    monkeypatch.setenv(qwen_audio.PYTHON_ENV_VAR, str(python))
+    monkeypatch.setenv(environments.PYTHON_ENV_VAR, str(python))
     assert required_python(str(model)) == python
     assert required_python("Qwen/Qwen-Audio-Chat") == python  # hub ids: by name
     assert required_python("Qwen/Qwen2-Audio-7B-Instruct") is None
@@ -70,28 +72,28 @@ def test_load_backend_refuses_before_loading_and_names_the_command(
         load_backend(str(model), device="cpu")  # no weights in the folder: loading was never tried
     message = str(caught.value)
     assert "\n" not in message and "needs transformers >=4.37,<4.54" in message
-    assert "make install-qwen-audio" in message and qwen_audio.PYTHON_ENV_VAR in message
+    assert "make install-qwen-audio" in message and environments.PYTHON_ENV_VAR in message
     assert caught.value.python == str(python)
     assert caught.value.command == [str(python), "-m", "qwen_tasks", "work", "--run", "ID"]
     assert isinstance(caught.value, ModelError)  # callers that handle ModelError keep working
 
 
 def test_interpreter_default_and_worker_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(qwen_audio.PYTHON_ENV_VAR, raising=False)
-    assert qwen_audio.interpreter() == ROOT / ".venv-qwen-audio" / "bin" / "python"
+    monkeypatch.delenv(environments.PYTHON_ENV_VAR, raising=False)
+    assert environments.interpreter() == ROOT / ".venv-qwen-audio" / "bin" / "python"
     venv_bin = tmp_path / "venv" / "bin"
     venv_bin.mkdir(parents=True)
     (venv_bin / "python").touch()
     (venv_bin / "qwen-tasks").touch()
-    monkeypatch.setenv(qwen_audio.PYTHON_ENV_VAR, str(venv_bin / "python"))
-    assert qwen_audio.worker_command(7) == [str(venv_bin / "qwen-tasks"), "work", "--run", "7"]
+    monkeypatch.setenv(environments.PYTHON_ENV_VAR, str(venv_bin / "python"))
+    assert environments.worker_command(7) == [str(venv_bin / "qwen-tasks"), "work", "--run", "7"]
 
 
 @main_env_only
 def test_worker_refuses_a_qwen_audio_run_without_claiming_a_job(
     engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv(qwen_audio.PYTHON_ENV_VAR, str(tmp_path / "qa" / "bin" / "python"))
+    monkeypatch.setenv(environments.PYTHON_ENV_VAR, str(tmp_path / "qa" / "bin" / "python"))
     model = qwen_audio_only_config(tmp_path / "qwen-audio-local")
     ingest_clips(engine, tmp_path / "audio", [1.0, 1.5, 2.0])
     options = LabelOptions.from_mapping({"tasks": ["cry"], "model": str(model), "device": "cpu"})
@@ -111,27 +113,40 @@ def test_worker_refuses_a_qwen_audio_run_without_claiming_a_job(
     assert [(r.status, r.attempts, r.lease_owner, r.last_error) for r in rows] == [("pending", 0, None, None)]
 
 
-@pytest.mark.slow
 @main_env_only
-def test_cli_worker_and_label_refuse_in_one_line(engine: Engine, database_url: str, tmp_path: Path) -> None:
-    """`qwen-tasks work` / `label` of the main environment, as a user runs them (real subprocesses)."""
+def test_label_without_the_environment_plans_and_says_how_to_create_it(
+    engine: Engine, database_url: str, tmp_path: Path
+) -> None:
+    """`qwen-tasks label` / `work` of the main environment with a Qwen-Audio model and no Qwen-Audio
+    environment, as a user runs them (real subprocesses; no weights anywhere): label plans, then exits 1
+    with one line saying how to create the environment and what to run then; the plan stays, and the
+    same command again resumes it rather than planning anew."""
     model = qwen_audio_only_config(tmp_path / "qwen-audio-local")
     ingest_clips(engine, tmp_path / "audio", [1.0, 2.0])
     python = tmp_path / "qa" / "bin" / "python"
-    labelled = run_cli(["label", "--task", "asr", "--model", str(model), "--device", "cpu"], database_url,
-                       QWEN_TASKS_QWEN_AUDIO_PYTHON=str(python))  # fmt: skip
-    assert labelled.returncode == 1
+    env = {environments.PYTHON_ENV_VAR: str(python)}
+    command = ["label", "--task", "asr", "--model", str(model), "--device", "cpu", "--json"]
+    labelled = run_cli(command, database_url, **env)
+    assert labelled.returncode == 1 and labelled.stdout == "" and "Traceback" not in labelled.stderr
     with engine.connect() as conn:
         run_id = conn.execute(sa.select(sa.func.max(schema.label_run.c.id))).scalar_one()
+    assert f"run {run_id}: 2 clips in 1 jobs" in labelled.stderr
     errors = [line for line in labelled.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "Traceback" not in labelled.stderr
-    assert errors[0].endswith(f"then run `{python} -m qwen_tasks work --run {run_id}`")
-    worked = run_cli(["work", "--run", str(run_id)], database_url, QWEN_TASKS_QWEN_AUDIO_PYTHON=str(python))
+    assert errors == [
+        f"error: run {run_id} planned for {model}, an original Qwen-Audio model, which only its own "
+        f"environment can label; there is no Qwen-Audio environment at {python}: create it with `make "
+        "install-qwen-audio` (or set QWEN_TASKS_QWEN_AUDIO_PYTHON to its python), then run this command "
+        f"again, or `{python} -m qwen_tasks work --run {run_id}`"
+    ]
+    again = run_cli(command, database_url, **env)
+    assert again.returncode == 1 and f"resuming run {run_id}: 1 unfinished job(s)" in again.stderr
+    worked = run_cli(["work", "--run", str(run_id)], database_url, **env)
     assert worked.returncode == 1 and "Traceback" not in worked.stderr
     assert f"work --run {run_id}`" in worked.stderr and "make install-qwen-audio" in worked.stderr
     with engine.connect() as conn:
-        jobs = conn.execute(sa.select(schema.label_job.c.status, schema.label_job.c.attempts)).all()
-    assert [tuple(j) for j in jobs] == [("pending", 0)]
+        jobs = conn.execute(sa.select(schema.label_job.c.run_id, schema.label_job.c.status,
+                                      schema.label_job.c.attempts)).all()  # fmt: skip
+    assert [tuple(j) for j in jobs] == [(run_id, "pending", 0)]  # one plan, kept, no attempt used
 
 
 # --- fast lane: assets, ffmpeg, batch invariance, prompt style ----------------------------------------
@@ -202,7 +217,7 @@ def test_compose_image_builds_both_environments() -> None:
 
 
 def qa_python() -> Path:
-    python = qwen_audio.interpreter()
+    python = environments.interpreter()
     if not python.exists():
         pytest.skip(f"no Qwen-Audio environment at {python}: run `make install-qwen-audio`")
     return python
@@ -296,10 +311,30 @@ def test_tiny_qwen_audio_end_to_end(
     def qa(*args: str) -> dict:
         return _last_json(run_qa_cli([*args, *model, "--json"], database_url, **env))
 
-    # cry, both methods, one batch of 8 clips
+    # cry, both methods, one batch of 8 clips, by `qwen-tasks label` of the main environment: it plans,
+    # then runs the Qwen-Audio environment's worker, whose progress it shows and whose summary it reports
+    # with the keys of any `label --json`
     started = time.perf_counter()
-    both8 = qa("label", "--task", "cry", "--method", "both", "--batch-size", "8", "--max-new-tokens", "8")
+    cry8 = [
+        "--task",
+        "cry",
+        "--method",
+        "both",
+        "--batch-size",
+        "8",
+        "--max-new-tokens",
+        "8",
+        *model,
+        "--json",
+    ]
+    delegated = run_cli(["label", *cry8], database_url, **env)
     figures["cry_both_batch8_wall_s"] = time.perf_counter() - started
+    both8 = _last_json(delegated)
+    assert set(both8) == set(runner.LabelSummary(run_id=None, planned=0, jobs=0, left_over=0).to_dict())
+    assert f"run {both8['run_id']}: labelling in the Qwen-Audio environment" in delegated.stderr
+    assert "8/8 clips" in delegated.stderr and "1 jobs done, 0 failed, 8 clips labelled" in delegated.stderr
+    assert (both8["planned"], both8["jobs"], both8["model_loads"]) == (8, 1, 1)
+    assert both8["audio_seconds"] == pytest.approx(sum(durations), abs=0.01)
     figures["cry_both_batch8_model_load_s"] = both8["model_load_seconds"]
     figures["cry_both_batch8_process_s"] = both8["process_seconds"]
     assert (both8["labelled"], both8["failed"], both8["status"]) == (8, 0, "done")
@@ -359,3 +394,130 @@ def test_tiny_qwen_audio_end_to_end(
     modules = hf_home / "modules" / "transformers_modules" / checkpoint.name
     assert (modules / "mel_filters.npz").is_file() and (modules / "audio.py").is_file()
     print(f"\nqwen-audio tiny end to end: {json.dumps(figures)}")
+
+
+@pytest.mark.slow
+@main_env_only
+def test_label_forwards_sigterm_to_the_worker_and_passes_its_exit_status_back(
+    engine: Engine, database_url: str, qa_checkpoint: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """SIGTERM to `qwen-tasks label` while the Qwen-Audio environment's worker labels: the worker gets
+    it, gives the job in hand back (no attempt used) and exits 143, and so does `label`; the same
+    command again finishes the run, with no label lost or duplicated."""
+    checkpoint, hf_home = qa_checkpoint
+    ids = ingest_clips(engine, tmp_path / "audio", [1.0] * 4)
+    command = [*CLI, "label", "--task", "asr", "--model", str(checkpoint), "--device", "cpu", "--batch-size",
+               "1", "--max-new-tokens", "8", "--json"]  # fmt: skip
+    env = {
+        **os.environ,
+        "QWEN_TASKS_DATABASE_URL": database_url,
+        "HF_HOME": str(hf_home),
+        "HF_HUB_OFFLINE": "1",
+    }
+    label = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    jobs_done = sa.select(sa.func.count()).where(schema.label_job.c.status == "done")
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and label.poll() is None:
+        with engine.connect() as conn:
+            if conn.execute(jobs_done).scalar_one():
+                break
+        time.sleep(0.2)
+    label.send_signal(signal.SIGTERM)
+    stdout, stderr = label.communicate(timeout=120)
+    assert label.returncode == 143, stderr[-2000:]
+    assert stdout == "" and "stopped by SIGTERM (the job in hand was given back)" in stderr
+    with engine.connect() as conn:
+        jobs = conn.execute(sa.select(schema.label_job.c.status, schema.label_job.c.attempts)).all()
+    done = [j for j in jobs if j.status == "done"]
+    assert 1 <= len(done) < 4 and all(j.attempts == 1 for j in done)
+    assert all((j.status, j.attempts) == ("pending", 0) for j in jobs if j.status != "done")
+    assert count(engine, schema.transcription) == len(done)
+
+    again = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, check=False)
+    resumed = _last_json(again)
+    left = 4 - len(done)
+    assert (resumed["resumed_jobs"], resumed["labelled"], resumed["status"]) == (left, left, "done")
+    with engine.connect() as conn:
+        labelled = conn.execute(sa.select(schema.transcription.c.audio_id)).scalars().all()
+    assert sorted(labelled) == sorted(ids.values())  # each clip once
+
+
+# --- the nightly DAG: label_batch_qwen_audio in the Qwen-Audio environment ----------------------------
+
+
+@pytest.mark.slow
+@main_env_only
+def test_the_dag_labels_qwen_audio_runs_in_the_qwen_audio_environment(
+    engine: Engine, database_url: str, qa_checkpoint: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """`dag.test()` of the nightly DAG on the tiny Qwen-Audio checkpoint, the labels database reachable
+    only through the Airflow connection. First with no Qwen-Audio environment on the worker: plan, then
+    label_batch_qwen_audio fails at once (no retries) saying how to create it, and the jobs stay pending
+    with no attempt used. Then with it: the next DAG run resumes those jobs, label_batch_qwen_audio
+    labels them in that interpreter (no Airflow there), label_batch is skipped, metrics and report run."""
+    from sqlalchemy.engine import make_url
+
+    from qwen_tasks.airflow_local import run_dag_test
+    from qwen_tasks.samples import write_sample_set
+
+    checkpoint, hf_home = qa_checkpoint
+    samples = write_sample_set(tmp_path / "audio", n=4, long_seconds=32.0)
+    conf = {"audio_dirs": [str(samples.root)], "asr_manifests": [str(samples.asr_manifest)],
+            "aqa_manifests": [str(samples.aqa_manifest)], "tasks": ["asr", "cry"], "model": str(checkpoint),
+            "device": "cpu", "method": "both", "max_new_tokens": 8, "slots": 2,
+            "report_dir": str(tmp_path / "reports")}  # fmt: skip
+    env: dict[str, str | None] = {
+        "AIRFLOW_CONN_QWEN_TASKS_DB": make_url(database_url).set(drivername="postgresql")
+        .render_as_string(hide_password=False),
+        "QWEN_TASKS_DATABASE_URL": None,  # the other interpreter gets the connection from the task
+        "QWEN_TASKS_RETRY_DELAY_SECONDS": "1",
+        "HF_HOME": str(hf_home),
+        "HF_HUB_OFFLINE": "1",
+    }  # fmt: skip
+    home = tmp_path / "airflow-home"
+
+    missing = tmp_path / "no-env" / "bin" / "python"
+    failed = run_dag_test(conf, home=home, extra_env={**env, environments.PYTHON_ENV_VAR: str(missing)},
+                          timeout=900, check=False)  # fmt: skip
+    assert failed.state == "failed"
+    assert failed.states("label_batch_qwen_audio") == ["failed", "failed"]  # failed for good: no retry
+    assert failed.states("label_batch") == ["skipped"] and failed.states("qwen_audio_slots") == ["success"]
+    log = Path(failed.log_file).read_text(errors="replace")
+    assert f"there is no Qwen-Audio environment at {missing}: create it with `make install-qwen-audio`" in log
+    planned = failed.xcom["plan.plan"]
+    assert (planned["slots"], planned["qwen_audio_slots"]) == (0, 2)
+    run_ids = sorted(planned["run_ids"])
+    assert sorted(planned["qwen_audio_run_ids"]) == run_ids and len(run_ids) == 2
+    with engine.connect() as conn:
+        jobs = conn.execute(sa.select(schema.label_job.c.status, schema.label_job.c.attempts)).all()
+    assert jobs and all((j.status, j.attempts) == ("pending", 0) for j in jobs)
+
+    started = time.perf_counter()
+    night = run_dag_test(conf, home=home, extra_env=env, timeout=900)
+    wall = time.perf_counter() - started
+    assert night.states("label_batch") == ["skipped"]
+    assert night.states("label_batch_qwen_audio") == ["success", "success"]
+    assert night.xcom["plan.plan"]["per_task"]["asr"]["resumed_jobs"] == 1
+    assert sorted(night.xcom["plan.run_ids"]) == run_ids  # the failed night's plan, resumed
+    names = [t["name"] for t in night.tasks if t["task_id"] == "label_batch_qwen_audio"]
+    assert any(name.startswith("worker 1/2: asr run") for name in names), names
+    log = Path(night.log_file).read_text(errors="replace")
+    assert "No module named 'pendulum'" not in log and "Traceback" not in log
+
+    n_audio = len(samples.clips)
+    with engine.connect() as conn:
+        runs = {r.task: r for r in conn.execute(sa.select(schema.label_run)).all()}
+        cry = conn.execute(
+            sa.select(schema.cry_answer.c.method, sa.func.count()).group_by(schema.cry_answer.c.method)
+        ).all()
+        metric_runs = set(conn.execute(sa.select(schema.run_metric.c.run_id).distinct()).scalars())
+    assert {t: (r.status, r.model, r.device, r.prompt_version) for t, r in runs.items()} == {
+        "asr": ("done", str(checkpoint.resolve()), "cpu", "qa-eval-asr-v1"),
+        "cry": ("done", str(checkpoint.resolve()), "cpu", "qa-eval-aqa-both-v1"),
+    }
+    assert count(engine, schema.transcription) == n_audio and dict(cry) == {
+        "score": n_audio,
+        "generate": n_audio,
+    }
+    assert metric_runs == set(run_ids) and Path(night.xcom["report"]["report"]).is_file()
+    print(f"\nqwen-audio DAG night: {wall:.1f} s wall (dag.test, incl. Airflow start), log {night.log_file}")

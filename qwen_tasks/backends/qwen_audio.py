@@ -5,9 +5,10 @@ in the checkpoint (hub repo or local copy) and only load under **transformers 4.
 4.37.2 to 4.53.3, TRANSFORMERS_SPEC): transformers 5 removed `DisjunctiveConstraint` (imported by
 `transformers_stream_generator`, which the remote code requires) and `PreTrainedModel.get_head_mask`
 (called in its forward pass). So it runs in a second pinned environment, `.venv-qwen-audio`
-(`make install-qwen-audio`, `requirements-qwen-audio.lock`); this module also says which interpreter
-that is (`interpreter()`, `QWEN_TASKS_QWEN_AUDIO_PYTHON`) and refuses, before any weights load, to run
-where it cannot (`check_environment`, raising `WrongEnvironment` with the worker command to use).
+(`make install-qwen-audio`, `requirements-qwen-audio.lock`); `qwen_tasks.environments` says which
+interpreter that is (`interpreter()`, `QWEN_TASKS_QWEN_AUDIO_PYTHON`) and this module refuses, before any
+weights load, to run where it cannot (`check_environment`, raising `WrongEnvironment` with the worker
+command to use).
 
 What the backend does beyond calling the remote code, and why:
 - Non-Python assets: the remote `audio.py` loads `mel_filters.npz` from its own folder in the
@@ -35,7 +36,6 @@ What the backend does beyond calling the remote code, and why:
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import os
 import shutil
 import sys
@@ -47,6 +47,15 @@ from typing import Any
 import numpy as np
 
 from .. import prompts, windows
+from ..environments import (
+    TRANSFORMERS_SPEC,
+    how_to_create,
+    interpreter,
+    runs_here,
+    shown,
+    transformers_version,
+    worker_command,
+)
 from ..errors import ModelError, QwenTasksError, WrongEnvironment
 from ..records import TARGET_SAMPLE_RATE, AudioClip, ClipResult, LabelRequest, ModelInfo
 from .backoff import run_resilient
@@ -64,15 +73,6 @@ from .qwen2_audio import (
 
 BACKEND_NAME = "qwen-audio"
 
-PYTHON_ENV_VAR = "QWEN_TASKS_QWEN_AUDIO_PYTHON"  # the interpreter of the Qwen-Audio environment
-VENV_DIR = ".venv-qwen-audio"  # where `make install-qwen-audio` creates it, in the project checkout
-INSTALL_COMMAND = "make install-qwen-audio"
-# transformers versions the remote code was verified with: 4.37.2 (what the issue found working) to
-# 4.53.3 (pinned in requirements-qwen-audio.lock; 4.54.1 fails inside generate, 4.57.6 no longer exports
-# what transformers-stream-generator imports, 5.x has no get_head_mask). The tiny checkpoint gave the
-# same transcripts, answers and p_yes with 4.37.2, 4.49.0, 4.50.3, 4.52.4 and 4.53.3.
-TRANSFORMERS_SPEC = ">=4.37,<4.54"
-
 # Files the remote code reads from its own folder that transformers does not copy there.
 ASSETS = ("mel_filters.npz",)
 FFMPEG_HINT = (
@@ -81,59 +81,7 @@ FFMPEG_HINT = (
 )
 
 
-# --- which interpreter ------------------------------------------------------------------------------
-
-
-def transformers_version() -> str:
-    """The installed transformers version, read without importing transformers (which is slow)."""
-    try:
-        return importlib.metadata.version("transformers")
-    except importlib.metadata.PackageNotFoundError:
-        return "none"
-
-
-def runs_here() -> bool:
-    """True when this interpreter's transformers can load the Qwen-Audio remote code."""
-    return _version_in(transformers_version(), TRANSFORMERS_SPEC)
-
-
-def _version_in(version: str, spec: str) -> bool:
-    from packaging.specifiers import SpecifierSet
-    from packaging.version import InvalidVersion, Version
-
-    try:
-        return Version(version) in SpecifierSet(spec)
-    except InvalidVersion:
-        return False
-
-
-def interpreter() -> Path:
-    """The Python of the Qwen-Audio environment: `QWEN_TASKS_QWEN_AUDIO_PYTHON`, else
-    `.venv-qwen-audio/bin/python` in the project checkout this package runs from (an editable install),
-    else in the current directory. The path may not exist yet (`make install-qwen-audio` creates it)."""
-    configured = os.environ.get(PYTHON_ENV_VAR, "").strip()
-    if configured:
-        return Path(configured).expanduser()
-    checkout = Path(__file__).resolve().parents[2]
-    root = checkout if (checkout / "pyproject.toml").is_file() else Path.cwd()
-    return root / VENV_DIR / "bin" / "python"
-
-
-def worker_command(run_id: int | str, python: Path | None = None) -> list[str]:
-    """The command that works run `run_id` in the Qwen-Audio environment: its `qwen-tasks` script when
-    it sits next to the interpreter (a virtualenv), else `python -m qwen_tasks`."""
-    python = python or interpreter()
-    script = python.parent / "qwen-tasks"
-    head = [str(script)] if script.is_file() else [str(python), "-m", "qwen_tasks"]
-    return [*head, "work", "--run", str(run_id)]
-
-
-def _shown(path: str) -> str:
-    """A path as a user would type it: relative to the current directory when under it."""
-    try:
-        return str(Path(path).relative_to(Path.cwd()))
-    except ValueError:
-        return path
+# --- which interpreter (qwen_tasks.environments) -------------------------------------------------------
 
 
 def check_environment(model: str, *, run_id: int | None = None) -> None:
@@ -143,12 +91,9 @@ def check_environment(model: str, *, run_id: int | None = None) -> None:
         return
     python = interpreter()
     command = worker_command(run_id if run_id is not None else "ID", python)
-    shown = " ".join(_shown(part) for part in command)
-    where = (
-        f"run `{shown}`"
-        if python.exists()
-        else f"create its environment with `{INSTALL_COMMAND}` (or set {PYTHON_ENV_VAR}), then run `{shown}`"
-    )
+    where = f"run `{shown(command)}`"
+    if not python.exists():
+        where = f"{how_to_create(python)}, then {where}"
     raise WrongEnvironment(
         f"{model} is an original Qwen-Audio model (trust_remote_code), which needs transformers "
         f"{TRANSFORMERS_SPEC}; "

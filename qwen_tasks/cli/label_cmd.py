@@ -1,7 +1,12 @@
-"""`qwen-tasks label / work / runs / export`: thin wrappers over `runner`, `jobs` and `export`."""
+"""`qwen-tasks label / work / runs / export`: thin wrappers over `runner`, `jobs` and `export`.
+
+`label` with a model this interpreter cannot load (the original Qwen-Audio, from the main environment)
+plans here and hands the runs to `qwen-tasks work` in the environment that can (`_label_elsewhere`).
+"""
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -100,9 +105,10 @@ def label(
     """Label ingested audio that has no label yet for this model and prompt (plan + work in one go).
 
     An unfinished run of the same model and prompt (killed, or its model would not load) is resumed
-    first, the same way the nightly DAG does. Examples: qwen-tasks label --task cry --model ./tiny
-    --device cpu --json; qwen-tasks label --task asr --plan-only (then: qwen-tasks work --run ID, on as
-    many machines as you like).
+    first, the same way the nightly DAG does. An original Qwen-Audio model is labelled by a worker of its
+    own environment (`make install-qwen-audio`), started for you. Examples: qwen-tasks label --task cry
+    --model ./tiny --device cpu --json; qwen-tasks label --task asr --plan-only (then: qwen-tasks work
+    --run ID, on as many machines as you like).
     """
     from ..options import LabelOptions
 
@@ -120,6 +126,8 @@ def label(
         flags=True,
     )  # fmt: skip
     engine = open_database()
+    started = time.perf_counter()
+    elsewhere = _other_interpreter(engine, opts, task)  # the Qwen-Audio environment's python, or None
     bar: _Bar | None = None
 
     def on_plan(plan: Any) -> None:
@@ -146,7 +154,7 @@ def label(
                 f"run {run_id}: {plan.items} clips in {len(plan.job_ids) - plan.resumed_jobs} jobs{left}",
                 highlight=False,
             )
-        if not plan_only:
+        if not plan_only and elsewhere is None:
             clips = int(jobs.open_job_counts(engine, plan.run_ids)["clips"])
             bar = _Bar(clips, f"{task} run {plan.run_ids[-1]}").__enter__()
 
@@ -157,7 +165,7 @@ def label(
                 opts,
                 max_jobs=max_jobs,
                 lease_seconds=lease_seconds or settings.lease_seconds,
-                plan_only=plan_only,
+                plan_only=plan_only or elsewhere is not None,
                 on_plan=on_plan,
                 progress=lambda outcome: bar(outcome) if bar is not None else None,
             )
@@ -173,6 +181,8 @@ def label(
             for run_id in summary.run_ids:
                 typer.echo(run_id)
         return
+    if elsewhere is not None and summary.run_ids:
+        summary = _label_elsewhere(engine, summary, elsewhere, opts, lease_seconds, started)
     out = summary.to_dict()
     if as_json:
         print_json(out)
@@ -188,6 +198,67 @@ def label(
             f"{summary.jobs_failed} job(s) failed after all attempts; see `qwen-tasks runs` and "
             f"label_job.last_error ({'; '.join(summary.errors[-3:])})"
         )
+
+
+def _other_interpreter(engine: Any, opts: Any, task: str) -> Path | None:
+    """The python of the environment that must label `task` (None: this one), by the rule planning uses
+    to pick the model (`registry.model_for`)."""
+    from ..backends import required_python
+    from ..registry import model_for
+
+    choice = model_for(engine, task, opts.model, opts.revision, opts.adapter or None, opts.promoted)
+    return required_python(choice.model)
+
+
+def _label_elsewhere(
+    engine: Any,
+    summary: runner.LabelSummary,
+    python: Path,
+    opts: Any,
+    lease_seconds: float | None,
+    started: float,
+) -> runner.LabelSummary:
+    """Work the planned runs with `qwen-tasks work --run ID` of the environment `python` belongs to, one
+    run after the other, and add up their `--json` summaries into `summary` (the keys of any `label
+    --json`). Its progress shows as it goes; its exit status is passed on (143 after SIGTERM, which is
+    forwarded to it); a run whose jobs failed does not stop the next one (exit 1 at the end, as here).
+    Without that environment: one line saying how to create it, exit 1, the runs stay planned."""
+    from .. import environments
+
+    run_ids = summary.run_ids
+    if not python.is_file():
+        commands = " and ".join(
+            f"`{environments.shown(environments.worker_command(r, python))}`" for r in run_ids
+        )
+        raise fail(
+            f"run {', '.join(map(str, run_ids))} planned for {opts.model}, an original Qwen-Audio model, "
+            f"which only its own environment can label; {environments.how_to_create(python)}, then run "
+            f"this command again, or {commands}"
+        )
+    args = ["--device", opts.device]
+    if opts.dtype_arg:
+        args += ["--dtype", opts.dtype_arg]
+    if lease_seconds:
+        args += ["--lease-seconds", str(lease_seconds)]
+    # the same database for sure (not a second embedded server), through the environment, not argv
+    env = {**os.environ, "QWEN_TASKS_DATABASE_URL": engine.url.render_as_string(hide_password=False)}
+    for run_id in run_ids:
+        console.print(
+            f"run {run_id}: labelling in the Qwen-Audio environment ({environments.shown([str(python)])})",
+            highlight=False,
+            soft_wrap=True,
+        )
+        done = environments.run_worker(run_id, args=args, python=python, env=env)
+        worked = done.summary or {}
+        for key in ("labelled", "failed", "jobs_failed", "audio_seconds", "model_load_seconds", "model_loads",
+                    "process_seconds"):  # fmt: skip
+            setattr(summary, key, getattr(summary, key) + (worked.get(key) or 0))
+        summary.errors += list(worked.get("errors") or [])
+        if done.returncode and (done.summary is None or done.returncode != 1):
+            raise typer.Exit(done.returncode)  # it said why on stderr; 143/130: stopped by a signal
+    summary.status = jobs.get_run(engine, summary.run_id).status if summary.run_id is not None else None
+    summary.wall_seconds = time.perf_counter() - started
+    return summary
 
 
 @app.command("work")

@@ -48,6 +48,9 @@ for dag_id, dag in bag.dags.items():
             "trigger_rule": str(getattr(t.trigger_rule, "value", t.trigger_rule)),
             "backoff": bool(t.retry_exponential_backoff),
             "upstream": sorted(t.upstream_task_ids),
+            # a mapped task keeps its operator's arguments in partial_kwargs
+            "python": getattr(t, "partial_kwargs", {}).get("python", getattr(t, "python", None)),
+            "expect_airflow": getattr(t, "partial_kwargs", {}).get("expect_airflow"),
         }
     rejected = {}
     for conf in bad_confs:
@@ -105,6 +108,7 @@ def run_probe(home: Path, **extra_env: str) -> dict[str, Any]:
         "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS),
         "QWEN_TASKS_SCHEDULE": "30 1 * * *",
         "QWEN_TASKS_MODEL": "/models/my-qwen2-audio",
+        "QWEN_TASKS_QWEN_AUDIO_PYTHON": "/opt/qwen-audio-venv/bin/python",
         # nothing listens there: a database access at parse time would fail loudly
         "QWEN_TASKS_DATABASE_URL": "postgresql+psycopg2://nobody@127.0.0.1:1/none",
         "AIRFLOW_CONN_QWEN_TASKS_DB": "postgresql://nobody@127.0.0.1:1/none",
@@ -165,23 +169,37 @@ def test_labelling_dag_shape(probe: dict[str, Any]) -> None:
     assert dag["schedule"] == "30 1 * * *"  # QWEN_TASKS_SCHEDULE
     assert dag["catchup"] is False and dag["max_active_runs"] == 1
     tasks = dag["tasks"]
-    assert set(tasks) == {"ingest", "plan", "label_batch", "wait_for_workers", "metrics", "report"}
+    assert set(tasks) == {"ingest", "plan", "label_batch", "qwen_audio_slots", "label_batch_qwen_audio",
+                          "wait_for_workers", "metrics", "report"}  # fmt: skip
     assert tasks["plan"]["upstream"] == ["ingest"]
     assert tasks["label_batch"]["upstream"] == ["plan"]
+    # runs of an original Qwen-Audio model: slots of their own, mapped over qwen_audio_slots' return value
+    assert tasks["qwen_audio_slots"]["upstream"] == ["plan"]
+    assert tasks["label_batch_qwen_audio"]["upstream"] == ["plan", "qwen_audio_slots"]
     assert tasks["wait_for_workers"]["upstream"] == ["plan"]
-    assert tasks["metrics"]["upstream"] == ["label_batch", "plan", "wait_for_workers"]
+    assert tasks["metrics"]["upstream"] == [
+        "label_batch",
+        "label_batch_qwen_audio",
+        "plan",
+        "wait_for_workers",
+    ]
     assert "metrics" in tasks["report"]["upstream"]
     # a second night with nothing new maps label_batch over [] (skipped): metrics and report still run
     assert tasks["metrics"]["trigger_rule"] == tasks["report"]["trigger_rule"] == "none_failed"
 
 
 def test_gpu_task_uses_the_gpu_pool_and_queue(probe: dict[str, Any]) -> None:
-    label = probe["dags"][DAG_ID]["tasks"]["label_batch"]
-    assert label["mapped"] is True
-    assert (label["pool"], label["queue"]) == ("gpu", "gpu")
-    assert label["retries"] >= 2 and label["backoff"] is True
-    assert label["map_index_template"] == "{{ worker_name }}"
-    others = [t for tid, t in probe["dags"][DAG_ID]["tasks"].items() if tid != "label_batch"]
+    gpu_tasks = ("label_batch", "label_batch_qwen_audio")
+    for task_id in gpu_tasks:
+        label = probe["dags"][DAG_ID]["tasks"][task_id]
+        assert label["mapped"] is True
+        assert (label["pool"], label["queue"]) == ("gpu", "gpu")
+        assert label["retries"] >= 2 and label["backoff"] is True
+        assert label["map_index_template"] == "{{ worker_name }}"
+    qwen_audio = probe["dags"][DAG_ID]["tasks"]["label_batch_qwen_audio"]
+    # labelled by the Qwen-Audio environment's python, which has no Airflow
+    assert (qwen_audio["python"], qwen_audio["expect_airflow"]) == ("/opt/qwen-audio-venv/bin/python", False)
+    others = [t for tid, t in probe["dags"][DAG_ID]["tasks"].items() if tid not in gpu_tasks]
     assert all(t["pool"] != "gpu" and t["queue"] != "gpu" for t in others), "only labelling holds a GPU"
 
 

@@ -869,6 +869,7 @@ def label(
     summary.jobs_failed = done.jobs_failed
     summary.audio_seconds = done.audio_seconds
     summary.model_load_seconds = done.model_load_seconds
+    summary.model_loads = done.model_loads
     summary.process_seconds = done.process_seconds
     summary.status = jobs.get_run(engine, summary.run_id).status if summary.run_id is not None else None
     summary.errors = done.errors

@@ -33,7 +33,7 @@ from qwen_tasks.schema import cry_answer, label_job, label_run
 
 pytestmark = pytest.mark.slow
 CHROMIUM = Path("/usr/bin/chromium")
-LOADED = re.compile(r"model \S+ loaded in [0-9.]+ s")
+LOADED = re.compile(r"model \S+ \(revision [^)]*\) loaded in [0-9.]+ s")
 
 
 def _admin_url() -> str:

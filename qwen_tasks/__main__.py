@@ -1,3 +1,3 @@
-from .cli import main
+from qwen_tasks.cli import main
 
 main()

@@ -20,8 +20,8 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 from sqlalchemy.engine import URL, Engine
 
-from . import db
-from .errors import ConfigError
+from qwen_tasks import db
+from qwen_tasks.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

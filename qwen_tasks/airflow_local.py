@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import get_settings
-from .errors import ConfigError, QwenTasksError
+from qwen_tasks.config import get_settings
+from qwen_tasks.errors import ConfigError, QwenTasksError
 
 DAG_ID = "qwen_audio_labelling"
 GPU_POOL = "gpu"

@@ -25,8 +25,8 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-from .errors import AudioError
-from .records import TARGET_SAMPLE_RATE, RecordedPath
+from qwen_tasks.errors import AudioError
+from qwen_tasks.records import TARGET_SAMPLE_RATE, RecordedPath
 
 HASH_CHUNK = 1 << 20  # 1 MiB reads: large enough for hashlib to release the GIL, small enough for memory
 SCAN_BLOCK_FRAMES = 1 << 16  # frames per block when scanning samples; keeps memory flat on long files
@@ -292,7 +292,7 @@ def _real_path_of(fd: int, path: str) -> str:
 
 
 def _configured_roots() -> list[str]:
-    from .config import get_settings
+    from qwen_tasks.config import get_settings
 
     return [str(r) for r in get_settings().allowed_roots]
 

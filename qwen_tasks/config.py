@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from .errors import ConfigError
+from qwen_tasks.errors import ConfigError
 
 DEFAULT_MODEL = "Qwen/Qwen2-Audio-7B-Instruct"
 T = TypeVar("T")

@@ -18,8 +18,8 @@ from pathlib import Path
 import sqlalchemy as sa
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 
-from .config import Settings, get_settings
-from .errors import ConfigError, DatabaseUnavailable
+from qwen_tasks.config import Settings, get_settings
+from qwen_tasks.errors import ConfigError, DatabaseUnavailable
 
 log = logging.getLogger(__name__)
 

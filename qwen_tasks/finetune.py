@@ -33,12 +33,12 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from . import jobs, registry
-from .db import transaction
-from .errors import ConfigError
-from .records import LabelRequest
-from .registry import VersionStatus
-from .schema import asr_reference, audio, audio_file, cry_gold, finetune_split, model_version
+from qwen_tasks import jobs, registry
+from qwen_tasks.db import transaction
+from qwen_tasks.errors import ConfigError
+from qwen_tasks.records import LabelRequest
+from qwen_tasks.registry import VersionStatus
+from qwen_tasks.schema import asr_reference, audio, audio_file, cry_gold, finetune_split, model_version
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ class FinetuneOptions:
         self.train_config()  # validates the hyper-parameters
 
     def train_config(self) -> Any:
-        from .trainer import TrainConfig
+        from qwen_tasks.trainer import TrainConfig
 
         return TrainConfig(
             epochs=self.epochs,
@@ -119,7 +119,7 @@ class FinetuneOptions:
 
     def resolved(self) -> FinetuneOptions:
         """Defaults filled in from the environment: base model and version name."""
-        from .config import get_settings
+        from qwen_tasks.config import get_settings
 
         base = self.base or get_settings().model
         name = self.name or f"{self.task}-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}"
@@ -145,7 +145,7 @@ def dag_param_specs(settings: Any = None) -> dict[str, dict[str, Any]]:
     """JSON-schema specs of the `qwen_audio_finetune` DAG's Params, from FinetuneOptions' own defaults
     (the UI form and the CLI cannot disagree). Read at DAG parse time: environment only. `auto_promote` is
     the option `promote`; optional values are nullable, and null means the CLI's default."""
-    from .config import get_settings
+    from qwen_tasks.config import get_settings
 
     d = FinetuneOptions()
     base = (settings or get_settings()).model
@@ -416,8 +416,8 @@ class Trained:
 
 def _load_examples(engine: Engine, rows: Sequence[Row]) -> tuple[list[Any], int]:
     """Decode the training audio through the same checks as labelling (allowed root, size, mtime)."""
-    from .runner import AudioStorageUnavailable, load_clips
-    from .trainer import Example
+    from qwen_tasks.runner import AudioStorageUnavailable, load_clips
+    from qwen_tasks.trainer import Example
 
     with engine.connect() as conn:
         items = jobs.audio_items(conn, [r.audio_id for r in rows])
@@ -432,7 +432,7 @@ def _load_examples(engine: Engine, rows: Sequence[Row]) -> tuple[list[Any], int]
 
 
 def _models_dir(options: FinetuneOptions) -> Path:
-    from .config import get_settings
+    from qwen_tasks.config import get_settings
 
     return (
         Path(options.out_dir).expanduser().resolve()
@@ -463,9 +463,9 @@ def train_version(
 ) -> Trained:
     """Prepare the data, train a LoRA adapter on the training part, save it and register it (status
     `candidate`, no metrics yet). Nothing is registered until the adapter is on disk."""
-    from .backends import load_backend
-    from .backends.adapter import adapter_digest, adapter_revision
-    from .trainer import save_adapter, train
+    from qwen_tasks.backends import load_backend
+    from qwen_tasks.backends.adapter import adapter_digest, adapter_revision
+    from qwen_tasks.trainer import save_adapter, train
 
     options = options.resolved()
     _clear_interrupted(engine, options.name)
@@ -564,8 +564,8 @@ def evaluation_run(
 ) -> int:
     """One real labelling run (purpose 'evaluation') of the base model or of the version (base + its
     adapter, loaded from disk through the normal backend path) over `audio_ids`; returns its id."""
-    from .backends import describe
-    from .runner import Until, backend_for_run, work
+    from qwen_tasks.backends import describe
+    from qwen_tasks.runner import Until, backend_for_run, work
 
     request = opts.eval_request()
     choice = registry.ModelChoice(
@@ -616,8 +616,8 @@ def evaluation_run(
 def evaluate_version(engine: Engine, name: str, options: FinetuneOptions) -> dict[str, Any]:
     """Label the held-out audio with the base model and with the version (two real runs), compute and
     store their metrics and the gate decision on the version. Returns run ids, metrics and the gate."""
-    from .backends import get_backend
-    from .metrics import compute_run_metrics
+    from qwen_tasks.backends import get_backend
+    from qwen_tasks.metrics import compute_run_metrics
 
     version = registry.require_version(engine, name)
     ids = heldout_ids(engine, version.task)

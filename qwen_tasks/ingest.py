@@ -30,12 +30,19 @@ from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Engine
 
-from . import schema
-from .audio import CheckedAudio, check_file, display_path, os_error_reason, path_prefix, within_roots
-from .config import get_settings
-from .db import transaction
-from .errors import AudioError, ConfigError
-from .manifest import ManifestError, ManifestItem, ManifestKind, line_hash, read_manifest
+from qwen_tasks import schema
+from qwen_tasks.audio import (
+    CheckedAudio,
+    check_file,
+    display_path,
+    os_error_reason,
+    path_prefix,
+    within_roots,
+)
+from qwen_tasks.config import get_settings
+from qwen_tasks.db import transaction
+from qwen_tasks.errors import AudioError, ConfigError
+from qwen_tasks.manifest import ManifestError, ManifestItem, ManifestKind, line_hash, read_manifest
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
 MANIFEST_EXTENSIONS = frozenset({".jsonl"})

@@ -20,10 +20,18 @@ from typing import Any, TypeVar
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from . import db
-from .errors import ConfigError, DatabaseUnavailable
-from .records import UNFINISHED_RUN, JobStatus, LabelRequest, ModelInfo, RecordedPath, RunStatus
-from .schema import audio, audio_file, cry_answer, label_job, label_job_item, label_run, transcription
+from qwen_tasks import db
+from qwen_tasks.errors import ConfigError, DatabaseUnavailable
+from qwen_tasks.records import UNFINISHED_RUN, JobStatus, LabelRequest, ModelInfo, RecordedPath, RunStatus
+from qwen_tasks.schema import (
+    audio,
+    audio_file,
+    cry_answer,
+    label_job,
+    label_job_item,
+    label_run,
+    transcription,
+)
 
 log = logging.getLogger(__name__)
 

@@ -26,9 +26,9 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from .config import Settings, get_settings
-from .errors import ConfigError
-from .records import CryMethod, LabelRequest, Task
+from qwen_tasks.config import Settings, get_settings
+from qwen_tasks.errors import ConfigError
+from qwen_tasks.records import CryMethod, LabelRequest, Task
 
 DEFAULT_QUESTION = "Is there a baby crying in this audio? Answer yes or no."
 

@@ -29,10 +29,10 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from . import db
-from .config import Settings, get_settings
-from .errors import ConfigError, QwenTasksError
-from .options import LabelOptions, Workers, resolve_model
+from qwen_tasks import db
+from qwen_tasks.config import Settings, get_settings
+from qwen_tasks.errors import ConfigError, QwenTasksError
+from qwen_tasks.options import LabelOptions, Workers, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def _engine(database_url: str | None) -> Engine:
 
 def ingest_step(params: Mapping[str, Any], *, database_url: str | None = None) -> dict[str, Any]:
     """Ingest the configured folders and manifests; returns counts (quarantined paths go to the log)."""
-    from .ingest import ingest
+    from qwen_tasks.ingest import ingest
 
     p = options(params)
     engine = _engine(database_url)
@@ -108,9 +108,9 @@ def plan(
     no label yet (`relabel`: over all audio not already in an unfinished run). At most `max_jobs` jobs in
     total (Airflow's max_map_length); audio left over is planned next time. Every job gets
     jobs.DEFAULT_MAX_ATTEMPTS attempts, whoever planned it."""
-    from .backends import describe
-    from .jobs import plan_run
-    from .registry import model_for
+    from qwen_tasks.backends import describe
+    from qwen_tasks.jobs import plan_run
+    from qwen_tasks.registry import model_for
 
     out = Plan(model=resolve_model(opts.model), revision=opts.revision)
     budget = max_jobs
@@ -184,7 +184,7 @@ def plan_step(
     label_batch (this interpreter) and `qwen_audio_slots` for label_batch_qwen_audio (runs of an original
     Qwen-Audio model, `qwen_audio_run_ids`); each min(its jobs, the slots param), 0 when nothing is to do
     or the jobs go to external workers."""
-    from .backends import required_python
+    from qwen_tasks.backends import required_python
 
     p = options(params)
     planned = plan(_engine(database_url), p, max_jobs=max_jobs, context=context)
@@ -221,7 +221,7 @@ def unfinished_jobs(
 ) -> list[tuple[int, int]]:
     """(job id, run id) of jobs that still need a worker in unfinished runs with this key: pending with
     attempts left, or running with an expired lease (their worker is gone)."""
-    from .schema import label_job, label_run
+    from qwen_tasks.schema import label_job, label_run
 
     if limit is not None and limit < 1:
         return []
@@ -257,7 +257,7 @@ def slot_name(slot: int, slots: int, job_names: Sequence[str] = ()) -> str:
 
 def _job_names(engine: Engine, job_ids: Sequence[int]) -> list[str]:
     """`cry run 12 batches 0,2,5 (48 clips)` per run, for the jobs a slot finished."""
-    from .schema import label_job, label_run
+    from qwen_tasks.schema import label_job, label_run
 
     if not job_ids:
         return []
@@ -296,7 +296,7 @@ def work_step(
     Only runs whose model this interpreter can load are worked; the others are left to the slots of the
     interpreter that can (plan_step maps both). `params` None: device and dtype as planned.
     `on_name(name)` is called with the slot's UI name once its jobs are known (the DAG's map name)."""
-    from .runner import Until, backend_for_run, default_worker_id, work
+    from qwen_tasks.runner import Until, backend_for_run, default_worker_id, work
 
     device, dtype = (None, None)
     if params is not None:
@@ -345,9 +345,9 @@ def work_step(
 
 def _runs_for_this_interpreter(engine: Engine, run_ids: Sequence[int]) -> list[int]:
     """The runs among `run_ids` whose model this interpreter can load (see environments)."""
-    from .backends import check_environment
-    from .errors import WrongEnvironment
-    from .jobs import get_run
+    from qwen_tasks.backends import check_environment
+    from qwen_tasks.errors import WrongEnvironment
+    from qwen_tasks.jobs import get_run
 
     out = []
     for run_id in run_ids:
@@ -369,7 +369,7 @@ def work_step_elsewhere(run_ids: Sequence[int], *, slot: int = 0, slots: int = 1
     Only values cross the process boundary, so the slot's UI name is returned (`name`), and so is a
     failure that retrying will not fix (`failed_for_good`: bad settings, a job out of attempts) rather
     than raised as an exception, which would arrive as text and be retried."""
-    from .runner import signals_handled
+    from qwen_tasks.runner import signals_handled
 
     names = [slot_name(slot, slots)]
     try:
@@ -383,8 +383,8 @@ def work_step_elsewhere(run_ids: Sequence[int], *, slot: int = 0, slots: int = 1
 def runs_progress(run_ids: Sequence[int], *, database_url: str | None = None) -> dict[str, Any]:
     """Where this DAG run's runs stand: finished (all done/failed) or not, with per-run job counts
     (the deferrable wait for external workers polls this)."""
-    from .jobs import run_status_counts
-    from .records import FINISHED_RUN
+    from qwen_tasks.jobs import run_status_counts
+    from qwen_tasks.records import FINISHED_RUN
 
     counts = run_status_counts(_engine(database_url), run_ids)
     missing = sorted(set(int(r) for r in run_ids) - set(counts))
@@ -399,7 +399,7 @@ def runs_progress(run_ids: Sequence[int], *, database_url: str | None = None) ->
 
 def metrics_step(run_ids: Sequence[int], *, database_url: str | None = None) -> dict[str, Any]:
     """Compute and store quality and speed metrics for each run; returns metric counts per run."""
-    from .metrics import compute_run_metrics
+    from qwen_tasks.metrics import compute_run_metrics
 
     engine = _engine(database_url)
     out: dict[str, Any] = {}
@@ -422,8 +422,8 @@ def report_step(
 ) -> dict[str, Any]:
     """Write the report for this DAG run's runs (or, when nothing new was labelled, the latest finished
     runs of the requested tasks and model) to `<report_dir>/<name>`; returns its path and the runs."""
-    from .jobs import latest_run_ids
-    from .report import write_report
+    from qwen_tasks.jobs import latest_run_ids
+    from qwen_tasks.report import write_report
 
     p = options(params)
     engine = _engine(database_url)

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from .records import LabelRequest
+from qwen_tasks.records import LabelRequest
 
 PromptStyle = Literal["chat", "base"]
 

@@ -27,12 +27,19 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Engine
 
-from . import db, jobs
-from .backends import check_environment
-from .backends.base import Backend
-from .errors import AudioError, ConfigError, DatabaseUnavailable, ModelError, QwenTasksError, WrongEnvironment
-from .records import AudioClip, ClipResult, LabelRequest, ModelInfo, RecordedPath
-from .schema import cry_answer, label_failure, label_job, label_run, transcription
+from qwen_tasks import db, jobs
+from qwen_tasks.backends import check_environment
+from qwen_tasks.backends.base import Backend
+from qwen_tasks.errors import (
+    AudioError,
+    ConfigError,
+    DatabaseUnavailable,
+    ModelError,
+    QwenTasksError,
+    WrongEnvironment,
+)
+from qwen_tasks.records import AudioClip, ClipResult, LabelRequest, ModelInfo, RecordedPath
+from qwen_tasks.schema import cry_answer, label_failure, label_job, label_run, transcription
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +157,7 @@ def default_worker_id() -> str:
 
 def check_backend(run: jobs.RunInfo, backend: Backend) -> ModelInfo:
     """Refuse to label a run with another model or prompt than it was planned for (labels would lie)."""
-    from .backends import model_info
+    from qwen_tasks.backends import model_info
 
     info = model_info(backend, run.request)
     planned = (run.model, run.revision, run.prompt_version)
@@ -255,13 +262,13 @@ def load_clips(items: Sequence[jobs.JobItem]) -> tuple[list[AudioClip], dict[int
 
 def load_ingested(recorded: RecordedPath) -> Any:
     """Indirection so the audio module (ingest's) is imported only when a worker decodes audio."""
-    from .audio import load_ingested as _load
+    from qwen_tasks.audio import load_ingested as _load
 
     return _load(recorded)
 
 
 def _normalize_answer(text: str) -> str:
-    from .normalize import normalize_yes_no
+    from qwen_tasks.normalize import normalize_yes_no
 
     return normalize_yes_no(text)
 
@@ -584,8 +591,8 @@ def backend_for_run(device: str | None = None, dtype: str | None = None) -> Back
     fine-tuned version: RunInfo.load_args), on `device`/`dtype` or what the run was planned with."""
 
     def load(run: jobs.RunInfo) -> Backend:
-        from .backends import get_backend
-        from .config import get_settings
+        from qwen_tasks.backends import get_backend
+        from qwen_tasks.config import get_settings
 
         planned_device = run.params.get("device") or get_settings().device
         planned_dtype = run.params.get("dtype")
@@ -832,7 +839,7 @@ def label(
 
     `options` is a `qwen_tasks.options.LabelOptions` with one task. A model that will not load leaves no
     run behind: the run planned by this call is discarded (resumed runs stay for the next try)."""
-    from .pipeline import plan
+    from qwen_tasks.pipeline import plan
 
     started = time.perf_counter()
     planned = plan(engine, options, max_jobs=max_jobs)

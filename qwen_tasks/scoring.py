@@ -20,8 +20,8 @@ from typing import Literal
 
 import jiwer
 
-from . import official_asr
-from .textnorm import Unit, canonical_language, detect_language, join_units, tokenize, unit_for
+from qwen_tasks import official_asr
+from qwen_tasks.textnorm import Unit, canonical_language, detect_language, join_units, tokenize, unit_for
 
 ScoringMode = Literal["default", "official"]
 SCORING_MODES: tuple[ScoringMode, ...] = ("default", "official")

@@ -16,7 +16,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ConfigError
+from qwen_tasks.errors import ConfigError
 
 # Special tokens of the real Qwen2-Audio vocabulary that prompts here rely on.
 CHAT_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")

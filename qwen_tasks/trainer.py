@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ConfigError, ModelError
+from qwen_tasks.errors import ConfigError, ModelError
 
 # Module-name patterns (peft matches them against full module names with re.fullmatch).
 TARGET_PATTERNS = {
@@ -170,7 +170,7 @@ def answer_loss(model: Any, inputs: Any, n_answer: Sequence[int], *, encoder_gra
     """
     import torch
 
-    from .backends.qwen2_audio import prompt_embeddings
+    from qwen_tasks.backends.qwen2_audio import prompt_embeddings
 
     embeds = prompt_embeddings(model, inputs, encoder_grad=encoder_grad)
     mask = inputs["attention_mask"]

@@ -117,7 +117,7 @@ def normalize_yes_no(answer: str) -> str:
     is a bare yes or no, decides; anything else is unknown (never guessed).
     """
     try:
-        from .normalize import normalize_yes_no as project_normalizer
+        from qwen_tasks.normalize import normalize_yes_no as project_normalizer
     except ImportError:
         words = answer.strip().lower().split()
         first = words[0].strip(".,!?;:'\"") if words else ""

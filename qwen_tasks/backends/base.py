@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
-from ..records import AudioClip, ClipResult, LabelRequest, ModelInfo
+from qwen_tasks.records import AudioClip, ClipResult, LabelRequest, ModelInfo
 
 
 @runtime_checkable

@@ -24,11 +24,18 @@ from typing import Any
 
 import numpy as np
 
-from .. import prompts, windows
-from ..errors import ModelError
-from ..records import TARGET_SAMPLE_RATE, AudioClip, ClipResult, LabelRequest, ModelInfo, WindowResult
-from .adapter import adapter_digest, adapter_dir, adapter_revision, merge_adapter
-from .backoff import run_resilient
+from qwen_tasks import prompts, windows
+from qwen_tasks.backends.adapter import adapter_digest, adapter_dir, adapter_revision, merge_adapter
+from qwen_tasks.backends.backoff import run_resilient
+from qwen_tasks.errors import ModelError
+from qwen_tasks.records import (
+    TARGET_SAMPLE_RATE,
+    AudioClip,
+    ClipResult,
+    LabelRequest,
+    ModelInfo,
+    WindowResult,
+)
 
 log = logging.getLogger(__name__)
 

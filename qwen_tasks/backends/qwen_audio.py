@@ -46,20 +46,9 @@ from typing import Any
 
 import numpy as np
 
-from .. import prompts, windows
-from ..environments import (
-    TRANSFORMERS_SPEC,
-    how_to_create,
-    interpreter,
-    runs_here,
-    shown,
-    transformers_version,
-    worker_command,
-)
-from ..errors import ModelError, QwenTasksError, WrongEnvironment
-from ..records import TARGET_SAMPLE_RATE, AudioClip, ClipResult, LabelRequest, ModelInfo
-from .backoff import run_resilient
-from .qwen2_audio import (
+from qwen_tasks import prompts, windows
+from qwen_tasks.backends.backoff import run_resilient
+from qwen_tasks.backends.qwen2_audio import (
     NO_VARIANTS,
     YES_VARIANTS,
     _merge,
@@ -70,6 +59,17 @@ from .qwen2_audio import (
     resolve_model_id,
     validate_clip,
 )
+from qwen_tasks.environments import (
+    TRANSFORMERS_SPEC,
+    how_to_create,
+    interpreter,
+    runs_here,
+    shown,
+    transformers_version,
+    worker_command,
+)
+from qwen_tasks.errors import ModelError, QwenTasksError, WrongEnvironment
+from qwen_tasks.records import TARGET_SAMPLE_RATE, AudioClip, ClipResult, LabelRequest, ModelInfo
 
 BACKEND_NAME = "qwen-audio"
 

@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from sqlalchemy.engine import Engine
 
-from ..errors import QwenTasksError
+from qwen_tasks.errors import QwenTasksError
 
 app = typer.Typer(
     name="qwen-tasks",
@@ -41,7 +41,7 @@ def fail(message: str, code: int = 1) -> typer.Exit:
 def open_database() -> Engine:
     """The configured database with the schema brought up to date: `db.upgrade` is idempotent and cheap,
     so no command needs a separate `db upgrade` step first (and views of newer migrations exist)."""
-    from .. import db
+    from qwen_tasks import db
 
     engine = db.get_engine()
     db.upgrade(engine)
@@ -57,7 +57,7 @@ def print_json(obj: Any) -> None:
 def main() -> None:
     """Console-script entry point: library errors become one line on stderr, not a traceback; SIGTERM
     (after the job in hand was given back) exits 143 and Ctrl-C 130, each with one line."""
-    from ..runner import Terminated
+    from qwen_tasks.runner import Terminated
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -74,4 +74,4 @@ def main() -> None:
 
 
 # Command modules register themselves on `app`; `--help` lists them in this order.
-from . import db_cmd, ingest_cmd, label_cmd, model_cmd, review_cmd, finetune_cmd  # noqa: E402,F401,I001
+from qwen_tasks.cli import db_cmd, ingest_cmd, label_cmd, model_cmd, review_cmd, finetune_cmd  # noqa: E402,F401,I001

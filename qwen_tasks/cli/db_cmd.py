@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import typer
 
-from .. import db
-from . import app, console
+from qwen_tasks import db
+from qwen_tasks.cli import app, console
 
 db_app = typer.Typer(
     help="Create or upgrade the database schema and show where it lives.", no_args_is_help=True
@@ -37,7 +37,7 @@ def status() -> None:
 @db_app.command("stop")
 def stop() -> None:
     """Stop the embedded PostgreSQL server (only used when QWEN_TASKS_DATABASE_URL is unset)."""
-    from ..config import get_settings
+    from qwen_tasks.config import get_settings
 
     pgdata = get_settings().embedded_pgdata
     stopped = db.stop_embedded(pgdata)

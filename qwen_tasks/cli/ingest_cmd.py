@@ -7,10 +7,10 @@ from pathlib import Path
 import typer
 from sqlalchemy.engine import Engine
 
-from ..errors import ConfigError
-from ..ingest import IngestSummary, ingest
-from ..manifest import ManifestKind
-from . import app, console, fail, open_database, print_json
+from qwen_tasks.cli import app, console, fail, open_database, print_json
+from qwen_tasks.errors import ConfigError
+from qwen_tasks.ingest import IngestSummary, ingest
+from qwen_tasks.manifest import ManifestKind
 
 
 def _print_summary(summary: IngestSummary) -> None:

@@ -16,9 +16,9 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .. import jobs, runner
-from ..config import get_settings
-from . import app, console, fail, open_database, print_json
+from qwen_tasks import jobs, runner
+from qwen_tasks.cli import app, console, fail, open_database, print_json
+from qwen_tasks.config import get_settings
 
 TASKS = ("asr", "cry")
 
@@ -110,7 +110,7 @@ def label(
     --model ./tiny --device cpu --json; qwen-tasks label --task asr --plan-only (then: qwen-tasks work
     --run ID, on as many machines as you like).
     """
-    from ..options import LabelOptions
+    from qwen_tasks.options import LabelOptions
 
     if task not in TASKS:
         raise fail(f"--task must be asr or cry, got {task!r}")
@@ -203,8 +203,8 @@ def label(
 def _other_interpreter(engine: Any, opts: Any, task: str) -> Path | None:
     """The python of the environment that must label `task` (None: this one), by the rule planning uses
     to pick the model (`registry.model_for`)."""
-    from ..backends import required_python
-    from ..registry import model_for
+    from qwen_tasks.backends import required_python
+    from qwen_tasks.registry import model_for
 
     choice = model_for(engine, task, opts.model, opts.revision, opts.adapter or None, opts.promoted)
     return required_python(choice.model)
@@ -223,7 +223,7 @@ def _label_elsewhere(
     --json`). Its progress shows as it goes; its exit status is passed on (143 after SIGTERM, which is
     forwarded to it); a run whose jobs failed does not stop the next one (exit 1 at the end, as here).
     Without that environment: one line saying how to create it, exit 1, the runs stay planned."""
-    from .. import environments
+    from qwen_tasks import environments
 
     run_ids = summary.run_ids
     if not python.is_file():
@@ -330,9 +330,9 @@ def _follow(
     as_json: bool,
 ) -> None:  # fmt: skip
     """`work --follow`: load the model now, then serve every unfinished run of it until SIGTERM."""
-    from ..backends import get_backend
-    from ..options import resolve_model
-    from ..registry import resolve_model as registered
+    from qwen_tasks.backends import get_backend
+    from qwen_tasks.options import resolve_model
+    from qwen_tasks.registry import resolve_model as registered
 
     rev = settings.model_revision if revision is None else revision.strip()
     # a fine-tuned version's name serves that version (base + adapter); a plain model serves the base
@@ -453,7 +453,7 @@ def export(
     Keys: audio, text (asr) or answer/p_yes/label (cry), reference/gold from manifests, model, revision,
     prompt_version, run_id. Example: qwen-tasks export --task cry --out cry.jsonl
     """
-    from ..export import export_rows, write_jsonl
+    from qwen_tasks.export import export_rows, write_jsonl
 
     if task not in TASKS:
         raise fail(f"--task must be asr or cry, got {task!r}")

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import typer
 
-from ..errors import ConfigError
-from . import app, console, fail
+from qwen_tasks.cli import app, console, fail
+from qwen_tasks.errors import ConfigError
 
 
 @app.command("make-tiny-model")
@@ -26,7 +26,7 @@ def make_tiny_model_cmd(
     Its outputs are meaningless: it exists to run the real model code without downloading weights.
     Point --model at it: qwen-tasks label --task cry --model DIR
     """
-    from ..tiny_model import PRESETS, make_tiny_model
+    from qwen_tasks.tiny_model import PRESETS, make_tiny_model
 
     if preset not in PRESETS:
         raise fail(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")

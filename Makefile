@@ -43,7 +43,7 @@ $(QA_BIN)/.installed: requirements-qwen-audio.lock pyproject.toml
 install-qwen-audio: $(QA_BIN)/.installed
 
 demo: install
-	$(BIN)/python -m qwen_tasks.demo
+	$(BIN)/python -m qwen_tasks.dev.demo
 
 test: install
 	$(BIN)/ruff check .

@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from qwen_tasks import db  # noqa: E402
+from qwen_tasks.store import database as db  # noqa: E402
 
 LOADED = re.compile(r"model \S+ loaded in ([0-9.]+) s")
 
@@ -44,7 +44,7 @@ def make_clips(folder: Path, n: int) -> None:
     import numpy as np
     import soundfile as sf
 
-    from qwen_tasks.samples import synth_clip
+    from qwen_tasks.dev.samples import synth_clip
 
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
@@ -57,8 +57,8 @@ def bare(model: Path, folder: Path, batch_size: int, max_new_tokens: int) -> dic
     """(a): model load + processor/generate over duration-sorted batches of decoded audio."""
     from inference import bare_loop
 
-    from qwen_tasks.audio import load_waveform
-    from qwen_tasks.backends import load_backend
+    from qwen_tasks.ingest.audio_files import load_waveform
+    from qwen_tasks.labelling.backends import load_backend
     from qwen_tasks.records import LabelRequest
 
     waves = sorted((load_waveform(str(p)) for p in sorted(folder.glob("*.wav"))), key=len)
@@ -90,7 +90,7 @@ def dag(
     url: str, model: Path, folder: Path, home: Path, slots: int, batch_size: int, max_new_tokens: int
 ) -> dict[str, float]:
     """(c)/(d): the DAG once with dag.test() (relabel, so it labels every clip again)."""
-    from qwen_tasks.airflow_local import run_dag_test
+    from qwen_tasks.dev.airflow_local import run_dag_test
 
     conf = {
         "audio_dirs": [str(folder)], "tasks": ["asr"], "model": str(model), "device": "cpu",
@@ -142,12 +142,12 @@ def main() -> None:
         work = Path(tmp)
         model = args.model
         if model is None:
-            from qwen_tasks.tiny_model import make_tiny_model
+            from qwen_tasks.dev.tiny_model import make_tiny_model
 
             model = make_tiny_model(work / "model", preset=args.preset)
         folder = work / "clips"
         make_clips(folder, args.clips)
-        from qwen_tasks.ingest import ingest
+        from qwen_tasks.ingest.register import ingest
 
         ingest(db.get_engine(url), [folder])
         home = work / "airflow"
@@ -155,7 +155,7 @@ def main() -> None:
         rows.append(("(a) bare processor+generate loop", bare(model, folder, size, tokens)))
         rows.append(("(b) qwen-tasks label", label_cli(url, model, size, tokens)))
         # the first dag.test() in a fresh home pays `airflow db migrate` (once per home): not counted
-        from qwen_tasks.airflow_local import airflow_env, ensure_metadata_db
+        from qwen_tasks.dev.airflow_local import airflow_env, ensure_metadata_db
 
         ensure_metadata_db(home, airflow_env(home))
         jobs = -(-args.clips // args.batch_size)

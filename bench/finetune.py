@@ -1,7 +1,7 @@
 """Fine-tune benchmark: does the loop make a model better, and how long does it take on this machine?
 
 The tiny random-init Qwen2-Audio knows nothing, but it can learn a task whose classes differ in the
-signal. On the learnable synthetic sets (`qwen_tasks.samples`) this runs the real `finetune` loop in a
+signal. On the learnable synthetic sets (`qwen_tasks.dev.samples`) this runs the real `finetune` loop in a
 throwaway database — ingest, stored split, LoRA training, base and candidate evaluation runs, gate —
 and prints base vs candidate side by side:
 
@@ -28,8 +28,8 @@ sys.path.insert(0, str(ROOT))
 
 
 def run_task(engine, task: str, manifest: Path, kind: str, model: Path, args, tmp: Path) -> dict:
-    from qwen_tasks.finetune import FinetuneOptions, run_finetune
-    from qwen_tasks.ingest import ingest
+    from qwen_tasks.ingest.register import ingest
+    from qwen_tasks.review.finetune import FinetuneOptions, run_finetune
 
     ingest(engine, [manifest.parent], manifests=[(manifest, kind)])
     cry = task == "cry"
@@ -89,7 +89,7 @@ def digit_wer(engine, run_id: int) -> dict:
     import jiwer
     import sqlalchemy as sa
 
-    from qwen_tasks.schema import asr_reference, transcription
+    from qwen_tasks.store.schema import asr_reference, transcription
 
     with engine.connect() as conn:
         rows = conn.execute(
@@ -130,9 +130,9 @@ def main() -> None:
 
     import torch
 
-    from qwen_tasks import db
-    from qwen_tasks.samples import write_cry_training_set, write_digit_training_set
-    from qwen_tasks.tiny_model import make_tiny_model
+    from qwen_tasks.dev.samples import write_cry_training_set, write_digit_training_set
+    from qwen_tasks.dev.tiny_model import make_tiny_model
+    from qwen_tasks.store import database as db
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -17,7 +17,7 @@ Sections (each runs on the same synthetic 5-s clips and the same loaded model):
 3. encoder trimming: trimmed encoder pass vs the stock 30-s pass on the same batches, same outputs;
 4. OOM back-off: memory capped (`torch.cuda.set_per_process_memory_fraction`) so a large batch cannot
    fit; the backend halves the batch until it does, and the labels must equal the uncapped ones;
-5. LoRA: one-step timings and peak memory of the fine-tune trainer (`qwen_tasks.trainer`) at batch
+5. LoRA: one-step timings and peak memory of the fine-tune trainer (`qwen_tasks.review.trainer`) at batch
    `--lora-batch` with gradient checkpointing, on 5-s and 30-s clips.
 Targets (issue 16): batched >= 8x batch 1 and RTF <= 0.005 on 5-s clips; the seed's stock scripts ran
 at RTF ~0.6 on 8xA100.
@@ -48,7 +48,7 @@ SR = 16000
 
 def synth(n: int, seconds: float, seed: int = 0) -> list[AudioClip]:
     """n deterministic clips of `seconds` (half cry-like harmonic tones, half noise/hum/buzz)."""
-    from qwen_tasks.samples import synth_cry_example
+    from qwen_tasks.dev.samples import synth_cry_example
 
     rng = np.random.default_rng(seed)
     return [
@@ -60,7 +60,7 @@ def synth(n: int, seconds: float, seed: int = 0) -> list[AudioClip]:
 
 
 class OomCounter(logging.Handler):
-    """Counts the backend's out-of-memory back-offs (they are logged by qwen_tasks.backends.backoff)."""
+    """Counts the backend's out-of-memory back-offs (logged by qwen_tasks.labelling.backends.backoff)."""
 
     def __init__(self) -> None:
         super().__init__(logging.WARNING)
@@ -152,12 +152,12 @@ def main() -> None:
     import torch
     import transformers
 
-    from qwen_tasks.backends import load_backend
-    from qwen_tasks.tiny_model import make_tiny_model
+    from qwen_tasks.dev.tiny_model import make_tiny_model
+    from qwen_tasks.labelling.backends import load_backend
 
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     counter = OomCounter()
-    logging.getLogger("qwen_tasks.backends.backoff").addHandler(counter)
+    logging.getLogger("qwen_tasks.labelling.backends.backoff").addHandler(counter)
     cuda = args.device.startswith("cuda")
     report: dict = {
         "torch": torch.__version__,
@@ -300,8 +300,8 @@ def main() -> None:
     def lora() -> dict:
         import torch
 
-        from qwen_tasks import trainer
-        from qwen_tasks.trainer import Example, TrainConfig, train
+        from qwen_tasks.review import trainer
+        from qwen_tasks.review.trainer import Example, TrainConfig, train
 
         out = {}
         prompt = backend.prompt_text(LabelRequest("cry"))

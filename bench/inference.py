@@ -9,7 +9,7 @@ All sections use the same N synthetic clips (0.5-7 s) and the same loaded model,
 1. seed-style (batch 1, generate, stock 30 s encoder, like the original scripts) vs ours
    (duration-sorted batches from jobs.make_batches, trimmed encoder), ASR; plus batch 1 as shipped;
 2. cry detection: `score` (one forward pass) vs `generate` (N new tokens), batched;
-3. pipeline overhead: runner.label (the code behind `qwen-tasks label`: audio decode + resampling,
+3. pipeline overhead: worker.label (the code behind `qwen-tasks label`: audio decode + resampling,
    windowing, database) vs a bare `processor` + `model.generate` loop over the same batches;
 4. the audio encoder over 30 s (stock) vs only up to the batch's longest clip (our default).
 Outputs are also compared (batch 1 vs batched must be identical: batch invariance).
@@ -62,7 +62,7 @@ class Timing:
 
 def synth_clips(n: int, seed: int = 0) -> list[AudioClip]:
     """n clips of 0.5-7 s (tone + noise, a few 'cry' chirps), deterministic."""
-    from qwen_tasks.samples import synth_clip
+    from qwen_tasks.dev.samples import synth_clip
 
     rng = np.random.default_rng(seed)
     clips = []
@@ -74,7 +74,7 @@ def synth_clips(n: int, seed: int = 0) -> list[AudioClip]:
 
 
 def batches_of(clips: list[AudioClip], batch_size: int, max_batch_seconds: float) -> list[list[AudioClip]]:
-    from qwen_tasks.jobs import make_batches
+    from qwen_tasks.labelling.jobs import make_batches
 
     by_id = {c.audio_id: c for c in clips}
     plan = make_batches([(c.audio_id, c.duration_s) for c in clips], batch_size, max_batch_seconds)
@@ -123,12 +123,13 @@ def bare_loop(backend, batches: list[list[np.ndarray]], prompt: str, max_new_tok
 
 
 def pipeline_section(args, backend, clips: list[AudioClip], request: LabelRequest) -> dict:
-    """runner.label end to end on files in a throwaway database vs the bare loop on the same batches."""
+    """worker.label end to end on files in a throwaway database vs the bare loop on the same batches."""
     import soundfile as sf
 
-    from qwen_tasks import db, runner
-    from qwen_tasks.ingest import ingest
-    from qwen_tasks.options import LabelOptions
+    from qwen_tasks.ingest.register import ingest
+    from qwen_tasks.labelling import worker
+    from qwen_tasks.labelling.options import LabelOptions
+    from qwen_tasks.store import database as db
 
     admin_url = args.admin_url or f"postgresql+psycopg2://{getpass.getuser()}@127.0.0.1:5432/postgres"
     with db.scratch_database(admin_url, prefix="qwen_tasks_bench") as url:
@@ -160,7 +161,7 @@ def pipeline_section(args, backend, clips: list[AudioClip], request: LabelReques
                      "relabel": repeat > 0, "max_new_tokens": request.max_new_tokens,
                      "language": request.language, "question": request.question}
                 )  # fmt: skip
-                summary = runner.label(engine, opts, backend_factory=lambda run: backend)
+                summary = worker.label(engine, opts, backend_factory=lambda run: backend)
                 elapsed = time.perf_counter() - start
                 if summary.labelled != len(clips):
                     raise RuntimeError(f"pipeline labelled {summary.labelled}/{len(clips)}: {summary.errors}")
@@ -191,8 +192,8 @@ def _job_batches(engine, run_id: int) -> list[list[np.ndarray]]:
     """The run's jobs as batches of decoded audio (decoded here, outside any timing)."""
     import sqlalchemy as sa
 
-    from qwen_tasks.audio import load_waveform
-    from qwen_tasks.schema import audio_file, label_job, label_job_item
+    from qwen_tasks.ingest.audio_files import load_waveform
+    from qwen_tasks.store.schema import audio_file, label_job, label_job_item
 
     with engine.connect() as conn:
         rows = conn.execute(
@@ -261,8 +262,8 @@ def main() -> None:
 
     import torch
 
-    from qwen_tasks.backends import load_backend
-    from qwen_tasks.tiny_model import make_tiny_model
+    from qwen_tasks.dev.tiny_model import make_tiny_model
+    from qwen_tasks.labelling.backends import load_backend
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -366,7 +367,7 @@ def main() -> None:
     else:
         pipe = pipeline_section(args, backend, clips, asr)
         print(
-            f"\npipeline (runner.label: decode+resample+db) {pipe['pipeline_s']:8.2f} s "
+            f"\npipeline (worker.label: decode+resample+db) {pipe['pipeline_s']:8.2f} s "
             f"vs bare processor+generate {pipe['bare_s']:.2f} s on the same {pipe['jobs']} batches "
             f"-> overhead {pipe['overhead_pct']:+.1f} %"
         )

@@ -35,9 +35,10 @@ import sqlalchemy as sa
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qwen_tasks import db, schema  # noqa: E402
-from qwen_tasks.audio import check_file  # noqa: E402
-from qwen_tasks.ingest import ingest  # noqa: E402
+from qwen_tasks.ingest.audio_files import check_file  # noqa: E402
+from qwen_tasks.ingest.register import ingest  # noqa: E402
+from qwen_tasks.store import database as db  # noqa: E402
+from qwen_tasks.store import schema  # noqa: E402
 
 
 def write_clips(folder: Path, n: int, seconds: float, rate: int) -> list[Path]:

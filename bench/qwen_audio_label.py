@@ -31,7 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from qwen_tasks import db, environments  # noqa: E402
+from qwen_tasks.labelling import environments  # noqa: E402
+from qwen_tasks.store import database as db  # noqa: E402
 
 DURATIONS = [1.0, 1.7, 2.4, 3.1, 3.8, 4.5, 5.2, 33.0]  # tests/test_qwen_audio.py's clips: 54.7 s, 9 windows
 TASKS = {
@@ -93,7 +94,7 @@ def main() -> None:
                            capture_output=True)  # fmt: skip
         from labelling_helpers import write_clips
 
-        from qwen_tasks.ingest import ingest
+        from qwen_tasks.ingest.register import ingest
 
         write_clips(work / "clips", DURATIONS)
         ingest(db.get_engine(url), [work / "clips"])

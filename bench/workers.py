@@ -31,9 +31,11 @@ import sqlalchemy as sa
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from qwen_tasks import db, jobs, schema  # noqa: E402
-from qwen_tasks.backends import describe  # noqa: E402
+from qwen_tasks.labelling import jobs  # noqa: E402
+from qwen_tasks.labelling.backends import describe  # noqa: E402
 from qwen_tasks.records import LabelRequest  # noqa: E402
+from qwen_tasks.store import database as db  # noqa: E402
+from qwen_tasks.store import schema  # noqa: E402
 
 
 def make_clips(folder: Path, n: int) -> None:
@@ -155,11 +157,11 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             model = args.model
             if model is None:
-                from qwen_tasks.tiny_model import make_tiny_model
+                from qwen_tasks.dev.tiny_model import make_tiny_model
 
                 model = make_tiny_model(Path(tmp) / "tiny")
             make_clips(Path(tmp) / "clips", args.clips)
-            from qwen_tasks.ingest import ingest
+            from qwen_tasks.ingest.register import ingest
 
             ingest(engine, [Path(tmp) / "clips"])
             for w in counts:

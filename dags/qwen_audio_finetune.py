@@ -25,7 +25,7 @@ import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
 
 from qwen_tasks.config import Settings
-from qwen_tasks.finetune import dag_param_specs
+from qwen_tasks.review.finetune import dag_param_specs
 
 DAG_ID = "qwen_audio_finetune"
 # Environment only, never an import error (a bad QWEN_TASKS_* value fails the tasks with one line).
@@ -36,15 +36,15 @@ PARAMS = {
 
 
 def _options():  # noqa: ANN202 - FinetuneOptions; imported inside tasks only
-    from qwen_tasks.finetune import options_from_params
+    from qwen_tasks.review.finetune import options_from_params
 
     ctx = get_current_context()
     return options_from_params(dict(ctx["params"]), run_name=ctx["run_id"])
 
 
 def _engine():  # noqa: ANN202 - Engine
-    from qwen_tasks import db
-    from qwen_tasks.airflow_conn import resolve_database_url
+    from qwen_tasks.orchestration.connection import resolve_database_url
+    from qwen_tasks.store import database as db
 
     engine = db.get_engine(resolve_database_url())
     db.upgrade(engine)
@@ -67,7 +67,7 @@ def qwen_audio_finetune():
     @task
     def prepare() -> dict:
         """Labelled clips per class and part; stores the split. Fails at once when training is pointless."""
-        from qwen_tasks.finetune import prepare as prepare_data
+        from qwen_tasks.review.finetune import prepare as prepare_data
 
         prepared, _, _ = prepare_data(_engine(), _options().resolved())
         return prepared.to_dict()
@@ -77,7 +77,7 @@ def qwen_audio_finetune():
         """LoRA training on the training part; returns the registered version's name."""
         import logging
 
-        from qwen_tasks.finetune import train_version
+        from qwen_tasks.review.finetune import train_version
 
         log = logging.getLogger(__name__)
         log.info(
@@ -96,7 +96,7 @@ def qwen_audio_finetune():
     @task(pool="gpu", queue="gpu", execution_timeout=timedelta(hours=12))
     def evaluate(name: str) -> dict:
         """Base and fine-tuned labelling runs over the held-out audio; metrics and the gate are stored."""
-        from qwen_tasks.finetune import evaluate_version
+        from qwen_tasks.review.finetune import evaluate_version
 
         result = evaluate_version(_engine(), name, _options())
         return {
@@ -110,7 +110,7 @@ def qwen_audio_finetune():
     @task
     def promote(evaluation: dict) -> dict:
         """Promote when asked and allowed; otherwise say why not (the version stays in the registry)."""
-        from qwen_tasks import registry
+        from qwen_tasks.labelling import registry
 
         options = _options()
         if options.promote and evaluation["gate_passed"]:
@@ -125,7 +125,7 @@ def qwen_audio_finetune():
         import re
 
         from qwen_tasks.config import get_settings
-        from qwen_tasks.report import write_report
+        from qwen_tasks.quality.report import write_report
 
         ctx = get_current_context()
         folder = re.sub(r"[^A-Za-z0-9_.-]+", "_", ctx["run_id"]).strip("_") or "finetune"

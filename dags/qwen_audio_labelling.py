@@ -36,12 +36,12 @@ from typing import Any
 import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
 
-from qwen_tasks.airflow_wait import WaitForWorkersOperator
 from qwen_tasks.config import Settings
-from qwen_tasks.environments import PYTHON_ENV_VAR, interpreter
 from qwen_tasks.errors import ConfigError
-from qwen_tasks.options import LabelOptions
-from qwen_tasks.pipeline import LABEL_RETRIES, JobFailed
+from qwen_tasks.labelling.environments import PYTHON_ENV_VAR, interpreter
+from qwen_tasks.labelling.options import LabelOptions
+from qwen_tasks.orchestration.steps import LABEL_RETRIES, JobFailed
+from qwen_tasks.orchestration.triggers import WaitForWorkersOperator
 
 DAG_ID = "qwen_audio_labelling"
 SCHEDULE = os.environ.get("QWEN_TASKS_SCHEDULE", "0 2 * * *").strip() or None
@@ -85,9 +85,9 @@ def qwen_audio_slot_starts(context: Any) -> None:
     the task with how to create it."""
     from airflow.sdk.exceptions import AirflowFailException
 
-    from qwen_tasks.airflow_conn import resolve_database_url
-    from qwen_tasks.environments import how_to_create
-    from qwen_tasks.pipeline import slot_name
+    from qwen_tasks.labelling.environments import how_to_create
+    from qwen_tasks.orchestration.connection import resolve_database_url
+    from qwen_tasks.orchestration.steps import slot_name
 
     op = context["task"]
     python = Path(op.python)
@@ -134,8 +134,8 @@ def qwen_audio_labelling():
     @task(multiple_outputs=False)
     def ingest() -> dict:
         """New files into `audio` / `audio_file`; bad ones into quarantine. Returns counts."""
-        from qwen_tasks.airflow_conn import resolve_database_url
-        from qwen_tasks.pipeline import ingest_step
+        from qwen_tasks.orchestration.connection import resolve_database_url
+        from qwen_tasks.orchestration.steps import ingest_step
 
         with no_retry_for_permanent_errors():
             return ingest_step(get_current_context()["params"], database_url=resolve_database_url())
@@ -147,8 +147,8 @@ def qwen_audio_labelling():
         counts as `plan`."""
         from airflow.sdk import conf
 
-        from qwen_tasks.airflow_conn import resolve_database_url
-        from qwen_tasks.pipeline import plan_step
+        from qwen_tasks.orchestration.connection import resolve_database_url
+        from qwen_tasks.orchestration.steps import plan_step
 
         ctx = get_current_context()
         with no_retry_for_permanent_errors():
@@ -176,8 +176,8 @@ def qwen_audio_labelling():
     def label_batch(slot: int, run_ids: list) -> dict:
         """One worker slot: loads the model once (inside the task, never at parse time) and labels jobs
         of this DAG run's runs until none is left."""
-        from qwen_tasks.airflow_conn import resolve_database_url
-        from qwen_tasks.pipeline import slot_name, work_step
+        from qwen_tasks.orchestration.connection import resolve_database_url
+        from qwen_tasks.orchestration.steps import slot_name, work_step
 
         ctx = get_current_context()
         slots = len(ctx["ti"].xcom_pull(task_ids="plan") or []) or 1
@@ -218,15 +218,15 @@ def qwen_audio_labelling():
         """label_batch for runs of an original Qwen-Audio model, in the Qwen-Audio environment's python
         (transformers 4.x). Airflow runs a copy of this function's source there, with its arguments
         pickled: it may only import and call."""
-        from qwen_tasks.pipeline import work_step_elsewhere
+        from qwen_tasks.orchestration.steps import work_step_elsewhere
 
         return work_step_elsewhere(run_ids, slot=slot, slots=len(slots))
 
     @task(trigger_rule="none_failed", multiple_outputs=False)
     def metrics(run_ids: list) -> dict:
         """Quality and speed metrics per run, stored in run_metric."""
-        from qwen_tasks.airflow_conn import resolve_database_url
-        from qwen_tasks.pipeline import metrics_step
+        from qwen_tasks.orchestration.connection import resolve_database_url
+        from qwen_tasks.orchestration.steps import metrics_step
 
         with no_retry_for_permanent_errors():
             return metrics_step(run_ids, database_url=resolve_database_url())
@@ -234,8 +234,8 @@ def qwen_audio_labelling():
     @task(trigger_rule="none_failed", multiple_outputs=False)
     def report(run_ids: list, computed: dict) -> dict:
         """Report files for this DAG run's runs (the latest runs when nothing new was labelled)."""
-        from qwen_tasks.airflow_conn import resolve_database_url
-        from qwen_tasks.pipeline import report_step
+        from qwen_tasks.orchestration.connection import resolve_database_url
+        from qwen_tasks.orchestration.steps import report_step
 
         ctx = get_current_context()
         with no_retry_for_permanent_errors():

@@ -27,7 +27,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
-from qwen_tasks import db
+from qwen_tasks.store import database as db
 
 ROOT = Path(__file__).resolve().parents[1]
 AIRFLOW = [sys.executable, "-m", "airflow"]

@@ -14,7 +14,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from qwen_tasks import db
+from qwen_tasks.store import database as db
 
 DATA_TABLES = (
     "model_version, finetune_split, run_metric, human_label, label_failure, cry_answer, transcription, "

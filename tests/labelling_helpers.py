@@ -17,8 +17,8 @@ import soundfile as sf
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from qwen_tasks import schema
-from qwen_tasks.ingest import ingest
+from qwen_tasks.ingest.register import ingest
+from qwen_tasks.store import schema
 
 CLI = [sys.executable, "-m", "qwen_tasks"]
 
@@ -52,7 +52,7 @@ def ingest_clips(engine: Engine, folder: Path, durations: Sequence[float], seed:
 def build_tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny random-init Qwen2-Audio, built once per test session and shared by the test modules
     (each module's `tiny_model_dir` fixture calls this; the second call finds it on disk)."""
-    from qwen_tasks.tiny_model import make_tiny_model
+    from qwen_tasks.dev.tiny_model import make_tiny_model
 
     out = tmp_path_factory.getbasetemp() / "labelling-tiny-model"
     if not (out / "config.json").is_file():

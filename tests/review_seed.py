@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from qwen_tasks import schema
+from qwen_tasks.store import schema
 
 T0 = datetime(2025, 1, 1, 12, 0, 0, tzinfo=UTC)
 

@@ -15,9 +15,14 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
-from qwen_tasks import airflow_conn
-from qwen_tasks.airflow_conn import ENV_VAR, fields_from_env_value, resolve_database_url, to_sqlalchemy_url
 from qwen_tasks.errors import ConfigError
+from qwen_tasks.orchestration import connection
+from qwen_tasks.orchestration.connection import (
+    ENV_VAR,
+    fields_from_env_value,
+    resolve_database_url,
+    to_sqlalchemy_url,
+)
 
 
 def url_of(value: str) -> sa.URL:
@@ -84,7 +89,7 @@ def test_connection_reaches_the_real_database(database_url: str, monkeypatch: py
     as_airflow_uri = make_url(database_url).set(drivername="postgresql").render_as_string(hide_password=False)
     monkeypatch.delenv("QWEN_TASKS_DATABASE_URL", raising=False)
     monkeypatch.setenv(ENV_VAR, as_airflow_uri)
-    engine = airflow_conn.get_engine()
+    engine = connection.get_engine()
     assert engine.url.database == make_url(database_url).database
     with engine.connect() as conn:
         assert conn.execute(sa.text("SELECT to_regclass('label_run') IS NOT NULL")).scalar() is True
@@ -101,7 +106,7 @@ def test_our_parser_agrees_with_airflows(tmp_path) -> None:
     script = (
         "import json, sys\n"
         "from airflow.sdk import Connection\n"
-        "from qwen_tasks.airflow_conn import fields_from_airflow, to_sqlalchemy_url\n"
+        "from qwen_tasks.orchestration.connection import fields_from_airflow, to_sqlalchemy_url\n"
         "out = []\n"
         "for v in json.loads(sys.argv[1]):\n"
         "    parse = Connection.from_json if v.startswith('{') else Connection.from_uri\n"

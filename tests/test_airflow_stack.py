@@ -27,9 +27,9 @@ from conftest import DATA_TABLES
 from labelling_helpers import build_tiny_model
 from test_workers import blocked_pids, writes_blocked
 
-from qwen_tasks import db
-from qwen_tasks.samples import write_sample_set
-from qwen_tasks.schema import cry_answer, label_job, label_run
+from qwen_tasks.dev.samples import write_sample_set
+from qwen_tasks.store import database as db
+from qwen_tasks.store.schema import cry_answer, label_job, label_run
 
 pytestmark = pytest.mark.slow
 CHROMIUM = Path("/usr/bin/chromium")

@@ -10,11 +10,11 @@ import pytest
 from labelling_helpers import ingest_clips
 from sqlalchemy.engine import Engine
 
-from qwen_tasks import jobs
-from qwen_tasks.backends import describe
+from qwen_tasks.labelling import jobs
+from qwen_tasks.labelling.backends import describe
 from qwen_tasks.records import LabelRequest
 
-airflow_wait = pytest.importorskip("qwen_tasks.airflow_wait")
+airflow_wait = pytest.importorskip("qwen_tasks.orchestration.triggers")
 
 
 def test_trigger_fires_when_the_runs_are_finished(

@@ -1,5 +1,5 @@
-"""qwen_tasks.audio on real files written with numpy + soundfile: decoding, probing, hashing, and every
-kind of bad file ingest must quarantine with a specific reason."""
+"""qwen_tasks.ingest.audio_files on real files written with numpy + soundfile: decoding, probing,
+hashing, and every kind of bad file ingest must quarantine with a specific reason."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from qwen_tasks.audio import check_file, load_waveform, probe, sha256_file
 from qwen_tasks.errors import AudioError
+from qwen_tasks.ingest.audio_files import check_file, load_waveform, probe, sha256_file
 
 
 def tone(seconds: float, rate: int, freq: float = 440.0, channels: int = 1) -> np.ndarray:

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from qwen_tasks.backends import describe, get_backend, load_backend, model_info
-from qwen_tasks.backends.backoff import run_resilient
-from qwen_tasks.backends.qwen2_audio import _Unit, length_groups
+from qwen_tasks.dev.tiny_model import make_tiny_model
 from qwen_tasks.errors import ModelError
+from qwen_tasks.labelling.backends import describe, get_backend, load_backend, model_info
+from qwen_tasks.labelling.backends.backoff import run_resilient
+from qwen_tasks.labelling.backends.qwen2_audio import _Unit, length_groups
+from qwen_tasks.labelling.windows import Window
 from qwen_tasks.records import AudioClip, ClipResult, LabelRequest
-from qwen_tasks.tiny_model import make_tiny_model
-from qwen_tasks.windows import Window
 
 SR = 16000
 ASR = LabelRequest("asr", max_new_tokens=6)

@@ -28,10 +28,10 @@ from conftest import DATA_TABLES
 from labelling_helpers import CLI, build_tiny_model
 from sqlalchemy.engine import make_url
 
-from qwen_tasks import db
-from qwen_tasks.airflow_local import DagRunFailed, DagTestResult, run_dag_test
-from qwen_tasks.samples import SampleSet, write_sample_set
-from qwen_tasks.schema import audio_file, cry_answer, label_job, label_run, run_metric, transcription
+from qwen_tasks.dev.airflow_local import DagRunFailed, DagTestResult, run_dag_test
+from qwen_tasks.dev.samples import SampleSet, write_sample_set
+from qwen_tasks.store import database as db
+from qwen_tasks.store.schema import audio_file, cry_answer, label_job, label_run, run_metric, transcription
 
 pytestmark = pytest.mark.slow
 

@@ -10,8 +10,9 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from qwen_tasks import db, schema
 from qwen_tasks.errors import DatabaseUnavailable
+from qwen_tasks.store import database as db
+from qwen_tasks.store import schema
 
 CLI = [sys.executable, "-m", "qwen_tasks"]
 

@@ -12,12 +12,12 @@ from typer.testing import CliRunner
 
 from qwen_tasks.cli import app
 from qwen_tasks.errors import ConfigError
-from qwen_tasks.export import write_jsonl
+from qwen_tasks.review.export import write_jsonl
 
 
 def test_missing_folders_are_created_and_said(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     out = tmp_path / "new" / "deeper" / "labels.jsonl"
-    with caplog.at_level(logging.WARNING, logger="qwen_tasks.export"):
+    with caplog.at_level(logging.WARNING, logger="qwen_tasks.review.export"):
         n = write_jsonl(iter([{"audio": "/a.wav", "label": "yes"}]), out)
     assert n == 1 and json.loads(out.read_text()) == {"audio": "/a.wav", "label": "yes"}
     assert [r.getMessage() for r in caplog.records] == [
@@ -25,7 +25,7 @@ def test_missing_folders_are_created_and_said(tmp_path: Path, caplog: pytest.Log
     ]
 
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="qwen_tasks.export"):
+    with caplog.at_level(logging.WARNING, logger="qwen_tasks.review.export"):
         write_jsonl(iter([]), out)  # the folder exists now: nothing to say
     assert caplog.records == [] and out.read_text() == ""
 

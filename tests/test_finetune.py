@@ -21,10 +21,12 @@ import sqlalchemy as sa
 from labelling_helpers import build_tiny_model, count, run_cli
 from sqlalchemy.engine import Engine
 
-from qwen_tasks import finetune, registry, schema
-from qwen_tasks.finetune import FinetuneOptions
-from qwen_tasks.ingest import ingest
-from qwen_tasks.samples import write_cry_training_set
+from qwen_tasks.dev.samples import write_cry_training_set
+from qwen_tasks.ingest.register import ingest
+from qwen_tasks.labelling import registry
+from qwen_tasks.review import finetune
+from qwen_tasks.review.finetune import FinetuneOptions
+from qwen_tasks.store import schema
 
 pytestmark = pytest.mark.slow
 
@@ -181,7 +183,7 @@ def test_it_learns_the_synthetic_cry_set_and_the_gate_passes(
 def test_versions_never_mix_and_adapter_labels_match_the_in_memory_model(
     engine: Engine, tmp_path: Path, tiny_model_dir: Path
 ) -> None:
-    from qwen_tasks.audio import load_waveform
+    from qwen_tasks.ingest.audio_files import load_waveform
     from qwen_tasks.records import AudioClip, LabelRequest
 
     ingest_manifest(engine, write_cry_training_set(tmp_path / "learnable", n=40))
@@ -215,10 +217,10 @@ def test_versions_never_mix_and_adapter_labels_match_the_in_memory_model(
     stored = [p_yes[c.audio_id] for c in clips]
     assert max(abs(x - y) for x, y in zip(in_memory, stored, strict=True)) < 1e-4
     # a worker holding the base model (no adapter) refuses the version's run: labels never mix
-    from qwen_tasks import jobs
-    from qwen_tasks.backends import load_backend
     from qwen_tasks.errors import ModelError
-    from qwen_tasks.runner import check_backend
+    from qwen_tasks.labelling import jobs
+    from qwen_tasks.labelling.backends import load_backend
+    from qwen_tasks.labelling.worker import check_backend
 
     with pytest.raises(ModelError, match="was planned for model"):
         check_backend(jobs.get_run(engine, b["run_id"]), load_backend(str(tiny_model_dir), device="cpu"))

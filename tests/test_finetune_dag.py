@@ -16,11 +16,12 @@ from conftest import DATA_TABLES
 from labelling_helpers import build_tiny_model
 from sqlalchemy.engine import make_url
 
-from qwen_tasks import db, registry
-from qwen_tasks.airflow_local import run_dag_test
-from qwen_tasks.ingest import ingest
-from qwen_tasks.samples import write_cry_training_set
-from qwen_tasks.schema import label_run
+from qwen_tasks.dev.airflow_local import run_dag_test
+from qwen_tasks.dev.samples import write_cry_training_set
+from qwen_tasks.ingest.register import ingest
+from qwen_tasks.labelling import registry
+from qwen_tasks.store import database as db
+from qwen_tasks.store.schema import label_run
 
 pytestmark = pytest.mark.slow
 

@@ -19,11 +19,11 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from typer.testing import CliRunner
 
-from qwen_tasks import schema
 from qwen_tasks.cli import app
 from qwen_tasks.errors import ConfigError
-from qwen_tasks.ingest import IngestSummary, ingest
-from qwen_tasks.manifest import parse_gold_label
+from qwen_tasks.ingest.manifests import parse_gold_label
+from qwen_tasks.ingest.register import IngestSummary, ingest
+from qwen_tasks.store import schema
 
 QT = Path(sys.executable).with_name("qwen-tasks")
 ODD_NAMES = [
@@ -352,7 +352,7 @@ def test_conflicting_answers_for_one_audio_are_warned_and_counted(engine: Engine
 @pytest.mark.parametrize("folder", ["/m/data", "/", "/m/with space/"])
 def test_audio_paths_resolve_exactly_like_abspath(folder: str) -> None:
     """The per-folder cache behind manifest paths gives what os.path.abspath(join(...)) gives."""
-    from qwen_tasks.manifest import _resolve
+    from qwen_tasks.ingest.manifests import _resolve
 
     cases = [
         "a.wav",

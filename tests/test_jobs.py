@@ -11,9 +11,10 @@ import sqlalchemy as sa
 from labelling_helpers import count, ingest_clips
 from sqlalchemy.engine import Engine
 
-from qwen_tasks import jobs, schema
 from qwen_tasks.errors import ConfigError
+from qwen_tasks.labelling import jobs
 from qwen_tasks.records import LabelRequest, ModelInfo
+from qwen_tasks.store import schema
 
 INFO = ModelInfo(
     model="test/model", revision="r1", dtype="", device="", prompt_version="p1", prompt_template="t"

@@ -10,8 +10,8 @@ import sqlalchemy as sa
 from labelling_helpers import build_tiny_model, count, ingest_clips, run_cli
 from sqlalchemy.engine import Engine
 
-from qwen_tasks import schema
-from qwen_tasks.ingest import ingest
+from qwen_tasks.ingest.register import ingest
+from qwen_tasks.store import schema
 
 pytestmark = pytest.mark.slow
 

@@ -18,11 +18,11 @@ import sqlalchemy as sa
 from labelling_helpers import build_tiny_model, run_cli
 from sqlalchemy.engine import Engine
 
-from qwen_tasks import schema
-from qwen_tasks.audio import load_ingested
 from qwen_tasks.errors import AudioError
-from qwen_tasks.ingest import ingest
+from qwen_tasks.ingest.audio_files import load_ingested
+from qwen_tasks.ingest.register import ingest
 from qwen_tasks.records import RecordedPath
+from qwen_tasks.store import schema
 
 
 @pytest.fixture(autouse=True)

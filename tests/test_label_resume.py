@@ -22,7 +22,8 @@ from labelling_helpers import build_tiny_model, count, ingest_clips, run_cli
 from sqlalchemy.engine import Engine
 from test_workers import blocked_pids, start_worker, wait_for, writes_blocked
 
-from qwen_tasks import jobs, schema
+from qwen_tasks.labelling import jobs
+from qwen_tasks.store import schema
 
 pytestmark = pytest.mark.slow
 

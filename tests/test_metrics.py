@@ -20,9 +20,8 @@ from review_seed import (
 )
 from sqlalchemy.engine import Engine
 
-from qwen_tasks import schema
 from qwen_tasks.errors import ConfigError
-from qwen_tasks.metrics import (
+from qwen_tasks.quality.metrics import (
     best_threshold,
     binary_scores,
     compute_run_metrics,
@@ -31,6 +30,7 @@ from qwen_tasks.metrics import (
     roc_auc,
     threshold_sweep,
 )
+from qwen_tasks.store import schema
 
 
 def test_binary_scores_hand_computed() -> None:

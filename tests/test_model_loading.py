@@ -17,10 +17,10 @@ from labelling_helpers import build_tiny_model, run_cli
 from sqlalchemy.engine import Engine
 from typer.testing import CliRunner
 
-from qwen_tasks.backends import load_backend
 from qwen_tasks.cli import app
 from qwen_tasks.errors import ModelError
-from qwen_tasks.ingest import ingest
+from qwen_tasks.ingest.register import ingest
+from qwen_tasks.labelling.backends import load_backend
 
 
 def _truncate(weights: Path) -> None:

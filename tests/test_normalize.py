@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from qwen_tasks.normalize import CRY_VOCABULARY, YesNoVocabulary, clean_answer, normalize_yes_no
+from qwen_tasks.labelling.answers import CRY_VOCABULARY, YesNoVocabulary, clean_answer, normalize_yes_no
 
 TABLE = Path(__file__).parent / "data" / "yes_no_cases.tsv"
 

@@ -1,4 +1,4 @@
-"""The DAG's steps as plain functions (qwen_tasks.pipeline), without Airflow, on the real database,
+"""The DAG's steps as plain functions (qwen_tasks.orchestration.steps), without Airflow, on the real database,
 real ingest and the tiny model: options validation, job budgets, resuming unfinished jobs, worker slots,
 taking over a dead slot's job, attempts."""
 
@@ -11,11 +11,13 @@ import sqlalchemy as sa
 from labelling_helpers import build_tiny_model, count, write_clips
 from sqlalchemy.engine import Engine
 
-from qwen_tasks import environments, jobs, pipeline, schema
-from qwen_tasks.backends import get_backend
 from qwen_tasks.errors import ConfigError
-from qwen_tasks.options import LabelOptions
-from qwen_tasks.pipeline import JobFailed
+from qwen_tasks.labelling import environments, jobs
+from qwen_tasks.labelling.backends import get_backend
+from qwen_tasks.labelling.options import LabelOptions
+from qwen_tasks.orchestration import steps
+from qwen_tasks.orchestration.steps import JobFailed
+from qwen_tasks.store import schema
 
 
 @pytest.fixture(scope="module")
@@ -105,13 +107,13 @@ def _params(model: Path, **over: object) -> dict:
 def test_ingest_step_returns_counts_only(engine: Engine, tmp_path: Path, database_url: str) -> None:
     write_clips(tmp_path / "audio", [1.0, 1.5])
     (tmp_path / "audio" / "bad.wav").write_bytes(b"RIFF....WAVEnope")
-    out = pipeline.ingest_step(
+    out = steps.ingest_step(
         {"model": "m", "audio_dirs": [str(tmp_path / "audio")]}, database_url=database_url
     )
     assert out["new"] == 2 and out["quarantined"] == 1
     assert all(isinstance(v, int | float) for v in out.values())  # XCom: no path lists
     with pytest.raises(ConfigError, match="no-such-folder"):
-        pipeline.ingest_step(
+        steps.ingest_step(
             {"model": "m", "audio_dirs": [str(tmp_path / "no-such-folder")]}, database_url=database_url
         )
 
@@ -120,15 +122,15 @@ def test_plan_respects_the_job_budget_then_resumes_unfinished_jobs(
     engine: Engine, tmp_path: Path, database_url: str, tiny_model_dir: Path
 ) -> None:
     write_clips(tmp_path / "audio", [1.0, 1.2, 1.4, 1.6])
-    pipeline.ingest_step({"model": "m", "audio_dirs": [str(tmp_path / "audio")]}, database_url=database_url)
+    steps.ingest_step({"model": "m", "audio_dirs": [str(tmp_path / "audio")]}, database_url=database_url)
     params = _params(tiny_model_dir)
-    first = pipeline.plan_step(params, max_jobs=3, database_url=database_url)
+    first = steps.plan_step(params, max_jobs=3, database_url=database_url)
     assert len(first["job_ids"]) == 3  # max_map_length: 3 jobs in total, not per task
     assert first["per_task"]["asr"]["jobs"] == 3 and first["per_task"]["asr"]["left_over"] == 1
     assert first["per_task"]["cry"]["jobs"] == 0
 
     # next night (the first night's workers never ran): its 3 pending jobs come first, then new work
-    second = pipeline.plan_step(params, database_url=database_url)
+    second = steps.plan_step(params, database_url=database_url)
     assert second["job_ids"][:3] == first["job_ids"]
     assert second["per_task"]["asr"]["resumed_jobs"] == 3
     assert second["per_task"]["asr"]["items"] == 1  # the clip left over last time
@@ -141,13 +143,13 @@ def test_slots_label_every_job_once_and_load_the_model_only_when_there_is_work(
     engine: Engine, tmp_path: Path, database_url: str, tiny_model_dir: Path
 ) -> None:
     write_clips(tmp_path / "audio", [1.0, 1.2, 1.4, 2.0])
-    pipeline.ingest_step({"model": "m", "audio_dirs": [str(tmp_path / "audio")]}, database_url=database_url)
+    steps.ingest_step({"model": "m", "audio_dirs": [str(tmp_path / "audio")]}, database_url=database_url)
     params = _params(tiny_model_dir, tasks=["cry"], slots=2)
-    planned = pipeline.plan_step(params, database_url=database_url)
+    planned = steps.plan_step(params, database_url=database_url)
     assert planned["jobs"] == 4 and planned["slots"] == 2  # min(jobs, slots)
     assert (planned["qwen_audio_slots"], planned["qwen_audio_run_ids"]) == (0, [])  # no Qwen-Audio slot
     names: list[str] = []
-    first = pipeline.work_step(
+    first = steps.work_step(
         params, planned["run_ids"], slot=0, slots=2, database_url=database_url, on_name=names.append
     )
     # one slot alone drains the run (the other slot, started later, finds nothing to do)
@@ -155,23 +157,21 @@ def test_slots_label_every_job_once_and_load_the_model_only_when_there_is_work(
     assert names == [f"worker 1/2: cry run {planned['run_ids'][0]} batches 0,1,2,3 (4 clips)"]
     assert count(engine, schema.cry_answer) == 4
     loads = get_backend.cache_info()
-    second = pipeline.work_step(params, planned["run_ids"], slot=1, slots=2, database_url=database_url)
+    second = steps.work_step(params, planned["run_ids"], slot=1, slots=2, database_url=database_url)
     assert second["jobs_done"] == 0 and second["model_load_seconds"] == 0
     assert get_backend.cache_info() == loads  # nothing to claim: the model was not even looked up
     assert jobs.get_run(engine, planned["run_ids"][0]).status == "done"
 
-    metrics = pipeline.metrics_step(planned["run_ids"], database_url=database_url)
+    metrics = steps.metrics_step(planned["run_ids"], database_url=database_url)
     assert metrics["runs"] == 1 and metrics["metrics"][str(planned["run_ids"][0])]
-    report = pipeline.report_step(
+    report = steps.report_step(
         [], {**params, "report_dir": str(tmp_path / "r")}, name="a:b/c", database_url=database_url
     )
     assert report["run_ids"] == planned["run_ids"] and report["new"] is False  # latest runs
     assert Path(report["report"]).is_file() and Path(report["report"]).parent.name == "a_b_c"
-    external = pipeline.plan_step(
-        {**params, "workers": "external", "relabel": True}, database_url=database_url
-    )
+    external = steps.plan_step({**params, "workers": "external", "relabel": True}, database_url=database_url)
     assert external["jobs"] == 4 and external["slots"] == 0  # no Airflow slot: the fleet labels these
-    assert pipeline.runs_progress(external["run_ids"], database_url=database_url)["finished"] is False
+    assert steps.runs_progress(external["run_ids"], database_url=database_url)["finished"] is False
 
 
 @pytest.mark.skipif(environments.runs_here(), reason="this interpreter is the Qwen-Audio environment")
@@ -184,17 +184,17 @@ def test_runs_of_an_original_qwen_audio_model_get_slots_of_their_own(
     model.mkdir()
     (model / "config.json").write_text('{"model_type": "qwen"}', encoding="utf-8")
     write_clips(tmp_path / "audio", [1.0, 1.2, 1.4])
-    pipeline.ingest_step({"model": "m", "audio_dirs": [str(tmp_path / "audio")]}, database_url=database_url)
+    steps.ingest_step({"model": "m", "audio_dirs": [str(tmp_path / "audio")]}, database_url=database_url)
     params = {"model": str(model), "tasks": ["asr", "cry"], "batch_size": 1, "slots": 4, "device": "cpu"}
-    planned = pipeline.plan_step(params, database_url=database_url)
+    planned = steps.plan_step(params, database_url=database_url)
     assert planned["jobs"] == 6 and (planned["slots"], planned["qwen_audio_slots"]) == (0, 4)
     assert planned["qwen_audio_run_ids"] == planned["run_ids"] and len(planned["run_ids"]) == 2
-    out = pipeline.work_step(params, planned["run_ids"], database_url=database_url)  # a label_batch slot
+    out = steps.work_step(params, planned["run_ids"], database_url=database_url)  # a label_batch slot
     assert out["jobs_done"] == 0
     with engine.connect() as conn:
         states = conn.execute(sa.select(schema.label_job.c.status, schema.label_job.c.attempts)).all()
     assert sorted(set(states)) == [("pending", 0)]
-    external = pipeline.plan_step({**params, "workers": "external"}, database_url=database_url)
+    external = steps.plan_step({**params, "workers": "external"}, database_url=database_url)
     assert (external["slots"], external["qwen_audio_slots"]) == (0, 0)  # the fleet labels these
 
 
@@ -202,13 +202,13 @@ def test_a_retried_slot_takes_free_jobs_before_waiting_out_a_dead_lease(
     engine: Engine, tmp_path: Path, database_url: str, tiny_model_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     write_clips(tmp_path / "audio", [1.0, 1.2, 1.4])
-    pipeline.ingest_step({"model": "m", "audio_dirs": [str(tmp_path / "audio")]}, database_url=database_url)
+    steps.ingest_step({"model": "m", "audio_dirs": [str(tmp_path / "audio")]}, database_url=database_url)
     params = _params(tiny_model_dir, tasks=["cry"])
-    planned = pipeline.plan_step(params, database_url=database_url)
+    planned = steps.plan_step(params, database_url=database_url)
     dead = jobs.claim_job(engine, planned["run_ids"], "dead-slot", lease_seconds=4.0)  # killed holding it
     assert dead is not None
     caplog.set_level("INFO", logger="qwen_tasks")
-    out = pipeline.work_step(params, planned["run_ids"], database_url=database_url, worker="retry")
+    out = steps.work_step(params, planned["run_ids"], database_url=database_url, worker="retry")
     assert out["jobs_done"] == 3
     with engine.connect() as conn:
         rows = conn.execute(
@@ -229,14 +229,14 @@ def test_job_errors_are_retried_then_fail_the_slot_for_good(
     engine: Engine, tmp_path: Path, database_url: str, tiny_model_dir: Path
 ) -> None:
     write_clips(tmp_path / "audio", [1.0, 2.0])
-    pipeline.ingest_step({"model": "m", "audio_dirs": [str(tmp_path / "audio")]}, database_url=database_url)
+    steps.ingest_step({"model": "m", "audio_dirs": [str(tmp_path / "audio")]}, database_url=database_url)
     params = _params(tiny_model_dir, tasks=["cry"])
-    planned = pipeline.plan_step(params, database_url=database_url)
+    planned = steps.plan_step(params, database_url=database_url)
     gone = sorted((tmp_path / "audio").glob("*.wav"))[0]
     gone.unlink()  # deleted after ingest: its job errors at job level on every attempt
 
     with pytest.raises(JobFailed, match="1 job\\(s\\) failed after all attempts"):
-        pipeline.work_step(params, planned["run_ids"], database_url=database_url)
+        steps.work_step(params, planned["run_ids"], database_url=database_url)
     with engine.connect() as conn:
         rows = conn.execute(
             sa.select(
@@ -248,4 +248,4 @@ def test_job_errors_are_retried_then_fail_the_slot_for_good(
     assert "none of the 1 file(s)" in failed[0].last_error
     assert [r.status for r in rows].count("done") == 1  # the other job was labelled all the same
     # a retry of the slot (or a cleared task) has nothing left to do
-    assert pipeline.work_step(params, planned["run_ids"], database_url=database_url)["jobs_done"] == 0
+    assert steps.work_step(params, planned["run_ids"], database_url=database_url)["jobs_done"] == 0

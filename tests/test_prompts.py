@@ -5,11 +5,11 @@ from __future__ import annotations
 import jinja2
 import pytest
 
-from qwen_tasks import prompts
-from qwen_tasks.backends import detect_backend
-from qwen_tasks.backends.qwen2_audio import detect_prompt_style
+from qwen_tasks.dev.tiny_model import INSTRUCT_CHAT_TEMPLATE
+from qwen_tasks.labelling import prompts
+from qwen_tasks.labelling.backends import detect_backend
+from qwen_tasks.labelling.backends.qwen2_audio import detect_prompt_style
 from qwen_tasks.records import LabelRequest
-from qwen_tasks.tiny_model import INSTRUCT_CHAT_TEMPLATE
 
 
 def test_every_key_has_a_distinct_version() -> None:

@@ -28,20 +28,23 @@ import sqlalchemy as sa
 from labelling_helpers import CLI, count, ingest_clips, run_cli
 from sqlalchemy.engine import Engine
 
-from qwen_tasks import environments, prompts, runner, schema
-from qwen_tasks.backends import load_backend, qwen_audio, required_python
 from qwen_tasks.errors import ModelError, WrongEnvironment
-from qwen_tasks.options import LabelOptions
+from qwen_tasks.labelling import environments, prompts, worker
+from qwen_tasks.labelling.backends import load_backend, qwen_audio, required_python
+from qwen_tasks.labelling.options import LabelOptions
 from qwen_tasks.records import LabelRequest
+from qwen_tasks.store import schema
 
 ROOT = Path(__file__).resolve().parents[1]
 BUILDER = ROOT / "tests" / "qwen_audio_tiny.py"
 CODE_DIR = os.environ.get("QWEN_AUDIO_CODE_DIR", "")
 # What a worker of either environment imports (the DAG's label step will run `pipeline` there too).
-WORKER_MODULES = ("qwen_tasks.cli", "qwen_tasks.runner", "qwen_tasks.jobs", "qwen_tasks.pipeline",
-                  "qwen_tasks.db", "qwen_tasks.audio", "qwen_tasks.normalize", "qwen_tasks.export",
-                  "qwen_tasks.backends", "qwen_tasks.backends.qwen_audio",
-                  "qwen_tasks.environments")  # fmt: skip
+WORKER_MODULES = (
+    "qwen_tasks.cli", "qwen_tasks.labelling.worker", "qwen_tasks.labelling.jobs",
+    "qwen_tasks.orchestration.steps", "qwen_tasks.store.database", "qwen_tasks.ingest.audio_files",
+    "qwen_tasks.labelling.answers", "qwen_tasks.review.export", "qwen_tasks.labelling.backends",
+    "qwen_tasks.labelling.backends.qwen_audio", "qwen_tasks.labelling.environments",
+)  # fmt: skip
 
 main_env_only = pytest.mark.skipif(
     qwen_audio.runs_here(), reason="this interpreter is a Qwen-Audio environment (transformers 4.x)"
@@ -97,7 +100,7 @@ def test_worker_refuses_a_qwen_audio_run_without_claiming_a_job(
     model = qwen_audio_only_config(tmp_path / "qwen-audio-local")
     ingest_clips(engine, tmp_path / "audio", [1.0, 1.5, 2.0])
     options = LabelOptions.from_mapping({"tasks": ["cry"], "model": str(model), "device": "cpu"})
-    plan = runner.label(engine, options, plan_only=True)
+    plan = worker.label(engine, options, plan_only=True)
     assert plan.run_id is not None and plan.jobs == 1  # planning needs no model and works anywhere
     loads: list[int] = []
 
@@ -106,7 +109,7 @@ def test_worker_refuses_a_qwen_audio_run_without_claiming_a_job(
         raise AssertionError("the model must not be loaded")
 
     with pytest.raises(WrongEnvironment, match=rf"-m qwen_tasks work --run {plan.run_id}`$"):
-        runner.work(engine, plan.run_id, factory)
+        worker.work(engine, plan.run_id, factory)
     assert loads == []
     with engine.connect() as conn:
         rows = conn.execute(sa.select(schema.label_job).where(schema.label_job.c.run_id == plan.run_id)).all()
@@ -236,7 +239,8 @@ def test_worker_modules_import_under_both_transformers_versions() -> None:
     code = (
         "import importlib, importlib.metadata as m, json\n"
         f"for name in {WORKER_MODULES!r}: importlib.import_module(name)\n"
-        "from qwen_tasks.backends import WrongEnvironment, check_environment, qwen_audio, required_python\n"
+        "from qwen_tasks.labelling.backends import WrongEnvironment, check_environment, qwen_audio\n"
+        "from qwen_tasks.labelling.backends import required_python\n"
         "refused = []\n"
         "for model in ('Qwen/Qwen-Audio', 'Qwen/Qwen2-Audio-7B-Instruct'):\n"
         "    try: check_environment(model, run_id=5)\n"
@@ -330,7 +334,7 @@ def test_tiny_qwen_audio_end_to_end(
     delegated = run_cli(["label", *cry8], database_url, **env)
     figures["cry_both_batch8_wall_s"] = time.perf_counter() - started
     both8 = _last_json(delegated)
-    assert set(both8) == set(runner.LabelSummary(run_id=None, planned=0, jobs=0, left_over=0).to_dict())
+    assert set(both8) == set(worker.LabelSummary(run_id=None, planned=0, jobs=0, left_over=0).to_dict())
     assert f"run {both8['run_id']}: labelling in the Qwen-Audio environment" in delegated.stderr
     assert "8/8 clips" in delegated.stderr and "1 jobs done, 0 failed, 8 clips labelled" in delegated.stderr
     assert (both8["planned"], both8["jobs"], both8["model_loads"]) == (8, 1, 1)
@@ -457,8 +461,8 @@ def test_the_dag_labels_qwen_audio_runs_in_the_qwen_audio_environment(
     labels them in that interpreter (no Airflow there), label_batch is skipped, metrics and report run."""
     from sqlalchemy.engine import make_url
 
-    from qwen_tasks.airflow_local import run_dag_test
-    from qwen_tasks.samples import write_sample_set
+    from qwen_tasks.dev.airflow_local import run_dag_test
+    from qwen_tasks.dev.samples import write_sample_set
 
     checkpoint, hf_home = qa_checkpoint
     samples = write_sample_set(tmp_path / "audio", n=4, long_seconds=32.0)

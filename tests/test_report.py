@@ -13,8 +13,8 @@ from review_seed import add_human, seed_asr_scenario, seed_cry_scenario
 from sqlalchemy.engine import Engine
 
 from qwen_tasks.errors import ConfigError
-from qwen_tasks.metrics import load_run_metrics
-from qwen_tasks.report import write_report
+from qwen_tasks.quality.metrics import load_run_metrics
+from qwen_tasks.quality.report import write_report
 
 IMG = re.compile(r'<img alt="plot" src="data:image/png;base64,([A-Za-z0-9+/=]+)">')
 

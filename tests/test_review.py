@@ -22,16 +22,16 @@ from review_seed import (
 )
 from sqlalchemy.engine import Engine
 
-from qwen_tasks import schema
 from qwen_tasks.errors import ConfigError
-from qwen_tasks.metrics import compute_run_metrics
-from qwen_tasks.review import (
+from qwen_tasks.quality.metrics import compute_run_metrics
+from qwen_tasks.review.label_studio import (
     audio_reference,
     export_finetune,
     export_label_studio,
     import_label_studio,
     label_config,
 )
+from qwen_tasks.store import schema
 
 CLI = [sys.executable, "-m", "qwen_tasks"]
 

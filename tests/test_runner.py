@@ -12,12 +12,14 @@ import sqlalchemy as sa
 from labelling_helpers import build_tiny_model, count, ingest_clips
 from sqlalchemy.engine import Engine
 
-from qwen_tasks import export, jobs, runner, schema
-from qwen_tasks.backends import get_backend
-from qwen_tasks.backends.base import Backend
 from qwen_tasks.errors import ModelError
-from qwen_tasks.options import LabelOptions
+from qwen_tasks.labelling import jobs, worker
+from qwen_tasks.labelling.backends import get_backend
+from qwen_tasks.labelling.backends.base import Backend
+from qwen_tasks.labelling.options import LabelOptions
 from qwen_tasks.records import LabelRequest
+from qwen_tasks.review import export
+from qwen_tasks.store import schema
 
 
 @pytest.fixture(scope="session")
@@ -31,7 +33,7 @@ def backend(tiny_model_dir: Path) -> Backend:
 
 
 def plan(engine: Engine, backend: Backend, request: LabelRequest, **kw: object) -> jobs.PlanResult:
-    from qwen_tasks.backends import model_info
+    from qwen_tasks.labelling.backends import model_info
 
     args: dict[str, object] = {"batch_size": 4, "max_batch_seconds": 60.0}
     args.update(kw)
@@ -40,8 +42,8 @@ def plan(engine: Engine, backend: Backend, request: LabelRequest, **kw: object) 
     )  # type: ignore[arg-type]
 
 
-def work(engine: Engine, run_id: int, backend: Backend, **kw: object) -> runner.WorkSummary:
-    return runner.work(engine, run_id, lambda run: backend, lease_seconds=30, **kw)  # type: ignore[arg-type]
+def work(engine: Engine, run_id: int, backend: Backend, **kw: object) -> worker.WorkSummary:
+    return worker.work(engine, run_id, lambda run: backend, lease_seconds=30, **kw)  # type: ignore[arg-type]
 
 
 def test_job_results_done_mark_and_counters(engine: Engine, backend: Backend, tmp_path: Path) -> None:
@@ -51,7 +53,7 @@ def test_job_results_done_mark_and_counters(engine: Engine, backend: Backend, tm
     assert result.run_id is not None
     job = jobs.claim_job(engine, result.run_id, "w1", 30)
     assert job is not None
-    outcome = runner.process_job(engine, job.id, backend, worker_id="w1", job=job)
+    outcome = worker.process_job(engine, job.id, backend, worker_id="w1", job=job)
     assert (outcome.status, outcome.labelled, outcome.failed) == ("done", 3, 0)
     assert outcome.audio_seconds == pytest.approx(4.5, abs=0.01)
     with engine.connect() as conn:
@@ -71,7 +73,7 @@ def test_job_results_done_mark_and_counters(engine: Engine, backend: Backend, tm
     assert done.status == "done" and done.process_seconds > 0 and done.claim_seconds > 0
     assert jobs.get_run(engine, result.run_id).status == "done"  # the last job closed the run
     # the job is finished: processing it again by id does nothing
-    again = runner.process_job(engine, job.id, backend, worker_id="w2")
+    again = worker.process_job(engine, job.id, backend, worker_id="w2")
     assert again.status == "skipped" and count(engine, schema.cry_answer) == 6
 
 
@@ -130,9 +132,9 @@ def test_results_of_a_lost_lease_are_discarded(engine: Engine, backend: Backend,
     time.sleep(0.5)
     theirs = jobs.claim_job(engine, result.run_id, "other-worker", lease_seconds=30)
     assert theirs is not None and theirs.id == mine.id
-    lost = runner.process_job(engine, mine.id, backend, worker_id="slow-worker", job=mine, lease_seconds=0.3)
+    lost = worker.process_job(engine, mine.id, backend, worker_id="slow-worker", job=mine, lease_seconds=0.3)
     assert lost.status == "lost" and count(engine, schema.cry_answer) == 0
-    done = runner.process_job(engine, theirs.id, backend, worker_id="other-worker", job=theirs)
+    done = worker.process_job(engine, theirs.id, backend, worker_id="other-worker", job=theirs)
     assert done.status == "done" and count(engine, schema.cry_answer) == 1
 
 
@@ -159,11 +161,11 @@ def test_rerun_labels_nothing_and_relabel_keeps_old_labels(
 ) -> None:
     ingest_clips(engine, tmp_path / "a", [1.0, 2.0])
 
-    def label(**kw: object) -> runner.LabelSummary:
+    def label(**kw: object) -> worker.LabelSummary:
         opts = LabelOptions.from_mapping(
             {"tasks": ["cry"], "model": str(tiny_model_dir), "device": "cpu", **kw}
         )
-        return runner.label(engine, opts, backend_factory=lambda run: backend)
+        return worker.label(engine, opts, backend_factory=lambda run: backend)
 
     first = label()
     assert first.run_id is not None and first.labelled == 2 and first.status == "done"
@@ -195,7 +197,7 @@ def test_long_audio_windows_are_stored_and_exported(engine: Engine, backend: Bac
     copy.write_bytes(long_path.read_bytes())
     manifest = tmp_path / "a" / "asr.jsonl"
     manifest.write_text(json.dumps({"audio": long_path.name, "text": "a long one"}) + "\n", encoding="utf-8")
-    from qwen_tasks.ingest import ingest
+    from qwen_tasks.ingest.register import ingest
 
     ingest(engine, [tmp_path / "a"], manifests=[(manifest, "asr")])
     request = LabelRequest(task="asr", max_new_tokens=4)
@@ -221,7 +223,7 @@ def test_long_audio_windows_are_stored_and_exported(engine: Engine, backend: Bac
 
 
 def test_clean_text_removes_nul() -> None:
-    assert runner.clean_text("a\x00b") == "a\ufffdb" and runner.clean_text(None) is None
+    assert worker.clean_text("a\x00b") == "a\ufffdb" and worker.clean_text(None) is None
 
 
 def test_process_job_by_id_as_a_dag_task_does(engine: Engine, backend: Backend, tmp_path: Path) -> None:
@@ -232,13 +234,13 @@ def test_process_job_by_id_as_a_dag_task_does(engine: Engine, backend: Backend, 
     # a worker died holding the first job: a retry of the mapped task waits for its lease, then takes over
     assert jobs.claim_job_id(engine, first, "dead-worker", lease_seconds=1.0) is not None
     t0 = time.perf_counter()
-    outcome = runner.process_job(engine, first, backend, worker_id="airflow-a", max_wait=30)
+    outcome = worker.process_job(engine, first, backend, worker_id="airflow-a", max_wait=30)
     assert outcome.status == "done" and outcome.attempt == 2 and time.perf_counter() - t0 >= 0.5
     assert jobs.get_run(engine, result.run_id).status == "running"  # started by the first task
-    assert runner.process_job(engine, second, backend, worker_id="airflow-b").status == "done"
+    assert worker.process_job(engine, second, backend, worker_id="airflow-b").status == "done"
     run = jobs.get_run(engine, result.run_id)
     assert run.status == "done" and run.device == "cpu" and run.dtype == "float32"  # closed by the last task
-    assert runner.process_job(engine, second, backend, worker_id="airflow-c").status == "skipped"
+    assert worker.process_job(engine, second, backend, worker_id="airflow-c").status == "skipped"
 
 
 def test_a_heartbeat_racing_our_own_commit_is_no_lost_lease(
@@ -249,8 +251,8 @@ def test_a_heartbeat_racing_our_own_commit_is_no_lost_lease(
     job = jobs.claim_job(engine, result.run_id, "w1", 30)
     assert job is not None
     caplog.set_level("WARNING", logger="qwen_tasks")
-    with runner.LeaseKeeper(engine, job.id, "w1", lease_seconds=0.3) as keeper:
-        runner.write_results(engine, job, "w1", runner._Rows(), 0.1)  # our commit: the job is done
+    with worker.LeaseKeeper(engine, job.id, "w1", lease_seconds=0.3) as keeper:
+        worker.write_results(engine, job, "w1", worker._Rows(), 0.1)  # our commit: the job is done
         time.sleep(0.4)  # several heartbeats after it
     assert keeper.lost is False
     assert "lease lost" not in caplog.text
@@ -270,10 +272,10 @@ def test_a_write_that_exhausts_its_retries_counts_the_attempt(
     def database_gone(*args: object, **kwargs: object) -> None:
         raise sa.exc.OperationalError("INSERT", {}, Exception("server closed the connection unexpectedly"))
 
-    monkeypatch.setattr(runner, "write_results", database_gone)  # the database stays away for the write
-    monkeypatch.setattr(runner, "WRITE_ATTEMPTS", 2)
-    with pytest.raises(runner.WriteFailed, match="database unreachable"):
-        runner.process_job(engine, job.id, backend, worker_id="w1", job=job)
+    monkeypatch.setattr(worker, "write_results", database_gone)  # the database stays away for the write
+    monkeypatch.setattr(worker, "WRITE_ATTEMPTS", 2)
+    with pytest.raises(worker.WriteFailed, match="database unreachable"):
+        worker.process_job(engine, job.id, backend, worker_id="w1", job=job)
     state = jobs.job_state(engine, job.id)
     assert state["status"] == "pending" and state["attempts"] == 1  # counted, not given back
     assert "could not store results" in state["last_error"]

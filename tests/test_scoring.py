@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from qwen_tasks.official_asr import official_units
-from qwen_tasks.scoring import corpus_score, score_utterance, top_substitutions
+from qwen_tasks.quality.official_asr import official_units
+from qwen_tasks.quality.scoring import corpus_score, score_utterance, top_substitutions
 
 
 def test_english_wer_hand_computed() -> None:

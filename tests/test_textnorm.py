@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from qwen_tasks.textnorm import (
+from qwen_tasks.quality.transcript_text import (
     canonical_language,
     cjk_ratio,
     detect_language,

@@ -8,10 +8,16 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from qwen_tasks.backends import load_backend
 from qwen_tasks.cli import app
+from qwen_tasks.dev.tiny_model import (
+    AUDIO_TOKENS,
+    CHAT_TOKENS,
+    YES_NO_VARIANTS,
+    build_tokenizer,
+    make_tiny_model,
+)
 from qwen_tasks.errors import ConfigError, ModelError
-from qwen_tasks.tiny_model import AUDIO_TOKENS, CHAT_TOKENS, YES_NO_VARIANTS, build_tokenizer, make_tiny_model
+from qwen_tasks.labelling.backends import load_backend
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from qwen_tasks.windows import (
+from qwen_tasks.labelling.windows import (
     combine_p_yes,
     join_transcripts,
     normalize_yes_no,

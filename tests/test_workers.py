@@ -21,9 +21,10 @@ import sqlalchemy as sa
 from labelling_helpers import CLI, build_tiny_model, count, ingest_clips
 from sqlalchemy.engine import Connection, Engine
 
-from qwen_tasks import jobs, schema
-from qwen_tasks.backends import describe
+from qwen_tasks.labelling import jobs
+from qwen_tasks.labelling.backends import describe
 from qwen_tasks.records import LabelRequest
+from qwen_tasks.store import schema
 
 pytestmark = pytest.mark.slow
 REQUEST = LabelRequest(task="cry")

@@ -41,7 +41,7 @@ def fail(message: str, code: int = 1) -> typer.Exit:
 def open_database() -> Engine:
     """The configured database with the schema brought up to date: `db.upgrade` is idempotent and cheap,
     so no command needs a separate `db upgrade` step first (and views of newer migrations exist)."""
-    from qwen_tasks import db
+    from qwen_tasks.store import database as db
 
     engine = db.get_engine()
     db.upgrade(engine)
@@ -57,7 +57,7 @@ def print_json(obj: Any) -> None:
 def main() -> None:
     """Console-script entry point: library errors become one line on stderr, not a traceback; SIGTERM
     (after the job in hand was given back) exits 143 and Ctrl-C 130, each with one line."""
-    from qwen_tasks.runner import Terminated
+    from qwen_tasks.labelling.worker import Terminated
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:

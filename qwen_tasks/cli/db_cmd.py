@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import typer
 
-from qwen_tasks import db
 from qwen_tasks.cli import app, console
+from qwen_tasks.store import database as db
 
 db_app = typer.Typer(
     help="Create or upgrade the database schema and show where it lives.", no_args_is_help=True

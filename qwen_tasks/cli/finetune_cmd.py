@@ -9,7 +9,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from qwen_tasks.cli import app, console, open_database, print_json
-from qwen_tasks.finetune import FinetuneOptions
+from qwen_tasks.review.finetune import FinetuneOptions
 
 _D = FinetuneOptions()  # defaults shown in --help come from the options object itself
 
@@ -54,7 +54,7 @@ def finetune(
     Example: qwen-tasks finetune --task cry --base ./tiny --epochs 2 --device cpu --promote
     """
     from qwen_tasks.config import get_settings
-    from qwen_tasks.finetune import run_finetune
+    from qwen_tasks.review.finetune import run_finetune
 
     settings = get_settings()
     options = FinetuneOptions(
@@ -147,7 +147,7 @@ def models(
     """List model versions (newest first) with base vs candidate on their held-out audio."""
     if ctx.invoked_subcommand is not None:
         return
-    from qwen_tasks.registry import list_versions
+    from qwen_tasks.labelling.registry import list_versions
 
     rows = list_versions(open_database(), task)
     if as_json:
@@ -189,7 +189,7 @@ def promote(
     force: bool = typer.Option(False, "--force", help="Promote even if it did not beat the base (recorded)."),
 ) -> None:
     """Make NAME the version the nightly run uses for its task (the previous one is retired)."""
-    from qwen_tasks.registry import promote as do_promote
+    from qwen_tasks.labelling.registry import promote as do_promote
 
     version = do_promote(open_database(), name, force=force)
     note = " (forced: it did not pass the gate)" if version.forced else ""
@@ -199,7 +199,7 @@ def promote(
 @models_app.command("retire")
 def retire(name: str = typer.Argument(..., help="Version name.")) -> None:
     """Stop using NAME for the nightly run (it stays in the registry, its labels stay)."""
-    from qwen_tasks.registry import retire as do_retire
+    from qwen_tasks.labelling.registry import retire as do_retire
 
     version = do_retire(open_database(), name)
     console.print(f"{name} ({version.task}) is retired", highlight=False)

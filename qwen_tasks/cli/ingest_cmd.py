@@ -9,8 +9,8 @@ from sqlalchemy.engine import Engine
 
 from qwen_tasks.cli import app, console, fail, open_database, print_json
 from qwen_tasks.errors import ConfigError
-from qwen_tasks.ingest import IngestSummary, ingest
-from qwen_tasks.manifest import ManifestKind
+from qwen_tasks.ingest.manifests import ManifestKind
+from qwen_tasks.ingest.register import IngestSummary, ingest
 
 
 def _print_summary(summary: IngestSummary) -> None:

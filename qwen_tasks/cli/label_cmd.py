@@ -1,4 +1,5 @@
-"""`qwen-tasks label / work / runs / export`: thin wrappers over `runner`, `jobs` and `export`.
+"""`qwen-tasks label / work / runs / export`: thin wrappers over `labelling.worker`, `labelling.jobs`
+and `review.export`.
 
 `label` with a model this interpreter cannot load (the original Qwen-Audio, from the main environment)
 plans here and hands the runs to `qwen-tasks work` in the environment that can (`_label_elsewhere`).
@@ -16,9 +17,9 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from qwen_tasks import jobs, runner
 from qwen_tasks.cli import app, console, fail, open_database, print_json
 from qwen_tasks.config import get_settings
+from qwen_tasks.labelling import jobs, worker
 
 TASKS = ("asr", "cry")
 
@@ -50,7 +51,7 @@ class _Bar:
     def __exit__(self, *exc: object) -> None:
         self.progress.stop()
 
-    def __call__(self, outcome: runner.JobOutcome) -> None:
+    def __call__(self, outcome: worker.JobOutcome) -> None:
         done = outcome.labelled + outcome.failed
         self.clips += done
         self.audio += outcome.audio_seconds
@@ -110,7 +111,7 @@ def label(
     --model ./tiny --device cpu --json; qwen-tasks label --task asr --plan-only (then: qwen-tasks work
     --run ID, on as many machines as you like).
     """
-    from qwen_tasks.options import LabelOptions
+    from qwen_tasks.labelling.options import LabelOptions
 
     if task not in TASKS:
         raise fail(f"--task must be asr or cry, got {task!r}")
@@ -159,8 +160,8 @@ def label(
             bar = _Bar(clips, f"{task} run {plan.run_ids[-1]}").__enter__()
 
     try:
-        with runner.signals_handled():
-            summary = runner.label(
+        with worker.signals_handled():
+            summary = worker.label(
                 engine,
                 opts,
                 max_jobs=max_jobs,
@@ -203,8 +204,8 @@ def label(
 def _other_interpreter(engine: Any, opts: Any, task: str) -> Path | None:
     """The python of the environment that must label `task` (None: this one), by the rule planning uses
     to pick the model (`registry.model_for`)."""
-    from qwen_tasks.backends import required_python
-    from qwen_tasks.registry import model_for
+    from qwen_tasks.labelling.backends import required_python
+    from qwen_tasks.labelling.registry import model_for
 
     choice = model_for(engine, task, opts.model, opts.revision, opts.adapter or None, opts.promoted)
     return required_python(choice.model)
@@ -212,18 +213,18 @@ def _other_interpreter(engine: Any, opts: Any, task: str) -> Path | None:
 
 def _label_elsewhere(
     engine: Any,
-    summary: runner.LabelSummary,
+    summary: worker.LabelSummary,
     python: Path,
     opts: Any,
     lease_seconds: float | None,
     started: float,
-) -> runner.LabelSummary:
+) -> worker.LabelSummary:
     """Work the planned runs with `qwen-tasks work --run ID` of the environment `python` belongs to, one
     run after the other, and add up their `--json` summaries into `summary` (the keys of any `label
     --json`). Its progress shows as it goes; its exit status is passed on (143 after SIGTERM, which is
     forwarded to it); a run whose jobs failed does not stop the next one (exit 1 at the end, as here).
     Without that environment: one line saying how to create it, exit 1, the runs stay planned."""
-    from qwen_tasks import environments
+    from qwen_tasks.labelling import environments
 
     run_ids = summary.run_ids
     if not python.is_file():
@@ -313,13 +314,13 @@ def work(
                 as_json)  # fmt: skip
         return
     jobs.get_run(engine, run)  # a wrong --run is one line before anything else
-    factory = runner.backend_for_run(device, dtype)
+    factory = worker.backend_for_run(device, dtype)
     counts = jobs.open_job_counts(engine, run)
     total = int(counts["clips"])
-    with _Bar(total, f"run {run}") as bar, runner.signals_handled():
-        summary = runner.work(
+    with _Bar(total, f"run {run}") as bar, worker.signals_handled():
+        summary = worker.work(
             engine, run, factory, worker_id=worker_id, lease_seconds=lease,
-            until=runner.Until.DRAINED if wait else runner.Until.IDLE, progress=bar, max_jobs=max_jobs,
+            until=worker.Until.DRAINED if wait else worker.Until.IDLE, progress=bar, max_jobs=max_jobs,
         )  # fmt: skip
     _work_done(summary, f"run {run} is {summary.run_status}", as_json)
 
@@ -330,9 +331,9 @@ def _follow(
     as_json: bool,
 ) -> None:  # fmt: skip
     """`work --follow`: load the model now, then serve every unfinished run of it until SIGTERM."""
-    from qwen_tasks.backends import get_backend
-    from qwen_tasks.options import resolve_model
-    from qwen_tasks.registry import resolve_model as registered
+    from qwen_tasks.labelling.backends import get_backend
+    from qwen_tasks.labelling.options import resolve_model
+    from qwen_tasks.labelling.registry import resolve_model as registered
 
     rev = settings.model_revision if revision is None else revision.strip()
     # a fine-tuned version's name serves that version (base + adapter); a plain model serves the base
@@ -349,7 +350,7 @@ def _follow(
             name, revision=rev, device=device or settings.device, dtype=dtype, adapter=adapter
         )
     except Exception as exc:
-        if isinstance(exc, runner.QwenTasksError):
+        if isinstance(exc, worker.QwenTasksError):
             raise
         first = (str(exc).strip().splitlines() or [""])[0][:300]
         raise fail(f"could not load model {name}: {type(exc).__name__}: {first}") from None
@@ -359,11 +360,11 @@ def _follow(
         "(SIGTERM: finish the current job, then stop)",
         highlight=False,
     )
-    stop = runner.StopFlag()
-    with runner.signals_handled(stop):
-        summary = runner.work(
+    stop = worker.StopFlag()
+    with worker.signals_handled(stop):
+        summary = worker.work(
             engine, None, lambda run: backend, worker_id=worker_id, lease_seconds=lease,
-            until=runner.Until.STOPPED, model=(model_id, getattr(backend, "revision", rev)),
+            until=worker.Until.STOPPED, model=(model_id, getattr(backend, "revision", rev)),
             max_jobs=max_jobs, stop=stop,
             poll_seconds=poll_seconds, backend=backend,
             progress=lambda o: console.print(
@@ -376,7 +377,7 @@ def _follow(
         raise typer.Exit(143)
 
 
-def _work_done(summary: runner.WorkSummary, where: str, as_json: bool) -> None:
+def _work_done(summary: worker.WorkSummary, where: str, as_json: bool) -> None:
     if as_json:
         print_json(summary.to_dict())
     console.print(
@@ -453,7 +454,7 @@ def export(
     Keys: audio, text (asr) or answer/p_yes/label (cry), reference/gold from manifests, model, revision,
     prompt_version, run_id. Example: qwen-tasks export --task cry --out cry.jsonl
     """
-    from qwen_tasks.export import export_rows, write_jsonl
+    from qwen_tasks.review.export import export_rows, write_jsonl
 
     if task not in TASKS:
         raise fail(f"--task must be asr or cry, got {task!r}")

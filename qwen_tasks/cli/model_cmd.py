@@ -26,7 +26,7 @@ def make_tiny_model_cmd(
     Its outputs are meaningless: it exists to run the real model code without downloading weights.
     Point --model at it: qwen-tasks label --task cry --model DIR
     """
-    from qwen_tasks.tiny_model import PRESETS, make_tiny_model
+    from qwen_tasks.dev.tiny_model import PRESETS, make_tiny_model
 
     if preset not in PRESETS:
         raise fail(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")

@@ -29,7 +29,7 @@ def metrics(
     against gold labels (human review first, then manifests). ASR: corpus WER (words) and CER (Chinese
     characters), per language, and the most frequent substitution pairs.
     """
-    from qwen_tasks.metrics import compute_run_metrics, latest_run_ids, load_run_metrics
+    from qwen_tasks.quality.metrics import compute_run_metrics, latest_run_ids, load_run_metrics
 
     engine = open_database()
     ids = list(run) if run else latest_run_ids(engine)
@@ -84,7 +84,7 @@ def report(
     --version NAME: its base and fine-tuned evaluation runs side by side (overlaid ROC, or error rates and
     top substitutions) first.
     """
-    from qwen_tasks.report import write_report
+    from qwen_tasks.quality.report import write_report
 
     path = write_report(open_database(), list(run) if run else None, out, versions=list(version or []))
     console.print(f"report written to {path}")
@@ -114,7 +114,7 @@ def review_export(
 
     The matching labelling config is written next to the tasks file as <name>.label_config.xml.
     """
-    from qwen_tasks.review import export_label_studio
+    from qwen_tasks.review.label_studio import export_label_studio
 
     _check_task(task)
     summary = export_label_studio(
@@ -146,7 +146,7 @@ def review_import(
     Human labels override model labels and manifest gold in the views and metrics. Bad tasks are listed
     and skipped; the exit status is 1 if any was bad.
     """
-    from qwen_tasks.review import import_label_studio
+    from qwen_tasks.review.label_studio import import_label_studio
 
     if task is not None:
         _check_task(task)
@@ -182,7 +182,7 @@ def export_finetune(
     Each line: the audio and the labelling question, answered "Yes." / "No." (or the transcript for
     --task asr), for a small fine-tune that makes the model answer the task directly.
     """
-    from qwen_tasks.review import export_finetune as run_export
+    from qwen_tasks.review.label_studio import export_finetune as run_export
 
     _check_task(task)
     summary = run_export(

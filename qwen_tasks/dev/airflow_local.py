@@ -42,7 +42,7 @@ class DagRunFailed(QwenTasksError):
 
 def project_dags_folder() -> Path:
     """`dags/` of this source checkout (the demo and the tests run from a checkout)."""
-    folder = Path(__file__).resolve().parent.parent / "dags"
+    folder = Path(__file__).resolve().parents[2] / "dags"
     if not (folder / f"{DAG_ID}.py").is_file():
         raise ConfigError(f"{folder} has no {DAG_ID}.py: run from a source checkout of qwen-audio-labelling")
     return folder
@@ -71,12 +71,12 @@ def airflow_env(home: Path, dags_folder: Path | None = None, *, quiet: bool = Tr
     return env
 
 
-CFG_MARKER = "# qwen_tasks.airflow_local: no absolute paths"
+CFG_MARKER = "# qwen_tasks.dev.airflow_local: no absolute paths"
 AIRFLOW_CFG = f"""{CFG_MARKER}
 # The Airflow home of the qwen-audio-labelling demo and tests. Paths come from the environment when an
 # Airflow command runs (Airflow expands ${{...}} here), so this folder can be copied or moved:
 #   AIRFLOW_HOME                this folder
-#   AIRFLOW__CORE__DAGS_FOLDER  the checkout's dags/ (set by qwen_tasks.airflow_local, or export it)
+#   AIRFLOW__CORE__DAGS_FOLDER  the checkout's dags/ (set by qwen_tasks.dev.airflow_local, or export it)
 [core]
 load_examples = False
 executor = LocalExecutor
@@ -177,7 +177,7 @@ def run_dag_test(
             [
                 sys.executable,
                 "-m",
-                "qwen_tasks.airflow_local",
+                "qwen_tasks.dev.airflow_local",
                 "--conf",
                 json.dumps(conf),
                 "--out",

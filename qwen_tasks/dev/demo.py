@@ -18,18 +18,18 @@ from typing import Any
 import sqlalchemy as sa
 from rich.console import Console
 
-from qwen_tasks import db
-from qwen_tasks.airflow_local import (
+from qwen_tasks.dev.airflow_local import (
     DagRunFailed,
     DagTestResult,
     default_home,
     ensure_metadata_db,
     run_dag_test,
 )
-from qwen_tasks.airflow_local import airflow_env as _airflow_env
+from qwen_tasks.dev.airflow_local import airflow_env as _airflow_env
+from qwen_tasks.dev.samples import SampleSet, write_sample_set
 from qwen_tasks.errors import QwenTasksError
-from qwen_tasks.samples import SampleSet, write_sample_set
-from qwen_tasks.schema import audio_file, cry_answer, label_run, run_metric, transcription
+from qwen_tasks.store import database as db
+from qwen_tasks.store.schema import audio_file, cry_answer, label_run, run_metric, transcription
 
 console = Console(highlight=False, soft_wrap=True)  # long paths stay on one line, copy-pasteable
 
@@ -62,7 +62,7 @@ def _tiny_model(folder: Path) -> tuple[Path, bool]:
     """The tiny random-weights model (made once; deterministic, so reusing it is the same model)."""
     if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
         return folder, False
-    from qwen_tasks.tiny_model import make_tiny_model
+    from qwen_tasks.dev.tiny_model import make_tiny_model
 
     return make_tiny_model(folder), True
 

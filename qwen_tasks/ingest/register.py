@@ -30,8 +30,9 @@ from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Engine
 
-from qwen_tasks import schema
-from qwen_tasks.audio import (
+from qwen_tasks.config import get_settings
+from qwen_tasks.errors import AudioError, ConfigError
+from qwen_tasks.ingest.audio_files import (
     CheckedAudio,
     check_file,
     display_path,
@@ -39,10 +40,9 @@ from qwen_tasks.audio import (
     path_prefix,
     within_roots,
 )
-from qwen_tasks.config import get_settings
-from qwen_tasks.db import transaction
-from qwen_tasks.errors import AudioError, ConfigError
-from qwen_tasks.manifest import ManifestError, ManifestItem, ManifestKind, line_hash, read_manifest
+from qwen_tasks.ingest.manifests import ManifestError, ManifestItem, ManifestKind, line_hash, read_manifest
+from qwen_tasks.store import schema
+from qwen_tasks.store.database import transaction
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
 MANIFEST_EXTENSIONS = frozenset({".jsonl"})

@@ -61,7 +61,7 @@ def interpreter() -> Path:
     configured = os.environ.get(PYTHON_ENV_VAR, "").strip()
     if configured:
         return Path(configured).expanduser()
-    checkout = Path(__file__).resolve().parents[1]
+    checkout = Path(__file__).resolve().parents[2]
     root = checkout if (checkout / "pyproject.toml").is_file() else Path.cwd()
     return root / VENV_DIR / "bin" / "python"
 

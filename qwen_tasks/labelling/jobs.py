@@ -20,10 +20,10 @@ from typing import Any, TypeVar
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from qwen_tasks import db
 from qwen_tasks.errors import ConfigError, DatabaseUnavailable
 from qwen_tasks.records import UNFINISHED_RUN, JobStatus, LabelRequest, ModelInfo, RecordedPath, RunStatus
-from qwen_tasks.schema import (
+from qwen_tasks.store import database as db
+from qwen_tasks.store.schema import (
     audio,
     audio_file,
     cry_answer,
@@ -895,3 +895,35 @@ def progress_rows(
         query = query.limit(limit)
     with engine.connect() as conn:
         return [dict(r._mapping) for r in conn.execute(query)]
+
+
+def unfinished_jobs(
+    engine: Engine, task: str, model: str, revision: str, prompt_version: str, *, limit: int | None
+) -> list[tuple[int, int]]:
+    """(job id, run id) of jobs that still need a worker in unfinished runs with this key: pending with
+    attempts left, or running with an expired lease (their worker is gone)."""
+    if limit is not None and limit < 1:
+        return []
+    query = (
+        sa.select(label_job.c.id, label_job.c.run_id)
+        .join(label_run, label_run.c.id == label_job.c.run_id)
+        .where(
+            label_run.c.task == task,
+            label_run.c.model == model,
+            label_run.c.revision == revision,
+            label_run.c.prompt_version == prompt_version,
+            label_run.c.status.in_(UNFINISHED_RUN),
+            label_job.c.attempts < label_job.c.max_attempts,
+            sa.or_(
+                label_job.c.status == JobStatus.PENDING,
+                sa.and_(
+                    label_job.c.status == JobStatus.RUNNING, label_job.c.lease_expires_at < sa.func.now()
+                ),
+            ),
+        )
+        .order_by(label_job.c.id)
+    )
+    if limit is not None:
+        query = query.limit(limit)
+    with engine.connect() as conn:
+        return [(int(r.id), int(r.run_id)) for r in conn.execute(query)]

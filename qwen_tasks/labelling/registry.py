@@ -16,9 +16,9 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from qwen_tasks.db import transaction
 from qwen_tasks.errors import ConfigError
-from qwen_tasks.schema import model_version
+from qwen_tasks.store.database import transaction
+from qwen_tasks.store.schema import model_version
 
 NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}"  # also a CHECK in 0004_model_version.sql
 DEFAULT_MIN_IMPROVEMENT = 0.01
@@ -239,8 +239,8 @@ def model_for(
     """The one rule for which model labels `task`: a registered version name (its base + adapter), else
     the model (a local path made absolute) with `adapter`, else — with `promoted` — the task's promoted
     version when it was trained on this very base model and revision, else the base model alone."""
-    from qwen_tasks.backends.adapter import adapter_dir
-    from qwen_tasks.options import resolve_model as resolve_path
+    from qwen_tasks.labelling.backends.adapter import adapter_dir
+    from qwen_tasks.labelling.options import resolve_model as resolve_path
 
     version = resolve_model(engine, model)
     if version is not None:

@@ -111,13 +111,13 @@ def pick_cry_answer(answers: Sequence[str]) -> str:
 
 
 def normalize_yes_no(answer: str) -> str:
-    """Map a free answer to yes/no/unknown with the project's normaliser (`qwen_tasks.normalize`).
+    """Map a free answer to yes/no/unknown with the project's normaliser (`qwen_tasks.labelling.answers`).
 
     Until that module exists, a minimal stand-in behind the same name is used: the first word, when it
     is a bare yes or no, decides; anything else is unknown (never guessed).
     """
     try:
-        from qwen_tasks.normalize import normalize_yes_no as project_normalizer
+        from qwen_tasks.labelling.answers import normalize_yes_no as project_normalizer
     except ImportError:
         words = answer.strip().lower().split()
         first = words[0].strip(".,!?;:'\"") if words else ""

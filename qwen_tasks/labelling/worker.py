@@ -27,9 +27,6 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Engine
 
-from qwen_tasks import db, jobs
-from qwen_tasks.backends import check_environment
-from qwen_tasks.backends.base import Backend
 from qwen_tasks.errors import (
     AudioError,
     ConfigError,
@@ -38,8 +35,12 @@ from qwen_tasks.errors import (
     QwenTasksError,
     WrongEnvironment,
 )
+from qwen_tasks.labelling import jobs, planning
+from qwen_tasks.labelling.backends import check_environment
+from qwen_tasks.labelling.backends.base import Backend
 from qwen_tasks.records import AudioClip, ClipResult, LabelRequest, ModelInfo, RecordedPath
-from qwen_tasks.schema import cry_answer, label_failure, label_job, label_run, transcription
+from qwen_tasks.store import database as db
+from qwen_tasks.store.schema import cry_answer, label_failure, label_job, label_run, transcription
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +158,7 @@ def default_worker_id() -> str:
 
 def check_backend(run: jobs.RunInfo, backend: Backend) -> ModelInfo:
     """Refuse to label a run with another model or prompt than it was planned for (labels would lie)."""
-    from qwen_tasks.backends import model_info
+    from qwen_tasks.labelling.backends import model_info
 
     info = model_info(backend, run.request)
     planned = (run.model, run.revision, run.prompt_version)
@@ -262,13 +263,13 @@ def load_clips(items: Sequence[jobs.JobItem]) -> tuple[list[AudioClip], dict[int
 
 def load_ingested(recorded: RecordedPath) -> Any:
     """Indirection so the audio module (ingest's) is imported only when a worker decodes audio."""
-    from qwen_tasks.audio import load_ingested as _load
+    from qwen_tasks.ingest.audio_files import load_ingested as _load
 
     return _load(recorded)
 
 
 def _normalize_answer(text: str) -> str:
-    from qwen_tasks.normalize import normalize_yes_no
+    from qwen_tasks.labelling.answers import normalize_yes_no
 
     return normalize_yes_no(text)
 
@@ -591,8 +592,8 @@ def backend_for_run(device: str | None = None, dtype: str | None = None) -> Back
     fine-tuned version: RunInfo.load_args), on `device`/`dtype` or what the run was planned with."""
 
     def load(run: jobs.RunInfo) -> Backend:
-        from qwen_tasks.backends import get_backend
         from qwen_tasks.config import get_settings
+        from qwen_tasks.labelling.backends import get_backend
 
         planned_device = run.params.get("device") or get_settings().device
         planned_dtype = run.params.get("dtype")
@@ -837,12 +838,10 @@ def label(
     """`qwen-tasks label`: the DAG's planning step (resume unfinished jobs of this model and prompt, then
     plan a run over what has no label yet) and the worker loop, in this process, until the runs are done.
 
-    `options` is a `qwen_tasks.options.LabelOptions` with one task. A model that will not load leaves no
-    run behind: the run planned by this call is discarded (resumed runs stay for the next try)."""
-    from qwen_tasks.pipeline import plan
-
+    `options` is a `qwen_tasks.labelling.options.LabelOptions` with one task. A model that will not load
+    leaves no run behind: the run planned by this call is discarded (resumed runs stay for the next try)."""
     started = time.perf_counter()
-    planned = plan(engine, options, max_jobs=max_jobs)
+    planned = planning.plan(engine, options, max_jobs=max_jobs)
     if on_plan is not None:
         on_plan(planned)
     summary = LabelSummary(

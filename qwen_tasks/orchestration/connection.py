@@ -3,8 +3,9 @@
 Airflow users keep database credentials in Airflow connections (UI, secrets backend, or the
 `AIRFLOW_CONN_QWEN_TASKS_DB` environment variable in URI or JSON form); CLI users set
 `QWEN_TASKS_DATABASE_URL`. Both must reach the same database, so this module turns the connection into
-the SQLAlchemy URL `qwen_tasks.db` expects. Order: the Airflow connection, then QWEN_TASKS_DATABASE_URL,
-then the embedded server (what `qwen_tasks.db.get_engine()` does with no URL).
+the SQLAlchemy URL `qwen_tasks.store.database` expects. Order: the Airflow connection, then
+QWEN_TASKS_DATABASE_URL, then the embedded server (what `qwen_tasks.store.database.get_engine()` does
+with no URL).
 
 Importing this module never imports Airflow: the CLI and the tests use it without Airflow set up.
 """
@@ -20,8 +21,8 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 from sqlalchemy.engine import URL, Engine
 
-from qwen_tasks import db
 from qwen_tasks.errors import ConfigError
+from qwen_tasks.store import database as db
 
 log = logging.getLogger(__name__)
 
@@ -171,5 +172,5 @@ def resolve_database_url(*, use_airflow: bool = True) -> str | None:
 
 
 def get_engine() -> Engine:
-    """The engine a DAG task uses: `qwen_tasks.db.get_engine` on the resolved URL."""
+    """The engine a DAG task uses: `qwen_tasks.store.database.get_engine` on the resolved URL."""
     return db.get_engine(resolve_database_url())

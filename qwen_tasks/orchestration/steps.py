@@ -1,6 +1,6 @@
 """The steps of the nightly labelling DAG as plain functions: options and ids in, small dicts out.
 
-`dags/qwen_audio_labelling.py` only wires these together (and `qwen_tasks.demo` runs that DAG), so every
+`dags/qwen_audio_labelling.py` only wires these together (and `qwen_tasks.dev.demo` runs that DAG), so every
 step can be called, tested and debugged without Airflow. Each step:
 - takes the DAG's params (a plain mapping, validated again by `LabelOptions.from_mapping`: the UI form
   validates, but the REST API, `airflow dags test` and `dag.test(run_conf=...)` can hand us anything) and
@@ -8,11 +8,12 @@ step can be called, tested and debugged without Airflow. Each step:
 - opens its own engine from `database_url` (None = QWEN_TASKS_DATABASE_URL / embedded server);
 - returns a small JSON-able dict of ids and counts, which is what goes into XCom — never audio or rows.
 
-`plan` is the one planning function (`qwen-tasks label` calls it too): resume, then plan. Labelling fans
-out over worker slots, not jobs: `work_step` is one slot, which loads the model once and claims jobs of
+Planning is `labelling.planning.plan` (`qwen-tasks label` calls it too): resume, then plan. Labelling
+fans out over worker slots, not jobs: `work_step` is one slot, which loads the model once and claims jobs of
 the DAG run's runs until none is left (the lease / SKIP LOCKED claim makes sharing safe). Runs of an
 original Qwen-Audio model are labelled by slots of their own in the Qwen-Audio environment's python
-(`work_step_elsewhere`, `qwen_tasks.environments`): each interpreter's slots take the runs it can load.
+(`work_step_elsewhere`, `qwen_tasks.labelling.environments`): each interpreter's slots take the runs it
+can load.
 Steps are idempotent the way Airflow retries need: ingest upserts, planning never plans audio twice, a
 slot whose runs are already done returns at once without loading the model.
 """
@@ -22,17 +23,18 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from qwen_tasks import db
 from qwen_tasks.config import Settings, get_settings
 from qwen_tasks.errors import ConfigError, QwenTasksError
-from qwen_tasks.options import LabelOptions, Workers, resolve_model
+from qwen_tasks.labelling.options import LabelOptions, Workers, resolve_model
+from qwen_tasks.labelling.planning import plan
+from qwen_tasks.records import RunStatus
+from qwen_tasks.store import database as db
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +61,7 @@ def _engine(database_url: str | None) -> Engine:
 
 def ingest_step(params: Mapping[str, Any], *, database_url: str | None = None) -> dict[str, Any]:
     """Ingest the configured folders and manifests; returns counts (quarantined paths go to the log)."""
-    from qwen_tasks.ingest import ingest
+    from qwen_tasks.ingest.register import ingest
 
     p = options(params)
     engine = _engine(database_url)
@@ -73,106 +75,6 @@ def ingest_step(params: Mapping[str, Any], *, database_url: str | None = None) -
     return {k: v for k, v in summary.items() if isinstance(v, int | float) and not isinstance(v, bool)}
 
 
-@dataclass
-class Plan:
-    """What `plan` found and made: the runs and jobs to work, resumed ones first."""
-
-    model: str
-    revision: str
-    run_ids: list[int] = field(default_factory=list)  # resumed runs, then new runs
-    new_run_ids: list[int] = field(default_factory=list)
-    job_ids: list[int] = field(default_factory=list)
-    resumed_jobs: int = 0
-    items: int = 0  # clips in new runs
-    left_over: int = 0  # audio that did not fit under max_jobs (planned next time)
-    per_task: dict[str, dict[str, Any]] = field(default_factory=dict)
-    run_models: dict[int, str] = field(default_factory=dict)  # run id -> the model that labels it
-    run_jobs: dict[int, int] = field(default_factory=dict)  # run id -> its jobs in job_ids
-
-    def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["jobs"] = len(self.job_ids)
-        return out
-
-
-def plan(
-    engine: Engine,
-    opts: LabelOptions,
-    *,
-    max_jobs: int | None = None,
-    context: Mapping[str, Any] | None = None,
-) -> Plan:
-    """The one planning function (the DAG's plan step and `qwen-tasks label`). Per requested task: first
-    the unfinished jobs of earlier runs with the same model, revision and prompt (a night whose workers
-    died, a `label` that was killed or whose model would not load), then one new run over the audio with
-    no label yet (`relabel`: over all audio not already in an unfinished run). At most `max_jobs` jobs in
-    total (Airflow's max_map_length); audio left over is planned next time. Every job gets
-    jobs.DEFAULT_MAX_ATTEMPTS attempts, whoever planned it."""
-    from qwen_tasks.backends import describe
-    from qwen_tasks.jobs import plan_run
-    from qwen_tasks.registry import model_for
-
-    out = Plan(model=resolve_model(opts.model), revision=opts.revision)
-    budget = max_jobs
-    for task in opts.tasks:
-        request = opts.request(task)
-        choice = model_for(engine, task, opts.model, opts.revision, opts.adapter or None, opts.promoted)
-        info = describe(
-            choice.model, request, revision=choice.revision, device=opts.device, dtype=opts.dtype_arg,
-            adapter=choice.adapter,
-        )  # fmt: skip
-        if choice.version:
-            log.info(
-                "%s: labelling with fine-tuned version %s (revision %s)", task, choice.version, info.revision
-            )
-        out.model, out.revision = info.model, info.revision
-        resumed = unfinished_jobs(engine, task, info.model, info.revision, info.prompt_version, limit=budget)
-        out.job_ids.extend(job_id for job_id, _ in resumed)
-        out.run_ids.extend(sorted({run_id for _, run_id in resumed} - set(out.run_ids)))
-        for _, run_id in resumed:
-            out.run_models[run_id] = info.model
-            out.run_jobs[run_id] = out.run_jobs.get(run_id, 0) + 1
-        out.resumed_jobs += len(resumed)
-        if budget is not None:
-            budget -= len(resumed)
-        entry: dict[str, Any] = {"resumed_jobs": len(resumed), "run_id": None, "jobs": 0, "items": 0}
-        if choice.version:
-            entry["model_version"] = choice.version
-        out.per_task[task] = entry
-        if resumed:
-            log.info("%s: resuming %d unfinished job(s) of run(s) %s", task, len(resumed),
-                     sorted({r for _, r in resumed}))  # fmt: skip
-        if budget is not None and budget < 1:
-            entry["left_over"] = None  # not counted: no room left in this DAG run
-            continue
-        result = plan_run(
-            engine,
-            task=task,
-            model_info=info,
-            request=request,
-            batch_size=opts.batch_size,
-            max_batch_seconds=opts.max_batch_seconds,
-            limit=opts.limit,
-            relabel=opts.relabel,
-            max_jobs=budget,
-            params={"device": opts.device, "dtype": opts.dtype_arg, **choice.params, **dict(context or {})},
-        )
-        if result.run_id is not None:
-            out.run_ids.append(result.run_id)
-            out.new_run_ids.append(result.run_id)
-            out.run_models[result.run_id] = info.model
-            out.run_jobs[result.run_id] = len(result.job_ids)
-        out.job_ids.extend(result.job_ids)
-        out.items += result.n_items
-        out.left_over += result.n_left_over
-        if budget is not None:
-            budget -= len(result.job_ids)
-        entry.update(
-            run_id=result.run_id, jobs=len(result.job_ids), items=result.n_items, left_over=result.n_left_over
-        )
-    return out
-
-
 def plan_step(
     params: Mapping[str, Any],
     *,
@@ -184,7 +86,7 @@ def plan_step(
     label_batch (this interpreter) and `qwen_audio_slots` for label_batch_qwen_audio (runs of an original
     Qwen-Audio model, `qwen_audio_run_ids`); each min(its jobs, the slots param), 0 when nothing is to do
     or the jobs go to external workers."""
-    from qwen_tasks.backends import required_python
+    from qwen_tasks.labelling.backends import required_python
 
     p = options(params)
     planned = plan(_engine(database_url), p, max_jobs=max_jobs, context=context)
@@ -216,38 +118,6 @@ def plan_step(
     return out
 
 
-def unfinished_jobs(
-    engine: Engine, task: str, model: str, revision: str, prompt_version: str, *, limit: int | None
-) -> list[tuple[int, int]]:
-    """(job id, run id) of jobs that still need a worker in unfinished runs with this key: pending with
-    attempts left, or running with an expired lease (their worker is gone)."""
-    from qwen_tasks.schema import label_job, label_run
-
-    if limit is not None and limit < 1:
-        return []
-    query = (
-        sa.select(label_job.c.id, label_job.c.run_id)
-        .join(label_run, label_run.c.id == label_job.c.run_id)
-        .where(
-            label_run.c.task == task,
-            label_run.c.model == model,
-            label_run.c.revision == revision,
-            label_run.c.prompt_version == prompt_version,
-            label_run.c.status.in_(("planned", "running")),
-            label_job.c.attempts < label_job.c.max_attempts,
-            sa.or_(
-                label_job.c.status == "pending",
-                sa.and_(label_job.c.status == "running", label_job.c.lease_expires_at < sa.func.now()),
-            ),
-        )
-        .order_by(label_job.c.id)
-    )
-    if limit is not None:
-        query = query.limit(limit)
-    with engine.connect() as conn:
-        return [(int(r.id), int(r.run_id)) for r in conn.execute(query)]
-
-
 def slot_name(slot: int, slots: int, job_names: Sequence[str] = ()) -> str:
     """The mapped task instance's name in the UI: `worker 1/2` while it starts, then with its jobs:
     `worker 1/2: cry run 12 batches 0,2,5 (48 clips)`."""
@@ -257,7 +127,7 @@ def slot_name(slot: int, slots: int, job_names: Sequence[str] = ()) -> str:
 
 def _job_names(engine: Engine, job_ids: Sequence[int]) -> list[str]:
     """`cry run 12 batches 0,2,5 (48 clips)` per run, for the jobs a slot finished."""
-    from qwen_tasks.schema import label_job, label_run
+    from qwen_tasks.store.schema import label_job, label_run
 
     if not job_ids:
         return []
@@ -296,7 +166,7 @@ def work_step(
     Only runs whose model this interpreter can load are worked; the others are left to the slots of the
     interpreter that can (plan_step maps both). `params` None: device and dtype as planned.
     `on_name(name)` is called with the slot's UI name once its jobs are known (the DAG's map name)."""
-    from qwen_tasks.runner import Until, backend_for_run, default_worker_id, work
+    from qwen_tasks.labelling.worker import Until, backend_for_run, default_worker_id, work
 
     device, dtype = (None, None)
     if params is not None:
@@ -345,9 +215,9 @@ def work_step(
 
 def _runs_for_this_interpreter(engine: Engine, run_ids: Sequence[int]) -> list[int]:
     """The runs among `run_ids` whose model this interpreter can load (see environments)."""
-    from qwen_tasks.backends import check_environment
     from qwen_tasks.errors import WrongEnvironment
-    from qwen_tasks.jobs import get_run
+    from qwen_tasks.labelling.backends import check_environment
+    from qwen_tasks.labelling.jobs import get_run
 
     out = []
     for run_id in run_ids:
@@ -369,7 +239,7 @@ def work_step_elsewhere(run_ids: Sequence[int], *, slot: int = 0, slots: int = 1
     Only values cross the process boundary, so the slot's UI name is returned (`name`), and so is a
     failure that retrying will not fix (`failed_for_good`: bad settings, a job out of attempts) rather
     than raised as an exception, which would arrive as text and be retried."""
-    from qwen_tasks.runner import signals_handled
+    from qwen_tasks.labelling.worker import signals_handled
 
     names = [slot_name(slot, slots)]
     try:
@@ -383,7 +253,7 @@ def work_step_elsewhere(run_ids: Sequence[int], *, slot: int = 0, slots: int = 1
 def runs_progress(run_ids: Sequence[int], *, database_url: str | None = None) -> dict[str, Any]:
     """Where this DAG run's runs stand: finished (all done/failed) or not, with per-run job counts
     (the deferrable wait for external workers polls this)."""
-    from qwen_tasks.jobs import run_status_counts
+    from qwen_tasks.labelling.jobs import run_status_counts
     from qwen_tasks.records import FINISHED_RUN
 
     counts = run_status_counts(_engine(database_url), run_ids)
@@ -399,7 +269,7 @@ def runs_progress(run_ids: Sequence[int], *, database_url: str | None = None) ->
 
 def metrics_step(run_ids: Sequence[int], *, database_url: str | None = None) -> dict[str, Any]:
     """Compute and store quality and speed metrics for each run; returns metric counts per run."""
-    from qwen_tasks.metrics import compute_run_metrics
+    from qwen_tasks.quality.metrics import compute_run_metrics
 
     engine = _engine(database_url)
     out: dict[str, Any] = {}
@@ -422,13 +292,13 @@ def report_step(
 ) -> dict[str, Any]:
     """Write the report for this DAG run's runs (or, when nothing new was labelled, the latest finished
     runs of the requested tasks and model) to `<report_dir>/<name>`; returns its path and the runs."""
-    from qwen_tasks.jobs import latest_run_ids
-    from qwen_tasks.report import write_report
+    from qwen_tasks.labelling.jobs import latest_run_ids
+    from qwen_tasks.quality.report import write_report
 
     p = options(params)
     engine = _engine(database_url)
     ids = [int(r) for r in run_ids] or latest_run_ids(
-        engine, tasks=p.tasks, model=resolve_model(p.model), statuses=("done",)
+        engine, tasks=p.tasks, model=resolve_model(p.model), statuses=(RunStatus.DONE,)
     )
     if not ids:
         return {"report": None, "run_ids": [], "reason": "no finished runs yet"}

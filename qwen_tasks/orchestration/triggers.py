@@ -19,7 +19,7 @@ from typing import Any
 from airflow.sdk import BaseOperator
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
-CLASSPATH = "qwen_tasks.airflow_wait.RunsFinishedTrigger"
+CLASSPATH = "qwen_tasks.orchestration.triggers.RunsFinishedTrigger"
 
 
 def poll_seconds() -> float:
@@ -33,8 +33,8 @@ def poll_seconds() -> float:
 
 
 def _progress(run_ids: Sequence[int]) -> dict[str, Any]:
-    from qwen_tasks.airflow_conn import resolve_database_url
-    from qwen_tasks.pipeline import runs_progress
+    from qwen_tasks.orchestration.connection import resolve_database_url
+    from qwen_tasks.orchestration.steps import runs_progress
 
     return runs_progress(run_ids, database_url=resolve_database_url())
 
@@ -83,8 +83,8 @@ class WaitForWorkersOperator(BaseOperator):
         self.wait_timeout = wait_timeout
 
     def execute(self, context: Any) -> dict[str, Any]:
-        from qwen_tasks.options import Workers
-        from qwen_tasks.pipeline import options
+        from qwen_tasks.labelling.options import Workers
+        from qwen_tasks.orchestration.steps import options
 
         workers = options(context["params"]).workers
         run_ids = [int(r) for r in self.run_ids or []]

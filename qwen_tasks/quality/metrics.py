@@ -24,9 +24,10 @@ import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from qwen_tasks.db import transaction
 from qwen_tasks.errors import ConfigError
-from qwen_tasks.schema import (
+from qwen_tasks.quality.scoring import UtteranceScore, corpus_score, score_utterance, top_substitutions
+from qwen_tasks.store.database import transaction
+from qwen_tasks.store.schema import (
     cry_answer,
     label_failure,
     label_job,
@@ -35,7 +36,6 @@ from qwen_tasks.schema import (
     transcription,
     utterance_score,
 )
-from qwen_tasks.scoring import UtteranceScore, corpus_score, score_utterance, top_substitutions
 
 SWEEP = tuple(round(t, 2) for t in np.arange(0.05, 1.0, 0.05))
 TOP_PAIRS = 20
@@ -412,6 +412,6 @@ def load_run_metrics(engine: Engine, run_id: int) -> dict[str, dict[str, Any]]:
 
 def latest_run_ids(engine: Engine) -> list[int]:
     """The newest run of each task (what `qwen-tasks metrics` and `report` use by default)."""
-    from qwen_tasks.jobs import latest_run_ids as latest
+    from qwen_tasks.labelling.jobs import latest_run_ids as latest
 
     return latest(engine)

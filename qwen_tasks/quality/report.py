@@ -18,8 +18,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from qwen_tasks.errors import ConfigError
-from qwen_tasks.metrics import compute_run_metrics, latest_run_ids, load_run_metrics
-from qwen_tasks.schema import cry_answer, label_job, label_run, transcription, utterance_score
+from qwen_tasks.quality.metrics import compute_run_metrics, latest_run_ids, load_run_metrics
+from qwen_tasks.store.schema import cry_answer, label_job, label_run, transcription, utterance_score
 
 WORST = 15
 
@@ -320,7 +320,7 @@ def _run_section(engine: Engine, run_id: int) -> str:
 def _version_section(engine: Engine, name: str) -> tuple[str, list[int]]:
     """Side by side for one model version: headline metrics, overlaid ROC (cry) or error rates and top
     substitutions (ASR), from its two evaluation runs. Returns the HTML and those run ids."""
-    from qwen_tasks.registry import require_version
+    from qwen_tasks.labelling.registry import require_version
 
     version = require_version(engine, name)
     runs = [r for r in (version.base_run_id, version.candidate_run_id) if r is not None]

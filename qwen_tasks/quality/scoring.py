@@ -20,8 +20,15 @@ from typing import Literal
 
 import jiwer
 
-from qwen_tasks import official_asr
-from qwen_tasks.textnorm import Unit, canonical_language, detect_language, join_units, tokenize, unit_for
+from qwen_tasks.quality import official_asr
+from qwen_tasks.quality.transcript_text import (
+    Unit,
+    canonical_language,
+    detect_language,
+    join_units,
+    tokenize,
+    unit_for,
+)
 
 ScoringMode = Literal["default", "official"]
 SCORING_MODES: tuple[ScoringMode, ...] = ("default", "official")

@@ -20,14 +20,14 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from qwen_tasks.errors import ConfigError
-from qwen_tasks.schema import audio_file, cry_answer, label_run, manifest_item, transcription
+from qwen_tasks.store.schema import audio_file, cry_answer, label_run, manifest_item, transcription
 
 log = logging.getLogger(__name__)
 
 
 def latest_run_id(engine: Engine, task: str) -> int | None:
     """The newest run of `task` that labelled something (None when there is none yet)."""
-    from qwen_tasks.jobs import latest_run_ids
+    from qwen_tasks.labelling.jobs import latest_run_ids
 
     return next(iter(latest_run_ids(engine, tasks=[task], with_labels=True)), None)
 

@@ -6,7 +6,7 @@ The loop `qwen-tasks finetune` and the `qwen_audio_finetune` DAG run, one functi
    said is ever a training answer. The train / held-out split is by audio content (sha256), stratified by
    label for cry, stored in `finetune_split` and kept, so held-out audio is never trained on by any
    version. Too few labelled clips per class, or a single class, is refused with one line.
-2. `train_version`: LoRA on the training part only (`qwen_tasks.trainer`), with the labelling prompt of
+2. `train_version`: LoRA on the training part only (`qwen_tasks.review.trainer`), with the labelling prompt of
    the run that will use it; the adapter is written atomically and registered (`model_version`).
 3. `evaluate_version`: two real labelling runs (purpose 'evaluation') over the held-out audio — the base
    model, and base + adapter loaded from disk through the normal backend path — and their metrics.
@@ -33,12 +33,12 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from qwen_tasks import jobs, registry
-from qwen_tasks.db import transaction
 from qwen_tasks.errors import ConfigError
+from qwen_tasks.labelling import jobs, registry
+from qwen_tasks.labelling.registry import VersionStatus
 from qwen_tasks.records import LabelRequest
-from qwen_tasks.registry import VersionStatus
-from qwen_tasks.schema import asr_reference, audio, audio_file, cry_gold, finetune_split, model_version
+from qwen_tasks.store.database import transaction
+from qwen_tasks.store.schema import asr_reference, audio, audio_file, cry_gold, finetune_split, model_version
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ class FinetuneOptions:
         self.train_config()  # validates the hyper-parameters
 
     def train_config(self) -> Any:
-        from qwen_tasks.trainer import TrainConfig
+        from qwen_tasks.review.trainer import TrainConfig
 
         return TrainConfig(
             epochs=self.epochs,
@@ -416,8 +416,8 @@ class Trained:
 
 def _load_examples(engine: Engine, rows: Sequence[Row]) -> tuple[list[Any], int]:
     """Decode the training audio through the same checks as labelling (allowed root, size, mtime)."""
-    from qwen_tasks.runner import AudioStorageUnavailable, load_clips
-    from qwen_tasks.trainer import Example
+    from qwen_tasks.labelling.worker import AudioStorageUnavailable, load_clips
+    from qwen_tasks.review.trainer import Example
 
     with engine.connect() as conn:
         items = jobs.audio_items(conn, [r.audio_id for r in rows])
@@ -463,9 +463,9 @@ def train_version(
 ) -> Trained:
     """Prepare the data, train a LoRA adapter on the training part, save it and register it (status
     `candidate`, no metrics yet). Nothing is registered until the adapter is on disk."""
-    from qwen_tasks.backends import load_backend
-    from qwen_tasks.backends.adapter import adapter_digest, adapter_revision
-    from qwen_tasks.trainer import save_adapter, train
+    from qwen_tasks.labelling.backends import load_backend
+    from qwen_tasks.labelling.backends.adapter import adapter_digest, adapter_revision
+    from qwen_tasks.review.trainer import save_adapter, train
 
     options = options.resolved()
     _clear_interrupted(engine, options.name)
@@ -564,8 +564,8 @@ def evaluation_run(
 ) -> int:
     """One real labelling run (purpose 'evaluation') of the base model or of the version (base + its
     adapter, loaded from disk through the normal backend path) over `audio_ids`; returns its id."""
-    from qwen_tasks.backends import describe
-    from qwen_tasks.runner import Until, backend_for_run, work
+    from qwen_tasks.labelling.backends import describe
+    from qwen_tasks.labelling.worker import Until, backend_for_run, work
 
     request = opts.eval_request()
     choice = registry.ModelChoice(
@@ -616,8 +616,8 @@ def evaluation_run(
 def evaluate_version(engine: Engine, name: str, options: FinetuneOptions) -> dict[str, Any]:
     """Label the held-out audio with the base model and with the version (two real runs), compute and
     store their metrics and the gate decision on the version. Returns run ids, metrics and the gate."""
-    from qwen_tasks.backends import get_backend
-    from qwen_tasks.metrics import compute_run_metrics
+    from qwen_tasks.labelling.backends import get_backend
+    from qwen_tasks.quality.metrics import compute_run_metrics
 
     version = registry.require_version(engine, name)
     ids = heldout_ids(engine, version.task)

@@ -23,11 +23,11 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Engine
 
-from qwen_tasks.db import transaction
 from qwen_tasks.errors import ConfigError
-from qwen_tasks.jobs import get_run
+from qwen_tasks.labelling.jobs import get_run
 from qwen_tasks.records import LabelRequest
-from qwen_tasks.schema import audio, audio_file, cry_answer, human_label, label_run
+from qwen_tasks.store.database import transaction
+from qwen_tasks.store.schema import audio, audio_file, cry_answer, human_label, label_run
 
 TASKS = ("asr", "cry")
 FROM_NAME = {"cry": "cry", "asr": "transcription"}
@@ -141,7 +141,7 @@ class ExportSummary:
 
 
 def _latest_run(conn: sa.Connection, task: str) -> int | None:
-    from qwen_tasks.jobs import latest_run_ids
+    from qwen_tasks.labelling.jobs import latest_run_ids
 
     return next(iter(latest_run_ids(conn, tasks=[task])), None)
 
@@ -484,8 +484,8 @@ class FinetuneSummary:
 
 def _prompt_text(task: str, question: str | None, language: str | None) -> str:
     """The user text the labelling prompt uses, so the fine-tuned model sees what the pipeline asks."""
-    from qwen_tasks.prompts import qwen2_audio_spec
-    from qwen_tasks.textnorm import canonical_language
+    from qwen_tasks.labelling.prompts import qwen2_audio_spec
+    from qwen_tasks.quality.transcript_text import canonical_language
 
     question = question or LabelRequest(task="cry").question
     try:

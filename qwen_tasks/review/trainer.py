@@ -170,7 +170,7 @@ def answer_loss(model: Any, inputs: Any, n_answer: Sequence[int], *, encoder_gra
     """
     import torch
 
-    from qwen_tasks.backends.qwen2_audio import prompt_embeddings
+    from qwen_tasks.labelling.backends.qwen2_audio import prompt_embeddings
 
     embeds = prompt_embeddings(model, inputs, encoder_grad=encoder_grad)
     mask = inputs["attention_mask"]

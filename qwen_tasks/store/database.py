@@ -23,7 +23,7 @@ from qwen_tasks.errors import ConfigError, DatabaseUnavailable
 
 log = logging.getLogger(__name__)
 
-_PACKAGE_DIR = Path(__file__).resolve().parent
+_PACKAGE_DIR = Path(__file__).resolve().parents[1]  # qwen_tasks/
 # A wheel carries sql/ inside the package (pyproject force-include); a source checkout has it at the root.
 SQL_DIR = next(
     (d for d in (_PACKAGE_DIR / "sql", _PACKAGE_DIR.parent / "sql") if d.is_dir()), _PACKAGE_DIR / "sql"

@@ -192,7 +192,7 @@ run_metric = sa.Table(
     _ts("computed_at"),
 )
 
-# 0003_review_views: per-utterance ASR scores (written by qwen_tasks.metrics, read by the review views).
+# 0003_review_views: per-utterance ASR scores (written by quality.metrics, read by the review views).
 utterance_score = sa.Table(
     "utterance_score",
     metadata,
@@ -209,7 +209,7 @@ utterance_score = sa.Table(
     _ts("computed_at"),
 )
 
-# 0004_model_version: the stored fine-tune split and the model version registry (qwen_tasks.registry).
+# 0004_model_version: the stored fine-tune split and the model version registry (labelling.registry).
 finetune_split = sa.Table(
     "finetune_split",
     metadata,

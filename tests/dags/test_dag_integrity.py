@@ -27,7 +27,7 @@ start = time.perf_counter()
 from airflow.dag_processing.dagbag import DagBag
 bag = DagBag(sys.argv[1])
 seconds = time.perf_counter() - start
-from qwen_tasks import db
+from qwen_tasks.store import database as db
 out = {
     "import_errors": {k: str(v)[-800:] for k, v in bag.import_errors.items()},
     "seconds": seconds,
@@ -89,7 +89,7 @@ BAD_CONFS: list[dict[str, Any]] = [
     {"workers": "kubernetes"},
     {"tasks": None},
 ]
-HEAVY = ("torch", "transformers", "qwen_tasks.runner", "qwen_tasks.backends")
+HEAVY = ("torch", "transformers", "qwen_tasks.labelling.worker", "qwen_tasks.labelling.backends")
 # What the trigger form sends when optional fields are left empty or cleared: null must validate.
 GOOD_CONFS: list[dict[str, Any]] = [
     {"tasks": ["cry"], "limit": 5, "method": "both"},

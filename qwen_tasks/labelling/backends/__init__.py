@@ -14,8 +14,8 @@ import json
 import sys
 from pathlib import Path
 
-from qwen_tasks.backends.base import Backend
 from qwen_tasks.errors import ModelError, WrongEnvironment
+from qwen_tasks.labelling.backends.base import Backend
 from qwen_tasks.records import LabelRequest, ModelInfo
 
 BACKENDS = ("auto", "qwen2-audio", "qwen-audio")
@@ -66,7 +66,7 @@ def required_python(model: str, backend: str = "auto") -> Path | None:
     """The interpreter that must load `model`: None when this one can, else the Qwen-Audio environment's
     python (`QWEN_TASKS_QWEN_AUDIO_PYTHON`, default `.venv-qwen-audio/bin/python`; it may not exist
     yet). Reads only config.json / the name: no weights, no transformers import."""
-    from qwen_tasks.backends import qwen_audio
+    from qwen_tasks.labelling.backends import qwen_audio
 
     if _kind_or_none(model, backend) == "qwen-audio" and not qwen_audio.runs_here():
         return qwen_audio.interpreter()
@@ -76,7 +76,7 @@ def required_python(model: str, backend: str = "auto") -> Path | None:
 def check_environment(model: str, backend: str = "auto", *, run_id: int | None = None) -> None:
     """Raise WrongEnvironment (one line naming the worker command for `run_id`) when this interpreter
     cannot run `model`; called by `load_backend` and by workers before they claim a job."""
-    from qwen_tasks.backends import qwen_audio
+    from qwen_tasks.labelling.backends import qwen_audio
 
     kind = _kind_or_none(model, backend)
     if kind == "qwen-audio":
@@ -123,7 +123,7 @@ def load_backend(
     kind = _pick(model, backend, adapter)
     check_environment(model, kind)
     if kind == "qwen-audio":
-        from qwen_tasks.backends.qwen_audio import QwenAudioBackend
+        from qwen_tasks.labelling.backends.qwen_audio import QwenAudioBackend
 
         return QwenAudioBackend(
             model,
@@ -133,7 +133,7 @@ def load_backend(
             prompt_style=prompt_style,
             max_batch=max_batch,
         )
-    from qwen_tasks.backends.qwen2_audio import Qwen2AudioBackend
+    from qwen_tasks.labelling.backends.qwen2_audio import Qwen2AudioBackend
 
     return Qwen2AudioBackend(
         model,
@@ -166,12 +166,12 @@ def describe(
     """The ModelInfo (model, revision, dtype, device, prompt version/template) a backend loaded with
     these arguments records for `request` — computed without loading weights (for planning runs)."""
     if _pick(model, backend, adapter) == "qwen-audio":
-        from qwen_tasks.backends import qwen_audio
+        from qwen_tasks.labelling.backends import qwen_audio
 
         return qwen_audio.describe(
             model, request, revision=revision, device=device, dtype=dtype, prompt_style=prompt_style
         )
-    from qwen_tasks.backends import qwen2_audio
+    from qwen_tasks.labelling.backends import qwen2_audio
 
     return qwen2_audio.describe(
         model,

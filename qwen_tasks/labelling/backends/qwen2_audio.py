@@ -24,10 +24,10 @@ from typing import Any
 
 import numpy as np
 
-from qwen_tasks import prompts, windows
-from qwen_tasks.backends.adapter import adapter_digest, adapter_dir, adapter_revision, merge_adapter
-from qwen_tasks.backends.backoff import run_resilient
 from qwen_tasks.errors import ModelError
+from qwen_tasks.labelling import prompts, windows
+from qwen_tasks.labelling.backends.adapter import adapter_digest, adapter_dir, adapter_revision, merge_adapter
+from qwen_tasks.labelling.backends.backoff import run_resilient
 from qwen_tasks.records import (
     TARGET_SAMPLE_RATE,
     AudioClip,

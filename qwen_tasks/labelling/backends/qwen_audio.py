@@ -5,7 +5,7 @@ in the checkpoint (hub repo or local copy) and only load under **transformers 4.
 4.37.2 to 4.53.3, TRANSFORMERS_SPEC): transformers 5 removed `DisjunctiveConstraint` (imported by
 `transformers_stream_generator`, which the remote code requires) and `PreTrainedModel.get_head_mask`
 (called in its forward pass). So it runs in a second pinned environment, `.venv-qwen-audio`
-(`make install-qwen-audio`, `requirements-qwen-audio.lock`); `qwen_tasks.environments` says which
+(`make install-qwen-audio`, `requirements-qwen-audio.lock`); `qwen_tasks.labelling.environments` says which
 interpreter that is (`interpreter()`, `QWEN_TASKS_QWEN_AUDIO_PYTHON`) and this module refuses, before any
 weights load, to run where it cannot (`check_environment`, raising `WrongEnvironment` with the worker
 command to use).
@@ -46,9 +46,10 @@ from typing import Any
 
 import numpy as np
 
-from qwen_tasks import prompts, windows
-from qwen_tasks.backends.backoff import run_resilient
-from qwen_tasks.backends.qwen2_audio import (
+from qwen_tasks.errors import ModelError, QwenTasksError, WrongEnvironment
+from qwen_tasks.labelling import prompts, windows
+from qwen_tasks.labelling.backends.backoff import run_resilient
+from qwen_tasks.labelling.backends.qwen2_audio import (
     NO_VARIANTS,
     YES_VARIANTS,
     _merge,
@@ -59,7 +60,7 @@ from qwen_tasks.backends.qwen2_audio import (
     resolve_model_id,
     validate_clip,
 )
-from qwen_tasks.environments import (
+from qwen_tasks.labelling.environments import (
     TRANSFORMERS_SPEC,
     how_to_create,
     interpreter,
@@ -68,7 +69,6 @@ from qwen_tasks.environments import (
     transformers_version,
     worker_command,
 )
-from qwen_tasks.errors import ModelError, QwenTasksError, WrongEnvironment
 from qwen_tasks.records import TARGET_SAMPLE_RATE, AudioClip, ClipResult, LabelRequest, ModelInfo
 
 BACKEND_NAME = "qwen-audio"
@@ -81,7 +81,7 @@ FFMPEG_HINT = (
 )
 
 
-# --- which interpreter (qwen_tasks.environments) -------------------------------------------------------
+# --- which interpreter (qwen_tasks.labelling.environments) ----------------------------------------
 
 
 def check_environment(model: str, *, run_id: int | None = None) -> None:

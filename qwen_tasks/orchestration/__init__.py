@@ -1,0 +1,9 @@
+"""Stage 5, orchestration: the Airflow side. The DAG files in `dags/` only wire these functions together.
+
+`steps` holds each DAG task as a plain function (ids and counts in and out, never payloads),
+`connection` maps the Airflow connection `qwen_tasks_db` to the CLI's database URL, and `triggers` is the
+deferrable wait for an external worker fleet.
+
+May import: every stage before it. Nothing in `qwen_tasks` imports this package except `dev` (the demo
+runs the DAG) and the DAG files.
+"""

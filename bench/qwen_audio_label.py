@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from qwen_tasks.labelling import environments  # noqa: E402
 from qwen_tasks.store import database as db  # noqa: E402
 
-DURATIONS = [1.0, 1.7, 2.4, 3.1, 3.8, 4.5, 5.2, 33.0]  # tests/test_qwen_audio.py's clips: 54.7 s, 9 windows
+DURATIONS = [1.0, 1.7, 2.4, 3.1, 3.8, 4.5, 5.2, 33.0]  # test_qwen_audio.py's clips: 54.7 s, 9 windows
 TASKS = {
     "cry": ["--task", "cry", "--method", "both", "--max-new-tokens", "8"],
     "asr": ["--task", "asr", "--max-new-tokens", "24"],

@@ -1,6 +1,7 @@
-"""Helpers shared by the labelling tests (jobs, runner, workers, label CLI): real files, real ingest.
+"""Helpers shared by the labelling tests (jobs, worker, workers, label CLI): real files, real ingest.
 
-Not a test module: imported by tests/test_jobs.py, test_runner.py, test_workers.py, test_label_cli.py.
+Not a test module: imported by tests/labelling/test_jobs.py, test_worker.py, test_workers.py,
+test_label_cli.py and others.
 """
 
 from __future__ import annotations

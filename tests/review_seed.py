@@ -213,7 +213,7 @@ def add_human(
         )
 
 
-# The cry scenario used by several tests, hand-computed in tests/test_metrics.py.
+# The cry scenario used by several tests, hand-computed in tests/quality/test_metrics.py.
 CRY_GOLD = ["yes", "yes", "yes", "yes", "no", "no", "no", "no"]
 CRY_P_YES = [0.9, 0.8, 0.45, 0.7, 0.2, 0.65, 0.1, 0.3]
 CRY_GENERATE = [

@@ -1,6 +1,7 @@
 """SQLAlchemy Core mirrors of the tables in `sql/migrations/` (the SQL files are the source of truth).
 
-Only what Python code queries is declared; `tests/test_db.py` checks these match the migrated database.
+Only what Python code queries is declared; `tests/store/test_database.py` checks these match the migrated
+database.
 """
 
 from __future__ import annotations

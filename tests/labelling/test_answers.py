@@ -13,7 +13,7 @@ import pytest
 
 from qwen_tasks.labelling.answers import CRY_VOCABULARY, YesNoVocabulary, clean_answer, normalize_yes_no
 
-TABLE = Path(__file__).parent / "data" / "yes_no_cases.tsv"
+TABLE = Path(__file__).parents[1] / "data" / "yes_no_cases.tsv"
 
 
 def _load_table() -> list[tuple[str, str]]:

@@ -35,7 +35,7 @@ from qwen_tasks.labelling.options import LabelOptions
 from qwen_tasks.records import LabelRequest
 from qwen_tasks.store import schema
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BUILDER = ROOT / "tests" / "qwen_audio_tiny.py"
 CODE_DIR = os.environ.get("QWEN_AUDIO_CODE_DIR", "")
 # What a worker of either environment imports (the DAG's label step will run `pipeline` there too).

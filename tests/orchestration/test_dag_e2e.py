@@ -157,7 +157,7 @@ def test_first_run_labels_both_tasks(nights: dict[str, Any]) -> None:
     assert first.state == "success"
     got = states(first)
     assert got["label_batch"] and set(got["label_batch"]) == {"success"}
-    # a Qwen2-Audio model: no slot of the Qwen-Audio environment is mapped (tests/test_qwen_audio.py)
+    # a Qwen2-Audio model: no slot of the Qwen-Audio environment is mapped (labelling/test_qwen_audio.py)
     assert got["qwen_audio_slots"] == ["success"] and got["label_batch_qwen_audio"] == ["skipped"]
     for task in ("ingest", "plan", "metrics", "report"):
         assert got[task] == ["success"], task
@@ -254,5 +254,5 @@ def test_external_workers_label_while_the_dag_waits_deferred(nights: dict[str, A
 
 def test_the_airflow_home_pins_no_absolute_path(nights: dict[str, Any]) -> None:
     cfg = (nights["home"] / "airflow.cfg").read_text()
-    assert str(nights["home"]) not in cfg and str(Path(__file__).resolve().parents[1]) not in cfg
+    assert str(nights["home"]) not in cfg and str(Path(__file__).resolve().parents[2]) not in cfg
     assert "${AIRFLOW_HOME}/airflow.db" in cfg

@@ -148,7 +148,7 @@ def test_recognition_errors_never_score_zero(
 # tokenizer and vendored Whisper normalisers): the units it compared and their edit distance.
 OFFICIAL_PAIRS = [
     json.loads(line)
-    for line in (Path(__file__).parent / "data" / "qwen2_audio_official_pairs.jsonl")
+    for line in (Path(__file__).parents[1] / "data" / "qwen2_audio_official_pairs.jsonl")
     .read_text(encoding="utf-8")
     .splitlines()
 ]

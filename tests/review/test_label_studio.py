@@ -481,7 +481,7 @@ def test_example_queries_run_on_a_seeded_database(engine: Engine) -> None:
     asr_run, _ = seed_asr_scenario(engine)
     compute_run_metrics(engine, cry_run)
     compute_run_metrics(engine, asr_run)
-    queries = sorted((Path(__file__).parents[1] / "sql" / "queries").glob("*.sql"))
+    queries = sorted((Path(__file__).parents[2] / "sql" / "queries").glob("*.sql"))
     assert len(queries) >= 5
     for query in queries:
         lines = query.read_text(encoding="utf-8").splitlines()

@@ -467,7 +467,7 @@ def prompt_embeddings(model: Any, inputs: Any, *, encoder_grad: bool = True) -> 
     short clips. Here the same layers run over the first `frames` frames (the longest clip plus 2
     frames, so the convolutions at each clip's end see the same neighbours) with the position table cut
     to match; frames past a clip's end are masked exactly as in the stock pass. Measured: identical
-    transcripts, p_yes within ~5e-7 of the 30 s pass (tests/test_backends.py). Labelling and
+    transcripts, p_yes within ~5e-7 of the 30 s pass (tests/labelling/test_backends.py). Labelling and
     fine-tuning both embed through here, so a model is trained on exactly what it sees when labelling.
     `encoder_grad=False` runs the (frozen) encoder without autograd: training then keeps no encoder
     activations, which is most of the memory a 30-s clip costs outside the language model.

@@ -13,9 +13,8 @@ configuration labels every clip):
 Printed per configuration: wall time, its ratio to (a), and how many times the model was loaded (from
 the task log lines "model ... loaded in"). `dag.test()` runs every task in ONE process, where the
 backend cache makes later slots reuse the loaded model; under a real executor every slot is its own
-process and loads once, so loads per DAG run = slots (tests/orchestration/test_airflow_stack.py checks that
-under
-CeleryExecutor). Target (issue 11): DAG wall time <= 1.3x the bare loop; loads per DAG run = slots.
+process and loads once, so loads per DAG run = slots (tests/orchestration/test_airflow_stack.py checks
+that under CeleryExecutor). Target (issue 11): DAG wall time <= 1.3x the bare loop; loads per DAG run = slots.
 Uses a throwaway labels database on the local server (or --admin-url), dropped at the end.
 """
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import getpass
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -50,3 +51,12 @@ def engine(database_url: str) -> Engine:
     with eng.begin() as conn:
         conn.execute(sa.text(f"TRUNCATE {DATA_TABLES} RESTART IDENTITY CASCADE"))
     return eng
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny random-init Qwen2-Audio (`qwen_tasks.dev.tiny_model`, preset `tiny`), built once per test
+    session and shared by every test that needs a model. Tests that damage a checkpoint copy it first."""
+    from qwen_tasks.dev.tiny_model import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.getbasetemp() / "tiny-model", preset="tiny")

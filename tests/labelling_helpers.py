@@ -13,7 +13,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import pytest
 import soundfile as sf
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
@@ -48,17 +47,6 @@ def ingest_clips(engine: Engine, folder: Path, durations: Sequence[float], seed:
         rows = conn.execute(sa.select(schema.audio_file.c.path, schema.audio_file.c.audio_id)).all()
     by_path = {os.path.realpath(r.path): r.audio_id for r in rows}
     return {p: by_path[os.path.realpath(p)] for p in paths}
-
-
-def build_tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny random-init Qwen2-Audio, built once per test session and shared by the test modules
-    (each module's `tiny_model_dir` fixture calls this; the second call finds it on disk)."""
-    from qwen_tasks.dev.tiny_model import make_tiny_model
-
-    out = tmp_path_factory.getbasetemp() / "labelling-tiny-model"
-    if not (out / "config.json").is_file():
-        make_tiny_model(out, preset="tiny")
-    return out
 
 
 def run_cli(

@@ -134,6 +134,34 @@ def test_folder_ingest_registers_good_files_and_quarantines_each_bad_kind(
     assert str(root / "notes.txt") not in files
 
 
+def test_same_bytes_under_two_paths_are_one_audio_with_two_files(engine: Engine, tmp_path: Path) -> None:
+    """Dedup through the public path: ingest two paths with the same bytes (and, on a later run, a third
+    copy), then count. A broken sha256 lookup or a missing unique key would give two audio rows."""
+    original = clip(tmp_path / "a" / "baby.wav", seed=7)
+    copy = tmp_path / "b" / "copy of baby.wav"
+    copy.parent.mkdir()
+    shutil.copyfile(original, copy)
+    clip(tmp_path / "a" / "other.wav", seed=8)
+
+    first = ingest(engine, [tmp_path])
+    assert (first.new, first.duplicate, first.quarantined) == (2, 1, 0), first.to_dict()
+    shutil.copyfile(original, tmp_path / "c.wav")
+    second = ingest(engine, [tmp_path])
+    assert (second.new, second.duplicate, second.unchanged) == (0, 1, 3), second.to_dict()
+
+    with engine.connect() as conn:
+        files = conn.execute(
+            sa.select(schema.audio_file.c.path, schema.audio_file.c.audio_id).where(
+                schema.audio_file.c.status == "ok"
+            )
+        ).all()
+        audio_rows = conn.execute(sa.select(sa.func.count()).select_from(schema.audio)).scalar_one()
+    by_name = {Path(os.fsdecode(r.path)).name: r.audio_id for r in files}
+    assert audio_rows == 2
+    assert by_name["baby.wav"] == by_name["copy of baby.wav"] == by_name["c.wav"]
+    assert by_name["other.wav"] != by_name["baby.wav"]
+
+
 def test_rerun_is_idempotent_and_a_changed_file_is_reprobed(engine: Engine, tmp_path: Path) -> None:
     root = tmp_path / "data"
     bad = make_tree(root)

@@ -39,23 +39,13 @@ def test_table_is_broad() -> None:
     assert chinese >= 150
 
 
-def test_table_zero_confident_errors_and_accuracy() -> None:
-    confident_wrong = []
-    wrong = []
-    for expected, text in CASES:
-        got = normalize_yes_no(text)
-        if got != expected:
-            wrong.append((text, expected, got))
-            if got != "unknown":
-                confident_wrong.append((text, expected, got))
-    assert confident_wrong == []
-    accuracy = 1 - len(wrong) / len(CASES)
-    assert accuracy == 1.0, wrong
-
-
 @pytest.mark.parametrize(("expected", "text"), CASES)
 def test_table_row(expected: str, text: str) -> None:
-    assert normalize_yes_no(text) == expected
+    """Every row exactly: accuracy 1.0 over the table, so no confident error either (a wrong yes/no is
+    worse than `unknown`, which a reviewer sees; the message says which kind of miss this is)."""
+    got = normalize_yes_no(text)
+    kind = "CONFIDENTLY WRONG" if got != "unknown" else "unknown instead of an answer"
+    assert got == expected, f"{kind}: {text!r} -> {got!r}, expected {expected!r}"
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 
-from qwen_tasks.dev.tiny_model import make_tiny_model
 from qwen_tasks.errors import ModelError
 from qwen_tasks.labelling.backends import describe, get_backend, load_backend, model_info
 from qwen_tasks.labelling.backends.backoff import run_resilient
@@ -27,8 +26,8 @@ BOTH = LabelRequest("cry", methods=("score", "generate"), max_new_tokens=4)
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return str(make_tiny_model(tmp_path_factory.mktemp("tiny")))
+def tiny(tiny_model_dir: Path) -> str:
+    return str(tiny_model_dir)
 
 
 @pytest.fixture(scope="module")

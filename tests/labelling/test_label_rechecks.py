@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import sqlalchemy as sa
-from labelling_helpers import build_tiny_model, run_cli
+from labelling_helpers import run_cli
 from sqlalchemy.engine import Engine
 
 from qwen_tasks.errors import AudioError
@@ -116,9 +116,12 @@ def test_a_re_ingest_records_roots_for_rows_that_have_none(engine: Engine, tmp_p
 
 @pytest.mark.slow
 def test_label_refuses_a_file_swapped_after_ingest(
-    engine: Engine, database_url: str, tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
+    engine: Engine,
+    database_url: str,
+    tiny_model_dir: Path,
+    tmp_path: Path,
 ) -> None:
-    tiny = build_tiny_model(tmp_path_factory)
+    tiny = tiny_model_dir
     root = tmp_path / "audio"
     swapped, kept = clip(root / "a.wav", 1), clip(root / "b.wav", 2)
     assert ingest(engine, [root]).new == 2

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from labelling_helpers import build_tiny_model, count, ingest_clips, run_cli
+from labelling_helpers import count, ingest_clips, run_cli
 from sqlalchemy.engine import Engine
 from test_workers import blocked_pids, start_worker, wait_for, writes_blocked
 
@@ -26,11 +26,6 @@ from qwen_tasks.labelling import jobs
 from qwen_tasks.store import schema
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_model(tmp_path_factory)
 
 
 def last_json(stdout: str) -> dict:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-from labelling_helpers import build_tiny_model, run_cli
+from labelling_helpers import run_cli
 from sqlalchemy.engine import Engine
 from typer.testing import CliRunner
 
@@ -47,10 +47,10 @@ def _bad_header(weights: Path) -> None:
     ],
 )
 def test_corrupt_weights_are_one_model_error_naming_the_file(
-    tmp_path_factory: pytest.TempPathFactory, tmp_path: Path, damage, reason: str
+    tiny_model_dir: Path, tmp_path: Path, damage, reason: str
 ) -> None:
     model = tmp_path / "model"
-    shutil.copytree(build_tiny_model(tmp_path_factory), model)
+    shutil.copytree(tiny_model_dir, model)
     damage(model / "model.safetensors")
 
     with pytest.raises(ModelError) as info:
@@ -66,10 +66,13 @@ def test_corrupt_weights_are_one_model_error_naming_the_file(
 
 @pytest.mark.slow
 def test_label_with_corrupt_weights_prints_one_line(
-    engine: Engine, database_url: str, tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
+    engine: Engine,
+    database_url: str,
+    tiny_model_dir: Path,
+    tmp_path: Path,
 ) -> None:
     model = tmp_path / "model"
-    shutil.copytree(build_tiny_model(tmp_path_factory), model)
+    shutil.copytree(tiny_model_dir, model)
     _truncate(model / "model.safetensors")
     sf.write(tmp_path / "a.wav", np.full(8000, 0.1, dtype=np.float32), 16000)
     ingest(engine, [tmp_path / "a.wav"])

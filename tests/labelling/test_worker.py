@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from labelling_helpers import build_tiny_model, count, ingest_clips
+from labelling_helpers import count, ingest_clips
 from sqlalchemy.engine import Engine
 
 from qwen_tasks.errors import ModelError
@@ -20,11 +20,6 @@ from qwen_tasks.labelling.options import LabelOptions
 from qwen_tasks.records import LabelRequest
 from qwen_tasks.review import export
 from qwen_tasks.store import schema
-
-
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_model(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

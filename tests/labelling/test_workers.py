@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from labelling_helpers import CLI, build_tiny_model, count, ingest_clips
+from labelling_helpers import CLI, count, ingest_clips
 from sqlalchemy.engine import Connection, Engine
 
 from qwen_tasks.labelling import jobs
@@ -28,11 +28,6 @@ from qwen_tasks.store import schema
 
 pytestmark = pytest.mark.slow
 REQUEST = LabelRequest(task="cry")
-
-
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_model(tmp_path_factory)
 
 
 def plan(engine: Engine, model: Path, **kw: object) -> jobs.PlanResult:

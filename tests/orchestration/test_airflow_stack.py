@@ -24,7 +24,6 @@ import pytest
 import sqlalchemy as sa
 from airflow_stack import DAG_ID, AirflowStack, wait_until
 from conftest import DATA_TABLES
-from labelling_helpers import build_tiny_model
 from test_workers import blocked_pids, writes_blocked
 
 from qwen_tasks.dev.samples import write_sample_set
@@ -44,14 +43,14 @@ def _admin_url() -> str:
 
 @pytest.fixture(scope="module")
 def stack(
-    database_url: str, tmp_path_factory: pytest.TempPathFactory
+    database_url: str, tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path
 ) -> Any:  # Iterator[tuple[AirflowStack, SampleSet]]
     engine = db.get_engine(database_url)
     with engine.begin() as conn:  # other modules share the labels database: start from empty tables
         conn.execute(sa.text(f"TRUNCATE {DATA_TABLES} RESTART IDENTITY CASCADE"))
     work = tmp_path_factory.mktemp("airflow-stack")
     samples = write_sample_set(work / "audio", n=4, long_seconds=6.0)
-    model = build_tiny_model(tmp_path_factory)
+    model = tiny_model_dir
     st = AirflowStack(
         home=work / "home",
         admin_url=_admin_url(),

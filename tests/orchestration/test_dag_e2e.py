@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from conftest import DATA_TABLES
-from labelling_helpers import CLI, build_tiny_model
+from labelling_helpers import CLI
 from sqlalchemy.engine import make_url
 
 from qwen_tasks.dev.airflow_local import DagRunFailed, DagTestResult, run_dag_test
@@ -69,11 +69,6 @@ def snapshot(engine: sa.Engine) -> dict[str, Any]:
                 )
             ).scalar_one(),
         }
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_model(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 from conftest import DATA_TABLES
-from labelling_helpers import build_tiny_model
 from sqlalchemy.engine import make_url
 
 from qwen_tasks.dev.airflow_local import run_dag_test
@@ -27,13 +26,13 @@ pytestmark = pytest.mark.slow
 
 
 def test_finetune_dag_promotes_and_the_nightly_dag_uses_the_version(
-    database_url: str, tmp_path_factory: pytest.TempPathFactory
+    database_url: str, tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path
 ) -> None:
     engine = db.get_engine(database_url)
     with engine.begin() as conn:
         conn.execute(sa.text(f"TRUNCATE {DATA_TABLES} RESTART IDENTITY CASCADE"))
     work = tmp_path_factory.mktemp("finetune-dag")
-    model = build_tiny_model(tmp_path_factory)
+    model = tiny_model_dir
     manifest = write_cry_training_set(work / "cry", n=48)
     ingest(engine, [manifest.parent], manifests=[(manifest, "aqa")])
     env: dict[str, str | None] = {

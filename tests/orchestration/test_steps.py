@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from labelling_helpers import build_tiny_model, count, write_clips
+from labelling_helpers import count, write_clips
 from sqlalchemy.engine import Engine
 
 from qwen_tasks.errors import ConfigError
@@ -18,12 +18,6 @@ from qwen_tasks.labelling.options import LabelOptions
 from qwen_tasks.orchestration import steps
 from qwen_tasks.orchestration.steps import JobFailed
 from qwen_tasks.store import schema
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_model(tmp_path_factory)
-
 
 # --- params --------------------------------------------------------------------------------------------
 

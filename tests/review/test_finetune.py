@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import sqlalchemy as sa
-from labelling_helpers import build_tiny_model, count, run_cli
+from labelling_helpers import count, run_cli
 from sqlalchemy.engine import Engine
 
 from qwen_tasks.dev.samples import write_cry_training_set
@@ -29,11 +29,6 @@ from qwen_tasks.review.finetune import FinetuneOptions
 from qwen_tasks.store import schema
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_model(tmp_path_factory)
 
 
 def noise_set(root: Path, n: int, seed: int = 1) -> Path:

@@ -52,29 +52,6 @@ def test_constraints_keep_bad_data_out(engine: Engine) -> None:
         conn.execute(schema.label_run.insert().values(task="translate", model="m", prompt_version="v1"))
 
 
-def test_same_content_two_paths_share_one_audio_row(engine: Engine) -> None:
-    with engine.begin() as conn:
-        audio_id = conn.execute(
-            schema.audio.insert()
-            .values(
-                sha256="a" * 64,
-                size_bytes=10,
-                duration_s=1.0,
-                sample_rate=16000,
-                channels=1,
-                frames=16000,
-                format="WAV",
-            )
-            .returning(schema.audio.c.id)
-        ).scalar_one()
-        for path in ("/data/a.wav", "/data/copy of a.wav"):
-            conn.execute(schema.audio_file.insert().values(path=path, audio_id=audio_id, status="ok"))
-    with engine.connect() as conn:
-        n = conn.execute(sa.select(sa.func.count()).select_from(schema.audio_file)).scalar_one()
-        assert n == 2
-        assert conn.execute(sa.select(sa.func.count()).select_from(schema.audio)).scalar_one() == 1
-
-
 def _cli(args: list[str], url: str | None, **env: str) -> subprocess.CompletedProcess[str]:
     environment = {k: v for k, v in os.environ.items() if k != "QWEN_TASKS_DATABASE_URL"}
     if url is not None:

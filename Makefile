@@ -5,12 +5,13 @@ BIN    := $(VENV)/bin
 # GPU users: make install TORCH_INDEX=https://download.pytorch.org/whl/cu128  (see README)
 TORCH_INDEX ?=
 
-.PHONY: help install demo test lint format bench install-qwen-audio
+.PHONY: help install demo test test-fast lint format bench install-qwen-audio
 .DEFAULT_GOAL := help
 
 help:
 	@echo "make demo   - install into .venv, then run the nightly DAG once on generated sample audio"
 	@echo "make test   - install into .venv, then run lint and the test suite (needs PostgreSQL)"
+	@echo "make test-fast - lint and the tests not marked slow (about a minute; while you edit)"
 	@echo "make lint / format / bench / install"
 	@echo "make install-qwen-audio - .venv-qwen-audio (transformers 4.53.3) for the original Qwen-Audio (docs/models.md)"
 
@@ -49,6 +50,13 @@ test: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
+
+# While editing: everything except the end-to-end tests marked `slow` (DAG runs, Airflow stack, CLI
+# subprocesses with a model). `make test` is the full suite and what CI runs.
+test-fast: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/python -m pytest -m "not slow"
 
 lint: install
 	$(BIN)/ruff check .

@@ -4,7 +4,7 @@ A run is one (task, model, revision, prompt version). Planning splits the audio 
 into jobs (batches sized by a clip count and an audio-seconds budget) and writes run, jobs and job items
 in one transaction. Workers claim jobs with `FOR UPDATE SKIP LOCKED` and a lease kept in the database
 (database time, so worker clocks do not matter): a job whose worker died is taken over once its lease runs
-out, and a job that used up its attempts is failed with its error. Results are written by `runner`.
+out, and a job that used up its attempts is failed with its error. Results are written by `worker`.
 """
 
 from __future__ import annotations
@@ -399,7 +399,7 @@ def job_items(conn: Connection, job_id: int) -> list[JobItem]:
 
 def audio_items(conn: Connection, audio_ids: Any) -> list[JobItem]:
     """Audio (ids, or a subquery of ids) by duration, each with its ok paths as ingest recorded them:
-    what `runner.load_clips` needs to re-check and read them (labelling, and fine-tune training rows)."""
+    what `worker.load_clips` needs to re-check and read them (labelling, and fine-tune training rows)."""
     rows = conn.execute(
         sa.select(
             audio.c.id.label("audio_id"),

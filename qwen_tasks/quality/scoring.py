@@ -1,6 +1,6 @@
 """WER/CER per utterance and per corpus, with the substitution pairs that reveal systematic paraphrases.
 
-Two modes: "default" normalises with `textnorm` (formatting differences score 0, see docs/review.md);
+Two modes: "default" normalises with `transcript_text` (formatting differences score 0, see docs/review.md);
 "official" reproduces Qwen2-Audio's evaluate_asr.py unit for unit (`official_asr`), so a run's
 `cer_official` / `wer_official` can stand next to a paper's table.
 

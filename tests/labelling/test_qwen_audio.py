@@ -38,7 +38,7 @@ from qwen_tasks.store import schema
 ROOT = Path(__file__).resolve().parents[2]
 BUILDER = ROOT / "tests" / "qwen_audio_tiny.py"
 CODE_DIR = os.environ.get("QWEN_AUDIO_CODE_DIR", "")
-# What a worker of either environment imports (the DAG's label step will run `pipeline` there too).
+# What a worker of either environment imports (the DAG's label slot runs `orchestration.steps` there too).
 WORKER_MODULES = (
     "qwen_tasks.cli", "qwen_tasks.labelling.worker", "qwen_tasks.labelling.jobs",
     "qwen_tasks.orchestration.steps", "qwen_tasks.store.database", "qwen_tasks.ingest.audio_files",

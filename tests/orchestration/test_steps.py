@@ -243,3 +243,16 @@ def test_job_errors_are_retried_then_fail_the_slot_for_good(
     assert [r.status for r in rows].count("done") == 1  # the other job was labelled all the same
     # a retry of the slot (or a cleared task) has nothing left to do
     assert steps.work_step(params, planned["run_ids"], database_url=database_url)["jobs_done"] == 0
+
+
+def test_the_airflow_docs_list_every_dag_param() -> None:
+    """docs/airflow.md's Params table is written by hand: every LabelOptions field (the DAG's Params come
+    from it) must have a row, so a new option cannot ship undocumented."""
+    import dataclasses
+    import re
+
+    table = (Path(__file__).resolve().parents[2] / "docs" / "airflow.md").read_text(encoding="utf-8")
+    first_cells = re.findall(r"^\| ([^|]+)\|", table, flags=re.M)
+    names = {name for cell in first_cells for name in re.findall(r"`(\w+)`", cell)}
+    missing = [f.name for f in dataclasses.fields(LabelOptions) if f.name not in names]
+    assert not missing, f"docs/airflow.md has no Params row for {missing}"

@@ -30,6 +30,7 @@ from qwen_tasks.store.schema import (
     label_job,
     label_job_item,
     label_run,
+    run_progress,
     transcription,
 )
 
@@ -872,14 +873,6 @@ def discard_untouched_run(engine: Engine, run_id: int) -> bool:
 
 
 # --- progress (the run_progress view of migration 0002) ------------------------------------------------
-
-RUN_PROGRESS_COLUMNS = (
-    "run_id", "task", "model", "revision", "prompt_version", "status", "created_at", "started_at",
-    "finished_at", "clips_planned", "clips_labelled", "clips_failed", "audio_seconds", "jobs", "jobs_pending",
-    "jobs_running", "jobs_stale", "jobs_done", "jobs_failed", "clips_in_failed_jobs", "busy_seconds",
-    "claim_seconds", "wall_seconds", "rtf",
-)  # fmt: skip
-run_progress = sa.table("run_progress", *(sa.column(name) for name in RUN_PROGRESS_COLUMNS))
 
 
 def progress_rows(

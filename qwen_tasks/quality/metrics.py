@@ -28,7 +28,9 @@ from qwen_tasks.errors import ConfigError
 from qwen_tasks.quality.scoring import UtteranceScore, corpus_score, score_utterance, top_substitutions
 from qwen_tasks.store.database import transaction
 from qwen_tasks.store.schema import (
+    asr_reference,
     cry_answer,
+    cry_gold,
     label_failure,
     label_job,
     label_run,
@@ -39,15 +41,6 @@ from qwen_tasks.store.schema import (
 
 SWEEP = tuple(round(t, 2) for t in np.arange(0.05, 1.0, 0.05))
 TOP_PAIRS = 20
-
-_cry_gold = sa.table("cry_gold", sa.column("audio_id"), sa.column("gold_label"), sa.column("source"))
-_asr_reference = sa.table(
-    "asr_reference",
-    sa.column("audio_id"),
-    sa.column("reference_text"),
-    sa.column("language"),
-    sa.column("source"),
-)
 
 
 @dataclass
@@ -184,9 +177,9 @@ def _cry_metrics(conn: Connection, run_id: int, out: _Metrics) -> None:
             cry_answer.c.method,
             cry_answer.c.label,
             cry_answer.c.p_yes,
-            _cry_gold.c.gold_label,
+            cry_gold.c.gold_label,
         )
-        .select_from(cry_answer.outerjoin(_cry_gold, _cry_gold.c.audio_id == cry_answer.c.audio_id))
+        .select_from(cry_answer.outerjoin(cry_gold, cry_gold.c.audio_id == cry_answer.c.audio_id))
         .where(cry_answer.c.run_id == run_id)
         .order_by(cry_answer.c.audio_id, cry_answer.c.method)
     )
@@ -260,12 +253,12 @@ def _asr_metrics(conn: Connection, run_id: int, out: _Metrics) -> list[dict]:
         sa.select(
             transcription.c.audio_id,
             transcription.c.text,
-            _asr_reference.c.reference_text,
-            _asr_reference.c.language,
-            _asr_reference.c.source,
+            asr_reference.c.reference_text,
+            asr_reference.c.language,
+            asr_reference.c.source,
         )
         .select_from(
-            transcription.outerjoin(_asr_reference, _asr_reference.c.audio_id == transcription.c.audio_id)
+            transcription.outerjoin(asr_reference, asr_reference.c.audio_id == transcription.c.audio_id)
         )
         .where(transcription.c.run_id == run_id)
         .order_by(transcription.c.audio_id)

@@ -832,9 +832,25 @@ def latest_run_ids(
     statuses: Sequence[str] | None = None,
     with_labels: bool = False,
 ) -> list[int]:
-    """The newest run per task, among runs that pass the filters (the one "latest run" rule, used by
-    metrics, report, export, review and the DAG's report): `tasks`, `model`, run `statuses` (e.g.
-    ("done",)), `with_labels` (at least one clip labelled). Sorted by run id."""
+    """The newest run (highest id) per task among the runs that pass every given filter; sorted by run id.
+
+    The one "latest run" helper: each caller states its rule through the filters, so the rules stay
+    visible side by side instead of living in one helper per module.
+
+    - `tasks`: only these tasks (None: every task); `model`: only runs of this model (as label_run.model
+      records it); `statuses`: only runs in these RunStatus (None: any, unfinished included);
+      `with_labels`: only runs that labelled at least one clip (n_labelled > 0).
+    - Evaluation runs (purpose 'evaluation', a fine-tune's base / candidate) count like any other run:
+      migration 0004 lets metrics and the report see them, and no caller leaves them out.
+
+    The callers' rules, which differ on purpose:
+    - `qwen-tasks metrics` / `report` default: every task, no filter (the newest run, even one in flight).
+    - Label Studio export (review.label_studio): `tasks=[task]` (the run the review_queue view calls latest).
+    - CSV/JSONL export (review.export): `tasks=[task], with_labels=True` (a run with nothing to export is
+      skipped).
+    - The DAG's report step when nothing new was labelled: the requested `tasks` and `model`,
+      `statuses=(RunStatus.DONE,)` (only finished runs are worth a report).
+    """
     query = sa.select(sa.func.max(label_run.c.id)).group_by(label_run.c.task)
     if tasks is not None:
         query = query.where(label_run.c.task.in_([str(t) for t in tasks]))

@@ -401,10 +401,3 @@ def load_run_metrics(engine: Engine, run_id: int) -> dict[str, dict[str, Any]]:
             .order_by(run_metric.c.name)
         ).all()
     return {r.name: {"value": r.value, "details": r.details} for r in rows}
-
-
-def latest_run_ids(engine: Engine) -> list[int]:
-    """The newest run of each task (what `qwen-tasks metrics` and `report` use by default)."""
-    from qwen_tasks.labelling.jobs import latest_run_ids as latest
-
-    return latest(engine)

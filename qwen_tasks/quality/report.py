@@ -18,7 +18,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from qwen_tasks.errors import ConfigError
-from qwen_tasks.quality.metrics import compute_run_metrics, latest_run_ids, load_run_metrics
+from qwen_tasks.labelling.jobs import latest_run_ids
+from qwen_tasks.quality.metrics import compute_run_metrics, load_run_metrics
 from qwen_tasks.store.schema import (
     asr_reference,
     audio_path,
@@ -424,7 +425,7 @@ def write_report(
         section, runs = _version_section(engine, name)
         comparisons.append(section)
         version_runs.extend(runs)
-    ids = list(run_ids) if run_ids else ([] if versions else latest_run_ids(engine))
+    ids = list(run_ids) if run_ids else ([] if versions else latest_run_ids(engine))  # newest of every task
     ids += [r for r in version_runs if r not in ids]
     with engine.connect() as conn:
         known = set(conn.execute(sa.select(label_run.c.id).where(label_run.c.id.in_(ids))).scalars())

@@ -24,7 +24,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Engine
 
 from qwen_tasks.errors import ConfigError
-from qwen_tasks.labelling.jobs import get_run
+from qwen_tasks.labelling.jobs import get_run, latest_run_ids
 from qwen_tasks.records import LabelRequest
 from qwen_tasks.store.database import transaction
 from qwen_tasks.store.schema import (
@@ -136,12 +136,6 @@ class ExportSummary:
         return {"out": str(self.out), "config": str(self.config), "run_id": self.run_id, "tasks": self.tasks}
 
 
-def _latest_run(conn: sa.Connection, task: str) -> int | None:
-    from qwen_tasks.labelling.jobs import latest_run_ids
-
-    return next(iter(latest_run_ids(conn, tasks=[task])), None)
-
-
 def export_label_studio(
     engine: Engine,
     out: Path,
@@ -161,7 +155,8 @@ def export_label_studio(
     if limit is not None and limit < 1:
         raise ConfigError(f"limit must be >= 1, got {limit}")
     with engine.connect() as conn:
-        run_id = run_id if run_id is not None else _latest_run(conn, task)
+        if run_id is None:  # the task's newest run, whatever its state: the one review_queue calls latest
+            run_id = next(iter(latest_run_ids(conn, tasks=[task])), None)
         run = None
         if run_id is not None:
             run = conn.execute(sa.select(label_run).where(label_run.c.id == run_id)).one_or_none()

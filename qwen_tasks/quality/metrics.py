@@ -26,6 +26,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from qwen_tasks.errors import ConfigError
 from qwen_tasks.quality.scoring import UtteranceScore, corpus_score, score_utterance, top_substitutions
+from qwen_tasks.records import JobStatus
 from qwen_tasks.store.database import transaction
 from qwen_tasks.store.schema import (
     asr_reference,
@@ -331,7 +332,7 @@ def _throughput(conn: Connection, run_id: int, out: _Metrics) -> None:
             sa.func.sum(j.process_seconds).label("busy_seconds"),
             sa.func.min(j.started_at).label("first_start"),
             sa.func.max(j.finished_at).label("last_finish"),
-        ).where(j.run_id == run_id, j.status == "done")
+        ).where(j.run_id == run_id, j.status == JobStatus.DONE)
     ).one()
     failed = conn.execute(
         sa.select(sa.func.count()).select_from(label_failure).where(label_failure.c.run_id == run_id)

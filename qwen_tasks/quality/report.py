@@ -20,6 +20,7 @@ from sqlalchemy.engine import Engine
 from qwen_tasks.errors import ConfigError
 from qwen_tasks.labelling.jobs import latest_run_ids
 from qwen_tasks.quality.metrics import compute_run_metrics, load_run_metrics
+from qwen_tasks.records import JobStatus
 from qwen_tasks.store.schema import (
     asr_reference,
     audio_path,
@@ -97,7 +98,9 @@ def _throughput_plot(conn: sa.Connection, run_id: int) -> str | None:
     jobs = conn.execute(
         sa.select(label_job.c.finished_at, label_job.c.n_items)
         .where(
-            label_job.c.run_id == run_id, label_job.c.status == "done", label_job.c.finished_at.is_not(None)
+            label_job.c.run_id == run_id,
+            label_job.c.status == JobStatus.DONE,
+            label_job.c.finished_at.is_not(None),
         )
         .order_by(label_job.c.finished_at)
     ).all()

@@ -10,6 +10,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 
+from qwen_tasks.records import JobStatus, ModelVersionStatus, RunStatus
+
 metadata = sa.MetaData()
 
 
@@ -91,7 +93,7 @@ label_run = sa.Table(
     sa.Column("dtype", sa.Text),
     sa.Column("device", sa.Text),
     sa.Column("params", JSONB, nullable=False, server_default=sa.text("'{}'::jsonb")),
-    sa.Column("status", sa.Text, nullable=False, server_default="planned"),
+    sa.Column("status", sa.Text, nullable=False, server_default=RunStatus.PLANNED.value),
     sa.Column("n_planned", sa.Integer, nullable=False, server_default="0"),
     sa.Column("n_labelled", sa.Integer, nullable=False, server_default="0"),
     sa.Column("n_failed", sa.Integer, nullable=False, server_default="0"),
@@ -108,7 +110,7 @@ label_job = sa.Table(
     _id(),
     sa.Column("run_id", sa.BigInteger, sa.ForeignKey("label_run.id", ondelete="CASCADE"), nullable=False),
     sa.Column("seq", sa.Integer, nullable=False),
-    sa.Column("status", sa.Text, nullable=False, server_default="pending"),
+    sa.Column("status", sa.Text, nullable=False, server_default=JobStatus.PENDING.value),
     sa.Column("n_items", sa.Integer, nullable=False),
     sa.Column("audio_seconds", sa.Float, nullable=False, server_default="0"),
     sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
@@ -248,7 +250,7 @@ model_version = sa.Table(
     sa.Column("base_run_id", sa.BigInteger, sa.ForeignKey("label_run.id")),
     sa.Column("candidate_run_id", sa.BigInteger, sa.ForeignKey("label_run.id")),
     sa.Column("metrics", JSONB),
-    sa.Column("status", sa.Text, nullable=False, server_default="candidate"),
+    sa.Column("status", sa.Text, nullable=False, server_default=ModelVersionStatus.CANDIDATE.value),
     sa.Column("status_reason", sa.Text),
     sa.Column("forced", sa.Boolean, nullable=False, server_default=sa.false()),
     _ts("created_at"),

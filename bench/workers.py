@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from qwen_tasks.labelling import jobs  # noqa: E402
 from qwen_tasks.labelling.backends import describe  # noqa: E402
-from qwen_tasks.records import LabelRequest  # noqa: E402
+from qwen_tasks.records import JobStatus, LabelRequest  # noqa: E402
 from qwen_tasks.store import database as db  # noqa: E402
 from qwen_tasks.store import schema  # noqa: E402
 
@@ -109,7 +109,7 @@ def run_config(
                     ),
                 ),
                 sa.func.count(sa.distinct(j.c.lease_owner)),
-            ).where(j.c.run_id == plan.run_id, j.c.status == "done")
+            ).where(j.c.run_id == plan.run_id, j.c.status == JobStatus.DONE)
         ).one()
     n_jobs, clips, claim, process, claim_max, span, owners = row
     span = float(span)

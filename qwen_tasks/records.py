@@ -45,8 +45,30 @@ class JobStatus(StrEnum):
     FAILED = "failed"
 
 
+class ModelVersionStatus(StrEnum):
+    """model_version.status (the CHECK constraint of migration 0004): a version is born a candidate (it
+    passed the gate) or rejected; promoting one retires the task's previous promoted version."""
+
+    CANDIDATE = "candidate"
+    PROMOTED = "promoted"
+    REJECTED = "rejected"
+    RETIRED = "retired"
+
+
+class JobOutcomeStatus(StrEnum):
+    """What one worker's attempt at a job came to (JobOutcome.status; never stored, printed by `work`)."""
+
+    DONE = "done"
+    RETRY = "retry"  # released after an error, will be claimed again
+    FAILED = "failed"  # attempts used up
+    LOST = "lost"  # another worker took the lease over
+    SKIPPED = "skipped"  # already finished when we got to it
+
+
 UNFINISHED_RUN: tuple[str, ...] = (RunStatus.PLANNED.value, RunStatus.RUNNING.value)
 FINISHED_RUN: tuple[str, ...] = (RunStatus.DONE.value, RunStatus.FAILED.value)
+UNFINISHED_JOB: tuple[str, ...] = (JobStatus.PENDING.value, JobStatus.RUNNING.value)
+FINISHED_JOB: tuple[str, ...] = (JobStatus.DONE.value, JobStatus.FAILED.value)
 YesNo = Literal["yes", "no", "unknown"]
 
 TARGET_SAMPLE_RATE = 16_000

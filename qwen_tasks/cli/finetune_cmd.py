@@ -9,6 +9,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from qwen_tasks.cli import app, console, open_database, print_json
+from qwen_tasks.records import ModelVersionStatus
 from qwen_tasks.review.finetune import FinetuneOptions
 
 _D = FinetuneOptions()  # defaults shown in --help come from the options object itself
@@ -83,7 +84,7 @@ def finetune(
         print_json(summary.to_dict())
     for line in summary.gate.get("reasons", []):
         console.print(f"  {line}", highlight=False)
-    state = "promoted" if summary.promoted else summary.status
+    state = ModelVersionStatus.PROMOTED if summary.promoted else summary.status
     console.print(
         f"{summary.name}: {state} ({summary.steps} steps in {summary.train_seconds:.1f} s; held-out runs "
         f"{summary.base_run_id} (base) and {summary.candidate_run_id} (candidate)); "

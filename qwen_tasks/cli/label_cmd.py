@@ -20,6 +20,7 @@ from rich.table import Table
 from qwen_tasks.cli import app, console, fail, open_database, print_json
 from qwen_tasks.config import get_settings
 from qwen_tasks.labelling import jobs, worker
+from qwen_tasks.records import JobOutcomeStatus
 
 TASKS = ("asr", "cry")
 
@@ -58,7 +59,7 @@ class _Bar:
         elapsed = max(time.perf_counter() - self.start, 1e-9)
         rtf = f"RTF {elapsed / self.audio:.3f}" if self.audio else ""
         self.progress.update(self.task, advance=done, rate=f"{self.clips / elapsed:.2f} clips/s", rtf=rtf)
-        if outcome.status in ("retry", "failed"):
+        if outcome.status in (JobOutcomeStatus.RETRY, JobOutcomeStatus.FAILED):
             console.print(f"job {outcome.job_id}: {outcome.status}: {outcome.error}", highlight=False)
 
 

@@ -29,10 +29,11 @@ def metrics(
     against gold labels (human review first, then manifests). ASR: corpus WER (words) and CER (Chinese
     characters), per language, and the most frequent substitution pairs.
     """
-    from qwen_tasks.quality.metrics import compute_run_metrics, latest_run_ids, load_run_metrics
+    from qwen_tasks.labelling.jobs import latest_run_ids
+    from qwen_tasks.quality.metrics import compute_run_metrics, load_run_metrics
 
     engine = open_database()
-    ids = list(run) if run else latest_run_ids(engine)
+    ids = list(run) if run else latest_run_ids(engine)  # default: the newest run of every task
     if not ids:
         console.print("no labelling runs yet (run: qwen-tasks label --task cry|asr)")
         if as_json:

@@ -21,7 +21,15 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from qwen_tasks.errors import ConfigError, DatabaseUnavailable
-from qwen_tasks.records import UNFINISHED_RUN, JobStatus, LabelRequest, ModelInfo, RecordedPath, RunStatus
+from qwen_tasks.records import (
+    UNFINISHED_JOB,
+    UNFINISHED_RUN,
+    JobStatus,
+    LabelRequest,
+    ModelInfo,
+    RecordedPath,
+    RunStatus,
+)
 from qwen_tasks.store import database as db
 from qwen_tasks.store.schema import (
     audio,
@@ -30,6 +38,7 @@ from qwen_tasks.store.schema import (
     label_job,
     label_job_item,
     label_run,
+    run_progress,
     transcription,
 )
 
@@ -309,7 +318,7 @@ def plan_run(
                     # dtype and device are recorded by the first worker that loads the model: the
                     # planner (an Airflow scheduler, a laptop) may well have no GPU.
                     params=stored_params,
-                    status="planned",
+                    status=RunStatus.PLANNED,
                     n_planned=n_items,
                     purpose=purpose,
                 )
@@ -457,10 +466,10 @@ _RETURNED = (
 
 
 def _claimable() -> sa.ColumnElement[bool]:
-    expired = sa.and_(label_job.c.status == "running", label_job.c.lease_expires_at < sa.func.now())
+    expired = sa.and_(label_job.c.status == JobStatus.RUNNING, label_job.c.lease_expires_at < sa.func.now())
     return sa.and_(
         label_job.c.attempts < label_job.c.max_attempts,
-        sa.or_(label_job.c.status == "pending", expired),
+        sa.or_(label_job.c.status == JobStatus.PENDING, expired),
     )
 
 
@@ -470,12 +479,14 @@ def _take(worker_id: str, lease_seconds: float) -> dict[str, Any]:
         "lease of ", label_job.c.lease_owner, " expired on attempt ", label_job.c.attempts, " (worker lost?)"
     )
     return {
-        "status": "running",
+        "status": JobStatus.RUNNING,
         "lease_owner": worker_id,
         "lease_expires_at": sa.func.now() + _interval(lease_seconds),
         "attempts": label_job.c.attempts + 1,
         "started_at": sa.func.coalesce(label_job.c.started_at, sa.func.now()),
-        "last_error": sa.case((label_job.c.status == "running", took_over), else_=label_job.c.last_error),
+        "last_error": sa.case(
+            (label_job.c.status == JobStatus.RUNNING, took_over), else_=label_job.c.last_error
+        ),
     }
 
 
@@ -492,13 +503,15 @@ def fail_exhausted(conn: Connection, run_id: int | None = None) -> int:
         " (worker lost?)",
     )
     query = label_job.update().where(
-        label_job.c.status == "running",
+        label_job.c.status == JobStatus.RUNNING,
         label_job.c.lease_expires_at < sa.func.now(),
         label_job.c.attempts >= label_job.c.max_attempts,
     )
     if run_id is not None:
         query = query.where(label_job.c.run_id == run_id)
-    return conn.execute(query.values(status="failed", finished_at=sa.func.now(), last_error=lost)).rowcount
+    return conn.execute(
+        query.values(status=JobStatus.FAILED, finished_at=sa.func.now(), last_error=lost)
+    ).rowcount
 
 
 RunSelector = int | Sequence[int] | None
@@ -618,7 +631,9 @@ def held_by(job_id: int, worker_id: str) -> sa.ColumnElement[bool]:
     """The job is running under `worker_id`'s lease. Every write a worker makes is conditioned on this,
     so a worker whose lease expired and was taken over writes nothing."""
     return sa.and_(
-        label_job.c.id == job_id, label_job.c.status == "running", label_job.c.lease_owner == worker_id
+        label_job.c.id == job_id,
+        label_job.c.status == JobStatus.RUNNING,
+        label_job.c.lease_owner == worker_id,
     )
 
 
@@ -650,9 +665,9 @@ def release_job(
                     status=sa.case(
                         (
                             sa.literal(permanent) | (label_job.c.attempts >= label_job.c.max_attempts),
-                            "failed",
+                            JobStatus.FAILED.value,
                         ),
-                        else_="pending",
+                        else_=JobStatus.PENDING.value,
                     ),
                     lease_expires_at=None,
                     last_error=error[:4000],
@@ -682,7 +697,7 @@ def give_back(engine: Engine, job: Job, worker_id: str, reason: str) -> bool:
                     label_job.update()
                     .where(held_by(job.id, worker_id))
                     .values(
-                        status="pending",
+                        status=JobStatus.PENDING,
                         attempts=sa.func.greatest(label_job.c.attempts - 1, 0),
                         lease_expires_at=None,
                         last_error=reason[:4000],
@@ -707,7 +722,10 @@ def start_run(engine: Engine, run_id: int, info: ModelInfo | None = None) -> Non
     def _start() -> None:
         with db.transaction(engine) as conn:
             values: dict[str, Any] = {
-                "status": sa.case((label_run.c.status == "planned", "running"), else_=label_run.c.status),
+                "status": sa.case(
+                    (label_run.c.status == RunStatus.PLANNED, RunStatus.RUNNING.value),
+                    else_=label_run.c.status,
+                ),
                 "started_at": sa.func.coalesce(label_run.c.started_at, sa.func.now()),
             }
             if info is not None:
@@ -730,14 +748,14 @@ def finish_run_if_complete(engine: Engine, run_id: int) -> str | None:
         with db.transaction(engine) as conn:
             fail_exhausted(conn, run_id)
             open_jobs = sa.exists().where(
-                label_job.c.run_id == run_id, label_job.c.status.in_(("pending", "running"))
+                label_job.c.run_id == run_id, label_job.c.status.in_(UNFINISHED_JOB)
             )
-            any_done = sa.exists().where(label_job.c.run_id == run_id, label_job.c.status == "done")
+            any_done = sa.exists().where(label_job.c.run_id == run_id, label_job.c.status == JobStatus.DONE)
             row = conn.execute(
                 label_run.update()
                 .where(label_run.c.id == run_id, label_run.c.status.in_(UNFINISHED_RUN), ~open_jobs)
                 .values(
-                    status=sa.case((any_done, "done"), else_="failed"),
+                    status=sa.case((any_done, RunStatus.DONE.value), else_=RunStatus.FAILED.value),
                     finished_at=sa.func.now(),
                     started_at=sa.func.coalesce(label_run.c.started_at, sa.func.now()),
                 )
@@ -757,16 +775,16 @@ def open_job_counts(
     with engine.connect() as conn:
         row = conn.execute(
             sa.select(
-                sa.func.count().filter(label_job.c.status == "pending").label("pending"),
-                sa.func.count().filter(label_job.c.status == "running").label("running"),
+                sa.func.count().filter(label_job.c.status == JobStatus.PENDING).label("pending"),
+                sa.func.count().filter(label_job.c.status == JobStatus.RUNNING).label("running"),
                 sa.func.coalesce(
-                    sa.func.sum(label_job.c.n_items).filter(label_job.c.status.in_(("pending", "running"))), 0
+                    sa.func.sum(label_job.c.n_items).filter(label_job.c.status.in_(UNFINISHED_JOB)), 0
                 ).label("clips"),
                 sa.func.min(sa.func.extract("epoch", label_job.c.lease_expires_at - sa.func.now()))
-                .filter(label_job.c.status == "running")
+                .filter(label_job.c.status == JobStatus.RUNNING)
                 .label("next_expiry"),
                 sa.func.array_agg(sa.distinct(label_job.c.lease_owner))
-                .filter(label_job.c.status == "running")
+                .filter(label_job.c.status == JobStatus.RUNNING)
                 .label("holders"),
             ).where(*where)
         ).one()
@@ -831,9 +849,25 @@ def latest_run_ids(
     statuses: Sequence[str] | None = None,
     with_labels: bool = False,
 ) -> list[int]:
-    """The newest run per task, among runs that pass the filters (the one "latest run" rule, used by
-    metrics, report, export, review and the DAG's report): `tasks`, `model`, run `statuses` (e.g.
-    ("done",)), `with_labels` (at least one clip labelled). Sorted by run id."""
+    """The newest run (highest id) per task among the runs that pass every given filter; sorted by run id.
+
+    The one "latest run" helper: each caller states its rule through the filters, so the rules stay
+    visible side by side instead of living in one helper per module.
+
+    - `tasks`: only these tasks (None: every task); `model`: only runs of this model (as label_run.model
+      records it); `statuses`: only runs in these RunStatus (None: any, unfinished included);
+      `with_labels`: only runs that labelled at least one clip (n_labelled > 0).
+    - Evaluation runs (purpose 'evaluation', a fine-tune's base / candidate) count like any other run:
+      migration 0004 lets metrics and the report see them, and no caller leaves them out.
+
+    The callers' rules, which differ on purpose:
+    - `qwen-tasks metrics` / `report` default: every task, no filter (the newest run, even one in flight).
+    - Label Studio export (review.label_studio): `tasks=[task]` (the run the review_queue view calls latest).
+    - CSV/JSONL export (review.export): `tasks=[task], with_labels=True` (a run with nothing to export is
+      skipped).
+    - The DAG's report step when nothing new was labelled: the requested `tasks` and `model`,
+      `statuses=(RunStatus.DONE,)` (only finished runs are worth a report).
+    """
     query = sa.select(sa.func.max(label_run.c.id)).group_by(label_run.c.task)
     if tasks is not None:
         query = query.where(label_run.c.task.in_([str(t) for t in tasks]))
@@ -858,7 +892,7 @@ def discard_untouched_run(engine: Engine, run_id: int) -> bool:
             touched = sa.exists().where(label_job.c.run_id == run_id, label_job.c.attempts > 0)
             row = conn.execute(
                 sa.select(label_run.c.id)
-                .where(label_run.c.id == run_id, label_run.c.status == RunStatus.PLANNED.value, ~touched)
+                .where(label_run.c.id == run_id, label_run.c.status == RunStatus.PLANNED, ~touched)
                 .with_for_update()
             ).one_or_none()
             if row is None:
@@ -872,14 +906,6 @@ def discard_untouched_run(engine: Engine, run_id: int) -> bool:
 
 
 # --- progress (the run_progress view of migration 0002) ------------------------------------------------
-
-RUN_PROGRESS_COLUMNS = (
-    "run_id", "task", "model", "revision", "prompt_version", "status", "created_at", "started_at",
-    "finished_at", "clips_planned", "clips_labelled", "clips_failed", "audio_seconds", "jobs", "jobs_pending",
-    "jobs_running", "jobs_stale", "jobs_done", "jobs_failed", "clips_in_failed_jobs", "busy_seconds",
-    "claim_seconds", "wall_seconds", "rtf",
-)  # fmt: skip
-run_progress = sa.table("run_progress", *(sa.column(name) for name in RUN_PROGRESS_COLUMNS))
 
 
 def progress_rows(

@@ -10,25 +10,18 @@ what users type (`label --model NAME`); `resolve_model` turns a name into base +
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from qwen_tasks.errors import ConfigError
+from qwen_tasks.records import ModelVersionStatus
 from qwen_tasks.store.database import transaction
 from qwen_tasks.store.schema import model_version
 
 NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}"  # also a CHECK in 0004_model_version.sql
 DEFAULT_MIN_IMPROVEMENT = 0.01
-
-
-class VersionStatus(StrEnum):
-    CANDIDATE = "candidate"
-    PROMOTED = "promoted"
-    REJECTED = "rejected"
-    RETIRED = "retired"
 
 
 # What the gate compares per task: (metric name in run_metric, True when higher is better).
@@ -55,7 +48,7 @@ class ModelVersion:
     id: int
     name: str
     task: str
-    status: VersionStatus
+    status: ModelVersionStatus
     base_model: str
     base_revision: str
     adapter_path: str
@@ -74,7 +67,7 @@ class ModelVersion:
             id=row.id,
             name=row.name,
             task=row.task,
-            status=VersionStatus(row.status),
+            status=ModelVersionStatus(row.status),
             base_model=row.base_model,
             base_revision=row.base_revision,
             adapter_path=row.adapter_path,
@@ -171,7 +164,7 @@ def promoted_version(engine: Engine, task: str) -> ModelVersion | None:
     with engine.connect() as conn:
         row = conn.execute(
             sa.select(model_version).where(
-                model_version.c.task == task, model_version.c.status == VersionStatus.PROMOTED
+                model_version.c.task == task, model_version.c.status == ModelVersionStatus.PROMOTED
             )
         ).one_or_none()
     return None if row is None else ModelVersion.from_row(row)
@@ -281,28 +274,28 @@ def register(conn: Connection, values: dict[str, Any]) -> int:
 
 
 def set_status(
-    engine: Engine, name: str, status: VersionStatus, *, reason: str | None = None, forced: bool = False
+    engine: Engine, name: str, status: ModelVersionStatus, *, reason: str | None = None, forced: bool = False
 ) -> ModelVersion:
     """Move a version to `status` (promotion retires the task's previous promoted version)."""
     with transaction(engine) as conn:
         version = require_version(conn, name)
         values: dict[str, Any] = {"status": status, "status_reason": reason}
-        if status is VersionStatus.PROMOTED:
+        if status is ModelVersionStatus.PROMOTED:
             conn.execute(
                 model_version.update()
                 .where(
                     model_version.c.task == version.task,
-                    model_version.c.status == VersionStatus.PROMOTED,
+                    model_version.c.status == ModelVersionStatus.PROMOTED,
                     model_version.c.name != name,
                 )
                 .values(
-                    status=VersionStatus.RETIRED,
+                    status=ModelVersionStatus.RETIRED,
                     retired_at=sa.func.now(),
                     status_reason=f"replaced by {name}",
                 )
             )
             values.update(promoted_at=sa.func.now(), forced=forced)
-        if status is VersionStatus.RETIRED:
+        if status is ModelVersionStatus.RETIRED:
             values["retired_at"] = sa.func.now()
         conn.execute(model_version.update().where(model_version.c.name == name).values(**values))
     return require_version(engine, name)
@@ -312,7 +305,7 @@ def promote(engine: Engine, name: str, *, force: bool = False) -> ModelVersion:
     """Make `name` the version the nightly run uses for its task; refused unless its evaluation passed the
     gate (stored with the version), or `force` (recorded on the row)."""
     version = require_version(engine, name)
-    if version.status is VersionStatus.PROMOTED:
+    if version.status is ModelVersionStatus.PROMOTED:
         return version
     gate_info = (version.metrics or {}).get("gate")
     if gate_info is None and not force:
@@ -324,10 +317,10 @@ def promote(engine: Engine, name: str, *, force: bool = False) -> ModelVersion:
         raise ConfigError(f"promotion of {name} refused: it does not beat the base on held-out audio ({why})")
     passed = bool(gate_info and gate_info.get("passed"))
     reason = "gate passed" if passed else "forced with --force despite the gate"
-    return set_status(engine, name, VersionStatus.PROMOTED, reason=reason, forced=force and not passed)
+    return set_status(engine, name, ModelVersionStatus.PROMOTED, reason=reason, forced=force and not passed)
 
 
 def retire(engine: Engine, name: str) -> ModelVersion:
     """Stop using `name` (the nightly run falls back to the base model, or another promoted version)."""
     require_version(engine, name)
-    return set_status(engine, name, VersionStatus.RETIRED, reason="retired by hand")
+    return set_status(engine, name, ModelVersionStatus.RETIRED, reason="retired by hand")

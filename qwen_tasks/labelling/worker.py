@@ -38,7 +38,18 @@ from qwen_tasks.errors import (
 from qwen_tasks.labelling import jobs, planning
 from qwen_tasks.labelling.backends import check_environment
 from qwen_tasks.labelling.backends.base import Backend
-from qwen_tasks.records import AudioClip, ClipResult, LabelRequest, ModelInfo, RecordedPath
+from qwen_tasks.records import (
+    FINISHED_JOB,
+    UNFINISHED_JOB,
+    AudioClip,
+    ClipResult,
+    JobOutcomeStatus,
+    JobStatus,
+    LabelRequest,
+    ModelInfo,
+    RecordedPath,
+    RunStatus,
+)
 from qwen_tasks.store import database as db
 from qwen_tasks.store.schema import cry_answer, label_failure, label_job, label_run, transcription
 
@@ -80,12 +91,11 @@ def real_time_factor(wall_seconds: float, audio_seconds: float) -> float | None:
 
 @dataclass(frozen=True)
 class JobOutcome:
-    """What happened to one job. status: done | retry (released, will be claimed again) | failed (attempts
-    used up) | lost (another worker took it over) | skipped (already finished when we got to it)."""
+    """What happened to one job (see JobOutcomeStatus: done, retry, failed, lost or skipped)."""
 
     job_id: int
     run_id: int
-    status: str
+    status: JobOutcomeStatus
     labelled: int = 0
     failed: int = 0
     audio_seconds: float = 0.0  # audio seconds of the clips labelled
@@ -127,11 +137,16 @@ class WorkSummary:
         return real_time_factor(self.wall_seconds, self.audio_seconds)
 
     def add(self, outcome: JobOutcome) -> None:
-        if outcome.status in ("done", "failed"):
+        if outcome.status in (JobOutcomeStatus.DONE, JobOutcomeStatus.FAILED):
             self.job_ids.append(outcome.job_id)
         if outcome.run_id not in self.run_ids:
             self.run_ids.append(outcome.run_id)
-        counter = {"done": "jobs_done", "retry": "jobs_retried", "failed": "jobs_failed", "lost": "jobs_lost"}
+        counter = {
+            JobOutcomeStatus.DONE: "jobs_done",
+            JobOutcomeStatus.RETRY: "jobs_retried",
+            JobOutcomeStatus.FAILED: "jobs_failed",
+            JobOutcomeStatus.LOST: "jobs_lost",
+        }
         if outcome.status in counter:
             setattr(self, counter[outcome.status], getattr(self, counter[outcome.status]) + 1)
         self.labelled += outcome.labelled
@@ -139,7 +154,7 @@ class WorkSummary:
         self.audio_seconds += outcome.audio_seconds
         self.claim_seconds += outcome.claim_seconds
         self.process_seconds += outcome.process_seconds
-        if outcome.error and outcome.status in ("retry", "failed"):
+        if outcome.error and outcome.status in (JobOutcomeStatus.RETRY, JobOutcomeStatus.FAILED):
             self.errors.append(f"job {outcome.job_id}: {outcome.error}")
 
     def to_dict(self) -> dict[str, Any]:
@@ -200,7 +215,7 @@ class LeaseKeeper:
             # Not running under our lease any more. Our own commit (done, or released after an error)
             # may have just won the race with this beat: that is no lost lease.
             state = jobs.job_state(self.engine, self.job_id)
-            if state["lease_owner"] == self.worker_id and state["status"] != "running":
+            if state["lease_owner"] == self.worker_id and state["status"] != JobStatus.RUNNING:
                 return False
             self.lost = True
             log.warning(
@@ -385,7 +400,7 @@ def write_results(
             label_job.update()
             .where(jobs.held_by(job.id, worker_id))
             .values(
-                status="done",
+                status=JobStatus.DONE,
                 finished_at=sa.func.now(),
                 lease_expires_at=None,
                 claim_seconds=job.claim_seconds,
@@ -430,10 +445,11 @@ def _acquire(
         if job is not None:
             return job
         state = jobs.job_state(engine, job_id)
-        if state["status"] in ("done", "failed"):
-            return JobOutcome(job_id, run_id, "skipped", attempt=state["attempts"], error=state["last_error"])
-        if state["status"] == "pending" and state["attempts"] >= state["max_attempts"]:
-            return JobOutcome(job_id, run_id, "skipped", attempt=state["attempts"], error=state["last_error"])
+        if state["status"] in FINISHED_JOB or (
+            state["status"] == JobStatus.PENDING and state["attempts"] >= state["max_attempts"]
+        ):
+            skipped = JobOutcomeStatus.SKIPPED
+            return JobOutcome(job_id, run_id, skipped, attempt=state["attempts"], error=state["last_error"])
         if deadline is not None and time.monotonic() > deadline:
             raise ConfigError(
                 f"job {job_id} is held by {state['lease_owner']} (lease {state['lease_left']:.0f} s left)"
@@ -467,10 +483,10 @@ def process_job(
             jobs.finish_run_if_complete(engine, run_id)
             return got
         job = got
-    if run.status == "planned":
+    if run.status == RunStatus.PLANNED:
         jobs.start_run(engine, run_id, info)
     outcome = _process_claimed(engine, job, run.request, backend, worker_id, lease_seconds)
-    if outcome.status in ("done", "failed"):
+    if outcome.status in (JobOutcomeStatus.DONE, JobOutcomeStatus.FAILED):
         # after the commit: the last job to finish closes the run (see finish_run_if_complete)
         jobs.finish_run_if_complete(engine, run_id)
     return outcome
@@ -487,7 +503,9 @@ def _process_claimed(
     """Load, label, write for a job we hold; job-level errors release it (see process_job)."""
     run_id = job.run_id
     start = time.perf_counter()
-    outcome = JobOutcome(job.id, run_id, "retry", claim_seconds=job.claim_seconds, attempt=job.attempts)
+    outcome = JobOutcome(
+        job.id, run_id, JobOutcomeStatus.RETRY, claim_seconds=job.claim_seconds, attempt=job.attempts
+    )
     try:
         with LeaseKeeper(engine, job.id, worker_id, lease_seconds) as keeper:
             try:
@@ -503,7 +521,7 @@ def _process_claimed(
                 status = jobs.release_job(engine, job, worker_id, error)
                 return _replace(outcome, status=_release_status(status), error=error, start=start)
             if keeper.lost:
-                return _replace(outcome, status="lost", error="lease taken over", start=start)
+                return _replace(outcome, status=JobOutcomeStatus.LOST, error="lease taken over", start=start)
             elapsed = time.perf_counter() - start
             try:
                 labelled, failed, seconds = jobs.retry_db(
@@ -513,14 +531,18 @@ def _process_claimed(
                 )
             except LeaseLost as exc:
                 state = jobs.job_state(engine, job.id)
-                if state["status"] == "done" and state["lease_owner"] == worker_id:
+                if state["status"] == JobStatus.DONE and state["lease_owner"] == worker_id:
                     # our commit went through but its acknowledgement was lost with the connection
                     labelled = {r["audio_id"] for r in (*rows.transcription, *rows.cry_answer)}
                     return _replace(
-                        outcome, status="done", labelled=len(labelled), failed=len(rows.failure),
-                        audio_seconds=sum(rows.durations.get(a, 0.0) for a in labelled), start=start,
-                    )  # fmt: skip
-                return _replace(outcome, status="lost", error=str(exc), start=start)
+                        outcome,
+                        status=JobOutcomeStatus.DONE,
+                        labelled=len(labelled),
+                        failed=len(rows.failure),
+                        audio_seconds=sum(rows.durations.get(a, 0.0) for a in labelled),
+                        start=start,
+                    )
+                return _replace(outcome, status=JobOutcomeStatus.LOST, error=str(exc), start=start)
             except Exception as exc:
                 if jobs.is_connection_error(exc):
                     # The database stayed away through every retry: this attempt is used up (counted,
@@ -542,7 +564,12 @@ def _process_claimed(
         jobs.give_back(engine, job, worker_id, f"worker interrupted ({_why(exc)})")
         raise
     return _replace(
-        outcome, status="done", labelled=labelled, failed=failed, audio_seconds=seconds, start=start
+        outcome,
+        status=JobOutcomeStatus.DONE,
+        labelled=labelled,
+        failed=failed,
+        audio_seconds=seconds,
+        start=start,
     )
 
 
@@ -551,8 +578,10 @@ def _items(engine: Engine, job_id: int) -> list[jobs.JobItem]:
         return jobs.job_items(conn, job_id)
 
 
-def _release_status(status: str | None) -> str:
-    return {"failed": "failed", "pending": "retry", None: "lost"}.get(status, "retry")
+def _release_status(status: str | None) -> JobOutcomeStatus:
+    """The outcome of a released job from its new label_job.status (None: it was not ours any more)."""
+    outcome = {JobStatus.FAILED: JobOutcomeStatus.FAILED, JobStatus.PENDING: JobOutcomeStatus.RETRY}
+    return JobOutcomeStatus.LOST if status is None else outcome.get(status, JobOutcomeStatus.RETRY)
 
 
 def _replace(outcome: JobOutcome, *, start: float, **changes: Any) -> JobOutcome:
@@ -714,9 +743,9 @@ def work(
 def _log_outcome(engine: Engine, run: jobs.RunInfo, job: jobs.Job, outcome: JobOutcome) -> None:
     """Per-job progress in the worker's log (the Airflow task log for label_batch)."""
     counts = jobs.run_status_counts(engine, [run.id]).get(run.id) or {}
-    finished = int(counts.get("done", 0)) + int(counts.get("failed", 0))
-    total = finished + int(counts.get("pending", 0)) + int(counts.get("running", 0))
-    detail = f": {outcome.error}" if outcome.error and outcome.status != "done" else ""
+    finished = sum(int(counts.get(s, 0)) for s in FINISHED_JOB)  # run_status_counts: keyed by JobStatus
+    total = finished + sum(int(counts.get(s, 0)) for s in UNFINISHED_JOB)
+    detail = f": {outcome.error}" if outcome.error and outcome.status != JobOutcomeStatus.DONE else ""
     log.info(
         "job %d (%s run %d batch %d, %d clips, %.0f s audio) attempt %d: %s in %.1f s, %d labelled, "
         "%d failed%s; run %d: %d/%d jobs finished",
@@ -853,7 +882,7 @@ def label(
         resumed_jobs=planned.resumed_jobs,
     )
     if not planned.run_ids or plan_only:
-        summary.status = "planned" if planned.run_ids else None
+        summary.status = RunStatus.PLANNED if planned.run_ids else None
         summary.wall_seconds = time.perf_counter() - started
         return summary
     if backend_factory is None:

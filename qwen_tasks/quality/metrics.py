@@ -26,9 +26,12 @@ from sqlalchemy.engine import Connection, Engine
 
 from qwen_tasks.errors import ConfigError
 from qwen_tasks.quality.scoring import UtteranceScore, corpus_score, score_utterance, top_substitutions
+from qwen_tasks.records import JobStatus
 from qwen_tasks.store.database import transaction
 from qwen_tasks.store.schema import (
+    asr_reference,
     cry_answer,
+    cry_gold,
     label_failure,
     label_job,
     label_run,
@@ -39,15 +42,6 @@ from qwen_tasks.store.schema import (
 
 SWEEP = tuple(round(t, 2) for t in np.arange(0.05, 1.0, 0.05))
 TOP_PAIRS = 20
-
-_cry_gold = sa.table("cry_gold", sa.column("audio_id"), sa.column("gold_label"), sa.column("source"))
-_asr_reference = sa.table(
-    "asr_reference",
-    sa.column("audio_id"),
-    sa.column("reference_text"),
-    sa.column("language"),
-    sa.column("source"),
-)
 
 
 @dataclass
@@ -184,9 +178,9 @@ def _cry_metrics(conn: Connection, run_id: int, out: _Metrics) -> None:
             cry_answer.c.method,
             cry_answer.c.label,
             cry_answer.c.p_yes,
-            _cry_gold.c.gold_label,
+            cry_gold.c.gold_label,
         )
-        .select_from(cry_answer.outerjoin(_cry_gold, _cry_gold.c.audio_id == cry_answer.c.audio_id))
+        .select_from(cry_answer.outerjoin(cry_gold, cry_gold.c.audio_id == cry_answer.c.audio_id))
         .where(cry_answer.c.run_id == run_id)
         .order_by(cry_answer.c.audio_id, cry_answer.c.method)
     )
@@ -260,12 +254,12 @@ def _asr_metrics(conn: Connection, run_id: int, out: _Metrics) -> list[dict]:
         sa.select(
             transcription.c.audio_id,
             transcription.c.text,
-            _asr_reference.c.reference_text,
-            _asr_reference.c.language,
-            _asr_reference.c.source,
+            asr_reference.c.reference_text,
+            asr_reference.c.language,
+            asr_reference.c.source,
         )
         .select_from(
-            transcription.outerjoin(_asr_reference, _asr_reference.c.audio_id == transcription.c.audio_id)
+            transcription.outerjoin(asr_reference, asr_reference.c.audio_id == transcription.c.audio_id)
         )
         .where(transcription.c.run_id == run_id)
         .order_by(transcription.c.audio_id)
@@ -338,7 +332,7 @@ def _throughput(conn: Connection, run_id: int, out: _Metrics) -> None:
             sa.func.sum(j.process_seconds).label("busy_seconds"),
             sa.func.min(j.started_at).label("first_start"),
             sa.func.max(j.finished_at).label("last_finish"),
-        ).where(j.run_id == run_id, j.status == "done")
+        ).where(j.run_id == run_id, j.status == JobStatus.DONE)
     ).one()
     failed = conn.execute(
         sa.select(sa.func.count()).select_from(label_failure).where(label_failure.c.run_id == run_id)
@@ -408,10 +402,3 @@ def load_run_metrics(engine: Engine, run_id: int) -> dict[str, dict[str, Any]]:
             .order_by(run_metric.c.name)
         ).all()
     return {r.name: {"value": r.value, "details": r.details} for r in rows}
-
-
-def latest_run_ids(engine: Engine) -> list[int]:
-    """The newest run of each task (what `qwen-tasks metrics` and `report` use by default)."""
-    from qwen_tasks.labelling.jobs import latest_run_ids as latest
-
-    return latest(engine)

@@ -18,14 +18,22 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from qwen_tasks.errors import ConfigError
-from qwen_tasks.quality.metrics import compute_run_metrics, latest_run_ids, load_run_metrics
-from qwen_tasks.store.schema import cry_answer, label_job, label_run, transcription, utterance_score
+from qwen_tasks.labelling.jobs import latest_run_ids
+from qwen_tasks.quality.metrics import compute_run_metrics, load_run_metrics
+from qwen_tasks.records import JobStatus
+from qwen_tasks.store.schema import (
+    asr_reference,
+    audio_path,
+    cry_answer,
+    cry_gold,
+    label_job,
+    label_run,
+    transcription,
+    utterance_score,
+)
 
 WORST = 15
 
-_audio_path = sa.table("audio_path", sa.column("audio_id"), sa.column("path"))
-_cry_gold = sa.table("cry_gold", sa.column("audio_id"), sa.column("gold_label"), sa.column("source"))
-_asr_reference = sa.table("asr_reference", sa.column("audio_id"), sa.column("reference_text"))
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2em auto;max-width:1100px;color:#222}
@@ -90,7 +98,9 @@ def _throughput_plot(conn: sa.Connection, run_id: int) -> str | None:
     jobs = conn.execute(
         sa.select(label_job.c.finished_at, label_job.c.n_items)
         .where(
-            label_job.c.run_id == run_id, label_job.c.status == "done", label_job.c.finished_at.is_not(None)
+            label_job.c.run_id == run_id,
+            label_job.c.status == JobStatus.DONE,
+            label_job.c.finished_at.is_not(None),
         )
         .order_by(label_job.c.finished_at)
     ).all()
@@ -192,12 +202,12 @@ def _cry_section(
             cry_answer.c.p_yes,
             cry_answer.c.threshold,
             cry_answer.c.raw_answer,
-            _cry_gold.c.gold_label,
-            _audio_path.c.path,
+            cry_gold.c.gold_label,
+            audio_path.c.path,
         )
         .select_from(
-            cry_answer.outerjoin(_cry_gold, _cry_gold.c.audio_id == cry_answer.c.audio_id).outerjoin(
-                _audio_path, _audio_path.c.audio_id == cry_answer.c.audio_id
+            cry_answer.outerjoin(cry_gold, cry_gold.c.audio_id == cry_answer.c.audio_id).outerjoin(
+                audio_path, audio_path.c.audio_id == cry_answer.c.audio_id
             )
         )
         .where(cry_answer.c.run_id == run_id)
@@ -254,8 +264,8 @@ def _asr_section(
             utterance_score.c.error_rate,
             utterance_score.c.n_ref,
             transcription.c.text,
-            _asr_reference.c.reference_text,
-            _audio_path.c.path,
+            asr_reference.c.reference_text,
+            audio_path.c.path,
         )
         .select_from(
             utterance_score.join(
@@ -265,8 +275,8 @@ def _asr_section(
                     transcription.c.audio_id == utterance_score.c.audio_id,
                 ),
             )
-            .outerjoin(_asr_reference, _asr_reference.c.audio_id == utterance_score.c.audio_id)
-            .outerjoin(_audio_path, _audio_path.c.audio_id == utterance_score.c.audio_id)
+            .outerjoin(asr_reference, asr_reference.c.audio_id == utterance_score.c.audio_id)
+            .outerjoin(audio_path, audio_path.c.audio_id == utterance_score.c.audio_id)
         )
         .where(utterance_score.c.run_id == run_id)
         .order_by(utterance_score.c.error_rate.desc().nulls_last(), utterance_score.c.audio_id)
@@ -378,8 +388,8 @@ def _overlaid_roc(conn: sa.Connection, runs: list[int]) -> str | None:
     drawn = False
     for role, run_id, color in (("base", runs[0], "#1f77b4"), ("fine-tuned", runs[1], "#d62728")):
         rows = conn.execute(
-            sa.select(cry_answer.c.p_yes, _cry_gold.c.gold_label)
-            .join(_cry_gold, _cry_gold.c.audio_id == cry_answer.c.audio_id)
+            sa.select(cry_answer.c.p_yes, cry_gold.c.gold_label)
+            .join(cry_gold, cry_gold.c.audio_id == cry_answer.c.audio_id)
             .where(
                 cry_answer.c.run_id == run_id, cry_answer.c.method == "score", cry_answer.c.p_yes.is_not(None)
             )
@@ -418,7 +428,7 @@ def write_report(
         section, runs = _version_section(engine, name)
         comparisons.append(section)
         version_runs.extend(runs)
-    ids = list(run_ids) if run_ids else ([] if versions else latest_run_ids(engine))
+    ids = list(run_ids) if run_ids else ([] if versions else latest_run_ids(engine))  # newest of every task
     ids += [r for r in version_runs if r not in ids]
     with engine.connect() as conn:
         known = set(conn.execute(sa.select(label_run.c.id).where(label_run.c.id.in_(ids))).scalars())

@@ -20,16 +20,10 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from qwen_tasks.errors import ConfigError
+from qwen_tasks.labelling.jobs import latest_run_ids
 from qwen_tasks.store.schema import audio_file, cry_answer, label_run, manifest_item, transcription
 
 log = logging.getLogger(__name__)
-
-
-def latest_run_id(engine: Engine, task: str) -> int | None:
-    """The newest run of `task` that labelled something (None when there is none yet)."""
-    from qwen_tasks.labelling.jobs import latest_run_ids
-
-    return next(iter(latest_run_ids(engine, tasks=[task], with_labels=True)), None)
 
 
 def _manifest_value(
@@ -109,7 +103,8 @@ def export_rows(engine: Engine, task: str, run_id: int | None = None) -> Iterato
     if task not in ("asr", "cry"):
         raise ConfigError(f"task must be 'asr' or 'cry', got {task!r}")
     if run_id is None:
-        run_id = latest_run_id(engine, task)
+        # the newest run of the task that labelled something: an empty run has nothing to export
+        run_id = next(iter(latest_run_ids(engine, tasks=[task], with_labels=True)), None)
         if run_id is None:
             raise ConfigError(f"no {task} run with labels yet (run: qwen-tasks label --task {task})")
     with engine.connect() as conn:

@@ -35,8 +35,7 @@ from sqlalchemy.engine import Engine
 
 from qwen_tasks.errors import ConfigError
 from qwen_tasks.labelling import jobs, registry
-from qwen_tasks.labelling.registry import VersionStatus
-from qwen_tasks.records import LabelRequest
+from qwen_tasks.records import LabelRequest, ModelVersionStatus, RunStatus
 from qwen_tasks.store.database import transaction
 from qwen_tasks.store.schema import asr_reference, audio, audio_file, cry_gold, finetune_split, model_version
 
@@ -446,7 +445,7 @@ def _clear_interrupted(engine: Engine, name: str) -> None:
     version = registry.get_version(engine, name)
     if version is None:
         return
-    if version.metrics is not None or version.status is not VersionStatus.CANDIDATE:
+    if version.metrics is not None or version.status is not ModelVersionStatus.CANDIDATE:
         raise ConfigError(f"model version {name!r} exists already; choose another --name")
     log.warning("model version %s was interrupted before its evaluation; training it again", name)
     with transaction(engine) as conn:
@@ -533,7 +532,7 @@ def train_version(
                 },
                 "loss_curve": {"step": result.losses, "epoch": result.epoch_losses},
                 "train_seconds": result.seconds,
-                "status": VersionStatus.CANDIDATE,
+                "status": ModelVersionStatus.CANDIDATE,
             },
         )
     trained = Trained(options.name, str(target), sha, revision, prepared, result)
@@ -605,7 +604,7 @@ def evaluation_run(
             f"{version.name}: nothing planned for the {role} evaluation (held-out audio in use?)"
         )
     summary = work(engine, plan.run_id, backend_for_run(opts.device, opts.dtype), until=Until.DRAINED)
-    if summary.run_status != "done":
+    if summary.run_status != RunStatus.DONE:
         raise ConfigError(
             f"{version.name}: {role} evaluation run {plan.run_id} ended {summary.run_status} "
             f"({'; '.join(summary.errors[-2:])})"
@@ -649,7 +648,7 @@ def evaluate_version(engine: Engine, name: str, options: FinetuneOptions) -> dic
         "error_rate",
     )
     stored = {role: {k: m.get(k) for k in keep if k in m} for role, m in metrics.items()}
-    status = VersionStatus.CANDIDATE if result.passed else VersionStatus.REJECTED
+    status = ModelVersionStatus.CANDIDATE if result.passed else ModelVersionStatus.REJECTED
     with transaction(engine) as conn:
         conn.execute(
             model_version.update()

@@ -24,10 +24,20 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Engine
 
 from qwen_tasks.errors import ConfigError
-from qwen_tasks.labelling.jobs import get_run
+from qwen_tasks.labelling.jobs import get_run, latest_run_ids
 from qwen_tasks.records import LabelRequest
 from qwen_tasks.store.database import transaction
-from qwen_tasks.store.schema import audio, audio_file, cry_answer, human_label, label_run
+from qwen_tasks.store.schema import (
+    asr_reference,
+    audio,
+    audio_file,
+    audio_path,
+    cry_answer,
+    cry_gold,
+    human_label,
+    label_run,
+    review_queue,
+)
 
 TASKS = ("asr", "cry")
 FROM_NAME = {"cry": "cry", "asr": "transcription"}
@@ -46,27 +56,13 @@ LABEL_OF_CHOICE = {
     "skip": "unknown",
 }
 
-_review_queue = sa.table(
-    "review_queue",
-    sa.column("run_id"),
-    sa.column("task"),
-    sa.column("audio_id"),
-    sa.column("path"),
-    sa.column("reasons"),
-    sa.column("label"),
-    sa.column("p_yes"),
-    sa.column("threshold"),
-    sa.column("generate_label"),
-    sa.column("raw_answer"),
-    sa.column("gold_label"),
-    sa.column("transcript"),
-    sa.column("reference_text"),
-    sa.column("error_rate"),
-    sa.column("priority"),
-)
-_audio_path = sa.table("audio_path", sa.column("audio_id"), sa.column("path"))
-_asr_reference = sa.table("asr_reference", sa.column("audio_id"), sa.column("language"))
-_cry_gold = sa.table("cry_gold", sa.column("audio_id"), sa.column("gold_label"))
+
+# The review_queue columns an export reads (not all of the view's: is_latest_run and gold_source are for
+# SQL users), kept to what the query has always fetched.
+REVIEW_COLUMNS = (
+    "run_id", "task", "audio_id", "path", "reasons", "label", "p_yes", "threshold", "generate_label",
+    "raw_answer", "gold_label", "transcript", "reference_text", "error_rate", "priority",
+)  # fmt: skip
 
 
 def _check_task(task: str) -> str:
@@ -140,12 +136,6 @@ class ExportSummary:
         return {"out": str(self.out), "config": str(self.config), "run_id": self.run_id, "tasks": self.tasks}
 
 
-def _latest_run(conn: sa.Connection, task: str) -> int | None:
-    from qwen_tasks.labelling.jobs import latest_run_ids
-
-    return next(iter(latest_run_ids(conn, tasks=[task])), None)
-
-
 def export_label_studio(
     engine: Engine,
     out: Path,
@@ -165,7 +155,8 @@ def export_label_studio(
     if limit is not None and limit < 1:
         raise ConfigError(f"limit must be >= 1, got {limit}")
     with engine.connect() as conn:
-        run_id = run_id if run_id is not None else _latest_run(conn, task)
+        if run_id is None:  # the task's newest run, whatever its state: the one review_queue calls latest
+            run_id = next(iter(latest_run_ids(conn, tasks=[task])), None)
         run = None
         if run_id is not None:
             run = conn.execute(sa.select(label_run).where(label_run.c.id == run_id)).one_or_none()
@@ -175,10 +166,10 @@ def export_label_studio(
                 raise ConfigError(f"run {run_id} is a {run.task} run, not {task}")
             # the reviewer answers the question this run asked, not the default one
             question = question or get_run(conn, run_id).request.question
-        q = _review_queue
+        q = review_queue
         rows = (
             conn.execute(
-                sa.select(q)
+                sa.select(*(q.c[name] for name in REVIEW_COLUMNS))
                 .where(q.c.run_id == run_id, q.c.task == task)
                 .order_by(q.c.priority.desc(), q.c.audio_id)
                 .limit(limit)
@@ -531,12 +522,12 @@ def export_finetune(
                 human_label.c.audio_id,
                 human_label.c.label,
                 human_label.c.text,
-                _audio_path.c.path,
-                _asr_reference.c.language,
+                audio_path.c.path,
+                asr_reference.c.language,
             )
             .select_from(
-                human_label.join(_audio_path, _audio_path.c.audio_id == human_label.c.audio_id).outerjoin(
-                    _asr_reference, _asr_reference.c.audio_id == human_label.c.audio_id
+                human_label.join(audio_path, audio_path.c.audio_id == human_label.c.audio_id).outerjoin(
+                    asr_reference, asr_reference.c.audio_id == human_label.c.audio_id
                 )
             )
             .where(human_label.c.task == task)
@@ -568,9 +559,7 @@ def export_finetune(
             )
             reviewed = sa.select(human_label.c.audio_id).where(human_label.c.task == "cry")
             confident = conn.execute(
-                sa.select(
-                    cry_answer.c.audio_id, cry_answer.c.p_yes, _audio_path.c.path, _cry_gold.c.gold_label
-                )
+                sa.select(cry_answer.c.audio_id, cry_answer.c.p_yes, audio_path.c.path, cry_gold.c.gold_label)
                 .select_from(
                     cry_answer.join(
                         latest,
@@ -578,8 +567,8 @@ def export_finetune(
                             latest.c.audio_id == cry_answer.c.audio_id, latest.c.run_id == cry_answer.c.run_id
                         ),
                     )
-                    .join(_audio_path, _audio_path.c.audio_id == cry_answer.c.audio_id)
-                    .outerjoin(_cry_gold, _cry_gold.c.audio_id == cry_answer.c.audio_id)
+                    .join(audio_path, audio_path.c.audio_id == cry_answer.c.audio_id)
+                    .outerjoin(cry_gold, cry_gold.c.audio_id == cry_answer.c.audio_id)
                 )
                 .where(
                     cry_answer.c.method == "score",

@@ -1,13 +1,16 @@
-"""SQLAlchemy Core mirrors of the tables in `sql/migrations/` (the SQL files are the source of truth).
+"""SQLAlchemy Core mirrors of the tables and views of `sql/migrations/` (the SQL files are the truth).
 
-Only what Python code queries is declared; `tests/store/test_database.py` checks these match the migrated
-database.
+Each relation is declared once, here, and every query imports it from here. Tables declare the columns
+Python code uses; views declare all their columns. `tests/store/test_schema.py` checks the declarations
+against the migrated database: relation kind (table or view), column names, types and nullability.
 """
 
 from __future__ import annotations
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
+
+from qwen_tasks.records import JobStatus, ModelVersionStatus, RunStatus
 
 metadata = sa.MetaData()
 
@@ -17,7 +20,13 @@ def _id() -> sa.Column:
 
 
 def _ts(name: str, default: bool = True) -> sa.Column:
-    return sa.Column(name, sa.DateTime(timezone=True), server_default=sa.func.now() if default else None)
+    """A timestamptz column: `NOT NULL DEFAULT now()` (a row's own time), or a nullable event time."""
+    return sa.Column(
+        name,
+        sa.DateTime(timezone=True),
+        nullable=not default,
+        server_default=sa.func.now() if default else None,
+    )
 
 
 audio = sa.Table(
@@ -84,7 +93,7 @@ label_run = sa.Table(
     sa.Column("dtype", sa.Text),
     sa.Column("device", sa.Text),
     sa.Column("params", JSONB, nullable=False, server_default=sa.text("'{}'::jsonb")),
-    sa.Column("status", sa.Text, nullable=False, server_default="planned"),
+    sa.Column("status", sa.Text, nullable=False, server_default=RunStatus.PLANNED.value),
     sa.Column("n_planned", sa.Integer, nullable=False, server_default="0"),
     sa.Column("n_labelled", sa.Integer, nullable=False, server_default="0"),
     sa.Column("n_failed", sa.Integer, nullable=False, server_default="0"),
@@ -101,7 +110,7 @@ label_job = sa.Table(
     _id(),
     sa.Column("run_id", sa.BigInteger, sa.ForeignKey("label_run.id", ondelete="CASCADE"), nullable=False),
     sa.Column("seq", sa.Integer, nullable=False),
-    sa.Column("status", sa.Text, nullable=False, server_default="pending"),
+    sa.Column("status", sa.Text, nullable=False, server_default=JobStatus.PENDING.value),
     sa.Column("n_items", sa.Integer, nullable=False),
     sa.Column("audio_seconds", sa.Float, nullable=False, server_default="0"),
     sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
@@ -241,7 +250,7 @@ model_version = sa.Table(
     sa.Column("base_run_id", sa.BigInteger, sa.ForeignKey("label_run.id")),
     sa.Column("candidate_run_id", sa.BigInteger, sa.ForeignKey("label_run.id")),
     sa.Column("metrics", JSONB),
-    sa.Column("status", sa.Text, nullable=False, server_default="candidate"),
+    sa.Column("status", sa.Text, nullable=False, server_default=ModelVersionStatus.CANDIDATE.value),
     sa.Column("status_reason", sa.Text),
     sa.Column("forced", sa.Boolean, nullable=False, server_default=sa.false()),
     _ts("created_at"),
@@ -249,14 +258,59 @@ model_version = sa.Table(
     _ts("retired_at", default=False),
 )
 
-# Views (sql/migrations/0003_review_views.sql), declared once here for SQLAlchemy Core queries.
-audio_path = sa.Table(
-    "audio_path", metadata, sa.Column("audio_id", sa.BigInteger), sa.Column("path", sa.Text)
+# --- Views ---------------------------------------------------------------------------------------------
+# Every view of sql/migrations/, declared once here so that queries and the schema test share one
+# declaration (no ad-hoc `sa.table(...)` mirrors elsewhere). `info={"view": True}` marks them: the schema
+# test checks each is a view in the database (and each table a table), and `metadata.create_all` must
+# never be used on this metadata, as it would create them as tables. PostgreSQL reports every view column
+# as nullable, so view columns are declared nullable.
+VIEW_INFO = {"view": True}
+
+
+def _view(name: str, *columns: sa.Column) -> sa.Table:
+    return sa.Table(name, metadata, *columns, info=dict(VIEW_INFO))
+
+
+def is_view(table: sa.Table) -> bool:
+    """True for the Tables above that mirror a SQL view rather than a table."""
+    return bool(table.info.get("view"))
+
+
+# 0002_run_progress: one row per run with its job counts and timings (what `qwen-tasks runs` prints).
+run_progress = _view(
+    "run_progress",
+    sa.Column("run_id", sa.BigInteger),
+    sa.Column("task", sa.Text),
+    sa.Column("model", sa.Text),
+    sa.Column("revision", sa.Text),
+    sa.Column("prompt_version", sa.Text),
+    sa.Column("status", sa.Text),
+    sa.Column("created_at", sa.DateTime(timezone=True)),
+    sa.Column("started_at", sa.DateTime(timezone=True)),
+    sa.Column("finished_at", sa.DateTime(timezone=True)),
+    sa.Column("clips_planned", sa.Integer),
+    sa.Column("clips_labelled", sa.Integer),
+    sa.Column("clips_failed", sa.Integer),
+    sa.Column("audio_seconds", sa.Float),
+    sa.Column("jobs", sa.BigInteger),
+    sa.Column("jobs_pending", sa.BigInteger),
+    sa.Column("jobs_running", sa.BigInteger),
+    sa.Column("jobs_stale", sa.BigInteger),
+    sa.Column("jobs_done", sa.BigInteger),
+    sa.Column("jobs_failed", sa.BigInteger),
+    sa.Column("clips_in_failed_jobs", sa.BigInteger),
+    sa.Column("busy_seconds", sa.Float),
+    sa.Column("claim_seconds", sa.Float),
+    sa.Column("wall_seconds", sa.Float),
+    sa.Column("rtf", sa.Float),
 )
 
-cry_gold = sa.Table(
+# 0003_review_views: the first readable path per audio.
+audio_path = _view("audio_path", sa.Column("audio_id", sa.BigInteger), sa.Column("path", sa.Text))
+
+# 0003: gold cry answer per audio (human review beats the manifest).
+cry_gold = _view(
     "cry_gold",
-    metadata,
     sa.Column("audio_id", sa.BigInteger),
     sa.Column("gold_label", sa.Text),
     sa.Column("source", sa.Text),
@@ -264,9 +318,9 @@ cry_gold = sa.Table(
     sa.Column("reviewer", sa.Text),
 )
 
-asr_reference = sa.Table(
+# 0003: reference transcript per audio (human review beats the manifest).
+asr_reference = _view(
     "asr_reference",
-    metadata,
     sa.Column("audio_id", sa.BigInteger),
     sa.Column("reference_text", sa.Text),
     sa.Column("language", sa.Text),
@@ -275,4 +329,104 @@ asr_reference = sa.Table(
     sa.Column("reviewer", sa.Text),
 )
 
-VIEWS = (audio_path, cry_gold, asr_reference)
+# 0003, replaced in 0004 (same columns; evaluation runs left out): the label to use now per audio and task.
+latest_label = _view(
+    "latest_label",
+    sa.Column("audio_id", sa.BigInteger),
+    sa.Column("task", sa.Text),
+    sa.Column("label", sa.Text),
+    sa.Column("text", sa.Text),
+    sa.Column("source", sa.Text),
+    sa.Column("model_label", sa.Text),
+    sa.Column("model_text", sa.Text),
+    sa.Column("p_yes", sa.Float),
+    sa.Column("method", sa.Text),
+    sa.Column("run_id", sa.BigInteger),
+    sa.Column("model", sa.Text),
+    sa.Column("prompt_version", sa.Text),
+    sa.Column("reviewer", sa.Text),
+    sa.Column("path", sa.Text),
+)
+
+# 0003: items worth a human look, one row per run and audio, with the reasons and a priority.
+review_queue = _view(
+    "review_queue",
+    sa.Column("run_id", sa.BigInteger),
+    sa.Column("task", sa.Text),
+    sa.Column("audio_id", sa.BigInteger),
+    sa.Column("path", sa.Text),
+    sa.Column("reasons", ARRAY(sa.Text)),
+    sa.Column("is_latest_run", sa.Boolean),
+    sa.Column("label", sa.Text),
+    sa.Column("p_yes", sa.Float),
+    sa.Column("threshold", sa.Float),
+    sa.Column("generate_label", sa.Text),
+    sa.Column("raw_answer", sa.Text),
+    sa.Column("gold_label", sa.Text),
+    sa.Column("gold_source", sa.Text),
+    sa.Column("transcript", sa.Text),
+    sa.Column("reference_text", sa.Text),
+    sa.Column("error_rate", sa.Float),
+    sa.Column("priority", sa.Float),
+)
+
+# 0003: one row per run with its stored metrics as columns (names of run_metric).
+run_quality = _view(
+    "run_quality",
+    sa.Column("run_id", sa.BigInteger),
+    sa.Column("task", sa.Text),
+    sa.Column("model", sa.Text),
+    sa.Column("revision", sa.Text),
+    sa.Column("prompt_version", sa.Text),
+    sa.Column("status", sa.Text),
+    sa.Column("created_at", sa.DateTime(timezone=True)),
+    sa.Column("finished_at", sa.DateTime(timezone=True)),
+    sa.Column("n_planned", sa.Integer),
+    sa.Column("n_labelled", sa.Integer),
+    sa.Column("n_failed", sa.Integer),
+    sa.Column("audio_seconds", sa.Float),
+    sa.Column("n_gold", sa.Float),
+    sa.Column("score_accuracy", sa.Float),
+    sa.Column("score_f1", sa.Float),
+    sa.Column("score_roc_auc", sa.Float),
+    sa.Column("best_threshold", sa.Float),
+    sa.Column("generate_accuracy", sa.Float),
+    sa.Column("generate_f1", sa.Float),
+    sa.Column("generate_unknown_rate", sa.Float),
+    sa.Column("methods_agreement", sa.Float),
+    sa.Column("n_reference", sa.Float),
+    sa.Column("wer", sa.Float),
+    sa.Column("cer", sa.Float),
+    sa.Column("error_rate", sa.Float),
+    sa.Column("items_per_s", sa.Float),
+    sa.Column("rtf", sa.Float),
+    sa.Column("metrics_computed_at", sa.DateTime(timezone=True)),
+)
+
+# 0004_model_version: base vs candidate on the same held-out audio, one row per model version.
+model_version_quality = _view(
+    "model_version_quality",
+    sa.Column("name", sa.Text),
+    sa.Column("task", sa.Text),
+    sa.Column("status", sa.Text),
+    sa.Column("base_model", sa.Text),
+    sa.Column("revision", sa.Text),
+    sa.Column("created_at", sa.DateTime(timezone=True)),
+    sa.Column("base_run_id", sa.BigInteger),
+    sa.Column("candidate_run_id", sa.BigInteger),
+    sa.Column("heldout_gold", sa.Float),
+    sa.Column("base_roc_auc", sa.Float),
+    sa.Column("candidate_roc_auc", sa.Float),
+    sa.Column("base_f1", sa.Float),
+    sa.Column("candidate_f1", sa.Float),
+    sa.Column("base_accuracy", sa.Float),
+    sa.Column("candidate_accuracy", sa.Float),
+    sa.Column("heldout_references", sa.Float),
+    sa.Column("base_error_rate", sa.Float),
+    sa.Column("candidate_error_rate", sa.Float),
+)
+
+VIEWS: tuple[sa.Table, ...] = (
+    run_progress, audio_path, cry_gold, asr_reference, latest_label, review_queue, run_quality,
+    model_version_quality,
+)  # fmt: skip

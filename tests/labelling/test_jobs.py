@@ -13,7 +13,7 @@ from sqlalchemy.engine import Engine
 
 from qwen_tasks.errors import ConfigError
 from qwen_tasks.labelling import jobs
-from qwen_tasks.records import LabelRequest, ModelInfo
+from qwen_tasks.records import LabelRequest, ModelInfo, RunStatus
 from qwen_tasks.store import schema
 
 INFO = ModelInfo(
@@ -254,3 +254,35 @@ def test_run_progress_view_counts_jobs(engine: Engine, tmp_path: Path) -> None:
     assert (row.jobs, row.jobs_pending, row.jobs_running, row.jobs_done, row.jobs_failed) == (3, 1, 1, 0, 1)
     assert row.status == "running" and row.clips_planned == 3 and row.clips_in_failed_jobs == 1
     assert row.wall_seconds is not None and row.wall_seconds >= 0
+
+
+def test_latest_run_ids_applies_each_filter(engine: Engine) -> None:
+    """The one latest-run helper: newest run per task among the runs every given filter lets through."""
+
+    def add(task: str, model: str, status: str, n_labelled: int, purpose: str = "label") -> int:
+        with engine.begin() as conn:
+            return conn.execute(
+                schema.label_run.insert()
+                .values(task=task, model=model, prompt_version="v1", status=status, n_labelled=n_labelled)
+                .values(purpose=purpose)  # 0004: evaluation runs are runs too
+                .returning(schema.label_run.c.id)
+            ).scalar_one()
+
+    cry_done = add("cry", "a", "done", 3)
+    asr_done = add("asr", "a", "done", 2)
+    cry_b = add("cry", "b", "done", 1)
+    cry_empty = add("cry", "a", "failed", 0)
+    cry_eval = add("cry", "a", "running", 1, purpose="evaluation")
+    assert jobs.latest_run_ids(engine) == sorted([asr_done, cry_eval])  # evaluation runs count
+    assert jobs.latest_run_ids(engine, tasks=["asr"]) == [asr_done]
+    assert jobs.latest_run_ids(engine, statuses=(RunStatus.DONE,)) == sorted([asr_done, cry_b])
+    assert jobs.latest_run_ids(engine, model="a", statuses=(RunStatus.DONE, RunStatus.FAILED)) == sorted(
+        [asr_done, cry_empty]
+    )
+    assert jobs.latest_run_ids(engine, tasks=["cry"], model="a", statuses=(RunStatus.DONE,)) == [cry_done]
+    with engine.connect() as conn:  # a Connection works too (export runs it inside its own)
+        assert jobs.latest_run_ids(conn, tasks=["cry"], model="b") == [cry_b]
+    with engine.begin() as conn:
+        conn.execute(schema.label_run.update().where(schema.label_run.c.id == cry_eval).values(n_labelled=0))
+    assert jobs.latest_run_ids(engine, tasks=["cry"], with_labels=True) == [cry_b]
+    assert jobs.latest_run_ids(engine, tasks=["translate"]) == []

@@ -19,6 +19,7 @@ from qwen_tasks.dev.airflow_local import run_dag_test
 from qwen_tasks.dev.samples import write_cry_training_set
 from qwen_tasks.ingest.register import ingest
 from qwen_tasks.labelling import registry
+from qwen_tasks.records import ModelVersionStatus
 from qwen_tasks.store import database as db
 from qwen_tasks.store.schema import label_run
 
@@ -52,7 +53,7 @@ def test_finetune_dag_promotes_and_the_nightly_dag_uses_the_version(
     evaluation = result.xcom["evaluate"]
     assert set(evaluation) == {"name", "base_run_id", "candidate_run_id", "gate_passed", "status"}
     version = registry.require_version(engine, "dag-cry")
-    assert version.status is registry.VersionStatus.PROMOTED and evaluation["gate_passed"]
+    assert version.status is ModelVersionStatus.PROMOTED and evaluation["gate_passed"]
     assert Path(result.xcom["report"]["report"]).is_file()
 
     nightly = {"tasks": ["cry"], "model": str(model), "device": "cpu", "report_dir": str(work / "reports")}

@@ -21,11 +21,11 @@ from review_seed import (
 from sqlalchemy.engine import Engine
 
 from qwen_tasks.errors import ConfigError
+from qwen_tasks.labelling.jobs import latest_run_ids
 from qwen_tasks.quality.metrics import (
     best_threshold,
     binary_scores,
     compute_run_metrics,
-    latest_run_ids,
     load_run_metrics,
     roc_auc,
     threshold_sweep,

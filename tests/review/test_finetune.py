@@ -24,6 +24,7 @@ from sqlalchemy.engine import Engine
 from qwen_tasks.dev.samples import write_cry_training_set
 from qwen_tasks.ingest.register import ingest
 from qwen_tasks.labelling import registry
+from qwen_tasks.records import ModelVersionStatus
 from qwen_tasks.review import finetune
 from qwen_tasks.review.finetune import FinetuneOptions
 from qwen_tasks.store import schema
@@ -125,7 +126,7 @@ def test_a_candidate_that_does_not_beat_the_base_is_rejected(
     summary = finetune.run_finetune(engine, options(tiny_model_dir, tmp_path, lr=1e-6, min_improvement=0.05))
     assert summary.status == "rejected" and not summary.gate["passed"]
     version = registry.require_version(engine, "v1")
-    assert version.status is registry.VersionStatus.REJECTED
+    assert version.status is ModelVersionStatus.REJECTED
     assert version.base_run_id == summary.base_run_id and version.candidate_run_id == summary.candidate_run_id
     url = engine.url.render_as_string(hide_password=False)
     refused = run_cli(["models", "promote", "v1"], url)
@@ -250,5 +251,5 @@ def test_a_killed_finetune_leaves_no_promoted_row_and_can_run_again(
     again = run_cli([*args, "--epochs", "1"], url)
     assert again.returncode == 0, again.stderr
     version = registry.require_version(engine, "k1")
-    assert version.metrics is not None and version.status is not registry.VersionStatus.PROMOTED
+    assert version.metrics is not None and version.status is not ModelVersionStatus.PROMOTED
     assert (tmp_path / "k1" / "adapter_model.safetensors").is_file()

@@ -14,7 +14,7 @@ import torch
 
 from qwen_tasks.dev.tiny_model import make_tiny_model
 from qwen_tasks.errors import ModelError
-from qwen_tasks.labelling.backends import describe, get_backend, load_backend, model_info
+from qwen_tasks.labelling.backends import get_backend, load_backend, model_info, planned_model_info
 from qwen_tasks.labelling.backends.backoff import run_resilient
 from qwen_tasks.labelling.backends.common import Unit
 from qwen_tasks.labelling.backends.qwen2_audio import length_groups
@@ -192,8 +192,12 @@ def test_back_off_halves_on_oom_and_isolates_a_failing_item() -> None:
 
 
 def test_model_info_and_cache(tiny: str, backend) -> None:
-    assert describe(tiny, SCORE, device="cpu") == backend.describe(SCORE) == model_info(backend, SCORE)
-    info = backend.describe(ASR)
+    assert (
+        planned_model_info(tiny, SCORE, device="cpu")
+        == backend.loaded_model_info(SCORE)
+        == model_info(backend, SCORE)
+    )
+    info = backend.loaded_model_info(ASR)
     assert info.model == str(Path(tiny).resolve()) and info.prompt_version == "q2a-chat-asr-v1"
     assert "Transcribe" in info.prompt_template
     first = get_backend(tiny, device="cpu")

@@ -76,7 +76,7 @@ def prompt_template(spec: prompts.PromptSpec, style: prompts.PromptStyle) -> str
     return prompts.qwen2_audio_base_prompt(spec)
 
 
-def describe(
+def planned_model_info(
     model: str,
     request: LabelRequest,
     *,
@@ -89,7 +89,7 @@ def describe(
     """ModelInfo a Qwen2-Audio backend would record for `request`, without loading any weights.
 
     Planning (CLI or Airflow) needs the (model, revision, prompt version) key before a worker loads the
-    model; the loaded backend's `describe(request)` returns exactly the same object.
+    model; the loaded backend's `loaded_model_info(request)` returns exactly the same object.
     """
     model_id = resolve_model_id(model)
     style = choose_style(prompt_style, lambda: detect_prompt_style(model_id))
@@ -241,8 +241,9 @@ class Qwen2AudioBackend:
         return ids
 
     # ----- prompts ---------------------------------------------------------------------------------
-    def describe(self, request: LabelRequest) -> ModelInfo:
-        """ModelInfo for this request (prompt version and template filled in); same as `describe()`."""
+    def loaded_model_info(self, request: LabelRequest) -> ModelInfo:
+        """ModelInfo for this request (prompt version and template filled in); the same object as
+        `planned_model_info()` gives for this model before loading it."""
         spec = prompts.qwen2_audio_spec(request, self.style)
         return ModelInfo(
             model=self.model_id,

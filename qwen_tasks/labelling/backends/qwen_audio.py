@@ -138,7 +138,7 @@ def check_folder_name(model_id: str) -> None:
         )
 
 
-def describe(
+def planned_model_info(
     model: str,
     request: LabelRequest,
     *,
@@ -290,7 +290,9 @@ class QwenAudioBackend:
         self.no_ids = single_token_ids(self.tokenizer, NO_VARIANTS)
         self.info = ModelInfo(self.model_id, revision, self.dtype, self.device, "", "")
 
-    def describe(self, request: LabelRequest) -> ModelInfo:
+    def loaded_model_info(self, request: LabelRequest) -> ModelInfo:
+        """ModelInfo for this request (prompt version and template filled in); the same object as
+        `planned_model_info()` gives for this model before loading it."""
         spec = prompts.qwen_audio_spec(request, self.style)
         return ModelInfo(
             self.model_id, self.revision, self.dtype, self.device, spec.version, prompt_template=spec.text

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from qwen_tasks.cli import app, console
+from qwen_tasks.cli.common import app, console
 from qwen_tasks.store import database as db
 
 db_app = typer.Typer(

@@ -17,7 +17,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from qwen_tasks.cli import app, console, fail, open_database, print_json
+from qwen_tasks.cli.common import app, console, fail, open_database, print_json
 from qwen_tasks.config import get_settings
 from qwen_tasks.errors import QwenTasksError
 from qwen_tasks.labelling import jobs, worker

@@ -167,7 +167,8 @@ def main() -> None:
 
         how = "manifest lines" if args.manifest else "files"
         print(
-            f"\n{args.n} {how}, {size_mb:.0f} MB, {os.cpu_count()} CPUs, database {db.describe(engine.url)}, "
+            f"\n{args.n} {how}, {size_mb:.0f} MB, {os.cpu_count()} CPUs, "
+            f"database {db.printable_location(engine.url)}, "
             f"load average {os.getloadavg()[0]:.2f}"
         )
         if args.manifest:

@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from qwen_tasks.labelling import jobs  # noqa: E402
-from qwen_tasks.labelling.backends import describe  # noqa: E402
+from qwen_tasks.labelling.backends import planned_model_info  # noqa: E402
 from qwen_tasks.records import JobStatus, LabelRequest  # noqa: E402
 from qwen_tasks.store import database as db  # noqa: E402
 from qwen_tasks.store import schema  # noqa: E402
@@ -55,7 +55,7 @@ def run_config(
     engine: sa.Engine, url: str, model: Path, workers: int, batch_size: int, lease: float, threads: int
 ) -> dict[str, object]:
     request = LabelRequest(task="cry")
-    info = describe(str(model), request, device="cpu")
+    info = planned_model_info(str(model), request, device="cpu")
     plan = jobs.plan_run(
         engine, task="cry", model_info=info, request=request, batch_size=batch_size,
         max_batch_seconds=240.0, relabel=True, params={"device": "cpu"},

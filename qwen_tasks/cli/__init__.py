@@ -1,57 +1,25 @@
 """The `qwen-tasks` command line: thin wrappers that parse options and call the library.
 
-Each area registers its commands on `app` from its own module (imported at the bottom), so the CLI and
-the DAG call the same library functions and neither holds logic the other lacks.
+Each area registers its commands on `app` (defined in `qwen_tasks.cli.common`, with what the command
+modules share) from its own module, imported here; so the CLI and the DAG call the same library functions
+and neither holds logic the other lacks. `main` is the console script (`qwen-tasks`, `python -m
+qwen_tasks`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
-from typing import Any
 
-import typer
-from rich.console import Console
-from sqlalchemy.engine import Engine
-
+from qwen_tasks.cli.common import app, console
 from qwen_tasks.errors import QwenTasksError
 
-app = typer.Typer(
-    name="qwen-tasks",
-    help=(
-        "Label audio with Qwen-Audio models (ASR transcripts and baby-cry detection) and keep the "
-        "results in PostgreSQL.\n\nTypical flow: db upgrade -> ingest FOLDER -> label --task asr / "
-        "--task cry -> metrics / report / export. The database is QWEN_TASKS_DATABASE_URL, or an "
-        "embedded PostgreSQL under ./.qwen_tasks when unset."
-    ),
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
-)
-console = Console(stderr=True, soft_wrap=True)  # progress and messages (never hard-wrapped mid-sentence)
+# Command modules register themselves on `app`; `--help` lists them in this order.
+# isort: off
+from qwen_tasks.cli import db_cmd, ingest_cmd, label_cmd, model_cmd, review_cmd, finetune_cmd  # noqa: F401
+# isort: on
 
-
-def fail(message: str, code: int = 1) -> typer.Exit:
-    """Print a one-line error and return the Exit to raise."""
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    return typer.Exit(code)
-
-
-def open_database() -> Engine:
-    """The configured database with the schema brought up to date: `db.upgrade` is idempotent and cheap,
-    so no command needs a separate `db upgrade` step first (and views of newer migrations exist)."""
-    from qwen_tasks.store import database as db
-
-    engine = db.get_engine()
-    db.upgrade(engine)
-    return engine
-
-
-def print_json(obj: Any) -> None:
-    """One JSON object on stdout (progress and messages go to stderr, so stdout stays parseable)."""
-    sys.stdout.write(json.dumps(obj, default=str, ensure_ascii=False) + "\n")
-    sys.stdout.flush()
+__all__ = ["app", "main"]
 
 
 def main() -> None:
@@ -71,7 +39,3 @@ def main() -> None:
     except KeyboardInterrupt:
         console.print("interrupted (the job in hand was given back)", highlight=False)
         sys.exit(130)
-
-
-# Command modules register themselves on `app`; `--help` lists them in this order.
-from qwen_tasks.cli import db_cmd, ingest_cmd, label_cmd, model_cmd, review_cmd, finetune_cmd  # noqa: E402,F401,I001

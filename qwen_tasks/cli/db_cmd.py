@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from qwen_tasks.cli import app, console
+from qwen_tasks.cli.common import app, console
 from qwen_tasks.store import database as db
 
 db_app = typer.Typer(
@@ -18,7 +18,7 @@ def upgrade() -> None:
     """Apply pending schema migrations from sql/migrations (safe to run again: it changes nothing then)."""
     engine = db.get_engine()
     applied = db.upgrade(engine)
-    where = db.describe(engine.url)
+    where = db.printable_location(engine.url)
     if applied:
         console.print(f"applied {len(applied)} migration(s) to {where}: {', '.join(applied)}")
     else:
@@ -30,7 +30,7 @@ def status() -> None:
     """Show the database in use (password hidden) and the migrations applied to it."""
     engine = db.get_engine()
     applied = db.applied_migrations(engine)
-    console.print(f"database: {db.describe(engine.url)}")
+    console.print(f"database: {db.printable_location(engine.url)}")
     console.print(f"migrations applied: {', '.join(applied) or 'none (run: qwen-tasks db upgrade)'}")
 
 

@@ -8,7 +8,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from qwen_tasks.cli import app, console, open_database, print_json
+from qwen_tasks.cli.common import app, console, open_database, print_json
 from qwen_tasks.records import ModelVersionStatus
 from qwen_tasks.review.finetune import FinetuneOptions
 

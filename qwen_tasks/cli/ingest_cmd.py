@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from sqlalchemy.engine import Engine
 
-from qwen_tasks.cli import app, console, fail, open_database, print_json
+from qwen_tasks.cli.common import app, console, fail, open_database, print_json
 from qwen_tasks.errors import ConfigError
 from qwen_tasks.ingest.manifests import ManifestKind
 from qwen_tasks.ingest.register import IngestSummary, ingest

@@ -17,8 +17,9 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from qwen_tasks.cli import app, console, fail, open_database, print_json
+from qwen_tasks.cli.common import app, console, fail, open_database, print_json
 from qwen_tasks.config import get_settings
+from qwen_tasks.errors import QwenTasksError
 from qwen_tasks.labelling import jobs, worker
 from qwen_tasks.records import JobOutcomeStatus
 
@@ -351,7 +352,7 @@ def _follow(
             name, revision=rev, device=device or settings.device, dtype=dtype, adapter=adapter
         )
     except Exception as exc:
-        if isinstance(exc, worker.QwenTasksError):
+        if isinstance(exc, QwenTasksError):
             raise
         first = (str(exc).strip().splitlines() or [""])[0][:300]
         raise fail(f"could not load model {name}: {type(exc).__name__}: {first}") from None

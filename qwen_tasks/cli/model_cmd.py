@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from qwen_tasks.cli import app, console, fail
+from qwen_tasks.cli.common import app, console, fail
 from qwen_tasks.errors import ConfigError
 
 

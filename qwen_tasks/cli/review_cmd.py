@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from qwen_tasks.cli import app, console, fail, open_database, print_json
+from qwen_tasks.cli.common import app, console, fail, open_database, print_json
 
 
 def _check_task(task: str) -> None:

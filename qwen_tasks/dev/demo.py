@@ -152,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
 
         engine = db.get_engine()
         applied = db.upgrade(engine)
-        _step(3, f"labels database {db.describe(engine.url)} ready ({len(applied)} migration(s) applied)")
+        where = db.printable_location(engine.url)
+        _step(3, f"labels database {where} ready ({len(applied)} migration(s) applied)")
 
         migrated = ensure_metadata_db(home, _airflow_env(home))
         how = f"migrated in {migrated['seconds']:.1f} s" if migrated["migrated"] else "already migrated"
@@ -184,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
 
     counts = _counts(engine)
     console.print("\n[bold]Where the results are[/]")
-    console.print(f"  labels database: {db.describe(engine.url)}")
+    console.print(f"  labels database: {db.printable_location(engine.url)}")
     console.print(f"    open it with:  {psql_command(engine.url)}")
     console.print("  rows: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
     report = (result.xcom.get("report") or {}).get("report")

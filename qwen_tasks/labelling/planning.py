@@ -55,7 +55,7 @@ def plan(
     no label yet (`relabel`: over all audio not already in an unfinished run). At most `max_jobs` jobs in
     total (Airflow's max_map_length); audio left over is planned next time. Every job gets
     jobs.DEFAULT_MAX_ATTEMPTS attempts, whoever planned it."""
-    from qwen_tasks.labelling.backends import describe
+    from qwen_tasks.labelling.backends import planned_model_info
     from qwen_tasks.labelling.registry import model_for
 
     out = Plan(model=resolve_model(opts.model), revision=opts.revision)
@@ -63,7 +63,7 @@ def plan(
     for task in opts.tasks:
         request = opts.request(task)
         choice = model_for(engine, task, opts.model, opts.revision, opts.adapter or None, opts.promoted)
-        info = describe(
+        info = planned_model_info(
             choice.model, request, revision=choice.revision, device=opts.device, dtype=opts.dtype_arg,
             adapter=choice.adapter,
         )  # fmt: skip

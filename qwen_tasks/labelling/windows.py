@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from qwen_tasks.labelling.answers import normalize_yes_no
+
 MAX_WINDOW_S = 30.0  # the encoder's fixed input: 3000 mel frames of 10 ms
 SEARCH_S = 5.0  # look for a quiet cut point within this many seconds before the limit
 FRAME_S = 0.025  # RMS frame length used to find quiet points
@@ -108,18 +110,3 @@ def pick_cry_answer(answers: Sequence[str]) -> str:
             if label == wanted:
                 return answer
     return answers[0] if answers else ""
-
-
-def normalize_yes_no(answer: str) -> str:
-    """Map a free answer to yes/no/unknown with the project's normaliser (`qwen_tasks.labelling.answers`).
-
-    Until that module exists, a minimal stand-in behind the same name is used: the first word, when it
-    is a bare yes or no, decides; anything else is unknown (never guessed).
-    """
-    try:
-        from qwen_tasks.labelling.answers import normalize_yes_no as project_normalizer
-    except ImportError:
-        words = answer.strip().lower().split()
-        first = words[0].strip(".,!?;:'\"") if words else ""
-        return first if first in ("yes", "no") else "unknown"
-    return project_normalizer(answer)

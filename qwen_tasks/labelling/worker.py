@@ -36,6 +36,7 @@ from qwen_tasks.errors import (
     WrongEnvironment,
 )
 from qwen_tasks.labelling import jobs, planning
+from qwen_tasks.labelling.answers import normalize_yes_no
 from qwen_tasks.labelling.backends import check_environment
 from qwen_tasks.labelling.backends.base import Backend
 from qwen_tasks.records import (
@@ -47,7 +48,6 @@ from qwen_tasks.records import (
     JobStatus,
     LabelRequest,
     ModelInfo,
-    RecordedPath,
     RunStatus,
 )
 from qwen_tasks.store import database as db
@@ -55,7 +55,6 @@ from qwen_tasks.store.schema import cry_answer, label_failure, label_job, label_
 
 log = logging.getLogger(__name__)
 
-DEFAULT_LEASE_SECONDS = jobs.DEFAULT_LEASE_SECONDS
 # Tries of a job's result transaction when the connection drops (about 18 s of back-off in all).
 WRITE_ATTEMPTS = 8
 
@@ -239,11 +238,14 @@ def load_clips(items: Sequence[jobs.JobItem]) -> tuple[list[AudioClip], dict[int
     """Decode a job's audio; returns the clips and, per audio id that could not be read, why.
 
     Each audio is tried at each of its ok paths (the same bytes may live at several). A file that is no
-    longer what ingest recorded (size, mtime, real location under its allowed root: audio.load_ingested)
+    longer what ingest recorded (size, mtime, real location under its allowed root: audio_files.load_ingested)
     is not used (its label would describe other audio, or audio that may not be read). When no file of
     the job exists at all, storage is most likely missing (unmounted disk): that is raised as
     AudioStorageUnavailable so the job is retried rather than every clip marked failed.
     """
+    # imported here: the audio decoders load only in a process that decodes audio, not for every CLI command
+    from qwen_tasks.ingest.audio_files import load_ingested
+
     clips: list[AudioClip] = []
     failures: dict[int, str] = {}
     missing_only = 0
@@ -274,19 +276,6 @@ def load_clips(items: Sequence[jobs.JobItem]) -> tuple[list[AudioClip], dict[int
         first = next(iter(failures.values()))
         raise AudioStorageUnavailable(f"none of the {len(items)} file(s) of this job exists ({first})")
     return clips, failures
-
-
-def load_ingested(recorded: RecordedPath) -> Any:
-    """Indirection so the audio module (ingest's) is imported only when a worker decodes audio."""
-    from qwen_tasks.ingest.audio_files import load_ingested as _load
-
-    return _load(recorded)
-
-
-def _normalize_answer(text: str) -> str:
-    from qwen_tasks.labelling.answers import normalize_yes_no
-
-    return normalize_yes_no(text)
 
 
 def clean_text(text: str | None) -> str | None:
@@ -375,7 +364,7 @@ def build_rows(
                     "method": "generate",
                     "raw_answer": clean_text(result.text),
                     "p_yes": p_yes,
-                    "label": _normalize_answer(result.text or ""),
+                    "label": normalize_yes_no(result.text or ""),
                     "threshold": None,
                     "windows": windows,
                 }
@@ -463,7 +452,7 @@ def process_job(
     backend: Backend,
     *,
     worker_id: str,
-    lease_seconds: float = DEFAULT_LEASE_SECONDS,
+    lease_seconds: float = jobs.DEFAULT_LEASE_SECONDS,
     job: jobs.Job | None = None,
     max_wait: float | None = None,
 ) -> JobOutcome:
@@ -642,7 +631,7 @@ def work(
     backend_factory: BackendFactory,
     *,
     worker_id: str | None = None,
-    lease_seconds: float = DEFAULT_LEASE_SECONDS,
+    lease_seconds: float = jobs.DEFAULT_LEASE_SECONDS,
     until: Until | str = Until.DRAINED,
     model: tuple[str, str] | None = None,
     progress: Callable[[JobOutcome], None] | None = None,
@@ -857,7 +846,7 @@ def label(
     options: Any,
     *,
     max_jobs: int | None = None,
-    lease_seconds: float = DEFAULT_LEASE_SECONDS,
+    lease_seconds: float = jobs.DEFAULT_LEASE_SECONDS,
     plan_only: bool = False,
     on_plan: Callable[[Any], None] | None = None,
     progress: Callable[[JobOutcome], None] | None = None,

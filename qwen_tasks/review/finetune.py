@@ -475,7 +475,7 @@ def train_version(
     backend = load_backend(
         options.base, revision=options.base_revision, device=options.device, dtype=options.dtype
     )
-    info = backend.describe(request)
+    info = backend.loaded_model_info(request)
     examples, unreadable = _load_examples(engine, train_rows)
     if unreadable:
         prepared.skipped["unreadable"] = unreadable
@@ -563,7 +563,7 @@ def evaluation_run(
 ) -> int:
     """One real labelling run (purpose 'evaluation') of the base model or of the version (base + its
     adapter, loaded from disk through the normal backend path) over `audio_ids`; returns its id."""
-    from qwen_tasks.labelling.backends import describe
+    from qwen_tasks.labelling.backends import planned_model_info
     from qwen_tasks.labelling.worker import Until, backend_for_run, work
 
     request = opts.eval_request()
@@ -573,7 +573,7 @@ def evaluation_run(
         version.adapter_path if role == "candidate" else None,
         version.name,
     )
-    info = describe(
+    info = planned_model_info(
         choice.model,
         request,
         revision=choice.revision,

@@ -97,7 +97,7 @@ def resolve_url(settings: Settings | None = None) -> URL:
     return url
 
 
-def describe(url: URL) -> str:
+def printable_location(url: URL) -> str:
     """Where we connect, without the password: safe to print and log."""
     host = url.host or url.query.get("host") or "local socket"
     port = f":{url.port}" if url.port else ""
@@ -125,7 +125,8 @@ def get_engine(url: str | URL | None = None) -> Engine:
         with engine.connect():
             pass
     except sa.exc.OperationalError as exc:
-        raise DatabaseUnavailable(f"cannot connect to {describe(resolved)}: {_one_line(exc)}") from None
+        where = printable_location(resolved)
+        raise DatabaseUnavailable(f"cannot connect to {where}: {_one_line(exc)}") from None
     return engine
 
 
@@ -189,7 +190,8 @@ def scratch_database(admin_url: str | URL, prefix: str = "qwen_tasks_scratch") -
             conn.execute(sa.text(f'CREATE DATABASE "{name}"'))  # generated identifier, not input
     except sa.exc.OperationalError as exc:
         admin.dispose()
-        raise DatabaseUnavailable(f"cannot connect to {describe(server)}: {_one_line(exc)}") from None
+        where = printable_location(server)
+        raise DatabaseUnavailable(f"cannot connect to {where}: {_one_line(exc)}") from None
     url = server.set(database=name).render_as_string(hide_password=False)
     try:
         upgrade(get_engine(url))

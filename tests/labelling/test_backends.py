@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from qwen_tasks.errors import ModelError
-from qwen_tasks.labelling.backends import describe, get_backend, load_backend, model_info
+from qwen_tasks.labelling.backends import get_backend, load_backend, model_info, planned_model_info
 from qwen_tasks.labelling.backends.backoff import run_resilient
-from qwen_tasks.labelling.backends.qwen2_audio import _Unit, length_groups
+from qwen_tasks.labelling.backends.common import Unit
+from qwen_tasks.labelling.backends.qwen2_audio import length_groups
 from qwen_tasks.labelling.windows import Window
 from qwen_tasks.records import AudioClip, ClipResult, LabelRequest
 
@@ -162,7 +163,7 @@ def test_trimmed_encoder_matches_the_stock_30_s_pass(backend) -> None:
 
 def test_score_groups_bound_padding() -> None:
     lengths = [16000, 15000, 14000, 13000, 12500, 9000, 8000, 7000, 6000, 2000]
-    units = [_Unit(i, Window(0, 0, n), np.zeros(n, dtype=np.float32)) for i, n in enumerate(lengths)]
+    units = [Unit(i, Window(0, 0, n), np.zeros(n, dtype=np.float32)) for i, n in enumerate(lengths)]
     groups = length_groups(units, min_ratio=0.75, min_size=2)
     assert [[len(u.waveform) for u in g] for g in groups] == [
         [16000, 15000, 14000, 13000, 12500],
@@ -190,8 +191,12 @@ def test_back_off_halves_on_oom_and_isolates_a_failing_item() -> None:
 
 
 def test_model_info_and_cache(tiny: str, backend) -> None:
-    assert describe(tiny, SCORE, device="cpu") == backend.describe(SCORE) == model_info(backend, SCORE)
-    info = backend.describe(ASR)
+    assert (
+        planned_model_info(tiny, SCORE, device="cpu")
+        == backend.loaded_model_info(SCORE)
+        == model_info(backend, SCORE)
+    )
+    info = backend.loaded_model_info(ASR)
     assert info.model == str(Path(tiny).resolve()) and info.prompt_version == "q2a-chat-asr-v1"
     assert "Transcribe" in info.prompt_template
     first = get_backend(tiny, device="cpu")

@@ -193,7 +193,7 @@ def test_encoder_input_is_zeroed_past_each_clips_length() -> None:
 def test_a_dot_in_the_checkpoint_folder_is_refused_when_planning(tmp_path: Path) -> None:
     model = qwen_audio_only_config(tmp_path / "Qwen-Audio.v1")
     with pytest.raises(ModelError, match=r"transformers_modules\.Qwen-Audio\.v1, which the '\.' breaks"):
-        qwen_audio.describe(str(model), LabelRequest("asr"), device="cpu")
+        qwen_audio.planned_model_info(str(model), LabelRequest("asr"), device="cpu")
 
 
 def test_prompt_style_from_the_generation_config(tmp_path: Path) -> None:
@@ -201,7 +201,8 @@ def test_prompt_style_from_the_generation_config(tmp_path: Path) -> None:
         model = qwen_audio_only_config(tmp_path / fmt)
         (model / "generation_config.json").write_text(json.dumps({"chat_format": fmt}), encoding="utf-8")
         assert qwen_audio.detect_prompt_style(str(model)) == style
-        assert qwen_audio.describe(str(model), LabelRequest("asr"), device="cpu").prompt_version == version
+        info = qwen_audio.planned_model_info(str(model), LabelRequest("asr"), device="cpu")
+        assert info.prompt_version == version
 
 
 def test_compose_image_builds_both_environments() -> None:

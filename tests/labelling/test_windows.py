@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from qwen_tasks.labelling.answers import normalize_yes_no
 from qwen_tasks.labelling.windows import (
     combine_p_yes,
     join_transcripts,
-    normalize_yes_no,
     pick_cry_answer,
     plan_windows,
 )

@@ -22,7 +22,7 @@ from labelling_helpers import CLI, count, ingest_clips
 from sqlalchemy.engine import Connection, Engine
 
 from qwen_tasks.labelling import jobs
-from qwen_tasks.labelling.backends import describe
+from qwen_tasks.labelling.backends import planned_model_info
 from qwen_tasks.records import LabelRequest
 from qwen_tasks.store import schema
 
@@ -31,7 +31,7 @@ REQUEST = LabelRequest(task="cry")
 
 
 def plan(engine: Engine, model: Path, **kw: object) -> jobs.PlanResult:
-    info = describe(str(model), REQUEST, device="cpu")
+    info = planned_model_info(str(model), REQUEST, device="cpu")
     result = jobs.plan_run(
         engine, task="cry", model_info=info, request=REQUEST, batch_size=1, max_batch_seconds=60.0,
         params={"device": "cpu"}, **kw,

@@ -11,7 +11,7 @@ from labelling_helpers import ingest_clips
 from sqlalchemy.engine import Engine
 
 from qwen_tasks.labelling import jobs
-from qwen_tasks.labelling.backends import describe
+from qwen_tasks.labelling.backends import planned_model_info
 from qwen_tasks.records import LabelRequest
 
 airflow_wait = pytest.importorskip("qwen_tasks.orchestration.triggers")
@@ -23,7 +23,7 @@ def test_trigger_fires_when_the_runs_are_finished(
     monkeypatch.delenv("AIRFLOW_CONN_QWEN_TASKS_DB", raising=False)
     ingest_clips(engine, tmp_path / "a", [1.0, 1.5])
     request = LabelRequest(task="cry")
-    info = describe("Qwen/Qwen2-Audio-7B-Instruct", request, device="cpu")
+    info = planned_model_info("Qwen/Qwen2-Audio-7B-Instruct", request, device="cpu")
     plan = jobs.plan_run(
         engine, task="cry", model_info=info, request=request, batch_size=1, max_batch_seconds=60
     )

@@ -1,8 +1,8 @@
 """Pick and load a model backend; the runner, CLI and DAG go through these functions only.
 
 `load_backend` loads a model (seconds for the tiny model, minutes for 7B); `get_backend` keeps the last
-loaded one per process so Airflow workers running many mapped tasks load it once. `describe` gives
-the ModelInfo (incl. prompt version) a backend would record, without loading weights, for planning.
+loaded one per process so Airflow workers running many mapped tasks load it once. `planned_model_info`
+gives the ModelInfo (incl. prompt version) a backend would record, without loading weights, for planning.
 A vLLM backend (offline `LLM.generate` with audio inputs) would be one more module here, chosen by
 `backend="vllm"`, implementing the same `label(clips, request)`.
 """
@@ -25,10 +25,11 @@ __all__ = [
     "Backend",
     "WrongEnvironment",
     "check_environment",
-    "describe",
     "detect_backend",
     "get_backend",
     "load_backend",
+    "model_info",
+    "planned_model_info",
     "required_python",
 ]
 
@@ -152,7 +153,7 @@ def load_backend(
 get_backend = functools.lru_cache(maxsize=1)(load_backend)
 
 
-def describe(
+def planned_model_info(
     model: str,
     request: LabelRequest,
     *,
@@ -168,12 +169,12 @@ def describe(
     if _pick(model, backend, adapter) == "qwen-audio":
         from qwen_tasks.labelling.backends import qwen_audio
 
-        return qwen_audio.describe(
+        return qwen_audio.planned_model_info(
             model, request, revision=revision, device=device, dtype=dtype, prompt_style=prompt_style
         )
     from qwen_tasks.labelling.backends import qwen2_audio
 
-    return qwen2_audio.describe(
+    return qwen2_audio.planned_model_info(
         model,
         request,
         revision=revision,
@@ -185,6 +186,7 @@ def describe(
 
 
 def model_info(backend: Backend, request: LabelRequest) -> ModelInfo:
-    """ModelInfo for `request` from a loaded backend (its `describe` when it has one)."""
-    describe_method = getattr(backend, "describe", None)
-    return describe_method(request) if callable(describe_method) else backend.info
+    """ModelInfo for `request` from a loaded backend: its `loaded_model_info(request)` (prompt version and
+    template filled in) when it has one, else its `info` (the Backend protocol requires only that)."""
+    loaded_model_info = getattr(backend, "loaded_model_info", None)
+    return loaded_model_info(request) if callable(loaded_model_info) else backend.info

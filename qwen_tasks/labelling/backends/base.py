@@ -4,6 +4,10 @@ A backend receives one batch of decoded clips (mono float32, 16 kHz) and one req
 ClipResult per clip, in order. It owns everything model-specific: prompts, windowing of audio over 30 s,
 batching inside the call, OOM back-off, and turning per-clip failures into `ClipResult(error=...)` so a
 bad clip never sinks its neighbours. Later backends (vLLM offline `LLM.generate`) slot in here.
+
+Both backends also offer `loaded_model_info(request)`, the ModelInfo with this request's prompt version and
+template filled in (equal to `backends.planned_model_info` for the same arguments); it is optional here, and
+`backends.model_info(backend, request)` falls back to `info` for a backend without it.
 """
 
 from __future__ import annotations

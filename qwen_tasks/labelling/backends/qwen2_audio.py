@@ -16,88 +16,37 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from qwen_tasks.errors import ModelError
-from qwen_tasks.labelling import prompts, windows
+from qwen_tasks.labelling import prompts
 from qwen_tasks.labelling.backends.adapter import adapter_digest, adapter_dir, adapter_revision, merge_adapter
 from qwen_tasks.labelling.backends.backoff import run_resilient
-from qwen_tasks.records import (
-    TARGET_SAMPLE_RATE,
-    AudioClip,
-    ClipResult,
-    LabelRequest,
-    ModelInfo,
-    WindowResult,
+from qwen_tasks.labelling.backends.common import (
+    NO_VARIANTS,
+    YES_VARIANTS,
+    Unit,
+    UnitOut,
+    assemble,
+    choose_style,
+    decode,
+    p_yes,
+    plan_units,
+    resolve_device,
+    resolve_dtype,
+    resolve_model_id,
+    single_token_ids,
 )
+from qwen_tasks.records import TARGET_SAMPLE_RATE, AudioClip, ClipResult, LabelRequest, ModelInfo
 
 log = logging.getLogger(__name__)
 
 BACKEND_NAME = "qwen2-audio"
-MIN_SAMPLES = 800  # 50 ms: shorter audio yields no audio token at all after the encoder's downsampling
 MIN_LENGTH_RATIO = 0.75  # score: padding to the longest clip of a group wastes at most 25 % of its audio
 MIN_GROUP = 4
-YES_VARIANTS = ("yes", "Yes", "YES", " yes", " Yes", " YES")
-NO_VARIANTS = ("no", "No", "NO", " no", " No", " NO")
 _TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
-
-
-@dataclass(frozen=True)
-class _Unit:
-    """One model input: a window of one clip of the batch."""
-
-    clip_pos: int
-    window: windows.Window
-    waveform: np.ndarray
-
-
-@dataclass(frozen=True)
-class _UnitOut:
-    text: str | None = None
-    p_yes: float | None = None
-    error: str | None = None
-
-
-def resolve_device(device: str) -> str:
-    """'auto' -> 'cuda' when a GPU is visible, else 'cpu'; anything else is validated by torch."""
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ModelError(f"device {device!r} requested but no CUDA GPU is available")
-    try:
-        torch.device(device)
-    except RuntimeError as exc:
-        raise ModelError(f"unknown device {device!r}: {exc}") from None
-    return device
-
-
-def resolve_dtype(dtype: str | None, device: str) -> str:
-    """bf16 on CUDA, fp32 elsewhere (CPU bf16 is slow and changes results), unless asked otherwise."""
-    if dtype in (None, "", "auto"):
-        return "bfloat16" if device.startswith("cuda") else "float32"
-    aliases = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
-    name = aliases.get(dtype, dtype)
-    if name not in ("float32", "bfloat16", "float16"):
-        raise ModelError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
-    return name
-
-
-def resolve_model_id(model: str) -> str:
-    """A local checkpoint is recorded by its absolute path; a hub id as given."""
-    path = Path(model).expanduser()
-    if path.exists():
-        if not (path / "config.json").is_file():
-            raise ModelError(f"{model}: not a model directory (no config.json)")
-        return str(path.resolve())
-    return model
 
 
 def detect_prompt_style(model_id: str) -> prompts.PromptStyle:
@@ -127,7 +76,7 @@ def prompt_template(spec: prompts.PromptSpec, style: prompts.PromptStyle) -> str
     return prompts.qwen2_audio_base_prompt(spec)
 
 
-def describe(
+def planned_model_info(
     model: str,
     request: LabelRequest,
     *,
@@ -140,10 +89,10 @@ def describe(
     """ModelInfo a Qwen2-Audio backend would record for `request`, without loading any weights.
 
     Planning (CLI or Airflow) needs the (model, revision, prompt version) key before a worker loads the
-    model; the loaded backend's `describe(request)` returns exactly the same object.
+    model; the loaded backend's `loaded_model_info(request)` returns exactly the same object.
     """
     model_id = resolve_model_id(model)
-    style = detect_prompt_style(model_id) if prompt_style == "auto" else _check_style(prompt_style)
+    style = choose_style(prompt_style, lambda: detect_prompt_style(model_id))
     spec = prompts.qwen2_audio_spec(request, style)
     dev = resolve_device(device)
     return ModelInfo(
@@ -192,12 +141,6 @@ def _broken_weight_file(folder: Path) -> tuple[Path, str] | None:
     return None
 
 
-def _check_style(style: str) -> prompts.PromptStyle:
-    if style not in ("chat", "base"):
-        raise ModelError(f"prompt_style must be auto, chat or base, got {style!r}")
-    return style  # type: ignore[return-value]
-
-
 class Qwen2AudioBackend:
     """Qwen2AudioForConditionalGeneration + AutoProcessor, loaded once; `label` is called per batch."""
 
@@ -226,9 +169,7 @@ class Qwen2AudioBackend:
         self.revision = adapter_revision(revision, adapter_digest(self.adapter)) if self.adapter else revision
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
-        self.style = (
-            detect_prompt_style(self.model_id) if prompt_style == "auto" else _check_style(prompt_style)
-        )
+        self.style = choose_style(prompt_style, lambda: detect_prompt_style(self.model_id))
         self.max_batch = max_batch
         self.trim_audio = trim_audio
         kwargs: dict[str, Any] = {"revision": revision} if revision else {}
@@ -251,8 +192,8 @@ class Qwen2AudioBackend:
             raise ModelError(f"{self.model_id}: tokenizer has no pad token; batched inference needs one")
         self.pad_id = int(self.tokenizer.pad_token_id)
         self.eos_ids = self._eos_ids()
-        self.yes_ids = self._single_token_ids(YES_VARIANTS)
-        self.no_ids = self._single_token_ids(NO_VARIANTS)
+        self.yes_ids = single_token_ids(self.tokenizer, YES_VARIANTS)
+        self.no_ids = single_token_ids(self.tokenizer, NO_VARIANTS)
         self.sampling_rate = int(self.processor.feature_extractor.sampling_rate)
         if self.sampling_rate != TARGET_SAMPLE_RATE:
             raise ModelError(
@@ -299,17 +240,10 @@ class Qwen2AudioBackend:
             raise ModelError(f"{self.model_id}: no end-of-sequence token known")
         return ids
 
-    def _single_token_ids(self, variants: Sequence[str]) -> list[int]:
-        ids: list[int] = []
-        for variant in variants:
-            encoded = self.tokenizer.encode(variant, add_special_tokens=False)
-            if len(encoded) == 1 and encoded[0] not in ids:
-                ids.append(int(encoded[0]))
-        return ids
-
     # ----- prompts ---------------------------------------------------------------------------------
-    def describe(self, request: LabelRequest) -> ModelInfo:
-        """ModelInfo for this request (prompt version and template filled in); same as `describe()`."""
+    def loaded_model_info(self, request: LabelRequest) -> ModelInfo:
+        """ModelInfo for this request (prompt version and template filled in); the same object as
+        `planned_model_info()` gives for this model before loading it."""
         spec = prompts.qwen2_audio_spec(request, self.style)
         return ModelInfo(
             model=self.model_id,
@@ -335,43 +269,24 @@ class Qwen2AudioBackend:
         if request.task == "cry" and (not self.yes_ids or not self.no_ids):
             raise ModelError(f"{self.model_id}: tokenizer has no single-token yes/no variants to score")
         prompt = self.prompt_text(request)
-        errors: dict[int, str] = {}
-        units: list[_Unit] = []
-        plans: dict[int, list[windows.Window]] = {}
-        for pos, clip in enumerate(clips):
-            problem = validate_clip(clip)
-            if problem:
-                errors[pos] = f"{clip.path}: {problem}"
-                continue
-            plans[pos] = windows.plan_windows(clip.waveform, clip.sample_rate)
-            units.extend(_Unit(pos, w, clip.waveform[w.start : w.end]) for w in plans[pos])
+        errors, units = plan_units(clips)
         # Longest first: padding stays small inside a sub-batch and an OOM shows up on the first one.
         ordered = sorted(units, key=lambda u: -len(u.waveform))
         score_only = request.task == "cry" and tuple(request.methods) == ("score",)
-        outs: list[_UnitOut] = []
+        outs: list[UnitOut] = []
         for group in length_groups(ordered) if score_only else [ordered]:
             outs.extend(
                 run_resilient(
                     group,
                     lambda chunk: self._infer(chunk, prompt, request),
-                    lambda unit, exc: _UnitOut(
+                    lambda unit, exc: UnitOut(
                         error=f"{clips[unit.clip_pos].path}: {type(exc).__name__}: {exc}"
                     ),
                     max_batch=self.max_batch,
                     after_oom=self._empty_cache,
                 )
             )
-        by_clip: dict[int, list[tuple[windows.Window, _UnitOut]]] = {}
-        for unit, out in zip(ordered, outs, strict=True):
-            by_clip.setdefault(unit.clip_pos, []).append((unit.window, out))
-        results = []
-        for pos, clip in enumerate(clips):
-            if pos in errors:
-                results.append(ClipResult(audio_id=clip.audio_id, error=errors[pos]))
-            else:
-                parts = sorted(by_clip[pos], key=lambda item: item[0].index)
-                results.append(_merge(clip, parts, request))
-        return results
+        return assemble(clips, errors, ordered, outs, request)
 
     def _empty_cache(self) -> None:
         import torch
@@ -379,7 +294,7 @@ class Qwen2AudioBackend:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    def _infer(self, units: list[_Unit], prompt: str, request: LabelRequest) -> list[_UnitOut]:
+    def _infer(self, units: list[Unit], prompt: str, request: LabelRequest) -> list[UnitOut]:
         import torch
 
         inputs = self.processor(
@@ -393,7 +308,7 @@ class Qwen2AudioBackend:
         with torch.inference_mode():
             embeds = self._embed_trimmed(inputs) if self.trim_audio else None
             if score_only:
-                return [_UnitOut(p_yes=p) for p in self._score(inputs, embeds)]
+                return [UnitOut(p_yes=p) for p in self._score(inputs, embeds)]
             return self._generate(inputs, embeds, request)
 
     def _embed_trimmed(self, inputs: Any) -> Any:
@@ -412,18 +327,9 @@ class Qwen2AudioBackend:
                 inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, use_cache=False
             ).last_hidden_state
         logits = self.model.lm_head(hidden[:, -1, :])
-        return self._p_yes(logits)
+        return p_yes(logits, self.yes_ids, self.no_ids)
 
-    def _p_yes(self, logits: Any) -> list[float]:
-        """p_yes = mass(yes variants) / (mass(yes) + mass(no)), computed in log space (no underflow)."""
-        import torch
-
-        logits = logits.float()
-        log_yes = torch.logsumexp(logits[:, self.yes_ids], dim=-1)
-        log_no = torch.logsumexp(logits[:, self.no_ids], dim=-1)
-        return torch.sigmoid(log_yes - log_no).tolist()
-
-    def _generate(self, inputs: Any, embeds: Any | None, request: LabelRequest) -> list[_UnitOut]:
+    def _generate(self, inputs: Any, embeds: Any | None, request: LabelRequest) -> list[UnitOut]:
         from transformers import GenerationConfig
 
         want_p = request.task == "cry"
@@ -446,17 +352,10 @@ class Qwen2AudioBackend:
                 generation_config=config,
             )
         new_tokens = out.sequences[:, inputs["input_ids"].shape[1] :].tolist()
-        texts = [self._decode(row) for row in new_tokens]
-        p_yes = self._p_yes(out.logits[0]) if want_p else [None] * len(texts)
-        return [_UnitOut(text=t, p_yes=p) for t, p in zip(texts, p_yes, strict=True)]
-
-    def _decode(self, ids: list[int]) -> str:
-        """Cut at the first end-of-sequence token, drop special tokens, trim whitespace."""
-        for k, token in enumerate(ids):
-            if token in self.eos_ids:
-                ids = ids[:k]
-                break
-        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+        # special tokens are skipped by the tokenizer itself; the answer is trimmed
+        texts = [decode(self.tokenizer, row, self.eos_ids) for row in new_tokens]
+        scores = p_yes(out.logits[0], self.yes_ids, self.no_ids) if want_p else [None] * len(texts)
+        return [UnitOut(text=t, p_yes=p) for t, p in zip(texts, scores, strict=True)]
 
 
 def prompt_embeddings(model: Any, inputs: Any, *, encoder_grad: bool = True) -> Any:
@@ -502,15 +401,15 @@ def prompt_embeddings(model: Any, inputs: Any, *, encoder_grad: bool = True) -> 
 
 
 def length_groups(
-    units: list[_Unit], *, min_ratio: float = MIN_LENGTH_RATIO, min_size: int = MIN_GROUP
-) -> list[list[_Unit]]:
+    units: list[Unit], *, min_ratio: float = MIN_LENGTH_RATIO, min_size: int = MIN_GROUP
+) -> list[list[Unit]]:
     """Split units (sorted longest first) so each group's shortest is >= `min_ratio` x its longest.
 
     Used for `score`, which is one prefill: every padded audio token is wasted compute, and without
     a decoding phase there is nothing that a bigger batch amortises. Groups keep at least `min_size`
     units so accelerators still see a batch. Results are batch-invariant, so grouping changes speed only.
     """
-    groups: list[list[_Unit]] = []
+    groups: list[list[Unit]] = []
     for unit in units:
         current = groups[-1] if groups else None
         if current is not None and (
@@ -520,54 +419,3 @@ def length_groups(
         else:
             groups.append([unit])
     return groups
-
-
-def validate_clip(clip: AudioClip) -> str | None:
-    """Why this clip cannot go to the model (None when it can). Checked per clip, never per batch."""
-    wave = clip.waveform
-    if not isinstance(wave, np.ndarray):
-        return f"waveform must be a numpy array, got {type(wave).__name__}"
-    if wave.ndim != 1:
-        return f"waveform must be mono (1-D), got shape {tuple(wave.shape)}"
-    if clip.sample_rate != TARGET_SAMPLE_RATE:
-        return f"sample rate {clip.sample_rate} Hz; resample to {TARGET_SAMPLE_RATE} Hz first"
-    if len(wave) < MIN_SAMPLES:
-        return f"audio too short ({len(wave)} samples; at least {MIN_SAMPLES} = 50 ms needed)"
-    if not np.issubdtype(wave.dtype, np.floating):
-        return f"waveform must be float, got {wave.dtype}"
-    if not np.isfinite(wave).all():
-        return "waveform contains NaN or infinite samples"
-    return None
-
-
-def _merge(
-    clip: AudioClip, parts: list[tuple[windows.Window, _UnitOut]], request: LabelRequest
-) -> ClipResult:
-    """Per-window outputs -> one clip result; any failed window fails the clip (with that error)."""
-    failed = [out.error for _, out in parts if out.error]
-    if failed:
-        return ClipResult(audio_id=clip.audio_id, error=failed[0])
-    outs = [out for _, out in parts]
-    window_results: tuple[WindowResult, ...] = ()
-    if len(parts) > 1:
-        window_results = tuple(
-            WindowResult(
-                index=w.index,
-                start_s=w.start / clip.sample_rate,
-                end_s=w.end / clip.sample_rate,
-                text=out.text,
-                p_yes=out.p_yes,
-            )
-            for w, out in parts
-        )
-    if request.task == "asr":
-        text = windows.join_transcripts([o.text or "" for o in outs], request.language)
-        return ClipResult(audio_id=clip.audio_id, text=text, windows=window_results)
-    p_yes = windows.combine_p_yes([o.p_yes for o in outs])
-    if p_yes is not None and not math.isfinite(p_yes):
-        return ClipResult(audio_id=clip.audio_id, error=f"{clip.path}: model produced a non-finite p_yes")
-    text = None
-    if "generate" in request.methods:
-        answers = [o.text or "" for o in outs]
-        text = answers[0] if len(answers) == 1 else windows.pick_cry_answer(answers)
-    return ClipResult(audio_id=clip.audio_id, text=text, p_yes=p_yes, windows=window_results)

@@ -47,18 +47,21 @@ from typing import Any
 import numpy as np
 
 from qwen_tasks.errors import ModelError, QwenTasksError, WrongEnvironment
-from qwen_tasks.labelling import prompts, windows
+from qwen_tasks.labelling import prompts
 from qwen_tasks.labelling.backends.backoff import run_resilient
-from qwen_tasks.labelling.backends.qwen2_audio import (
+from qwen_tasks.labelling.backends.common import (
     NO_VARIANTS,
     YES_VARIANTS,
-    _merge,
-    _Unit,
-    _UnitOut,
+    UnitOut,
+    assemble,
+    choose_style,
+    decode,
+    p_yes,
+    plan_units,
     resolve_device,
     resolve_dtype,
     resolve_model_id,
-    validate_clip,
+    single_token_ids,
 )
 from qwen_tasks.labelling.environments import (
     TRANSFORMERS_SPEC,
@@ -123,13 +126,6 @@ def detect_prompt_style(model_id: str) -> prompts.PromptStyle:
     return "chat" if "chat" in model_id.lower() else "base"
 
 
-def _style(model_id: str, prompt_style: str) -> prompts.PromptStyle:
-    style = detect_prompt_style(model_id) if prompt_style == "auto" else prompt_style
-    if style not in ("chat", "base"):
-        raise ModelError(f"prompt_style must be auto, chat or base, got {prompt_style!r}")
-    return style  # type: ignore[return-value]
-
-
 def check_folder_name(model_id: str) -> None:
     """transformers imports a local checkpoint's remote code as `transformers_modules.<folder name>`, so a
     '.' in that name fails with ModuleNotFoundError on load: say so when planning, before any worker."""
@@ -142,7 +138,7 @@ def check_folder_name(model_id: str) -> None:
         )
 
 
-def describe(
+def planned_model_info(
     model: str,
     request: LabelRequest,
     *,
@@ -155,7 +151,7 @@ def describe(
     planning happens wherever `qwen-tasks label` or the DAG runs)."""
     model_id = resolve_model_id(model)
     check_folder_name(model_id)
-    spec = prompts.qwen_audio_spec(request, _style(model_id, prompt_style))
+    spec = prompts.qwen_audio_spec(request, choose_style(prompt_style, lambda: detect_prompt_style(model_id)))
     dev = resolve_device(device)
     return ModelInfo(
         model=model_id,
@@ -246,7 +242,7 @@ class QwenAudioBackend:
         self.revision = revision
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
-        self.style = _style(self.model_id, prompt_style)
+        self.style = choose_style(prompt_style, lambda: detect_prompt_style(self.model_id))
         self.max_batch = max_batch
         kwargs: dict[str, Any] = {"trust_remote_code": True}
         if revision:
@@ -290,19 +286,13 @@ class QwenAudioBackend:
         self.n_vocab = len(self.tokenizer)
         markers = [getattr(self.tokenizer, f"audio_{n}_id", None) for n in ("start", "end", "pad")]
         self.skip_ids = {int(i) for i in markers if i is not None}
-        self.yes_ids = self._single_token_ids(YES_VARIANTS)
-        self.no_ids = self._single_token_ids(NO_VARIANTS)
+        self.yes_ids = single_token_ids(self.tokenizer, YES_VARIANTS)
+        self.no_ids = single_token_ids(self.tokenizer, NO_VARIANTS)
         self.info = ModelInfo(self.model_id, revision, self.dtype, self.device, "", "")
 
-    def _single_token_ids(self, variants: Sequence[str]) -> list[int]:
-        ids: list[int] = []
-        for variant in variants:
-            encoded = self.tokenizer.encode(variant, add_special_tokens=False)
-            if len(encoded) == 1 and encoded[0] not in ids:
-                ids.append(int(encoded[0]))
-        return ids
-
-    def describe(self, request: LabelRequest) -> ModelInfo:
+    def loaded_model_info(self, request: LabelRequest) -> ModelInfo:
+        """ModelInfo for this request (prompt version and template filled in); the same object as
+        `planned_model_info()` gives for this model before loading it."""
         spec = prompts.qwen_audio_spec(request, self.style)
         return ModelInfo(
             self.model_id, self.revision, self.dtype, self.device, spec.version, prompt_template=spec.text
@@ -317,15 +307,7 @@ class QwenAudioBackend:
         if request.task == "cry" and (not self.yes_ids or not self.no_ids):
             raise ModelError(f"{self.model_id}: tokenizer has no single-token yes/no variants to score")
         spec = prompts.qwen_audio_spec(request, self.style)
-        errors: dict[int, str] = {}
-        units: list[_Unit] = []
-        for pos, clip in enumerate(clips):
-            problem = validate_clip(clip)
-            if problem:
-                errors[pos] = f"{clip.path}: {problem}"
-                continue
-            for w in windows.plan_windows(clip.waveform, clip.sample_rate):
-                units.append(_Unit(pos, w, clip.waveform[w.start : w.end]))
+        errors, units = plan_units(clips)
         with tempfile.TemporaryDirectory(prefix="qwen_audio_") as tmp:
             paths: dict[int, str] = {}
             for k, unit in enumerate(units):
@@ -335,20 +317,12 @@ class QwenAudioBackend:
             outs = run_resilient(
                 units,
                 lambda chunk: self._infer([paths[id(u)] for u in chunk], spec, request),
-                lambda unit, exc: _UnitOut(error=f"{clips[unit.clip_pos].path}: {type(exc).__name__}: {exc}"),
+                lambda unit, exc: UnitOut(error=f"{clips[unit.clip_pos].path}: {type(exc).__name__}: {exc}"),
                 max_batch=self.max_batch,
             )
-        by_clip: dict[int, list[tuple[windows.Window, _UnitOut]]] = {}
-        for unit, out in zip(units, outs, strict=True):
-            by_clip.setdefault(unit.clip_pos, []).append((unit.window, out))
-        return [
-            ClipResult(audio_id=clip.audio_id, error=errors[pos])
-            if pos in errors
-            else _merge(clip, by_clip[pos], request)
-            for pos, clip in enumerate(clips)
-        ]
+        return assemble(clips, errors, units, outs, request)
 
-    def _infer(self, paths: list[str], spec: prompts.PromptSpec, request: LabelRequest) -> list[_UnitOut]:
+    def _infer(self, paths: list[str], spec: prompts.PromptSpec, request: LabelRequest) -> list[UnitOut]:
         import torch
 
         texts = [prompts.qwen_audio_prompt(spec, p) for p in paths]
@@ -362,7 +336,7 @@ class QwenAudioBackend:
                 logits = self.model(
                     input_ids=input_ids, attention_mask=attention_mask, audio_info=audio_info, use_cache=False
                 ).logits
-                return [_UnitOut(p_yes=p) for p in self._p_yes(logits[:, -1, :])]
+                return [UnitOut(p_yes=p) for p in p_yes(logits[:, -1, :], self.yes_ids, self.no_ids)]
             gen = self.model.generate(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
@@ -371,8 +345,10 @@ class QwenAudioBackend:
             )
         rows = gen.sequences[:, input_ids.shape[1] :].tolist()
         texts_out = [self._decode(row) for row in rows]
-        p_yes = self._p_yes(gen.scores[0]) if request.task == "cry" else [None] * len(rows)
-        return [_UnitOut(text=t, p_yes=p) for t, p in zip(texts_out, p_yes, strict=True)]
+        scores = (
+            p_yes(gen.scores[0], self.yes_ids, self.no_ids) if request.task == "cry" else [None] * len(rows)
+        )
+        return [UnitOut(text=t, p_yes=p) for t, p in zip(texts_out, scores, strict=True)]
 
     @contextlib.contextmanager
     def _lm_head_on_last_position(self) -> Iterator[None]:
@@ -409,18 +385,15 @@ class QwenAudioBackend:
             output_scores=request.task == "cry",
         )
 
-    def _p_yes(self, logits: Any) -> list[float]:
-        import torch
-
-        logits = logits.float()
-        return torch.sigmoid(
-            torch.logsumexp(logits[:, self.yes_ids], -1) - torch.logsumexp(logits[:, self.no_ids], -1)
-        ).tolist()
-
     def _decode(self, ids: list[int]) -> str:
-        for k, token in enumerate(ids):
-            if token in self.stop_ids:
-                ids = ids[:k]
-                break
-        ids = [i for i in ids if i < self.n_vocab and i not in self.skip_ids]
-        return prompts.strip_special_tags(self.tokenizer.decode(ids, skip_special_tokens=False))
+        """Generated ids -> text: the audio span markers and ids past the tokenizer's vocabulary are not
+        text (decoding them fails or needs the prompt's audio_info); `<|...|>` tags are removed as the
+        Qwen-Audio eval scripts do, so special tokens are kept for that step to see."""
+        return decode(
+            self.tokenizer,
+            ids,
+            self.stop_ids,
+            keep=lambda i: i < self.n_vocab and i not in self.skip_ids,
+            skip_special_tokens=False,
+            clean=prompts.strip_special_tags,
+        )

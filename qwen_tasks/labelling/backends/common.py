@@ -1,0 +1,239 @@
+"""What the Qwen2-Audio and the original Qwen-Audio backends share, written once.
+
+Both backends must agree on everything outside the model call, or their labels would not be comparable:
+which device, dtype and prompt style a request resolves to and how a model is recorded (`resolve_*`,
+`choose_style`), which clips are
+refused before any batch (`validate_clip`), how a clip is cut into windows and its per-window outputs
+merged back (`plan_units`, `assemble`), which tokens are yes/no and how p_yes is read from logits
+(`single_token_ids`, `p_yes`) and how generated ids become text (`decode`). Where the two models differ
+(stop tokens, ids that are not text, how special tags are cleaned) the difference is a parameter here,
+chosen by each backend, so the shared steps cannot drift apart.
+
+This module is imported by `qwen_audio`, which also runs in the separate Qwen-Audio environment
+(transformers 4.x, no Airflow): it imports only numpy, qwen_tasks.records/errors and the labelling
+modules both environments have at the top, and torch lazily inside the functions that need it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qwen_tasks.errors import ModelError
+from qwen_tasks.labelling import prompts, windows
+from qwen_tasks.records import TARGET_SAMPLE_RATE, AudioClip, ClipResult, LabelRequest, WindowResult
+
+MIN_SAMPLES = 800  # 50 ms: shorter audio yields no audio token at all after the encoder's downsampling
+YES_VARIANTS = ("yes", "Yes", "YES", " yes", " Yes", " YES")
+NO_VARIANTS = ("no", "No", "NO", " no", " No", " NO")
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One model input: a window of one clip of the batch."""
+
+    clip_pos: int
+    window: windows.Window
+    waveform: np.ndarray
+
+
+@dataclass(frozen=True)
+class UnitOut:
+    """What the model gave for one Unit: its text and/or p_yes, or why it failed."""
+
+    text: str | None = None
+    p_yes: float | None = None
+    error: str | None = None
+
+
+# --- planning: device, dtype, model id ------------------------------------------------------------------
+
+
+def resolve_device(device: str) -> str:
+    """'auto' -> 'cuda' when a GPU is visible, else 'cpu'; anything else is validated by torch."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelError(f"device {device!r} requested but no CUDA GPU is available")
+    try:
+        torch.device(device)
+    except RuntimeError as exc:
+        raise ModelError(f"unknown device {device!r}: {exc}") from None
+    return device
+
+
+def resolve_dtype(dtype: str | None, device: str) -> str:
+    """bf16 on CUDA, fp32 elsewhere (CPU bf16 is slow and changes results), unless asked otherwise."""
+    if dtype in (None, "", "auto"):
+        return "bfloat16" if device.startswith("cuda") else "float32"
+    aliases = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+    name = aliases.get(dtype, dtype)
+    if name not in ("float32", "bfloat16", "float16"):
+        raise ModelError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    return name
+
+
+def resolve_model_id(model: str) -> str:
+    """A local checkpoint is recorded by its absolute path; a hub id as given."""
+    path = Path(model).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{model}: not a model directory (no config.json)")
+        return str(path.resolve())
+    return model
+
+
+def choose_style(prompt_style: str, detect: Callable[[], prompts.PromptStyle]) -> prompts.PromptStyle:
+    """The prompt style asked for ('chat' or 'base'), or the model's own (`detect`, each backend's rule)
+    for 'auto'; anything else is refused when planning, before a worker loads the model."""
+    if prompt_style == "auto":
+        return detect()
+    if prompt_style not in ("chat", "base"):
+        raise ModelError(f"prompt_style must be auto, chat or base, got {prompt_style!r}")
+    return prompt_style  # type: ignore[return-value]
+
+
+# --- clips -> windows -> clip results -------------------------------------------------------------------
+
+
+def validate_clip(clip: AudioClip) -> str | None:
+    """Why this clip cannot go to the model (None when it can). Checked per clip, never per batch."""
+    wave = clip.waveform
+    if not isinstance(wave, np.ndarray):
+        return f"waveform must be a numpy array, got {type(wave).__name__}"
+    if wave.ndim != 1:
+        return f"waveform must be mono (1-D), got shape {tuple(wave.shape)}"
+    if clip.sample_rate != TARGET_SAMPLE_RATE:
+        return f"sample rate {clip.sample_rate} Hz; resample to {TARGET_SAMPLE_RATE} Hz first"
+    if len(wave) < MIN_SAMPLES:
+        return f"audio too short ({len(wave)} samples; at least {MIN_SAMPLES} = 50 ms needed)"
+    if not np.issubdtype(wave.dtype, np.floating):
+        return f"waveform must be float, got {wave.dtype}"
+    if not np.isfinite(wave).all():
+        return "waveform contains NaN or infinite samples"
+    return None
+
+
+def plan_units(clips: Sequence[AudioClip]) -> tuple[dict[int, str], list[Unit]]:
+    """The model inputs of a batch, in clip and window order, and the error of each refused clip (by
+    position): a bad clip becomes its own error and never reaches the model with its neighbours."""
+    errors: dict[int, str] = {}
+    units: list[Unit] = []
+    for pos, clip in enumerate(clips):
+        problem = validate_clip(clip)
+        if problem:
+            errors[pos] = f"{clip.path}: {problem}"
+            continue
+        units.extend(
+            Unit(pos, w, clip.waveform[w.start : w.end])
+            for w in windows.plan_windows(clip.waveform, clip.sample_rate)
+        )
+    return errors, units
+
+
+def assemble(
+    clips: Sequence[AudioClip],
+    errors: dict[int, str],
+    units: Sequence[Unit],
+    outs: Sequence[UnitOut],
+    request: LabelRequest,
+) -> list[ClipResult]:
+    """One ClipResult per clip, in order: the refused clips' errors, the others merged from their windows'
+    outputs (`outs[k]` belongs to `units[k]`, in any order of units)."""
+    by_clip: dict[int, list[tuple[windows.Window, UnitOut]]] = {}
+    for unit, out in zip(units, outs, strict=True):
+        by_clip.setdefault(unit.clip_pos, []).append((unit.window, out))
+    results = []
+    for pos, clip in enumerate(clips):
+        if pos in errors:
+            results.append(ClipResult(audio_id=clip.audio_id, error=errors[pos]))
+        else:
+            parts = sorted(by_clip[pos], key=lambda item: item[0].index)
+            results.append(merge_windows(clip, parts, request))
+    return results
+
+
+def merge_windows(
+    clip: AudioClip, parts: list[tuple[windows.Window, UnitOut]], request: LabelRequest
+) -> ClipResult:
+    """Per-window outputs -> one clip result; any failed window fails the clip (with that error)."""
+    failed = [out.error for _, out in parts if out.error]
+    if failed:
+        return ClipResult(audio_id=clip.audio_id, error=failed[0])
+    outs = [out for _, out in parts]
+    window_results: tuple[WindowResult, ...] = ()
+    if len(parts) > 1:
+        window_results = tuple(
+            WindowResult(
+                index=w.index,
+                start_s=w.start / clip.sample_rate,
+                end_s=w.end / clip.sample_rate,
+                text=out.text,
+                p_yes=out.p_yes,
+            )
+            for w, out in parts
+        )
+    if request.task == "asr":
+        text = windows.join_transcripts([o.text or "" for o in outs], request.language)
+        return ClipResult(audio_id=clip.audio_id, text=text, windows=window_results)
+    p_yes = windows.combine_p_yes([o.p_yes for o in outs])
+    if p_yes is not None and not math.isfinite(p_yes):
+        return ClipResult(audio_id=clip.audio_id, error=f"{clip.path}: model produced a non-finite p_yes")
+    text = None
+    if "generate" in request.methods:
+        answers = [o.text or "" for o in outs]
+        text = answers[0] if len(answers) == 1 else windows.pick_cry_answer(answers)
+    return ClipResult(audio_id=clip.audio_id, text=text, p_yes=p_yes, windows=window_results)
+
+
+# --- tokens: yes/no scoring and decoding ----------------------------------------------------------------
+
+
+def single_token_ids(tokenizer: Any, variants: Sequence[str]) -> list[int]:
+    """Ids of the variants that the tokenizer encodes as exactly one token (each id once, in order);
+    p_yes sums over these, so a variant split into several tokens is left out rather than half-counted."""
+    ids: list[int] = []
+    for variant in variants:
+        encoded = tokenizer.encode(variant, add_special_tokens=False)
+        if len(encoded) == 1 and encoded[0] not in ids:
+            ids.append(int(encoded[0]))
+    return ids
+
+
+def p_yes(logits: Any, yes_ids: Sequence[int], no_ids: Sequence[int]) -> list[float]:
+    """Per row of `logits` (batch x vocab): mass(yes variants) / (mass(yes) + mass(no)), computed in log
+    space in fp32 (no underflow, and the same numbers whatever dtype the model ran in)."""
+    import torch
+
+    logits = logits.float()
+    log_yes = torch.logsumexp(logits[:, list(yes_ids)], dim=-1)
+    log_no = torch.logsumexp(logits[:, list(no_ids)], dim=-1)
+    return torch.sigmoid(log_yes - log_no).tolist()
+
+
+def decode(
+    tokenizer: Any,
+    ids: list[int],
+    stop_ids: Collection[int],
+    *,
+    keep: Callable[[int], bool] | None = None,
+    skip_special_tokens: bool = True,
+    clean: Callable[[str], str] = str.strip,
+) -> str:
+    """Generated ids -> answer text: cut at the first stop id, drop the ids `keep` refuses (ids that are
+    not text for this model), decode, then `clean` (Qwen2-Audio: strip whitespace, special tokens skipped
+    by the tokenizer; Qwen-Audio: its `<|...|>` tags removed as its eval scripts do)."""
+    for k, token in enumerate(ids):
+        if token in stop_ids:
+            ids = ids[:k]
+            break
+    if keep is not None:
+        ids = [i for i in ids if keep(i)]
+    return clean(tokenizer.decode(ids, skip_special_tokens=skip_special_tokens))

@@ -1,10 +1,16 @@
-"""A real, local multi-process Airflow for tests: CeleryExecutor, Redis broker, PostgreSQL metadata.
+"""A real, local multi-process Airflow: CeleryExecutor, Redis broker, PostgreSQL metadata.
 
-Not a test module. `AirflowStack` migrates a throwaway metadata database, then starts the api-server
-(UI, REST and the execution API the task runners talk to), a scheduler, a dag-processor and N
-`airflow celery worker` processes (queues default and gpu, concurrency 1), each in its own process group
-with its log under the stack's home. `stop()` ends every process group it started (SIGTERM, then
-SIGKILL after a grace period) and drops the metadata database; nothing else is touched.
+A development aid (like `airflow_local`, which runs the DAG in one process with `dag.test()`), used by
+tests/orchestration/test_airflow_stack.py and by `bench/dag.py --celery`. `AirflowStack` migrates a
+throwaway metadata database on the server of `admin_url`, then starts the api-server (UI, REST and the
+execution API the task runners talk to), a scheduler, a dag-processor and N `airflow celery worker`
+processes (queues default and gpu, concurrency 1), each in its own process group with its log under the
+stack's home; the DAGs folder is this checkout's `dags/`. The labels database is `labels_url`, reached by
+the DAG through the `qwen_tasks_db` connection. The shared Redis sees every key under a prefix of the
+stack's own. `stop()` (also on leaving `with AirflowStack(...) as st:`, and when `start()` fails) ends every
+process it started, the task processes they started in sessions of their own included (SIGTERM, then
+SIGKILL after a grace period), deletes the stack's Redis keys and drops the metadata database; nothing
+else is touched. Failures raise AirflowStackError.
 """
 
 from __future__ import annotations
@@ -27,11 +33,17 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
+from qwen_tasks.dev.airflow_local import DAG_ID, project_dags_folder
+from qwen_tasks.errors import QwenTasksError
 from qwen_tasks.store import database as db
 
-ROOT = Path(__file__).resolve().parents[1]
 AIRFLOW = [sys.executable, "-m", "airflow"]
-DAG_ID = "qwen_audio_labelling"
+REDIS_URL = "redis://127.0.0.1:6379/0"
+__all__ = ["DAG_ID", "AirflowStack", "AirflowStackError", "free_port", "wait_until"]
+
+
+class AirflowStackError(QwenTasksError):
+    """The stack could not start, one of its processes died, or something it waited for did not happen."""
 
 
 def free_port() -> int:
@@ -40,15 +52,33 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _stat(pid: int) -> list[str] | None:
+    """/proc/<pid>/stat after the command name: [state, ppid, ...] (field 3 on), or None when gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def _descendants(root: int) -> dict[int, str]:
+    """Every live process below `root`, with its start time (to tell a reused pid apart later)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != root and _descends(int(entry.name), root):
+            stat = _stat(int(entry.name))
+            if stat:
+                found[int(entry.name)] = stat[19]  # field 22: start time
+    return found
+
+
 def _descends(pid: int, root: int) -> bool:
     while pid > 1:
         if pid == root:
             return True
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
+        stat = _stat(pid)
+        if stat is None:
             return False
-        pid = int(stat.rsplit(")", 1)[1].split()[1])  # field 4: the parent's pid
+        pid = int(stat[1])  # field 4: the parent's pid
     return False
 
 
@@ -59,7 +89,7 @@ def wait_until(what: str, check: Callable[[], Any], timeout: float, interval: fl
         if value:
             return value
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+    raise AirflowStackError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 @dataclass
@@ -72,6 +102,8 @@ class AirflowStack:
     password: str = field(default_factory=lambda: secrets.token_urlsafe(12))
     jwt_secret: str = field(default_factory=lambda: secrets.token_urlsafe(32))  # one for every process
     port: int = field(default_factory=free_port)
+    redis_url: str = REDIS_URL
+    redis_prefix: str = ""  # default: qwen_stack_<pid>_<port>_
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     meta_url: str = ""
     _scratch: Any = None
@@ -85,11 +117,11 @@ class AirflowStack:
     def env(self) -> dict[str, str]:
         labels = make_url(self.labels_url).set(drivername="postgresql")
         meta = make_url(self.meta_url)
-        prefix = f"qwen_test_{os.getpid()}_{self.port}_"
+        self.redis_prefix = self.redis_prefix or f"qwen_stack_{os.getpid()}_{self.port}_"
         env = {
             **os.environ,
             "AIRFLOW_HOME": str(self.home),
-            "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
+            "AIRFLOW__CORE__DAGS_FOLDER": str(project_dags_folder()),
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
             "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
             "AIRFLOW__CORE__PARALLELISM": "8",
@@ -105,12 +137,12 @@ class AirflowStack:
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(self.home / "passwords.json"),
             "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": meta.render_as_string(hide_password=False),
-            "AIRFLOW__CELERY__BROKER_URL": "redis://127.0.0.1:6379/0",
+            "AIRFLOW__CELERY__BROKER_URL": self.redis_url,
             "AIRFLOW__CELERY__RESULT_BACKEND": "db+"
             + meta.set(drivername="postgresql").render_as_string(hide_password=False),
             "AIRFLOW__CELERY__WORKER_CONCURRENCY": "1",
             # the shared Redis: every key of this stack under its own prefix
-            "AIRFLOW__CELERY_BROKER_TRANSPORT_OPTIONS__GLOBAL_KEYPREFIX": prefix,
+            "AIRFLOW__CELERY_BROKER_TRANSPORT_OPTIONS__GLOBAL_KEYPREFIX": self.redis_prefix,
             "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "20",
             "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL": "5",
             "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
@@ -130,7 +162,7 @@ class AirflowStack:
             [*AIRFLOW, *args], env=self.env(), capture_output=True, text=True, timeout=timeout, check=False
         )
         if out.returncode != 0:
-            raise AssertionError(f"airflow {' '.join(args)} failed:\n{(out.stderr or out.stdout)[-3000:]}")
+            raise AirflowStackError(f"airflow {' '.join(args)} failed:\n{(out.stderr or out.stdout)[-3000:]}")
         return out
 
     def start(self) -> AirflowStack:
@@ -152,6 +184,12 @@ class AirflowStack:
             self.stop()
             raise
         return self
+
+    def __enter__(self) -> AirflowStack:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
     def spawn(self, name: str, *args: str, **env: str) -> subprocess.Popen[bytes]:
         log = (self.home / f"{name}.log").open("ab")
@@ -196,14 +234,17 @@ class AirflowStack:
         for name, proc in self.procs.items():
             if proc.poll() is not None and not name.startswith("killed"):
                 tail = (self.home / f"{name}.log").read_text(errors="replace")[-3000:]
-                raise AssertionError(f"{name} exited with {proc.returncode}:\n{tail}")
+                raise AirflowStackError(f"{name} exited with {proc.returncode}:\n{tail}")
 
     # --- running ---------------------------------------------------------------------------------------
 
     def dag_runs(self) -> list[dict[str, Any]]:
         with self.meta().connect() as conn:
             rows = conn.execute(
-                sa.text("SELECT run_id, state, conf FROM dag_run WHERE dag_id = :d ORDER BY id"),
+                sa.text(
+                    "SELECT run_id, state, conf, start_date, end_date FROM dag_run "
+                    "WHERE dag_id = :d ORDER BY id"
+                ),
                 {"d": DAG_ID},
             )
             return [dict(r._mapping) for r in rows]
@@ -212,7 +253,8 @@ class AirflowStack:
         with self.meta().connect() as conn:
             rows = conn.execute(
                 sa.text(
-                    "SELECT task_id, map_index, state, try_number, hostname, rendered_map_index "
+                    "SELECT task_id, map_index, state, try_number, hostname, rendered_map_index, "
+                    "start_date, end_date, duration "
                     "FROM task_instance WHERE dag_id = :d AND run_id = :r ORDER BY task_id, map_index"
                 ),
                 {"d": DAG_ID, "r": run_id},
@@ -226,6 +268,16 @@ class AirflowStack:
             return state if state in ("success", "failed") else None
 
         return wait_until(f"DAG run {run_id}", finished, timeout=timeout, interval=2)
+
+    def task_logs(self, run_id: str, task_id: str | None = None) -> dict[str, str]:
+        """The task log files of a DAG run (all tries), by path under the logs folder: their text."""
+        logs = self.home / "logs"
+        found = {}
+        for path in sorted(logs.rglob("*.log")):
+            parts = path.relative_to(logs).parts
+            if f"run_id={run_id}" in parts and (task_id is None or f"task_id={task_id}" in parts):
+                found[str(path.relative_to(logs))] = path.read_text(errors="replace")
+        return found
 
     def descends_from(self, pid: int, name: str) -> bool:
         """Whether process `pid` was started (directly or not) by the stack's process `name` (the task
@@ -252,6 +304,11 @@ class AirflowStack:
     # --- teardown --------------------------------------------------------------------------------------
 
     def stop(self) -> None:
+        # the task supervisors start each task in a session of its own: note every descendant now, while
+        # the parent links still lead to the stack's processes, and kill the ones a SIGTERM left behind
+        below: dict[int, str] = {}
+        for proc in self.procs.values():
+            below.update(_descendants(proc.pid))
         live = [p for p in self.procs.values() if p.poll() is None]
         for proc in live:
             with contextlib.suppress(ProcessLookupError):
@@ -265,8 +322,29 @@ class AirflowStack:
                 os.killpg(proc.pid, signal.SIGKILL)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=10)
+        for pid, started in below.items():
+            stat = _stat(pid)
+            if stat and stat[19] == started:  # the same process, not a reused pid
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
         self.procs.clear()
+        self._forget_redis_keys()
         if self._scratch is not None:
             db.get_engine(self.meta_url).dispose()
             self._scratch.__exit__(None, None, None)
             self._scratch = None
+
+    def _forget_redis_keys(self) -> None:
+        """Delete the keys this stack left in the shared Redis (its prefix only); best effort."""
+        if not self.redis_prefix:
+            return
+        with contextlib.suppress(Exception):
+            import redis
+
+            client = redis.Redis.from_url(self.redis_url, socket_timeout=5)
+            try:
+                keys = list(client.scan_iter(match=f"{self.redis_prefix}*", count=500))
+                if keys:
+                    client.delete(*keys)
+            finally:
+                client.close()

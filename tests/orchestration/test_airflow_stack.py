@@ -1,6 +1,6 @@
 """The DAG under a real, distributed Airflow: CeleryExecutor with the local Redis as broker, a PostgreSQL
 metadata database, api-server, scheduler, dag-processor and two `airflow celery worker` processes on the
-`gpu` queue (tests/airflow_stack.py starts them all and stops every one of them).
+`gpu` queue (qwen_tasks/dev/airflow_stack.py starts them all and stops every one of them).
 
 1. The Airflow UI's trigger form, in a real browser (Playwright driving Debian's Chromium): log in, open
    the DAG, open Trigger, submit with the defaults plus one changed Param (`limit`), the run succeeds and
@@ -22,10 +22,10 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from airflow_stack import DAG_ID, AirflowStack, wait_until
 from conftest import DATA_TABLES
 from test_workers import blocked_pids, writes_blocked
 
+from qwen_tasks.dev.airflow_stack import DAG_ID, AirflowStack, wait_until
 from qwen_tasks.dev.samples import write_sample_set
 from qwen_tasks.store import database as db
 from qwen_tasks.store.schema import cry_answer, label_job, label_run

@@ -1,7 +1,9 @@
 """Helpers shared by the labelling tests (jobs, worker, workers, label CLI): real files, real ingest.
 
 Not a test module: imported by tests/labelling/test_jobs.py, test_worker.py, test_workers.py,
-test_label_cli.py and others.
+test_label_cli.py and others; `writes_blocked` and `blocked_pids` also by
+tests/orchestration/test_airflow_stack.py (this file is on the pytest path, a test module is not unless
+its folder is collected).
 """
 
 from __future__ import annotations
@@ -9,13 +11,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 import sqlalchemy as sa
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
 from qwen_tasks.ingest.register import ingest
 from qwen_tasks.store import schema
@@ -62,3 +65,26 @@ def run_cli(
 def count(engine: Engine, table: sa.Table, *where: sa.ColumnElement[bool]) -> int:
     with engine.connect() as conn:
         return conn.execute(sa.select(sa.func.count()).select_from(table).where(*where)).scalar_one()
+
+
+BLOCKED = sa.text(
+    "SELECT DISTINCT l.pid FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+    "WHERE NOT l.granted AND l.relation = CAST('cry_answer' AS regclass) AND a.datname = current_database()"
+)
+
+
+def blocked_pids(engine: Engine) -> set[int]:
+    with engine.connect() as conn:
+        return set(conn.execute(BLOCKED).scalars())
+
+
+@contextmanager
+def writes_blocked(engine: Engine) -> Iterator[Connection]:
+    """Hold a lock that makes every worker's result transaction wait (inserts into cry_answer)."""
+    with engine.connect() as conn:
+        tx = conn.begin()
+        conn.execute(sa.text("LOCK TABLE cry_answer IN SHARE MODE"))
+        try:
+            yield conn
+        finally:
+            tx.rollback()

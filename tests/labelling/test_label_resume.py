@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from labelling_helpers import count, ingest_clips, run_cli
+from labelling_helpers import blocked_pids, count, ingest_clips, run_cli, writes_blocked
 from sqlalchemy.engine import Engine
-from test_workers import blocked_pids, start_worker, wait_for, writes_blocked
+from test_workers import start_worker, wait_for
 
 from qwen_tasks.labelling import jobs
 from qwen_tasks.store import schema

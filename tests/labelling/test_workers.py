@@ -12,14 +12,13 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from labelling_helpers import CLI, count, ingest_clips
-from sqlalchemy.engine import Connection, Engine
+from labelling_helpers import CLI, blocked_pids, count, ingest_clips, writes_blocked
+from sqlalchemy.engine import Engine
 
 from qwen_tasks.labelling import jobs
 from qwen_tasks.labelling.backends import planned_model_info
@@ -56,29 +55,6 @@ def wait_for(what: str, check: Callable[[], object], timeout: float = 180.0) -> 
             return value
         time.sleep(0.05)
     raise AssertionError(f"timed out waiting for {what}")
-
-
-BLOCKED = sa.text(
-    "SELECT DISTINCT l.pid FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
-    "WHERE NOT l.granted AND l.relation = CAST('cry_answer' AS regclass) AND a.datname = current_database()"
-)
-
-
-def blocked_pids(engine: Engine) -> set[int]:
-    with engine.connect() as conn:
-        return set(conn.execute(BLOCKED).scalars())
-
-
-@contextmanager
-def writes_blocked(engine: Engine) -> Iterator[Connection]:
-    """Hold a lock that makes every worker's result transaction wait (inserts into cry_answer)."""
-    with engine.connect() as conn:
-        tx = conn.begin()
-        conn.execute(sa.text("LOCK TABLE cry_answer IN SHARE MODE"))
-        try:
-            yield conn
-        finally:
-            tx.rollback()
 
 
 def finish(proc: subprocess.Popen[bytes], logs: Path, name: str, timeout: float = 180) -> str:

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from conftest import DATA_TABLES
-from test_workers import blocked_pids, writes_blocked
+from labelling_helpers import blocked_pids, writes_blocked
 
 from qwen_tasks.dev.airflow_stack import DAG_ID, AirflowStack, wait_until
 from qwen_tasks.dev.samples import write_sample_set

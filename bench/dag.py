@@ -180,7 +180,7 @@ def celery(
         "trigger_to_done_s": observed,
         "stack_start_s": started,
         "label_batch_s": [round(float(t["duration"] or 0.0), 1) for t in slots_ti],
-        "label_batch_slots": [t["rendered_map_index"] for t in slots_ti],
+        "label_batch_slots": [str(t["rendered_map_index"]).split(":")[0] for t in slots_ti],
     }
 
 

@@ -327,7 +327,8 @@ def _insert_audio() -> sa.Select:
     a = schema.audio
     u, values = _recordset([a.c[n] for n in _AUDIO_COLUMNS])
     stored = a.alias("stored")
-    new = sa.select(*values.values()).where(~sa.exists().where(stored.c.sha256 == u.c.sha256))
+    stored_id = sa.select(stored.c.id).where(stored.c.sha256 == u.c.sha256).scalar_subquery()
+    new = sa.select(*values.values()).where(stored_id.is_(None))  # (a subquery: see _upsert_files)
     stmt = (
         pg_insert(a).from_select(list(_AUDIO_COLUMNS), new).on_conflict_do_nothing(index_elements=["sha256"])
     )
@@ -340,8 +341,10 @@ def _upsert_files() -> sa.Select:
     rows). Returns (path, id, audio_id) of every row written."""
     f, a = schema.audio_file, schema.audio
     u, values = _recordset([*(f.c[n] for n in _FILE_COLUMNS), sa.column("sha256", sa.Text)])
-    rows = sa.select(*(values[n] for n in _FILE_COLUMNS), a.c.id)
-    rows = rows.select_from(u.outerjoin(a, a.c.sha256 == u.c.sha256))
+    # a scalar subquery, not a join: an index lookup per row whatever the planner thinks of the row
+    # count (it guesses 100 rows for json_to_recordset and would scan the whole table for a join)
+    audio_id = sa.select(a.c.id).where(a.c.sha256 == u.c.sha256).scalar_subquery()
+    rows = sa.select(*(values[n] for n in _FILE_COLUMNS), audio_id)
     stmt = pg_insert(f).from_select([*_FILE_COLUMNS, "audio_id"], rows)
     update = [*_FILE_COLUMNS[1:], "audio_id"]
     stmt = stmt.on_conflict_do_update(
@@ -611,9 +614,8 @@ def _manifest_upsert() -> sa.Insert:
     path (a manifest path is UTF-8, so its stored form is its own)."""
     m, f = schema.manifest_item, schema.audio_file
     u, values = _recordset([m.c[n] for n in _MANIFEST_COLUMNS if n != "audio_file_id"])
-    values["audio_file_id"] = f.c.id
-    rows = sa.select(*(values[n] for n in _MANIFEST_COLUMNS))
-    rows = rows.select_from(u.outerjoin(f, f.c.path == u.c.audio_path))
+    values["audio_file_id"] = sa.select(f.c.id).where(f.c.path == u.c.audio_path).scalar_subquery()
+    rows = sa.select(*(values[n] for n in _MANIFEST_COLUMNS))  # (a subquery: see _upsert_files)
     stmt = pg_insert(m).from_select(list(_MANIFEST_COLUMNS), rows)
     return stmt.on_conflict_do_update(
         index_elements=["manifest_path", "line_no"],

@@ -810,9 +810,7 @@ def ingest(
     with transaction(engine) as conn:  # connection loss -> DatabaseUnavailable, like every write
         known = _load_known(conn, found, explicit, stored.files)
     admitted: dict[str, str] = {}  # path -> the root that admitted it
-    lines_by_path: dict[str, list[ManifestItem]] = {}
-    for item in items:
-        lines_by_path.setdefault(item.audio_path, []).append(item)
+    lines_by_path: dict[str, list[ManifestItem]] = {}  # lines about files to write, filled below
     writer = _Writer(engine, known, admitted, summary, lines_by_path, stored.lines)
 
     to_check: list[str] = []
@@ -834,6 +832,14 @@ def ingest(
             early_bad.append((path, reason or "unknown", st))
         else:
             to_check.append(path)
+    unwritten: list[ManifestItem] = []  # lines about files not written (unchanged ones): at the end
+    if items:
+        to_write = set(to_check).union(path for path, _, _ in early_bad)
+        for item in items:
+            if item.audio_path in to_write:
+                lines_by_path.setdefault(item.audio_path, []).append(item)
+            else:
+                unwritten.append(item)
     if new_roots:
         with transaction(engine) as conn:
             _record_roots(conn, new_roots)
@@ -897,6 +903,6 @@ def ingest(
         _mark_missing(conn, found, known, summary)
     if items or stored.lines:
         file_ids = {path: k.id for path, k in known.items()} | writer.file_ids  # manifest paths are UTF-8
-        unwritten = [line for lines in lines_by_path.values() for line in lines]
+        unwritten += [line for lines in lines_by_path.values() for line in lines]  # none, normally
         _write_manifest_items(engine, items, unwritten, stored.lines, file_ids)
     return summary

@@ -17,6 +17,7 @@ import hashlib
 import os
 import re
 import stat
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,10 @@ _HEADER_CHECKED_FORMATS = frozenset({"WAV", "WAVEX", "RF64", "W64", "AIFF", "CAF
 _NON_FLOAT_SUBTYPE = re.compile(r"^(PCM_(S8|U8|16|24|32)|ULAW|ALAW)$")
 # libsndfile's log says "data : 32000 (should be 15978)" when a header promises more bytes than exist.
 _SHORT_DATA = re.compile(r"^data\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILINE)
+# The canonical 44-byte PCM WAV header (RIFF, a 16-byte `fmt ` chunk, then `data`): see _canonical_wav.
+_CANONICAL_WAV = struct.Struct("<4sI4s4sIHHIIHH4sI")
+_PCM_SUBTYPES = {8: "PCM_U8", 16: "PCM_16", 24: "PCM_24", 32: "PCM_32"}
+_MAX_CHANNELS = 1024  # libsndfile's SF_MAX_CHANNELS: more is "Too many channels specified"
 
 
 @dataclass(frozen=True)
@@ -142,6 +147,48 @@ def _probe_open(sound: sf.SoundFile, path: str) -> AudioProbe:
     )
 
 
+def _canonical_wav(head: bytes, size: int) -> AudioProbe | None:
+    """The probe of a canonical PCM WAV file from its first bytes and its length, or None for anything else.
+
+    Canonical means exactly what most tools write: `RIFF` whose size covers the whole file, `WAVE`, a
+    16-byte `fmt ` chunk with format 1 (integer PCM) at 8/16/24/32 bits, consistent block align and
+    byte rate, then a `data` chunk of an even, non-zero number of whole frames that ends where the file
+    ends. libsndfile reads such a header to the same facts with nothing to complain about (no truncation,
+    no padding note), and integer PCM needs no sample scan, so the answer is the one check_file would get
+    from libsndfile, without its ~30 small reads and seeks and soundfile's Python overhead per file.
+    Every other file (other chunks, extensible format, floats, a cut or padded data chunk) returns None
+    and goes through libsndfile as before. tests/ingest/test_audio_files.py compares the two.
+    """
+    if len(head) < _CANONICAL_WAV.size:
+        return None
+    riff, riff_size, wave, fmt, fmt_size, tag, channels, rate, byte_rate, align, bits, data, data_size = (
+        _CANONICAL_WAV.unpack_from(head)
+    )
+    subtype = _PCM_SUBTYPES.get(bits)
+    if (
+        riff != b"RIFF"
+        or wave != b"WAVE"
+        or fmt != b"fmt "
+        or data != b"data"
+        or fmt_size != 16
+        or tag != 1
+        or subtype is None
+        or not 0 < channels <= _MAX_CHANNELS
+        or rate <= 0
+        or align != channels * (bits // 8)
+        or byte_rate != rate * align
+        or riff_size != size - 8
+        or data_size != size - 44
+        or data_size <= 0
+        or data_size % 2
+        or data_size % align
+    ):
+        return None
+    return AudioProbe(
+        frames=data_size // align, sample_rate=rate, channels=channels, format="WAV", subtype=subtype
+    )
+
+
 def _open_regular(path: str, *, raise_not_found: bool = False) -> tuple[int, os.stat_result]:
     """Open `path` read-only and make sure it is a non-empty regular file (FIFOs would block forever).
 
@@ -190,16 +237,6 @@ def sha256_file(path: str | Path) -> str:
         raise AudioError(path, os_error_reason(path, exc)) from None
 
 
-def _sha256_fd(fd: int, path: str) -> str:
-    digest = hashlib.sha256()
-    try:
-        while chunk := os.read(fd, HASH_CHUNK):
-            digest.update(chunk)
-    except OSError as exc:
-        raise AudioError(path, os_error_reason(path, exc)) from None
-    return digest.hexdigest()
-
-
 def needs_sample_scan(info: AudioProbe) -> bool:
     """True when decoding can reveal something the header cannot: float samples (NaN/Inf) or a
     compressed stream (FLAC/OGG/MP3 truncation shows only while decoding)."""
@@ -228,19 +265,33 @@ def _scan_samples(sound: sf.SoundFile, path: str, info: AudioProbe) -> None:
 
 def check_file(path: str | Path) -> CheckedAudio:
     """Everything ingest needs to accept a file, with one open: regular non-empty file, streamed sha256,
-    a readable audio header with frames, and (where it can matter) finite samples to the end."""
+    a readable audio header with frames, and (where it can matter) finite samples to the end.
+
+    A canonical PCM WAV file is judged from the bytes already read for the hash (`_canonical_wav`);
+    anything else is opened with libsndfile on the same descriptor."""
     path = os.fspath(path)
     fd, st = _open_regular(path)
     try:
-        sha = _sha256_fd(fd, path)
-        os.lseek(fd, 0, os.SEEK_SET)
         try:
-            with sf.SoundFile(fd, closefd=False) as sound:
-                info = _probe_open(sound, path)
-                if needs_sample_scan(info):
-                    _scan_samples(sound, path, info)
-        except (sf.LibsndfileError, sf.SoundFileRuntimeError, RuntimeError) as exc:
-            raise _open_failure(path, exc) from None
+            head = os.read(fd, HASH_CHUNK)
+            digest = hashlib.sha256(head)
+            size = len(head)
+            while chunk := os.read(fd, HASH_CHUNK):
+                digest.update(chunk)
+                size += len(chunk)
+        except OSError as exc:
+            raise AudioError(path, os_error_reason(path, exc)) from None
+        sha = digest.hexdigest()
+        info = _canonical_wav(head, size) if size == st.st_size else None
+        if info is None:
+            os.lseek(fd, 0, os.SEEK_SET)
+            try:
+                with sf.SoundFile(fd, closefd=False) as sound:
+                    info = _probe_open(sound, path)
+                    if needs_sample_scan(info):
+                        _scan_samples(sound, path, info)
+            except (sf.LibsndfileError, sf.SoundFileRuntimeError, RuntimeError) as exc:
+                raise _open_failure(path, exc) from None
     finally:
         os.close(fd)
     return CheckedAudio(path=path, sha256=sha, size_bytes=st.st_size, mtime_ns=st.st_mtime_ns, probe=info)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import struct
 import tempfile
 from pathlib import Path
 
@@ -191,3 +192,68 @@ def test_unreadable_file_is_permission_denied() -> None:
         for p in folder.iterdir():
             p.unlink()
         folder.rmdir()
+
+
+def _libsndfile_check(path: Path):  # type: ignore[no-untyped-def]
+    """check_file's verdict with the canonical-WAV shortcut disabled: libsndfile reads every header."""
+    from qwen_tasks.ingest import audio_files
+
+    original = audio_files._canonical_wav
+    audio_files._canonical_wav = lambda head, size: None
+    try:
+        return check_file(path)
+    except AudioError as exc:
+        return exc.reason
+    finally:
+        audio_files._canonical_wav = original
+
+
+def _verdict(path: Path):  # type: ignore[no-untyped-def]
+    try:
+        return check_file(path)
+    except AudioError as exc:
+        return exc.reason
+
+
+@pytest.mark.parametrize(
+    ("channels", "rate", "subtype"),
+    [
+        (1, 16000, "PCM_16"),
+        (2, 44100, "PCM_24"),
+        (1, 8000, "PCM_U8"),  # written by hand below (soundfile will not write 8-bit WAV)
+        (3, 22050, "PCM_U8"),
+        (6, 48000, "PCM_32"),
+        (2, 16000, "FLOAT"),
+        (1, 16000, "ULAW"),
+    ],
+)
+def test_canonical_wav_shortcut_agrees_with_libsndfile(
+    tmp_path: Path, channels: int, rate: int, subtype: str
+) -> None:
+    """check_file judges canonical PCM WAV from its first bytes (no libsndfile); it must say exactly what
+    libsndfile says, for the file as written and for every single-byte change of its header."""
+    from qwen_tasks.ingest.audio_files import _canonical_wav
+
+    path = tmp_path / "a.wav"
+    if subtype == "PCM_U8":
+        samples = bytes(range(128, 228)) * channels  # 100 frames
+        fmt = struct.pack("<HHIIHH", 1, channels, rate, rate * channels, channels, 8)
+        header = b"RIFF" + struct.pack("<I", 36 + len(samples)) + b"WAVEfmt " + struct.pack("<I", 16) + fmt
+        path.write_bytes(header + b"data" + struct.pack("<I", len(samples)) + samples)
+    else:
+        sf.write(path, np.zeros((101, channels), dtype=np.float32) + 0.25, rate, subtype=subtype)
+    data = path.read_bytes()
+    expected = _libsndfile_check(path)
+    assert _verdict(path) == expected
+    shortcut = _canonical_wav(data, len(data))
+    assert (shortcut is not None) == subtype.startswith("PCM_")
+    if shortcut is not None:
+        assert shortcut == expected.probe
+    rng = np.random.default_rng(channels * rate)
+    variants = [data[:-1], data[:-2], data + b"\0", data + b"\0\0", data[:44], data[:43]]
+    for offset in range(44):
+        for value in {0, 1, 255, data[offset] ^ 1, data[offset] ^ 0x80, int(rng.integers(256))}:
+            variants.append(data[:offset] + bytes([value]) + data[offset + 1 :])
+    for variant in variants:
+        path.write_bytes(variant)
+        assert _verdict(path) == _libsndfile_check(path), variant[:44]

@@ -36,7 +36,7 @@ import sqlalchemy as sa
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qwen_tasks.ingest.audio_files import check_file  # noqa: E402
-from qwen_tasks.ingest.register import ingest  # noqa: E402
+from qwen_tasks.ingest.register import audio_row, ingest  # noqa: E402
 from qwen_tasks.store import database as db  # noqa: E402
 from qwen_tasks.store import schema  # noqa: E402
 
@@ -65,17 +65,6 @@ def register_links(engine: sa.Engine, folder: Path, source: Path, m: int, root: 
     admitted by allowed root `root` (what ingest would record, so the re-run has nothing to update)."""
     folder.mkdir(parents=True)
     checked = check_file(source)
-    p = checked.probe
-    audio_row = {
-        "sha256": checked.sha256,
-        "size_bytes": checked.size_bytes,
-        "duration_s": p.duration_s,
-        "sample_rate": p.sample_rate,
-        "channels": p.channels,
-        "frames": p.frames,
-        "format": p.format,
-        "subtype": p.subtype,
-    }
     rows = []
     copies = folder.parent / "link-sources"  # ext4 allows 65000 links per inode: one copy per 50000
     copies.mkdir()
@@ -96,7 +85,7 @@ def register_links(engine: sa.Engine, folder: Path, source: Path, m: int, root: 
     with engine.begin() as conn:
         audio_id = conn.execute(
             sa.dialects.postgresql.insert(schema.audio)
-            .values(audio_row)
+            .values(audio_row(checked))
             .on_conflict_do_update(index_elements=["sha256"], set_={"size_bytes": checked.size_bytes})
             .returning(schema.audio.c.id)
         ).scalar_one()

@@ -257,6 +257,21 @@ def _array(
     return sa.bindparam(None, list(values), type_=ARRAY(item_type))
 
 
+def audio_row(checked: CheckedAudio) -> dict[str, object]:
+    """The `audio` row of a checked file: its content's identity and what its header says."""
+    p = checked.probe
+    return {
+        "sha256": checked.sha256,
+        "size_bytes": checked.size_bytes,
+        "duration_s": p.duration_s,
+        "sample_rate": p.sample_rate,
+        "channels": p.channels,
+        "frames": p.frames,
+        "format": p.format,
+        "subtype": p.subtype,
+    }
+
+
 def _file_row(path: str, **values: object) -> dict[str, object]:
     """An audio_file row for `path` (the OS's form): readable text, plus the exact bytes (as hex, see
     _rows_param) when not UTF-8."""
@@ -399,17 +414,7 @@ class _Writer:
         roots = self.roots
         for c in ok:
             if c.sha256 not in audio_rows:
-                p = c.probe
-                audio_rows[c.sha256] = {
-                    "sha256": c.sha256,
-                    "size_bytes": c.size_bytes,
-                    "duration_s": p.duration_s,
-                    "sample_rate": p.sample_rate,
-                    "channels": p.channels,
-                    "frames": p.frames,
-                    "format": p.format,
-                    "subtype": p.subtype,
-                }
+                audio_rows[c.sha256] = audio_row(c)
             row = _file_row(c.path, size_bytes=c.size_bytes, mtime_ns=c.mtime_ns, status="ok")
             row.update(reason=None, root=roots.get(c.path), sha256=c.sha256)
             file_rows.append(row)

@@ -146,6 +146,7 @@ transcription = sa.Table(
     sa.Column("language", sa.Text),
     sa.Column("windows", JSONB, nullable=False, server_default=sa.text("'[]'::jsonb")),
     _ts("created_at"),
+    sa.Column("truncated", sa.Boolean, nullable=False, server_default=sa.false()),  # 0007: hit the cap
     sa.UniqueConstraint("run_id", "audio_id"),
 )
 
@@ -163,6 +164,7 @@ cry_answer = sa.Table(
     sa.Column("threshold", sa.Float),
     sa.Column("windows", JSONB, nullable=False, server_default=sa.text("'[]'::jsonb")),
     _ts("created_at"),
+    sa.Column("truncated", sa.Boolean, nullable=False, server_default=sa.false()),  # 0007: hit the cap
     sa.UniqueConstraint("run_id", "audio_id", "method"),
 )
 
@@ -256,6 +258,55 @@ model_version = sa.Table(
     _ts("created_at"),
     _ts("promoted_at", default=False),
     _ts("retired_at", default=False),
+)
+
+# 0007_datasets: named sets of audio with a split and the tasks they are labelled for.
+dataset = sa.Table(
+    "dataset",
+    metadata,
+    _id(),
+    sa.Column("name", sa.Text, nullable=False, unique=True),
+    sa.Column("split", sa.Text, nullable=False, server_default="train"),
+    sa.Column("tasks", ARRAY(sa.Text), nullable=False),
+    _ts("created_at"),
+    _ts("updated_at"),
+)
+
+dataset_audio = sa.Table(
+    "dataset_audio",
+    metadata,
+    sa.Column("dataset_id", sa.BigInteger, sa.ForeignKey("dataset.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("audio_id", sa.BigInteger, sa.ForeignKey("audio.id"), primary_key=True),
+    _ts("added_at"),
+)
+
+dataset_source = sa.Table(
+    "dataset_source",
+    metadata,
+    sa.Column("dataset_id", sa.BigInteger, sa.ForeignKey("dataset.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("kind", sa.Text, nullable=False),
+    sa.Column("location", sa.Text, primary_key=True),
+    _ts("first_ingested_at"),
+    _ts("last_ingested_at"),
+)
+
+run_dataset = sa.Table(
+    "run_dataset",
+    metadata,
+    sa.Column("run_id", sa.BigInteger, sa.ForeignKey("label_run.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("dataset_id", sa.BigInteger, sa.ForeignKey("dataset.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("n_items", sa.Integer, nullable=False, server_default="0"),
+)
+
+model_version_test = sa.Table(
+    "model_version_test",
+    metadata,
+    sa.Column(
+        "version_id", sa.BigInteger, sa.ForeignKey("model_version.id", ondelete="CASCADE"), primary_key=True
+    ),
+    sa.Column("dataset_id", sa.BigInteger, sa.ForeignKey("dataset.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("base_run_id", sa.BigInteger, sa.ForeignKey("label_run.id")),
+    sa.Column("candidate_run_id", sa.BigInteger, sa.ForeignKey("label_run.id")),
 )
 
 # --- Views ---------------------------------------------------------------------------------------------
@@ -424,9 +475,50 @@ model_version_quality = _view(
     sa.Column("heldout_references", sa.Float),
     sa.Column("base_error_rate", sa.Float),
     sa.Column("candidate_error_rate", sa.Float),
+    sa.Column("test_datasets", ARRAY(sa.Text)),  # 0007: the test datasets it was also evaluated on
+)
+
+# 0007_datasets: one row per dataset (clips, labelled per task, gold / references).
+dataset_summary = _view(
+    "dataset_summary",
+    sa.Column("dataset_id", sa.BigInteger),
+    sa.Column("name", sa.Text),
+    sa.Column("split", sa.Text),
+    sa.Column("tasks", ARRAY(sa.Text)),
+    sa.Column("created_at", sa.DateTime(timezone=True)),
+    sa.Column("clips", sa.BigInteger),
+    sa.Column("audio_seconds", sa.Float),
+    sa.Column("asr_labelled", sa.BigInteger),
+    sa.Column("cry_labelled", sa.BigInteger),
+    sa.Column("asr_references", sa.BigInteger),
+    sa.Column("cry_gold", sa.BigInteger),
+    sa.Column("cry_gold_yes", sa.BigInteger),
+    sa.Column("cry_gold_no", sa.BigInteger),
+)
+
+# 0007_datasets: a version's held-out and test-dataset evaluations side by side.
+model_version_evaluation = _view(
+    "model_version_evaluation",
+    sa.Column("name", sa.Text),
+    sa.Column("task", sa.Text),
+    sa.Column("status", sa.Text),
+    sa.Column("evaluated_on", sa.Text),
+    sa.Column("dataset_id", sa.BigInteger),
+    sa.Column("base_run_id", sa.BigInteger),
+    sa.Column("candidate_run_id", sa.BigInteger),
+    sa.Column("n_gold", sa.Float),
+    sa.Column("n_reference", sa.Float),
+    sa.Column("base_roc_auc", sa.Float),
+    sa.Column("candidate_roc_auc", sa.Float),
+    sa.Column("base_f1", sa.Float),
+    sa.Column("candidate_f1", sa.Float),
+    sa.Column("base_accuracy", sa.Float),
+    sa.Column("candidate_accuracy", sa.Float),
+    sa.Column("base_error_rate", sa.Float),
+    sa.Column("candidate_error_rate", sa.Float),
 )
 
 VIEWS: tuple[sa.Table, ...] = (
     run_progress, audio_path, cry_gold, asr_reference, latest_label, review_queue, run_quality,
-    model_version_quality,
+    model_version_quality, dataset_summary, model_version_evaluation,
 )  # fmt: skip

@@ -18,7 +18,7 @@ from sqlalchemy.engine import Engine
 from qwen_tasks.store import database as db
 
 DATA_TABLES = (
-    "model_version, finetune_split, run_metric, human_label, label_failure, cry_answer, transcription, "
+    "dataset, model_version, finetune_split, run_metric, human_label, label_failure, cry_answer, transcription, "
     "label_job_item, label_job, label_run, manifest_item, audio_file, audio"
 )
 

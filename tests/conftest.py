@@ -18,8 +18,8 @@ from sqlalchemy.engine import Engine
 from qwen_tasks.store import database as db
 
 DATA_TABLES = (
-    "dataset, model_version, finetune_split, run_metric, human_label, label_failure, cry_answer, transcription, "
-    "label_job_item, label_job, label_run, manifest_item, audio_file, audio"
+    "dataset, model_version, finetune_split, run_metric, human_label, label_failure, cry_answer, "
+    "transcription, label_job_item, label_job, label_run, manifest_item, audio_file, audio"
 )
 
 

@@ -3,14 +3,18 @@
 The loop `qwen-tasks finetune` and the `qwen_audio_finetune` DAG run, one function per step:
 1. `prepare`: the labelled audio of a task from the review views — a human label (Label Studio import)
    wins over the manifest's gold / reference (views cry_gold, asr_reference); nothing the model itself
-   said is ever a training answer. The train / held-out split is by audio content (sha256), stratified by
-   label for cry, stored in `finetune_split` and kept, so held-out audio is never trained on by any
-   version. Too few labelled clips per class, or a single class, is refused with one line.
+   said is ever a training answer. Only clips of the train-split datasets in scope (`--dataset`, default
+   all train datasets of the task) are used, and never a clip of any `test` dataset, whatever its gold.
+   The train / held-out split is by audio content (sha256), stratified by label for cry, stored in
+   `finetune_split` and kept, so held-out audio is never trained on by any version. Too few labelled
+   clips per class, or a single class, is refused with one line.
 2. `train_version`: LoRA on the training part only (`qwen_tasks.review.trainer`), with the labelling prompt of
    the run that will use it; the adapter is written atomically and registered (`model_version`).
 3. `evaluate_version`: two real labelling runs (purpose 'evaluation') over the held-out audio — the base
-   model, and base + adapter loaded from disk through the normal backend path — and their metrics.
-4. `decide`: the gate (`registry.gate`) sets `candidate` or `rejected`; promotion is optional.
+   model, and base + adapter loaded from disk through the normal backend path — and their metrics; the
+   same two runs over each test dataset's labelled clips (`model_version_test`), reported side by side.
+4. `decide`: the gate (`registry.gate`, on the held-out split only) sets `candidate` or `rejected`;
+   promotion is optional.
 Only ids, names and counts go between steps (XCom in the DAG).
 """
 
@@ -37,7 +41,17 @@ from qwen_tasks.errors import ConfigError
 from qwen_tasks.labelling import jobs, registry
 from qwen_tasks.records import LabelRequest, ModelVersionStatus, RunStatus
 from qwen_tasks.store.database import transaction
-from qwen_tasks.store.schema import asr_reference, audio, audio_file, cry_gold, finetune_split, model_version
+from qwen_tasks.store.schema import (
+    asr_reference,
+    audio,
+    audio_file,
+    cry_gold,
+    dataset,
+    dataset_audio,
+    finetune_split,
+    model_version,
+    model_version_test,
+)
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +74,8 @@ class FinetuneOptions:
     targets: tuple[str, ...] = ("lm", "projector")
     batch_size: int = 8
     max_clips: int | None = None
+    datasets: tuple[str, ...] = ()  # train scope; () = every train dataset labelled for the task
+    test_datasets: tuple[str, ...] = ()  # () = every test dataset of the task with labelled clips
     min_clips: int = 20
     heldout_fraction: float = 0.33
     min_improvement: float = registry.DEFAULT_MIN_IMPROVEMENT
@@ -88,6 +104,10 @@ class FinetuneOptions:
             raise ConfigError(f"--eval-method must be score or both, got {self.eval_method!r}")
         if self.name:
             registry.check_name(self.name)
+        for flag, names in (("--dataset", self.datasets), ("--test-dataset", self.test_datasets)):
+            bad = [n for n in names if not isinstance(n, str) or not n]
+            if bad:
+                raise ConfigError(f"{flag} takes dataset names, got {bad[0]!r}")
         self.train_config()  # validates the hyper-parameters
 
     def train_config(self) -> Any:
@@ -137,6 +157,8 @@ class FinetuneOptions:
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["targets"] = list(self.targets)
+        out["datasets"] = list(self.datasets)
+        out["test_datasets"] = list(self.test_datasets)
         return out
 
 
@@ -168,6 +190,22 @@ def dag_param_specs(settings: Any = None) -> dict[str, dict[str, Any]]:
         "lr": {"default": d.lr, "type": "number", "exclusiveMinimum": 0, "maximum": 1, "title": "LR"},
         "rank": {"default": d.rank, "type": "integer", "minimum": 1, "maximum": 256, "title": "LoRA rank"},
         "max_clips": {"default": None, "type": ["null", "integer"], "minimum": 2, "title": "Max clips"},
+        "datasets": {
+            "default": list(d.datasets),
+            "type": "array",
+            "items": {"type": "string", "pattern": f"^{registry.NAME_PATTERN}$"},
+            "title": "Train datasets",
+            "description": "Train on these train-split datasets only. Empty: every train dataset "
+            "of the task.",
+        },
+        "test_datasets": {
+            "default": list(d.test_datasets),
+            "type": "array",
+            "items": {"type": "string", "pattern": f"^{registry.NAME_PATTERN}$"},
+            "title": "Test datasets",
+            "description": "Also evaluate on these test datasets (never trained on). Empty: every test "
+            "dataset of the task with labelled clips.",
+        },
         "min_improvement": {
             "default": d.min_improvement,
             "type": "number",
@@ -219,6 +257,8 @@ class Prepared:
     heldout: dict[str, int] = field(default_factory=dict)
     skipped: dict[str, int] = field(default_factory=dict)
     sources: dict[str, int] = field(default_factory=dict)
+    datasets: list[str] = field(default_factory=list)  # the train datasets in scope
+    test_datasets: list[str] = field(default_factory=list)  # evaluated on beside the held-out split
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -227,8 +267,98 @@ class Prepared:
 # --- 1. data and split ------------------------------------------------------------------------------------
 
 
-def labelled_rows(engine: Engine, options: FinetuneOptions) -> tuple[list[Row], dict[str, int]]:
-    """Labelled audio of the task (human first, then manifests) with a readable path, <= 30 s."""
+@dataclass(frozen=True)
+class Scope:
+    """The datasets a fine-tune uses: name -> id of the train datasets it trains on (their clips, minus any
+    clip of a test dataset) and of the test datasets it is evaluated on beside the held-out split."""
+
+    train: dict[str, int]
+    test: dict[str, int]
+
+
+def _labelled(task: str, language: str) -> Any:
+    """SELECT audio_id of the audio with a training answer for `task` (gold label / reference)."""
+    if task == "cry":
+        return sa.select(cry_gold.c.audio_id)
+    return sa.select(asr_reference.c.audio_id).where(
+        asr_reference.c.reference_text.is_not(None),
+        sa.or_(asr_reference.c.language.is_(None), asr_reference.c.language == language),
+    )
+
+
+def resolve_scope(engine: Engine, options: FinetuneOptions) -> Scope:
+    """Check the dataset names (`--dataset`, `--test-dataset`) and fill in the defaults; one-line
+    ConfigError for an unknown name, a name of the wrong split, or a dataset not labelled for the task."""
+    task = options.task
+    with engine.connect() as conn:
+        query = sa.select(dataset.c.id, dataset.c.name, dataset.c.split, dataset.c.tasks)
+        known = {r.name: r for r in conn.execute(query)}
+        labelled_sets = set(
+            conn.execute(
+                sa.select(dataset_audio.c.dataset_id)
+                .where(dataset_audio.c.audio_id.in_(_labelled(task, options.language)))
+                .distinct()
+            ).scalars()
+        )
+    checks = (("--dataset", options.datasets, "train"), ("--test-dataset", options.test_datasets, "test"))
+    for flag, names, split in checks:
+        for name in names:
+            row = known.get(name)
+            if row is None:
+                have = ", ".join(sorted(known)[:10]) + (" ..." if len(known) > 10 else "")
+                raise ConfigError(f"{flag} {name}: no dataset of that name (there are: {have or 'none'})")
+            if row.split != split:
+                why = (
+                    "its clips are never trained on (evaluate on it with --test-dataset)"
+                    if split == "train"
+                    else "ingest it with --split test to evaluate on it (--dataset trains on it)"
+                )
+                raise ConfigError(f"{flag} {name}: it is a {row.split} dataset; {why}")
+            if task not in row.tasks:
+                raise ConfigError(
+                    f"{flag} {name}: the dataset is not labelled for {task} "
+                    f"(its tasks: {', '.join(row.tasks)})"
+                )
+            if split == "test" and row.id not in labelled_sets:
+                raise ConfigError(
+                    f"--test-dataset {name}: none of its clips has a "
+                    f"{'gold label' if task == 'cry' else 'reference transcript'}; nothing to evaluate on"
+                )
+
+    def pick(names: tuple[str, ...], split: str, need_labels: bool) -> dict[str, int]:
+        if names:
+            return {n: int(known[n].id) for n in dict.fromkeys(names)}
+        return {
+            n: int(r.id)
+            for n, r in sorted(known.items())
+            if r.split == split and task in r.tasks and (not need_labels or r.id in labelled_sets)
+        }
+
+    scope = Scope(pick(options.datasets, "train", False), pick(options.test_datasets, "test", True))
+    if not scope.train:
+        raise ConfigError(
+            f"cannot fine-tune {task}: no train dataset is labelled for {task} (ingest audio with "
+            f"--dataset NAME --tasks {task})"
+        )
+    return scope
+
+
+def _in_datasets(ids: Any) -> Any:
+    """EXISTS: the audio (audio.c.id) belongs to one of the dataset ids (a list or a subquery)."""
+    return sa.exists().where(dataset_audio.c.audio_id == audio.c.id, dataset_audio.c.dataset_id.in_(ids))
+
+
+def _test_set_ids() -> Any:
+    """SELECT id of every test dataset (a clip in any of them is never a training row)."""
+    return sa.select(dataset.c.id).where(dataset.c.split == "test")
+
+
+def labelled_rows(
+    engine: Engine, options: FinetuneOptions, scope: Scope | None = None
+) -> tuple[list[Row], dict[str, int]]:
+    """Labelled audio of the task (human first, then manifests) in the train scope's datasets and in no
+    test dataset, with a readable path, <= 30 s. Skipped counts say why the other labelled clips are out."""
+    scope = scope or resolve_scope(engine, options)
     if options.task == "cry":
         query = sa.select(
             cry_gold.c.audio_id,
@@ -253,11 +383,20 @@ def labelled_rows(engine: Engine, options: FinetuneOptions) -> tuple[list[Row], 
             )
         )
     readable = sa.exists().where(audio_file.c.audio_id == audio.c.id, audio_file.c.status == "ok")
-    skipped = {"over_30s": 0, "no_readable_file": 0}
+    query = query.add_columns(
+        readable.label("readable"),
+        _in_datasets(_test_set_ids()).label("in_test"),
+        _in_datasets(list(scope.train.values())).label("in_scope"),
+    )
+    skipped = {"in_test_dataset": 0, "outside_datasets": 0, "over_30s": 0, "no_readable_file": 0}
     rows: list[Row] = []
     with engine.connect() as conn:
-        for r in conn.execute(query.add_columns(readable.label("readable")).order_by(audio.c.id)):
-            if not r.readable:
+        for r in conn.execute(query.order_by(audio.c.id)):
+            if r.in_test:  # a test clip is never trained on, whatever its gold and other datasets
+                skipped["in_test_dataset"] += 1
+            elif not r.in_scope:
+                skipped["outside_datasets"] += 1
+            elif not r.readable:
                 skipped["no_readable_file"] += 1
             elif float(r.duration_s) > MAX_SECONDS:
                 skipped["over_30s"] += 1
@@ -274,11 +413,23 @@ def split_key(task: str, sha256: str) -> str:
 
 def assign_split(engine: Engine, task: str, rows: Sequence[Row], fraction: float) -> dict[int, str]:
     """audio_id -> 'train' | 'heldout' for `rows`: stored assignments are kept, new audio is assigned so
-    each class keeps about `fraction` held out (lowest split keys first). Serialised per task."""
+    each class keeps about `fraction` held out (lowest split keys first). Serialised per task. A clip of a
+    test dataset is never assigned (checked again here, under the lock) and is left out of the result:
+    its stored 'train' row, if it joined a test set later, is ignored."""
     with transaction(engine) as conn:
         conn.execute(
             sa.select(sa.func.pg_advisory_xact_lock(sa.func.hashtextextended(f"qwen_tasks.split:{task}", 0)))
         )
+        if rows:
+            in_test = set(
+                conn.execute(
+                    sa.select(dataset_audio.c.audio_id).where(
+                        dataset_audio.c.audio_id.in_([r.audio_id for r in rows]),
+                        dataset_audio.c.dataset_id.in_(_test_set_ids()),
+                    )
+                ).scalars()
+            )
+            rows = [r for r in rows if r.audio_id not in in_test]
         query = sa.select(finetune_split.c.audio_id, finetune_split.c.part).where(
             finetune_split.c.task == task
         )
@@ -316,7 +467,8 @@ def _counts(rows: Sequence[Row]) -> dict[str, int]:
 
 def prepare(engine: Engine, options: FinetuneOptions) -> tuple[Prepared, list[Row], list[Row]]:
     """Labelled rows split into (train, held-out), after the checks that make training meaningful."""
-    rows, skipped = labelled_rows(engine, options)
+    scope = resolve_scope(engine, options)
+    rows, skipped = labelled_rows(engine, options, scope)
     counts = _counts(rows)
     what = "labelled clips" if options.task == "cry" else "clips with a reference transcript"
     if options.task == "cry":
@@ -339,6 +491,10 @@ def prepare(engine: Engine, options: FinetuneOptions) -> tuple[Prepared, list[Ro
             f"{options.min_clips} (--min-clips)"
         )
     parts = assign_split(engine, options.task, rows, options.heldout_fraction)
+    joined_test = [r for r in rows if r.audio_id not in parts]  # joined a test set since labelled_rows
+    if joined_test:
+        skipped["in_test_dataset"] += len(joined_test)
+        rows = [r for r in rows if r.audio_id in parts]
     train = [r for r in rows if parts[r.audio_id] == "train"]
     heldout = [r for r in rows if parts[r.audio_id] == "heldout"]
     if options.max_clips is not None and len(train) > options.max_clips:
@@ -353,7 +509,13 @@ def prepare(engine: Engine, options: FinetuneOptions) -> tuple[Prepared, list[Ro
     for r in train:
         sources[r.source] = sources.get(r.source, 0) + 1
     prepared = Prepared(
-        options.task, _counts(train), _counts(heldout), skipped, dict(sorted(sources.items()))
+        options.task,
+        _counts(train),
+        _counts(heldout),
+        skipped,
+        dict(sorted(sources.items())),
+        list(scope.train),
+        list(scope.test),
     )
     return prepared, train, heldout
 
@@ -372,17 +534,35 @@ def _stratified_head(rows: Sequence[Row], n: int, task: str) -> list[Row]:
     return out
 
 
-def heldout_ids(engine: Engine, task: str) -> list[int]:
-    """Held-out audio of `task` that currently has a label (what evaluation runs label)."""
-    labelled = cry_gold if task == "cry" else asr_reference
+def heldout_ids(engine: Engine, options: FinetuneOptions, scope: Scope | None = None) -> list[int]:
+    """Held-out audio of the task in the train scope that currently has a label (what the held-out
+    evaluation runs label): the stored split's 'heldout' side of `labelled_rows`."""
+    rows, _ = labelled_rows(engine, options, scope)
+    with engine.connect() as conn:
+        held = set(
+            conn.execute(
+                sa.select(finetune_split.c.audio_id).where(
+                    finetune_split.c.task == options.task, finetune_split.c.part == "heldout"
+                )
+            ).scalars()
+        )
+    return sorted(r.audio_id for r in rows if r.audio_id in held)
+
+
+def evaluation_set_ids(engine: Engine, options: FinetuneOptions, dataset_id: int) -> list[int]:
+    """The clips of a (test) dataset with a gold label / reference for the task and a readable path: what
+    its evaluation runs label."""
+    readable = sa.exists().where(
+        audio_file.c.audio_id == dataset_audio.c.audio_id, audio_file.c.status == "ok"
+    )
     with engine.connect() as conn:
         return sorted(
             int(a)
             for a in conn.execute(
-                sa.select(finetune_split.c.audio_id).where(
-                    finetune_split.c.task == task,
-                    finetune_split.c.part == "heldout",
-                    finetune_split.c.audio_id.in_(sa.select(labelled.c.audio_id)),
+                sa.select(dataset_audio.c.audio_id).where(
+                    dataset_audio.c.dataset_id == dataset_id,
+                    dataset_audio.c.audio_id.in_(_labelled(options.task, options.language)),
+                    readable,
                 )
             ).scalars()
         )
@@ -521,12 +701,15 @@ def train_version(
                     "skipped": prepared.skipped,
                     "sources": prepared.sources,
                     "examples": len(examples),
+                    "datasets": prepared.datasets,
                 },
                 "hyperparams": {
                     **options.train_config().to_dict(),
                     "max_clips": options.max_clips,
                     "heldout_fraction": options.heldout_fraction,
                     "min_clips": options.min_clips,
+                    "datasets": list(options.datasets),
+                    "test_datasets": list(options.test_datasets),
                     "device": info.device,
                     "dtype": info.dtype,
                 },
@@ -559,10 +742,16 @@ def _free_memory() -> None:
 
 
 def evaluation_run(
-    engine: Engine, version: registry.ModelVersion, opts: FinetuneOptions, role: str, audio_ids: Sequence[int]
+    engine: Engine,
+    version: registry.ModelVersion,
+    opts: FinetuneOptions,
+    role: str,
+    audio_ids: Sequence[int],
+    evaluated_on: str = "heldout",
 ) -> int:
     """One real labelling run (purpose 'evaluation') of the base model or of the version (base + its
-    adapter, loaded from disk through the normal backend path) over `audio_ids`; returns its id."""
+    adapter, loaded from disk through the normal backend path) over `audio_ids` (the held-out split or a
+    test dataset's labelled clips, named by `evaluated_on`); returns its id."""
     from qwen_tasks.labelling.backends import planned_model_info
     from qwen_tasks.labelling.worker import Until, backend_for_run, work
 
@@ -597,11 +786,12 @@ def evaluation_run(
             **choice.params,
             "model_version": version.name,
             "role": role,
+            "evaluated_on": evaluated_on,
         },
     )
     if plan.run_id is None:
         raise ConfigError(
-            f"{version.name}: nothing planned for the {role} evaluation (held-out audio in use?)"
+            f"{version.name}: nothing planned for the {role} evaluation on {evaluated_on} (audio in use?)"
         )
     summary = work(engine, plan.run_id, backend_for_run(opts.device, opts.dtype), until=Until.DRAINED)
     if summary.run_status != RunStatus.DONE:
@@ -612,42 +802,74 @@ def evaluation_run(
     return plan.run_id
 
 
-def evaluate_version(engine: Engine, name: str, options: FinetuneOptions) -> dict[str, Any]:
-    """Label the held-out audio with the base model and with the version (two real runs), compute and
-    store their metrics and the gate decision on the version. Returns run ids, metrics and the gate."""
+KEEP_METRICS = (
+    "run_id",
+    "n_results",
+    "n_gold",
+    "n_reference",
+    "score.roc_auc",
+    "score.f1",
+    "score.accuracy",
+    "generate.accuracy",
+    "generate.unknown_rate",
+    "wer",
+    "cer",
+    "error_rate",
+)
+
+
+def _evaluate_pair(
+    engine: Engine,
+    version: registry.ModelVersion,
+    opts: FinetuneOptions,
+    ids: Sequence[int],
+    evaluated_on: str,
+) -> tuple[dict[str, int], dict[str, dict[str, Any]]]:
+    """Base and candidate runs over `ids`, then their metrics (the figures kept with the version)."""
     from qwen_tasks.labelling.backends import get_backend
     from qwen_tasks.quality.metrics import compute_run_metrics
 
+    runs = {
+        role: evaluation_run(engine, version, opts, role, ids, evaluated_on) for role in ("base", "candidate")
+    }
+    get_backend.cache_clear()
+    _free_memory()
+    metrics = {role: compute_run_metrics(engine, run_id) for role, run_id in runs.items()}
+    return runs, {role: {k: m.get(k) for k in KEEP_METRICS if k in m} for role, m in metrics.items()}
+
+
+def evaluate_version(engine: Engine, name: str, options: FinetuneOptions) -> dict[str, Any]:
+    """Label the held-out audio with the base model and with the version (two real runs), compute and
+    store their metrics and the gate decision on the version; then the same two runs on each test dataset
+    (`model_version_test`, metrics["test"][name]), reported beside the held-out figures. The gate decides
+    on the held-out split only: a test set is a fixed yardstick, not a second gate. Returns run ids,
+    metrics and the gate."""
     version = registry.require_version(engine, name)
-    ids = heldout_ids(engine, version.task)
-    if not ids:
-        raise ConfigError(f"{name}: no labelled held-out audio to evaluate on")
     opts = replace(
         options,
         task=version.task,
         question=version.request.get("question", options.question),
         language=version.request.get("language", options.language),
     )
-    runs = {role: evaluation_run(engine, version, opts, role, ids) for role in ("base", "candidate")}
-    get_backend.cache_clear()
-    _free_memory()
-    metrics = {role: compute_run_metrics(engine, run_id) for role, run_id in runs.items()}
-    result = registry.gate(version.task, metrics["base"], metrics["candidate"], opts.min_improvement)
-    keep = (
-        "run_id",
-        "n_results",
-        "n_gold",
-        "n_reference",
-        "score.roc_auc",
-        "score.f1",
-        "score.accuracy",
-        "generate.accuracy",
-        "generate.unknown_rate",
-        "wer",
-        "cer",
-        "error_rate",
-    )
-    stored = {role: {k: m.get(k) for k in keep if k in m} for role, m in metrics.items()}
+    scope = resolve_scope(engine, opts)
+    ids = heldout_ids(engine, opts, scope)
+    if not ids:
+        raise ConfigError(f"{name}: no labelled held-out audio to evaluate on")
+    runs, stored = _evaluate_pair(engine, version, opts, ids, "heldout")
+    result = registry.gate(version.task, stored["base"], stored["candidate"], opts.min_improvement)
+    tests: dict[str, dict[str, Any]] = {}
+    for set_name, dataset_id in scope.test.items():
+        set_ids = evaluation_set_ids(engine, opts, dataset_id)
+        if not set_ids:  # e.g. its only labelled clips lost their files since resolve_scope
+            log.warning("%s: test dataset %s has no readable labelled clips; not evaluated", name, set_name)
+            continue
+        set_runs, set_metrics = _evaluate_pair(engine, version, opts, set_ids, set_name)
+        tests[set_name] = {
+            "dataset_id": dataset_id,
+            "base_run_id": set_runs["base"],
+            "candidate_run_id": set_runs["candidate"],
+            **set_metrics,
+        }
     status = ModelVersionStatus.CANDIDATE if result.passed else ModelVersionStatus.REJECTED
     with transaction(engine) as conn:
         conn.execute(
@@ -656,17 +878,36 @@ def evaluate_version(engine: Engine, name: str, options: FinetuneOptions) -> dic
             .values(
                 base_run_id=runs["base"],
                 candidate_run_id=runs["candidate"],
-                metrics={**stored, "gate": result.to_dict()},
+                metrics={
+                    **stored,
+                    "gate": result.to_dict(),
+                    "test": {n: {"base": t["base"], "candidate": t["candidate"]} for n, t in tests.items()},
+                },
                 status=status,
                 status_reason="; ".join(result.reasons),
             )
         )
+        conn.execute(model_version_test.delete().where(model_version_test.c.version_id == version.id))
+        if tests:
+            conn.execute(
+                model_version_test.insert(),
+                [
+                    {
+                        "version_id": version.id,
+                        "dataset_id": t["dataset_id"],
+                        "base_run_id": t["base_run_id"],
+                        "candidate_run_id": t["candidate_run_id"],
+                    }
+                    for t in tests.values()
+                ],
+            )
     return {
         "base_run_id": runs["base"],
         "candidate_run_id": runs["candidate"],
         **stored,
         "gate": result.to_dict(),
         "status": str(status),
+        "test": tests,
     }
 
 
@@ -690,6 +931,9 @@ class FinetuneSummary:
     base: dict[str, Any] = field(default_factory=dict)
     candidate: dict[str, Any] = field(default_factory=dict)
     gate: dict[str, Any] = field(default_factory=dict)
+    # test dataset name -> {"dataset_id", "base_run_id", "candidate_run_id", "base": {..}, "candidate": {..}}
+    test: dict[str, dict[str, Any]] = field(default_factory=dict)
+    datasets: list[str] = field(default_factory=list)  # the train datasets in scope
     promoted: bool = False
     wall_seconds: float = 0.0
 
@@ -710,7 +954,10 @@ def run_finetune(
     options = options.resolved()
     trained = train_version(engine, options, progress=progress, on_prepared=on_prepared)
     if on_step is not None:
-        on_step(f"adapter saved to {trained.adapter_path}; evaluating base and candidate on held-out audio")
+        tests = "".join(f", then on test dataset {n}" for n in trained.prepared.test_datasets)
+        on_step(
+            f"adapter saved to {trained.adapter_path}; evaluating base and candidate on held-out audio{tests}"
+        )
     evaluation = evaluate_version(engine, trained.name, options)
     promoted = False
     if options.promote and evaluation["gate"]["passed"]:
@@ -734,6 +981,8 @@ def run_finetune(
         base=evaluation["base"],
         candidate=evaluation["candidate"],
         gate=evaluation["gate"],
+        test=evaluation["test"],
+        datasets=trained.prepared.datasets,
         promoted=promoted,
         wall_seconds=time.perf_counter() - started,
     )

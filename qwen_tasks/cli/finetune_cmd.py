@@ -30,6 +30,14 @@ def finetune(
     ),
     batch_size: int = typer.Option(_D.batch_size, "--batch-size", min=1, help="Clips per optimiser step."),
     max_clips: int = typer.Option(None, "--max-clips", min=2, help="Train on at most N clips (stratified)."),
+    datasets: list[str] = typer.Option(  # noqa: B008 - typer's idiom
+        None, "--dataset", help="Train on this train dataset only (repeat; default: all train datasets)."
+    ),
+    test_datasets: list[str] = typer.Option(  # noqa: B008 - typer's idiom
+        None,
+        "--test-dataset",
+        help="Also evaluate on this test dataset (repeat; default: every labelled test dataset of the task).",
+    ),
     min_clips: int = typer.Option(_D.min_clips, "--min-clips", min=1, help="Refuse with fewer per class."),
     heldout: float = typer.Option(_D.heldout_fraction, "--heldout-fraction", help="Share held out (stored)."),
     min_improvement: float = typer.Option(
@@ -49,10 +57,12 @@ def finetune(
 ) -> None:
     """Fine-tune a LoRA adapter on reviewed labels, evaluate base vs candidate on held-out audio, register it.
 
-    Training rows: human labels first, then manifest gold / references; a stored, content-based train /
-    held-out split. Ends with two real labelling runs over the held-out audio (base, candidate) and the
-    gate: the version is `candidate` if it beats the base by --min-improvement, else `rejected`.
-    Example: qwen-tasks finetune --task cry --base ./tiny --epochs 2 --device cpu --promote
+    Training rows: human labels first, then manifest gold / references, from the train datasets in scope
+    and never from a clip of any test dataset; a stored, content-based train / held-out split. Ends with
+    two real labelling runs over the held-out audio (base, candidate) and the gate: the version is
+    `candidate` if it beats the base by --min-improvement, else `rejected`; the same two runs on each test
+    dataset are reported side by side (the gate stays on the held-out split).
+    Example: qwen-tasks finetune --task cry --base ./tiny --epochs 2 --device cpu --test-dataset eval
     """
     from qwen_tasks.config import get_settings
     from qwen_tasks.review.finetune import run_finetune
@@ -61,7 +71,8 @@ def finetune(
     options = FinetuneOptions(
         task=task, base=base or "", base_revision=revision, name=name or "", epochs=epochs, lr=lr, rank=rank,
         alpha=alpha, targets=tuple(t.strip() for t in targets.split(",") if t.strip()), batch_size=batch_size,
-        max_clips=max_clips, min_clips=min_clips, heldout_fraction=heldout, min_improvement=min_improvement,
+        max_clips=max_clips, datasets=tuple(datasets or ()), test_datasets=tuple(test_datasets or ()),
+        min_clips=min_clips, heldout_fraction=heldout, min_improvement=min_improvement,
         promote=promote, device=device or settings.device, dtype=dtype, question=question, language=language,
         eval_method=eval_method, seed=seed, out_dir=out,
     )  # fmt: skip
@@ -70,8 +81,9 @@ def finetune(
 
     def prepared(p: Any) -> None:
         console.print(
-            f"training on {sum(p.train.values())} clips {p.train}, held out {sum(p.heldout.values())} "
-            f"{p.heldout}; left out {p.skipped}; sources {p.sources}",
+            f"training on {sum(p.train.values())} clips {p.train} of {', '.join(p.datasets)}, held out "
+            f"{sum(p.heldout.values())} {p.heldout}; left out {p.skipped}; sources {p.sources}; test "
+            f"datasets: {', '.join(p.test_datasets) or 'none'}",
             highlight=False,
             soft_wrap=True,
         )
@@ -84,6 +96,7 @@ def finetune(
         print_json(summary.to_dict())
     for line in summary.gate.get("reasons", []):
         console.print(f"  {line}", highlight=False)
+    _wide(console).print(evaluation_table(summary.task, _evaluations(summary)))
     state = ModelVersionStatus.PROMOTED if summary.promoted else summary.status
     console.print(
         f"{summary.name}: {state} ({summary.steps} steps in {summary.train_seconds:.1f} s; held-out runs "
@@ -92,6 +105,54 @@ def finetune(
         highlight=False,
         soft_wrap=True,
     )
+
+
+def _evaluations(summary: Any) -> list[dict[str, Any]]:
+    """Held-out and test-set figures of a FinetuneSummary in the shape of registry.evaluations()."""
+
+    def row(name: str, base: dict[str, Any], candidate: dict[str, Any]) -> dict[str, Any]:
+        keys = {"roc_auc": "score.roc_auc", "f1": "score.f1", "accuracy": "score.accuracy"}
+        keys["error_rate"] = "error_rate"
+        return {
+            "evaluated_on": name,
+            "n_gold": base.get("n_gold"),
+            "n_reference": base.get("n_reference"),
+            "base": {k: base.get(v) for k, v in keys.items()},
+            "candidate": {k: candidate.get(v) for k, v in keys.items()},
+        }
+
+    out = [row("heldout (gate)", summary.base, summary.candidate)]
+    out += [row(name, t["base"], t["candidate"]) for name, t in summary.test.items()]
+    return out
+
+
+def evaluation_table(task: str, evaluations: list[dict[str, Any]], version: str | None = None) -> Table:
+    """Base vs candidate side by side per evaluation set (held-out split, then each test dataset): AUC,
+    F1 and accuracy of `score` for cry, the error rate (WER/CER) for asr."""
+    cry = (("roc_auc", "AUC"), ("f1", "F1"), ("accuracy", "accuracy"))
+    figures = cry if task == "cry" else (("error_rate", "WER/CER"),)
+    table = Table(title="base vs fine-tuned, side by side" + (f": {version}" if version else ""))
+    table.add_column("evaluated on")
+    table.add_column("clips", justify="right")
+    for _, label in figures:
+        table.add_column(f"{label} base", justify="right")
+        table.add_column(f"{label} tuned", justify="right")
+    for e in evaluations:
+        n = e.get("n_gold") if task == "cry" else e.get("n_reference")
+        cells = [e["evaluated_on"], "-" if n is None else str(int(n))]
+        for key, _ in figures:
+            cells += [_figure(e["base"].get(key)), _figure(e["candidate"].get(key))]
+        table.add_row(*cells)
+    return table
+
+
+def _wide(out: Any) -> Any:
+    """`out`, or a 200-column console on the same stream when it is not a terminal (tables stay whole)."""
+    return out if out.is_terminal else type(out)(file=out.file, width=200)
+
+
+def _figure(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 class _TrainBar:
@@ -166,10 +227,11 @@ def models(
             _counts(r["heldout"]), _headline(r["task"], r["base"]), _headline(r["task"], r["candidate"]),
             {True: "passed", False: "failed"}.get(r["gate_passed"], "-"), str(r["created_at"])[:16],
         )  # fmt: skip
-    out = type(console)()
-    if not out.is_terminal:
-        out = type(console)(width=200)
+    out = _wide(type(console)())
     out.print(table)
+    for r in rows:
+        if len(r["evaluations"]) > 1:  # evaluated on test datasets too: held-out and each, side by side
+            out.print(evaluation_table(r["task"], r["evaluations"], r["name"]))
 
 
 def _counts(counts: dict[str, int] | None) -> str:

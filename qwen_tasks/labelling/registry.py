@@ -4,7 +4,9 @@ Owns the rules for which version labels production audio: a version is born a `c
 base on the held-out split by the margin) or `rejected` (it did not); `promote` makes it the one the
 nightly DAG uses for its task (the previous promoted version is retired in the same transaction), and
 is refused for a version that does not pass the gate unless forced — the force is recorded. Names are
-what users type (`label --model NAME`); `resolve_model` turns a name into base + adapter.
+what users type (`label --model NAME`); `resolve_model` turns a name into base + adapter. The gate looks
+at the held-out split only; a version's evaluations on test datasets (`model_version_test`) are reported
+beside it (`list_versions`, view `model_version_evaluation`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from sqlalchemy.engine import Connection, Engine
 from qwen_tasks.errors import ConfigError
 from qwen_tasks.records import ModelVersionStatus
 from qwen_tasks.store.database import transaction
-from qwen_tasks.store.schema import model_version
+from qwen_tasks.store.schema import model_version, model_version_evaluation
 
 NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}"  # also a CHECK in 0004_model_version.sql
 DEFAULT_MIN_IMPROVEMENT = 0.01
@@ -170,13 +172,53 @@ def promoted_version(engine: Engine, task: str) -> ModelVersion | None:
     return None if row is None else ModelVersion.from_row(row)
 
 
+EVALUATION_FIGURES = ("roc_auc", "f1", "accuracy", "error_rate")
+
+
+def evaluations(
+    engine: Engine | Connection, names: list[str] | None = None
+) -> dict[str, list[dict[str, Any]]]:
+    """Version name -> its evaluations from the view `model_version_evaluation`: the held-out split
+    first, then each test dataset by name; each {"evaluated_on", "dataset_id", run ids, "n_gold",
+    "n_reference", "base": {roc_auc, f1, accuracy, error_rate}, "candidate": {...}}."""
+    v = model_version_evaluation.c
+    query = sa.select(model_version_evaluation).order_by(
+        v.name, sa.case((v.dataset_id.is_(None), 0), else_=1), v.evaluated_on
+    )
+    if names is not None:
+        query = query.where(v.name.in_(names))
+    if isinstance(engine, Connection):
+        rows = engine.execute(query).all()
+    else:
+        with engine.connect() as conn:
+            rows = conn.execute(query).all()
+    out: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        m = r._mapping
+        out.setdefault(r.name, []).append(
+            {
+                "evaluated_on": r.evaluated_on,
+                "dataset_id": r.dataset_id,
+                "base_run_id": r.base_run_id,
+                "candidate_run_id": r.candidate_run_id,
+                "n_gold": None if r.n_gold is None else int(r.n_gold),
+                "n_reference": None if r.n_reference is None else int(r.n_reference),
+                "base": {k: m[f"base_{k}"] for k in EVALUATION_FIGURES},
+                "candidate": {k: m[f"candidate_{k}"] for k in EVALUATION_FIGURES},
+            }
+        )
+    return out
+
+
 def list_versions(engine: Engine, task: str | None = None) -> list[dict[str, Any]]:
-    """Every version, newest first, with its held-out comparison (for `qwen-tasks models`)."""
+    """Every version, newest first, with its held-out comparison and its evaluations (held-out and each
+    test dataset, from `model_version_evaluation`) for `qwen-tasks models`."""
     query = sa.select(model_version).order_by(model_version.c.id.desc())
     if task is not None:
         query = query.where(model_version.c.task == task)
     with engine.connect() as conn:
         rows = conn.execute(query).all()
+        evaluated = evaluations(conn, [r.name for r in rows])
     out = []
     for r in rows:
         gate_info = (r.metrics or {}).get("gate") or {}
@@ -198,6 +240,11 @@ def list_versions(engine: Engine, task: str | None = None) -> list[dict[str, Any
                 "gate_passed": gate_info.get("passed"),
                 "forced": r.forced,
                 "status_reason": r.status_reason,
+                "datasets": (r.counts or {}).get("datasets"),
+                "test_datasets": [
+                    e["evaluated_on"] for e in evaluated.get(r.name, []) if e["dataset_id"] is not None
+                ],
+                "evaluations": evaluated.get(r.name, []),
             }
         )
     return out

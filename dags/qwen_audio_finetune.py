@@ -3,18 +3,23 @@
 
 Makes the model better from what reviewers confirmed, and only keeps a version that is measurably better:
 
-1. **prepare**: the labelled audio of the task (human labels first, then manifest gold / references), the
-   stored train / held-out split (by audio content; held-out audio is never trained on); refuses with one
-   line when there are too few labelled clips or only one class;
+1. **prepare**: the labelled audio of the task (human labels first, then manifest gold / references) in
+   the train datasets of `datasets` (empty: every train dataset of the task), never a clip of any test
+   dataset; the stored train / held-out split (by audio content; held-out audio is never trained on);
+   refuses with one line when there are too few labelled clips, only one class, or a dataset name is
+   unknown / of the wrong split / not labelled for the task;
 2. **train** (pool `gpu`): a LoRA adapter on the training part, saved and registered in `model_version`;
 3. **evaluate** (pool `gpu`): two real labelling runs over the held-out audio — base and fine-tuned — and
-   the promotion gate (cry: ROC AUC and F1, ASR: error rate, by `min_improvement`);
+   the promotion gate (cry: ROC AUC and F1, ASR: error rate, by `min_improvement`); then the same two runs
+   over each test dataset of `test_datasets` (empty: every test dataset of the task with labelled clips),
+   reported beside the held-out figures (the gate stays on the held-out split);
 4. **promote** when `auto_promote` is on and the gate passed: the nightly `qwen_audio_labelling` DAG then
    labels with this version (its labels get a new revision, so everything is labelled again);
 5. **report**: base vs fine-tuned side by side on the same held-out audio.
 
 Only the version name, run ids and counts travel between tasks. Compare versions in SQL:
-`SELECT * FROM model_version_quality ORDER BY created_at DESC;`
+`SELECT * FROM model_version_quality ORDER BY created_at DESC;` and, held-out and test sets side by side,
+`SELECT * FROM model_version_evaluation WHERE name = '<version>';`
 """
 
 from __future__ import annotations
@@ -95,7 +100,8 @@ def qwen_audio_finetune():
 
     @task(pool="gpu", queue="gpu", execution_timeout=timedelta(hours=12))
     def evaluate(name: str) -> dict:
-        """Base and fine-tuned labelling runs over the held-out audio; metrics and the gate are stored."""
+        """Base and fine-tuned labelling runs over the held-out audio (metrics and the gate are stored), then
+        over each test dataset (model_version_test)."""
         from qwen_tasks.review.finetune import evaluate_version
 
         result = evaluate_version(_engine(), name, _options())
@@ -103,6 +109,10 @@ def qwen_audio_finetune():
             "name": name,
             "base_run_id": result["base_run_id"],
             "candidate_run_id": result["candidate_run_id"],
+            "test_runs": {
+                set_name: {"base_run_id": t["base_run_id"], "candidate_run_id": t["candidate_run_id"]}
+                for set_name, t in result["test"].items()
+            },
             "gate_passed": bool(result["gate"]["passed"]),
             "status": result["status"],
         }

@@ -12,16 +12,20 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
 import sqlalchemy as sa
-from labelling_helpers import count, run_cli
+from labelling_helpers import count, run_cli, write_clips
+from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.engine import Engine
 
 from qwen_tasks.dev.samples import write_cry_training_set
+from qwen_tasks.errors import ConfigError
 from qwen_tasks.ingest.register import ingest
 from qwen_tasks.labelling import registry
 from qwen_tasks.records import ModelVersionStatus
@@ -49,9 +53,60 @@ def noise_set(root: Path, n: int, seed: int = 1) -> Path:
     return manifest
 
 
-def ingest_manifest(engine: Engine, manifest: Path) -> None:
-    summary = ingest(engine, [manifest.parent], manifests=[(manifest, "aqa")])
+def ingest_into(
+    engine: Engine,
+    paths: Sequence[Path],
+    manifests: Sequence[tuple[Path, str]] = (),
+    *,
+    dataset: str,
+    split: str = "train",
+    tasks: Sequence[str] = ("cry",),
+) -> None:
+    """Ingest `paths` / `manifests` into the named dataset.
+
+    TEMPORARY until `ingest(..., dataset=, split=, tasks=)` lands on main: the dataset rows are written
+    here with SQLAlchemy Core (every audio under the ingested folders becomes a member)."""
+    summary = ingest(engine, list(paths), manifests=list(manifests))
     assert summary.quarantined == 0, summary.to_dict()
+    folders = [str(p.resolve()) for p in paths]
+    with engine.begin() as conn:
+        conn.execute(
+            insert(schema.dataset)
+            .values(name=dataset, split=split, tasks=list(tasks))
+            .on_conflict_do_nothing(index_elements=["name"])
+        )
+        dataset_id = conn.execute(
+            sa.select(schema.dataset.c.id).where(schema.dataset.c.name == dataset)
+        ).scalar_one()
+        members = (
+            sa.select(sa.literal(dataset_id), schema.audio_file.c.audio_id)
+            .where(
+                schema.audio_file.c.audio_id.is_not(None),
+                sa.or_(*(schema.audio_file.c.path.like(f"{f}/%") for f in folders)),
+            )
+            .distinct()
+        )
+        conn.execute(
+            insert(schema.dataset_audio)
+            .from_select(["dataset_id", "audio_id"], members)
+            .on_conflict_do_nothing()
+        )
+
+
+def ingest_manifest(engine: Engine, manifest: Path, dataset: str | None = None, split: str = "train") -> None:
+    """A cry manifest and its folder; the dataset is the manifest's stem unless named."""
+    ingest_into(engine, [manifest.parent], [(manifest, "aqa")], dataset=dataset or manifest.stem, split=split)
+
+
+def members(engine: Engine, name: str) -> set[int]:
+    with engine.connect() as conn:
+        return set(
+            conn.execute(
+                sa.select(schema.dataset_audio.c.audio_id)
+                .join(schema.dataset, schema.dataset.c.id == schema.dataset_audio.c.dataset_id)
+                .where(schema.dataset.c.name == name)
+            ).scalars()
+        )
 
 
 def options(model: Path, tmp_path: Path, **changes) -> FinetuneOptions:
@@ -253,3 +308,199 @@ def test_a_killed_finetune_leaves_no_promoted_row_and_can_run_again(
     version = registry.require_version(engine, "k1")
     assert version.metrics is not None and version.status is not ModelVersionStatus.PROMOTED
     assert (tmp_path / "k1" / "adapter_model.safetensors").is_file()
+
+
+# --- datasets: train scope, test sets never trained on, evaluations side by side --------------------------
+
+
+def _add_copies(manifest: Path, sources: dict[Path, str]) -> None:
+    """Append (copies of) other clips with their gold label to a cry manifest: same bytes, same audio."""
+    with manifest.open("a") as f:
+        for i, (src, gold) in enumerate(sources.items()):
+            name = f"copy_{i}.wav"
+            (manifest.parent / name).write_bytes(src.read_bytes())
+            f.write(json.dumps({"question": "Is there a baby crying?", "audio": name, "gt": gold}) + "\n")
+
+
+def _answered(engine: Engine, run_id: int) -> list[int]:
+    with engine.connect() as conn:
+        return sorted(
+            conn.execute(
+                sa.select(schema.cry_answer.c.audio_id).where(
+                    schema.cry_answer.c.run_id == run_id, schema.cry_answer.c.method == "score"
+                )
+            ).scalars()
+        )
+
+
+def test_a_test_dataset_is_never_trained_on_and_is_evaluated_beside_the_heldout_split(
+    engine: Engine, tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """The measured problem: an evaluation set ingested with gold labels became training data. Test clips
+    are never training rows — new ones, ones the stored split had put on the training side, and ones
+    added to the test set later — and every version is evaluated on the test set beside its held-out
+    split (two evaluation runs each, model_version_test, the views, `models --json`, the CLI table)."""
+    ingest_manifest(engine, write_cry_training_set(tmp_path / "train", n=40), dataset="train-a")
+    opts = options(tiny_model_dir, tmp_path, heldout_fraction=0.25)
+    first, train0, _ = finetune.prepare(engine, opts)  # stores the split: 30 training clips
+    assert first.train == {"no": 15, "yes": 15} and first.test_datasets == []
+    with engine.connect() as conn:
+        paths = dict(conn.execute(sa.select(schema.audio_path.c.audio_id, schema.audio_path.c.path)).all())
+    yes, no = (next(r for r in train0 if r.answer == a) for a in ("yes", "no"))
+    # the evaluation set arrives with gold: 12 new clips and copies of two stored training clips
+    eval_manifest = write_cry_training_set(tmp_path / "eval", n=12, seed=1)
+    _add_copies(eval_manifest, {Path(paths[yes.audio_id]): "yes", Path(paths[no.audio_id]): "no"})
+    ingest_manifest(engine, eval_manifest, dataset="eval", split="test")
+    test_ids = members(engine, "eval")
+    assert len(test_ids) == 14 and {yes.audio_id, no.audio_id} <= test_ids
+    assert _split(engine)[yes.audio_id] == "train"  # stored before it joined the test set
+
+    url = engine.url.render_as_string(hide_password=False)
+    args = ["finetune", "--task", "cry", "--base", str(tiny_model_dir), "--device", "cpu", "--name", "v2"]
+    args += ["--min-clips", "4", "--epochs", "1", "--heldout-fraction", "0.25", "--eval-method", "score"]
+    out = run_cli([*args, "--out", str(tmp_path / "v2"), "--json"], url)
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout)
+    assert summary["train"] == {"no": 14, "yes": 14} and summary["heldout"] == {"no": 5, "yes": 5}
+    assert summary["skipped"]["in_test_dataset"] == 14 and summary["datasets"] == ["train-a"]
+    assert set(summary["test"]) == {"eval"}  # default: every labelled test dataset of the task
+    # the side-by-side table: held-out (the gate) and the test set, base vs tuned
+    assert "heldout (gate)" in out.stderr and "AUC base" in out.stderr and "│ eval" in out.stderr
+    # no test clip got a training assignment (the two copies keep their old, now ignored, 'train' row)
+    split = _split(engine)
+    assert not [a for a in test_ids - {yes.audio_id, no.audio_id} if a in split]
+    # the version's training data: counts and digest over exactly the clips outside the test set
+    v2 = registry.require_version(engine, "v2")
+    expected = [r for r in train0 if r.audio_id not in test_ids]
+    with engine.connect() as conn:
+        row = conn.execute(sa.select(schema.model_version).where(schema.model_version.c.name == "v2")).one()
+    assert row.counts["train"] == {"no": 14, "yes": 14} and row.counts["examples"] == len(expected) == 28
+    assert row.counts["datasets"] == ["train-a"]
+    assert row.data_digest == finetune.data_digest(opts, expected, v2.prompt_version)
+    assert row.data_digest != finetune.data_digest(opts, train0, v2.prompt_version)
+
+    # evaluations: held-out runs as before, and two evaluation runs over exactly the test set's clips
+    heldout = sorted(a for a, p in split.items() if p == "heldout")
+    assert (
+        _answered(engine, summary["base_run_id"]) == _answered(engine, summary["candidate_run_id"]) == heldout
+    )
+    t = summary["test"]["eval"]
+    for run_id in (t["base_run_id"], t["candidate_run_id"]):
+        assert _answered(engine, run_id) == sorted(test_ids)
+    with engine.connect() as conn:
+        tests = conn.execute(sa.select(schema.model_version_test)).all()
+        purposes = set(conn.execute(sa.select(schema.label_run.c.purpose)).scalars())
+        evals = conn.execute(
+            sa.text(
+                "SELECT * FROM model_version_evaluation WHERE name = 'v2' ORDER BY dataset_id NULLS FIRST"
+            )
+        ).all()
+        quality = conn.execute(sa.text("SELECT * FROM model_version_quality WHERE name = 'v2'")).one()
+    assert [(r.version_id, r.base_run_id, r.candidate_run_id) for r in tests] == [
+        (v2.id, t["base_run_id"], t["candidate_run_id"])
+    ]
+    assert purposes == {"evaluation"}
+    assert [(e.evaluated_on, e.n_gold) for e in evals] == [("heldout", 10), ("eval", 14)]
+    assert evals[1].candidate_roc_auc == pytest.approx(t["candidate"]["score.roc_auc"])
+    assert evals[1].base_f1 == t["base"].get("score.f1")
+    assert quality.test_datasets == ["eval"]
+    assert v2.metrics["test"]["eval"]["candidate"] == t["candidate"]
+    assert summary["gate"]["compared"]["score.roc_auc"]["candidate"] == summary["candidate"]["score.roc_auc"]
+    listed = json.loads(run_cli(["models", "--json"], url).stdout)
+    assert listed[0]["test_datasets"] == ["eval"]
+    assert [(e["evaluated_on"], e["n_gold"]) for e in listed[0]["evaluations"]] == [
+        ("heldout", 10),
+        ("eval", 14),
+    ]
+    assert listed[0]["evaluations"][1]["candidate"]["roc_auc"] == pytest.approx(
+        t["candidate"]["score.roc_auc"]
+    )
+    shown = run_cli(["models"], url)
+    assert shown.returncode == 0 and "side by side: v2" in shown.stdout and "│ eval" in shown.stdout
+
+    # more gold ingested into the test dataset later changes no version's training data
+    ingest_manifest(
+        engine, write_cry_training_set(tmp_path / "eval-more", n=8, seed=2), dataset="eval", split="test"
+    )
+    assert len(members(engine, "eval")) == 22
+    again = finetune.run_finetune(engine, replace(opts, name="v3", out_dir=str(tmp_path / "v3")))
+    assert again.train == summary["train"] and again.skipped["in_test_dataset"] == 22
+    with engine.connect() as conn:
+        digests = dict(
+            conn.execute(sa.select(schema.model_version.c.name, schema.model_version.c.data_digest)).all()
+        )
+    assert digests["v3"] == digests["v2"]
+    split = _split(engine)
+    assert not [a for a in members(engine, "eval") - {yes.audio_id, no.audio_id} if a in split]
+    assert _answered(engine, again.test["eval"]["candidate_run_id"]) == sorted(members(engine, "eval"))
+
+
+def test_dataset_restricts_training_to_that_dataset(
+    engine: Engine, tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    ingest_manifest(engine, write_cry_training_set(tmp_path / "a", n=24, seed=3), dataset="set-a")
+    ingest_manifest(engine, noise_set(tmp_path / "b", 16), dataset="set-b")
+    a_ids, b_ids = members(engine, "set-a"), members(engine, "set-b")
+    # default scope: every train dataset of the task
+    _, train, heldout = finetune.prepare(engine, options(tiny_model_dir, tmp_path))
+    assert {r.audio_id for r in [*train, *heldout]} == a_ids | b_ids
+    # --dataset set-a: only its clips, on both sides; the others are counted as outside the scope
+    only_a = options(tiny_model_dir, tmp_path, datasets=("set-a",))
+    prepared, train, heldout = finetune.prepare(engine, only_a)
+    assert {r.audio_id for r in [*train, *heldout]} == a_ids
+    assert prepared.datasets == ["set-a"] and prepared.skipped["outside_datasets"] == len(b_ids) == 16
+    assert finetune.heldout_ids(engine, only_a) == sorted(r.audio_id for r in heldout)
+    # and the version trained with it records exactly that data
+    trained = finetune.train_version(engine, only_a)
+    assert trained.prepared.train == prepared.train and trained.prepared.datasets == ["set-a"]
+    with engine.connect() as conn:
+        row = conn.execute(sa.select(schema.model_version)).one()
+    assert row.counts["datasets"] == ["set-a"] and row.hyperparams["datasets"] == ["set-a"]
+    assert row.counts["examples"] == len(train)
+    assert row.data_digest == finetune.data_digest(only_a.resolved(), train, row.prompt_version)
+
+
+def test_dataset_names_are_checked_in_one_line(engine: Engine, tmp_path: Path, tiny_model_dir: Path) -> None:
+    ingest_manifest(engine, noise_set(tmp_path / "a", 16), dataset="set-a")
+    ingest_manifest(engine, noise_set(tmp_path / "t", 8, seed=2), dataset="eval", split="test")
+    write_clips(tmp_path / "speech", [1.0, 1.5])
+    ingest_into(engine, [tmp_path / "speech"], dataset="spoken", tasks=("asr",))
+    write_clips(tmp_path / "unlabelled", [1.0, 2.0], seed=5)
+    ingest_into(engine, [tmp_path / "unlabelled"], dataset="no-gold", split="test")
+    cases = [
+        (
+            {"datasets": ("nope",)},
+            "--dataset nope: no dataset of that name (there are: eval, no-gold, set-a, spoken)",
+        ),
+        ({"datasets": ("eval",)}, "--dataset eval: it is a test dataset; its clips are never trained on"),
+        ({"test_datasets": ("set-a",)}, "--test-dataset set-a: it is a train dataset"),
+        ({"datasets": ("spoken",)}, "--dataset spoken: the dataset is not labelled for cry (its tasks: asr)"),
+        ({"test_datasets": ("no-gold",)}, "--test-dataset no-gold: none of its clips has a gold label"),
+    ]
+    for change, message in cases:
+        with pytest.raises(ConfigError) as caught:
+            finetune.prepare(engine, options(tiny_model_dir, tmp_path, **change))
+        assert message in str(caught.value) and "\n" not in str(caught.value)
+    assert count(engine, schema.finetune_split) == 0  # checked before anything is stored or loaded
+    # the default test sets are the labelled ones: no-gold is left out, eval is in
+    prepared, _, _ = finetune.prepare(engine, options(tiny_model_dir, tmp_path))
+    assert prepared.datasets == ["set-a"] and prepared.test_datasets == ["eval"]
+    url = engine.url.render_as_string(hide_password=False)
+    for extra, message in ((["--test-dataset", "set-a"], "--test-dataset set-a: it is a train dataset"),
+                           (["--dataset", "nope"], "--dataset nope: no dataset of that name")):  # fmt: skip
+        out = run_cli(
+            ["finetune", "--task", "cry", "--base", str(tiny_model_dir), "--device", "cpu", *extra], url
+        )
+        assert out.returncode == 1 and message in out.stderr, out.stderr
+        assert out.stderr.strip().count("\n") == 0 and "Traceback" not in out.stderr
+    assert count(engine, schema.model_version) == 0
+
+
+def test_the_dag_params_carry_the_dataset_scope() -> None:
+    specs = finetune.dag_param_specs()
+    assert specs["datasets"]["default"] == [] and specs["test_datasets"]["type"] == "array"
+    opts = finetune.options_from_params(
+        {"task": "cry", "datasets": ["set-a"], "test_datasets": ["eval", "x"]}
+    )
+    assert opts.datasets == ("set-a",) and opts.test_datasets == ("eval", "x")
+    assert finetune.options_from_params({"task": "cry", "datasets": []}).datasets == ()

@@ -518,7 +518,15 @@ model_version_evaluation = _view(
     sa.Column("candidate_error_rate", sa.Float),
 )
 
+# 0009_cry_question: the question each clip is asked (its audio-QA line's own), when it has one.
+cry_question = _view(
+    "cry_question",
+    sa.Column("audio_id", sa.BigInteger),
+    sa.Column("question", sa.Text),
+    sa.Column("manifest_item_id", sa.BigInteger),
+)
+
 VIEWS: tuple[sa.Table, ...] = (
     run_progress, audio_path, cry_gold, asr_reference, latest_label, review_queue, run_quality,
-    model_version_quality, dataset_summary, model_version_evaluation,
+    model_version_quality, dataset_summary, model_version_evaluation, cry_question,
 )  # fmt: skip

@@ -38,6 +38,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from qwen_tasks.errors import ConfigError
+from qwen_tasks.ingest import datasets as ds
 from qwen_tasks.labelling import jobs, registry
 from qwen_tasks.records import LabelRequest, ModelVersionStatus, RunStatus
 from qwen_tasks.store.database import transaction
@@ -46,7 +47,6 @@ from qwen_tasks.store.schema import (
     audio,
     audio_file,
     cry_gold,
-    dataset,
     dataset_audio,
     finetune_split,
     model_version,
@@ -291,8 +291,20 @@ def resolve_scope(engine: Engine, options: FinetuneOptions) -> Scope:
     ConfigError for an unknown name, a name of the wrong split, or a dataset not labelled for the task."""
     task = options.task
     with engine.connect() as conn:
-        query = sa.select(dataset.c.id, dataset.c.name, dataset.c.split, dataset.c.tasks)
-        known = {r.name: r for r in conn.execute(query)}
+        known = {d.name: d for d in ds.all_datasets(conn)}
+        checks = (("--dataset", options.datasets, "train"), ("--test-dataset", options.test_datasets, "test"))
+        for flag, names, split in checks:
+            for name in names:
+                d = known.get(name)
+                if d is not None and d.split != split:
+                    why = (
+                        "its clips are never trained on (evaluate on it with --test-dataset)"
+                        if split == "train"
+                        else "ingest it with --split test to evaluate on it (--dataset trains on it)"
+                    )
+                    raise ConfigError(f"{flag} {name!r} is a {d.split} dataset: {why}")
+        train = ds.resolve(conn, options.datasets, task=task, split="train", what="--dataset")
+        test = ds.resolve(conn, options.test_datasets, task=task, split="test", what="--test-dataset")
         labelled_sets = set(
             conn.execute(
                 sa.select(dataset_audio.c.dataset_id)
@@ -300,41 +312,16 @@ def resolve_scope(engine: Engine, options: FinetuneOptions) -> Scope:
                 .distinct()
             ).scalars()
         )
-    checks = (("--dataset", options.datasets, "train"), ("--test-dataset", options.test_datasets, "test"))
-    for flag, names, split in checks:
-        for name in names:
-            row = known.get(name)
-            if row is None:
-                have = ", ".join(sorted(known)[:10]) + (" ..." if len(known) > 10 else "")
-                raise ConfigError(f"{flag} {name}: no dataset of that name (there are: {have or 'none'})")
-            if row.split != split:
-                why = (
-                    "its clips are never trained on (evaluate on it with --test-dataset)"
-                    if split == "train"
-                    else "ingest it with --split test to evaluate on it (--dataset trains on it)"
-                )
-                raise ConfigError(f"{flag} {name}: it is a {row.split} dataset; {why}")
-            if task not in row.tasks:
-                raise ConfigError(
-                    f"{flag} {name}: the dataset is not labelled for {task} "
-                    f"(its tasks: {', '.join(row.tasks)})"
-                )
-            if split == "test" and row.id not in labelled_sets:
-                raise ConfigError(
-                    f"--test-dataset {name}: none of its clips has a "
-                    f"{'gold label' if task == 'cry' else 'reference transcript'}; nothing to evaluate on"
-                )
-
-    def pick(names: tuple[str, ...], split: str, need_labels: bool) -> dict[str, int]:
-        if names:
-            return {n: int(known[n].id) for n in dict.fromkeys(names)}
-        return {
-            n: int(r.id)
-            for n, r in sorted(known.items())
-            if r.split == split and task in r.tasks and (not need_labels or r.id in labelled_sets)
-        }
-
-    scope = Scope(pick(options.datasets, "train", False), pick(options.test_datasets, "test", True))
+    for d in test:
+        if options.test_datasets and d.id not in labelled_sets:
+            raise ConfigError(
+                f"--test-dataset {d.name!r}: none of its clips has a "
+                f"{'gold label' if task == 'cry' else 'reference transcript'}; nothing to evaluate on"
+            )
+    scope = Scope(
+        {d.name: d.id for d in train},
+        {d.name: d.id for d in test if options.test_datasets or d.id in labelled_sets},
+    )
     if not scope.train:
         raise ConfigError(
             f"cannot fine-tune {task}: no train dataset is labelled for {task} (ingest audio with "
@@ -343,14 +330,9 @@ def resolve_scope(engine: Engine, options: FinetuneOptions) -> Scope:
     return scope
 
 
-def _in_datasets(ids: Any) -> Any:
-    """EXISTS: the audio (audio.c.id) belongs to one of the dataset ids (a list or a subquery)."""
-    return sa.exists().where(dataset_audio.c.audio_id == audio.c.id, dataset_audio.c.dataset_id.in_(ids))
-
-
-def _test_set_ids() -> Any:
-    """SELECT id of every test dataset (a clip in any of them is never a training row)."""
-    return sa.select(dataset.c.id).where(dataset.c.split == "test")
+def _in_datasets(ids: Sequence[int]) -> Any:
+    """The audio (audio.c.id) belongs to one of the dataset ids."""
+    return audio.c.id.in_(ds.members(ids))
 
 
 def labelled_rows(
@@ -385,7 +367,7 @@ def labelled_rows(
     readable = sa.exists().where(audio_file.c.audio_id == audio.c.id, audio_file.c.status == "ok")
     query = query.add_columns(
         readable.label("readable"),
-        _in_datasets(_test_set_ids()).label("in_test"),
+        audio.c.id.in_(ds.in_test_dataset()).label("in_test"),
         _in_datasets(list(scope.train.values())).label("in_scope"),
     )
     skipped = {"in_test_dataset": 0, "outside_datasets": 0, "over_30s": 0, "no_readable_file": 0}
@@ -425,7 +407,7 @@ def assign_split(engine: Engine, task: str, rows: Sequence[Row], fraction: float
                 conn.execute(
                     sa.select(dataset_audio.c.audio_id).where(
                         dataset_audio.c.audio_id.in_([r.audio_id for r in rows]),
-                        dataset_audio.c.dataset_id.in_(_test_set_ids()),
+                        dataset_audio.c.audio_id.in_(ds.in_test_dataset()),
                     )
                 ).scalars()
             )

@@ -21,7 +21,6 @@ import pytest
 import soundfile as sf
 import sqlalchemy as sa
 from labelling_helpers import count, run_cli, write_clips
-from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.engine import Engine
 
 from qwen_tasks.dev.samples import write_cry_training_set
@@ -59,38 +58,14 @@ def ingest_into(
     manifests: Sequence[tuple[Path, str]] = (),
     *,
     dataset: str,
-    split: str = "train",
-    tasks: Sequence[str] = ("cry",),
+    split: str | None = None,
+    tasks: Sequence[str] | None = None,
 ) -> None:
-    """Ingest `paths` / `manifests` into the named dataset.
-
-    TEMPORARY until `ingest(..., dataset=, split=, tasks=)` lands on main: the dataset rows are written
-    here with SQLAlchemy Core (every audio under the ingested folders becomes a member)."""
-    summary = ingest(engine, list(paths), manifests=list(manifests))
+    """Ingest `paths` / `manifests` into the named dataset (the real ingest: membership by content)."""
+    summary = ingest(
+        engine, list(paths), manifests=list(manifests), dataset=dataset, split=split, tasks=tasks
+    )
     assert summary.quarantined == 0, summary.to_dict()
-    folders = [str(p.resolve()) for p in paths]
-    with engine.begin() as conn:
-        conn.execute(
-            insert(schema.dataset)
-            .values(name=dataset, split=split, tasks=list(tasks))
-            .on_conflict_do_nothing(index_elements=["name"])
-        )
-        dataset_id = conn.execute(
-            sa.select(schema.dataset.c.id).where(schema.dataset.c.name == dataset)
-        ).scalar_one()
-        members = (
-            sa.select(sa.literal(dataset_id), schema.audio_file.c.audio_id)
-            .where(
-                schema.audio_file.c.audio_id.is_not(None),
-                sa.or_(*(schema.audio_file.c.path.like(f"{f}/%") for f in folders)),
-            )
-            .distinct()
-        )
-        conn.execute(
-            insert(schema.dataset_audio)
-            .from_select(["dataset_id", "audio_id"], members)
-            .on_conflict_do_nothing()
-        )
 
 
 def ingest_manifest(engine: Engine, manifest: Path, dataset: str | None = None, split: str = "train") -> None:
@@ -262,7 +237,8 @@ def test_versions_never_mix_and_adapter_labels_match_the_in_memory_model(
     assert trained.revision == f"lora.{trained.adapter_sha256[:16]}"
     assert runs[b["run_id"]].params["adapter"] == trained.adapter_path
     # the in-memory model (adapter unmerged) and the version loaded by `label --model v1` (merged) agree
-    request = LabelRequest("cry")
+    # `label` asks each clip its own manifest question (view cry_question): so is the in-memory model
+    request = LabelRequest("cry", question="Is there a baby crying in this audio?")
     clips = [AudioClip(i, paths[i], load_waveform(paths[i])) for i in sorted(p_yes)]
     in_memory = [r.p_yes for r in trained.backend.label(clips, request)]
     stored = [p_yes[c.audio_id] for c in clips]
@@ -466,16 +442,16 @@ def test_dataset_names_are_checked_in_one_line(engine: Engine, tmp_path: Path, t
     write_clips(tmp_path / "speech", [1.0, 1.5])
     ingest_into(engine, [tmp_path / "speech"], dataset="spoken", tasks=("asr",))
     write_clips(tmp_path / "unlabelled", [1.0, 2.0], seed=5)
-    ingest_into(engine, [tmp_path / "unlabelled"], dataset="no-gold", split="test")
+    ingest_into(engine, [tmp_path / "unlabelled"], dataset="no-gold", split="test", tasks=("cry",))
     cases = [
         (
             {"datasets": ("nope",)},
-            "--dataset nope: no dataset of that name (there are: eval, no-gold, set-a, spoken)",
+            "--dataset 'nope': no such dataset (known: eval, no-gold, set-a, spoken)",
         ),
-        ({"datasets": ("eval",)}, "--dataset eval: it is a test dataset; its clips are never trained on"),
-        ({"test_datasets": ("set-a",)}, "--test-dataset set-a: it is a train dataset"),
-        ({"datasets": ("spoken",)}, "--dataset spoken: the dataset is not labelled for cry (its tasks: asr)"),
-        ({"test_datasets": ("no-gold",)}, "--test-dataset no-gold: none of its clips has a gold label"),
+        ({"datasets": ("eval",)}, "--dataset 'eval' is a test dataset: its clips are never trained on"),
+        ({"test_datasets": ("set-a",)}, "--test-dataset 'set-a' is a train dataset"),
+        ({"datasets": ("spoken",)}, "--dataset 'spoken' is not labelled for cry (its tasks: asr)"),
+        ({"test_datasets": ("no-gold",)}, "--test-dataset 'no-gold': none of its clips has a gold label"),
     ]
     for change, message in cases:
         with pytest.raises(ConfigError) as caught:
@@ -486,8 +462,8 @@ def test_dataset_names_are_checked_in_one_line(engine: Engine, tmp_path: Path, t
     prepared, _, _ = finetune.prepare(engine, options(tiny_model_dir, tmp_path))
     assert prepared.datasets == ["set-a"] and prepared.test_datasets == ["eval"]
     url = engine.url.render_as_string(hide_password=False)
-    for extra, message in ((["--test-dataset", "set-a"], "--test-dataset set-a: it is a train dataset"),
-                           (["--dataset", "nope"], "--dataset nope: no dataset of that name")):  # fmt: skip
+    for extra, message in ((["--test-dataset", "set-a"], "--test-dataset 'set-a' is a train dataset"),
+                           (["--dataset", "nope"], "--dataset 'nope': no such dataset")):  # fmt: skip
         out = run_cli(
             ["finetune", "--task", "cry", "--base", str(tiny_model_dir), "--device", "cpu", *extra], url
         )

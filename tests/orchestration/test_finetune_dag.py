@@ -1,7 +1,8 @@
 """The fine-tune DAG end to end with `dag.test()`, then the nightly DAG labelling with what it promoted.
 
 Real Airflow, the real local PostgreSQL (reached only through AIRFLOW_CONN_QWEN_TASKS_DB), the tiny model
-and the learnable synthetic cry set: prepare → train → evaluate → promote → report; then the labelling
+and the learnable synthetic cry set (plus a test dataset, never trained on and evaluated beside the
+held-out split): prepare → train → evaluate → promote → report; then the labelling
 DAG picks the promoted version for cry (its runs carry the version's revision), and `promoted: false`
 labels with the base model again.
 """
@@ -21,7 +22,7 @@ from qwen_tasks.ingest.register import ingest
 from qwen_tasks.labelling import registry
 from qwen_tasks.records import ModelVersionStatus
 from qwen_tasks.store import database as db
-from qwen_tasks.store.schema import label_run
+from qwen_tasks.store.schema import dataset_audio, finetune_split, label_run, model_version_test
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +36,9 @@ def test_finetune_dag_promotes_and_the_nightly_dag_uses_the_version(
     work = tmp_path_factory.mktemp("finetune-dag")
     model = tiny_model_dir
     manifest = write_cry_training_set(work / "cry", n=48)
-    ingest(engine, [manifest.parent], manifests=[(manifest, "aqa")])
+    ingest(engine, [manifest.parent], manifests=[(manifest, "aqa")], dataset="cry-train")
+    test_set = write_cry_training_set(work / "cry-eval", n=12, seed=1)
+    ingest(engine, [test_set.parent], manifests=[(test_set, "aqa")], dataset="cry-eval", split="test")
     env: dict[str, str | None] = {
         "AIRFLOW_CONN_QWEN_TASKS_DB": make_url(database_url)
         .set(drivername="postgresql")
@@ -45,15 +48,36 @@ def test_finetune_dag_promotes_and_the_nightly_dag_uses_the_version(
     }
     home = work / "airflow-home"
     conf = {"task": "cry", "base": str(model), "device": "cpu", "epochs": 3, "auto_promote": True,
-            "min_improvement": 0.0, "name": "dag-cry"}  # fmt: skip
+            "min_improvement": 0.0, "name": "dag-cry", "datasets": ["cry-train"],
+            "test_datasets": ["cry-eval"]}  # fmt: skip
     result = run_dag_test(conf, home=home, extra_env=env, dag_id="qwen_audio_finetune", timeout=1200)
     states = {t["task_id"]: t["state"] for t in result.tasks}
     assert states == dict.fromkeys(("prepare", "train", "evaluate", "promote", "report"), "success")
     assert result.xcom["train"] == "dag-cry"  # only the name, ids and counts cross XCom
     evaluation = result.xcom["evaluate"]
-    assert set(evaluation) == {"name", "base_run_id", "candidate_run_id", "gate_passed", "status"}
+    assert set(evaluation) == {
+        "name",
+        "base_run_id",
+        "candidate_run_id",
+        "test_runs",
+        "gate_passed",
+        "status",
+    }
+    assert result.xcom["prepare"]["datasets"] == ["cry-train"]
+    assert result.xcom["prepare"]["test_datasets"] == ["cry-eval"]
     version = registry.require_version(engine, "dag-cry")
     assert version.status is ModelVersionStatus.PROMOTED and evaluation["gate_passed"]
+    with engine.connect() as conn:
+        tests = conn.execute(sa.select(model_version_test)).all()
+        test_clips = set(conn.execute(sa.select(dataset_audio.c.audio_id).where(
+            dataset_audio.c.dataset_id == tests[0].dataset_id)).scalars())  # fmt: skip
+        split = set(conn.execute(sa.select(finetune_split.c.audio_id)).scalars())
+    runs = evaluation["test_runs"]["cry-eval"]
+    assert [(t.base_run_id, t.candidate_run_id) for t in tests] == [
+        (runs["base_run_id"], runs["candidate_run_id"])
+    ]
+    assert len(test_clips) == 12 and test_clips.isdisjoint(split)  # never on either side of the split
+    assert version.metrics["test"]["cry-eval"]["candidate"]["n_gold"] == 12
     assert Path(result.xcom["report"]["report"]).is_file()
 
     nightly = {"tasks": ["cry"], "model": str(model), "device": "cpu", "report_dir": str(work / "reports")}
@@ -65,5 +89,6 @@ def test_finetune_dag_promotes_and_the_nightly_dag_uses_the_version(
             .where(label_run.c.purpose == "label")
             .order_by(label_run.c.id)
         ).all()
-    assert [(r.revision, r.n_labelled) for r in production] == [(version.revision, 48), ("", 48)]
+    # the nightly run labels every dataset of the task, the test set too (labelling is not training)
+    assert [(r.revision, r.n_labelled) for r in production] == [(version.revision, 60), ("", 60)]
     assert production[0].params["model_version"] == "dag-cry"

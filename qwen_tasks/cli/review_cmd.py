@@ -107,6 +107,11 @@ def review_export(
     limit: int = typer.Option(
         None, "--limit", min=1, help="Export at most N items (highest priority first)."
     ),
+    dataset: str = typer.Option(
+        None,
+        "--dataset",
+        help="Only this dataset's clips (default run: the task's latest run that covered it).",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
 ) -> None:
     """Export a run's review queue as Label Studio tasks (model answer pre-annotated).
@@ -119,8 +124,9 @@ def review_export(
 
     _check_task(task)
     summary = export_label_studio(
-        open_database(), out, task, run_id=run, audio_root=audio_root, audio_prefix=audio_prefix, limit=limit
-    )
+        open_database(), out, task, run_id=run, audio_root=audio_root, audio_prefix=audio_prefix, limit=limit,
+        dataset=dataset,
+    )  # fmt: skip
     console.print(
         f"{summary.tasks} task(s) from run {summary.run_id} written to {summary.out}; "
         f"labelling config: {summary.config}",

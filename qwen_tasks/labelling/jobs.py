@@ -848,6 +848,7 @@ def latest_run_ids(
     model: str | None = None,
     statuses: Sequence[str] | None = None,
     with_labels: bool = False,
+    dataset: str | None = None,
 ) -> list[int]:
     """The newest run (highest id) per task among the runs that pass every given filter; sorted by run id.
 
@@ -856,12 +857,14 @@ def latest_run_ids(
 
     - `tasks`: only these tasks (None: every task); `model`: only runs of this model (as label_run.model
       records it); `statuses`: only runs in these RunStatus (None: any, unfinished included);
-      `with_labels`: only runs that labelled at least one clip (n_labelled > 0).
+      `with_labels`: only runs that labelled at least one clip (n_labelled > 0); `dataset`: only runs that
+      covered the dataset of that name (run_dataset).
     - Evaluation runs (purpose 'evaluation', a fine-tune's base / candidate) count like any other run:
       migration 0004 lets metrics and the report see them, and no caller leaves them out.
 
     The callers' rules, which differ on purpose:
-    - `qwen-tasks metrics` / `report` default: every task, no filter (the newest run, even one in flight).
+    - `qwen-tasks metrics` / `report` default: every task, no filter (the newest run, even one in flight);
+      with `--dataset NAME`: `dataset=NAME` (the newest run of each task that covered it).
     - Label Studio export (review.label_studio): `tasks=[task]` (the run the review_queue view calls latest).
     - CSV/JSONL export (review.export): `tasks=[task], with_labels=True` (a run with nothing to export is
       skipped).
@@ -877,6 +880,12 @@ def latest_run_ids(
         query = query.where(label_run.c.status.in_([str(s) for s in statuses]))
     if with_labels:
         query = query.where(label_run.c.n_labelled > 0)
+    if dataset is not None:
+        from qwen_tasks.store import schema
+
+        rd, ds = schema.run_dataset.c, schema.dataset.c
+        covered = sa.select(rd.run_id).join(schema.dataset, ds.id == rd.dataset_id).where(ds.name == dataset)
+        query = query.where(label_run.c.id.in_(covered))
     if isinstance(engine, Connection):
         return sorted(int(r) for r in engine.execute(query).scalars())
     with engine.connect() as conn:

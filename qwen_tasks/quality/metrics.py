@@ -52,6 +52,13 @@ from qwen_tasks.store.schema import (
     utterance_score,
 )
 
+# The key figures of the per-dataset / per-source tables (`metrics`, `report`), per task: those the
+# run_quality_by_dataset view has as columns.
+GROUP_FIGURES: dict[str, tuple[str, ...]] = {
+    "cry": ("n_results", "n_gold", "score.accuracy", "score.f1", "score.roc_auc", "generate.accuracy",
+            "generate.f1", "generate.unknown_rate"),
+    "asr": ("n_results", "n_reference", "wer", "cer", "error_rate"),
+}  # fmt: skip
 SWEEP = tuple(round(t, 2) for t in np.arange(0.05, 1.0, 0.05))
 TOP_PAIRS = 20
 
@@ -546,3 +553,14 @@ def load_group_metrics(
             "details": r.details,
         }
     return out
+
+
+def require_datasets(engine: Engine, names: Sequence[str]) -> dict[str, str]:
+    """name -> split of the named datasets; ConfigError naming the first unknown one."""
+    with engine.connect() as conn:
+        known = dict(conn.execute(sa.select(dataset.c.name, dataset.c.split)).all())
+    for name in names:
+        if name not in known:
+            listed = ", ".join(sorted(known)[:10]) + (" ..." if len(known) > 10 else "")
+            raise ConfigError(f"unknown dataset {name!r} (datasets: {listed or 'none yet'})")
+    return {name: known[name] for name in names}

@@ -106,26 +106,39 @@ def _group_results(engine: Engine, run_id: int, names: list[str]) -> dict[str, A
 
 
 def _print_groups(result: dict[str, Any], names: list[str]) -> None:
+    """--dataset: each named dataset's slice, all its figures; else one compact table per grouping."""
     from qwen_tasks.quality.metrics import GROUP_FIGURES
 
+    run_id = result["run_id"]
+    if names:
+        for name in names:
+            values = result["datasets"][name]
+            if values is None:
+                console.print(f"run {run_id} did not cover dataset {name}", highlight=False)
+                continue
+            table = Table(title=f"run {run_id}, dataset {name}", title_justify="left")
+            table.add_column("metric")
+            table.add_column("value", justify="right")
+            for metric, value in values.items():
+                table.add_row(metric, "—" if value is None else f"{value:.4g}")
+            console.print(table)
+        return
     figures = GROUP_FIGURES[result["task"]]
+    short = {"n_results": "n", "n_reference": "refs", "generate": "gen", "unknown_rate": "unknown",
+             "score.": "", "accuracy": "acc", "roc_auc": "auc", "error_rate": "err"}  # fmt: skip
     for grouping in ("dataset", "source"):
-        groups = result["groups"].get(grouping, {})
-        if names and grouping == "dataset":
-            groups = {n: groups.get(n) for n in names}
-        elif names:
-            continue  # --dataset: that dataset's slice only
+        groups = result["groups"].get(grouping)
         if not groups:
             continue
-        table = Table(title=f"run {result['run_id']} by {grouping}", title_justify="left")
-        table.add_column(grouping)
+        table = Table(title=f"run {run_id} by {grouping}", title_justify="left")
+        table.add_column(grouping, overflow="fold")
         for figure in figures:
-            table.add_column(figure, justify="right")
+            header = figure
+            for long, abbreviation in short.items():
+                header = header.replace(long, abbreviation)
+            table.add_column(header, justify="right", no_wrap=True)
         for group, values in groups.items():
-            if values is None:
-                table.add_row(group, *(["not covered by this run"] + [""] * (len(figures) - 1)))
-                continue
-            table.add_row(group, *("—" if values.get(f) is None else f"{values[f]:.4g}" for f in figures))
+            table.add_row(group, *("—" if values.get(f) is None else f"{values[f]:.3g}" for f in figures))
         console.print(table)
 
 

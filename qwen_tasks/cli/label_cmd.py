@@ -95,7 +95,18 @@ def label(
     dtype: str = typer.Option(None, "--dtype", help="float32, bfloat16 or float16 (default: per device)."),
     method: str = typer.Option(None, "--method", help="cry only: score, generate or both (score)."),
     language: str = typer.Option(None, "--language", help="asr: language code of the speech (en)."),
-    question: str = typer.Option(None, "--question", help="cry: the yes/no question asked."),
+    question: str = typer.Option(
+        None,
+        "--question",
+        help="cry: the yes/no question asked of every clip (default: each clip's own manifest question, "
+        "else the default question).",
+    ),
+    dataset: list[str] = typer.Option(
+        None,
+        "--dataset",
+        help="Label only clips of this dataset (repeatable; default: every dataset whose tasks include "
+        "--task; see `qwen-tasks datasets`).",
+    ),
     threshold: float = typer.Option(None, "--threshold", help="cry: p_yes >= this is yes (0.5)."),
     relabel: bool = typer.Option(False, "--relabel", help="Label again in a new run (old labels kept)."),
     plan_only: bool = typer.Option(False, "--plan-only", help="Create the run and its jobs, then stop."),
@@ -123,7 +134,7 @@ def label(
             tasks=[task], model=model, revision=revision, adapter=adapter, promoted=promoted,
             batch_size=batch_size, max_batch_seconds=max_batch_seconds, max_new_tokens=max_new_tokens,
             limit=limit, device=device, dtype=dtype, method=method, language=language, question=question,
-            threshold=threshold, relabel=relabel,
+            threshold=threshold, relabel=relabel, datasets=dataset or None,
         ),
         settings,
         flags=True,
@@ -136,9 +147,8 @@ def label(
     def on_plan(plan: Any) -> None:
         nonlocal bar
         if not plan.run_ids:
-            console.print(
-                f"nothing to label for --task {task} (every ingested audio has a label for this model)"
-            )
+            why = (plan.per_task.get(task) or {}).get("reason") or "every clip has a label for this model"
+            console.print(f"nothing to label for --task {task}: {why}", highlight=False, soft_wrap=True)
             return
         version = (plan.per_task.get(task) or {}).get("model_version")
         if version:
@@ -152,10 +162,14 @@ def label(
                 highlight=False,
             )
         left = f", {plan.left_over} left for the next run" if plan.left_over else ""
-        for run_id in plan.new_run_ids:
+        scope = ", ".join((plan.per_task.get(task) or {}).get("datasets") or [])
+        new_runs = ", ".join(map(str, plan.new_run_ids))
+        if new_runs:
             console.print(
-                f"run {run_id}: {plan.items} clips in {len(plan.job_ids) - plan.resumed_jobs} jobs{left}",
+                f"run {new_runs}: {plan.items} clips in {len(plan.job_ids) - plan.resumed_jobs} jobs{left} "
+                f"(datasets: {scope})",
                 highlight=False,
+                soft_wrap=True,
             )
         if not plan_only and elsewhere is None:
             clips = int(jobs.open_job_counts(engine, plan.run_ids)["clips"])

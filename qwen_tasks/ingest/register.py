@@ -34,6 +34,7 @@ from sqlalchemy.engine import Engine
 
 from qwen_tasks.config import get_settings
 from qwen_tasks.errors import AudioError, ConfigError
+from qwen_tasks.ingest import datasets
 from qwen_tasks.ingest.audio_files import (
     CheckedAudio,
     check_file,
@@ -76,6 +77,8 @@ class IngestSummary:
     quarantine: list[dict[str, str]] = field(default_factory=list)
     manifest_errors: list[dict[str, object]] = field(default_factory=list)
     manifest_warnings: list[dict[str, object]] = field(default_factory=list)  # the conflicts, by line
+    # the datasets written to: name, split, tasks, clips_added (see qwen_tasks.ingest.datasets)
+    datasets: list[dict[str, object]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -766,13 +769,20 @@ def ingest(
     kind: ManifestKind | None = None,
     chunk_size: int = CHUNK_SIZE,
     workers: int | None = None,
+    dataset: str | None = None,
+    split: str | None = None,
+    tasks: Sequence[str] | None = None,
 ) -> IngestSummary:
     """Register audio under `paths` (folders scanned recursively, audio files, *.jsonl manifests) and the
     `manifests` given as (path, kind or None to infer per line). Returns the run's summary.
 
+    Every source joins a dataset (`qwen_tasks.ingest.datasets`): `dataset`, else its own default name
+    (manifest stem, folder name); `split` (None: an existing dataset keeps its own, a new one is train)
+    and `tasks` (None: a manifest's kind gives its task, a folder gets both).
+
     Allowed roots: `roots`, else QWEN_TASKS_ALLOWED_ROOTS, else the paths given plus each manifest's
-    folder. Raises ConfigError when a path does not exist (nothing is written then) and
-    DatabaseUnavailable when the database fails; bad audio never raises.
+    folder. Raises ConfigError when a path does not exist or a dataset option is invalid (nothing is
+    written then) and DatabaseUnavailable when the database fails; bad audio never raises.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -803,6 +813,20 @@ def ingest(
         stored = reading.result() if reading is not None else _Stored()
     summary.manifest_items = len(items)
     summary.manifest_warnings = _find_conflicts(items)
+    manifest_kinds: dict[str, set[str]] = {}
+    for item in items:
+        manifest_kinds.setdefault(item.manifest_path, set()).add(item.kind)
+    sources = datasets.plan_sources(
+        [display_path(os.path.abspath(p)) for p in audio_paths if os.path.isdir(p)],
+        [display_path(os.path.abspath(p)) for p in audio_paths if not os.path.isdir(p)],
+        [(path, m_kind) for path, (_, m_kind) in zip(manifest_paths, all_manifests, strict=True)],
+        name=dataset,
+        split=split,
+        tasks=tasks,
+        manifest_kinds=manifest_kinds,
+    )
+    with transaction(engine) as conn:
+        datasets.check_splits(conn, sources)  # before anything is written
     summary.manifest_conflicts = len(summary.manifest_warnings)
 
     found = _Discovery()
@@ -910,4 +934,6 @@ def ingest(
         file_ids = {path: k.id for path, k in known.items()} | writer.file_ids  # manifest paths are UTF-8
         unwritten += [line for lines in lines_by_path.values() for line in lines]  # none, normally
         _write_manifest_items(engine, items, unwritten, stored.lines, file_ids)
+    with transaction(engine) as conn:
+        summary.datasets = datasets.record(conn, sources)
     return summary

@@ -559,7 +559,15 @@ run_quality_by_dataset = _view(
     sa.Column("metrics_computed_at", sa.DateTime(timezone=True)),
 )
 
+# 0009_cry_question: the question each clip is asked (its audio-QA line's own), when it has one.
+cry_question = _view(
+    "cry_question",
+    sa.Column("audio_id", sa.BigInteger),
+    sa.Column("question", sa.Text),
+    sa.Column("manifest_item_id", sa.BigInteger),
+)
+
 VIEWS: tuple[sa.Table, ...] = (
     run_progress, audio_path, cry_gold, asr_reference, latest_label, review_queue, run_quality,
-    model_version_quality, dataset_summary, model_version_evaluation, run_quality_by_dataset,
+    model_version_quality, dataset_summary, model_version_evaluation, run_quality_by_dataset, cry_question,
 )  # fmt: skip

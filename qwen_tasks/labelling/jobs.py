@@ -44,6 +44,7 @@ from qwen_tasks.store.schema import (
     run_progress,
     transcription,
 )
+from qwen_tasks.store.schema import dataset as dataset_table
 
 log = logging.getLogger(__name__)
 
@@ -908,10 +909,11 @@ def latest_run_ids(
     if with_labels:
         query = query.where(label_run.c.n_labelled > 0)
     if dataset is not None:
-        from qwen_tasks.store import schema
-
-        rd, ds = schema.run_dataset.c, schema.dataset.c
-        covered = sa.select(rd.run_id).join(schema.dataset, ds.id == rd.dataset_id).where(ds.name == dataset)
+        covered = (
+            sa.select(run_dataset.c.run_id)
+            .join(dataset_table, dataset_table.c.id == run_dataset.c.dataset_id)
+            .where(dataset_table.c.name == dataset)
+        )
         query = query.where(label_run.c.id.in_(covered))
     if isinstance(engine, Connection):
         return sorted(int(r) for r in engine.execute(query).scalars())

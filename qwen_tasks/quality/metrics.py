@@ -556,11 +556,9 @@ def load_group_metrics(
 
 
 def require_datasets(engine: Engine, names: Sequence[str]) -> dict[str, str]:
-    """name -> split of the named datasets; ConfigError naming the first unknown one."""
-    with engine.connect() as conn:
-        known = dict(conn.execute(sa.select(dataset.c.name, dataset.c.split)).all())
-    for name in names:
-        if name not in known:
-            listed = ", ".join(sorted(known)[:10]) + (" ..." if len(known) > 10 else "")
-            raise ConfigError(f"unknown dataset {name!r} (datasets: {listed or 'none yet'})")
-    return {name: known[name] for name in names}
+    """name -> split of the named datasets; ConfigError naming an unknown one (ingest.datasets.resolve)."""
+    from qwen_tasks.ingest.datasets import resolve
+
+    if not names:
+        return {}
+    return {d.name: d.split for d in resolve(engine, names)}

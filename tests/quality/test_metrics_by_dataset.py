@@ -51,35 +51,10 @@ def _manifest(path: Path, lines: Sequence[dict]) -> Path:
     return path
 
 
-def _add_dataset(engine: Engine, name: str, audio_ids: Sequence[int], tasks: Sequence[str]) -> int:
-    """The dataset rows `ingest(..., dataset=NAME)` writes (written by hand until it lands)."""
-    with engine.begin() as conn:
-        dataset_id = conn.execute(
-            sa.insert(schema.dataset).values(name=name, tasks=list(tasks)).returning(schema.dataset.c.id)
-        ).scalar_one()
-        conn.execute(
-            sa.insert(schema.dataset_audio), [{"dataset_id": dataset_id, "audio_id": a} for a in audio_ids]
-        )
-    return dataset_id
-
-
-def _cover(engine: Engine, run_id: int, names: Sequence[str]) -> None:
-    """The run_dataset rows planning writes (by hand until it does)."""
-    with engine.begin() as conn:
-        conn.execute(
-            sa.text(
-                "INSERT INTO run_dataset (run_id, dataset_id, n_items) "
-                "SELECT :run, d.id, count(*) FROM dataset d JOIN dataset_audio da ON da.dataset_id = d.id "
-                "JOIN label_job_item i ON i.audio_id = da.audio_id AND i.run_id = :run "
-                "WHERE d.name = ANY(:names) GROUP BY d.id ON CONFLICT DO NOTHING"
-            ),
-            {"run": run_id, "names": list(names)},
-        )
-
-
 def _ingest(engine: Engine, tmp_path: Path, spec: dict, task: str, seed: int) -> dict[str, list[int]]:
-    """Clips per dataset folder and one manifest per dataset (its stem is the dataset's name); returns
-    dataset -> audio ids in clip order."""
+    """Clips per dataset folder and one manifest per dataset, ingested as that dataset (the real ingest);
+    returns dataset -> audio ids in clip order. Odd ASR datasets use the stock {"audio", "gt", "source"}
+    lines."""
     out = {}
     for n, (name, items) in enumerate(spec.items()):
         folder = tmp_path / name
@@ -89,17 +64,20 @@ def _ingest(engine: Engine, tmp_path: Path, spec: dict, task: str, seed: int) ->
             line = {"audio": str(path), "source": source} if source else {"audio": str(path)}
             if task == "cry":
                 line |= {"question": "Is there a baby crying?", "gt": value}
+            elif n % 2:
+                line |= {"gt": value}
             else:
                 line |= {"text": value, "language": "en"}
             lines.append(line)
         manifest = _manifest(tmp_path / f"{name}.jsonl", lines)
-        summary = ingest(engine, [folder], [(manifest, "aqa" if task == "cry" else "asr")])
+        summary = ingest(
+            engine, [folder], [(manifest, "aqa" if task == "cry" else "asr")], dataset=name, tasks=[task]
+        )
         assert summary.new == len(paths) and not summary.manifest_errors
         with engine.connect() as conn:
             rows = conn.execute(sa.select(schema.audio_file.c.path, schema.audio_file.c.audio_id)).all()
         by_path = {os.path.realpath(r.path): r.audio_id for r in rows}
         out[name] = [by_path[os.path.realpath(p)] for p in paths]
-        _add_dataset(engine, name, out[name], [task])
     return out
 
 
@@ -161,7 +139,6 @@ def test_cry_figures_per_dataset_and_source(
 ) -> None:
     ids = _ingest(engine, tmp_path, CRY, "cry", seed=1)
     run_id = _label(engine, backend, tiny_model_dir, "cry", method="both")
-    _cover(engine, run_id, ["nursery", "street"])
     whole = compute_run_metrics(engine, run_id)
     groups = load_group_metrics(engine, run_id)
     assert sorted(groups["dataset"]) == ["nursery", "street"]
@@ -209,42 +186,47 @@ def test_cry_figures_per_dataset_and_source(
     assert nursery.wer is None
 
 
-def test_latest_source_line_wins_and_groups_are_replaced(
+def test_datasets_covered_or_all_latest_source_line_wins_and_replaced(
     engine: Engine,
     tmp_path: Path,
-    backend,
-    tiny_model_dir: Path,  # noqa: ANN001
+    backend,  # noqa: ANN001
+    tiny_model_dir: Path,
 ) -> None:
-    ids = _ingest(engine, tmp_path, {"nursery": CRY["nursery"]}, "cry", seed=2)
+    _ingest(engine, tmp_path, {"nursery": CRY["nursery"]}, "cry", seed=2)
     run_id = _label(engine, backend, tiny_model_dir, "cry")
-    # no run_dataset rows: the run is grouped by every dataset its clips belong to
-    _add_dataset(engine, "subset", ids["nursery"][:2], ["cry"])
-    compute_run_metrics(engine, run_id)
-    groups = load_group_metrics(engine, run_id)
-    assert {k: v["n_results"]["value"] for k, v in groups["dataset"].items()} == {"nursery": 5, "subset": 2}
+    clip0, clip1 = tmp_path / "nursery" / "clip_000.wav", tmp_path / "nursery" / "clip_001.wav"
+    ingest(engine, [clip0, clip1], dataset="subset", tasks=["cry"])  # joined after the run was planned
+
+    def dataset_sizes() -> dict[str, float]:
+        compute_run_metrics(engine, run_id)
+        return {
+            k: v["n_results"]["value"]
+            for k, v in load_group_metrics(engine, run_id, "dataset")["dataset"].items()
+        }
+
+    assert dataset_sizes() == {"nursery": 5}  # the datasets the run covered (run_dataset, from planning)
+    with engine.begin() as conn:  # a run planned before datasets: every dataset its clips belong to
+        conn.execute(sa.delete(schema.run_dataset).where(schema.run_dataset.c.run_id == run_id))
+    assert dataset_sizes() == {"nursery": 5, "subset": 2}
     # a later manifest line names another source for clip 0: the latest line with a source wins; an asr
     # line's source does not count for cry
-    clip0 = tmp_path / "nursery" / "clip_000.wav"
     later = _manifest(tmp_path / "later.jsonl", [{"audio": str(clip0), "gt": "yes", "source": "hospital"}])
     asr = _manifest(tmp_path / "speech.jsonl", [{"audio": str(clip0), "text": "hi", "source": "asr-only"}])
-    ingest(engine, [], [(later, "aqa"), (asr, "asr")])
-    _cover(engine, run_id, ["nursery"])  # now it has run_dataset rows: only the covered dataset
-    compute_run_metrics(engine, run_id)
+    ingest(engine, [], [(later, "aqa"), (asr, "asr")])  # datasets "later" and "speech" (manifest stems)
+    assert dataset_sizes() == {"nursery": 5, "subset": 2, "later": 1, "speech": 1}
     groups = load_group_metrics(engine, run_id)
-    assert sorted(groups["dataset"]) == ["nursery"]
     assert {k: v["n_results"]["value"] for k, v in groups["source"].items()} == {
         "freesound": 1,
         "hospital": 1,
         "youtube": 2,
     }
     with engine.connect() as conn:  # replaced, not accumulated
-        assert (
-            conn.execute(
-                sa.text("SELECT count(DISTINCT group_name) FROM run_metric_group WHERE run_id = :r"),
-                {"r": run_id},
-            ).scalar_one()
-            == 4
-        )
+        names = conn.execute(
+            sa.select(sa.func.count(sa.distinct(schema.run_metric_group.c.group_name))).where(
+                schema.run_metric_group.c.run_id == run_id
+            )
+        ).scalar_one()
+    assert names == 7
 
 
 def test_asr_wer_per_dataset_and_source(
@@ -255,7 +237,6 @@ def test_asr_wer_per_dataset_and_source(
 ) -> None:
     ids = _ingest(engine, tmp_path, ASR, "asr", seed=3)
     run_id = _label(engine, backend, tiny_model_dir, "asr", max_new_tokens=8)
-    _cover(engine, run_id, list(ASR))
     whole = compute_run_metrics(engine, run_id)
     with engine.connect() as conn:
         utterances = {
@@ -292,10 +273,8 @@ def test_metrics_and_report_cli_with_dataset(
 ) -> None:
     ids = _ingest(engine, tmp_path, CRY, "cry", seed=4)
     first = _label(engine, backend, tiny_model_dir, "cry")
-    _cover(engine, first, ["nursery", "street"])
     more = _ingest(engine, tmp_path / "more", {"attic": [("yes", None), ("no", None)]}, "cry", seed=5)
-    second = _label(engine, backend, tiny_model_dir, "cry")  # labels only the new clips
-    _cover(engine, second, ["attic"])
+    second = _label(engine, backend, tiny_model_dir, "cry")  # labels only the new clips: covers attic only
 
     out = run_cli(["metrics", "--dataset", "street", "--json"], database_url)
     assert out.returncode == 0, out.stderr
@@ -325,7 +304,7 @@ def test_metrics_and_report_cli_with_dataset(
 
     unknown = run_cli(["metrics", "--dataset", "no-such-set"], database_url)
     assert unknown.returncode == 1 and "Traceback" not in unknown.stderr
-    assert "unknown dataset 'no-such-set'" in unknown.stderr
+    assert "--dataset 'no-such-set': no such dataset" in unknown.stderr
     assert len(unknown.stderr.strip().splitlines()) == 1
 
     page_path = tmp_path / "street.html"
@@ -346,16 +325,19 @@ def test_metrics_and_report_cli_with_dataset(
     )
     assert counts and sum(int(c) for c in counts.groups()) == 4
     bad = run_cli(["report", "--dataset", "nope", "--out", str(tmp_path / "x.html")], database_url)
-    assert bad.returncode == 1 and "unknown dataset 'nope'" in bad.stderr and "Traceback" not in bad.stderr
+    assert (
+        bad.returncode == 1
+        and "--dataset 'nope': no such dataset" in bad.stderr
+        and "Traceback" not in bad.stderr
+    )
 
 
 def test_whole_report_has_group_tables(engine: Engine, tmp_path: Path, backend, tiny_model_dir: Path) -> None:  # noqa: ANN001
     _ingest(engine, tmp_path, CRY, "cry", seed=6)
-    run_id = _label(engine, backend, tiny_model_dir, "cry")
-    _cover(engine, run_id, list(CRY))
+    _label(engine, backend, tiny_model_dir, "cry")
     page = write_report(engine, None, tmp_path / "all.html").read_text(encoding="utf-8")
     assert '<tr class="selected">' not in page
     for name in ("nursery", "street", "freesound", "youtube"):
         assert f"<td>{name}</td>" in page
-    with pytest.raises(ConfigError, match="unknown dataset 'nope'"):
+    with pytest.raises(ConfigError, match="--dataset 'nope': no such dataset"):
         write_report(engine, None, tmp_path / "x.html", dataset="nope")

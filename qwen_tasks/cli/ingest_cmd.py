@@ -31,6 +31,15 @@ def _print_summary(summary: IngestSummary) -> None:
             markup=False,
             soft_wrap=True,
         )
+    if summary.skipped:  # files in the folders that were not taken as audio, most common extension first
+        counts = sorted(summary.skipped.items(), key=lambda kv: (-kv[1], kv[0]))
+        console.print(
+            f"  skipped {sum(summary.skipped.values())} files that are not audio by extension: "
+            + ", ".join(f"{ext} {n}" for ext, n in counts),
+            highlight=False,
+            markup=False,
+            soft_wrap=True,
+        )
     for q in summary.quarantine:
         console.print(
             f"  quarantined {q['path']}: {q['reason']}", highlight=False, markup=False, soft_wrap=True
@@ -55,7 +64,8 @@ def _print_summary(summary: IngestSummary) -> None:
 def ingest_command(
     paths: list[Path] = typer.Argument(
         None,
-        help="Folders (scanned recursively for wav/flac/ogg/mp3), audio files, or *.jsonl manifests. "
+        help="Folders (scanned recursively for audio: wav/flac/ogg/mp3, m4a/aac, opus/webm, amr, wma, mp4 "
+        "and more; other files are counted as skipped), audio files, or *.jsonl manifests. "
         "Optional with --manifest.",
         show_default=False,
     ),

@@ -43,11 +43,11 @@ def metrics(
 
     engine = open_database()
     names = list(dict.fromkeys(dataset or []))
-    require_datasets(engine, names)  # an unknown name: one line naming it, exit 1
+    dataset_ids = require_datasets(engine, names)  # an unknown name: one line naming it, exit 1
     if run:
         ids = list(run)
     elif names:  # the newest run of each task that covered each named dataset
-        ids = sorted({i for name in names for i in latest_run_ids(engine, dataset=name)})
+        ids = sorted({i for d in dataset_ids.values() for i in latest_run_ids(engine, dataset_id=d)})
     else:
         ids = latest_run_ids(engine)  # default: the newest run of every task
     if not ids:
@@ -190,6 +190,11 @@ def review_export(
     limit: int = typer.Option(
         None, "--limit", min=1, help="Export at most N items (highest priority first)."
     ),
+    dataset: str = typer.Option(
+        None,
+        "--dataset",
+        help="Only this dataset's clips (default run: the task's latest run that covered it).",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
 ) -> None:
     """Export a run's review queue as Label Studio tasks (model answer pre-annotated).
@@ -202,8 +207,9 @@ def review_export(
 
     _check_task(task)
     summary = export_label_studio(
-        open_database(), out, task, run_id=run, audio_root=audio_root, audio_prefix=audio_prefix, limit=limit
-    )
+        open_database(), out, task, run_id=run, audio_root=audio_root, audio_prefix=audio_prefix, limit=limit,
+        dataset=dataset,
+    )  # fmt: skip
     console.print(
         f"{summary.tasks} task(s) from run {summary.run_id} written to {summary.out}; "
         f"labelling config: {summary.config}",

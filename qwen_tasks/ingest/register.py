@@ -36,6 +36,8 @@ from qwen_tasks.config import get_settings
 from qwen_tasks.errors import AudioError, ConfigError
 from qwen_tasks.ingest import datasets
 from qwen_tasks.ingest.audio_files import (
+    FFMPEG_EXTENSIONS,
+    LIBSNDFILE_EXTENSIONS,
     CheckedAudio,
     check_file,
     display_path,
@@ -47,7 +49,10 @@ from qwen_tasks.ingest.manifests import ManifestError, ManifestItem, ManifestKin
 from qwen_tasks.store import schema
 from qwen_tasks.store.database import transaction
 
-AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
+# What a folder scan takes as audio: libsndfile's formats and the recording formats ffmpeg reads for us
+# (audio_files.reader_for). Any other file found in a folder is counted in IngestSummary.skipped.
+AUDIO_EXTENSIONS = LIBSNDFILE_EXTENSIONS + FFMPEG_EXTENSIONS
+NO_EXTENSION = "(none)"  # the IngestSummary.skipped key of a file without an extension
 MANIFEST_EXTENSIONS = frozenset({".jsonl"})
 CHUNK_SIZE = 500  # files per transaction: a kill loses at most this many files' work
 MANIFEST_CHUNK = 10_000  # manifest lines per statement: one INSERT ... SELECT FROM unnest(arrays)
@@ -79,6 +84,9 @@ class IngestSummary:
     manifest_warnings: list[dict[str, object]] = field(default_factory=list)  # the conflicts, by line
     # the datasets written to: name, split, tasks, clips_added (see qwen_tasks.ingest.datasets)
     datasets: list[dict[str, object]] = field(default_factory=list)
+    # Regular files in scanned folders not taken as audio, by lower-case extension ("(none)" without one;
+    # hidden files too), so a folder of unexpected formats shows up instead of vanishing silently.
+    skipped: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -105,6 +113,10 @@ class _Discovery:
     bad: dict[str, str] = field(default_factory=dict)
     scanned_dirs: list[str] = field(default_factory=list)
     unreadable_dirs: list[str] = field(default_factory=list)
+    # regular files the walk did not take as audio, by extension (IngestSummary.skipped; it may be that
+    # very dict); `manifests` (absolute paths) are read as manifests, so they are not counted
+    skipped: dict[str, int] = field(default_factory=dict)
+    manifests: frozenset[str] = frozenset()
 
     def add(self, path: str, real_dir: str | None = None) -> None:
         if path not in self.bad and self.paths.get(path) is None:
@@ -180,6 +192,10 @@ def _walk(top: str, roots: Sequence[str], found: _Discovery) -> None:
                 if real not in visited and within_roots(real, roots) and os.path.isdir(real):
                     visited.add(real)
                     stack.append((path, real))
+            elif entry.is_file(follow_symlinks=False) and path not in found.manifests:
+                # is_file() answers from the d_type scandir already read (or the lstat is_dir() made)
+                ext = os.path.splitext(entry.name)[1].lower() or NO_EXTENSION
+                found.skipped[ext] = found.skipped.get(ext, 0) + 1
 
 
 def _discover(paths: Iterable[Path], roots: Sequence[str], found: _Discovery) -> None:
@@ -829,7 +845,7 @@ def ingest(
         datasets.check_splits(conn, sources)  # before anything is written
     summary.manifest_conflicts = len(summary.manifest_warnings)
 
-    found = _Discovery()
+    found = _Discovery(skipped=summary.skipped, manifests=frozenset(manifest_paths))
     _discover(audio_paths, allowed, found)
     for item in items:
         found.add(item.audio_path)

@@ -555,10 +555,10 @@ def load_group_metrics(
     return out
 
 
-def require_datasets(engine: Engine, names: Sequence[str]) -> dict[str, str]:
-    """name -> split of the named datasets; ConfigError naming an unknown one (ingest.datasets.resolve)."""
+def require_datasets(engine: Engine, names: Sequence[str]) -> dict[str, int]:
+    """name -> id of the named datasets; ConfigError naming an unknown one (ingest.datasets.resolve)."""
     from qwen_tasks.ingest.datasets import resolve
 
     if not names:
         return {}
-    return {d.name: d.split for d in resolve(engine, names)}
+    return {d.name: d.id for d in resolve(engine, names)}

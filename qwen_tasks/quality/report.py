@@ -495,8 +495,7 @@ def write_report(
     and each run's section shows that dataset's clips (see _run_section); ConfigError when unknown.
     `out` ending in .html/.htm is the file; anything else is taken as a folder for `report.html`.
     """
-    if dataset is not None:
-        require_datasets(engine, [dataset])
+    dataset_id = require_datasets(engine, [dataset])[dataset] if dataset is not None else None
     out = Path(out)
     if out.suffix.lower() not in (".html", ".htm"):
         out = out / "report.html"
@@ -511,7 +510,7 @@ def write_report(
     elif versions:
         ids = []
     else:
-        ids = latest_run_ids(engine, dataset=dataset)  # newest of every task (that covered the dataset)
+        ids = latest_run_ids(engine, dataset_id=dataset_id)  # newest of every task (that covered the dataset)
     ids += [r for r in version_runs if r not in ids]
     with engine.connect() as conn:
         known = set(conn.execute(sa.select(label_run.c.id).where(label_run.c.id.in_(ids))).scalars())

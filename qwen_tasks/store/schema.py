@@ -367,6 +367,7 @@ run_progress = _view(
     sa.Column("claim_seconds", sa.Float),
     sa.Column("wall_seconds", sa.Float),
     sa.Column("rtf", sa.Float),
+    sa.Column("datasets", ARRAY(sa.Text)),  # 0009: the datasets the run covered
 )
 
 # 0003_review_views: the first readable path per audio.
@@ -559,7 +560,7 @@ run_quality_by_dataset = _view(
     sa.Column("metrics_computed_at", sa.DateTime(timezone=True)),
 )
 
-# 0009_cry_question: the question each clip is asked (its audio-QA line's own), when it has one.
+# 0009_questions_and_run_datasets: the question each clip is asked (its audio-QA line's own), when it has one.
 cry_question = _view(
     "cry_question",
     sa.Column("audio_id", sa.BigInteger),

@@ -890,7 +890,8 @@ def latest_run_ids(
       migration 0004 lets metrics and the report see them, and no caller leaves them out.
 
     The callers' rules, which differ on purpose:
-    - `qwen-tasks metrics` / `report` default: every task, no filter (the newest run, even one in flight).
+    - `qwen-tasks metrics` / `report` default: every task, no filter (the newest run, even one in flight);
+      with `--dataset NAME`: `dataset_id=` its id (the newest run of each task that covered it).
     - Label Studio export (review.label_studio): `tasks=[task]` (the run the review_queue view calls latest).
     - CSV/JSONL export (review.export): `tasks=[task], with_labels=True` (a run with nothing to export is
       skipped).

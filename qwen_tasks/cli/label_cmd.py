@@ -422,7 +422,8 @@ def runs(
     run: int = typer.Option(None, "--run", help="Only this run."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list on stdout."),
 ) -> None:
-    """Show labelling runs and their progress (jobs pending/running/done/failed, clips, RTF).
+    """Show labelling runs, the datasets each covered, and their progress (jobs pending/running/done/
+    failed, clips, RTF).
 
     The same numbers are in the SQL view run_progress.
     """
@@ -438,12 +439,13 @@ def runs(
         console.print("no labelling runs yet (start one with: qwen-tasks label --task cry)")
         return
     table = Table(title="labelling runs (newest first)")
-    for name in ("run", "task", "model", "revision", "prompt", "status", "jobs p/r/d/f", "labelled", "failed",
-                 "audio s", "wall s", "RTF"):  # fmt: skip
+    for name in ("run", "task", "datasets", "model", "revision", "prompt", "status", "jobs p/r/d/f",
+                 "labelled", "failed", "audio s", "wall s", "RTF"):  # fmt: skip
         table.add_column(name, overflow="fold")
     for r in rows:
         table.add_row(
-            str(r["run_id"]), r["task"], _short_model(r["model"]), r["revision"] or "-", r["prompt_version"],
+            str(r["run_id"]), r["task"], ",".join(r["datasets"] or []) or "-",
+            _short_model(r["model"]), r["revision"] or "-", r["prompt_version"],
             r["status"],
             f"{r['jobs_pending']}/{r['jobs_running']}/{r['jobs_done']}/{r['jobs_failed']}",
             f"{r['clips_labelled']}/{r['clips_planned']}", str(r["clips_failed"]), _fmt(r["audio_seconds"]),
@@ -464,6 +466,11 @@ def export(
     task: str = typer.Option(..., "--task", help="asr or cry."),
     run: int = typer.Option(None, "--run", help="Run id (default: the latest run of the task with labels)."),
     out: Path = typer.Option(None, "--out", help="JSON Lines file (default: stdout)."),
+    dataset: str = typer.Option(
+        None,
+        "--dataset",
+        help="Only this dataset's clips (default run: the latest one with labels that covered it).",
+    ),
 ) -> None:
     """Export a run's labels as JSON Lines, one object per audio path.
 
@@ -475,5 +482,5 @@ def export(
     if task not in TASKS:
         raise fail(f"--task must be asr or cry, got {task!r}")
     engine = open_database()
-    n = write_jsonl(export_rows(engine, task, run), out, stdout=sys.stdout)
+    n = write_jsonl(export_rows(engine, task, run, dataset), out, stdout=sys.stdout)
     console.print(f"wrote {n} rows{f' to {out}' if out else ''}", highlight=False)

@@ -875,6 +875,7 @@ def latest_run_ids(
     model: str | None = None,
     statuses: Sequence[str] | None = None,
     with_labels: bool = False,
+    dataset_id: int | None = None,
 ) -> list[int]:
     """The newest run (highest id) per task among the runs that pass every given filter; sorted by run id.
 
@@ -883,12 +884,14 @@ def latest_run_ids(
 
     - `tasks`: only these tasks (None: every task); `model`: only runs of this model (as label_run.model
       records it); `statuses`: only runs in these RunStatus (None: any, unfinished included);
-      `with_labels`: only runs that labelled at least one clip (n_labelled > 0).
+      `with_labels`: only runs that labelled at least one clip (n_labelled > 0); `dataset_id`: only runs
+      that covered that dataset (run_dataset).
     - Evaluation runs (purpose 'evaluation', a fine-tune's base / candidate) count like any other run:
       migration 0004 lets metrics and the report see them, and no caller leaves them out.
 
     The callers' rules, which differ on purpose:
-    - `qwen-tasks metrics` / `report` default: every task, no filter (the newest run, even one in flight).
+    - `qwen-tasks metrics` / `report` default: every task, no filter (the newest run, even one in flight);
+      with `--dataset NAME`: `dataset_id=` its id (the newest run of each task that covered it).
     - Label Studio export (review.label_studio): `tasks=[task]` (the run the review_queue view calls latest).
     - CSV/JSONL export (review.export): `tasks=[task], with_labels=True` (a run with nothing to export is
       skipped).
@@ -904,6 +907,9 @@ def latest_run_ids(
         query = query.where(label_run.c.status.in_([str(s) for s in statuses]))
     if with_labels:
         query = query.where(label_run.c.n_labelled > 0)
+    if dataset_id is not None:
+        covered = sa.select(run_dataset.c.run_id).where(run_dataset.c.dataset_id == dataset_id)
+        query = query.where(label_run.c.id.in_(covered))
     if isinstance(engine, Connection):
         return sorted(int(r) for r in engine.execute(query).scalars())
     with engine.connect() as conn:

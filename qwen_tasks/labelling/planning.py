@@ -153,8 +153,8 @@ def plan(
                 entry["left_over"] += result.n_left_over
         if not entry["jobs"] and not entry["resumed_jobs"] and "reason" not in entry:
             entry["reason"] = (
-                f"every clip of {', '.join(entry['datasets'])} already has a {task} label for this model, "
-                "revision and prompt (--relabel labels them again)"
+                f"every clip of {', '.join(entry['datasets'])} already has a label for {task} from this "
+                "model, revision and prompt (--relabel labels them again)"
             )
     return out
 

@@ -514,7 +514,8 @@ def export_finetune(
     question: str | None = None,
 ) -> FinetuneSummary:
     """Write human-reviewed labels (plus, with `include_confident` P, model labels from each audio's
-    latest score run with p_yes >= P or <= 1 - P that no gold label contradicts) as JSONL."""
+    latest score run with p_yes >= P or <= 1 - P that no gold label contradicts) as JSONL. Clips of a
+    test dataset are never written: these are training rows."""
     _check_task(task)
     if include_confident is not None and not 0.5 < include_confident <= 1.0:
         raise ConfigError(f"--include-confident must be in (0.5, 1], got {include_confident}")
@@ -536,7 +537,7 @@ def export_finetune(
                     asr_reference, asr_reference.c.audio_id == human_label.c.audio_id
                 )
             )
-            .where(human_label.c.task == task)
+            .where(human_label.c.task == task, human_label.c.audio_id.not_in(datasets.in_test_dataset()))
             .order_by(human_label.c.audio_id)
         ).all()
         for r in human:
@@ -579,6 +580,7 @@ def export_finetune(
                 .where(
                     cry_answer.c.method == "score",
                     cry_answer.c.audio_id.not_in(reviewed),
+                    cry_answer.c.audio_id.not_in(datasets.in_test_dataset()),
                     sa.or_(
                         cry_answer.c.p_yes >= include_confident, cry_answer.c.p_yes <= 1 - include_confident
                     ),

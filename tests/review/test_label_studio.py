@@ -336,6 +336,20 @@ def test_export_finetune_human_and_confident(engine: Engine, tmp_path: Path) -> 
     with pytest.raises(ConfigError, match="include-confident"):
         export_finetune(engine, tmp_path / "x.jsonl", include_confident=0.4)
 
+    # clips of a test dataset are never training rows, reviewed or confident
+    from qwen_tasks.ingest import datasets
+
+    held_out = [
+        datasets.Source(datasets.SourceKind.FILE, f"/data/audio/clip_{i:03d}.wav", "fixed-eval", ("cry",))
+        for i in (0, 4)
+    ]
+    with engine.begin() as conn:
+        datasets.record(conn, datasets.DatasetPlan(split="test", sources=held_out))
+    summary = export_finetune(engine, tmp_path / "train3.jsonl", include_confident=0.85)
+    rows = [json.loads(line) for line in (tmp_path / "train3.jsonl").read_text().splitlines()]
+    assert (summary.human, summary.model) == (0, 1)
+    assert [r["audio_id"] for r in rows] == [ids[6]]
+
 
 def test_export_finetune_asr_uses_human_transcripts(engine: Engine, tmp_path: Path) -> None:
     _, ids = seed_asr_scenario(engine)

@@ -322,6 +322,23 @@ def _asr_metrics(conn: Connection, run_id: int, out: _Metrics) -> list[dict]:
 # --- shared -------------------------------------------------------------------------------------------
 
 
+def _truncated(conn: Connection, run_id: int, task: str, out: _Metrics) -> None:
+    """Generated text that hit its token budget (no end-of-sequence token): ASR `truncated`, cry
+    `generate.truncated`; value = count, details n and rate. Absent when nothing was generated."""
+    table, name, where = (
+        (transcription, "truncated", ())
+        if task == "asr"
+        else (cry_answer, "generate.truncated", (cry_answer.c.method == "generate",))
+    )
+    n, hit = conn.execute(
+        sa.select(sa.func.count(), sa.func.count().filter(table.c.truncated)).where(
+            table.c.run_id == run_id, *where
+        )
+    ).one()
+    if n:
+        out.add(name, hit, n=n, rate=hit / n)
+
+
 def _throughput(conn: Connection, run_id: int, out: _Metrics) -> None:
     j = label_job.c
     row = conn.execute(
@@ -378,6 +395,7 @@ def compute_run_metrics(engine: Engine, run_id: int) -> dict[str, Any]:
             _cry_metrics(conn, run_id, out)
         else:
             utterances = _asr_metrics(conn, run_id, out)
+        _truncated(conn, run_id, run.task, out)
         _throughput(conn, run_id, out)
         conn.execute(sa.delete(run_metric).where(run_metric.c.run_id == run_id))
         conn.execute(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 from sqlalchemy.engine import Engine
@@ -22,6 +23,23 @@ def _print_summary(summary: IngestSummary) -> None:
         highlight=False,
         soft_wrap=True,
     )
+    for d in summary.datasets:
+        console.print(
+            f"  dataset {d['name']} ({d['split']}; {', '.join(d['tasks'])}): "
+            f"{d['clips_added']} clip(s) added",
+            highlight=False,
+            markup=False,
+            soft_wrap=True,
+        )
+    if summary.skipped:  # files in the folders that were not taken as audio, most common extension first
+        counts = sorted(summary.skipped.items(), key=lambda kv: (-kv[1], kv[0]))
+        console.print(
+            f"  skipped {sum(summary.skipped.values())} files that are not audio by extension: "
+            + ", ".join(f"{ext} {n}" for ext, n in counts),
+            highlight=False,
+            markup=False,
+            soft_wrap=True,
+        )
     for q in summary.quarantine:
         console.print(
             f"  quarantined {q['path']}: {q['reason']}", highlight=False, markup=False, soft_wrap=True
@@ -46,7 +64,8 @@ def _print_summary(summary: IngestSummary) -> None:
 def ingest_command(
     paths: list[Path] = typer.Argument(
         None,
-        help="Folders (scanned recursively for wav/flac/ogg/mp3), audio files, or *.jsonl manifests. "
+        help="Folders (scanned recursively for audio: wav/flac/ogg/mp3, m4a/aac, opus/webm, amr, wma, mp4 "
+        "and more; other files are counted as skipped), audio files, or *.jsonl manifests. "
         "Optional with --manifest.",
         show_default=False,
     ),
@@ -62,10 +81,30 @@ def ingest_command(
         help="Allowed root folder (repeatable); audio whose real path is elsewhere is quarantined, not "
         "read. Default: QWEN_TASKS_ALLOWED_ROOTS, else the paths given and each manifest's folder.",
     ),
+    dataset: str = typer.Option(
+        None,
+        "--dataset",
+        help="The dataset these sources join (created if new). Default: each manifest's file stem, each "
+        "folder's name.",
+    ),
+    split: str = typer.Option(
+        None,
+        "--split",
+        help="train or test (a new dataset: train; an existing one keeps its split). Clips of a test "
+        "dataset are never fine-tuning rows.",
+    ),
+    tasks: str = typer.Option(
+        None,
+        "--tasks",
+        help="Comma-separated tasks the dataset is labelled for (asr,cry). Default: a manifest's kind "
+        "gives its task (asr -> asr, aqa -> cry), a folder both.",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object on stdout."),
 ) -> None:
     """Register audio in the database: new files are probed and hashed, unchanged ones skipped, identical
-    bytes stored once, bad files quarantined with a reason. Exit 0 when the run completes."""
+    bytes stored once, bad files quarantined with a reason; every source joins a dataset. Exit 0 when
+    the run completes. Example: qwen-tasks ingest --manifest eval.jsonl --kind aqa --dataset cry-eval
+    --split test"""
     paths = paths or []
     if not paths and not manifest:
         raise fail("give at least one PATH or --manifest FILE (see: qwen-tasks ingest --help)", code=2)
@@ -74,11 +113,12 @@ def ingest_command(
             raise fail(f"no such file or directory: {p}")
     engine = open_database()
     manifests: list[tuple[Path, ManifestKind | None]] = [(m, kind) for m in manifest]
+    scope = {"dataset": dataset, "split": split, "tasks": tasks.split(",") if tasks is not None else None}
     try:
         if console.is_terminal:  # the bar goes to stderr, so it never mixes with --json on stdout
-            summary = _ingest_with_bar(engine, paths, manifests, root, kind)
+            summary = _ingest_with_bar(engine, paths, manifests, root, kind, scope)
         else:
-            summary = ingest(engine, paths, manifests, roots=root, kind=kind)
+            summary = ingest(engine, paths, manifests, roots=root, kind=kind, **scope)
     except ConfigError as exc:
         raise fail(str(exc)) from None
     if as_json:
@@ -93,6 +133,7 @@ def _ingest_with_bar(
     manifests: list[tuple[Path, ManifestKind | None]],
     roots: list[Path],
     kind: ManifestKind | None,
+    scope: dict[str, Any],
 ) -> IngestSummary:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
@@ -109,4 +150,40 @@ def _ingest_with_bar(
         def update(done: int, total: int) -> None:
             bar.update(task, completed=done, total=total)
 
-        return ingest(engine, paths, manifests, roots=roots, progress=update, kind=kind)
+        return ingest(engine, paths, manifests, roots=roots, progress=update, kind=kind, **scope)
+
+
+@app.command("datasets")
+def datasets_command(
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON list on stdout."),
+) -> None:
+    """List the datasets: split, tasks, clips, labelled clips per task, gold labels and references.
+
+    The same rows are in the SQL view dataset_summary. Datasets are made by `qwen-tasks ingest
+    [--dataset NAME] [--split train|test] [--tasks asr,cry]`.
+    """
+    from rich.table import Table
+
+    from qwen_tasks.ingest.datasets import summary_rows
+
+    rows = summary_rows(open_database())
+    if as_json:
+        print_json(rows)
+        return
+    if not rows:
+        console.print("no datasets yet (qwen-tasks ingest FOLDER --dataset NAME makes one)")
+        return
+    table = Table(title="datasets")
+    for name in ("dataset", "split", "tasks", "clips", "audio s", "asr labelled", "cry labelled",
+                 "references", "cry gold (yes/no)"):  # fmt: skip
+        table.add_column(name, overflow="fold")
+    for r in rows:
+        table.add_row(
+            r["name"], r["split"], ",".join(r["tasks"]), str(r["clips"]), f"{r['audio_seconds']:.1f}",
+            str(r["asr_labelled"]), str(r["cry_labelled"]), str(r["asr_references"]),
+            f"{r['cry_gold']} ({r['cry_gold_yes']}/{r['cry_gold_no']})",
+        )  # fmt: skip
+    out = type(console)()  # the table goes to stdout; messages stay on stderr
+    if not out.is_terminal:
+        out = type(console)(width=200)
+    out.print(table)

@@ -99,7 +99,18 @@ def label(
     dtype: str = typer.Option(None, "--dtype", help="float32, bfloat16 or float16 (default: per device)."),
     method: str = typer.Option(None, "--method", help="cry only: score, generate or both (score)."),
     language: str = typer.Option(None, "--language", help="asr: language code of the speech (en)."),
-    question: str = typer.Option(None, "--question", help="cry: the yes/no question asked."),
+    question: str = typer.Option(
+        None,
+        "--question",
+        help="cry: the yes/no question asked of every clip (default: each clip's own manifest question, "
+        "else the default question).",
+    ),
+    dataset: list[str] = typer.Option(
+        None,
+        "--dataset",
+        help="Label only clips of this dataset (repeatable; default: every dataset whose tasks include "
+        "--task; see `qwen-tasks datasets`).",
+    ),
     threshold: float = typer.Option(None, "--threshold", help="cry: p_yes >= this is yes (0.5)."),
     relabel: bool = typer.Option(False, "--relabel", help="Label again in a new run (old labels kept)."),
     plan_only: bool = typer.Option(False, "--plan-only", help="Create the run and its jobs, then stop."),
@@ -127,7 +138,7 @@ def label(
             tasks=[task], model=model, revision=revision, adapter=adapter, promoted=promoted,
             batch_size=batch_size, max_batch_seconds=max_batch_seconds, max_new_tokens=max_new_tokens,
             limit=limit, device=device, dtype=dtype, method=method, language=language, question=question,
-            threshold=threshold, relabel=relabel,
+            threshold=threshold, relabel=relabel, datasets=dataset or None,
         ),
         settings,
         flags=True,
@@ -140,9 +151,8 @@ def label(
     def on_plan(plan: Any) -> None:
         nonlocal bar
         if not plan.run_ids:
-            console.print(
-                f"nothing to label for --task {task} (every ingested audio has a label for this model)"
-            )
+            why = (plan.per_task.get(task) or {}).get("reason") or "every clip has a label for this model"
+            console.print(f"nothing to label for --task {task}: {why}", highlight=False, soft_wrap=True)
             return
         version = (plan.per_task.get(task) or {}).get("model_version")
         if version:
@@ -156,10 +166,14 @@ def label(
                 highlight=False,
             )
         left = f", {plan.left_over} left for the next run" if plan.left_over else ""
-        for run_id in plan.new_run_ids:
+        scope = ", ".join((plan.per_task.get(task) or {}).get("datasets") or [])
+        new_runs = ", ".join(map(str, plan.new_run_ids))
+        if new_runs:
             console.print(
-                f"run {run_id}: {plan.items} clips in {len(plan.job_ids) - plan.resumed_jobs} jobs{left}",
+                f"run {new_runs}: {plan.items} clips in {len(plan.job_ids) - plan.resumed_jobs} jobs{left} "
+                f"(datasets: {scope})",
                 highlight=False,
+                soft_wrap=True,
             )
         if not plan_only and elsewhere is None:
             clips = int(jobs.open_job_counts(engine, plan.run_ids)["clips"])
@@ -412,7 +426,8 @@ def runs(
     run: int = typer.Option(None, "--run", help="Only this run."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list on stdout."),
 ) -> None:
-    """Show labelling runs and their progress (jobs pending/running/done/failed, clips, RTF).
+    """Show labelling runs, the datasets each covered, and their progress (jobs pending/running/done/
+    failed, clips, RTF).
 
     The same numbers are in the SQL view run_progress.
     """
@@ -428,12 +443,13 @@ def runs(
         console.print("no labelling runs yet (start one with: qwen-tasks label --task cry)")
         return
     table = Table(title="labelling runs (newest first)")
-    for name in ("run", "task", "model", "revision", "prompt", "status", "jobs p/r/d/f", "labelled", "failed",
-                 "audio s", "wall s", "RTF"):  # fmt: skip
+    for name in ("run", "task", "datasets", "model", "revision", "prompt", "status", "jobs p/r/d/f",
+                 "labelled", "failed", "audio s", "wall s", "RTF"):  # fmt: skip
         table.add_column(name, overflow="fold")
     for r in rows:
         table.add_row(
-            str(r["run_id"]), r["task"], _short_model(r["model"]), r["revision"] or "-", r["prompt_version"],
+            str(r["run_id"]), r["task"], ",".join(r["datasets"] or []) or "-",
+            _short_model(r["model"]), r["revision"] or "-", r["prompt_version"],
             r["status"],
             f"{r['jobs_pending']}/{r['jobs_running']}/{r['jobs_done']}/{r['jobs_failed']}",
             f"{r['clips_labelled']}/{r['clips_planned']}", str(r["clips_failed"]), _fmt(r["audio_seconds"]),
@@ -454,6 +470,11 @@ def export(
     task: str = typer.Option(..., "--task", help="asr or cry."),
     run: int = typer.Option(None, "--run", help="Run id (default: the latest run of the task with labels)."),
     out: Path = typer.Option(None, "--out", help="JSON Lines file (default: stdout)."),
+    dataset: str = typer.Option(
+        None,
+        "--dataset",
+        help="Only this dataset's clips (default run: the latest one with labels that covered it).",
+    ),
 ) -> None:
     """Export a run's labels as JSON Lines, one object per audio path.
 
@@ -465,5 +486,5 @@ def export(
     if task not in TASKS:
         raise fail(f"--task must be asr or cry, got {task!r}")
     engine = open_database()
-    n = write_jsonl(export_rows(engine, task, run), out, stdout=sys.stdout)
+    n = write_jsonl(export_rows(engine, task, run, dataset), out, stdout=sys.stdout)
     console.print(f"wrote {n} rows{f' to {out}' if out else ''}", highlight=False)

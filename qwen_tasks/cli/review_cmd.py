@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.table import Table
+from sqlalchemy.engine import Engine
 
 from qwen_tasks.cli.common import app, console, fail, open_database, print_json
 
@@ -21,21 +23,38 @@ def metrics(
     run: list[int] = typer.Option(
         None, "--run", help="Run id (repeatable) (default: latest run of each task)."
     ),
+    dataset: list[str] = typer.Option(
+        None,
+        "--dataset",
+        help="Dataset name (repeatable): also print the figures over the run's clips of it; the runs "
+        "default to the newest run of each task that covered it.",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON on stdout (metric values and details)."),
 ) -> None:
-    """Compute, store (run_metric) and print quality metrics of runs.
+    """Compute, store (run_metric, run_metric_group) and print quality metrics of runs.
 
     Cry: accuracy, precision, recall, F1, confusion matrix, unknown rate, ROC AUC and best-F1 threshold,
     against gold labels (human review first, then manifests). ASR: corpus WER (words) and CER (Chinese
-    characters), per language, and the most frequent substitution pairs.
+    characters), per language, and the most frequent substitution pairs. The same figures are stored per
+    dataset the run covered and per manifest source (SQL: the run_quality_by_dataset view).
     """
     from qwen_tasks.labelling.jobs import latest_run_ids
-    from qwen_tasks.quality.metrics import compute_run_metrics, load_run_metrics
+    from qwen_tasks.quality.metrics import compute_run_metrics, load_run_metrics, require_datasets
 
     engine = open_database()
-    ids = list(run) if run else latest_run_ids(engine)  # default: the newest run of every task
+    names = list(dict.fromkeys(dataset or []))
+    dataset_ids = require_datasets(engine, names)  # an unknown name: one line naming it, exit 1
+    if run:
+        ids = list(run)
+    elif names:  # the newest run of each task that covered each named dataset
+        ids = sorted({i for d in dataset_ids.values() for i in latest_run_ids(engine, dataset_id=d)})
+    else:
+        ids = latest_run_ids(engine)  # default: the newest run of every task
     if not ids:
-        console.print("no labelling runs yet (run: qwen-tasks label --task cry|asr)")
+        if names:
+            console.print(f"no labelling run covered dataset(s) {', '.join(names)} yet", highlight=False)
+        else:
+            console.print("no labelling runs yet (run: qwen-tasks label --task cry|asr)")
         if as_json:
             print_json({"runs": []})
         return
@@ -50,6 +69,7 @@ def metrics(
                 "model": values["model"],
                 "metrics": {k: v for k, v in values.items() if k not in ("run_id", "task", "model")},
                 "details": {name: m["details"] for name, m in stored.items() if m["details"]},
+                **_group_results(engine, run_id, names),
             }
         )
     if as_json:
@@ -66,6 +86,60 @@ def metrics(
         if top:
             pairs = ", ".join(f"{t['reference']}→{t['hypothesis']} ×{t['count']}" for t in top[:10])
             console.print(f"top substitutions: {pairs}", highlight=False, soft_wrap=True)
+        _print_groups(r, names)
+
+
+def _group_results(engine: Engine, run_id: int, names: list[str]) -> dict[str, Any]:
+    """A run's per-group figures for the JSON: "groups" (grouping -> group -> metric -> value) and, with
+    --dataset, "datasets" (each named dataset -> its slice's metric values, null when the run has none)."""
+    from qwen_tasks.quality.metrics import load_group_metrics
+
+    stored = load_group_metrics(engine, run_id)
+    groups = {
+        grouping: {group: {n: m["value"] for n, m in metrics.items()} for group, metrics in by_group.items()}
+        for grouping, by_group in stored.items()
+    }
+    out: dict[str, Any] = {"groups": groups}
+    if names:
+        out["datasets"] = {name: groups.get("dataset", {}).get(name) for name in names}
+    return out
+
+
+def _print_groups(result: dict[str, Any], names: list[str]) -> None:
+    """--dataset: each named dataset's slice, all its figures; else one compact table per grouping."""
+    from qwen_tasks.quality.metrics import GROUP_FIGURES
+
+    run_id = result["run_id"]
+    if names:
+        for name in names:
+            values = result["datasets"][name]
+            if values is None:
+                console.print(f"run {run_id} did not cover dataset {name}", highlight=False)
+                continue
+            table = Table(title=f"run {run_id}, dataset {name}", title_justify="left")
+            table.add_column("metric")
+            table.add_column("value", justify="right")
+            for metric, value in values.items():
+                table.add_row(metric, "—" if value is None else f"{value:.4g}")
+            console.print(table)
+        return
+    figures = GROUP_FIGURES[result["task"]]
+    short = {"n_results": "n", "n_reference": "refs", "generate": "gen", "unknown_rate": "unknown",
+             "score.": "", "accuracy": "acc", "roc_auc": "auc", "error_rate": "err"}  # fmt: skip
+    for grouping in ("dataset", "source"):
+        groups = result["groups"].get(grouping)
+        if not groups:
+            continue
+        table = Table(title=f"run {run_id} by {grouping}", title_justify="left")
+        table.add_column(grouping, overflow="fold")
+        for figure in figures:
+            header = figure
+            for long, abbreviation in short.items():
+                header = header.replace(long, abbreviation)
+            table.add_column(header, justify="right", no_wrap=True)
+        for group, values in groups.items():
+            table.add_row(group, *("—" if values.get(f) is None else f"{values[f]:.3g}" for f in figures))
+        console.print(table)
 
 
 @app.command("report")
@@ -77,17 +151,26 @@ def report(
     version: list[str] = typer.Option(
         None, "--version", help="Fine-tuned version (repeatable): base vs fine-tuned on its held-out audio."
     ),
+    dataset: str = typer.Option(
+        None,
+        "--dataset",
+        help="Dataset name: the runs default to the newest run of each task that covered it, and each "
+        "run's metrics, plots and worst items are its clips' (its row highlighted in the per-dataset table).",
+    ),
 ) -> None:
     """Write one self-contained HTML report with plots and the worst items.
 
     Plots: p_yes histogram by gold label, ROC curve, WER distribution, throughput over the run; tables of
     metrics, confident mistakes, unknown answers, worst utterances and substitution pairs. With
     --version NAME: its base and fine-tuned evaluation runs side by side (overlaid ROC, or error rates and
-    top substitutions) first.
+    top substitutions) first. Each run also gets a table of its figures per dataset and per manifest
+    source.
     """
     from qwen_tasks.quality.report import write_report
 
-    path = write_report(open_database(), list(run) if run else None, out, versions=list(version or []))
+    path = write_report(
+        open_database(), list(run) if run else None, out, versions=list(version or []), dataset=dataset
+    )
     console.print(f"report written to {path}")
 
 
@@ -107,6 +190,11 @@ def review_export(
     limit: int = typer.Option(
         None, "--limit", min=1, help="Export at most N items (highest priority first)."
     ),
+    dataset: str = typer.Option(
+        None,
+        "--dataset",
+        help="Only this dataset's clips (default run: the task's latest run that covered it).",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
 ) -> None:
     """Export a run's review queue as Label Studio tasks (model answer pre-annotated).
@@ -119,8 +207,9 @@ def review_export(
 
     _check_task(task)
     summary = export_label_studio(
-        open_database(), out, task, run_id=run, audio_root=audio_root, audio_prefix=audio_prefix, limit=limit
-    )
+        open_database(), out, task, run_id=run, audio_root=audio_root, audio_prefix=audio_prefix, limit=limit,
+        dataset=dataset,
+    )  # fmt: skip
     console.print(
         f"{summary.tasks} task(s) from run {summary.run_id} written to {summary.out}; "
         f"labelling config: {summary.config}",

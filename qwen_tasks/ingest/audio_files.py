@@ -6,6 +6,10 @@ Ingest calls `check_file` (stat + streamed sha256 + header probe + blockwise sam
 file); the model stage calls `load_ingested` (the file must still be the one ingest admitted: under its
 allowed root, same size and mtime) or `load_waveform` (mono float32 at the model's rate).
 
+Two readers: libsndfile (through soundfile) for its own formats (WAV, FLAC, OGG, MP3, AIFF...), which it
+probes without decoding, and ffmpeg (through PyAV, `ffmpeg_audio`) for the rest: the extensions in
+`FFMPEG_EXTENSIONS`, and any file libsndfile does not recognise. `reader_for` says which comes first.
+
 The allowed-roots rule (`within_roots`) and the stored form of a path (`display_path`) live here too,
 so ingest (which admits files) and labelling (which re-checks them when it reads) share one definition.
 """
@@ -21,6 +25,7 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import soundfile as sf
@@ -28,6 +33,9 @@ import soxr
 
 from qwen_tasks.errors import AudioError
 from qwen_tasks.records import TARGET_SAMPLE_RATE, RecordedPath
+
+if TYPE_CHECKING:
+    from qwen_tasks.ingest import ffmpeg_audio
 
 HASH_CHUNK = 1 << 20  # 1 MiB reads: large enough for hashlib to release the GIL, small enough for memory
 SCAN_BLOCK_FRAMES = 1 << 16  # frames per block when scanning samples; keeps memory flat on long files
@@ -42,6 +50,18 @@ _SHORT_DATA = re.compile(r"^data\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILIN
 _CANONICAL_WAV = struct.Struct("<4sI4s4sIHHIIHH4sI")
 _PCM_SUBTYPES = {8: "PCM_U8", 16: "PCM_16", 24: "PCM_24", 32: "PCM_32"}
 _MAX_CHANNELS = 1024  # libsndfile's SF_MAX_CHANNELS: more is "Too many channels specified"
+
+# What libsndfile reads itself: these keep the canonical-WAV fast path and the header-only probe.
+LIBSNDFILE_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".mp3", ".aif", ".aiff", ".aifc", ".caf", ".w64")
+# Recording formats libsndfile cannot read, sent straight to ffmpeg (phones and messengers: m4a/aac,
+# opus/webm, amr/3gp; Windows: wma; video containers: their audio track). A file with any other
+# extension, named explicitly or by a manifest, is tried with libsndfile and then with ffmpeg.
+FFMPEG_EXTENSIONS = (
+    ".m4a", ".m4b", ".aac", ".opus", ".webm", ".weba", ".mka", ".amr", ".3gp", ".3ga", ".wma", ".asf", ".mp4",
+    ".ac3", ".wv", ".ape", ".mp2",
+)  # fmt: skip
+# libsndfile's message for a file it has no reader for (as opposed to a known format that is broken).
+_NOT_RECOGNISED = "Format not recognised"
 
 
 @dataclass(frozen=True)
@@ -214,17 +234,57 @@ def _open_regular(path: str, *, raise_not_found: bool = False) -> tuple[int, os.
     return fd, st
 
 
+def reader_for(path: str) -> str:
+    """'ffmpeg' for the extensions libsndfile cannot read (FFMPEG_EXTENSIONS), else 'libsndfile' (which
+    hands over to ffmpeg when it does not recognise the file: `_ffmpeg_instead`)."""
+    return "ffmpeg" if os.path.splitext(path)[1].lower() in FFMPEG_EXTENSIONS else "libsndfile"
+
+
+def _ffmpeg_probe(fd: int, path: str) -> AudioProbe:
+    """Decode with ffmpeg to the end (the only honest frame count for these formats; see ffmpeg_audio)."""
+    from qwen_tasks.ingest import ffmpeg_audio  # imported on first use: PyAV adds ~60 ms to start-up
+
+    return _as_probe(ffmpeg_audio.decode(fd, path, keep=False))
+
+
+def _ffmpeg_instead(fd: int, path: str, failure: AudioError, *, keep: bool) -> ffmpeg_audio.Decoded:
+    """libsndfile failed to open the file: when it did not recognise the format at all (a .wav that is
+    really an M4A, a file without extension), ffmpeg may; otherwise `failure` stands. Should ffmpeg not
+    read it either, libsndfile's reason is kept unless ffmpeg's says more (truncated, no audio stream)."""
+    from qwen_tasks.ingest import ffmpeg_audio
+
+    if _NOT_RECOGNISED not in failure.reason:
+        raise failure
+    try:
+        return ffmpeg_audio.decode(fd, path, keep=keep)
+    except AudioError as exc:
+        if exc.reason.startswith("not an audio file"):
+            raise failure from None
+        raise
+
+
 def probe(path: str | Path) -> AudioProbe:
-    """Header facts (frames, rate, channels, format) without decoding; AudioError if unusable."""
+    """Header facts (frames, rate, channels, format) without decoding for libsndfile's formats; the
+    others are decoded (their headers hold no reliable frame count). AudioError if unusable."""
     path = os.fspath(path)
     fd, _ = _open_regular(path)
     try:
-        with sf.SoundFile(fd, closefd=False) as sound:
-            return _probe_open(sound, path)
-    except (sf.LibsndfileError, sf.SoundFileRuntimeError, RuntimeError) as exc:
-        raise _open_failure(path, exc) from None
+        if reader_for(path) == "ffmpeg":
+            return _ffmpeg_probe(fd, path)
+        try:
+            with sf.SoundFile(fd, closefd=False) as sound:
+                return _probe_open(sound, path)
+        except (sf.LibsndfileError, sf.SoundFileRuntimeError, RuntimeError) as exc:
+            failure = _open_failure(path, exc)
+        return _as_probe(_ffmpeg_instead(fd, path, failure, keep=False))
     finally:
         os.close(fd)
+
+
+def _as_probe(d: ffmpeg_audio.Decoded) -> AudioProbe:
+    return AudioProbe(
+        frames=d.frames, sample_rate=d.sample_rate, channels=d.channels, format=d.format, subtype=d.subtype
+    )
 
 
 def sha256_file(path: str | Path) -> str:
@@ -268,7 +328,8 @@ def check_file(path: str | Path) -> CheckedAudio:
     a readable audio header with frames, and (where it can matter) finite samples to the end.
 
     A canonical PCM WAV file is judged from the bytes already read for the hash (`_canonical_wav`);
-    anything else is opened with libsndfile on the same descriptor."""
+    anything else is opened with libsndfile, or decoded with ffmpeg (`reader_for`), on the same
+    descriptor."""
     path = os.fspath(path)
     fd, st = _open_regular(path)
     try:
@@ -284,17 +345,26 @@ def check_file(path: str | Path) -> CheckedAudio:
         sha = digest.hexdigest()
         info = _canonical_wav(head, size) if size == st.st_size else None
         if info is None:
-            os.lseek(fd, 0, os.SEEK_SET)
-            try:
-                with sf.SoundFile(fd, closefd=False) as sound:
-                    info = _probe_open(sound, path)
-                    if needs_sample_scan(info):
-                        _scan_samples(sound, path, info)
-            except (sf.LibsndfileError, sf.SoundFileRuntimeError, RuntimeError) as exc:
-                raise _open_failure(path, exc) from None
+            info = _check_open(fd, path)
     finally:
         os.close(fd)
     return CheckedAudio(path=path, sha256=sha, size_bytes=st.st_size, mtime_ns=st.st_mtime_ns, probe=info)
+
+
+def _check_open(fd: int, path: str) -> AudioProbe:
+    """The probe (and, where it can matter, the sample scan) of a file that is not canonical WAV."""
+    if reader_for(path) == "ffmpeg":
+        return _ffmpeg_probe(fd, path)
+    os.lseek(fd, 0, os.SEEK_SET)
+    try:
+        with sf.SoundFile(fd, closefd=False) as sound:
+            info = _probe_open(sound, path)
+            if needs_sample_scan(info):
+                _scan_samples(sound, path, info)
+            return info
+    except (sf.LibsndfileError, sf.SoundFileRuntimeError, RuntimeError) as exc:
+        failure = _open_failure(path, exc)
+    return _as_probe(_ffmpeg_instead(fd, path, failure, keep=False))
 
 
 def load_waveform(path: str | Path, target_rate: int = TARGET_SAMPLE_RATE) -> np.ndarray:
@@ -314,23 +384,40 @@ def load_waveform(path: str | Path, target_rate: int = TARGET_SAMPLE_RATE) -> np
 
 
 def _decode_fd(fd: int, path: str, target_rate: int) -> np.ndarray:
-    try:
-        with sf.SoundFile(fd, closefd=False) as sound:
-            rate = int(sound.samplerate)
-            data = sound.read(dtype="float32", always_2d=True)
-    except (sf.LibsndfileError, sf.SoundFileRuntimeError, RuntimeError) as exc:
-        raise _open_failure(path, exc) from None
-    if data.shape[0] == 0:
-        raise AudioError(path, "zero frames")
-    if not np.isfinite(data).all():
-        raise AudioError(path, "contains NaN/Inf samples")
-    mono = data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0]
+    if reader_for(path) == "ffmpeg":
+        rate, mono = _ffmpeg_mono(fd, path, None)
+    else:
+        try:
+            with sf.SoundFile(fd, closefd=False) as sound:
+                rate = int(sound.samplerate)
+                data = sound.read(dtype="float32", always_2d=True)
+        except (sf.LibsndfileError, sf.SoundFileRuntimeError, RuntimeError) as exc:
+            rate, mono = _ffmpeg_mono(fd, path, _open_failure(path, exc))
+        else:
+            if data.shape[0] == 0:
+                raise AudioError(path, "zero frames")
+            if not np.isfinite(data).all():
+                raise AudioError(path, "contains NaN/Inf samples")
+            mono = data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0]
     if rate != target_rate:
         mono = soxr.resample(mono, rate, target_rate, quality="HQ")
     mono = np.ascontiguousarray(mono, dtype=np.float32)
     if mono.size == 0:
         raise AudioError(path, f"zero samples after resampling from {rate} Hz to {target_rate} Hz")
     return mono
+
+
+def _ffmpeg_mono(fd: int, path: str, failure: AudioError | None) -> tuple[int, np.ndarray]:
+    """(rate, mono float32) decoded by ffmpeg: directly (`failure` None) or after libsndfile failed."""
+    from qwen_tasks.ingest import ffmpeg_audio
+
+    d = (
+        ffmpeg_audio.decode(fd, path, keep=True)
+        if failure is None
+        else _ffmpeg_instead(fd, path, failure, keep=True)
+    )
+    assert d.mono is not None  # keep=True
+    return d.sample_rate, d.mono
 
 
 def _real_path_of(fd: int, path: str) -> str:

@@ -1,8 +1,10 @@
 """Parsing the jsonl manifests users already have, one line at a time.
 
-Two formats: ASR `{"audio", "text"[, "language"]}` and audio QA / cry `{"question", "audio", "gt",
-"source"}`. A bad line is reported with its file and line number and skipped, so one typo never costs
-the rest of the manifest. That includes lines that are valid JSON but cannot be stored: PostgreSQL text
+Two formats, as the original Qwen-Audio evaluation scripts read them: ASR `{"audio", "text"[, "language"]
+[, "source"]}` or the stock `{"audio", "gt", "source"}` (gt = the reference), and audio QA / cry
+`{"question", "audio", "gt", "source"}` (each line's own question is what labelling asks by default).
+A bad line is reported with its file and line number and skipped, so one typo never costs the rest of
+the manifest. That includes lines that are valid JSON but cannot be stored: PostgreSQL text
 and jsonb hold neither NUL (`\u0000`) nor lone UTF-16 surrogates (`\ud800`), and jsonb has no NaN.
 Relative audio paths resolve against the manifest's folder, as users expect when they move a dataset
 folder around.
@@ -167,11 +169,24 @@ def _resolve(manifest_path: str, audio: str) -> str:
 
 
 def _infer_kind(obj: dict[str, Any]) -> ManifestKind | None:
+    """asr for `text`, and for the stock Qwen-Audio ASR lines (`gt` is the reference, no `question`)
+    unless that `gt` is a yes/no answer; aqa for a `question`, or a yes/no `gt` alone."""
     if "text" in obj:
         return "asr"
-    if "gt" in obj or "question" in obj:
+    if "question" in obj:
         return "aqa"
+    if "gt" in obj:
+        gt = obj["gt"]
+        return "asr" if isinstance(gt, str) and parse_gold_label(gt) is None else "aqa"
     return None
+
+
+def _reference(obj: dict[str, Any]) -> Any:
+    """An ASR line's reference transcript: `text`, else `gt` (the original Qwen-Audio's eval manifests,
+    `{"audio", "gt", "source"}`, which its evaluate_asr.py scores against)."""
+    if "text" in obj:
+        return obj["text"]
+    return None if "question" in obj else obj.get("gt")  # a question makes it an audio-QA line
 
 
 def parse_line(
@@ -199,8 +214,8 @@ def parse_line(
     line_kind = kind or _infer_kind(obj)
     if line_kind is None:
         return error('cannot tell the kind: need "text" (asr) or "question"/"gt" (aqa)')
-    if line_kind == "asr" and not isinstance(obj.get("text"), str):
-        return error('not an asr line: missing "text" (a string)')
+    if line_kind == "asr" and not isinstance(_reference(obj), str):
+        return error('not an asr line: no reference transcript ("text", or "gt" without a "question")')
     if line_kind == "aqa" and "gt" not in obj and "question" not in obj:
         return error('not an aqa line: missing "question" and "gt"')
     get = obj.get
@@ -210,11 +225,11 @@ def parse_line(
         line_no=line_no,
         kind=line_kind,
         audio_path=_resolve(manifest_path, audio),
-        reference_text=get("text") if line_kind == "asr" else None,
+        reference_text=_reference(obj) if line_kind == "asr" else None,
         language=_as_text(get("language")),
         question=_as_text(get("question")),
         gt=_as_text(gt),
-        gold_label=parse_gold_label(gt) if gt is not None else None,
+        gold_label=parse_gold_label(gt) if gt is not None and line_kind == "aqa" else None,
         source=_as_text(get("source")),
         raw=obj,
         line=line if line is not None else json.dumps(obj, ensure_ascii=False),

@@ -34,7 +34,10 @@ from sqlalchemy.engine import Engine
 
 from qwen_tasks.config import get_settings
 from qwen_tasks.errors import AudioError, ConfigError
+from qwen_tasks.ingest import datasets
 from qwen_tasks.ingest.audio_files import (
+    FFMPEG_EXTENSIONS,
+    LIBSNDFILE_EXTENSIONS,
     CheckedAudio,
     check_file,
     display_path,
@@ -46,7 +49,10 @@ from qwen_tasks.ingest.manifests import ManifestError, ManifestItem, ManifestKin
 from qwen_tasks.store import schema
 from qwen_tasks.store.database import transaction
 
-AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
+# What a folder scan takes as audio: libsndfile's formats and the recording formats ffmpeg reads for us
+# (audio_files.reader_for). Any other file found in a folder is counted in IngestSummary.skipped.
+AUDIO_EXTENSIONS = LIBSNDFILE_EXTENSIONS + FFMPEG_EXTENSIONS
+NO_EXTENSION = "(none)"  # the IngestSummary.skipped key of a file without an extension
 MANIFEST_EXTENSIONS = frozenset({".jsonl"})
 CHUNK_SIZE = 500  # files per transaction: a kill loses at most this many files' work
 MANIFEST_CHUNK = 10_000  # manifest lines per statement: one INSERT ... SELECT FROM unnest(arrays)
@@ -76,6 +82,11 @@ class IngestSummary:
     quarantine: list[dict[str, str]] = field(default_factory=list)
     manifest_errors: list[dict[str, object]] = field(default_factory=list)
     manifest_warnings: list[dict[str, object]] = field(default_factory=list)  # the conflicts, by line
+    # the datasets written to: name, split, tasks, clips_added (see qwen_tasks.ingest.datasets)
+    datasets: list[dict[str, object]] = field(default_factory=list)
+    # Regular files in scanned folders not taken as audio, by lower-case extension ("(none)" without one;
+    # hidden files too), so a folder of unexpected formats shows up instead of vanishing silently.
+    skipped: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -102,6 +113,10 @@ class _Discovery:
     bad: dict[str, str] = field(default_factory=dict)
     scanned_dirs: list[str] = field(default_factory=list)
     unreadable_dirs: list[str] = field(default_factory=list)
+    # regular files the walk did not take as audio, by extension (IngestSummary.skipped; it may be that
+    # very dict); `manifests` (absolute paths) are read as manifests, so they are not counted
+    skipped: dict[str, int] = field(default_factory=dict)
+    manifests: frozenset[str] = frozenset()
 
     def add(self, path: str, real_dir: str | None = None) -> None:
         if path not in self.bad and self.paths.get(path) is None:
@@ -177,6 +192,10 @@ def _walk(top: str, roots: Sequence[str], found: _Discovery) -> None:
                 if real not in visited and within_roots(real, roots) and os.path.isdir(real):
                     visited.add(real)
                     stack.append((path, real))
+            elif entry.is_file(follow_symlinks=False) and path not in found.manifests:
+                # is_file() answers from the d_type scandir already read (or the lstat is_dir() made)
+                ext = os.path.splitext(entry.name)[1].lower() or NO_EXTENSION
+                found.skipped[ext] = found.skipped.get(ext, 0) + 1
 
 
 def _discover(paths: Iterable[Path], roots: Sequence[str], found: _Discovery) -> None:
@@ -766,13 +785,20 @@ def ingest(
     kind: ManifestKind | None = None,
     chunk_size: int = CHUNK_SIZE,
     workers: int | None = None,
+    dataset: str | None = None,
+    split: str | None = None,
+    tasks: Sequence[str] | None = None,
 ) -> IngestSummary:
     """Register audio under `paths` (folders scanned recursively, audio files, *.jsonl manifests) and the
     `manifests` given as (path, kind or None to infer per line). Returns the run's summary.
 
+    Every source joins a dataset (`qwen_tasks.ingest.datasets`): `dataset`, else its own default name
+    (manifest stem, folder name); `split` (None: an existing dataset keeps its own, a new one is train)
+    and `tasks` (None: a manifest's kind gives its task, a folder gets both).
+
     Allowed roots: `roots`, else QWEN_TASKS_ALLOWED_ROOTS, else the paths given plus each manifest's
-    folder. Raises ConfigError when a path does not exist (nothing is written then) and
-    DatabaseUnavailable when the database fails; bad audio never raises.
+    folder. Raises ConfigError when a path does not exist or a dataset option is invalid (nothing is
+    written then) and DatabaseUnavailable when the database fails; bad audio never raises.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -803,9 +829,23 @@ def ingest(
         stored = reading.result() if reading is not None else _Stored()
     summary.manifest_items = len(items)
     summary.manifest_warnings = _find_conflicts(items)
+    manifest_kinds: dict[str, set[str]] = {}
+    for item in items:
+        manifest_kinds.setdefault(item.manifest_path, set()).add(item.kind)
+    sources = datasets.plan_sources(
+        [display_path(os.path.abspath(p)) for p in audio_paths if os.path.isdir(p)],
+        [display_path(os.path.abspath(p)) for p in audio_paths if not os.path.isdir(p)],
+        [(path, m_kind) for path, (_, m_kind) in zip(manifest_paths, all_manifests, strict=True)],
+        name=dataset,
+        split=split,
+        tasks=tasks,
+        manifest_kinds=manifest_kinds,
+    )
+    with transaction(engine) as conn:
+        datasets.check_splits(conn, sources)  # before anything is written
     summary.manifest_conflicts = len(summary.manifest_warnings)
 
-    found = _Discovery()
+    found = _Discovery(skipped=summary.skipped, manifests=frozenset(manifest_paths))
     _discover(audio_paths, allowed, found)
     for item in items:
         found.add(item.audio_path)
@@ -910,4 +950,6 @@ def ingest(
         file_ids = {path: k.id for path, k in known.items()} | writer.file_ids  # manifest paths are UTF-8
         unwritten += [line for lines in lines_by_path.values() for line in lines]  # none, normally
         _write_manifest_items(engine, items, unwritten, stored.lines, file_ids)
+    with transaction(engine) as conn:
+        summary.datasets = datasets.record(conn, sources)
     return summary

@@ -21,6 +21,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from qwen_tasks.errors import ConfigError, DatabaseUnavailable
+from qwen_tasks.ingest.datasets import members as dataset_members
 from qwen_tasks.records import (
     UNFINISHED_JOB,
     UNFINISHED_RUN,
@@ -35,9 +36,11 @@ from qwen_tasks.store.schema import (
     audio,
     audio_file,
     cry_answer,
+    dataset_audio,
     label_job,
     label_job_item,
     label_run,
+    run_dataset,
     run_progress,
     transcription,
 )
@@ -250,6 +253,8 @@ def plan_run(
     params: dict[str, Any] | None = None,
     audio_ids: Sequence[int] | None = None,
     purpose: str = "label",
+    dataset_ids: Sequence[int] | None = None,
+    where: sa.ColumnElement[bool] | None = None,
 ) -> PlanResult:
     """Create a run with jobs for the audio that needs a label; returns ids only (small enough for XCom).
 
@@ -260,6 +265,9 @@ def plan_run(
     `limit` caps the audio taken (oldest first); `max_jobs` caps the jobs (Airflow's max_map_length), the
     remaining audio is reported as left over and planned next time. `audio_ids` restricts the run to
     those audio (a fine-tune's held-out split); `purpose` 'evaluation' marks such a run (see 0004).
+    `dataset_ids` restricts it to the members of those datasets and `where` adds a condition on
+    `audio.c.id` (the clips of one question). The datasets the run covered are recorded in `run_dataset`
+    (those in `dataset_ids` holding its clips; without `dataset_ids`, every dataset of its clips).
     """
     if purpose not in ("label", "evaluation"):
         raise ConfigError(f"purpose must be 'label' or 'evaluation', got {purpose!r}")
@@ -285,6 +293,10 @@ def plan_run(
             query = sa.select(audio.c.id, audio.c.duration_s).where(has_ok_path, ~in_flight)
             if audio_ids is not None:
                 query = query.where(audio.c.id.in_(list(audio_ids)))
+            if dataset_ids is not None:
+                query = query.where(audio.c.id.in_(dataset_members(dataset_ids)))
+            if where is not None:
+                query = query.where(where)
             if not relabel:
                 query = query.where(~_has_label(task, model_info, request))
             query = query.order_by(audio.c.id)
@@ -347,6 +359,7 @@ def plan_run(
                     for audio_id, _ in batch
                 ],
             )
+            _record_datasets(conn, run_id, dataset_ids)
             # delivered on commit: workers waiting for this model wake up at once instead of polling
             conn.execute(sa.select(sa.func.pg_notify(JOBS_CHANNEL, model_info.model[:7000])))
             return PlanResult(
@@ -357,6 +370,20 @@ def plan_run(
     if result.run_id is not None:
         log.info("planned run %s: %d jobs, %d clips", result.run_id, len(result.job_ids), result.n_items)
     return result
+
+
+def _record_datasets(conn: Connection, run_id: int, dataset_ids: Sequence[int] | None) -> None:
+    """run_dataset rows: the datasets (of `dataset_ids`, or any) holding the run's clips, with counts."""
+    item, member = label_job_item, dataset_audio
+    query = (
+        sa.select(sa.literal(run_id, sa.BigInteger), member.c.dataset_id, sa.func.count())
+        .join(item, item.c.audio_id == member.c.audio_id)
+        .where(item.c.run_id == run_id)
+        .group_by(member.c.dataset_id)
+    )
+    if dataset_ids is not None:
+        query = query.where(member.c.dataset_id.in_(list(dataset_ids)))
+    conn.execute(run_dataset.insert().from_select(["run_id", "dataset_id", "n_items"], query))
 
 
 def _request_dict(request: LabelRequest) -> dict[str, Any]:
@@ -848,6 +875,7 @@ def latest_run_ids(
     model: str | None = None,
     statuses: Sequence[str] | None = None,
     with_labels: bool = False,
+    dataset_id: int | None = None,
 ) -> list[int]:
     """The newest run (highest id) per task among the runs that pass every given filter; sorted by run id.
 
@@ -856,12 +884,14 @@ def latest_run_ids(
 
     - `tasks`: only these tasks (None: every task); `model`: only runs of this model (as label_run.model
       records it); `statuses`: only runs in these RunStatus (None: any, unfinished included);
-      `with_labels`: only runs that labelled at least one clip (n_labelled > 0).
+      `with_labels`: only runs that labelled at least one clip (n_labelled > 0); `dataset_id`: only runs
+      that covered that dataset (run_dataset).
     - Evaluation runs (purpose 'evaluation', a fine-tune's base / candidate) count like any other run:
       migration 0004 lets metrics and the report see them, and no caller leaves them out.
 
     The callers' rules, which differ on purpose:
-    - `qwen-tasks metrics` / `report` default: every task, no filter (the newest run, even one in flight).
+    - `qwen-tasks metrics` / `report` default: every task, no filter (the newest run, even one in flight);
+      with `--dataset NAME`: `dataset_id=` its id (the newest run of each task that covered it).
     - Label Studio export (review.label_studio): `tasks=[task]` (the run the review_queue view calls latest).
     - CSV/JSONL export (review.export): `tasks=[task], with_labels=True` (a run with nothing to export is
       skipped).
@@ -877,6 +907,9 @@ def latest_run_ids(
         query = query.where(label_run.c.status.in_([str(s) for s in statuses]))
     if with_labels:
         query = query.where(label_run.c.n_labelled > 0)
+    if dataset_id is not None:
+        covered = sa.select(run_dataset.c.run_id).where(run_dataset.c.dataset_id == dataset_id)
+        query = query.where(label_run.c.id.in_(covered))
     if isinstance(engine, Connection):
         return sorted(int(r) for r in engine.execute(query).scalars())
     with engine.connect() as conn:

@@ -246,7 +246,26 @@ class LabelOptions:
     relabel: bool = _opt(
         False, Spec("bool", "Relabel", "Label again audio that has labels (a new run; old labels kept).")
     )
-    question: str = _opt(DEFAULT_QUESTION, Spec("str", "Cry question", "The yes/no question asked."))
+    datasets: tuple[str, ...] = _opt(
+        (),
+        Spec(
+            "list",
+            "Datasets",
+            "Label only clips of these datasets (one per line); empty = every dataset whose tasks include "
+            "the task (`qwen-tasks datasets`).",
+            nullable=True,
+        ),
+    )
+    question: str = _opt(
+        "",
+        Spec(
+            "str",
+            "Cry question",
+            "The yes/no question asked of every clip. Empty = each clip's own manifest question (its "
+            f"audio-QA line), else {DEFAULT_QUESTION!r}.",
+            nullable=True,
+        ),
+    )
     yes_threshold: float = _opt(
         0.5, Spec("float", "Yes threshold", "cry score: p_yes >= this is yes.", minimum=0, maximum=1)
     )
@@ -365,7 +384,7 @@ class LabelOptions:
             return LabelRequest(
                 task=task,  # type: ignore[arg-type]
                 language=self.language,
-                question=self.question,
+                question=self.question or DEFAULT_QUESTION,
                 methods=self.methods if task == Task.CRY else (CryMethod.SCORE.value,),  # type: ignore[arg-type]
                 max_new_tokens=self.max_new_tokens,
                 yes_threshold=self.yes_threshold,
@@ -418,7 +437,12 @@ def env_list(name: str) -> list[str]:
 
 
 # Options whose `qwen-tasks label` flag is not --<name with dashes>.
-CLI_FLAGS = {"yes_threshold": "--threshold", "tasks": "--task", "promoted": "--promoted/--no-promoted"}
+CLI_FLAGS = {
+    "yes_threshold": "--threshold",
+    "tasks": "--task",
+    "promoted": "--promoted/--no-promoted",
+    "datasets": "--dataset",
+}
 
 
 def _bad(shown: str, why: str, value: Any) -> ConfigError:

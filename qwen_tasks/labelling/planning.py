@@ -1,21 +1,27 @@
 """Resume or plan labelling runs: the one planning function, used by `qwen-tasks label` and the DAG.
 
 Why one: the CLI and the DAG used to plan with different rules (attempts, whether unfinished jobs are
-resumed). Now both call `plan`, which first resumes the unfinished jobs of earlier runs with the same
-model, revision and prompt, then plans one new run per task over the audio with no label yet.
+resumed). Now both call `plan`, which scopes each task to its datasets, groups cry clips by the question
+their manifest line asks, first resumes the unfinished jobs of earlier runs with the same model, revision
+and prompt, then plans one new run per (task, question) over the clips with no label yet.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from qwen_tasks.errors import ConfigError
+from qwen_tasks.ingest import datasets
 from qwen_tasks.labelling import jobs
 from qwen_tasks.labelling.options import LabelOptions, resolve_model
+from qwen_tasks.records import LabelRequest, Task
+from qwen_tasks.store.schema import audio, cry_question
 
 log = logging.getLogger(__name__)
 
@@ -49,73 +55,142 @@ def plan(
     max_jobs: int | None = None,
     context: Mapping[str, Any] | None = None,
 ) -> Plan:
-    """The one planning function (the DAG's plan step and `qwen-tasks label`). Per requested task: first
-    the unfinished jobs of earlier runs with the same model, revision and prompt (a night whose workers
-    died, a `label` that was killed or whose model would not load), then one new run over the audio with
-    no label yet (`relabel`: over all audio not already in an unfinished run). At most `max_jobs` jobs in
-    total (Airflow's max_map_length); audio left over is planned next time. Every job gets
-    jobs.DEFAULT_MAX_ATTEMPTS attempts, whoever planned it."""
+    """The one planning function (the DAG's plan step and `qwen-tasks label`). Per requested task: the
+    clips of its datasets (`opts.datasets`, else every dataset labelled for the task), grouped by the
+    question they are asked (cry: each clip's own manifest question unless `opts.question` overrides it;
+    one group for asr). Per group: first the unfinished jobs of earlier runs with the same model,
+    revision and prompt (a night whose workers died, a `label` that was killed or whose model would not
+    load), then one new run over the clips with no label yet (`relabel`: over all clips not already in
+    an unfinished run). At most `max_jobs` jobs in total (Airflow's max_map_length); audio left over is
+    planned next time. Every job gets jobs.DEFAULT_MAX_ATTEMPTS attempts, whoever planned it. A task
+    with nothing to do says why in its `per_task` entry (`reason`)."""
     from qwen_tasks.labelling.backends import planned_model_info
     from qwen_tasks.labelling.registry import model_for
 
     out = Plan(model=resolve_model(opts.model), revision=opts.revision)
     budget = max_jobs
+    named = datasets.resolve(engine, opts.datasets, what="datasets" if context else "--dataset")
     for task in opts.tasks:
-        request = opts.request(task)
         choice = model_for(engine, task, opts.model, opts.revision, opts.adapter or None, opts.promoted)
-        info = planned_model_info(
-            choice.model, request, revision=choice.revision, device=opts.device, dtype=opts.dtype_arg,
-            adapter=choice.adapter,
-        )  # fmt: skip
-        if choice.version:
-            log.info(
-                "%s: labelling with fine-tuned version %s (revision %s)", task, choice.version, info.revision
-            )
-        out.model, out.revision = info.model, info.revision
-        resumed = jobs.unfinished_jobs(
-            engine, task, info.model, info.revision, info.prompt_version, limit=budget
-        )
-        out.job_ids.extend(job_id for job_id, _ in resumed)
-        out.run_ids.extend(sorted({run_id for _, run_id in resumed} - set(out.run_ids)))
-        for _, run_id in resumed:
-            out.run_models[run_id] = info.model
-            out.run_jobs[run_id] = out.run_jobs.get(run_id, 0) + 1
-        out.resumed_jobs += len(resumed)
-        if budget is not None:
-            budget -= len(resumed)
-        entry: dict[str, Any] = {"resumed_jobs": len(resumed), "run_id": None, "jobs": 0, "items": 0}
+        entry: dict[str, Any] = {"resumed_jobs": 0, "run_id": None, "run_ids": [], "jobs": 0, "items": 0,
+                                 "left_over": 0}  # fmt: skip
+        out.per_task[task] = entry
         if choice.version:
             entry["model_version"] = choice.version
-        out.per_task[task] = entry
-        if resumed:
-            log.info("%s: resuming %d unfinished job(s) of run(s) %s", task, len(resumed),
-                     sorted({r for _, r in resumed}))  # fmt: skip
-        if budget is not None and budget < 1:
-            entry["left_over"] = None  # not counted: no room left in this DAG run
+        scope = [d for d in named if task in d.tasks]
+        entry["datasets"] = [d.name for d in scope]
+        if not scope:
+            entry["reason"] = (
+                f"no dataset is labelled for {task}"
+                if not opts.datasets
+                else f"none of the datasets {list(opts.datasets)} is labelled for {task}"
+            ) + " (see: qwen-tasks datasets)"
+            log.info("%s: nothing to plan: %s", task, entry["reason"])
             continue
-        result = jobs.plan_run(
-            engine,
-            task=task,
-            model_info=info,
-            request=request,
-            batch_size=opts.batch_size,
-            max_batch_seconds=opts.max_batch_seconds,
-            limit=opts.limit,
-            relabel=opts.relabel,
-            max_jobs=budget,
-            params={"device": opts.device, "dtype": opts.dtype_arg, **choice.params, **dict(context or {})},
-        )
-        if result.run_id is not None:
-            out.run_ids.append(result.run_id)
-            out.new_run_ids.append(result.run_id)
-            out.run_models[result.run_id] = info.model
-            out.run_jobs[result.run_id] = len(result.job_ids)
-        out.job_ids.extend(result.job_ids)
-        out.items += result.n_items
-        out.left_over += result.n_left_over
-        if budget is not None:
-            budget -= len(result.job_ids)
-        entry.update(
-            run_id=result.run_id, jobs=len(result.job_ids), items=result.n_items, left_over=result.n_left_over
-        )
+        dataset_ids = [d.id for d in scope]
+        limit = opts.limit
+        for request, where in question_groups(engine, opts, task, dataset_ids):
+            info = planned_model_info(
+                choice.model, request, revision=choice.revision, device=opts.device, dtype=opts.dtype_arg,
+                adapter=choice.adapter,
+            )  # fmt: skip
+            if choice.version:
+                log.info("%s: labelling with fine-tuned version %s (revision %s)", task, choice.version,
+                         info.revision)  # fmt: skip
+            out.model, out.revision = info.model, info.revision
+            resumed = jobs.unfinished_jobs(
+                engine, task, info.model, info.revision, info.prompt_version, limit=budget
+            )
+            out.job_ids.extend(job_id for job_id, _ in resumed)
+            out.run_ids.extend(sorted({run_id for _, run_id in resumed} - set(out.run_ids)))
+            for _, run_id in resumed:
+                out.run_models[run_id] = info.model
+                out.run_jobs[run_id] = out.run_jobs.get(run_id, 0) + 1
+            out.resumed_jobs += len(resumed)
+            entry["resumed_jobs"] += len(resumed)
+            if budget is not None:
+                budget -= len(resumed)
+            if resumed:
+                log.info("%s: resuming %d unfinished job(s) of run(s) %s", task, len(resumed),
+                         sorted({r for _, r in resumed}))  # fmt: skip
+            if budget is not None and budget < 1:
+                entry["left_over"] = None  # not counted: no room left in this DAG run
+                continue
+            if limit is not None and limit < 1:
+                continue  # --limit reached by the groups before
+            result = jobs.plan_run(
+                engine,
+                task=task,
+                model_info=info,
+                request=request,
+                batch_size=opts.batch_size,
+                max_batch_seconds=opts.max_batch_seconds,
+                limit=limit,
+                relabel=opts.relabel,
+                max_jobs=budget,
+                params={"device": opts.device, "dtype": opts.dtype_arg, **choice.params,
+                        "datasets": entry["datasets"], **dict(context or {})},
+                dataset_ids=dataset_ids,
+                where=where,
+            )  # fmt: skip
+            if result.run_id is not None:
+                out.run_ids.append(result.run_id)
+                out.new_run_ids.append(result.run_id)
+                out.run_models[result.run_id] = info.model
+                out.run_jobs[result.run_id] = len(result.job_ids)
+                entry["run_id"] = result.run_id
+                entry["run_ids"].append(result.run_id)
+            out.job_ids.extend(result.job_ids)
+            out.items += result.n_items
+            out.left_over += result.n_left_over
+            if budget is not None:
+                budget -= len(result.job_ids)
+            if limit is not None:
+                limit -= result.n_items
+            entry["jobs"] += len(result.job_ids)
+            entry["items"] += result.n_items
+            if entry["left_over"] is not None:
+                entry["left_over"] += result.n_left_over
+        if not entry["jobs"] and not entry["resumed_jobs"] and "reason" not in entry:
+            entry["reason"] = (
+                f"every clip of {', '.join(entry['datasets'])} already has a label for {task} from this "
+                "model, revision and prompt (--relabel labels them again)"
+            )
     return out
+
+
+def question_groups(
+    engine: Engine, opts: LabelOptions, task: str, dataset_ids: Sequence[int]
+) -> list[tuple[LabelRequest, sa.ColumnElement[bool] | None]]:
+    """The requests a task's clips are asked, each with the SQL condition (on audio.id) that picks its
+    clips. asr, or cry with `opts.question`: one request for every clip. cry otherwise: one per distinct
+    manifest question among the clips (view cry_question, 0009), plus the default question for clips
+    without one; the prompt version carries a digest of each question, so runs never mix questions."""
+    if task != Task.CRY or opts.question:
+        return [(opts.request(task), None)]
+    asked = cry_question
+    with engine.connect() as conn:
+        questions = (
+            conn.execute(
+                sa.select(asked.c.question)
+                .where(asked.c.audio_id.in_(datasets.members(dataset_ids)))
+                .group_by(asked.c.question)
+                .order_by(sa.func.count().desc(), asked.c.question)
+            )
+            .scalars()
+            .all()
+        )
+    conditions: dict[str, sa.ColumnElement[bool]] = {
+        q: audio.c.id.in_(sa.select(asked.c.audio_id).where(asked.c.question == q)) for q in questions
+    }
+    no_line = ~sa.exists().where(asked.c.audio_id == audio.c.id)
+    default = opts.request(task).question
+    conditions[default] = sa.or_(conditions[default], no_line) if default in conditions else no_line
+    groups = []
+    for question, where in conditions.items():
+        try:
+            request = replace(opts.request(task), question=question)
+        except ValueError as exc:  # pragma: no cover - LabelRequest accepts any question text
+            raise ConfigError(f"manifest question {question[:80]!r}: {exc}") from None
+        groups.append((request, where))
+    return groups

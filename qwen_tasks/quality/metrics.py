@@ -11,14 +11,20 @@ languages) and CER (Chinese), per language, and the most frequent substitution p
 scores go to `utterance_score` for the review queue. The same corpus rates under the official
 Qwen2-Audio scoring are stored beside them as `wer_official` / `cer_official`. Both: counts and
 throughput from label_job.
+
+Per dataset and per manifest source: the same figures (the same functions, `_cry_metrics` /
+`_asr_metrics`, over a subset of the run's rows) for the run's clips of each dataset it covered and each
+manifest `source`, stored in `run_metric_group` (SQL: the `run_quality_by_dataset` view) in the same
+transaction as the whole-run figures.
 """
 
 from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import sqlalchemy as sa
@@ -30,16 +36,29 @@ from qwen_tasks.records import JobStatus
 from qwen_tasks.store.database import transaction
 from qwen_tasks.store.schema import (
     asr_reference,
+    audio_file,
     cry_answer,
     cry_gold,
+    dataset,
+    dataset_audio,
     label_failure,
     label_job,
     label_run,
+    manifest_item,
+    run_dataset,
     run_metric,
+    run_metric_group,
     transcription,
     utterance_score,
 )
 
+# The key figures of the per-dataset / per-source tables (`metrics`, `report`), per task: those the
+# run_quality_by_dataset view has as columns.
+GROUP_FIGURES: dict[str, tuple[str, ...]] = {
+    "cry": ("n_results", "n_gold", "score.accuracy", "score.f1", "score.roc_auc", "generate.accuracy",
+            "generate.f1", "generate.unknown_rate"),
+    "asr": ("n_results", "n_reference", "wer", "cer", "error_rate"),
+}  # fmt: skip
 SWEEP = tuple(round(t, 2) for t in np.arange(0.05, 1.0, 0.05))
 TOP_PAIRS = 20
 
@@ -171,7 +190,8 @@ def best_threshold(sweep: list[dict]) -> dict | None:
     return max(rows, key=lambda r: (r["f1"], -abs(r["threshold"] - 0.5)))
 
 
-def _cry_metrics(conn: Connection, run_id: int, out: _Metrics) -> None:
+def _cry_rows(conn: Connection, run_id: int) -> list[Any]:
+    """The run's cry answers (one row per clip and method) with their gold label."""
     q = (
         sa.select(
             cry_answer.c.audio_id,
@@ -184,7 +204,11 @@ def _cry_metrics(conn: Connection, run_id: int, out: _Metrics) -> None:
         .where(cry_answer.c.run_id == run_id)
         .order_by(cry_answer.c.audio_id, cry_answer.c.method)
     )
-    rows = conn.execute(q).all()
+    return list(conn.execute(q).all())
+
+
+def _cry_metrics(rows: Sequence[Any], out: _Metrics) -> None:
+    """Every cry figure over `rows` (_cry_rows: a whole run, or the clips of one of its groups)."""
     audio_ids = {r.audio_id for r in rows}
     out.add("n_results", len(audio_ids))
     with_gold = {r.audio_id for r in rows if r.gold_label is not None}
@@ -249,7 +273,17 @@ def _cry_metrics(conn: Connection, run_id: int, out: _Metrics) -> None:
 # --- ASR ----------------------------------------------------------------------------------------------
 
 
-def _asr_metrics(conn: Connection, run_id: int, out: _Metrics) -> list[dict]:
+class _AsrItem(NamedTuple):
+    """One transcript of a run, scored against its reference (scores None without one)."""
+
+    audio_id: int
+    reference_source: str | None
+    score: UtteranceScore | None
+    official: UtteranceScore | None  # the Qwen2-Audio eval_audio/evaluate_asr.py scoring
+
+
+def _asr_rows(conn: Connection, run_id: int) -> list[_AsrItem]:
+    """The run's transcripts, each scored once (our scoring and the official one)."""
     q = (
         sa.select(
             transcription.c.audio_id,
@@ -264,24 +298,32 @@ def _asr_metrics(conn: Connection, run_id: int, out: _Metrics) -> list[dict]:
         .where(transcription.c.run_id == run_id)
         .order_by(transcription.c.audio_id)
     )
-    rows = conn.execute(q).all()
-    out.add("n_results", len(rows))
-    scored: list[tuple[int, str, UtteranceScore]] = []
-    for r in rows:
+    items = []
+    for r in conn.execute(q):
         if r.reference_text is None:
+            items.append(_AsrItem(r.audio_id, None, None, None))
             continue
-        scored.append((r.audio_id, r.source, score_utterance(r.reference_text, r.text, r.language)))
-    scores = [s for _, _, s in scored]
+        items.append(
+            _AsrItem(
+                r.audio_id,
+                r.source,
+                score_utterance(r.reference_text, r.text, r.language),
+                score_utterance(r.reference_text, r.text, r.language, mode="official"),
+            )
+        )
+    return items
+
+
+def _asr_metrics(items: Sequence[_AsrItem], out: _Metrics) -> None:
+    """Every ASR figure over `items` (_asr_rows: a whole run, or the clips of one of its groups)."""
+    out.add("n_results", len(items))
+    scores = [i.score for i in items if i.score is not None]
     out.add("n_reference", len(scores))
     for name, unit in (("wer", "word"), ("cer", "char")):
         c = corpus_score(s for s in scores if s.unit == unit)
         if c.n_utterances:
             out.add(name, c.error_rate, **c.as_dict())
-    official = [
-        score_utterance(r.reference_text, r.text, r.language, mode="official")
-        for r in rows
-        if r.reference_text is not None
-    ]
+    official = [i.official for i in items if i.official is not None]
     for name, unit in (("wer_official", "word"), ("cer_official", "char")):
         c = corpus_score(s for s in official if s.unit == unit)
         if c.n_utterances:
@@ -302,21 +344,83 @@ def _asr_metrics(conn: Connection, run_id: int, out: _Metrics) -> list[dict]:
             sum(len(s.pairs) for s in scores),
             top=[{"reference": r, "hypothesis": h, "count": n} for r, h, n in pairs],
         )
+
+
+def _utterance_rows(run_id: int, items: Sequence[_AsrItem]) -> list[dict]:
+    """utterance_score rows of the scored transcripts."""
     return [
         {
             "run_id": run_id,
-            "audio_id": audio_id,
-            "language": s.language,
-            "unit": s.unit,
-            "reference_source": source,
-            "n_ref": s.n_ref,
-            "substitutions": s.substitutions,
-            "deletions": s.deletions,
-            "insertions": s.insertions,
-            "error_rate": s.error_rate,
+            "audio_id": i.audio_id,
+            "language": i.score.language,
+            "unit": i.score.unit,
+            "reference_source": i.reference_source,
+            "n_ref": i.score.n_ref,
+            "substitutions": i.score.substitutions,
+            "deletions": i.score.deletions,
+            "insertions": i.score.insertions,
+            "error_rate": i.score.error_rate,
         }
-        for audio_id, source, s in scored
+        for i in items
+        if i.score is not None
     ]
+
+
+# --- per dataset and per manifest source ----------------------------------------------------------------
+
+
+def _run_groups(
+    conn: Connection, run_id: int, task: str, audio_ids: set[int]
+) -> dict[tuple[str, str], set[int]]:
+    """(grouping, group name) -> the run's clips in that group.
+
+    'dataset': each dataset the run covered (run_dataset), or, for a run without run_dataset rows (planned
+    before datasets existed), every dataset its clips belong to. 'source': the `source` of the clip's
+    manifest line of the task's kind (aqa for cry, asr for asr), the latest such line with a source, as
+    cry_gold / asr_reference pick the latest line with a gold label / reference. Clips with no source are
+    in no source group; a group with none of the run's clips is left out."""
+    groups: dict[tuple[str, str], set[int]] = defaultdict(set)
+    if not audio_ids:
+        return groups
+    covered = sa.select(run_dataset.c.dataset_id).where(run_dataset.c.run_id == run_id)
+    has_covered = conn.execute(sa.select(sa.exists(covered))).scalar_one()
+    members = (
+        sa.select(dataset.c.name, dataset_audio.c.audio_id)
+        .join(dataset_audio, dataset_audio.c.dataset_id == dataset.c.id)
+        .where(dataset_audio.c.audio_id.in_(sorted(audio_ids)))
+    )
+    if has_covered:
+        members = members.where(dataset.c.id.in_(covered))
+    for name, audio_id in conn.execute(members):
+        groups[("dataset", name)].add(audio_id)
+    kind = "aqa" if task == "cry" else "asr"
+    sources = (
+        sa.select(audio_file.c.audio_id, manifest_item.c.source)
+        .distinct(audio_file.c.audio_id)
+        .join(audio_file, audio_file.c.id == manifest_item.c.audio_file_id)
+        .where(
+            manifest_item.c.kind == kind,
+            manifest_item.c.source.is_not(None),
+            audio_file.c.audio_id.in_(sorted(audio_ids)),
+        )
+        .order_by(audio_file.c.audio_id, manifest_item.c.id.desc())
+    )
+    for audio_id, source in conn.execute(sources):
+        groups[("source", source)].add(audio_id)
+    return groups
+
+
+def _group_metrics(
+    conn: Connection, run_id: int, task: str, rows: Sequence[Any]
+) -> dict[tuple[str, str], _Metrics]:
+    """The run's figures over the clips of each of its groups (_run_groups), by the same functions as the
+    whole run's: `rows` are _cry_rows or _asr_rows."""
+    figures = _cry_metrics if task == "cry" else _asr_metrics
+    out = {}
+    for key, members in sorted(_run_groups(conn, run_id, task, {r.audio_id for r in rows}).items()):
+        out[key] = _Metrics()
+        figures([r for r in rows if r.audio_id in members], out[key])
+    return out
 
 
 # --- shared -------------------------------------------------------------------------------------------
@@ -391,12 +495,17 @@ def compute_run_metrics(engine: Engine, run_id: int) -> dict[str, Any]:
             raise ConfigError(f"run {run_id} does not exist")
         out = _Metrics()
         utterances: list[dict] = []
+        rows: list[Any]
         if run.task == "cry":
-            _cry_metrics(conn, run_id, out)
+            rows = _cry_rows(conn, run_id)
+            _cry_metrics(rows, out)
         else:
-            utterances = _asr_metrics(conn, run_id, out)
+            rows = _asr_rows(conn, run_id)
+            _asr_metrics(rows, out)
+            utterances = _utterance_rows(run_id, rows)
         _truncated(conn, run_id, run.task, out)
         _throughput(conn, run_id, out)
+        _store_groups(conn, run_id, _group_metrics(conn, run_id, run.task, rows))
         conn.execute(sa.delete(run_metric).where(run_metric.c.run_id == run_id))
         conn.execute(
             sa.insert(run_metric),
@@ -411,6 +520,24 @@ def compute_run_metrics(engine: Engine, run_id: int) -> dict[str, Any]:
     return {"run_id": run.id, "task": run.task, "model": run.model, **out.values}
 
 
+def _store_groups(conn: Connection, run_id: int, groups: dict[tuple[str, str], _Metrics]) -> None:
+    conn.execute(sa.delete(run_metric_group).where(run_metric_group.c.run_id == run_id))
+    rows = [
+        {
+            "run_id": run_id,
+            "grouping": grouping,
+            "group_name": group_name,
+            "name": name,
+            "value": value,
+            "details": m.details[name],
+        }
+        for (grouping, group_name), m in groups.items()
+        for name, value in m.values.items()
+    ]
+    if rows:
+        conn.execute(sa.insert(run_metric_group), rows)
+
+
 def load_run_metrics(engine: Engine, run_id: int) -> dict[str, dict[str, Any]]:
     """Stored metrics of a run: name -> {"value", "details"} (empty when never computed)."""
     with engine.connect() as conn:
@@ -420,3 +547,36 @@ def load_run_metrics(engine: Engine, run_id: int) -> dict[str, dict[str, Any]]:
             .order_by(run_metric.c.name)
         ).all()
     return {r.name: {"value": r.value, "details": r.details} for r in rows}
+
+
+def load_group_metrics(
+    engine: Engine | Connection, run_id: int, grouping: str | None = None
+) -> dict[str, dict[str, dict[str, dict[str, Any]]]]:
+    """Stored per-group metrics of a run: grouping ('dataset' / 'source') -> group name -> metric name
+    -> {"value", "details"}, the shape of load_run_metrics per group (empty when none)."""
+    g = run_metric_group.c
+    query = sa.select(g.grouping, g.group_name, g.name, g.value, g.details).where(g.run_id == run_id)
+    if grouping is not None:
+        query = query.where(g.grouping == grouping)
+    query = query.order_by(g.grouping, g.group_name, g.name)
+    if isinstance(engine, Connection):
+        rows = engine.execute(query).all()
+    else:
+        with engine.connect() as conn:
+            rows = conn.execute(query).all()
+    out: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
+    for r in rows:
+        out.setdefault(r.grouping, {}).setdefault(r.group_name, {})[r.name] = {
+            "value": r.value,
+            "details": r.details,
+        }
+    return out
+
+
+def require_datasets(engine: Engine, names: Sequence[str]) -> dict[str, int]:
+    """name -> id of the named datasets; ConfigError naming an unknown one (ingest.datasets.resolve)."""
+    from qwen_tasks.ingest.datasets import resolve
+
+    if not names:
+        return {}
+    return {d.name: d.id for d in resolve(engine, names)}

@@ -19,13 +19,21 @@ from sqlalchemy.engine import Engine
 
 from qwen_tasks.errors import ConfigError
 from qwen_tasks.labelling.jobs import latest_run_ids
-from qwen_tasks.quality.metrics import compute_run_metrics, load_run_metrics
+from qwen_tasks.quality.metrics import (
+    GROUP_FIGURES,
+    compute_run_metrics,
+    load_group_metrics,
+    load_run_metrics,
+    require_datasets,
+)
 from qwen_tasks.records import JobStatus
 from qwen_tasks.store.schema import (
     asr_reference,
     audio_path,
     cry_answer,
     cry_gold,
+    dataset,
+    dataset_audio,
     label_job,
     label_run,
     transcription,
@@ -42,6 +50,7 @@ table{border-collapse:collapse;margin:.6em 0;font-size:.9em}td,th{border:1px sol
 text-align:left;vertical-align:top}th{background:#f4f4f4}td.num{text-align:right;font-variant-numeric:tabular-nums}
 .plots{display:flex;flex-wrap:wrap;gap:1em}.plots img{max-width:520px;border:1px solid #eee}
 .muted{color:#777}code{font-size:.85em;word-break:break-all}
+tr.selected td{background:#fff6d5;font-weight:bold}
 """
 
 
@@ -76,17 +85,24 @@ def _figure(title: str, xlabel: str, ylabel: str) -> tuple[Any, Any]:
     return fig, ax
 
 
-def _table(headers: list[str], rows: list[list[Any]], numeric: set[int] | None = None) -> str:
+def _table(
+    headers: list[str],
+    rows: list[list[Any]],
+    numeric: set[int] | None = None,
+    selected: set[int] | None = None,
+) -> str:
+    """An HTML table; `selected`: indexes of rows to highlight."""
     numeric = numeric or set()
+    selected = selected or set()
     head = "".join(f"<th>{_esc(h)}</th>" for h in headers)
     body = "".join(
-        "<tr>"
+        ('<tr class="selected">' if n in selected else "<tr>")
         + "".join(
             f'<td class="num">{_fmt(v)}</td>' if i in numeric else f"<td>{_fmt(v)}</td>"
             for i, v in enumerate(r)
         )
         + "</tr>"
-        for r in rows
+        for n, r in enumerate(rows)
     )
     return f"<table><tr>{head}</tr>{body}</table>" if rows else '<p class="muted">none</p>'
 
@@ -192,8 +208,9 @@ def _confusion_tables(metrics: dict[str, dict[str, Any]]) -> str:
 
 
 def _cry_section(
-    conn: sa.Connection, run_id: int, metrics: dict[str, dict[str, Any]]
+    conn: sa.Connection, run_id: int, metrics: dict[str, dict[str, Any]], members: sa.Select | None = None
 ) -> tuple[str, list[str]]:
+    """`members`: a query of the audio ids to show (one dataset's), None for the whole run."""
     rows = conn.execute(
         sa.select(
             cry_answer.c.audio_id,
@@ -211,6 +228,7 @@ def _cry_section(
             )
         )
         .where(cry_answer.c.run_id == run_id)
+        .where(sa.true() if members is None else cry_answer.c.audio_id.in_(members))
     ).all()
     parts = [_confusion_tables(metrics)]
     plots = _cry_plots(rows, run_id)
@@ -254,8 +272,9 @@ def _cry_section(
 
 
 def _asr_section(
-    conn: sa.Connection, run_id: int, metrics: dict[str, dict[str, Any]]
+    conn: sa.Connection, run_id: int, metrics: dict[str, dict[str, Any]], members: sa.Select | None = None
 ) -> tuple[str, list[str]]:
+    """`members`: a query of the audio ids to show (one dataset's), None for the whole run."""
     rows = conn.execute(
         sa.select(
             utterance_score.c.audio_id,
@@ -279,6 +298,7 @@ def _asr_section(
             .outerjoin(audio_path, audio_path.c.audio_id == utterance_score.c.audio_id)
         )
         .where(utterance_score.c.run_id == run_id)
+        .where(sa.true() if members is None else utterance_score.c.audio_id.in_(members))
         .order_by(utterance_score.c.error_rate.desc().nulls_last(), utterance_score.c.audio_id)
     ).all()
     plots = [p for p in [_wer_plot([r.error_rate for r in rows if r.error_rate is not None], run_id)] if p]
@@ -303,15 +323,58 @@ def _asr_section(
     return "".join(parts), plots
 
 
-def _run_section(engine: Engine, run_id: int) -> str:
+def _group_tables(
+    task: str, groups: dict[str, dict[str, dict[str, dict[str, Any]]]], selected: str | None
+) -> str:
+    """The run's key figures per dataset and per manifest source (run_metric_group); `selected`: the
+    dataset to highlight."""
+    figures = list(GROUP_FIGURES[task])
+    parts = []
+    for grouping, title in (("dataset", "By dataset"), ("source", "By manifest source")):
+        by_group = groups.get(grouping) or {}
+        names = sorted(by_group)
+        rows = [[name, *(by_group[name].get(f, {}).get("value") for f in figures)] for name in names]
+        parts.append(f"<h3>{title}</h3>")
+        parts.append(
+            _table(
+                [grouping, *figures],
+                rows,
+                numeric=set(range(1, len(figures) + 1)),
+                selected={names.index(selected)} if grouping == "dataset" and selected in names else None,
+            )
+        )
+    return "".join(parts)
+
+
+def _run_section(engine: Engine, run_id: int, dataset_name: str | None = None) -> str:
+    """One run: its metrics, plots, worst items and per-dataset / per-source tables. With `dataset_name`
+    (a dataset the run covered), the metrics, plots (but throughput) and worst items are that dataset's
+    clips' and its row of the per-dataset table is highlighted."""
     compute_run_metrics(engine, run_id)  # fresh numbers, stored for SQL users too
     metrics = load_run_metrics(engine, run_id)
+    groups = load_group_metrics(engine, run_id)
+    members = None
+    scope = ""
+    if dataset_name is not None:
+        if dataset_name in groups.get("dataset", {}):
+            metrics = groups["dataset"][dataset_name]
+            members = (
+                sa.select(dataset_audio.c.audio_id)
+                .join(dataset, dataset.c.id == dataset_audio.c.dataset_id)
+                .where(dataset.c.name == dataset_name)
+            )
+            scope = f"<p><b>Dataset {_esc(dataset_name)}</b>: metrics, plots and items of its clips only.</p>"
+        else:
+            scope = (
+                f'<p class="muted">Run {run_id} did not cover dataset {_esc(dataset_name)}: '
+                "whole-run figures.</p>"
+            )
     with engine.connect() as conn:
         run = conn.execute(sa.select(label_run).where(label_run.c.id == run_id)).one()
         if run.task == "cry":
-            body, plots = _cry_section(conn, run_id, metrics)
+            body, plots = _cry_section(conn, run_id, metrics, members)
         else:
-            body, plots = _asr_section(conn, run_id, metrics)
+            body, plots = _asr_section(conn, run_id, metrics, members)
         throughput = _throughput_plot(conn, run_id)
     if throughput:
         plots.append(throughput)
@@ -323,7 +386,14 @@ def _run_section(engine: Engine, run_id: int) -> str:
         f"{run.n_labelled} labelled, {run.n_failed} failed, {truncated}{run.audio_seconds:.1f} s of audio, "
         f"created {_esc(run.created_at)}</p>"
     )
-    return header + f'<div class="plots">{"".join(plots)}</div>' + _metrics_table(metrics) + body
+    return (
+        header
+        + scope
+        + f'<div class="plots">{"".join(plots)}</div>'
+        + _metrics_table(metrics)
+        + _group_tables(run.task, groups, dataset_name)
+        + body
+    )
 
 
 # --- a fine-tuned version: base vs candidate on the same held-out audio -----------------------------------
@@ -413,14 +483,21 @@ def _overlaid_roc(conn: sa.Connection, runs: list[int]) -> str | None:
 
 
 def write_report(
-    engine: Engine, run_ids: list[int] | None, out: Path, *, versions: list[str] | None = None
+    engine: Engine,
+    run_ids: list[int] | None,
+    out: Path,
+    *,
+    versions: list[str] | None = None,
+    dataset: str | None = None,
 ) -> Path:
     """Write the HTML report of `run_ids` (default: the latest run of each task) and return its path.
 
     `versions`: fine-tuned model versions to compare with their base first (their two evaluation runs
-    are added to the runs). `out` ending in .html/.htm is the file; anything else is taken as a folder
-    for `report.html`.
+    are added to the runs). `dataset`: the runs default to the latest run of each task that covered it,
+    and each run's section shows that dataset's clips (see _run_section); ConfigError when unknown.
+    `out` ending in .html/.htm is the file; anything else is taken as a folder for `report.html`.
     """
+    dataset_id = require_datasets(engine, [dataset])[dataset] if dataset is not None else None
     out = Path(out)
     if out.suffix.lower() not in (".html", ".htm"):
         out = out / "report.html"
@@ -430,14 +507,19 @@ def write_report(
         section, runs = _version_section(engine, name)
         comparisons.append(section)
         version_runs.extend(runs)
-    ids = list(run_ids) if run_ids else ([] if versions else latest_run_ids(engine))  # newest of every task
+    if run_ids:
+        ids = list(run_ids)
+    elif versions:
+        ids = []
+    else:
+        ids = latest_run_ids(engine, dataset_id=dataset_id)  # newest of every task (that covered the dataset)
     ids += [r for r in version_runs if r not in ids]
     with engine.connect() as conn:
         known = set(conn.execute(sa.select(label_run.c.id).where(label_run.c.id.in_(ids))).scalars())
     missing = [i for i in ids if i not in known]
     if missing:
         raise ConfigError(f"run(s) {', '.join(map(str, missing))} do not exist")
-    sections = comparisons + [_run_section(engine, run_id) for run_id in ids]
+    sections = comparisons + [_run_section(engine, run_id, dataset) for run_id in ids]
     generated = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     body = "".join(sections) or '<p class="muted">No labelling runs yet.</p>'
     document = (
@@ -445,8 +527,9 @@ def write_report(
         f"<title>qwen-tasks report: runs {_esc(', '.join(map(str, ids)) or 'none')}</title>"
         f"<style>{_CSS}</style></head><body>"
         f'<h1>Labelling report</h1><p class="muted">Generated {generated} for run(s) '
-        f"{_esc(', '.join(map(str, ids)) or 'none')}. Gold labels and references: human review first, "
-        "then manifests.</p>"
+        f"{_esc(', '.join(map(str, ids)) or 'none')}"
+        f"{f', dataset {_esc(dataset)}' if dataset else ''}. Gold labels and references: human review "
+        "first, then manifests.</p>"
         f"{body}</body></html>\n"
     )
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from qwen_tasks.errors import ConfigError
+from qwen_tasks.ingest import datasets
 from qwen_tasks.labelling.jobs import latest_run_ids
 from qwen_tasks.store.schema import audio_file, cry_answer, label_run, manifest_item, transcription
 
@@ -98,15 +99,24 @@ def _cry_query(run_id: int) -> sa.Select:
     )
 
 
-def export_rows(engine: Engine, task: str, run_id: int | None = None) -> Iterator[dict[str, Any]]:
-    """Rows of one run (default: the latest run of `task` with labels), streamed from the database."""
+def export_rows(
+    engine: Engine, task: str, run_id: int | None = None, dataset: str | None = None
+) -> Iterator[dict[str, Any]]:
+    """Rows of one run (default: the latest run of `task` with labels, of those that covered `dataset`
+    when given), streamed from the database; with `dataset`, only that dataset's clips. A cry dataset
+    whose clips were asked several questions has one run per question: name each with `run_id`."""
     if task not in ("asr", "cry"):
         raise ConfigError(f"task must be 'asr' or 'cry', got {task!r}")
+    scope = datasets.resolve(engine, [dataset])[0] if dataset is not None else None
     if run_id is None:
         # the newest run of the task that labelled something: an empty run has nothing to export
-        run_id = next(iter(latest_run_ids(engine, tasks=[task], with_labels=True)), None)
+        latest = latest_run_ids(
+            engine, tasks=[task], with_labels=True, dataset_id=scope.id if scope is not None else None
+        )
+        run_id = next(iter(latest), None)
         if run_id is None:
-            raise ConfigError(f"no {task} run with labels yet (run: qwen-tasks label --task {task})")
+            where = f" of dataset {dataset}" if dataset is not None else ""
+            raise ConfigError(f"no {task} run with labels{where} yet (run: qwen-tasks label --task {task})")
     with engine.connect() as conn:
         run = conn.execute(sa.select(label_run).where(label_run.c.id == run_id)).one_or_none()
         if run is None:
@@ -120,6 +130,8 @@ def export_rows(engine: Engine, task: str, run_id: int | None = None) -> Iterato
             "run_id": run.id,
         }
         query = _asr_query(run_id) if task == "asr" else _cry_query(run_id)
+        if scope is not None:
+            query = query.where(audio_file.c.audio_id.in_(datasets.members([scope.id])))
         result = conn.execution_options(stream_results=True, yield_per=1000).execute(query)
         for row in result:
             yield (_asr_row(row) if task == "asr" else _cry_row(row)) | provenance

@@ -24,6 +24,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Engine
 
 from qwen_tasks.errors import ConfigError
+from qwen_tasks.ingest import datasets
 from qwen_tasks.labelling.jobs import get_run, latest_run_ids
 from qwen_tasks.records import LabelRequest
 from qwen_tasks.store.database import transaction
@@ -145,8 +146,10 @@ def export_label_studio(
     audio_prefix: str | None = None,
     limit: int | None = None,
     question: str | None = None,
+    dataset: str | None = None,
 ) -> ExportSummary:
-    """Write the review queue of `run_id` (default: the task's latest run) as Label Studio tasks JSON.
+    """Write the review queue of `run_id` (default: the task's latest run; with `dataset`, the latest that
+    covered it) as Label Studio tasks JSON; with `dataset`, only that dataset's clips.
 
     Items are ordered by priority (disagreement with gold first). The labelling config goes next to
     `out` as `<stem>.label_config.xml`.
@@ -154,9 +157,11 @@ def export_label_studio(
     _check_task(task)
     if limit is not None and limit < 1:
         raise ConfigError(f"limit must be >= 1, got {limit}")
+    scope = datasets.resolve(engine, [dataset], task=task)[0] if dataset is not None else None
     with engine.connect() as conn:
         if run_id is None:  # the task's newest run, whatever its state: the one review_queue calls latest
-            run_id = next(iter(latest_run_ids(conn, tasks=[task])), None)
+            covering = scope.id if scope is not None else None
+            run_id = next(iter(latest_run_ids(conn, tasks=[task], dataset_id=covering)), None)
         run = None
         if run_id is not None:
             run = conn.execute(sa.select(label_run).where(label_run.c.id == run_id)).one_or_none()
@@ -171,6 +176,7 @@ def export_label_studio(
             conn.execute(
                 sa.select(*(q.c[name] for name in REVIEW_COLUMNS))
                 .where(q.c.run_id == run_id, q.c.task == task)
+                .where(q.c.audio_id.in_(datasets.members([scope.id])) if scope is not None else sa.true())
                 .order_by(q.c.priority.desc(), q.c.audio_id)
                 .limit(limit)
             ).all()

@@ -309,6 +309,19 @@ model_version_test = sa.Table(
     sa.Column("candidate_run_id", sa.BigInteger, sa.ForeignKey("label_run.id")),
 )
 
+# 0008_quality_by_group: a run's metrics over the clips of each dataset and each manifest source.
+run_metric_group = sa.Table(
+    "run_metric_group",
+    metadata,
+    sa.Column("run_id", sa.BigInteger, sa.ForeignKey("label_run.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("grouping", sa.Text, primary_key=True),  # 'dataset' or 'source'
+    sa.Column("group_name", sa.Text, primary_key=True),
+    sa.Column("name", sa.Text, primary_key=True),
+    sa.Column("value", sa.Float),
+    sa.Column("details", JSONB, nullable=False, server_default=sa.text("'{}'::jsonb")),
+    _ts("computed_at"),
+)
+
 # --- Views ---------------------------------------------------------------------------------------------
 # Every view of sql/migrations/, declared once here so that queries and the schema test share one
 # declaration (no ad-hoc `sa.table(...)` mirrors elsewhere). `info={"view": True}` marks them: the schema
@@ -354,6 +367,7 @@ run_progress = _view(
     sa.Column("claim_seconds", sa.Float),
     sa.Column("wall_seconds", sa.Float),
     sa.Column("rtf", sa.Float),
+    sa.Column("datasets", ARRAY(sa.Text)),  # 0009: the datasets the run covered
 )
 
 # 0003_review_views: the first readable path per audio.
@@ -518,7 +532,43 @@ model_version_evaluation = _view(
     sa.Column("candidate_error_rate", sa.Float),
 )
 
+# 0008_quality_by_group: run_quality's figures per run and dataset / manifest source.
+run_quality_by_dataset = _view(
+    "run_quality_by_dataset",
+    sa.Column("run_id", sa.BigInteger),
+    sa.Column("task", sa.Text),
+    sa.Column("model", sa.Text),
+    sa.Column("revision", sa.Text),
+    sa.Column("prompt_version", sa.Text),
+    sa.Column("grouping", sa.Text),
+    sa.Column("group_name", sa.Text),
+    sa.Column("split", sa.Text),
+    sa.Column("n_results", sa.Float),
+    sa.Column("n_gold", sa.Float),
+    sa.Column("score_accuracy", sa.Float),
+    sa.Column("score_f1", sa.Float),
+    sa.Column("score_roc_auc", sa.Float),
+    sa.Column("best_threshold", sa.Float),
+    sa.Column("generate_accuracy", sa.Float),
+    sa.Column("generate_f1", sa.Float),
+    sa.Column("generate_unknown_rate", sa.Float),
+    sa.Column("methods_agreement", sa.Float),
+    sa.Column("n_reference", sa.Float),
+    sa.Column("wer", sa.Float),
+    sa.Column("cer", sa.Float),
+    sa.Column("error_rate", sa.Float),
+    sa.Column("metrics_computed_at", sa.DateTime(timezone=True)),
+)
+
+# 0009_questions_and_run_datasets: the question each clip is asked (its audio-QA line's own), when it has one.
+cry_question = _view(
+    "cry_question",
+    sa.Column("audio_id", sa.BigInteger),
+    sa.Column("question", sa.Text),
+    sa.Column("manifest_item_id", sa.BigInteger),
+)
+
 VIEWS: tuple[sa.Table, ...] = (
     run_progress, audio_path, cry_gold, asr_reference, latest_label, review_queue, run_quality,
-    model_version_quality, dataset_summary, model_version_evaluation,
+    model_version_quality, dataset_summary, model_version_evaluation, run_quality_by_dataset, cry_question,
 )  # fmt: skip

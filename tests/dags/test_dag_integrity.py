@@ -210,7 +210,7 @@ def test_params_defaults_come_from_the_environment(probe: dict[str, Any]) -> Non
     expected = {
         "audio_dirs", "asr_manifests", "aqa_manifests", "tasks", "model", "revision", "device", "dtype",
         "method", "batch_size", "max_batch_seconds", "limit", "relabel", "question", "yes_threshold",
-        "max_new_tokens", "language", "report_dir", "slots", "workers", "adapter", "promoted",
+        "max_new_tokens", "language", "report_dir", "slots", "workers", "adapter", "promoted", "datasets",
     }  # fmt: skip
     assert set(params) == expected
 
@@ -218,7 +218,8 @@ def test_params_defaults_come_from_the_environment(probe: dict[str, Any]) -> Non
 def test_optional_params_default_to_null_not_to_a_required_empty_string(probe: dict[str, Any]) -> None:
     """The form marks a string Param with default "" as required: Trigger would stay disabled."""
     params = probe["dags"][DAG_ID]["params"]
-    for name in ("revision", "report_dir", "limit", "audio_dirs", "asr_manifests", "aqa_manifests"):
+    nullable = ("revision", "report_dir", "limit", "audio_dirs", "asr_manifests", "aqa_manifests", "datasets")
+    for name in (*nullable, "question"):
         assert params[name] is None, name
     assert params["slots"] == 1 and params["workers"] == "airflow"
 

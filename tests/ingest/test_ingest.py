@@ -420,7 +420,7 @@ def test_kind_option_rejects_lines_of_the_other_format(engine: Engine, tmp_path:
     summary = ingest(engine, [], manifests=[(manifest, "asr")])
     assert summary.manifest_items == 1
     assert [(e["line"], e["reason"]) for e in summary.manifest_errors] == [
-        (2, 'not an asr line: missing "text" (a string)')
+        (2, 'not an asr line: no reference transcript ("text", or "gt" without a "question")')
     ]
 
 

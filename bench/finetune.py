@@ -46,7 +46,6 @@ def run_task(engine, task: str, manifest: Path, kind: str, model: Path, args, tm
         batch_size=8,
         heldout_fraction=1 / 3,
         eval_method="both",
-        eval_max_new_tokens=8 if cry else 24,
         out_dir=str(tmp / f"adapter-{task}"),
     )
     start = time.perf_counter()

@@ -5,6 +5,7 @@ Stages pass these instead of dicts so that the runner, the CLI and the DAG agree
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -103,15 +104,47 @@ class AudioClip:
         return len(self.waveform) / self.sample_rate
 
 
+# How many tokens one window may generate when the request sets no cap: see default_max_new_tokens.
+ASR_TOKENS_PER_SECOND = 12.0
+ASR_TOKEN_MARGIN = 32
+ASR_MAX_NEW_TOKENS = 448
+CRY_GENERATE_MAX_NEW_TOKENS = 32
+
+
+def default_max_new_tokens(task: str, seconds: float) -> int:
+    """The generation budget of one window of `seconds` when the request sets none; the one place these
+    numbers live (the backends, `label`, the DAG and the fine-tune gate all come here).
+
+    ASR: ceil(ASR_TOKENS_PER_SECOND x seconds) + ASR_TOKEN_MARGIN, at most ASR_MAX_NEW_TOKENS, so a
+    transcript is not cut by a fixed cap. Fast speech is ~4 words/s in English (~5-6 Qwen tokens/s) and
+    ~5-7 characters/s in Chinese (~5-8 tokens/s with punctuation); 12 tokens/s leaves 1.5-2x headroom and
+    the margin covers a short clip's punctuation and tags. A 30-s window gets 12 x 30 + 32 = 392 tokens,
+    above the 256 of the stock Qwen-Audio eval scripts (the old fixed default, 128, can cut a 30-s Chinese
+    window short). The cap is Whisper's decoder limit (448 target positions for one 30-s window; the
+    Qwen-Audio encoders are Whisper's): a window that needs more is degenerate (repeating itself), and
+    is flagged `truncated`.
+
+    Cry `generate` (and anything else): CRY_GENERATE_MAX_NEW_TOKENS. The answer is a word or a sentence;
+    a short cap bounds what a model that rambles costs.
+    """
+    if task == Task.ASR:
+        need = math.ceil(ASR_TOKENS_PER_SECOND * max(seconds, 0.0)) + ASR_TOKEN_MARGIN
+        return min(need, ASR_MAX_NEW_TOKENS)
+    return CRY_GENERATE_MAX_NEW_TOKENS
+
+
 @dataclass(frozen=True)
 class LabelRequest:
-    """What to ask the model; the same request applies to every clip of a run."""
+    """What to ask the model; the same request applies to every clip of a run.
+
+    `max_new_tokens`: None = the task's default budget per window (`default_max_new_tokens`: ASR from the
+    window's duration, cry `generate` a short cap); a number = that cap for every window."""
 
     task: Task
     language: str = "en"
     question: str = "Is there a baby crying in this audio? Answer yes or no."
     methods: tuple[CryMethod, ...] = ("score",)
-    max_new_tokens: int = 128
+    max_new_tokens: int | None = None
     yes_threshold: float = 0.5
 
     def __post_init__(self) -> None:
@@ -123,10 +156,16 @@ class LabelRequest:
         # requests built in code are equal
         object.__setattr__(self, "task", str(self.task))
         object.__setattr__(self, "methods", tuple(str(m) for m in self.methods))
-        if self.max_new_tokens < 1:
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if not 0.0 <= self.yes_threshold <= 1.0:
             raise ValueError(f"yes_threshold must be in [0, 1], got {self.yes_threshold}")
+
+    def token_budget(self, seconds: float) -> int:
+        """How many new tokens a window of `seconds` may generate under this request."""
+        if self.max_new_tokens is not None:
+            return int(self.max_new_tokens)
+        return default_max_new_tokens(self.task, seconds)
 
 
 @dataclass(frozen=True)
@@ -138,6 +177,7 @@ class WindowResult:
     end_s: float
     text: str | None = None
     p_yes: float | None = None
+    truncated: bool = False  # generation used the window's whole budget without an end-of-sequence token
 
 
 @dataclass(frozen=True)
@@ -149,6 +189,7 @@ class ClipResult:
     p_yes: float | None = None  # cry detection: probability mass of yes vs no at the first answer token
     windows: tuple[WindowResult, ...] = field(default_factory=tuple)
     error: str | None = None
+    truncated: bool = False  # some window's generated text hit its token budget (ASR, cry generate)
 
 
 @dataclass(frozen=True)

@@ -89,7 +89,11 @@ def label(
     max_batch_seconds: float = typer.Option(
         None, "--max-batch-seconds", help="Max audio s per batch (QWEN_TASKS_MAX_BATCH_SECONDS, 240)."
     ),
-    max_new_tokens: int = typer.Option(None, "--max-new-tokens", help="Generation length cap (128)."),
+    max_new_tokens: int = typer.Option(
+        None,
+        "--max-new-tokens",
+        help="Generation cap per window (default: asr from the window's duration, 392 for 30 s; cry 32).",
+    ),
     limit: int = typer.Option(None, "--limit", help="Label at most N audio (oldest first)."),
     device: str = typer.Option(None, "--device", help="auto, cpu or cuda (default: QWEN_TASKS_DEVICE)."),
     dtype: str = typer.Option(None, "--dtype", help="float32, bfloat16 or float16 (default: per device)."),

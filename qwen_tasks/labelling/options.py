@@ -269,8 +269,18 @@ class LabelOptions:
     yes_threshold: float = _opt(
         0.5, Spec("float", "Yes threshold", "cry score: p_yes >= this is yes.", minimum=0, maximum=1)
     )
-    max_new_tokens: int = _opt(
-        128, Spec("int", "Max new tokens", "Generation length cap.", minimum=1, maximum=4096)
+    max_new_tokens: int | None = _opt(
+        None,
+        Spec(
+            "int",
+            "Max new tokens",
+            "Generation length cap per 30-s window, the same for every clip. Empty = the task's default: "
+            "asr from the window's duration (12 tokens/s + 32, at most 448: 392 for 30 s), cry generate 32. "
+            "A transcript that hits its cap is flagged truncated.",
+            nullable=True,
+            minimum=1,
+            maximum=4096,
+        ),
     )
     language: str = _opt(
         "en",

@@ -338,6 +338,7 @@ def build_rows(
                     "text": clean_text(result.text),
                     "language": request.language,
                     "windows": windows,
+                    "truncated": result.truncated,
                 }
             )
             continue
@@ -354,6 +355,7 @@ def build_rows(
                     "label": label,
                     "threshold": request.yes_threshold,
                     "windows": windows,
+                    "truncated": False,  # one forward pass, nothing generated
                 }
             )
         if "generate" in request.methods:
@@ -367,6 +369,7 @@ def build_rows(
                     "label": normalize_yes_no(result.text or ""),
                     "threshold": None,
                     "windows": windows,
+                    "truncated": result.truncated,
                 }
             )
     return rows

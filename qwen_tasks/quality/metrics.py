@@ -426,6 +426,23 @@ def _group_metrics(
 # --- shared -------------------------------------------------------------------------------------------
 
 
+def _truncated(conn: Connection, run_id: int, task: str, out: _Metrics) -> None:
+    """Generated text that hit its token budget (no end-of-sequence token): ASR `truncated`, cry
+    `generate.truncated`; value = count, details n and rate. Absent when nothing was generated."""
+    table, name, where = (
+        (transcription, "truncated", ())
+        if task == "asr"
+        else (cry_answer, "generate.truncated", (cry_answer.c.method == "generate",))
+    )
+    n, hit = conn.execute(
+        sa.select(sa.func.count(), sa.func.count().filter(table.c.truncated)).where(
+            table.c.run_id == run_id, *where
+        )
+    ).one()
+    if n:
+        out.add(name, hit, n=n, rate=hit / n)
+
+
 def _throughput(conn: Connection, run_id: int, out: _Metrics) -> None:
     j = label_job.c
     row = conn.execute(
@@ -486,6 +503,7 @@ def compute_run_metrics(engine: Engine, run_id: int) -> dict[str, Any]:
             rows = _asr_rows(conn, run_id)
             _asr_metrics(rows, out)
             utterances = _utterance_rows(run_id, rows)
+        _truncated(conn, run_id, run.task, out)
         _throughput(conn, run_id, out)
         _store_groups(conn, run_id, _group_metrics(conn, run_id, run.task, rows))
         conn.execute(sa.delete(run_metric).where(run_metric.c.run_id == run_id))

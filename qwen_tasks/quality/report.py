@@ -378,10 +378,12 @@ def _run_section(engine: Engine, run_id: int, dataset_name: str | None = None) -
         throughput = _throughput_plot(conn, run_id)
     if throughput:
         plots.append(throughput)
+    cut = metrics.get("truncated") or metrics.get("generate.truncated")  # text that hit its token cap
+    truncated = f"{int(cut['value'])} truncated ({cut['details']['rate']:.1%}), " if cut else ""
     header = (
         f"<h2>Run {run.id}: {_esc(run.task)} — {_esc(run.model)}</h2>"
         f'<p class="muted">prompt {_esc(run.prompt_version)}, status {_esc(run.status)}, '
-        f"{run.n_labelled} labelled, {run.n_failed} failed, {run.audio_seconds:.1f} s of audio, "
+        f"{run.n_labelled} labelled, {run.n_failed} failed, {truncated}{run.audio_seconds:.1f} s of audio, "
         f"created {_esc(run.created_at)}</p>"
     )
     return (

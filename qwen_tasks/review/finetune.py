@@ -85,7 +85,6 @@ class FinetuneOptions:
     question: str = LabelRequest(task="cry").question
     language: str = "en"
     eval_method: str = "both"  # cry: score only, or score + generate (shows whether answers got decisive)
-    eval_max_new_tokens: int = 32
     seed: int = 0
     out_dir: str = ""  # "" = $QWEN_TASKS_HOME/models/<name>
 
@@ -132,9 +131,12 @@ class FinetuneOptions:
 
     def eval_request(self) -> LabelRequest:
         """What the held-out runs ask; cry adds `generate`: the report then shows whether answers got
-        decisive."""
+        decisive. Decoding is `label`'s default for the task (LabelOptions.max_new_tokens: None = the
+        task's budget per window), so the gate measures what `label` will do with the version."""
+        from qwen_tasks.labelling.options import LabelOptions
+
         methods = ("score", "generate") if self.task == "cry" and self.eval_method == "both" else ("score",)
-        return replace(self.request(), methods=methods, max_new_tokens=self.eval_max_new_tokens)
+        return replace(self.request(), methods=methods, max_new_tokens=LabelOptions().max_new_tokens)
 
     def resolved(self) -> FinetuneOptions:
         """Defaults filled in from the environment: base model and version name."""

@@ -15,10 +15,10 @@ import torch
 from qwen_tasks.errors import ModelError
 from qwen_tasks.labelling.backends import get_backend, load_backend, model_info, planned_model_info
 from qwen_tasks.labelling.backends.backoff import run_resilient
-from qwen_tasks.labelling.backends.common import Unit
+from qwen_tasks.labelling.backends.common import Unit, cut_at_budget
 from qwen_tasks.labelling.backends.qwen2_audio import length_groups
 from qwen_tasks.labelling.windows import Window
-from qwen_tasks.records import AudioClip, ClipResult, LabelRequest
+from qwen_tasks.records import ASR_MAX_NEW_TOKENS, AudioClip, ClipResult, LabelRequest, default_max_new_tokens
 
 SR = 16000
 ASR = LabelRequest("asr", max_new_tokens=6)
@@ -58,7 +58,8 @@ def _assert_same(a: list[ClipResult], b: list[ClipResult], tol: float = 1e-4) ->
             assert x.p_yes is y.p_yes
         else:
             assert abs(x.p_yes - y.p_yes) <= tol, (x.p_yes, y.p_yes)
-        assert len(x.windows) == len(y.windows)
+        assert x.truncated == y.truncated, (x, y)
+        assert [(w.text, w.truncated) for w in x.windows] == [(w.text, w.truncated) for w in y.windows]
 
 
 @pytest.mark.parametrize("request_", [ASR, SCORE, BOTH], ids=["asr", "cry-score", "cry-both"])
@@ -86,6 +87,66 @@ def test_order_and_neighbours_do_not_matter(backend) -> None:
     with_others = backend.label(clips[:4] + _clips(4, seed=9), BOTH)[:4]
     _assert_same(forward, backward)
     _assert_same(forward[:4], with_others)
+
+
+def _noise_clips(seconds: list[float], seed: int) -> list[AudioClip]:
+    rng = np.random.default_rng(seed)
+    return [
+        AudioClip(300 + i, f"/audio/d{i}.wav", (0.1 * rng.standard_normal(int(s * SR))).astype(np.float32))
+        for i, s in enumerate(seconds)
+    ]
+
+
+def test_default_budgets_follow_the_window_duration() -> None:
+    assert default_max_new_tokens("asr", 30.0) == 392 >= 256  # the stock Qwen-Audio eval scripts' 256
+    budgets = [default_max_new_tokens("asr", s) for s in (0.05, 0.5, 5.0, 10.0, 20.0, 30.0)]
+    assert budgets == sorted(budgets) and len(set(budgets)) == len(budgets)
+    assert default_max_new_tokens("asr", 3600.0) == ASR_MAX_NEW_TOKENS == 448
+    assert default_max_new_tokens("cry", 1.0) == default_max_new_tokens("cry", 30.0) == 32
+    assert LabelRequest("asr").token_budget(30.0) == 392
+    assert LabelRequest("asr", max_new_tokens=8).token_budget(30.0) == 8  # an explicit cap: every clip
+    assert LabelRequest("cry", methods=("generate",)).token_budget(30.0) == 32
+
+
+def test_cut_at_budget_flags_rows_that_used_their_whole_budget() -> None:
+    stop = {0}
+    rows = [[5, 6, 7, 8], [5, 0, 0, 0], [5, 6, 7, 0], [5, 6, 7, 0], [5, 6]]
+    assert cut_at_budget(rows, [3, 3, 3, 4, 3], stop) == [
+        ([5, 6, 7], True),  # no stop token within its budget
+        ([5, 0, 0], False),  # stopped early (the batch went on: padding after the stop)
+        ([5, 6, 7], True),  # the stop came after its budget: alone it would have been cut too
+        ([5, 6, 7, 0], False),  # the stop is the budget's last token
+        ([5, 6], False),  # the whole batch stopped before this budget
+    ]
+
+
+def test_derived_budgets_are_per_clip_and_batch_invariant(backend) -> None:
+    """Mixed durations under the default (derived) budgets: batch = alone, texts and truncation flags,
+    and each clip generates exactly its own budget, whatever its batch-mates' budgets."""
+    clips = _noise_clips([0.5, 2.0, 6.0, 13.0, 30.0, 41.0], seed=11)
+    default = LabelRequest("asr")
+    batched = backend.label(clips, default)
+    alone = [backend.label([clip], default)[0] for clip in clips]
+    _assert_same(batched, alone)
+    assert [len(r.windows) for r in batched] == [0, 0, 0, 0, 0, 2]
+    # the random-init model stops at once on the 0.5-s clip (an end-of-sequence token first: not
+    # truncated) and rambles on the others until their budgets run out
+    assert [r.truncated for r in batched] == [False, True, True, True, True, True]
+    assert batched[0].text == "" and all(w.truncated for w in batched[-1].windows)
+    for clip, result in zip(clips[:-1], batched[:-1], strict=True):
+        budget = default_max_new_tokens("asr", clip.duration_s)
+        explicit = backend.label([clip], LabelRequest("asr", max_new_tokens=budget))[0]
+        shorter = backend.label([clip], LabelRequest("asr", max_new_tokens=budget - 8))[0]
+        assert (result.text, result.truncated) == (explicit.text, explicit.truncated), clip.duration_s
+        assert (result.text != shorter.text) == result.truncated, clip.duration_s
+    # a 30-s window is not cut at the stock 256: the default transcript is longer
+    capped = backend.label([clips[4]], LabelRequest("asr", max_new_tokens=256))[0]
+    assert len(batched[4].text) > len(capped.text) > 0
+    # an explicit cap applies to every clip, long or short, and flags them all
+    two = backend.label(clips, LabelRequest("asr", max_new_tokens=2))
+    _assert_same(two, [backend.label([clip], LabelRequest("asr", max_new_tokens=2))[0] for clip in clips])
+    assert [r.truncated for r in two] == [False, True, True, True, True, True]
+    assert all(len(r.text) < len(b.text) for r, b in zip(two[1:], batched[1:], strict=True))
 
 
 def test_score_equals_first_step_of_generate(backend) -> None:

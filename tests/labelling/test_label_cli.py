@@ -125,7 +125,28 @@ def test_bad_input_gets_one_line_errors(engine: Engine, database_url: str, tmp_p
             "--method must be one of ['score', 'generate', 'both'] (got 'vote')",
         ),
         (["label", "--task", "cry", "--model", str(tmp_path), "--plan-only"], "not a model directory"),
+        (["label", "--task", "asr", "--max-new-tokens", "0", "--plan-only"], "--max-new-tokens must be >= 1"),
     ):
         result = run_cli(args, database_url)
         assert result.returncode != 0 and message in result.stderr, (args, result.stderr)
         assert "Traceback" not in result.stderr
+
+
+def test_label_asr_with_max_new_tokens(
+    engine: Engine, database_url: str, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """The contract `label --task asr --max-new-tokens 8`: that cap for every clip, stored on the run, and
+    the transcripts that hit it flagged."""
+    ids = ingest_clips(engine, tmp_path / "audio", [1.0, 2.0])
+    args = ["label", "--task", "asr", "--model", str(tiny_model_dir), "--device", "cpu"]
+    result = run_cli([*args, "--max-new-tokens", "8", "--json"], database_url)
+    assert result.returncode == 0, result.stderr
+    out = last_json(result.stdout)
+    assert out["labelled"] == 2
+    with engine.connect() as conn:
+        run = conn.execute(sa.select(schema.label_run).where(schema.label_run.c.id == out["run_id"])).one()
+        flags = dict(
+            conn.execute(sa.select(schema.transcription.c.audio_id, schema.transcription.c.truncated)).all()
+        )
+    assert run.params["request"]["max_new_tokens"] == 8
+    assert flags == dict.fromkeys(ids.values(), True)  # the tiny model rambles past 8 tokens

@@ -274,3 +274,63 @@ def test_a_write_that_exhausts_its_retries_counts_the_attempt(
     state = jobs.job_state(engine, job.id)
     assert state["status"] == "pending" and state["attempts"] == 1  # counted, not given back
     assert "could not store results" in state["last_error"]
+
+
+def test_truncated_transcripts_and_answers_are_flagged_counted_and_reported(
+    engine: Engine, backend: Backend, tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """`label` with --max-new-tokens 2: every transcript and generated answer of the tiny model hits the cap;
+    the flag is stored per row, counted in the run's metrics and shown in the report. The default budget
+    is stored as null in the run's request (the task's default per window)."""
+    from qwen_tasks.quality.metrics import compute_run_metrics
+    from qwen_tasks.quality.report import write_report
+
+    ids = ingest_clips(engine, tmp_path / "a", [1.0, 2.0, 3.0])
+
+    def label(task: str, **kw: object) -> worker.LabelSummary:
+        opts = LabelOptions.from_mapping(
+            {"tasks": [task], "model": str(tiny_model_dir), "device": "cpu", "relabel": True, **kw}
+        )
+        summary = worker.label(engine, opts, backend_factory=lambda run: backend)
+        assert summary.status == "done" and summary.labelled == 3
+        return summary
+
+    def column(table: sa.Table, run_id: int, *where: object) -> dict[int, bool]:
+        with engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(table.c.audio_id, table.c.truncated).where(table.c.run_id == run_id, *where)
+            ).all()
+        return {r.audio_id: r.truncated for r in rows}
+
+    capped = label("asr", max_new_tokens=2).run_id
+    assert column(schema.transcription, capped) == dict.fromkeys(ids.values(), True)
+    assert jobs.get_run(engine, capped).params["request"]["max_new_tokens"] == 2
+    m = compute_run_metrics(engine, capped)
+    assert m["truncated"] == 3
+    details = _metric_details(engine, capped, "truncated")
+    assert details == {"n": 3, "rate": 1.0}
+    page = write_report(engine, [capped], tmp_path / "r.html").read_text(encoding="utf-8")
+    assert "3 truncated (100.0%)" in page
+
+    default = label("asr").run_id
+    run = jobs.get_run(engine, default)
+    assert run.params["request"]["max_new_tokens"] is None and run.request.max_new_tokens is None
+    assert compute_run_metrics(engine, default)["truncated"] == sum(
+        column(schema.transcription, default).values()
+    )
+
+    both = label("cry", method="both", max_new_tokens=2).run_id
+    cry = schema.cry_answer
+    assert column(cry, both, cry.c.method == "generate") == dict.fromkeys(ids.values(), True)
+    assert column(cry, both, cry.c.method == "score") == dict.fromkeys(ids.values(), False)
+    m = compute_run_metrics(engine, both)
+    assert m["generate.truncated"] == 3 and "truncated" not in m
+    assert _metric_details(engine, both, "generate.truncated") == {"n": 3, "rate": 1.0}
+    score_only = label("cry").run_id  # nothing generated: no truncation figure at all
+    assert "generate.truncated" not in compute_run_metrics(engine, score_only)
+
+
+def _metric_details(engine: Engine, run_id: int, name: str) -> dict[str, object]:
+    from qwen_tasks.quality.metrics import load_run_metrics
+
+    return load_run_metrics(engine, run_id)[name]["details"]

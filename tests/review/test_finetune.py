@@ -6,6 +6,7 @@ the tiny random-init Qwen2-Audio), real labelling runs for the evaluation, the C
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -26,8 +27,9 @@ from sqlalchemy.engine import Engine
 from qwen_tasks.dev.samples import write_cry_training_set
 from qwen_tasks.errors import ConfigError
 from qwen_tasks.ingest.register import ingest
-from qwen_tasks.labelling import registry
-from qwen_tasks.records import ModelVersionStatus
+from qwen_tasks.labelling import jobs, registry
+from qwen_tasks.quality.metrics import load_run_metrics
+from qwen_tasks.records import LabelRequest, ModelVersionStatus
 from qwen_tasks.review import finetune
 from qwen_tasks.review.finetune import FinetuneOptions
 from qwen_tasks.store import schema
@@ -204,6 +206,42 @@ def test_it_learns_the_synthetic_cry_set_and_the_gate_passes(
     assert quality.candidate_roc_auc == pytest.approx(summary.candidate["score.roc_auc"])
     # generate answers became decisive: the candidate answers yes/no where the base rambles
     assert summary.candidate["generate.unknown_rate"] < summary.base["generate.unknown_rate"]
+    # the gate decoded as `label --task cry --method both` does (the task's default budget, not a cap of
+    # its own), and the figures count the answers that hit it
+    expected = label_request("cry", method="both", model=str(tiny_model_dir))
+    assert expected["max_new_tokens"] is None
+    for run_id in (summary.base_run_id, summary.candidate_run_id):
+        assert jobs.get_run(engine, run_id).params["request"] == expected
+        assert load_run_metrics(engine, run_id)["generate.truncated"]["details"]["n"] == 24
+
+
+def label_request(task: str, **options: object) -> dict:
+    """The request a `label` run of `task` stores (label_run.params["request"])."""
+    from qwen_tasks.labelling.options import LabelOptions
+
+    return stored(LabelOptions.from_mapping(options).request(task))
+
+
+def stored(request: LabelRequest) -> dict:
+    """A request as label_run.params stores it (JSON: a list of methods)."""
+    return {**dataclasses.asdict(request), "methods": list(request.methods)}
+
+
+@pytest.mark.parametrize(
+    ("task", "changes", "label_options"),
+    [
+        ("asr", {"language": "zh"}, {"language": "zh"}),
+        ("cry", {"eval_method": "both"}, {"method": "both"}),
+        ("cry", {"eval_method": "score", "question": "Crying?"}, {"question": "Crying?"}),
+    ],
+)
+def test_evaluation_requests_are_label_requests(
+    tmp_path: Path, tiny_model_dir: Path, task: str, changes: dict, label_options: dict
+) -> None:
+    opts = options(tiny_model_dir, tmp_path, task=task, **changes)
+    expected = label_request(task, model=str(tiny_model_dir), **label_options)
+    assert stored(opts.eval_request()) == expected
+    assert expected["max_new_tokens"] is None  # the task's default budget per window
 
 
 def test_versions_never_mix_and_adapter_labels_match_the_in_memory_model(

@@ -44,11 +44,13 @@ class Unit:
 
 @dataclass(frozen=True)
 class UnitOut:
-    """What the model gave for one Unit: its text and/or p_yes, or why it failed."""
+    """What the model gave for one Unit: its text and/or p_yes, or why it failed; `truncated`: the text
+    used the unit's whole token budget without a stop token."""
 
     text: str | None = None
     p_yes: float | None = None
     error: str | None = None
+    truncated: bool = False
 
 
 # --- planning: device, dtype, model id ------------------------------------------------------------------
@@ -177,12 +179,14 @@ def merge_windows(
                 end_s=w.end / clip.sample_rate,
                 text=out.text,
                 p_yes=out.p_yes,
+                truncated=out.truncated,
             )
             for w, out in parts
         )
+    truncated = any(o.truncated for o in outs)
     if request.task == "asr":
         text = windows.join_transcripts([o.text or "" for o in outs], request.language)
-        return ClipResult(audio_id=clip.audio_id, text=text, windows=window_results)
+        return ClipResult(audio_id=clip.audio_id, text=text, windows=window_results, truncated=truncated)
     p_yes = windows.combine_p_yes([o.p_yes for o in outs])
     if p_yes is not None and not math.isfinite(p_yes):
         return ClipResult(audio_id=clip.audio_id, error=f"{clip.path}: model produced a non-finite p_yes")
@@ -190,7 +194,9 @@ def merge_windows(
     if "generate" in request.methods:
         answers = [o.text or "" for o in outs]
         text = answers[0] if len(answers) == 1 else windows.pick_cry_answer(answers)
-    return ClipResult(audio_id=clip.audio_id, text=text, p_yes=p_yes, windows=window_results)
+    return ClipResult(
+        audio_id=clip.audio_id, text=text, p_yes=p_yes, windows=window_results, truncated=truncated
+    )
 
 
 # --- tokens: yes/no scoring and decoding ----------------------------------------------------------------
@@ -216,6 +222,29 @@ def p_yes(logits: Any, yes_ids: Sequence[int], no_ids: Sequence[int]) -> list[fl
     log_yes = torch.logsumexp(logits[:, list(yes_ids)], dim=-1)
     log_no = torch.logsumexp(logits[:, list(no_ids)], dim=-1)
     return torch.sigmoid(log_yes - log_no).tolist()
+
+
+def unit_budget(unit: Unit, request: LabelRequest) -> int:
+    """The new tokens this window may generate (`LabelRequest.token_budget`: the request's cap, or the
+    task's default for the window's duration)."""
+    return request.token_budget(len(unit.waveform) / TARGET_SAMPLE_RATE)
+
+
+def cut_at_budget(
+    rows: Sequence[list[int]], budgets: Sequence[int], stop_ids: Collection[int]
+) -> list[tuple[list[int], bool]]:
+    """Each generated row cut at its own budget, and whether it was truncated (all `budget` tokens used,
+    none of them a stop id).
+
+    A batch generates up to its largest budget (`max(budgets)`); greedy decoding is causal, so a row's
+    first `budget` tokens are those it would generate alone with that budget, whatever its batch-mates'
+    budgets: cutting here keeps results batch-invariant under per-window budgets."""
+    out = []
+    for row, budget in zip(rows, budgets, strict=True):
+        head = list(row[:budget])
+        truncated = len(head) >= budget and not any(t in stop_ids for t in head)
+        out.append((head, truncated))
+    return out
 
 
 def decode(

@@ -31,6 +31,7 @@ from qwen_tasks.labelling.backends.common import (
     UnitOut,
     assemble,
     choose_style,
+    cut_at_budget,
     decode,
     p_yes,
     plan_units,
@@ -38,6 +39,7 @@ from qwen_tasks.labelling.backends.common import (
     resolve_dtype,
     resolve_model_id,
     single_token_ids,
+    unit_budget,
 )
 from qwen_tasks.records import TARGET_SAMPLE_RATE, AudioClip, ClipResult, LabelRequest, ModelInfo
 
@@ -309,7 +311,7 @@ class Qwen2AudioBackend:
             embeds = self._embed_trimmed(inputs) if self.trim_audio else None
             if score_only:
                 return [UnitOut(p_yes=p) for p in self._score(inputs, embeds)]
-            return self._generate(inputs, embeds, request)
+            return self._generate(inputs, embeds, request, [unit_budget(u, request) for u in units])
 
     def _embed_trimmed(self, inputs: Any) -> Any:
         """Prompt embeddings with the audio encoder run only up to the batch's longest clip (see
@@ -329,12 +331,15 @@ class Qwen2AudioBackend:
         logits = self.model.lm_head(hidden[:, -1, :])
         return p_yes(logits, self.yes_ids, self.no_ids)
 
-    def _generate(self, inputs: Any, embeds: Any | None, request: LabelRequest) -> list[UnitOut]:
+    def _generate(
+        self, inputs: Any, embeds: Any | None, request: LabelRequest, budgets: list[int]
+    ) -> list[UnitOut]:
+        """Greedy decoding to the batch's largest budget, each row then cut at its own (`cut_at_budget`)."""
         from transformers import GenerationConfig
 
         want_p = request.task == "cry"
         config = GenerationConfig(
-            max_new_tokens=request.max_new_tokens,
+            max_new_tokens=max(budgets),
             do_sample=False,
             num_beams=1,
             eos_token_id=self.eos_ids,
@@ -352,10 +357,14 @@ class Qwen2AudioBackend:
                 generation_config=config,
             )
         new_tokens = out.sequences[:, inputs["input_ids"].shape[1] :].tolist()
+        rows = cut_at_budget(new_tokens, budgets, self.eos_ids)
         # special tokens are skipped by the tokenizer itself; the answer is trimmed
-        texts = [decode(self.tokenizer, row, self.eos_ids) for row in new_tokens]
+        texts = [decode(self.tokenizer, row, self.eos_ids) for row, _ in rows]
         scores = p_yes(out.logits[0], self.yes_ids, self.no_ids) if want_p else [None] * len(texts)
-        return [UnitOut(text=t, p_yes=p) for t, p in zip(texts, scores, strict=True)]
+        return [
+            UnitOut(text=t, p_yes=p, truncated=cut)
+            for t, p, (_, cut) in zip(texts, scores, rows, strict=True)
+        ]
 
 
 def prompt_embeddings(model: Any, inputs: Any, *, encoder_grad: bool = True) -> Any:

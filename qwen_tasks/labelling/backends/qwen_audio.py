@@ -55,6 +55,7 @@ from qwen_tasks.labelling.backends.common import (
     UnitOut,
     assemble,
     choose_style,
+    cut_at_budget,
     decode,
     p_yes,
     plan_units,
@@ -62,6 +63,7 @@ from qwen_tasks.labelling.backends.common import (
     resolve_dtype,
     resolve_model_id,
     single_token_ids,
+    unit_budget,
 )
 from qwen_tasks.labelling.environments import (
     TRANSFORMERS_SPEC,
@@ -316,13 +318,19 @@ class QwenAudioBackend:
                 paths[id(unit)] = str(path)
             outs = run_resilient(
                 units,
-                lambda chunk: self._infer([paths[id(u)] for u in chunk], spec, request),
+                lambda chunk: self._infer(
+                    [paths[id(u)] for u in chunk], spec, request, [unit_budget(u, request) for u in chunk]
+                ),
                 lambda unit, exc: UnitOut(error=f"{clips[unit.clip_pos].path}: {type(exc).__name__}: {exc}"),
                 max_batch=self.max_batch,
             )
         return assemble(clips, errors, units, outs, request)
 
-    def _infer(self, paths: list[str], spec: prompts.PromptSpec, request: LabelRequest) -> list[UnitOut]:
+    def _infer(
+        self, paths: list[str], spec: prompts.PromptSpec, request: LabelRequest, budgets: list[int]
+    ) -> list[UnitOut]:
+        """score: one forward pass; otherwise greedy decoding to the chunk's largest budget, each row then
+        cut at its own (`cut_at_budget`: batch-invariant)."""
         import torch
 
         texts = [prompts.qwen_audio_prompt(spec, p) for p in paths]
@@ -340,15 +348,18 @@ class QwenAudioBackend:
             gen = self.model.generate(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
-                generation_config=self._greedy(request),
+                generation_config=self._greedy(request, max(budgets)),
                 audio_info=audio_info,
             )
-        rows = gen.sequences[:, input_ids.shape[1] :].tolist()
-        texts_out = [self._decode(row) for row in rows]
+        rows = cut_at_budget(gen.sequences[:, input_ids.shape[1] :].tolist(), budgets, self.stop_ids)
+        texts_out = [self._decode(row) for row, _ in rows]
         scores = (
             p_yes(gen.scores[0], self.yes_ids, self.no_ids) if request.task == "cry" else [None] * len(rows)
         )
-        return [UnitOut(text=t, p_yes=p) for t, p in zip(texts_out, scores, strict=True)]
+        return [
+            UnitOut(text=t, p_yes=p, truncated=cut)
+            for t, p, (_, cut) in zip(texts_out, scores, rows, strict=True)
+        ]
 
     @contextlib.contextmanager
     def _lm_head_on_last_position(self) -> Iterator[None]:
@@ -364,7 +375,7 @@ class QwenAudioBackend:
         finally:
             handle.remove()
 
-    def _greedy(self, request: LabelRequest) -> Any:
+    def _greedy(self, request: LabelRequest, max_new_tokens: int) -> Any:
         """The eval scripts' decoding, as a config of its own: the checkpoint's generation_config.json
         asks for sampling (top_p 0.8), which would only be overridden key by key, with warnings."""
         from transformers import GenerationConfig
@@ -372,7 +383,7 @@ class QwenAudioBackend:
         return GenerationConfig(
             do_sample=False,
             num_beams=1,
-            max_new_tokens=request.max_new_tokens,
+            max_new_tokens=max_new_tokens,
             min_new_tokens=1,
             repetition_penalty=1.0,
             use_cache=True,

@@ -77,6 +77,11 @@ def plan(
         out.per_task[task] = entry
         if choice.version:
             entry["model_version"] = choice.version
+        # the model is checked first (a wrong --model is the error to report, even with nothing to label)
+        planned_model_info(
+            choice.model, opts.request(task), revision=choice.revision, device=opts.device,
+            dtype=opts.dtype_arg, adapter=choice.adapter,
+        )  # fmt: skip
         scope = [d for d in named if task in d.tasks]
         entry["datasets"] = [d.name for d in scope]
         if not scope:

@@ -6,6 +6,7 @@ Stages pass these instead of dicts so that the runner, the CLI and the DAG agree
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Literal, NamedTuple
@@ -82,6 +83,7 @@ class RecordedPath(NamedTuple):
     mtime_ns: int | None = None
     root: str | None = None  # the allowed root that admitted it (None: ingested before migration 0006)
     path_bytes: bytes | None = None
+    sha256: str | None = None  # the content ingest hashed (audio.sha256): labelling checks the bytes it reads
 
     @property
     def fs_path(self) -> str:
@@ -101,6 +103,25 @@ class AudioClip:
     @property
     def duration_s(self) -> float:
         return len(self.waveform) / self.sample_rate
+
+
+# A question put to the model comes from untrusted places (the DAG form, manifest lines), ends up in every
+# prompt of its run, in the run's params and in logs: at most this long, and without control characters
+# (Unicode Cc: C0, DEL, C1), which no question needs and which can forge log lines or prompt structure.
+# The rule as the JSON schema pattern the DAG form checks; Python's `re` reads it the same way.
+MAX_QUESTION_CHARS = 1000
+QUESTION_PATTERN = r"^[^\u0000-\u001f\u007f-\u009f]*$"
+_CONTROL = re.compile(r"[\u0000-\u001f\u007f-\u009f]")
+
+
+def question_problem(question: str) -> str | None:
+    """Why `question` may not be asked (too long, a control character), or None when it may."""
+    if len(question) > MAX_QUESTION_CHARS:
+        return f"is longer than {MAX_QUESTION_CHARS} characters ({len(question)})"
+    bad = _CONTROL.search(question)
+    if bad:
+        return f"contains a control character (U+{ord(bad.group()):04X} at {bad.start()})"
+    return None
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ with that same one line.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +55,31 @@ def _env_paths(name: str) -> tuple[Path, ...]:
     return tuple(Path(p).expanduser().resolve() for p in raw.split(os.pathsep) if p.strip())
 
 
+# An allowlist entry that is not a local folder: a hub id `owner/name`, or a prefix `owner/` (every model
+# of that owner). No `..`, no leading `/`: those would be paths, which must be absolute folders.
+_HUB_ENTRY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/(?:[A-Za-z0-9_.-]+)?")
+
+
+def _env_models(name: str) -> tuple[str, ...]:
+    """QWEN_TASKS_ALLOWED_MODELS: `:`-separated absolute folders (resolved, symlinks too, so a model is
+    compared by where it really is) and hub ids / `owner/` prefixes. Anything else is refused here, so a
+    typo cannot silently allow nothing or, worse, something else."""
+    out: list[str] = []
+    for entry in (e.strip() for e in os.environ.get(name, "").split(os.pathsep)):
+        if not entry:
+            continue
+        if entry.startswith(("/", "~")):
+            out.append(os.path.realpath(os.path.expanduser(entry)))
+        elif _HUB_ENTRY.fullmatch(entry) and ".." not in entry:
+            out.append(entry)
+        else:
+            raise ConfigError(
+                f"{name}: {entry!r} is neither an absolute folder nor a hub id (owner/name) or prefix "
+                "(owner/)"
+            )
+    return tuple(dict.fromkeys(out))
+
+
 @dataclass(frozen=True)
 class Settings:
     """Process-wide configuration. See README "Configuration" for each variable."""
@@ -61,6 +87,8 @@ class Settings:
     database_url: str | None = None
     home: Path = field(default_factory=lambda: Path.cwd() / ".qwen_tasks")
     allowed_roots: tuple[Path, ...] = ()
+    # models / adapters / fine-tune bases that may be loaded (empty: any; see labelling.allowed_models)
+    allowed_models: tuple[str, ...] = ()
     model: str = DEFAULT_MODEL
     model_revision: str = ""
     device: str = "auto"
@@ -94,6 +122,7 @@ class Settings:
             database_url=os.environ.get("QWEN_TASKS_DATABASE_URL") or None,
             home=Path(home).expanduser().resolve() if home else Path.cwd().resolve() / ".qwen_tasks",
             allowed_roots=_env_paths("QWEN_TASKS_ALLOWED_ROOTS"),
+            allowed_models=read(lambda: _env_models("QWEN_TASKS_ALLOWED_MODELS"), ()),
             model=os.environ.get("QWEN_TASKS_MODEL") or DEFAULT_MODEL,
             model_revision=os.environ.get("QWEN_TASKS_MODEL_REVISION", "").strip(),
             device=os.environ.get("QWEN_TASKS_DEVICE") or "auto",

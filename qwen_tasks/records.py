@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Literal, NamedTuple
@@ -83,6 +84,7 @@ class RecordedPath(NamedTuple):
     mtime_ns: int | None = None
     root: str | None = None  # the allowed root that admitted it (None: ingested before migration 0006)
     path_bytes: bytes | None = None
+    sha256: str | None = None  # the content ingest hashed (audio.sha256): labelling checks the bytes it reads
 
     @property
     def fs_path(self) -> str:
@@ -131,6 +133,25 @@ def default_max_new_tokens(task: str, seconds: float) -> int:
         need = math.ceil(ASR_TOKENS_PER_SECOND * max(seconds, 0.0)) + ASR_TOKEN_MARGIN
         return min(need, ASR_MAX_NEW_TOKENS)
     return CRY_GENERATE_MAX_NEW_TOKENS
+
+
+# A question put to the model comes from untrusted places (the DAG form, manifest lines), ends up in every
+# prompt of its run, in the run's params and in logs: at most this long, and without control characters
+# (Unicode Cc: C0, DEL, C1), which no question needs and which can forge log lines or prompt structure.
+# The rule as the JSON schema pattern the DAG form checks; Python's `re` reads it the same way.
+MAX_QUESTION_CHARS = 1000
+QUESTION_PATTERN = r"^[^\u0000-\u001f\u007f-\u009f]*$"
+_CONTROL = re.compile(r"[\u0000-\u001f\u007f-\u009f]")
+
+
+def question_problem(question: str) -> str | None:
+    """Why `question` may not be asked (too long, a control character), or None when it may."""
+    if len(question) > MAX_QUESTION_CHARS:
+        return f"is longer than {MAX_QUESTION_CHARS} characters ({len(question)})"
+    bad = _CONTROL.search(question)
+    if bad:
+        return f"contains a control character (U+{ord(bad.group()):04X} at {bad.start()})"
+    return None
 
 
 @dataclass(frozen=True)

@@ -362,6 +362,12 @@ def _follow(
     adapter = version.adapter_path if version else None
     if version is not None:
         rev = version.base_revision
+    # before loading anything (QWEN_TASKS_ALLOWED_MODELS): a version as its base and its adapter
+    from qwen_tasks.labelling.allowed_models import check_allowed
+
+    what = f"--model {model or settings.model!r} is a fine-tuned version whose" if version else ""
+    check_allowed(f"{what} base" if version else "--model", name)
+    check_allowed(f"{what} adapter", adapter)
     shown = f"revision {rev or 'default'}" + (f", adapter {adapter}" if adapter else "")
     console.print(f"loading {name} ({shown}) ...", highlight=False)
     started = time.perf_counter()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import os
 import re
 import stat
@@ -25,7 +26,7 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 import soundfile as sf
@@ -247,7 +248,9 @@ def _ffmpeg_probe(fd: int, path: str) -> AudioProbe:
     return _as_probe(ffmpeg_audio.decode(fd, path, keep=False))
 
 
-def _ffmpeg_instead(fd: int, path: str, failure: AudioError, *, keep: bool) -> ffmpeg_audio.Decoded:
+def _ffmpeg_instead(
+    fd: int | BinaryIO, path: str, failure: AudioError, *, keep: bool
+) -> ffmpeg_audio.Decoded:
     """libsndfile failed to open the file: when it did not recognise the format at all (a .wav that is
     really an M4A, a file without extension), ffmpeg may; otherwise `failure` stands. Should ffmpeg not
     read it either, libsndfile's reason is kept unless ffmpeg's says more (truncated, no audio stream)."""
@@ -383,7 +386,8 @@ def load_waveform(path: str | Path, target_rate: int = TARGET_SAMPLE_RATE) -> np
         os.close(fd)
 
 
-def _decode_fd(fd: int, path: str, target_rate: int) -> np.ndarray:
+def _decode_fd(fd: int | BinaryIO, path: str, target_rate: int) -> np.ndarray:
+    """Decode from an open descriptor, or from the file's bytes in memory (`load_ingested`)."""
     if reader_for(path) == "ffmpeg":
         rate, mono = _ffmpeg_mono(fd, path, None)
     else:
@@ -407,7 +411,7 @@ def _decode_fd(fd: int, path: str, target_rate: int) -> np.ndarray:
     return mono
 
 
-def _ffmpeg_mono(fd: int, path: str, failure: AudioError | None) -> tuple[int, np.ndarray]:
+def _ffmpeg_mono(fd: int | BinaryIO, path: str, failure: AudioError | None) -> tuple[int, np.ndarray]:
     """(rate, mono float32) decoded by ffmpeg: directly (`failure` None) or after libsndfile failed."""
     from qwen_tasks.ingest import ffmpeg_audio
 
@@ -462,7 +466,8 @@ def load_ingested(recorded: RecordedPath, target_rate: int = TARGET_SAMPLE_RATE)
 
     Ingest judged the path once; a file replaced afterwards (say, by a same-size symlink to a file outside
     the allowed roots) must not be labelled. So, on the open file: its real location must pass
-    `location_problem`, and its size and mtime must be those ingest recorded. Raises AudioError(path,
+    `location_problem`, its size and mtime must be those ingest recorded, and (when `recorded.sha256` is
+    known) the bytes read must hash to it: the bytes labelled are the bytes ingested. Raises AudioError(path,
     reason) naming what differs, or FileNotFoundError when the file is gone (a deleted file and unmounted
     storage look alike; the caller decides).
     """
@@ -484,6 +489,33 @@ def load_ingested(recorded: RecordedPath, target_rate: int = TARGET_SAMPLE_RATE)
             )
         if recorded.mtime_ns is not None and st.st_mtime_ns != recorded.mtime_ns:
             raise AudioError(path, "changed since ingest (modification time differs); re-run ingest")
-        return _decode_fd(fd, path, target_rate)
+        if recorded.sha256 is None:
+            return _decode_fd(fd, path, target_rate)
+        # Size and mtime can be kept (os.utime) by whoever rewrites the file: the content itself must be
+        # what ingest hashed. The file is read whole once; the hash and the decoder use those bytes.
+        data = _read_whole(fd, path, st.st_size)
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != recorded.sha256:
+            raise AudioError(
+                path, f"content changed since ingest: sha256 {actual} != {recorded.sha256}; re-run ingest"
+            )
+        return _decode_fd(io.BytesIO(data), path, target_rate)
     finally:
         os.close(fd)
+
+
+def _read_whole(fd: int, path: str, size: int) -> bytes:
+    """The file's `size` bytes (one read() call for a regular file, so no copy joining chunks); a file
+    that is shorter or longer than that by now is being rewritten, which is reported as a change."""
+    try:
+        chunks = [os.read(fd, size)]
+        n = len(chunks[0])
+        while n < size and (chunk := os.read(fd, size - n)):
+            chunks.append(chunk)
+            n += len(chunk)
+        extra = os.read(fd, 1)
+    except OSError as exc:
+        raise AudioError(path, os_error_reason(path, exc)) from None
+    if n != size or extra:
+        raise AudioError(path, "changed since ingest (its size changed while it was read); re-run ingest")
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import av
 import numpy as np
@@ -89,23 +90,32 @@ def _open_failure(path: str, exc: BaseException, head: bytes) -> AudioError:
     return AudioError(path, f"not an audio file: ffmpeg cannot read it ({message})")
 
 
-def decode(fd: int, path: str, *, keep: bool) -> Decoded:
-    """Decode the first audio stream of the open file `fd` to the end (from offset 0; `fd` stays open).
+def decode(source: int | BinaryIO, path: str, *, keep: bool) -> Decoded:
+    """Decode the first audio stream of `source` to the end, from offset 0: an open file descriptor (it
+    stays open) or the file's bytes already in memory (labelling hashes what it decodes: one read).
 
     `keep`: also return the mono waveform (labelling); without it memory stays flat (ingest).
     Raises AudioError for a file ffmpeg cannot read, one without an audio stream, a decoder error
     (named with the time it happened), non-finite samples, a stream that stops before the length its
     index declares, or one that decodes to nothing.
     """
-    os.lseek(fd, 0, os.SEEK_SET)
-    with open(fd, "rb", closefd=False) as f:
-        head = f.peek(8)[:8]
-        try:
-            container = av.open(f, "r")
-        except (av.FFmpegError, ValueError, OSError) as exc:
-            raise _open_failure(path, exc, head) from None
-        with container:
-            return _decode_stream(container, path, keep=keep)
+    if not isinstance(source, int):
+        source.seek(0)
+        return _decode_file(source, path, keep=keep)
+    os.lseek(source, 0, os.SEEK_SET)
+    with open(source, "rb", closefd=False) as f:
+        return _decode_file(f, path, keep=keep)
+
+
+def _decode_file(f: BinaryIO, path: str, *, keep: bool) -> Decoded:
+    head = f.read(8)
+    f.seek(0)
+    try:
+        container = av.open(f, "r")
+    except (av.FFmpegError, ValueError, OSError) as exc:
+        raise _open_failure(path, exc, head) from None
+    with container:
+        return _decode_stream(container, path, keep=keep)
 
 
 def _decode_stream(container: av.container.InputContainer, path: str, *, keep: bool) -> Decoded:

@@ -6,6 +6,8 @@ Two formats, as the original Qwen-Audio evaluation scripts read them: ASR `{"aud
 A bad line is reported with its file and line number and skipped, so one typo never costs the rest of
 the manifest. That includes lines that are valid JSON but cannot be stored: PostgreSQL text
 and jsonb hold neither NUL (`\u0000`) nor lone UTF-16 surrogates (`\ud800`), and jsonb has no NaN.
+A line's `question` is asked of its clip as written, so it follows the rule of the `question` option
+(at most 1,000 characters, no control characters: `records.question_problem`), else the line is bad.
 Relative audio paths resolve against the manifest's folder, as users expect when they move a dataset
 folder around.
 """
@@ -18,10 +20,12 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+
+from qwen_tasks.records import question_problem
 
 ManifestKind = Literal["asr", "aqa"]
 KINDS: tuple[ManifestKind, ...] = ("asr", "aqa")
@@ -219,6 +223,11 @@ def parse_line(
     if line_kind == "aqa" and "gt" not in obj and "question" not in obj:
         return error('not an aqa line: missing "question" and "gt"')
     get = obj.get
+    question = _as_text(get("question"))
+    if question is not None:
+        problem = question_problem(question)  # the rule of the `question` option: it is asked as is
+        if problem:
+            return error(f'"question" {problem}')
     gt = get("gt")
     return ManifestItem(
         manifest_path=manifest_path,
@@ -227,7 +236,7 @@ def parse_line(
         audio_path=_resolve(manifest_path, audio),
         reference_text=_reference(obj) if line_kind == "asr" else None,
         language=_as_text(get("language")),
-        question=_as_text(get("question")),
+        question=question,
         gt=_as_text(gt),
         gold_label=parse_gold_label(gt) if gt is not None and line_kind == "aqa" else None,
         source=_as_text(get("source")),
@@ -236,21 +245,43 @@ def parse_line(
     )
 
 
+def _opened_path(fd: int, fallback: str) -> str:
+    """Where an open file really is (/proc names the inode held on Linux)."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return fallback
+
+
 def read_manifest(
-    path: str | Path, kind: ManifestKind | None = None
+    path: str | Path, kind: ManifestKind | None = None, *, roots: Sequence[str] | None = None
 ) -> Iterator[ManifestItem | ManifestError]:
     """Yield one ManifestItem or ManifestError per non-blank line; never raises for bad content.
 
     Lines are decoded one by one, so a stray non-UTF-8 byte costs one line, not the file.
+    `roots` (real paths): the manifest must really lie under one of them, judged when it is opened: its
+    real path is resolved and that very path opened (a final symlink refused), then the open file's own
+    location checked again, so a name swapped for a symlink after ingest's check reads nothing.
     """
     if kind is not None and kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    from qwen_tasks.ingest.audio_files import within_roots as _within  # the one rule, shared with audio
+
     manifest_path = os.path.abspath(path)
+    real = os.path.realpath(manifest_path) if roots is not None else manifest_path
+    if roots is not None and not _within(real, roots):
+        yield ManifestError(manifest_path, 0, "outside allowed roots")
+        return
     try:
-        handle = open(manifest_path, "rb")  # noqa: SIM115 - closed below; errors reported, not raised
+        flags = os.O_RDONLY | os.O_CLOEXEC | (os.O_NOFOLLOW if roots is not None else 0)
+        handle = os.fdopen(os.open(real, flags), "rb")
     except OSError as exc:
         reason = "permission denied" if isinstance(exc, PermissionError) else (exc.strerror or str(exc))
         yield ManifestError(manifest_path, 0, f"cannot read manifest: {reason}")
+        return
+    if roots is not None and not _within(_opened_path(handle.fileno(), real), roots):
+        handle.close()
+        yield ManifestError(manifest_path, 0, "outside allowed roots")
         return
     with handle:
         for line_no, raw_line in enumerate(handle, start=1):

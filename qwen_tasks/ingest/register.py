@@ -217,6 +217,20 @@ def _default_roots(paths: Sequence[Path], manifests: Sequence[tuple[Path, Manife
     return roots
 
 
+def _is_manifest_name(path: Path) -> bool:
+    return Path(path).suffix.lower() in MANIFEST_EXTENSIONS
+
+
+def _refused_manifest(path: Path, configured: Sequence[str], summary: IngestSummary) -> bool:
+    """True (and reported in `summary`, like an audio path outside the roots) when roots are configured
+    and the manifest's real path lies outside them. Only resolves the name: the file is not opened."""
+    if not configured or within_roots(os.path.realpath(path), configured):
+        return False
+    summary.quarantined += 1
+    summary.quarantine.append({"path": display_path(os.path.abspath(path)), "reason": OUTSIDE_ROOTS})
+    return True
+
+
 def _split_manifests(
     paths: Sequence[Path], manifests: Sequence[tuple[Path, ManifestKind | None]], kind: ManifestKind | None
 ) -> tuple[list[Path], list[tuple[Path, ManifestKind | None]]]:
@@ -226,7 +240,7 @@ def _split_manifests(
     for m, m_kind in manifests:
         by_path.setdefault(os.path.abspath(m), (Path(m), m_kind))
     for p in paths:
-        if Path(p).suffix.lower() in MANIFEST_EXTENSIONS and os.path.isfile(p):
+        if _is_manifest_name(p) and os.path.isfile(p):
             by_path.setdefault(os.path.abspath(p), (Path(p), kind))
         else:
             audio_paths.append(Path(p))
@@ -797,23 +811,27 @@ def ingest(
     and `tasks` (None: a manifest's kind gives its task, a folder gets both).
 
     Allowed roots: `roots`, else QWEN_TASKS_ALLOWED_ROOTS, else the paths given plus each manifest's
-    folder. Raises ConfigError when a path does not exist or a dataset option is invalid (nothing is
+    folder. They govern manifests too: a manifest whose real path is outside configured roots is refused
+    like an audio path (`quarantine`, reason "outside allowed roots") and never opened, since a DAG form
+    could otherwise name any file the worker can read (/etc/passwd, /proc/self/environ) and have its
+    lines stored. Raises ConfigError when a path does not exist or a dataset option is invalid (nothing is
     written then) and DatabaseUnavailable when the database fails; bad audio never raises.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    configured = [os.path.realpath(r) for r in roots] or [str(r) for r in get_settings().allowed_roots]
+    summary = IngestSummary()
+    # Manifests outside configured roots first: refused before anything else looks at them (their
+    # existence included: a form user learns nothing about files elsewhere).
+    manifests = [(m, k) for m, k in manifests if not _refused_manifest(m, configured, summary)]
+    paths = [p for p in paths if not (_is_manifest_name(p) and _refused_manifest(p, configured, summary))]
     for p in [*paths, *(m for m, _ in manifests)]:
         if not os.path.lexists(p):
             raise ConfigError(f"no such file or directory: {p}")
     audio_paths, all_manifests = _split_manifests(paths, manifests, kind)
-    allowed = (
-        [os.path.realpath(r) for r in roots]
-        or [str(r) for r in get_settings().allowed_roots]
-        or _default_roots(audio_paths, all_manifests)
-    )
+    allowed = configured or _default_roots(audio_paths, all_manifests)
     allowed = [os.path.realpath(r) for r in allowed]
 
-    summary = IngestSummary()
     items: list[ManifestItem] = []
     manifest_paths = [os.path.abspath(m) for m, _ in all_manifests]
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingest-read") as early:
@@ -821,7 +839,7 @@ def ingest(
         # (psycopg2 waits for the server without the GIL): a fifth of an unchanged 100k-line re-run.
         reading = early.submit(_read_stored, engine, manifest_paths) if manifest_paths else None
         for manifest_path, manifest_kind in all_manifests:
-            for entry in read_manifest(manifest_path, manifest_kind):
+            for entry in read_manifest(manifest_path, manifest_kind, roots=configured or None):
                 if isinstance(entry, ManifestError):
                     summary.manifest_errors.append(entry.to_dict())
                 else:

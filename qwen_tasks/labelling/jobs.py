@@ -445,6 +445,7 @@ def audio_items(conn: Connection, audio_ids: Any) -> list[JobItem]:
             audio_file.c.mtime_ns,
             audio_file.c.root,
             audio_file.c.path_bytes,
+            audio.c.sha256,
         )
         .outerjoin(audio_file, sa.and_(audio_file.c.audio_id == audio.c.id, audio_file.c.status == "ok"))
         .where(audio.c.id.in_(audio_ids))
@@ -455,7 +456,7 @@ def audio_items(conn: Connection, audio_ids: Any) -> list[JobItem]:
         item = items.get(r.audio_id) or JobItem(r.audio_id, float(r.duration_s), ())
         if r.path is not None:
             raw = bytes(r.path_bytes) if r.path_bytes is not None else None
-            recorded = RecordedPath(r.path, r.size_bytes, r.mtime_ns, r.root, raw)
+            recorded = RecordedPath(r.path, r.size_bytes, r.mtime_ns, r.root, raw, r.sha256)
             item = dataclasses.replace(item, paths=(*item.paths, recorded))
         items[r.audio_id] = item
     return list(items.values())

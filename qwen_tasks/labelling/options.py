@@ -28,7 +28,7 @@ from typing import Any
 
 from qwen_tasks.config import Settings, get_settings
 from qwen_tasks.errors import ConfigError
-from qwen_tasks.records import CryMethod, LabelRequest, Task
+from qwen_tasks.records import MAX_QUESTION_CHARS, QUESTION_PATTERN, CryMethod, LabelRequest, Task
 
 DEFAULT_QUESTION = "Is there a baby crying in this audio? Answer yes or no."
 
@@ -66,8 +66,9 @@ class Workers(StrEnum):
 class Spec:
     """One option's type and rules. kind: str | int | float | bool | enum | list | enum_list.
 
-    `nullable`: None means the default. `pattern`, `minimum`/`maximum` and `exclusive_minimum` are JSON
-    schema keywords, checked here the same way. `dag_only`: not a `qwen-tasks label` option."""
+    `nullable`: None means the default. `pattern`, `max_length`, `minimum`/`maximum` and
+    `exclusive_minimum` are JSON schema keywords, checked here the same way (`pattern_hint`: what the
+    pattern means, for the error). `dag_only`: not a `qwen-tasks label` option."""
 
     kind: str
     title: str
@@ -78,6 +79,8 @@ class Spec:
     maximum: float | None = None
     exclusive_minimum: float | None = None
     pattern: str | None = None
+    pattern_hint: str | None = None
+    max_length: int | None = None
     dag_only: bool = False
 
     def schema(self) -> dict[str, Any]:
@@ -109,6 +112,7 @@ class Spec:
             ("maximum", self.maximum),
             ("exclusiveMinimum", self.exclusive_minimum),
             ("pattern", self.pattern),
+            ("maxLength", self.max_length),
         ):
             if value is not None:
                 out[key] = value
@@ -262,8 +266,12 @@ class LabelOptions:
             "str",
             "Cry question",
             "The yes/no question asked of every clip. Empty = each clip's own manifest question (its "
-            f"audio-QA line), else {DEFAULT_QUESTION!r}.",
+            f"audio-QA line), else {DEFAULT_QUESTION!r}. At most {MAX_QUESTION_CHARS} characters, no "
+            "control characters.",
             nullable=True,
+            pattern=QUESTION_PATTERN,
+            pattern_hint="must not contain control characters (newlines, tabs, ...)",
+            max_length=MAX_QUESTION_CHARS,
         ),
     )
     yes_threshold: float = _opt(
@@ -360,6 +368,7 @@ class LabelOptions:
             values[f.name] = check(shown, spec, value)
         options = cls(**values)
         options.request(Task.CRY)  # LabelRequest's own checks, reported with the option names
+        _check_models(options, settings, flags)
         return options
 
     def replace(self, **changes: Any) -> LabelOptions:
@@ -420,6 +429,20 @@ class LabelOptions:
         return out
 
 
+def _check_models(options: LabelOptions, settings: Settings | None, flags: bool) -> None:
+    """QWEN_TASKS_ALLOWED_MODELS, as early as the options are read (the form is untrusted input): the
+    adapter always, the model unless it may be a registered version's name (no '/', not a path), which
+    `registry.model_for` resolves to base + adapter and checks there."""
+    from qwen_tasks.labelling.allowed_models import check_allowed, is_local
+
+    def shown(name: str) -> str:
+        return ("--" + name) if flags else f"param {name!r}"
+
+    check_allowed(shown("adapter"), options.adapter or None, settings)
+    if options.model and ("/" in options.model or is_local(options.model)):
+        check_allowed(shown("model"), options.model, settings)
+
+
 def resolve_model(model: str) -> str:
     """The model that is loaded and recorded for what the user named: a hub id as it is, a local path
     made absolute (so two spellings of one folder are one label key). Registered model names resolve
@@ -446,7 +469,11 @@ CLI_FLAGS = {
 
 
 def _bad(shown: str, why: str, value: Any) -> ConfigError:
-    return ConfigError(f"{shown} {why} (got {value!r})")
+    """One line; a long value is cut (a 10 MB form field must not become a 10 MB log line)."""
+    got = repr(value)
+    if len(got) > 80:
+        got = got[:60] + "..." + (f" ({len(value)} characters)" if isinstance(value, str) else "")
+    return ConfigError(f"{shown} {why} (got {got})")
 
 
 def check(name: str, spec: Spec, value: Any) -> Any:
@@ -473,8 +500,10 @@ def check(name: str, spec: Spec, value: Any) -> Any:
         if not isinstance(value, str) or (not spec.nullable and not value.strip()):
             raise _bad(name, "must be a non-empty string" if not spec.nullable else "must be a string", value)
         value = value.strip()
+        if spec.max_length is not None and len(value) > spec.max_length:
+            raise _bad(name, f"must be at most {spec.max_length} characters", value)
         if spec.pattern and not re.fullmatch(spec.pattern.strip("^$"), value):
-            raise _bad(name, f"must match {spec.pattern}", value)
+            raise _bad(name, spec.pattern_hint or f"must match {spec.pattern}", value)
         return value
     if kind == "bool":
         if not isinstance(value, bool):

@@ -279,6 +279,7 @@ def model_for(
     """The one rule for which model labels `task`: a registered version name (its base + adapter), else
     the model (a local path made absolute) with `adapter`, else — with `promoted` — the task's promoted
     version when it was trained on this very base model and revision, else the base model alone."""
+    from qwen_tasks.labelling.allowed_models import check_allowed
     from qwen_tasks.labelling.backends.adapter import adapter_dir
     from qwen_tasks.labelling.options import resolve_model as resolve_path
 
@@ -288,13 +289,22 @@ def model_for(
             raise ConfigError(f"model version {model!r} was fine-tuned for {version.task}, not {task}")
         if adapter:
             raise ConfigError(f"{model} is a fine-tuned version: it brings its own adapter")
+        # a version is its base plus its adapter: both are loaded, so both must be allowed
+        check_allowed(f"model {model!r} is a fine-tuned version whose base", version.base_model)
+        check_allowed(f"model {model!r} is a fine-tuned version whose adapter", version.adapter_path)
         return ModelChoice(version.base_model, version.base_revision, version.adapter_path, version.name)
+    check_allowed("model", model)  # before resolve_path: a hub id stays itself, a path is resolved there
     base = resolve_path(model)
     if adapter:
+        check_allowed("adapter", adapter)
         return ModelChoice(base, revision, str(adapter_dir(adapter)))
     if promoted:
         current = promoted_version(engine, task)
         if current is not None and (current.base_model, current.base_revision) == (base, revision):
+            why = (
+                f"the promoted version {current.name!r} (skip it: promoted=false, --no-promoted): its adapter"
+            )
+            check_allowed(why, current.adapter_path)
             return ModelChoice(base, revision, current.adapter_path, current.name)
     return ModelChoice(base, revision)
 

@@ -40,7 +40,15 @@ from sqlalchemy.engine import Engine
 from qwen_tasks.errors import ConfigError
 from qwen_tasks.ingest import datasets as ds
 from qwen_tasks.labelling import jobs, registry
-from qwen_tasks.records import LabelRequest, ModelVersionStatus, RunStatus
+from qwen_tasks.labelling.allowed_models import check_allowed
+from qwen_tasks.records import (
+    MAX_QUESTION_CHARS,
+    QUESTION_PATTERN,
+    LabelRequest,
+    ModelVersionStatus,
+    RunStatus,
+    question_problem,
+)
 from qwen_tasks.store.database import transaction
 from qwen_tasks.store.schema import (
     asr_reference,
@@ -107,6 +115,10 @@ class FinetuneOptions:
             bad = [n for n in names if not isinstance(n, str) or not n]
             if bad:
                 raise ConfigError(f"{flag} takes dataset names, got {bad[0]!r}")
+        problem = question_problem(self.question) if isinstance(self.question, str) else "is not a string"
+        if problem:
+            raise ConfigError(f"--question {problem}")
+        check_allowed("--base", self.base or None)  # "" = QWEN_TASKS_MODEL, checked in resolved()
         self.train_config()  # validates the hyper-parameters
 
     def train_config(self) -> Any:
@@ -143,6 +155,7 @@ class FinetuneOptions:
         from qwen_tasks.config import get_settings
 
         base = self.base or get_settings().model
+        check_allowed("--base", base)
         name = self.name or f"{self.task}-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}"
         return replace(self, base=base, name=name)
 
@@ -188,6 +201,15 @@ def dag_param_specs(settings: Any = None) -> dict[str, dict[str, Any]]:
             "title": "Version name",
             "description": "Empty: <task>-<DAG run id>.",
         },
+        "question": {
+            "default": None,
+            "type": ["null", "string"],
+            "maxLength": MAX_QUESTION_CHARS,
+            "pattern": QUESTION_PATTERN,
+            "title": "Cry question",
+            "description": "The yes/no question the version is trained and evaluated with (cry). Empty: "
+            f"{d.question!r}. At most {MAX_QUESTION_CHARS} characters, no control characters.",
+        },
         "epochs": {"default": d.epochs, "type": "integer", "minimum": 1, "maximum": 100, "title": "Epochs"},
         "lr": {"default": d.lr, "type": "number", "exclusiveMinimum": 0, "maximum": 1, "title": "LR"},
         "rank": {"default": d.rank, "type": "integer", "minimum": 1, "maximum": 256, "title": "LoRA rank"},
@@ -226,6 +248,8 @@ def options_from_params(params: dict[str, Any], run_name: str = "") -> FinetuneO
     import re
 
     raw = {k: v for k, v in params.items() if k in dag_param_specs() and v is not None}
+    if raw.get("question") == "":
+        del raw["question"]  # an emptied form field: the default question
     raw["promote"] = bool(raw.pop("auto_promote", False))
     if not raw.get("name") and run_name:
         raw["name"] = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{raw.get('task', 'cry')}-{run_name}").strip("-")[

@@ -89,6 +89,9 @@ def test_environment_wiring(compose: dict[str, Any]) -> None:
         conn, url = env["AIRFLOW_CONN_QWEN_TASKS_DB"], env["QWEN_TASKS_DATABASE_URL"]
         assert conn.startswith("postgresql://") and url.startswith("postgresql+psycopg2://")
         assert conn.split("://", 1)[1] == url.split("://", 1)[1], name
+        # the trust boundary of the trigger form (docs/airflow.md): roots and the model allowlist are set
+        assert env["QWEN_TASKS_ALLOWED_ROOTS"] == "/data/audio", name
+        assert "Qwen/:/opt/airflow/qwen_tasks_home/models" in env["QWEN_TASKS_ALLOWED_MODELS"], name
         volumes = " ".join(compose["services"][name]["volumes"])
         assert "/opt/hf-cache" in volumes and "/data/audio" in volumes and "./dags:" in volumes, name
 

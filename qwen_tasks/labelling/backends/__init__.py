@@ -119,8 +119,15 @@ def load_backend(
     trim_audio: run the audio encoder only up to the batch's longest clip, not 30 s (Qwen2-Audio);
     adapter: a LoRA adapter directory (`qwen-tasks finetune`) merged into the base weights.
     Raises ModelError when the model cannot be loaded or its tokenizer and config disagree, and its
-    subclass WrongEnvironment, before loading anything, when the model needs another interpreter.
+    subclass WrongEnvironment, before loading anything, when the model needs another interpreter;
+    ConfigError, before reading anything, when the model or adapter is not in QWEN_TASKS_ALLOWED_MODELS.
     """
+    from qwen_tasks.labelling.allowed_models import check_allowed
+
+    # QWEN_TASKS_ALLOWED_MODELS once more, in the process that loads: a run planned before the list was
+    # set (or written by hand) names its model in the database, not in a validated form
+    check_allowed("model", model)
+    check_allowed("adapter", adapter)
     kind = _pick(model, backend, adapter)
     check_environment(model, kind)
     if kind == "qwen-audio":

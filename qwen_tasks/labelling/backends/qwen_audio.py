@@ -48,6 +48,7 @@ import numpy as np
 
 from qwen_tasks.errors import ModelError, QwenTasksError, WrongEnvironment
 from qwen_tasks.labelling import prompts
+from qwen_tasks.labelling.allowed_models import trust_remote_code
 from qwen_tasks.labelling.backends.backoff import run_resilient
 from qwen_tasks.labelling.backends.common import (
     NO_VARIANTS,
@@ -234,6 +235,9 @@ class QwenAudioBackend:
         prompt_style: str = "auto",
         max_batch: int | None = None,
     ) -> None:
+        # The checkpoint's own Python runs below: only for a model inside QWEN_TASKS_ALLOWED_MODELS when
+        # that is set (ConfigError before anything is imported), for any model when it is not.
+        remote_code = trust_remote_code(model)
         check_environment(model)
         check_ffmpeg()
         import torch
@@ -246,7 +250,7 @@ class QwenAudioBackend:
         self.dtype = resolve_dtype(dtype, self.device)
         self.style = choose_style(prompt_style, lambda: detect_prompt_style(self.model_id))
         self.max_batch = max_batch
-        kwargs: dict[str, Any] = {"trust_remote_code": True}
+        kwargs: dict[str, Any] = {"trust_remote_code": remote_code}
         if revision:
             kwargs["revision"] = revision
         # The remote code picks its own precision from config flags (bf16 when the GPU has it); set

@@ -145,6 +145,7 @@ def dag_param_specs(settings: Any = None) -> dict[str, dict[str, Any]]:
     (the UI form and the CLI cannot disagree). Read at DAG parse time: environment only. `auto_promote` is
     the option `promote`; optional values are nullable, and null means the CLI's default."""
     from qwen_tasks.config import get_settings
+    from qwen_tasks.labelling.options import form_number_schema as _number  # a form that never clamps
 
     d = FinetuneOptions()
     base = (settings or get_settings()).model
@@ -164,13 +165,19 @@ def dag_param_specs(settings: Any = None) -> dict[str, dict[str, Any]]:
             "title": "Version name",
             "description": "Empty: <task>-<DAG run id>.",
         },
-        "epochs": {"default": d.epochs, "type": "integer", "minimum": 1, "maximum": 100, "title": "Epochs"},
-        "lr": {"default": d.lr, "type": "number", "exclusiveMinimum": 0, "maximum": 1, "title": "LR"},
-        "rank": {"default": d.rank, "type": "integer", "minimum": 1, "maximum": 256, "title": "LoRA rank"},
-        "max_clips": {"default": None, "type": ["null", "integer"], "minimum": 2, "title": "Max clips"},
+        "epochs": {
+            "default": d.epochs,
+            **_number("integer"),
+            "minimum": 1,
+            "maximum": 100,
+            "title": "Epochs",
+        },
+        "lr": {"default": d.lr, **_number("number"), "exclusiveMinimum": 0, "maximum": 1, "title": "LR"},
+        "rank": {"default": d.rank, **_number("integer"), "minimum": 1, "maximum": 256, "title": "LoRA rank"},
+        "max_clips": {"default": None, **_number("integer", True), "minimum": 2, "title": "Max clips"},
         "min_improvement": {
             "default": d.min_improvement,
-            "type": "number",
+            **_number("number"),
             "minimum": 0,
             "maximum": 1,
             "title": "Min improvement",

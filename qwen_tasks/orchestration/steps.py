@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,19 @@ LABEL_RETRIES = 3
 
 class JobFailed(QwenTasksError):
     """A job used up its attempts (or failed for good): the mapped Airflow task must fail, visibly."""
+
+
+@contextmanager
+def no_retry_for_permanent_errors() -> Iterator[None]:
+    """For the DAGs' tasks: bad params, a missing folder, a refusal such as too few labelled clips, or a
+    job out of attempts will not get better by retrying: fail the task now (AirflowFailException), with
+    the one-line message."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    try:
+        yield
+    except (ConfigError, JobFailed) as exc:
+        raise AirflowFailException(str(exc)) from exc
 
 
 def options(params: Mapping[str, Any]) -> LabelOptions:

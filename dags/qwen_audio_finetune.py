@@ -80,19 +80,20 @@ def qwen_audio_finetune():
         """LoRA training on the training part; returns the registered version's name."""
         import logging
 
+        from qwen_tasks.progress import ProgressLog
         from qwen_tasks.review.finetune import train_version
 
         log = logging.getLogger(__name__)
         log.info(
             "training data (clips per class): train %s, held out %s", prepared["train"], prepared["heldout"]
         )
+        with ProgressLog("training", None, unit="steps") as shown, no_retry_for_permanent_errors():
 
-        def progress(p) -> None:  # noqa: ANN001 - trainer.Progress
-            if p.step == 1 or p.step % 10 == 0 or p.step == p.total_steps:
-                log.info("step %d/%d epoch %d loss %.4f %.1f clips/s, %.0f s left", p.step, p.total_steps,
-                         p.epoch, p.loss, p.clips_per_s, p.eta_s)  # fmt: skip
+            def progress(p) -> None:  # noqa: ANN001 - trainer.Progress
+                shown.total = p.total_steps
+                figures = {"epoch": p.epoch, "loss": f"{p.loss:.4f}", "clips/s": f"{p.clips_per_s:.1f}"}
+                shown.update(p.step, **figures)
 
-        with no_retry_for_permanent_errors():
             trained = train_version(_engine(), _options(), progress=progress)
         log.info("version %s: adapter %s, revision %s", trained.name, trained.adapter_path, trained.revision)
         return trained.name

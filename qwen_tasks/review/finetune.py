@@ -35,6 +35,7 @@ from sqlalchemy.engine import Engine
 
 from qwen_tasks.errors import ConfigError
 from qwen_tasks.labelling import jobs, registry
+from qwen_tasks.progress import ProgressLog
 from qwen_tasks.records import LabelRequest, ModelVersionStatus, RunStatus
 from qwen_tasks.store.database import transaction
 from qwen_tasks.store.schema import asr_reference, audio, audio_file, cry_gold, finetune_split, model_version
@@ -610,7 +611,11 @@ def evaluation_run(
         raise ConfigError(
             f"{version.name}: nothing planned for the {role} evaluation (held-out audio in use?)"
         )
-    summary = work(engine, plan.run_id, backend_for_run(opts.device, opts.dtype), until=Until.DRAINED)
+    with ProgressLog(f"held-out {role} run {plan.run_id}", len(audio_ids)) as shown:
+        summary = work(
+            engine, plan.run_id, backend_for_run(opts.device, opts.dtype), until=Until.DRAINED,
+            progress=lambda o: shown.update(advance=o.labelled + o.failed, audio_seconds=o.audio_seconds),
+        )  # fmt: skip
     if summary.run_status != RunStatus.DONE:
         raise ConfigError(
             f"{version.name}: {role} evaluation run {plan.run_id} ended {summary.run_status} "

@@ -45,6 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from qwen_tasks.dev.airflow_stack import stack_db_prefix  # noqa: E402
 from qwen_tasks.store import database as db  # noqa: E402
 
 LOADED = re.compile(r"model \S+ (?:\(revision [^)]*\) )?loaded in ([0-9.]+) s")
@@ -213,7 +214,7 @@ def main() -> None:
     rows: list[tuple[str, dict[str, float]]] = []
     with (
         tempfile.TemporaryDirectory(prefix="qwen_bench_dag_") as tmp,
-        db.scratch_database(args.admin_url, prefix="qwen_tasks_bench") as url,
+        db.scratch_database(args.admin_url, prefix=f"{stack_db_prefix()}_bench") as url,
     ):
         work = Path(tmp)
         model = args.model

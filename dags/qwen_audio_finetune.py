@@ -30,6 +30,7 @@ import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
 
 from qwen_tasks.config import Settings
+from qwen_tasks.orchestration.steps import no_retry_for_permanent_errors
 from qwen_tasks.review.finetune import dag_param_specs
 
 DAG_ID = "qwen_audio_finetune"
@@ -44,7 +45,8 @@ def _options():  # noqa: ANN202 - FinetuneOptions; imported inside tasks only
     from qwen_tasks.review.finetune import options_from_params
 
     ctx = get_current_context()
-    return options_from_params(dict(ctx["params"]), run_name=ctx["run_id"])
+    with no_retry_for_permanent_errors():  # bad params will not get better by retrying
+        return options_from_params(dict(ctx["params"]), run_name=ctx["run_id"])
 
 
 def _engine():  # noqa: ANN202 - Engine
@@ -74,7 +76,8 @@ def qwen_audio_finetune():
         """Labelled clips per class and part; stores the split. Fails at once when training is pointless."""
         from qwen_tasks.review.finetune import prepare as prepare_data
 
-        prepared, _, _ = prepare_data(_engine(), _options().resolved())
+        with no_retry_for_permanent_errors():
+            prepared, _, _ = prepare_data(_engine(), _options().resolved())
         return prepared.to_dict()
 
     @task(pool="gpu", queue="gpu", execution_timeout=timedelta(hours=12))
@@ -82,19 +85,21 @@ def qwen_audio_finetune():
         """LoRA training on the training part; returns the registered version's name."""
         import logging
 
+        from qwen_tasks.progress import ProgressLog
         from qwen_tasks.review.finetune import train_version
 
         log = logging.getLogger(__name__)
         log.info(
             "training data (clips per class): train %s, held out %s", prepared["train"], prepared["heldout"]
         )
+        with ProgressLog("training", None, unit="steps") as shown, no_retry_for_permanent_errors():
 
-        def progress(p) -> None:  # noqa: ANN001 - trainer.Progress
-            if p.step == 1 or p.step % 10 == 0 or p.step == p.total_steps:
-                log.info("step %d/%d epoch %d loss %.4f %.1f clips/s, %.0f s left", p.step, p.total_steps,
-                         p.epoch, p.loss, p.clips_per_s, p.eta_s)  # fmt: skip
+            def progress(p) -> None:  # noqa: ANN001 - trainer.Progress
+                shown.total = p.total_steps
+                figures = {"epoch": p.epoch, "loss": f"{p.loss:.4f}", "clips/s": f"{p.clips_per_s:.1f}"}
+                shown.update(p.step, **figures)
 
-        trained = train_version(_engine(), _options(), progress=progress)
+            trained = train_version(_engine(), _options(), progress=progress)
         log.info("version %s: adapter %s, revision %s", trained.name, trained.adapter_path, trained.revision)
         return trained.name
 
@@ -104,7 +109,8 @@ def qwen_audio_finetune():
         over each test dataset (model_version_test)."""
         from qwen_tasks.review.finetune import evaluate_version
 
-        result = evaluate_version(_engine(), name, _options())
+        with no_retry_for_permanent_errors():
+            result = evaluate_version(_engine(), name, _options())
         return {
             "name": name,
             "base_run_id": result["base_run_id"],
@@ -124,7 +130,8 @@ def qwen_audio_finetune():
 
         options = _options()
         if options.promote and evaluation["gate_passed"]:
-            version = registry.promote(_engine(), evaluation["name"])
+            with no_retry_for_permanent_errors():
+                version = registry.promote(_engine(), evaluation["name"])
             return {"name": version.name, "status": str(version.status)}
         why = "auto_promote is off" if not options.promote else "it did not beat the base on held-out audio"
         return {"name": evaluation["name"], "status": evaluation["status"], "not_promoted": why}

@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -37,10 +35,9 @@ import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
 
 from qwen_tasks.config import Settings
-from qwen_tasks.errors import ConfigError
 from qwen_tasks.labelling.environments import PYTHON_ENV_VAR, interpreter
 from qwen_tasks.labelling.options import LabelOptions
-from qwen_tasks.orchestration.steps import LABEL_RETRIES, JobFailed
+from qwen_tasks.orchestration.steps import LABEL_RETRIES, no_retry_for_permanent_errors
 from qwen_tasks.orchestration.triggers import WaitForWorkersOperator
 
 DAG_ID = "qwen_audio_labelling"
@@ -65,17 +62,6 @@ QWEN_AUDIO_PYTHON = str(interpreter())
 PARAMS = {
     name: Param(default, **schema) for name, (default, schema) in LabelOptions.param_specs(_SETTINGS).items()
 }
-
-
-@contextmanager
-def no_retry_for_permanent_errors() -> Iterator[None]:
-    """Bad params, a missing folder or a job out of attempts will not get better by retrying: fail now."""
-    from airflow.sdk.exceptions import AirflowFailException
-
-    try:
-        yield
-    except (ConfigError, JobFailed) as exc:
-        raise AirflowFailException(str(exc)) from exc
 
 
 def qwen_audio_slot_starts(context: Any) -> None:

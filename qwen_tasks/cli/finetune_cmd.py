@@ -9,6 +9,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from qwen_tasks.cli.common import app, console, open_database, print_json
+from qwen_tasks.progress import ProgressLog, log_to_stderr
 from qwen_tasks.records import ModelVersionStatus
 from qwen_tasks.review.finetune import FinetuneOptions
 
@@ -156,13 +157,24 @@ def _figure(value: float | None) -> str:
 
 
 class _TrainBar:
-    """Rich progress on stderr: optimiser steps with the loss, clips/s and time left."""
+    """Progress on stderr: optimiser steps with the loss, clips/s and time left. A rich bar on a terminal;
+    otherwise (a log file, a pipe) a `ProgressLog` line every QWEN_TASKS_PROGRESS_SECONDS (30 s), and the
+    held-out evaluation runs' lines too."""
 
     def __init__(self) -> None:
         self.progress: Progress | None = None
+        self.log: ProgressLog | None = None
         self.task: Any = None
+        if not console.is_terminal:
+            log_to_stderr()
 
     def __call__(self, p: Any) -> None:
+        figures = {"epoch": p.epoch, "loss": f"{p.loss:.4f}", "clips/s": f"{p.clips_per_s:.1f}"}
+        if not console.is_terminal:
+            if self.log is None:
+                self.log = ProgressLog("training", p.total_steps, unit="steps").__enter__()
+            self.log.update(p.step, **figures)
+            return
         if self.progress is None:
             self.progress = Progress(
                 TextColumn("[bold]training"),
@@ -180,7 +192,7 @@ class _TrainBar:
             self.task,
             completed=p.step,
             epoch=p.epoch,
-            loss=f"{p.loss:.4f}",
+            loss=figures["loss"],
             rate=f"{p.clips_per_s:.1f} clips/s",
         )
 
@@ -188,6 +200,9 @@ class _TrainBar:
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
+        if self.log is not None:
+            self.log.__exit__()
+            self.log = None
         if message:
             console.print(message, highlight=False)
 

@@ -21,15 +21,23 @@ from qwen_tasks.cli.common import app, console, fail, open_database, print_json
 from qwen_tasks.config import get_settings
 from qwen_tasks.errors import QwenTasksError
 from qwen_tasks.labelling import jobs, worker
+from qwen_tasks.progress import ProgressLog, log_to_stderr
 from qwen_tasks.records import JobOutcomeStatus
 
 TASKS = ("asr", "cry")
 
 
 class _Bar:
-    """Rich progress on stderr: clips done of planned, clips/s and real-time factor since work began."""
+    """Progress on stderr: clips done of planned, clips/s and real-time factor since work began. A rich
+    bar on a terminal; otherwise (a log file, a pipe) a `ProgressLog` line every
+    QWEN_TASKS_PROGRESS_SECONDS (30 s) with the same figures and the time left."""
 
     def __init__(self, total: int, label: str) -> None:
+        self.log: ProgressLog | None = None
+        if not console.is_terminal:
+            log_to_stderr()
+            self.log = ProgressLog(f"label {label}", total)
+            return
         self.progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -47,21 +55,30 @@ class _Bar:
         self.audio = 0.0
 
     def __enter__(self) -> _Bar:
-        self.progress.start()
+        if self.log is not None:
+            self.log.__enter__()
+        else:
+            self.progress.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.progress.stop()
+        if self.log is not None:
+            self.log.__exit__()
+        else:
+            self.progress.stop()
 
     def __call__(self, outcome: worker.JobOutcome) -> None:
         done = outcome.labelled + outcome.failed
+        if outcome.status in (JobOutcomeStatus.RETRY, JobOutcomeStatus.FAILED):
+            console.print(f"job {outcome.job_id}: {outcome.status}: {outcome.error}", highlight=False)
+        if self.log is not None:
+            self.log.update(advance=done, audio_seconds=outcome.audio_seconds)
+            return
         self.clips += done
         self.audio += outcome.audio_seconds
         elapsed = max(time.perf_counter() - self.start, 1e-9)
         rtf = f"RTF {elapsed / self.audio:.3f}" if self.audio else ""
         self.progress.update(self.task, advance=done, rate=f"{self.clips / elapsed:.2f} clips/s", rtf=rtf)
-        if outcome.status in (JobOutcomeStatus.RETRY, JobOutcomeStatus.FAILED):
-            console.print(f"job {outcome.job_id}: {outcome.status}: {outcome.error}", highlight=False)
 
 
 def _label_mapping(**flags: Any) -> dict[str, Any]:

@@ -239,6 +239,7 @@ def _child(conf: dict[str, Any], out: Path, dag_id: str = DAG_ID) -> None:
                 "map_index": ti.map_index,
                 "state": str(getattr(ti.state, "value", ti.state)),
                 "name": ti.rendered_map_index,
+                "try_number": ti.try_number,
             }
             for ti in tis
         ]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 import signal
 import socket
@@ -38,8 +39,29 @@ from qwen_tasks.errors import QwenTasksError
 from qwen_tasks.store import database as db
 
 AIRFLOW = [sys.executable, "-m", "airflow"]
+# The shared Redis and the database-name prefix of the throwaway databases (the stack's metadata database,
+# the bench's labels database), overridable for a machine whose Redis db 0 or whose names are taken.
+REDIS_URL_VAR, DB_PREFIX_VAR = "QWEN_TASKS_STACK_REDIS_URL", "QWEN_TASKS_STACK_DB_PREFIX"
 REDIS_URL = "redis://127.0.0.1:6379/0"
-__all__ = ["DAG_ID", "AirflowStack", "AirflowStackError", "free_port", "wait_until"]
+
+
+def stack_redis_url() -> str:
+    """The Celery broker: QWEN_TASKS_STACK_REDIS_URL, default redis://127.0.0.1:6379/0."""
+    return os.environ.get(REDIS_URL_VAR, "").strip() or REDIS_URL
+
+
+def stack_db_prefix() -> str:
+    """Prefix of the throwaway database names: QWEN_TASKS_STACK_DB_PREFIX, default qwen_tasks."""
+    prefix = os.environ.get(DB_PREFIX_VAR, "").strip() or "qwen_tasks"
+    if not re.fullmatch(r"[a-z_][a-z0-9_]{0,30}", prefix):
+        raise AirflowStackError(
+            f"{DB_PREFIX_VAR} must be a lower-case SQL name (a-z, 0-9, _; at most 31), got {prefix!r}"
+        )
+    return prefix
+
+
+__all__ = ["DAG_ID", "AirflowStack", "AirflowStackError", "free_port", "stack_db_prefix", "stack_redis_url",
+           "wait_until"]  # fmt: skip
 
 
 class AirflowStackError(QwenTasksError):
@@ -102,7 +124,7 @@ class AirflowStack:
     password: str = field(default_factory=lambda: secrets.token_urlsafe(12))
     jwt_secret: str = field(default_factory=lambda: secrets.token_urlsafe(32))  # one for every process
     port: int = field(default_factory=free_port)
-    redis_url: str = REDIS_URL
+    redis_url: str = field(default_factory=stack_redis_url)
     redis_prefix: str = ""  # default: qwen_stack_<pid>_<port>_
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     meta_url: str = ""
@@ -168,7 +190,7 @@ class AirflowStack:
     def start(self) -> AirflowStack:
         self.home.mkdir(parents=True, exist_ok=True)
         (self.home / "passwords.json").write_text(json.dumps({"admin": self.password}))
-        self._scratch = db.scratch_database(self.admin_url, prefix="qwen_tasks_airflow_meta")
+        self._scratch = db.scratch_database(self.admin_url, prefix=f"{stack_db_prefix()}_airflow_meta")
         self.meta_url = self._scratch.__enter__()
         try:
             self.airflow("db", "migrate", timeout=600)

@@ -95,6 +95,8 @@ class Spec:
             "enum_list": "array",
         }[self.kind]
         out: dict[str, Any] = {"type": ["null", base] if self.nullable else base}
+        if base in ("integer", "number"):
+            out.update(form_number_schema(base, self.nullable))
         if self.kind == "str" and not self.nullable and self.pattern is None:
             out["minLength"] = 1
         if self.kind == "enum" and self.choices is not None:
@@ -441,6 +443,25 @@ def _check_models(options: LabelOptions, settings: Settings | None, flags: bool)
     check_allowed(shown("adapter"), options.adapter or None, settings)
     if options.model and ("/" in options.model or is_local(options.model)):
         check_allowed(shown("model"), options.model, settings)
+
+
+def form_number_schema(base: str, nullable: bool = False) -> dict[str, Any]:
+    """The JSON schema type of a number Param such that Airflow's trigger form never changes what the
+    user typed.
+
+    Airflow 3's form renders `type: "integer"` / `"number"` as a number input that clamps the value to
+    `minimum`/`maximum` when the field loses focus and drops keystrokes that are not digits: batch size -5
+    or 0 became 1, threshold 2 became 1, "abc" left the old value (or an empty limit: everything), and
+    the run started with the changed value. A Param with more than one (non-null) type is rendered as a
+    plain text field instead: the form parses what is typed as JSON, refuses anything that is not a
+    number under the field ("Value must be one of: integer, number"), and sends numbers unchanged, so an
+    out-of-range value is refused by the server's validation with the param's name. `multipleOf: 1`
+    keeps an integer Param integral (the second type, number, would allow 1.5)."""
+    types = ["integer", "number"]
+    out: dict[str, Any] = {"type": ["null", *types] if nullable else types}
+    if base == "integer":
+        out["multipleOf"] = 1
+    return out
 
 
 def resolve_model(model: str) -> str:

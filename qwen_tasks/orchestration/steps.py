@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from qwen_tasks.config import Settings, get_settings
 from qwen_tasks.errors import ConfigError, QwenTasksError
 from qwen_tasks.labelling.options import LabelOptions, Workers, resolve_model
 from qwen_tasks.labelling.planning import plan
+from qwen_tasks.progress import ProgressLog
 from qwen_tasks.records import RunStatus
 from qwen_tasks.store import database as db
 
@@ -45,6 +47,19 @@ LABEL_RETRIES = 3
 
 class JobFailed(QwenTasksError):
     """A job used up its attempts (or failed for good): the mapped Airflow task must fail, visibly."""
+
+
+@contextmanager
+def no_retry_for_permanent_errors() -> Iterator[None]:
+    """For the DAGs' tasks: bad params, a missing folder, a refusal such as too few labelled clips, or a
+    job out of attempts will not get better by retrying: fail the task now (AirflowFailException), with
+    the one-line message."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    try:
+        yield
+    except (ConfigError, JobFailed) as exc:
+        raise AirflowFailException(str(exc)) from exc
 
 
 def options(params: Mapping[str, Any]) -> LabelOptions:
@@ -115,6 +130,9 @@ def plan_step(
         where = "for external workers"
     log.info("planned %d job(s) in run(s) %s (%d resumed); %s", n_jobs, planned.run_ids,
              planned.resumed_jobs, where)  # fmt: skip
+    for task, about in (planned.per_task or {}).items():
+        if (about or {}).get("reason"):
+            log.info("%s: nothing to label: %s", task, about["reason"])
     return out
 
 
@@ -180,10 +198,17 @@ def work_step(
         return {"slot": slot, "jobs_done": 0, "labelled": 0}
 
     log.info("worker %d/%d (%s): labelling runs %s", slot + 1, slots, worker_id, ids)
-    summary = work(
-        engine, ids, backend_for_run(device, dtype), worker_id=worker_id,
-        lease_seconds=settings.lease_seconds, until=Until.DRAINED,
-    )  # fmt: skip
+    from qwen_tasks.labelling.jobs import open_job_counts
+
+    # the clips still open in these runs when the slot starts (other slots share them: with several
+    # slots, this slot's count stays below the total and the ETA is an upper bound)
+    total = int(open_job_counts(engine, ids)["clips"])
+    with ProgressLog(f"worker {slot + 1}/{slots} runs {','.join(map(str, ids))}", total) as shown:
+        summary = work(
+            engine, ids, backend_for_run(device, dtype), worker_id=worker_id,
+            lease_seconds=settings.lease_seconds, until=Until.DRAINED,
+            progress=lambda o: shown.update(advance=o.labelled + o.failed, audio_seconds=o.audio_seconds),
+        )  # fmt: skip
     names = _job_names(engine, summary.job_ids)
     if on_name is not None:
         on_name(slot_name(slot, slots, names))

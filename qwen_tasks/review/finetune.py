@@ -41,6 +41,7 @@ from qwen_tasks.errors import ConfigError
 from qwen_tasks.ingest import datasets as ds
 from qwen_tasks.labelling import jobs, registry
 from qwen_tasks.labelling.allowed_models import check_allowed
+from qwen_tasks.progress import ProgressLog
 from qwen_tasks.records import (
     MAX_QUESTION_CHARS,
     QUESTION_PATTERN,
@@ -182,6 +183,7 @@ def dag_param_specs(settings: Any = None) -> dict[str, dict[str, Any]]:
     (the UI form and the CLI cannot disagree). Read at DAG parse time: environment only. `auto_promote` is
     the option `promote`; optional values are nullable, and null means the CLI's default."""
     from qwen_tasks.config import get_settings
+    from qwen_tasks.labelling.options import form_number_schema as _number  # a form that never clamps
 
     d = FinetuneOptions()
     base = (settings or get_settings()).model
@@ -210,10 +212,16 @@ def dag_param_specs(settings: Any = None) -> dict[str, dict[str, Any]]:
             "description": "The yes/no question the version is trained and evaluated with (cry). Empty: "
             f"{d.question!r}. At most {MAX_QUESTION_CHARS} characters, no control characters.",
         },
-        "epochs": {"default": d.epochs, "type": "integer", "minimum": 1, "maximum": 100, "title": "Epochs"},
-        "lr": {"default": d.lr, "type": "number", "exclusiveMinimum": 0, "maximum": 1, "title": "LR"},
-        "rank": {"default": d.rank, "type": "integer", "minimum": 1, "maximum": 256, "title": "LoRA rank"},
-        "max_clips": {"default": None, "type": ["null", "integer"], "minimum": 2, "title": "Max clips"},
+        "epochs": {
+            "default": d.epochs,
+            **_number("integer"),
+            "minimum": 1,
+            "maximum": 100,
+            "title": "Epochs",
+        },
+        "lr": {"default": d.lr, **_number("number"), "exclusiveMinimum": 0, "maximum": 1, "title": "LR"},
+        "rank": {"default": d.rank, **_number("integer"), "minimum": 1, "maximum": 256, "title": "LoRA rank"},
+        "max_clips": {"default": None, **_number("integer", True), "minimum": 2, "title": "Max clips"},
         "datasets": {
             "default": list(d.datasets),
             "type": "array",
@@ -232,7 +240,7 @@ def dag_param_specs(settings: Any = None) -> dict[str, dict[str, Any]]:
         },
         "min_improvement": {
             "default": d.min_improvement,
-            "type": "number",
+            **_number("number"),
             "minimum": 0,
             "maximum": 1,
             "title": "Min improvement",
@@ -801,7 +809,11 @@ def evaluation_run(
         raise ConfigError(
             f"{version.name}: nothing planned for the {role} evaluation on {evaluated_on} (audio in use?)"
         )
-    summary = work(engine, plan.run_id, backend_for_run(opts.device, opts.dtype), until=Until.DRAINED)
+    with ProgressLog(f"held-out {role} run {plan.run_id}", len(audio_ids)) as shown:
+        summary = work(
+            engine, plan.run_id, backend_for_run(opts.device, opts.dtype), until=Until.DRAINED,
+            progress=lambda o: shown.update(advance=o.labelled + o.failed, audio_seconds=o.audio_seconds),
+        )  # fmt: skip
     if summary.run_status != RunStatus.DONE:
         raise ConfigError(
             f"{version.name}: {role} evaluation run {plan.run_id} ended {summary.run_status} "

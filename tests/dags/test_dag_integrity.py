@@ -68,6 +68,7 @@ for dag_id, dag in bag.dags.items():
         "max_active_runs": dag.max_active_runs,
         "doc_md": dag.doc_md or "",
         "params": {k: v for k, v in dag.params.dump().items()},
+        "schemas": {k: dag.params.get_param(k).schema for k in dag.params},
         "tasks": tasks,
         "rejected": rejected,
     }
@@ -88,6 +89,11 @@ BAD_CONFS: list[dict[str, Any]] = [
     {"slots": 0},
     {"workers": "kubernetes"},
     {"tasks": None},
+    {"batch_size": 1.5},
+    {"batch_size": "abc"},
+    {"batch_size": "16"},
+    {"yes_threshold": 2},
+    {"limit": "abc"},
 ]
 HEAVY = ("torch", "transformers", "qwen_tasks.labelling.worker", "qwen_tasks.labelling.backends")
 # What the trigger form sends when optional fields are left empty or cleared: null must validate.
@@ -97,6 +103,7 @@ GOOD_CONFS: list[dict[str, Any]] = [
     {"revision": None, "report_dir": None, "slots": None},
     {"asr_manifests": None, "aqa_manifests": None, "audio_dirs": None},
     {"workers": "external", "slots": 4},
+    {"batch_size": 8, "yes_threshold": 1, "max_batch_seconds": 30},
 ]
 
 
@@ -230,6 +237,19 @@ def test_params_form_rejects_bad_values_and_accepts_good_ones(probe: dict[str, A
         assert rejected[json.dumps(conf)] == "ParamValidationError", conf
     for conf in GOOD_CONFS:
         assert rejected[json.dumps(conf)] is None, conf
+
+
+def test_number_params_are_text_fields_the_form_does_not_clamp(probe: dict[str, Any]) -> None:
+    """Airflow's form clamps a single-type number Param to its minimum/maximum on blur and drops
+    non-digit keystrokes (batch size -5 became 1, threshold 2 became 1): every number Param of both DAGs
+    has two types, which the form renders as a text field that sends what was typed or shows an error."""
+    for dag_id in (DAG_ID, "qwen_audio_finetune"):
+        for name, schema in probe["dags"][dag_id]["schemas"].items():
+            types = schema.get("type")
+            types = types if isinstance(types, list) else [types]
+            if {"integer", "number"} & set(types):
+                assert {"integer", "number"} <= set(types), (dag_id, name, schema)
+                assert "enum" not in schema and "examples" not in schema, (dag_id, name)
 
 
 def test_no_airflow2_leftovers() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -150,3 +151,37 @@ def test_label_asr_with_max_new_tokens(
         )
     assert run.params["request"]["max_new_tokens"] == 8
     assert flags == dict.fromkeys(ids.values(), True)  # the tiny model rambles past 8 tokens
+
+
+PROGRESS = re.compile(
+    r"(?P<what>label [^:]+): (?P<done>\d+)/(?P<total>\d+) clips \(\d+%\), [0-9.]+ clips/s"
+    r"(?:, RTF (?P<rtf>[0-9.]+))?, elapsed [0-9.]+ \w+(?:, ETA (?:[0-9.]+ \w+|unknown))?$"
+)
+
+
+def test_without_a_terminal_label_and_work_log_progress_lines(
+    engine: Engine, database_url: str, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """stderr piped (a log file, not a TTY): instead of a rich bar that only renders on a terminal, a
+    progress line every QWEN_TASKS_PROGRESS_SECONDS with done/total clips, clips/s, RTF and the time left,
+    and a last line when the work ends."""
+    ingest_clips(engine, tmp_path / "audio", [1.0, 1.5, 2.0, 2.5])
+    model = ["--model", str(tiny_model_dir), "--device", "cpu", "--batch-size", "1"]
+    fast = {"QWEN_TASKS_PROGRESS_SECONDS": "0.05"}
+
+    labelled = run_cli(["label", "--task", "asr", *model, "--max-new-tokens", "4"], database_url, **fast)
+    assert labelled.returncode == 0, labelled.stderr
+    lines = [m for m in map(PROGRESS.search, labelled.stderr.splitlines()) if m]
+    assert len(lines) >= 2, labelled.stderr  # at least one while working (the model load too), and the last
+    assert all(m["total"] == "4" for m in lines)
+    assert any("ETA" in m[0] for m in lines[:-1]), labelled.stderr
+    last = lines[-1]
+    assert last["done"] == "4" and last["rtf"] is not None and "ETA" not in last[0]
+
+    planned = run_cli(["label", "--task", "asr", *model, "--relabel", "--plan-only", "--json"], database_url)
+    run_id = last_json(planned.stdout)["run_id"]
+    worked = run_cli(["work", "--run", str(run_id)], database_url, **fast)
+    assert worked.returncode == 0, worked.stderr
+    lines = [m for m in map(PROGRESS.search, worked.stderr.splitlines()) if m]
+    assert lines and lines[-1]["what"] == f"label run {run_id}" and lines[-1]["done"] == "4", worked.stderr
+    assert "\r" not in worked.stderr  # no bar redraws in a log file

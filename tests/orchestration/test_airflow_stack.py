@@ -4,7 +4,9 @@ metadata database, api-server, scheduler, dag-processor and two `airflow celery 
 
 1. The Airflow UI's trigger form, in a real browser (Playwright driving Debian's Chromium): log in, open
    the DAG, open Trigger, submit with the defaults plus one changed Param (`limit`), the run succeeds and
-   the change took effect (checked in SQL); a wrong-typed value shows an error and creates no run.
+   the change took effect (checked in SQL); invalid values (batch size -5, 0, "abc", threshold 2, limit
+   "abc", a language off its pattern) are never changed behind the user's back: each is refused with a
+   message naming the field, and no run starts (`EXPECTED_WAYS` records how the form refuses each).
 2. Two labelling slots, one per Celery worker; one worker machine is SIGKILLed (its whole process group)
    while it holds a job: the other slot takes the job over once its lease runs out, the killed task's
    Airflow retry finds nothing left, the DAG run succeeds, and every clip is labelled exactly once.
@@ -71,6 +73,68 @@ def stack(
         st.stop()
 
 
+# (field, what is typed): out of range, or not a number at all
+INVALID = [("batch_size", "-5"), ("batch_size", "0"), ("batch_size", "abc"), ("yes_threshold", "2"),
+           ("limit", "abc"), ("language", "English!")]  # fmt: skip
+# how Airflow 3.3's form refuses each of them, as observed by this test: "abc" is no JSON number, so the
+# field's text box shows "Value must be one of: integer, number" and Trigger stays disabled; a number out
+# of range is sent as typed and the API's validation refuses it ("Invalid input for param batch_size:
+# -5 is less than the minimum of 1"), shown in the dialog
+EXPECTED_WAYS = {case: "form" for case in INVALID}
+
+
+def _open_form(page: Any, st: AirflowStack) -> Any:
+    page.goto(f"{st.base_url}/dags/{DAG_ID}")
+    page.get_by_test_id("trigger-dag-button").click()
+    return page.get_by_role("dialog")
+
+
+def _refused(page: Any, st: AirflowStack, shots: Path, field: str, typed: str) -> str:
+    """Type `typed` into `field` and try to trigger; return how it was refused: "form" (the field's
+    error or the API's message naming the param, and no DAG run) or "run failed at once" (a DAG run
+    whose first task failed without a retry, naming the field in its log). Anything else fails."""
+    dialog = _open_form(page, st)
+    box = dialog.locator(f"[name=element_{field}]")
+    box.fill(typed)
+    page.keyboard.press("Tab")
+    assert box.input_value() == typed, f"the form changed {field} {typed!r} to {box.input_value()!r}"
+    submit = dialog.get_by_role("button", name=re.compile("^Trigger$"))
+    before = {r["run_id"] for r in st.dag_runs()}
+    if submit.is_enabled():
+        submit.click()
+    name = f"{field}-{re.sub(r'[^a-z0-9]+', '_', typed.lower())}"
+    named = re.compile(
+        rf"(param {field}\b|Value must be one of|does not match)", re.I
+    )  # the API names the param; the field's own error sits under its title
+
+    def outcome() -> str | None:
+        if [r for r in st.dag_runs() if r["run_id"] not in before]:
+            return "run"
+        if dialog.get_by_text(named).first.is_visible():
+            return "form"
+        return None
+
+    got = wait_until(f"{field}={typed!r} to be refused", outcome, timeout=60)
+    page.screenshot(path=str(shots / f"2-{name}.png"), full_page=True)
+    if got == "form":
+        page.wait_for_timeout(2000)  # and no run appears a moment later
+        assert {r["run_id"] for r in st.dag_runs()} == before, f"{field}={typed!r} started a run"
+        text = dialog.inner_text()
+        if typed == "abc":  # no JSON number: the field's own error, under its title
+            assert re.search(r"Value must be one of: (null, )?integer, number", text), text
+        else:  # sent as typed; the API's validation names the param and the value
+            assert f"Invalid input for param {field}: {typed if field != 'language' else ''}" in text, text
+        return "form"
+    (run,) = [r for r in st.dag_runs() if r["run_id"] not in before]
+    assert run["conf"].get(field) == typed or str(run["conf"].get(field)) == typed, run["conf"]
+    assert st.wait_for_run(run["run_id"], timeout=300) == "failed"
+    ingest = [t for t in st.task_instances(run["run_id"]) if t["task_id"] == "ingest"]
+    assert [(t["state"], t["try_number"]) for t in ingest] == [("failed", 1)], ingest
+    logs = "\n".join(st.task_logs(run["run_id"], "ingest").values())
+    assert f"param '{field}'" in logs, logs[-3000:]
+    return "run failed at once"
+
+
 def _labels(database_url: str) -> sa.Engine:
     return db.get_engine(database_url)
 
@@ -106,7 +170,7 @@ def test_the_trigger_form_works_with_its_defaults_in_a_real_browser(
             page.goto(f"{st.base_url}/dags/{DAG_ID}")
             page.get_by_test_id("trigger-dag-button").click()
             dialog = page.get_by_role("dialog")
-            limit = dialog.locator("input[name=element_limit]")
+            limit = dialog.locator("[name=element_limit]")  # a text box: number Params are two-typed
             limit.fill("2")
             page.screenshot(path=str(shots / "1-form.png"), full_page=True)
             submit = dialog.get_by_role("button", name=re.compile("^Trigger$"))
@@ -127,27 +191,15 @@ def test_the_trigger_form_works_with_its_defaults_in_a_real_browser(
                 assert r["params"]["limit"] == 2 and r["n_planned"] == 2 and r["n_labelled"] == 2
                 assert r["revision"] == "" and r["status"] == "done"
 
-            # 2. a wrong-typed value: the form says so and no run is created
-            page.goto(f"{st.base_url}/dags/{DAG_ID}")
-            page.get_by_test_id("trigger-dag-button").click()
-            dialog = page.get_by_role("dialog")
-            dialog.locator("input[name=element_language]").fill("English!")
-            dialog.locator("input[name=element_batch_size]").fill("0")
-            page.keyboard.press("Tab")
-            page.screenshot(path=str(shots / "2-invalid.png"), full_page=True)
-            submit = dialog.get_by_role("button", name=re.compile("^Trigger$"))
-            before = {r["run_id"] for r in st.dag_runs()}
-            if submit.is_enabled():
-                submit.click()
-            wait_until(
-                "the form's validation error",
-                lambda: dialog.get_by_text(
-                    re.compile("(does not match|less than the minimum|invalid)", re.I)
-                ).first.is_visible(),
-                timeout=30,
-            )
-            page.wait_for_timeout(3000)
-            assert {r["run_id"] for r in st.dag_runs()} == before
+            # 2. invalid values are refused, never changed: the form shows the field's error and no run
+            #    starts, or (where the form cannot tell) the run's first task fails at once naming the
+            #    field. Never a run with a changed value.
+            ways = {}
+            for field, typed in INVALID:
+                ways[(field, typed)] = _refused(page, st, shots, field, typed)
+            print("how the form refused each value:", ways)
+            assert set(ways.values()) <= {"form", "run failed at once"}, ways
+            assert ways == EXPECTED_WAYS, ways
         except BaseException:
             page.screenshot(path=str(shots / "failure.png"), full_page=True)
             raise

@@ -4,7 +4,8 @@ Real Airflow, the real local PostgreSQL (reached only through AIRFLOW_CONN_QWEN_
 and the learnable synthetic cry set (plus a test dataset, never trained on and evaluated beside the
 held-out split): prepare → train → evaluate → promote → report; then the labelling
 DAG picks the promoted version for cry (its runs carry the version's revision), and `promoted: false`
-labels with the base model again.
+labels with the base model again. A refusal that retrying cannot change (no labelled clips) fails the
+DAG run at once, without Airflow's retry a minute later.
 """
 
 from __future__ import annotations
@@ -92,3 +93,27 @@ def test_finetune_dag_promotes_and_the_nightly_dag_uses_the_version(
     # the nightly run labels every dataset of the task, the test set too (labelling is not training)
     assert [(r.revision, r.n_labelled) for r in production] == [(version.revision, 60), ("", 60)]
     assert production[0].params["model_version"] == "dag-cry"
+
+
+def test_a_refusal_fails_at_once_without_a_retry(database_url: str, tmp_path: Path) -> None:
+    engine = db.get_engine(database_url)
+    with engine.begin() as conn:  # no labelled clips at all
+        conn.execute(sa.text(f"TRUNCATE {DATA_TABLES} RESTART IDENTITY CASCADE"))
+    env: dict[str, str | None] = {
+        "AIRFLOW_CONN_QWEN_TASKS_DB": make_url(database_url)
+        .set(drivername="postgresql")
+        .render_as_string(hide_password=False),
+        "QWEN_TASKS_DATABASE_URL": None,
+        "QWEN_TASKS_HOME": str(tmp_path / "home"),
+    }
+    conf = {"task": "cry", "base": "no/model-needed", "device": "cpu"}
+    result = run_dag_test(
+        conf, home=tmp_path / "airflow-home", extra_env=env, dag_id="qwen_audio_finetune", timeout=600,
+        check=False,
+    )  # fmt: skip
+    assert result.state == "failed"
+    (prepare,) = [t for t in result.tasks if t["task_id"] == "prepare"]
+    assert (prepare["state"], prepare["try_number"]) == ("failed", 1)  # the DAG has retries=1: not used
+    assert result.states("train") == ["upstream_failed"]
+    log = Path(result.log_file).read_text(errors="replace")
+    assert "cannot fine-tune cry: only one class among the labelled clips (none)" in log

@@ -193,8 +193,14 @@ def test_runs_of_an_original_qwen_audio_model_get_slots_of_their_own(
 
 
 def test_a_retried_slot_takes_free_jobs_before_waiting_out_a_dead_lease(
-    engine: Engine, tmp_path: Path, database_url: str, tiny_model_dir: Path, caplog: pytest.LogCaptureFixture
+    engine: Engine,
+    tmp_path: Path,
+    database_url: str,
+    tiny_model_dir: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setenv("QWEN_TASKS_PROGRESS_SECONDS", "0.5")  # the task log's progress lines (30 s)
     write_clips(tmp_path / "audio", [1.0, 1.2, 1.4])
     steps.ingest_step({"model": "m", "audio_dirs": [str(tmp_path / "audio")]}, database_url=database_url)
     params = _params(tiny_model_dir, tasks=["cry"])
@@ -217,6 +223,15 @@ def test_a_retried_slot_takes_free_jobs_before_waiting_out_a_dead_lease(
     assert "model" in logged and "loaded in" in logged  # what the task log shows
     assert "held by dead-slot" in logged and "waiting to take over" in logged
     assert f"job {dead.id} (cry run" in logged and "jobs finished" in logged
+    # progress lines while the slot works (and waits out the lease) and when it ends: done/total, rate, RTF
+    run = planned["run_ids"][0]
+    lines = [r.getMessage() for r in caplog.records if r.name == "qwen_tasks.progress"]
+    assert any(f"worker 1/1 runs {run}: " in x and "ETA" in x for x in lines[:-1]), lines
+    assert lines[-1].startswith(f"worker 1/1 runs {run}: 3/3 clips (100%), ") and "RTF" in lines[-1]
+    # a plan with nothing to do says why in the log
+    caplog.clear()
+    assert steps.plan_step(params, database_url=database_url)["jobs"] == 0
+    assert "cry: nothing to label: every clip of audio already has a label for cry" in caplog.text
 
 
 def test_job_errors_are_retried_then_fail_the_slot_for_good(

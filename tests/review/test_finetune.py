@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -317,8 +318,17 @@ def test_a_killed_finetune_leaves_no_promoted_row_and_can_run_again(
     proc.wait(timeout=30)
     assert count(engine, schema.model_version) == 0
     assert registry.promoted_version(engine, "cry") is None
-    again = run_cli([*args, "--epochs", "1"], url)
+    again = run_cli([*args, "--epochs", "1"], url, QWEN_TASKS_PROGRESS_SECONDS="0.2")
     assert again.returncode == 0, again.stderr
+    # stderr is a pipe, not a terminal: progress lines instead of a bar that only renders on a TTY
+    training = re.findall(
+        r"training: (\d+)/(\d+) steps \(\d+%\), .*epoch 1, loss [0-9.]+, clips/s", again.stderr
+    )
+    assert training and training[-1][0] == training[-1][1], again.stderr
+    for role in ("base", "candidate"):
+        assert re.search(rf"held-out {role} run \d+: (\d+)/\1 clips \(100%\), .* RTF", again.stderr), (
+            again.stderr
+        )
     version = registry.require_version(engine, "k1")
     assert version.metrics is not None and version.status is not ModelVersionStatus.PROMOTED
     assert (tmp_path / "k1" / "adapter_model.safetensors").is_file()

@@ -116,4 +116,4 @@ def test_a_refusal_fails_at_once_without_a_retry(database_url: str, tmp_path: Pa
     assert (prepare["state"], prepare["try_number"]) == ("failed", 1)  # the DAG has retries=1: not used
     assert result.states("train") == ["upstream_failed"]
     log = Path(result.log_file).read_text(errors="replace")
-    assert "cannot fine-tune cry: only one class among the labelled clips (none)" in log
+    assert "cannot fine-tune cry: no train dataset is labelled for cry" in log  # an empty database

@@ -324,9 +324,10 @@ def build_rows(
             if "score" in request.methods and not _valid_p(result.p_yes):
                 problem = f"model returned no usable p_yes ({result.p_yes!r})"
         if problem is not None:
-            rows.failure.append(
-                {**base, "audio_id": clip.audio_id, "error": f"{clip.path}: {problem}"[:4000]}
-            )
+            # A backend's error names the clip already (backends report to callers with no row to put
+            # it in); the checks above do not. Either way the path appears once.
+            named = problem if problem.startswith(f"{clip.path}: ") else f"{clip.path}: {problem}"
+            rows.failure.append({**base, "audio_id": clip.audio_id, "error": named[:4000]})
             continue
         rows.durations[clip.audio_id] = durations.get(clip.audio_id, clip.duration_s)
         windows = _windows(result)

@@ -831,6 +831,8 @@ class LabelSummary:
     process_seconds: float = 0.0
     status: str | None = None
     errors: list[str] = field(default_factory=list)
+    reason: str | None = None  # nothing planned: why (planning's per-task reason)
+    in_flight_run_ids: list[int] = field(default_factory=list)  # nothing planned: runs others are labelling
 
     @property
     def rtf(self) -> float | None:
@@ -871,6 +873,10 @@ def label(
         run_ids=list(planned.run_ids),
         resumed_jobs=planned.resumed_jobs,
     )
+    if not planned.run_ids:
+        entry = planned.per_task.get(options.tasks[0]) or {}
+        summary.reason = entry.get("reason")
+        summary.in_flight_run_ids = list(entry.get("in_flight_run_ids") or [])
     if not planned.run_ids or plan_only:
         summary.status = RunStatus.PLANNED if planned.run_ids else None
         summary.wall_seconds = time.perf_counter() - started

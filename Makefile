@@ -10,7 +10,7 @@ TORCH_INDEX ?=
 
 help:
 	@echo "make demo   - install into .venv, then run the nightly DAG once on generated sample audio"
-	@echo "make test   - install into .venv, then run lint and the test suite (needs PostgreSQL)"
+	@echo "make test   - install into .venv, then run lint and the test suite (embedded PostgreSQL if none runs)"
 	@echo "make test-fast - lint and the tests not marked slow (about a minute; while you edit)"
 	@echo "make lint / format / bench / install"
 	@echo "make install-qwen-audio - .venv-qwen-audio (transformers 4.53.3) for the original Qwen-Audio (docs/models.md)"

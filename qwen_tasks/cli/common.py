@@ -1,5 +1,5 @@
 """What every `qwen-tasks` command module shares: the Typer `app` they register on, the stderr `console`,
-`fail`, `open_database` and `print_json`.
+`fail` / `report_error`, `open_database` and `print_json`.
 
 These live here, not in `qwen_tasks/cli/__init__.py`, so the command modules import a module that imports
 none of them: `__init__` imports every command module to register it, and a command module importing
@@ -31,9 +31,33 @@ app = typer.Typer(
 console = Console(stderr=True, soft_wrap=True)  # progress and messages (never hard-wrapped mid-sentence)
 
 
-def fail(message: str, code: int = 1) -> typer.Exit:
-    """Print a one-line error and return the Exit to raise."""
+def wants_json() -> bool:
+    """Whether the command was asked for `--json`: its parameters while it runs (also under CliRunner),
+    the process's arguments once it has ended (`main` handling an error the command raised)."""
+    from typer._click.globals import get_current_context  # Typer's own (vendored) click, not `click`'s
+
+    ctx = get_current_context(silent=True)
+    if ctx is None:
+        return "--json" in sys.argv[1:]
+    while ctx is not None:
+        if ctx.params.get("as_json"):
+            return True
+        ctx = ctx.parent
+    return False
+
+
+def report_error(message: str, *, as_json: bool) -> None:
+    """The one way a command reports that it failed: one line on stderr and, for `--json`, one JSON object
+    `{"error": message}` on stdout, so a script reading stdout always gets an object to parse."""
     console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    if as_json:
+        print_json({"error": message})
+
+
+def fail(message: str, code: int = 1, *, as_json: bool | None = None) -> typer.Exit:
+    """Report a failure (`report_error`) and return the Exit to raise. `as_json=False` where the command
+    has printed its JSON summary already, with this message as its "error"."""
+    report_error(message, as_json=wants_json() if as_json is None else as_json)
     return typer.Exit(code)
 
 

@@ -17,7 +17,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from qwen_tasks.cli.common import app, console, fail, open_database, print_json
+from qwen_tasks.cli.common import app, console, fail, open_database, print_json, wants_json
 from qwen_tasks.config import get_settings
 from qwen_tasks.errors import QwenTasksError
 from qwen_tasks.labelling import jobs, worker
@@ -222,8 +222,14 @@ def label(
     if elsewhere is not None and summary.run_ids:
         summary = _label_elsewhere(engine, summary, elsewhere, opts, lease_seconds, started)
     out = summary.to_dict()
+    error = (
+        f"{summary.jobs_failed} job(s) failed after all attempts; see `qwen-tasks runs` and "
+        f"label_job.last_error ({'; '.join(summary.errors[-3:])})"
+        if summary.jobs_failed
+        else None
+    )
     if as_json:
-        print_json(out)
+        print_json({**out, "error": error} if error else out)
     if summary.run_id is not None:
         rtf = f", RTF {summary.rtf:.3f}" if summary.rtf else ""
         console.print(
@@ -231,11 +237,8 @@ def label(
             f"{summary.audio_seconds:.1f} s of audio in {summary.wall_seconds:.1f} s{rtf}",
             highlight=False,
         )
-    if summary.jobs_failed:
-        raise fail(
-            f"{summary.jobs_failed} job(s) failed after all attempts; see `qwen-tasks runs` and "
-            f"label_job.last_error ({'; '.join(summary.errors[-3:])})"
-        )
+    if error:
+        raise fail(error, as_json=False)  # the summary printed above carries it
 
 
 def _other_interpreter(engine: Any, opts: Any, task: str) -> Path | None:
@@ -293,7 +296,9 @@ def _label_elsewhere(
             setattr(summary, key, getattr(summary, key) + (worked.get(key) or 0))
         summary.errors += list(worked.get("errors") or [])
         if done.returncode and (done.summary is None or done.returncode != 1):
-            raise typer.Exit(done.returncode)  # it said why on stderr; 143/130: stopped by a signal
+            if wants_json():  # it said why on stderr (143/130: stopped by a signal); stdout needs an object
+                print_json({"error": f"run {run_id}: the Qwen-Audio worker exited with {done.returncode}"})
+            raise typer.Exit(done.returncode)
     summary.status = jobs.get_run(engine, summary.run_id).status if summary.run_id is not None else None
     summary.wall_seconds = time.perf_counter() - started
     return summary
@@ -421,17 +426,20 @@ def _follow(
 
 
 def _work_done(summary: worker.WorkSummary, where: str, as_json: bool) -> None:
+    error = (
+        f"{summary.jobs_failed} job(s) failed after all attempts: {'; '.join(summary.errors[-3:])}"
+        if summary.jobs_failed
+        else None
+    )
     if as_json:
-        print_json(summary.to_dict())
+        print_json({**summary.to_dict(), **({"error": error} if error else {})})
     console.print(
         f"worker {summary.worker_id}: {summary.jobs_done} jobs done, {summary.jobs_failed} failed, "
         f"{summary.labelled} clips labelled; {where}",
         highlight=False,
     )
-    if summary.jobs_failed:
-        raise fail(
-            f"{summary.jobs_failed} job(s) failed after all attempts: {'; '.join(summary.errors[-3:])}"
-        )
+    if error:
+        raise fail(error, as_json=False)  # the summary printed above carries it
 
 
 def _fmt(value: Any, digits: int = 1) -> str:

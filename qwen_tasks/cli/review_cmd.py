@@ -247,12 +247,13 @@ def review_import(
         soft_wrap=True,
         highlight=False,
     )
-    for error in summary.errors:
-        console.print(f"[yellow]skipped:[/] {error}", highlight=False, soft_wrap=True)
+    for skipped in summary.errors:
+        console.print(f"[yellow]skipped:[/] {skipped}", highlight=False, soft_wrap=True)
+    error = f"{len(summary.errors)} task(s) of {path} not imported (see skipped:)" if summary.errors else None
     if as_json:
-        print_json(summary.to_dict())
-    if summary.errors:
-        raise typer.Exit(1)
+        print_json({**summary.to_dict(), **({"error": error} if error else {})})
+    if error:
+        raise typer.Exit(1)  # each skipped task is on stderr already
 
 
 @app.command("export-finetune")

@@ -182,7 +182,8 @@ def make_tiny_model(
     """Write a random-init Qwen2-Audio checkpoint (model, tokenizer, features, processor) to `out_dir`.
 
     `instruct=False` writes no chat template, so the backend treats it as a base model (raw prompts).
-    Returns the directory; ConfigError when `out_dir` is a file or cannot be created. The `7b` preset
+    Returns the directory; ConfigError when `out_dir` is a file, a non-empty directory or cannot be
+    created. The `7b` preset
     needs a GPU-sized machine (it allocates ~16 GB in bf16).
     """
     import torch
@@ -202,6 +203,8 @@ def make_tiny_model(
     out = Path(out_dir).expanduser().resolve()
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out_dir}: exists and is not a directory; give a new or empty directory")
+    if out.is_dir() and any(out.iterdir()):  # its files would mix with the checkpoint's, or be overwritten
+        raise ConfigError(f"{out_dir}: directory is not empty; give a new or empty directory")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:  # a parent is a file, permission denied, read-only file system

@@ -957,6 +957,28 @@ def progress_rows(
         return [dict(r._mapping) for r in conn.execute(query)]
 
 
+def in_flight_runs(engine: Engine, task: str, model: str, revision: str, prompt_version: str) -> list[int]:
+    """Unfinished runs with this key that a live worker is labelling right now (a running job whose
+    lease has not run out): what a second `label` started beside the first finds nothing left to take."""
+    query = (
+        sa.select(label_job.c.run_id)
+        .join(label_run, label_run.c.id == label_job.c.run_id)
+        .where(
+            label_run.c.task == task,
+            label_run.c.model == model,
+            label_run.c.revision == revision,
+            label_run.c.prompt_version == prompt_version,
+            label_run.c.status.in_(UNFINISHED_RUN),
+            label_job.c.status == JobStatus.RUNNING,
+            label_job.c.lease_expires_at >= sa.func.now(),
+        )
+        .distinct()
+        .order_by(label_job.c.run_id)
+    )
+    with engine.connect() as conn:
+        return [int(r) for r in conn.execute(query).scalars()]
+
+
 def unfinished_jobs(
     engine: Engine, task: str, model: str, revision: str, prompt_version: str, *, limit: int | None
 ) -> list[tuple[int, int]]:

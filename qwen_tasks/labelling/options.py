@@ -26,7 +26,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from qwen_tasks.config import Settings, get_settings
+from qwen_tasks.config import Device, Settings, get_settings
 from qwen_tasks.errors import ConfigError
 from qwen_tasks.records import MAX_QUESTION_CHARS, QUESTION_PATTERN, CryMethod, LabelRequest, Task
 
@@ -39,12 +39,6 @@ class Method(StrEnum):
     SCORE = "score"
     GENERATE = "generate"
     BOTH = "both"
-
-
-class Device(StrEnum):
-    AUTO = "auto"
-    CPU = "cpu"
-    CUDA = "cuda"
 
 
 class Dtype(StrEnum):
@@ -343,7 +337,7 @@ class LabelOptions:
             aqa_manifests=tuple(env_list("QWEN_TASKS_AQA_MANIFESTS")),
             model=s.model,
             revision=s.model_revision,
-            device=s.device if s.device in set(Device) else Device.AUTO.value,
+            device=s.device,  # validated by Settings (QWEN_TASKS_DEVICE)
             batch_size=s.batch_size,
             max_batch_seconds=s.max_batch_seconds,
             slots=s.gpu_slots,

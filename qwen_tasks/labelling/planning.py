@@ -118,6 +118,7 @@ def plan(
             if resumed:
                 log.info("%s: resuming %d unfinished job(s) of run(s) %s", task, len(resumed),
                          sorted({r for _, r in resumed}))  # fmt: skip
+            in_flight = jobs.in_flight_runs(engine, task, info.model, info.revision, info.prompt_version)
             if budget is not None and budget < 1:
                 entry["left_over"] = None  # not counted: no room left in this DAG run
                 continue
@@ -152,10 +153,21 @@ def plan(
                 budget -= len(result.job_ids)
             if limit is not None:
                 limit -= result.n_items
+            if in_flight and not result.job_ids and not resumed:
+                busy = entry.setdefault("in_flight_run_ids", [])
+                busy.extend(r for r in in_flight if r not in busy)
             entry["jobs"] += len(result.job_ids)
             entry["items"] += result.n_items
             if entry["left_over"] is not None:
                 entry["left_over"] += result.n_left_over
+        busy = entry.get("in_flight_run_ids")
+        if not entry["jobs"] and not entry["resumed_jobs"] and busy:
+            # Another `label` (or the DAG) holds every open job of this key: not "everything has a label".
+            # This call does not wait for it (the DAG and scripts should not block on another's run).
+            entry["reason"] = (
+                f"the clips of {', '.join(entry['datasets'])} without a label are being labelled by run "
+                f"{', '.join(map(str, busy))} (in flight; see: qwen-tasks runs)"
+            )
         if not entry["jobs"] and not entry["resumed_jobs"] and "reason" not in entry:
             entry["reason"] = (
                 f"every clip of {', '.join(entry['datasets'])} already has a label for {task} from this "

@@ -1,7 +1,8 @@
 """The model version registry (table `model_version`): fine-tuned versions, the promotion gate, lookup.
 
-Owns the rules for which version labels production audio: a version is born a `candidate` (it beat the
-base on the held-out split by the margin) or `rejected` (it did not); `promote` makes it the one the
+Owns the rules for which version labels production audio: a version is registered right after
+training (listed as `evaluating` until its held-out evaluation is stored), then is a `candidate` (it
+beat the base on the held-out split by the margin) or `rejected` (it did not); `promote` makes it the one the
 nightly DAG uses for its task (the previous promoted version is retired in the same transaction), and
 is refused for a version that does not pass the gate unless forced — the force is recorded. Names are
 what users type (`label --model NAME`); `resolve_model` turns a name into base + adapter. The gate looks
@@ -210,9 +211,21 @@ def evaluations(
     return out
 
 
+# Shown, never stored: a version row is inserted as `candidate` right after training, with no metrics
+# until its held-out evaluation is stored (or for good, when the fine-tune was interrupted in between).
+# Listing it as a candidate would claim it beat the base before that was measured.
+EVALUATING = "evaluating"
+
+
+def shown_status(status: str, metrics: dict[str, Any] | None) -> str:
+    """The status `qwen-tasks models` shows: `evaluating` for a candidate with no evaluation stored yet."""
+    return EVALUATING if status == ModelVersionStatus.CANDIDATE and metrics is None else status
+
+
 def list_versions(engine: Engine, task: str | None = None) -> list[dict[str, Any]]:
     """Every version, newest first, with its held-out comparison and its evaluations (held-out and each
-    test dataset, from `model_version_evaluation`) for `qwen-tasks models`."""
+    test dataset, from `model_version_evaluation`) for `qwen-tasks models`; `status` is `shown_status`
+    (the row's own is `stored_status`)."""
     query = sa.select(model_version).order_by(model_version.c.id.desc())
     if task is not None:
         query = query.where(model_version.c.task == task)
@@ -226,7 +239,8 @@ def list_versions(engine: Engine, task: str | None = None) -> list[dict[str, Any
             {
                 "name": r.name,
                 "task": r.task,
-                "status": r.status,
+                "status": shown_status(r.status, r.metrics),
+                "stored_status": r.status,
                 "base_model": r.base_model,
                 "revision": r.revision,
                 "adapter_path": r.adapter_path,

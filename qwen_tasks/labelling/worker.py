@@ -324,9 +324,10 @@ def build_rows(
             if "score" in request.methods and not _valid_p(result.p_yes):
                 problem = f"model returned no usable p_yes ({result.p_yes!r})"
         if problem is not None:
-            rows.failure.append(
-                {**base, "audio_id": clip.audio_id, "error": f"{clip.path}: {problem}"[:4000]}
-            )
+            # A backend's error names the clip already (backends report to callers with no row to put
+            # it in); the checks above do not. Either way the path appears once.
+            named = problem if problem.startswith(f"{clip.path}: ") else f"{clip.path}: {problem}"
+            rows.failure.append({**base, "audio_id": clip.audio_id, "error": named[:4000]})
             continue
         rows.durations[clip.audio_id] = durations.get(clip.audio_id, clip.duration_s)
         windows = _windows(result)
@@ -833,6 +834,8 @@ class LabelSummary:
     process_seconds: float = 0.0
     status: str | None = None
     errors: list[str] = field(default_factory=list)
+    reason: str | None = None  # nothing planned: why (planning's per-task reason)
+    in_flight_run_ids: list[int] = field(default_factory=list)  # nothing planned: runs others are labelling
 
     @property
     def rtf(self) -> float | None:
@@ -873,6 +876,10 @@ def label(
         run_ids=list(planned.run_ids),
         resumed_jobs=planned.resumed_jobs,
     )
+    if not planned.run_ids:
+        entry = planned.per_task.get(options.tasks[0]) or {}
+        summary.reason = entry.get("reason")
+        summary.in_flight_run_ids = list(entry.get("in_flight_run_ids") or [])
     if not planned.run_ids or plan_only:
         summary.status = RunStatus.PLANNED if planned.run_ids else None
         summary.wall_seconds = time.perf_counter() - started

@@ -3,7 +3,8 @@
 This is the default scoring mode (`cer` / `wer`): a difference in formatting only scores 0 errors, a
 different, missing or extra word never does. English goes through Whisper's English normaliser
 (spelling variants, numbers, contractions: what published WERs use) plus what it misses: okay / OK /
-O.K., cannot / can't, curly apostrophes, dotted acronyms (U.S.A. = USA) and clock times with a.m./p.m.
+O.K., cannot / can't, contractions typed without their apostrophe (dont, im, theyre; not the ambiguous
+its / ill / were), curly apostrophes, dotted acronyms (U.S.A. = USA) and clock times with a.m./p.m.
 (3:30 p.m. = three thirty pm, 3:00 pm = 3 pm). Chinese is converted to simplified (zh-cn), full-width
 folded to half-width, numbers brought to one spoken form with WeNet's WeTextProcessing (5号 = 五号,
 1990年 = 一九九零年, 20% = 百分之二十, 110 = 幺幺零 = 一一零), punctuation removed and scored per
@@ -125,6 +126,27 @@ _CLOCK_SPLIT = re.compile(r"\b(\d{1,2}) (\d{1,2}) ([ap]m)\b")
 _CLOCK_SPOKEN = re.compile(r"\b(\d{1,2})(\d{2}) ([ap]m)\b")
 _AM_PM_SPACED = re.compile(r"(\d) ([ap]) m\b")
 _WORD_FOLDS = {"ok": ("okay",), "okey": ("okay",), "okeh": ("okay",), "cannot": ("can", "not")}
+# Contractions typed without the apostrophe, each read as its apostrophe form (whatever Whisper expands
+# that to: don't -> do not). Only the unambiguous ones: its / ill / hell / shell / were / well / wed are
+# words of their own, and "hes" / "shes" / "id" / "lets" too close to other words to guess.
+_APOSTROPHE_LESS = {
+    word: word[: -len(tail)] + "'" + tail
+    for tail, words in {
+        "t": ("dont", "doesnt", "didnt", "cant", "wont", "isnt", "arent", "wasnt", "werent", "couldnt",
+              "shouldnt", "wouldnt", "hasnt", "havent", "hadnt", "mustnt", "neednt"),
+        "m": ("im",),
+        "ve": ("ive", "weve", "youve", "theyve", "couldve", "shouldve", "wouldve"),
+        "re": ("youre", "theyre"),
+    }.items()
+    for word in words
+}  # fmt: skip
+
+
+@cache
+def _apostrophe_less_folds() -> dict[str, tuple[str, ...]]:
+    """dont -> ("do", "not"): each typed form folded to the units of its apostrophe form."""
+    english = _english_normalizer()
+    return {word: tuple(english(spelled).split()) for word, spelled in _APOSTROPHE_LESS.items()}
 
 
 def _english_before(text: str) -> str:
@@ -245,7 +267,8 @@ def tokenize(text: str, language: str) -> list[str]:
     # CJK inside an English transcript still counts one unit per character
     units = _UNIT.findall(_drop_punctuation(normalized))
     if language == "en":
-        units = [folded for unit in units for folded in _WORD_FOLDS.get(unit, (unit,))]
+        folds = {**_apostrophe_less_folds(), **_WORD_FOLDS}
+        units = [folded for unit in units for folded in folds.get(unit, (unit,))]
     return units
 
 

@@ -37,6 +37,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from qwen_tasks.config import Device
 from qwen_tasks.errors import ConfigError
 from qwen_tasks.ingest import datasets as ds
 from qwen_tasks.labelling import jobs, registry
@@ -247,7 +248,7 @@ def dag_param_specs(settings: Any = None) -> dict[str, dict[str, Any]]:
             "description": "Gate: the candidate must beat the base on held-out audio by this margin.",
         },
         "auto_promote": {"default": False, "type": "boolean", "title": "Promote if it passes the gate"},
-        "device": {"default": "auto", "type": "string", "enum": ["auto", "cpu", "cuda"], "title": "Device"},
+        "device": {"default": "auto", "type": "string", "enum": [d.value for d in Device], "title": "Device"},
     }
 
 

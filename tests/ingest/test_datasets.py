@@ -202,15 +202,14 @@ def test_cli_datasets_lists_them(engine: Engine, database_url: str, tmp_path: Pa
     assert "is a test dataset" in bad.output and "Traceback" not in bad.output
 
 
-def test_migration_turns_earlier_audio_into_datasets_and_keeps_labels(tmp_path: Path) -> None:
+def test_migration_turns_earlier_audio_into_datasets_and_keeps_labels(tmp_path: Path, admin_url: str) -> None:
     """A database migrated to 0006 with audio, manifests and labels, then upgraded: a dataset per
     manifest (its kinds' tasks) and per folder of the audio no manifest names; labels untouched."""
-    from conftest import _admin_url
     from yoyo import get_backend, read_migrations
 
     from qwen_tasks.store import database as db
 
-    with db.scratch_database(_admin_url(), prefix="qwen_tasks_migrate") as url:
+    with db.scratch_database(admin_url, prefix="qwen_tasks_migrate") as url:
         engine = db.get_engine(url)
         with engine.begin() as conn:  # back to an empty database, then migrations up to 0006
             conn.execute(sa.text("DROP SCHEMA public CASCADE"))

@@ -576,7 +576,7 @@ def test_cli_json_summary_and_errors(engine: Engine, tmp_path: Path) -> None:
 
     missing = runner.invoke(app, ["ingest", str(tmp_path / "nope"), "--json"])
     assert missing.exit_code == 1
-    assert missing.stdout == ""
+    assert json.loads(missing.stdout) == {"error": f"no such file or directory: {tmp_path / 'nope'}"}
     assert "no such file or directory" in missing.stderr
 
 
@@ -587,9 +587,9 @@ def test_cli_database_down_is_one_line_and_nonzero(tmp_path: Path) -> None:
         [str(QT), "ingest", str(tmp_path), "--json"], env=env, capture_output=True, text=True, timeout=60
     )
     assert done.returncode != 0
-    assert done.stdout == ""
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: cannot connect"), done.stderr
+    assert json.loads(done.stdout) == {"error": lines[0].removeprefix("error: ")}  # --json: one object
 
 
 def _count(engine: Engine, table: sa.Table) -> int:

@@ -185,3 +185,32 @@ def test_without_a_terminal_label_and_work_log_progress_lines(
     lines = [m for m in map(PROGRESS.search, worked.stderr.splitlines()) if m]
     assert lines and lines[-1]["what"] == f"label run {run_id}" and lines[-1]["done"] == "4", worked.stderr
     assert "\r" not in worked.stderr  # no bar redraws in a log file
+
+
+def test_a_second_label_while_the_first_holds_every_job_names_that_run(
+    engine: Engine, database_url: str, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """Two `label` runs started together: the first planned run N and its worker holds the only job (a
+    live lease); the second finds nothing to take. It says run N is labelling those clips (not "every
+    clip has a label") and exits 0 without waiting."""
+    from qwen_tasks.labelling import jobs
+
+    ingest_clips(engine, tmp_path / "audio", [1.0, 1.5])
+    model = ["--model", str(tiny_model_dir), "--device", "cpu"]
+    first = run_cli(["label", "--task", "asr", *model, "--plan-only", "--json"], database_url)
+    assert first.returncode == 0, first.stderr
+    run_id = last_json(first.stdout)["run_id"]
+    held = jobs.claim_job(engine, run_id, "first", lease_seconds=300)
+    assert held is not None  # the first `label`'s worker, labelling its only job
+
+    second = run_cli(["label", "--task", "asr", *model, "--json"], database_url)
+
+    assert second.returncode == 0, second.stderr
+    reason = (
+        f"the clips of audio without a label are being labelled by run {run_id} (in flight; see: qwen-tasks"
+    )
+    reason += " runs)"
+    assert second.stderr.strip() == f"nothing to label for --task asr: {reason}"
+    out = last_json(second.stdout)
+    assert (out["run_id"], out["reason"], out["in_flight_run_ids"]) == (None, reason, [run_id])
+    assert count(engine, schema.transcription) == 0  # it did not label the held clips a second time

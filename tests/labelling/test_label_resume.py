@@ -125,6 +125,8 @@ def test_sigterm_gives_the_job_back_without_using_an_attempt(
     [
         ("QWEN_TASKS_BATCH_SIZE", "abc", "QWEN_TASKS_BATCH_SIZE must be an integer, got 'abc'"),
         ("QWEN_TASKS_MAX_BATCH_SECONDS", "-1", "QWEN_TASKS_MAX_BATCH_SECONDS must be a number > 0, got '-1'"),
+        # once accepted and run on CPU while `--device gpu` was refused
+        ("QWEN_TASKS_DEVICE", "gpu", "QWEN_TASKS_DEVICE must be one of auto, cpu, cuda, got 'gpu'"),
     ],
 )
 def test_a_bad_environment_value_is_one_line_in_every_command(

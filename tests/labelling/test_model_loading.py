@@ -104,3 +104,16 @@ def test_make_tiny_model_onto_a_file_is_one_line(tmp_path: Path) -> None:
     below = CliRunner().invoke(app, ["make-tiny-model", str(target / "sub")])
     assert below.exit_code == 1
     assert below.stderr.strip() == f"error: {target / 'sub'}: cannot create the directory: Not a directory"
+
+
+def test_make_tiny_model_into_a_non_empty_folder_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "mine.txt").write_text("keep me")
+
+    into = CliRunner().invoke(app, ["make-tiny-model", str(tmp_path)])
+
+    assert into.exit_code == 1
+    assert into.stderr.strip() == f"error: {tmp_path}: directory is not empty; give a new or empty directory"
+    assert [p.name for p in tmp_path.iterdir()] == ["mine.txt"]  # nothing written beside it
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert CliRunner().invoke(app, ["make-tiny-model", str(empty)]).exit_code == 0  # empty is fine

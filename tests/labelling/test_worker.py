@@ -94,6 +94,22 @@ def test_unreadable_clips_fail_alone(engine: Engine, backend: Backend, tmp_path:
     assert summary.run_status == "done"
 
 
+def test_a_clip_the_model_refuses_names_its_path_once(
+    engine: Engine, backend: Backend, tmp_path: Path
+) -> None:
+    """A failure the backend reports (here: audio too short for the model) reaches label_failure with the
+    clip's path once, not once from the backend and again from the worker."""
+    ids = ingest_clips(engine, tmp_path / "a", [1.0, 0.02])
+    short = next(p for p in ids if p.stat().st_size == min(q.stat().st_size for q in ids))
+    result = plan(engine, backend, LabelRequest(task="asr", max_new_tokens=4))
+    assert result.run_id is not None
+    summary = work(engine, result.run_id, backend)
+    assert (summary.labelled, summary.failed) == (1, 1)
+    with engine.connect() as conn:
+        (error,) = conn.execute(sa.select(schema.label_failure.c.error)).scalars().all()
+    assert error.count(str(short)) == 1 and error.startswith(f"{short}: audio too short"), error
+
+
 def test_job_whose_files_are_all_gone_fails_after_max_attempts(
     engine: Engine, backend: Backend, tmp_path: Path
 ) -> None:

@@ -15,9 +15,7 @@ metadata database, api-server, scheduler, dag-processor and two `airflow celery 
 
 from __future__ import annotations
 
-import getpass
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -26,6 +24,7 @@ import pytest
 import sqlalchemy as sa
 from conftest import DATA_TABLES
 from labelling_helpers import blocked_pids, writes_blocked
+from services import CHROMIUM, require_chromium, require_redis
 
 from qwen_tasks.dev.airflow_stack import DAG_ID, AirflowStack, wait_until
 from qwen_tasks.dev.samples import write_sample_set
@@ -33,20 +32,14 @@ from qwen_tasks.store import database as db
 from qwen_tasks.store.schema import cry_answer, label_job, label_run
 
 pytestmark = pytest.mark.slow
-CHROMIUM = Path("/usr/bin/chromium")
 LOADED = re.compile(r"model \S+ \(revision [^)]*\) loaded in [0-9.]+ s")
-
-
-def _admin_url() -> str:
-    return os.environ.get("QWEN_TASKS_TEST_DATABASE_URL") or (
-        f"postgresql+psycopg2://{getpass.getuser()}@127.0.0.1:5432/postgres"
-    )
 
 
 @pytest.fixture(scope="module")
 def stack(
-    database_url: str, tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path
+    admin_url: str, database_url: str, tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path
 ) -> Any:  # Iterator[tuple[AirflowStack, SampleSet]]
+    require_redis()  # the Celery broker
     engine = db.get_engine(database_url)
     with engine.begin() as conn:  # other modules share the labels database: start from empty tables
         conn.execute(sa.text(f"TRUNCATE {DATA_TABLES} RESTART IDENTITY CASCADE"))
@@ -55,7 +48,7 @@ def stack(
     model = tiny_model_dir
     st = AirflowStack(
         home=work / "home",
-        admin_url=_admin_url(),
+        admin_url=admin_url,
         labels_url=database_url,
         env_extra={
             # the Param defaults a first trigger needs: the tiny model and the sample audio
@@ -147,11 +140,15 @@ def _runs_of(database_url: str, dag_run_id: str) -> list[dict[str, Any]]:
         return [dict(r._mapping) for r in rows]
 
 
-@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium")
+@pytest.fixture(scope="module")
+def sync_api() -> Any:
+    """playwright.sync_api, once Chromium is known to be there (before the stack starts: a skip is quick)."""
+    return require_chromium()
+
+
 def test_the_trigger_form_works_with_its_defaults_in_a_real_browser(
-    stack: tuple[AirflowStack, Any], database_url: str
+    sync_api: Any, stack: tuple[AirflowStack, Any], database_url: str
 ) -> None:
-    sync_api = pytest.importorskip("playwright.sync_api", reason="needs the playwright package")
     st, _ = stack
     shots = st.home / "screenshots"
     shots.mkdir(exist_ok=True)

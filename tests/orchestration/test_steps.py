@@ -73,6 +73,7 @@ def test_null_means_the_default_like_a_missing_cli_flag(monkeypatch: pytest.Monk
         ("QWEN_TASKS_BATCH_SIZE", "abc", "QWEN_TASKS_BATCH_SIZE must be an integer, got 'abc'"),
         ("QWEN_TASKS_MAX_BATCH_SECONDS", "-1", "QWEN_TASKS_MAX_BATCH_SECONDS must be a number > 0"),
         ("QWEN_TASKS_LEASE_SECONDS", "soon", "QWEN_TASKS_LEASE_SECONDS must be a number"),
+        ("QWEN_TASKS_DEVICE", "gpu", "QWEN_TASKS_DEVICE must be one of auto, cpu, cuda, got 'gpu'"),
     ],
 )
 def test_a_bad_environment_value_is_a_config_error_naming_it(

@@ -92,6 +92,12 @@ FORMATTING_ONLY = [
     ("zh", "工资是一万两千", "工资是12000"),
     ("zh", "十一点半见", "11:30见"),
     ("zh", "大约3.5KM", "大约三点五公里"),
+    # Chinese decimals and percentages in words or digits
+    ("zh", "三点五", "3.5"),
+    ("zh", "零点五", "0.5"),
+    ("zh", "百分之三点五", "3.5%"),
+    ("zh", "利率下调了零点五个百分点", "利率下调了0.5个百分点"),
+    ("zh", "增长了百分之零点五", "增长了0.5%"),
     # Chinese script and width
     ("zh", "今天天氣很好，我們去公園。", "今天天气很好我们去公园"),
     ("zh", "我用ＡＢＣ打字", "我用abc打字"),
@@ -108,6 +114,15 @@ FORMATTING_ONLY = [
     ("en", "at 3:00 p.m.", "at 3 PM"),
     ("en", "at 10:05 a.m.", "at ten oh five am"),
     ("en", "it's 5pm", "it is five p.m."),
+    # contractions typed without their apostrophe (the unambiguous ones)
+    ("en", "I don't know", "I dont know"),
+    ("en", "she doesn't care and he didn't ask", "she doesnt care and he didnt ask"),
+    ("en", "we can't, they won't", "we cant they wont"),
+    ("en", "it isn't, they aren't, it wasn't, we weren't", "it isnt they arent it wasnt we werent"),
+    ("en", "I couldn't, you shouldn't, he wouldn't", "I couldnt you shouldnt he wouldnt"),
+    ("en", "I'm sure I've seen it", "im sure ive seen it"),
+    ("en", "you're right, they're late", "youre right theyre late"),
+    ("en", "we've, they've and you've been there", "weve theyve and youve been there"),
 ]
 
 REAL_ERRORS = [
@@ -125,6 +140,9 @@ REAL_ERRORS = [
     ("en", "at 3:30 p.m.", "at 3:40 pm", 1),
     ("en", "at 3 p.m.", "at 3 a.m.", 1),
     ("en", "okay", "oh", 1),
+    # words of their own, not read as contractions: "its" is not "it is", "ill" not "I will"
+    ("en", "it's raining", "its raining", 2),
+    ("en", "I'll go", "ill go", 2),
 ]
 
 

@@ -156,12 +156,26 @@ def test_a_candidate_that_does_not_beat_the_base_is_rejected(
 ) -> None:
     """Noise with alternating labels: nothing to learn, so held-out AUC/F1 cannot improve by the margin."""
     ingest_manifest(engine, noise_set(tmp_path / "noise", 24))
-    summary = finetune.run_finetune(engine, options(tiny_model_dir, tmp_path, lr=1e-6, min_improvement=0.05))
+    url = engine.url.render_as_string(hide_password=False)
+    while_evaluating: list[dict] = []
+
+    def registered(step: str) -> None:  # trained and registered, its evaluation not started
+        while_evaluating.extend(json.loads(run_cli(["models", "--json"], url).stdout))
+
+    summary = finetune.run_finetune(
+        engine, options(tiny_model_dir, tmp_path, lr=1e-6, min_improvement=0.05), on_step=registered
+    )
+    # before its evaluation was stored it was listed as evaluating, not as a candidate that beat the base
+    (listed,) = while_evaluating
+    assert (listed["status"], listed["stored_status"], listed["gate_passed"]) == (
+        "evaluating",
+        "candidate",
+        None,
+    )
     assert summary.status == "rejected" and not summary.gate["passed"]
     version = registry.require_version(engine, "v1")
     assert version.status is ModelVersionStatus.REJECTED
     assert version.base_run_id == summary.base_run_id and version.candidate_run_id == summary.candidate_run_id
-    url = engine.url.render_as_string(hide_password=False)
     refused = run_cli(["models", "promote", "v1"], url)
     assert refused.returncode == 1 and "promotion of v1 refused" in refused.stderr
     assert registry.promoted_version(engine, "cry") is None

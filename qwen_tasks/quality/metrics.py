@@ -191,7 +191,7 @@ def best_threshold(sweep: list[dict]) -> dict | None:
 
 
 def _cry_rows(conn: Connection, run_id: int) -> list[Any]:
-    """The run's cry answers (one row per clip and method) with their gold label."""
+    """The run's cry answers (one row per clip and method) with their gold label (small runs, tests)."""
     q = (
         sa.select(
             cry_answer.c.audio_id,
@@ -208,7 +208,8 @@ def _cry_rows(conn: Connection, run_id: int) -> list[Any]:
 
 
 def _cry_metrics(rows: Sequence[Any], out: _Metrics) -> None:
-    """Every cry figure over `rows` (_cry_rows: a whole run, or the clips of one of its groups)."""
+    """Every cry figure over `rows` (_cry_rows), in Python: the reference `_cry_group_metrics` (which
+    aggregates in the database) is tested against; used for runs without answers."""
     audio_ids = {r.audio_id for r in rows}
     out.add("n_results", len(audio_ids))
     with_gold = {r.audio_id for r in rows if r.gold_label is not None}
@@ -268,6 +269,226 @@ def _cry_metrics(rows: Sequence[Any], out: _Metrics) -> None:
     if both:
         agree = sum(score[a] == generate[a] for a in both)
         out.add("methods.agreement", agree / len(both), agree=agree, n=len(both))
+
+
+# The whole run's figures are stored under this (grouping, group name); groups are ('dataset', name) and
+# ('source', name).
+WHOLE_RUN = ("run", "")
+
+
+def _cry_grouped_rows(conn: Connection, run_id: int) -> sa.CTE:
+    """The run's answers with their gold label, once for the whole run and once per group they are in
+    (grouping, group_name): the relation the cry figures aggregate over, in the database."""
+    answers = (
+        sa.select(
+            cry_answer.c.audio_id,
+            cry_answer.c.method,
+            cry_answer.c.label,
+            cry_answer.c.p_yes,
+            cry_gold.c.gold_label,
+        )
+        .select_from(cry_answer.outerjoin(cry_gold, cry_gold.c.audio_id == cry_answer.c.audio_id))
+        .where(cry_answer.c.run_id == run_id)
+        .cte("answers")
+    )
+    a = answers.c
+    covered = sa.select(run_dataset.c.dataset_id).where(run_dataset.c.run_id == run_id)
+    has_covered = conn.execute(sa.select(sa.exists(covered))).scalar_one()
+    by_dataset = (
+        sa.select(sa.literal("dataset", sa.Text).label("grouping"), dataset.c.name.label("group_name"), *a)
+        .select_from(answers)
+        .join(dataset_audio, dataset_audio.c.audio_id == a.audio_id)
+        .join(dataset, dataset.c.id == dataset_audio.c.dataset_id)
+    )
+    if has_covered:
+        by_dataset = by_dataset.where(dataset.c.id.in_(covered))
+    sources = (
+        sa.select(audio_file.c.audio_id, manifest_item.c.source)
+        .distinct(audio_file.c.audio_id)
+        .join(audio_file, audio_file.c.id == manifest_item.c.audio_file_id)
+        .where(
+            manifest_item.c.kind == "aqa",
+            manifest_item.c.source.is_not(None),
+            audio_file.c.audio_id.in_(sa.select(a.audio_id)),
+        )
+        .order_by(audio_file.c.audio_id, manifest_item.c.id.desc())
+        .subquery("sources")
+    )
+    by_source = (
+        sa.select(sa.literal("source", sa.Text).label("grouping"), sources.c.source.label("group_name"), *a)
+        .select_from(answers)
+        .join(sources, sources.c.audio_id == a.audio_id)
+    )
+    whole = sa.select(
+        sa.literal(WHOLE_RUN[0], sa.Text).label("grouping"), sa.literal(WHOLE_RUN[1], sa.Text).label("group_name"), *a
+    ).select_from(answers)
+    return sa.union_all(whole, by_dataset, by_source).cte("grouped")
+
+
+def _cry_group_metrics(conn: Connection, run_id: int) -> dict[tuple[str, str], _Metrics]:
+    """Every cry figure of the whole run and of each of its groups, aggregated in the database: counts,
+    confusion matrices, the threshold sweep's counts and the ROC AUC (Mann-Whitney over the histogram of
+    p_yes values, ties counted half) come back as a few rows per group and method, whatever the run's
+    size. Same figures and details as `_cry_metrics` over the rows."""
+    g = _cry_grouped_rows(conn, run_id)
+    keys = (g.c.grouping, g.c.group_name)
+    gold, label = g.c.gold_label, g.c.label
+    count = sa.func.count
+    decided = label.in_(("yes", "no"))
+    scored = sa.and_(g.c.p_yes.is_not(None), gold.is_not(None))
+    sweep_cols = []
+    for k, t in enumerate(SWEEP):
+        sweep_cols.append(count().filter(scored, g.c.p_yes >= float(t), gold == "yes").label(f"tp_{k}"))
+        sweep_cols.append(count().filter(scored, g.c.p_yes >= float(t), gold == "no").label(f"fp_{k}"))
+    per_method = conn.execute(
+        sa.select(
+            *keys,
+            g.c.method,
+            count().label("n"),
+            count().filter(gold.is_not(None)).label("with_gold"),
+            count().filter(label == "unknown").label("unknown"),
+            count().filter(gold == "yes", label == "yes").label("tp"),
+            count().filter(gold == "no", label == "yes").label("fp"),
+            count().filter(gold == "yes", label == "no").label("fn"),
+            count().filter(gold == "no", label == "no").label("tn"),
+            count().filter(gold == "yes", ~decided).label("unknown_yes"),
+            count().filter(gold == "no", ~decided).label("unknown_no"),
+            count().filter(g.c.p_yes.is_not(None)).label("with_p"),
+            count().filter(scored, gold == "yes").label("pos"),
+            count().filter(scored, gold == "no").label("neg"),
+            *sweep_cols,
+        ).group_by(*keys, g.c.method)
+    ).all()
+    # ROC AUC: over the distinct p_yes values, each positive beats the negatives below it (ties: half)
+    hist = (
+        sa.select(
+            *keys,
+            g.c.method,
+            g.c.p_yes,
+            count().filter(gold == "yes").label("pos"),
+            count().filter(gold == "no").label("neg"),
+        )
+        .where(scored)
+        .group_by(*keys, g.c.method, g.c.p_yes)
+        .subquery("hist")
+    )
+    h = hist.c
+    below = sa.func.coalesce(
+        sa.func.sum(h.neg).over(
+            partition_by=(h.grouping, h.group_name, h.method), order_by=h.p_yes, rows=(None, -1)
+        ),
+        0,
+    )
+    ranked = sa.select(
+        h.grouping, h.group_name, h.method, (h.pos * (below + h.neg * 0.5)).label("wins")
+    ).subquery()
+    auc_wins = {
+        (r.grouping, r.group_name, r.method): float(r.wins)
+        for r in conn.execute(
+            sa.select(
+                ranked.c.grouping,
+                ranked.c.group_name,
+                ranked.c.method,
+                sa.func.sum(ranked.c.wins).label("wins"),
+            ).group_by(ranked.c.grouping, ranked.c.group_name, ranked.c.method)
+        )
+    }
+    per_audio = (
+        sa.select(
+            *keys,
+            g.c.audio_id,
+            sa.func.max(gold).label("gold"),
+            sa.func.max(label).filter(g.c.method == "score").label("score"),
+            sa.func.max(label).filter(g.c.method == "generate").label("generate"),
+        )
+        .group_by(*keys, g.c.audio_id)
+        .subquery("per_audio")
+    )
+    pa = per_audio.c
+    both = sa.and_(pa.score.in_(("yes", "no")), pa.generate.in_(("yes", "no")))
+    per_group = conn.execute(
+        sa.select(
+            pa.grouping,
+            pa.group_name,
+            count().label("n_results"),
+            count().filter(pa.gold.is_not(None)).label("n_gold"),
+            count().filter(both).label("both"),
+            count().filter(both, pa.score == pa.generate).label("agree"),
+        ).group_by(pa.grouping, pa.group_name)
+    ).all()
+    methods: dict[tuple[str, str], dict[str, Any]] = defaultdict(dict)
+    for r in per_method:
+        methods[(r.grouping, r.group_name)][r.method] = r
+    out: dict[tuple[str, str], _Metrics] = {}
+    for r in sorted(per_group, key=lambda r: (r.grouping, r.group_name)):
+        key = (r.grouping, r.group_name)
+        m = out[key] = _Metrics()
+        m.add("n_results", r.n_results)
+        m.add("n_gold", r.n_gold)
+        for method in ("score", "generate"):
+            c = methods[key].get(method)
+            if c is None:
+                continue
+            _cry_method_figures(m, method, c, auc_wins.get((*key, method)))
+        if r.both:
+            m.add("methods.agreement", r.agree / r.both, agree=r.agree, n=r.both)
+    return out
+
+
+def _cry_method_figures(out: _Metrics, method: str, c: Any, wins: float | None) -> None:
+    """One method's figures from its counts (as `_cry_metrics` computes them from rows)."""
+    out.add(f"{method}.n", c.n, with_gold=c.with_gold)
+    out.add(f"{method}.unknown_rate", c.unknown / c.n, unknown=c.unknown, n=c.n)
+    s = BinaryScores(c.tp, c.fp, c.fn, c.tn, c.unknown_yes, c.unknown_no)
+    _binary_figures(out, method, s)
+    n_scored = c.pos + c.neg
+    if not n_scored and c.with_p:
+        out.add(f"{method}.roc_auc", None, n=0, note="undefined: no gold labels for these clips")
+        out.add(f"{method}.best_threshold", None, best=None, sweep=[])
+    if n_scored:
+        classes = sorted(x for x, k in (("no", c.neg), ("yes", c.pos)) if k)
+        auc = wins / (c.pos * c.neg) if c.pos and c.neg and wins is not None else None
+        out.add(
+            f"{method}.roc_auc",
+            auc,
+            n=n_scored,
+            classes=classes,
+            note=None if len(classes) > 1 else "undefined: gold has a single class",
+        )
+        sweep = []
+        for k, t in enumerate(SWEEP):
+            tp, fp = getattr(c, f"tp_{k}"), getattr(c, f"fp_{k}")
+            st = BinaryScores(tp, fp, c.pos - tp, c.neg - fp, 0, 0)
+            sweep.append(
+                {
+                    "threshold": t,
+                    "precision": st.precision,
+                    "recall": st.recall,
+                    "f1": st.f1,
+                    "accuracy": st.accuracy,
+                }
+            )
+        best = best_threshold(sweep)
+        out.add(f"{method}.best_threshold", best["threshold"] if best else None, best=best, sweep=sweep)
+
+
+def _binary_figures(out: _Metrics, method: str, s: BinaryScores) -> None:
+    out.add(f"{method}.accuracy", s.accuracy, correct=s.tp + s.tn, decided=s.decided)
+    out.add(f"{method}.accuracy_strict", s.accuracy_strict, correct=s.tp + s.tn, n=s.total)
+    out.add(f"{method}.precision", s.precision)
+    out.add(f"{method}.recall", s.recall)
+    out.add(f"{method}.f1", s.f1)
+    out.add(
+        f"{method}.confusion",
+        s.decided,
+        tp=s.tp,
+        fp=s.fp,
+        fn=s.fn,
+        tn=s.tn,
+        unknown_gold_yes=s.unknown_yes,
+        unknown_gold_no=s.unknown_no,
+        matrix={"rows": "gold no, gold yes", "cols": "predicted no, predicted yes"},
+    )
 
 
 # --- ASR ----------------------------------------------------------------------------------------------
@@ -497,15 +718,22 @@ def compute_run_metrics(engine: Engine, run_id: int) -> dict[str, Any]:
         utterances: list[dict] = []
         rows: list[Any]
         if run.task == "cry":
-            rows = _cry_rows(conn, run_id)
-            _cry_metrics(rows, out)
+            # aggregated in the database: memory does not grow with the run
+            groups = _cry_group_metrics(conn, run_id)
+            whole = groups.pop(WHOLE_RUN, None)
+            if whole is None:  # a run without answers
+                _cry_metrics([], out)
+            else:
+                out.values.update(whole.values)
+                out.details.update(whole.details)
         else:
             rows = _asr_rows(conn, run_id)
             _asr_metrics(rows, out)
             utterances = _utterance_rows(run_id, rows)
+            groups = _group_metrics(conn, run_id, run.task, rows)
         _truncated(conn, run_id, run.task, out)
         _throughput(conn, run_id, out)
-        _store_groups(conn, run_id, _group_metrics(conn, run_id, run.task, rows))
+        _store_groups(conn, run_id, groups)
         conn.execute(sa.delete(run_metric).where(run_metric.c.run_id == run_id))
         conn.execute(
             sa.insert(run_metric),

@@ -165,8 +165,8 @@ def build_sql(n_audio: int, n_answers: int) -> list[tuple[str, str]]:
                    CASE WHEN j % 2 = 0 THEN 'the quick brown fox jumps over dog ' || j END,
                    CASE WHEN j % 2 = 0 THEN 'en' END,
                    CASE WHEN j % 2 = 1 THEN 'Is there a baby crying in this audio?' END,
-                   CASE WHEN j % 2 = 1 THEN CASE WHEN a::bigint * 7919 % 100 < 40 THEN 'Yes' ELSE 'No' END END,
-                   CASE WHEN j % 2 = 1 THEN CASE WHEN a::bigint * 7919 % 100 < 40 THEN 'yes' ELSE 'no' END END,
+                   CASE WHEN j % 2 = 1 THEN CASE WHEN a::int8 * 7919 % 100 < 40 THEN 'Yes' ELSE 'No' END END,
+                   CASE WHEN j % 2 = 1 THEN CASE WHEN a::int8 * 7919 % 100 < 40 THEN 'yes' ELSE 'no' END END,
                    (ARRAY['youtube', 'freesound', 'studio'])[1 + j % 3], j
             FROM (SELECT j, 1 + (j * 3) % {n} AS a FROM generate_series(1, {manifest}) j) s ORDER BY j""",
         ),

@@ -319,9 +319,8 @@ def _cry_grouped_rows(conn: Connection, run_id: int) -> sa.CTE:
         .select_from(answers)
         .join(sources, sources.c.audio_id == a.audio_id)
     )
-    whole = sa.select(
-        sa.literal(WHOLE_RUN[0], sa.Text).label("grouping"), sa.literal(WHOLE_RUN[1], sa.Text).label("group_name"), *a
-    ).select_from(answers)
+    grouping, group_name = (sa.literal(v, sa.Text) for v in WHOLE_RUN)
+    whole = sa.select(grouping.label("grouping"), group_name.label("group_name"), *a).select_from(answers)
     return sa.union_all(whole, by_dataset, by_source).cte("grouped")
 
 

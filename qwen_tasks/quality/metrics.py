@@ -28,6 +28,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import Connection, Engine
 
 from qwen_tasks.errors import ConfigError
@@ -276,27 +277,48 @@ def _cry_metrics(rows: Sequence[Any], out: _Metrics) -> None:
 WHOLE_RUN = ("run", "")
 
 
-def _cry_grouped_rows(conn: Connection, run_id: int) -> sa.CTE:
-    """The run's answers with their gold label, once for the whole run and once per group they are in
-    (grouping, group_name): the relation the cry figures aggregate over, in the database."""
-    answers = (
+# The run's clips, one row per clip and group, written once per computation (a temporary table dropped at
+# commit) and aggregated from there: columns of `_cry_clips`.
+_CLIPS = sa.table(
+    "_cry_clip",
+    *(sa.column(n, sa.Text) for n in ("grouping", "group_name", "gold", "s_label", "g_label")),
+    *(sa.column(n, sa.Boolean) for n in ("has_s", "has_g")),
+    *(sa.column(n, sa.Float) for n in ("s_p", "g_p")),
+    sa.column("audio_id", sa.BigInteger),
+)
+
+
+def _cry_clips(conn: Connection, run_id: int) -> None:
+    """Fill `_cry_clip`: the run's clips (both methods' label and p_yes side by side, and the gold label),
+    once for the whole run and once per group they are in (grouping, group_name)."""
+    c = cry_answer.c
+    is_score, is_gen = c.method == "score", c.method == "generate"
+    per_clip = (
         sa.select(
-            cry_answer.c.audio_id,
-            cry_answer.c.method,
-            cry_answer.c.label,
-            cry_answer.c.p_yes,
-            cry_gold.c.gold_label,
+            c.audio_id,
+            sa.func.max(c.label).filter(is_score).label("s_label"),
+            sa.func.max(c.p_yes).filter(is_score).label("s_p"),
+            sa.func.max(c.label).filter(is_gen).label("g_label"),
+            sa.func.max(c.p_yes).filter(is_gen).label("g_p"),
+            sa.func.bool_or(is_score).label("has_s"),
+            sa.func.bool_or(is_gen).label("has_g"),
         )
-        .select_from(cry_answer.outerjoin(cry_gold, cry_gold.c.audio_id == cry_answer.c.audio_id))
-        .where(cry_answer.c.run_id == run_id)
-        .cte("answers")
+        .where(c.run_id == run_id)
+        .group_by(c.audio_id)
+        .subquery("per_clip")
     )
-    a = answers.c
+    clips = (
+        sa.select(per_clip, cry_gold.c.gold_label.label("gold"))
+        .select_from(per_clip.outerjoin(cry_gold, cry_gold.c.audio_id == per_clip.c.audio_id))
+        .cte("clips")
+    )
+    a = clips.c
+    cols = (a.audio_id, a.gold, a.s_label, a.g_label, a.has_s, a.has_g, a.s_p, a.g_p)
     covered = sa.select(run_dataset.c.dataset_id).where(run_dataset.c.run_id == run_id)
     has_covered = conn.execute(sa.select(sa.exists(covered))).scalar_one()
     by_dataset = (
-        sa.select(sa.literal("dataset", sa.Text).label("grouping"), dataset.c.name.label("group_name"), *a)
-        .select_from(answers)
+        sa.select(sa.literal("dataset", sa.Text).label("grouping"), dataset.c.name.label("group_name"), *cols)
+        .select_from(clips)
         .join(dataset_audio, dataset_audio.c.audio_id == a.audio_id)
         .join(dataset, dataset.c.id == dataset_audio.c.dataset_id)
     )
@@ -315,131 +337,141 @@ def _cry_grouped_rows(conn: Connection, run_id: int) -> sa.CTE:
         .subquery("sources")
     )
     by_source = (
-        sa.select(sa.literal("source", sa.Text).label("grouping"), sources.c.source.label("group_name"), *a)
-        .select_from(answers)
+        sa.select(
+            sa.literal("source", sa.Text).label("grouping"), sources.c.source.label("group_name"), *cols
+        )
+        .select_from(clips)
         .join(sources, sources.c.audio_id == a.audio_id)
     )
     grouping, group_name = (sa.literal(v, sa.Text) for v in WHOLE_RUN)
-    whole = sa.select(grouping.label("grouping"), group_name.label("group_name"), *a).select_from(answers)
-    return sa.union_all(whole, by_dataset, by_source).cte("grouped")
+    whole = sa.select(grouping.label("grouping"), group_name.label("group_name"), *cols).select_from(clips)
+    compiled = sa.union_all(whole, by_dataset, by_source).compile(dialect=conn.dialect)
+    conn.exec_driver_sql("DROP TABLE IF EXISTS _cry_clip")
+    conn.exec_driver_sql(f"CREATE TEMPORARY TABLE _cry_clip ON COMMIT DROP AS {compiled}", compiled.params)
 
 
 def _cry_group_metrics(conn: Connection, run_id: int) -> dict[tuple[str, str], _Metrics]:
-    """Every cry figure of the whole run and of each of its groups, aggregated in the database: counts,
-    confusion matrices, the threshold sweep's counts and the ROC AUC (Mann-Whitney over the histogram of
-    p_yes values, ties counted half) come back as a few rows per group and method, whatever the run's
-    size. Same figures and details as `_cry_metrics` over the rows."""
-    g = _cry_grouped_rows(conn, run_id)
-    keys = (g.c.grouping, g.c.group_name)
-    gold, label = g.c.gold_label, g.c.label
-    count = sa.func.count
-    decided = label.in_(("yes", "no"))
-    scored = sa.and_(g.c.p_yes.is_not(None), gold.is_not(None))
-    sweep_cols = []
-    for k, t in enumerate(SWEEP):
-        sweep_cols.append(count().filter(scored, g.c.p_yes >= float(t), gold == "yes").label(f"tp_{k}"))
-        sweep_cols.append(count().filter(scored, g.c.p_yes >= float(t), gold == "no").label(f"fp_{k}"))
-    per_method = conn.execute(
+    """Every cry figure of the whole run and of each of its groups, aggregated in the database: the clips
+    are counted by (gold, both methods' labels, which sweep thresholds each p_yes reaches), a few hundred
+    rows whatever the run's size, and the ROC AUC is the Mann-Whitney statistic over the histogram of
+    p_yes values (ties counted half). Same figures and details as `_cry_metrics` over the rows."""
+    _cry_clips(conn, run_id)
+    t = _CLIPS.c
+    thresholds = sa.cast(sa.literal([float(x) for x in SWEEP]), ARRAY(sa.Float))
+    ks = sa.func.width_bucket(t.s_p, thresholds).label("ks")  # how many thresholds s_p reaches
+    kg = sa.func.width_bucket(t.g_p, thresholds).label("kg")
+    keys = (t.grouping, t.group_name, t.gold, t.s_label, t.g_label, t.has_s, t.has_g, ks, kg)
+    counts = conn.execute(sa.select(*keys, sa.func.count().label("n")).group_by(*keys)).all()
+    hist_rows = [
         sa.select(
-            *keys,
-            g.c.method,
-            count().label("n"),
-            count().filter(gold.is_not(None)).label("with_gold"),
-            count().filter(label == "unknown").label("unknown"),
-            count().filter(gold == "yes", label == "yes").label("tp"),
-            count().filter(gold == "no", label == "yes").label("fp"),
-            count().filter(gold == "yes", label == "no").label("fn"),
-            count().filter(gold == "no", label == "no").label("tn"),
-            count().filter(gold == "yes", ~decided).label("unknown_yes"),
-            count().filter(gold == "no", ~decided).label("unknown_no"),
-            count().filter(g.c.p_yes.is_not(None)).label("with_p"),
-            count().filter(scored, gold == "yes").label("pos"),
-            count().filter(scored, gold == "no").label("neg"),
-            *sweep_cols,
-        ).group_by(*keys, g.c.method)
-    ).all()
-    # ROC AUC: over the distinct p_yes values, each positive beats the negatives below it (ties: half)
+            t.grouping, t.group_name, sa.literal(m, sa.Text).label("method"), p.label("p"), t.gold
+        ).where(has, p.is_not(None), t.gold.is_not(None))
+        for m, has, p in (("score", t.has_s, t.s_p), ("generate", t.has_g, t.g_p))
+    ]
+    scored = sa.union_all(*hist_rows).subquery("scored")
+    sc = scored.c
     hist = (
         sa.select(
-            *keys,
-            g.c.method,
-            g.c.p_yes,
-            count().filter(gold == "yes").label("pos"),
-            count().filter(gold == "no").label("neg"),
+            sc.grouping,
+            sc.group_name,
+            sc.method,
+            sc.p,
+            sa.func.count().filter(sc.gold == "yes").label("pos"),
+            sa.func.count().filter(sc.gold == "no").label("neg"),
         )
-        .where(scored)
-        .group_by(*keys, g.c.method, g.c.p_yes)
+        .group_by(sc.grouping, sc.group_name, sc.method, sc.p)
         .subquery("hist")
     )
     h = hist.c
     below = sa.func.coalesce(
         sa.func.sum(h.neg).over(
-            partition_by=(h.grouping, h.group_name, h.method), order_by=h.p_yes, rows=(None, -1)
+            partition_by=(h.grouping, h.group_name, h.method), order_by=h.p, rows=(None, -1)
         ),
         0,
     )
     ranked = sa.select(
         h.grouping, h.group_name, h.method, (h.pos * (below + h.neg * 0.5)).label("wins")
     ).subquery()
+    r = ranked.c
     auc_wins = {
-        (r.grouping, r.group_name, r.method): float(r.wins)
-        for r in conn.execute(
-            sa.select(
-                ranked.c.grouping,
-                ranked.c.group_name,
-                ranked.c.method,
-                sa.func.sum(ranked.c.wins).label("wins"),
-            ).group_by(ranked.c.grouping, ranked.c.group_name, ranked.c.method)
+        (w.grouping, w.group_name, w.method): float(w.wins)
+        for w in conn.execute(
+            sa.select(r.grouping, r.group_name, r.method, sa.func.sum(r.wins).label("wins")).group_by(
+                r.grouping, r.group_name, r.method
+            )
         )
     }
-    per_audio = (
-        sa.select(
-            *keys,
-            g.c.audio_id,
-            sa.func.max(gold).label("gold"),
-            sa.func.max(label).filter(g.c.method == "score").label("score"),
-            sa.func.max(label).filter(g.c.method == "generate").label("generate"),
-        )
-        .group_by(*keys, g.c.audio_id)
-        .subquery("per_audio")
-    )
-    pa = per_audio.c
-    both = sa.and_(pa.score.in_(("yes", "no")), pa.generate.in_(("yes", "no")))
-    per_group = conn.execute(
-        sa.select(
-            pa.grouping,
-            pa.group_name,
-            count().label("n_results"),
-            count().filter(pa.gold.is_not(None)).label("n_gold"),
-            count().filter(both).label("both"),
-            count().filter(both, pa.score == pa.generate).label("agree"),
-        ).group_by(pa.grouping, pa.group_name)
-    ).all()
-    methods: dict[tuple[str, str], dict[str, Any]] = defaultdict(dict)
-    for r in per_method:
-        methods[(r.grouping, r.group_name)][r.method] = r
+    by_group: dict[tuple[str, str], list[Any]] = defaultdict(list)
+    for row in counts:
+        by_group[(row.grouping, row.group_name)].append(row)
     out: dict[tuple[str, str], _Metrics] = {}
-    for r in sorted(per_group, key=lambda r: (r.grouping, r.group_name)):
-        key = (r.grouping, r.group_name)
+    for key in sorted(by_group):
+        rows = by_group[key]
         m = out[key] = _Metrics()
-        m.add("n_results", r.n_results)
-        m.add("n_gold", r.n_gold)
-        for method in ("score", "generate"):
-            c = methods[key].get(method)
-            if c is None:
-                continue
-            _cry_method_figures(m, method, c, auc_wins.get((*key, method)))
-        if r.both:
-            m.add("methods.agreement", r.agree / r.both, agree=r.agree, n=r.both)
+        m.add("n_results", sum(x.n for x in rows))
+        m.add("n_gold", sum(x.n for x in rows if x.gold is not None))
+        for method, has, label, k in (
+            ("score", "has_s", "s_label", "ks"),
+            ("generate", "has_g", "g_label", "kg"),
+        ):
+            mine = [(x.gold, getattr(x, label), getattr(x, k), x.n) for x in rows if getattr(x, has)]
+            if mine:
+                _cry_method_figures(m, method, _MethodCounts.of(mine), auc_wins.get((*key, method)))
+        both = [x for x in rows if x.s_label in ("yes", "no") and x.g_label in ("yes", "no")]
+        n_both = sum(x.n for x in both)
+        if n_both:
+            agree = sum(x.n for x in both if x.s_label == x.g_label)
+            m.add("methods.agreement", agree / n_both, agree=agree, n=n_both)
     return out
 
 
-def _cry_method_figures(out: _Metrics, method: str, c: Any, wins: float | None) -> None:
+@dataclass
+class _MethodCounts:
+    """One method's counts over a group's clips (from `_cry_group_metrics`' grouped counts)."""
+
+    n: int = 0
+    with_gold: int = 0
+    unknown: int = 0
+    with_p: int = 0
+    pos: int = 0
+    neg: int = 0
+    confusion: dict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
+    reached: dict[tuple[str, int], int] = field(default_factory=lambda: defaultdict(int))  # (gold, k) -> n
+
+    @classmethod
+    def of(cls, rows: list[tuple[str | None, str, int | None, int]]) -> _MethodCounts:
+        c = cls()
+        for gold, label, k, n in rows:
+            c.n += n
+            c.unknown += n if label == "unknown" else 0
+            c.with_p += n if k is not None else 0
+            if gold is None:
+                continue
+            c.with_gold += n
+            c.confusion[(gold, label if label in ("yes", "no") else "unknown")] += n
+            if k is not None:
+                c.pos += n if gold == "yes" else 0
+                c.neg += n if gold == "no" else 0
+                c.reached[(gold, k)] += n
+        return c
+
+    def scores(self) -> BinaryScores:
+        f = self.confusion
+        return BinaryScores(
+            f[("yes", "yes")], f[("no", "yes")], f[("yes", "no")], f[("no", "no")],
+            f[("yes", "unknown")], f[("no", "unknown")],
+        )  # fmt: skip
+
+    def at(self, index: int, gold: str) -> int:
+        """Clips of this gold whose p_yes reaches threshold number `index` (p_yes >= SWEEP[index])."""
+        return sum(n for (g, k), n in self.reached.items() if g == gold and k > index)
+
+
+def _cry_method_figures(out: _Metrics, method: str, c: _MethodCounts, wins: float | None) -> None:
     """One method's figures from its counts (as `_cry_metrics` computes them from rows)."""
     out.add(f"{method}.n", c.n, with_gold=c.with_gold)
     out.add(f"{method}.unknown_rate", c.unknown / c.n, unknown=c.unknown, n=c.n)
-    s = BinaryScores(c.tp, c.fp, c.fn, c.tn, c.unknown_yes, c.unknown_no)
-    _binary_figures(out, method, s)
+    _binary_figures(out, method, c.scores())
     n_scored = c.pos + c.neg
     if not n_scored and c.with_p:
         out.add(f"{method}.roc_auc", None, n=0, note="undefined: no gold labels for these clips")
@@ -456,7 +488,7 @@ def _cry_method_figures(out: _Metrics, method: str, c: Any, wins: float | None) 
         )
         sweep = []
         for k, t in enumerate(SWEEP):
-            tp, fp = getattr(c, f"tp_{k}"), getattr(c, f"fp_{k}")
+            tp, fp = c.at(k, "yes"), c.at(k, "no")
             st = BinaryScores(tp, fp, c.pos - tp, c.neg - fp, 0, 0)
             sweep.append(
                 {

@@ -306,13 +306,13 @@ WHERE mi.kind = 'asr' AND mi.reference_text IS NOT NULL AND af.audio_id IS NOT N
 -- The review queue (same columns and rules as in 0003). Per run and clip, the cry answers are read from
 -- one anchor row (the score answer, else the generate one) and its sibling by the (run_id, audio_id,
 -- method) key, instead of joining every score answer to every generate answer of every run before any
--- filter; is_latest_run / run_id filters become index scans of that run's answers.
+-- filter; is_latest_run is computed in each branch against its task's newest run, so that filter (like
+-- run_id and audio_id) becomes an index scan of that run's answers.
 CREATE OR REPLACE VIEW review_queue AS
-WITH latest_run AS (
-    SELECT task, max(id) AS run_id FROM label_run GROUP BY task
-), cry_items AS (
+WITH cry_items AS (
     SELECT
         a.run_id, 'cry'::text AS task, a.audio_id,
+        (a.run_id = (SELECT max(id) FROM label_run WHERE task = 'cry')) AS is_latest_run,
         array_remove(ARRAY[
             CASE WHEN gd.gold_label IS NOT NULL AND (
                 (s.label IN ('yes', 'no') AND s.label <> gd.gold_label) OR
@@ -336,6 +336,7 @@ WITH latest_run AS (
 ), asr_items AS (
     SELECT
         t.run_id, 'asr'::text AS task, t.audio_id,
+        (t.run_id = (SELECT max(id) FROM label_run WHERE task = 'asr')) AS is_latest_run,
         array_remove(ARRAY[
             CASE WHEN u.error_rate > 0.3 OR (u.n_ref = 0 AND u.insertions > 0) THEN 'high_wer' END,
             CASE WHEN btrim(t.text) = '' THEN 'empty_transcript' END
@@ -359,7 +360,7 @@ SELECT
     i.audio_id,
     p.path,
     i.reasons,
-    (i.run_id = lr.run_id)                AS is_latest_run,
+    i.is_latest_run,
     i.label, i.p_yes, i.threshold, i.generate_label, i.raw_answer,
     i.gold_label, i.gold_source,
     i.transcript, i.reference_text, i.error_rate,
@@ -368,7 +369,6 @@ SELECT
         + coalesce(least(i.error_rate, 5), 0)
         + coalesce(greatest(0, 1 - 10 * abs(i.p_yes - coalesce(i.threshold, 0.5))), 0) AS priority
 FROM items i
-JOIN latest_run lr ON lr.task = i.task
 LEFT JOIN audio_path p ON p.audio_id = i.audio_id
 WHERE cardinality(i.reasons) > 0;
 

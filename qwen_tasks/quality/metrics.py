@@ -28,6 +28,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import Connection, Engine
 
 from qwen_tasks.errors import ConfigError
@@ -191,7 +192,7 @@ def best_threshold(sweep: list[dict]) -> dict | None:
 
 
 def _cry_rows(conn: Connection, run_id: int) -> list[Any]:
-    """The run's cry answers (one row per clip and method) with their gold label."""
+    """The run's cry answers (one row per clip and method) with their gold label (small runs, tests)."""
     q = (
         sa.select(
             cry_answer.c.audio_id,
@@ -208,7 +209,8 @@ def _cry_rows(conn: Connection, run_id: int) -> list[Any]:
 
 
 def _cry_metrics(rows: Sequence[Any], out: _Metrics) -> None:
-    """Every cry figure over `rows` (_cry_rows: a whole run, or the clips of one of its groups)."""
+    """Every cry figure over `rows` (_cry_rows), in Python: the reference `_cry_group_metrics` (which
+    aggregates in the database) is tested against; used for runs without answers."""
     audio_ids = {r.audio_id for r in rows}
     out.add("n_results", len(audio_ids))
     with_gold = {r.audio_id for r in rows if r.gold_label is not None}
@@ -268,6 +270,256 @@ def _cry_metrics(rows: Sequence[Any], out: _Metrics) -> None:
     if both:
         agree = sum(score[a] == generate[a] for a in both)
         out.add("methods.agreement", agree / len(both), agree=agree, n=len(both))
+
+
+# The whole run's figures are stored under this (grouping, group name); groups are ('dataset', name) and
+# ('source', name).
+WHOLE_RUN = ("run", "")
+
+
+# The run's clips, one row per clip and group, written once per computation (a temporary table dropped at
+# commit) and aggregated from there: columns of `_cry_clips`.
+_CLIPS = sa.table(
+    "_cry_clip",
+    *(sa.column(n, sa.Text) for n in ("grouping", "group_name", "gold", "s_label", "g_label")),
+    *(sa.column(n, sa.Boolean) for n in ("has_s", "has_g")),
+    *(sa.column(n, sa.Float) for n in ("s_p", "g_p")),
+    sa.column("audio_id", sa.BigInteger),
+)
+
+
+def _cry_clips(conn: Connection, run_id: int) -> None:
+    """Fill `_cry_clip`: the run's clips (both methods' label and p_yes side by side, and the gold label),
+    once for the whole run and once per group they are in (grouping, group_name)."""
+    c = cry_answer.c
+    is_score, is_gen = c.method == "score", c.method == "generate"
+    per_clip = (
+        sa.select(
+            c.audio_id,
+            sa.func.max(c.label).filter(is_score).label("s_label"),
+            sa.func.max(c.p_yes).filter(is_score).label("s_p"),
+            sa.func.max(c.label).filter(is_gen).label("g_label"),
+            sa.func.max(c.p_yes).filter(is_gen).label("g_p"),
+            sa.func.bool_or(is_score).label("has_s"),
+            sa.func.bool_or(is_gen).label("has_g"),
+        )
+        .where(c.run_id == run_id)
+        .group_by(c.audio_id)
+        .subquery("per_clip")
+    )
+    clips = (
+        sa.select(per_clip, cry_gold.c.gold_label.label("gold"))
+        .select_from(per_clip.outerjoin(cry_gold, cry_gold.c.audio_id == per_clip.c.audio_id))
+        .cte("clips")
+    )
+    a = clips.c
+    cols = (a.audio_id, a.gold, a.s_label, a.g_label, a.has_s, a.has_g, a.s_p, a.g_p)
+    covered = sa.select(run_dataset.c.dataset_id).where(run_dataset.c.run_id == run_id)
+    has_covered = conn.execute(sa.select(sa.exists(covered))).scalar_one()
+    by_dataset = (
+        sa.select(sa.literal("dataset", sa.Text).label("grouping"), dataset.c.name.label("group_name"), *cols)
+        .select_from(clips)
+        .join(dataset_audio, dataset_audio.c.audio_id == a.audio_id)
+        .join(dataset, dataset.c.id == dataset_audio.c.dataset_id)
+    )
+    if has_covered:
+        by_dataset = by_dataset.where(dataset.c.id.in_(covered))
+    sources = (
+        sa.select(audio_file.c.audio_id, manifest_item.c.source)
+        .distinct(audio_file.c.audio_id)
+        .join(audio_file, audio_file.c.id == manifest_item.c.audio_file_id)
+        .where(
+            manifest_item.c.kind == "aqa",
+            manifest_item.c.source.is_not(None),
+            audio_file.c.audio_id.in_(sa.select(a.audio_id)),
+        )
+        .order_by(audio_file.c.audio_id, manifest_item.c.id.desc())
+        .subquery("sources")
+    )
+    by_source = (
+        sa.select(
+            sa.literal("source", sa.Text).label("grouping"), sources.c.source.label("group_name"), *cols
+        )
+        .select_from(clips)
+        .join(sources, sources.c.audio_id == a.audio_id)
+    )
+    grouping, group_name = (sa.literal(v, sa.Text) for v in WHOLE_RUN)
+    whole = sa.select(grouping.label("grouping"), group_name.label("group_name"), *cols).select_from(clips)
+    compiled = sa.union_all(whole, by_dataset, by_source).compile(dialect=conn.dialect)
+    conn.exec_driver_sql("DROP TABLE IF EXISTS _cry_clip")
+    conn.exec_driver_sql(f"CREATE TEMPORARY TABLE _cry_clip ON COMMIT DROP AS {compiled}", compiled.params)
+
+
+def _cry_group_metrics(conn: Connection, run_id: int) -> dict[tuple[str, str], _Metrics]:
+    """Every cry figure of the whole run and of each of its groups, aggregated in the database: the clips
+    are counted by (gold, both methods' labels, which sweep thresholds each p_yes reaches), a few hundred
+    rows whatever the run's size, and the ROC AUC is the Mann-Whitney statistic over the histogram of
+    p_yes values (ties counted half). Same figures and details as `_cry_metrics` over the rows."""
+    _cry_clips(conn, run_id)
+    t = _CLIPS.c
+    thresholds = sa.cast(sa.literal([float(x) for x in SWEEP]), ARRAY(sa.Float))
+    ks = sa.func.width_bucket(t.s_p, thresholds).label("ks")  # how many thresholds s_p reaches
+    kg = sa.func.width_bucket(t.g_p, thresholds).label("kg")
+    keys = (t.grouping, t.group_name, t.gold, t.s_label, t.g_label, t.has_s, t.has_g, ks, kg)
+    counts = conn.execute(sa.select(*keys, sa.func.count().label("n")).group_by(*keys)).all()
+    hist_rows = [
+        sa.select(
+            t.grouping, t.group_name, sa.literal(m, sa.Text).label("method"), p.label("p"), t.gold
+        ).where(has, p.is_not(None), t.gold.is_not(None))
+        for m, has, p in (("score", t.has_s, t.s_p), ("generate", t.has_g, t.g_p))
+    ]
+    scored = sa.union_all(*hist_rows).subquery("scored")
+    sc = scored.c
+    hist = (
+        sa.select(
+            sc.grouping,
+            sc.group_name,
+            sc.method,
+            sc.p,
+            sa.func.count().filter(sc.gold == "yes").label("pos"),
+            sa.func.count().filter(sc.gold == "no").label("neg"),
+        )
+        .group_by(sc.grouping, sc.group_name, sc.method, sc.p)
+        .subquery("hist")
+    )
+    h = hist.c
+    below = sa.func.coalesce(
+        sa.func.sum(h.neg).over(
+            partition_by=(h.grouping, h.group_name, h.method), order_by=h.p, rows=(None, -1)
+        ),
+        0,
+    )
+    ranked = sa.select(
+        h.grouping, h.group_name, h.method, (h.pos * (below + h.neg * 0.5)).label("wins")
+    ).subquery()
+    r = ranked.c
+    auc_wins = {
+        (w.grouping, w.group_name, w.method): float(w.wins)
+        for w in conn.execute(
+            sa.select(r.grouping, r.group_name, r.method, sa.func.sum(r.wins).label("wins")).group_by(
+                r.grouping, r.group_name, r.method
+            )
+        )
+    }
+    by_group: dict[tuple[str, str], list[Any]] = defaultdict(list)
+    for row in counts:
+        by_group[(row.grouping, row.group_name)].append(row)
+    out: dict[tuple[str, str], _Metrics] = {}
+    for key in sorted(by_group):
+        rows = by_group[key]
+        m = out[key] = _Metrics()
+        m.add("n_results", sum(x.n for x in rows))
+        m.add("n_gold", sum(x.n for x in rows if x.gold is not None))
+        for method, has, label, k in (
+            ("score", "has_s", "s_label", "ks"),
+            ("generate", "has_g", "g_label", "kg"),
+        ):
+            mine = [(x.gold, getattr(x, label), getattr(x, k), x.n) for x in rows if getattr(x, has)]
+            if mine:
+                _cry_method_figures(m, method, _MethodCounts.of(mine), auc_wins.get((*key, method)))
+        both = [x for x in rows if x.s_label in ("yes", "no") and x.g_label in ("yes", "no")]
+        n_both = sum(x.n for x in both)
+        if n_both:
+            agree = sum(x.n for x in both if x.s_label == x.g_label)
+            m.add("methods.agreement", agree / n_both, agree=agree, n=n_both)
+    return out
+
+
+@dataclass
+class _MethodCounts:
+    """One method's counts over a group's clips (from `_cry_group_metrics`' grouped counts)."""
+
+    n: int = 0
+    with_gold: int = 0
+    unknown: int = 0
+    with_p: int = 0
+    pos: int = 0
+    neg: int = 0
+    confusion: dict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
+    reached: dict[tuple[str, int], int] = field(default_factory=lambda: defaultdict(int))  # (gold, k) -> n
+
+    @classmethod
+    def of(cls, rows: list[tuple[str | None, str, int | None, int]]) -> _MethodCounts:
+        c = cls()
+        for gold, label, k, n in rows:
+            c.n += n
+            c.unknown += n if label == "unknown" else 0
+            c.with_p += n if k is not None else 0
+            if gold is None:
+                continue
+            c.with_gold += n
+            c.confusion[(gold, label if label in ("yes", "no") else "unknown")] += n
+            if k is not None:
+                c.pos += n if gold == "yes" else 0
+                c.neg += n if gold == "no" else 0
+                c.reached[(gold, k)] += n
+        return c
+
+    def scores(self) -> BinaryScores:
+        f = self.confusion
+        return BinaryScores(
+            f[("yes", "yes")], f[("no", "yes")], f[("yes", "no")], f[("no", "no")],
+            f[("yes", "unknown")], f[("no", "unknown")],
+        )  # fmt: skip
+
+    def at(self, index: int, gold: str) -> int:
+        """Clips of this gold whose p_yes reaches threshold number `index` (p_yes >= SWEEP[index])."""
+        return sum(n for (g, k), n in self.reached.items() if g == gold and k > index)
+
+
+def _cry_method_figures(out: _Metrics, method: str, c: _MethodCounts, wins: float | None) -> None:
+    """One method's figures from its counts (as `_cry_metrics` computes them from rows)."""
+    out.add(f"{method}.n", c.n, with_gold=c.with_gold)
+    out.add(f"{method}.unknown_rate", c.unknown / c.n, unknown=c.unknown, n=c.n)
+    _binary_figures(out, method, c.scores())
+    n_scored = c.pos + c.neg
+    if not n_scored and c.with_p:
+        out.add(f"{method}.roc_auc", None, n=0, note="undefined: no gold labels for these clips")
+        out.add(f"{method}.best_threshold", None, best=None, sweep=[])
+    if n_scored:
+        classes = sorted(x for x, k in (("no", c.neg), ("yes", c.pos)) if k)
+        auc = wins / (c.pos * c.neg) if c.pos and c.neg and wins is not None else None
+        out.add(
+            f"{method}.roc_auc",
+            auc,
+            n=n_scored,
+            classes=classes,
+            note=None if len(classes) > 1 else "undefined: gold has a single class",
+        )
+        sweep = []
+        for k, t in enumerate(SWEEP):
+            tp, fp = c.at(k, "yes"), c.at(k, "no")
+            st = BinaryScores(tp, fp, c.pos - tp, c.neg - fp, 0, 0)
+            sweep.append(
+                {
+                    "threshold": t,
+                    "precision": st.precision,
+                    "recall": st.recall,
+                    "f1": st.f1,
+                    "accuracy": st.accuracy,
+                }
+            )
+        best = best_threshold(sweep)
+        out.add(f"{method}.best_threshold", best["threshold"] if best else None, best=best, sweep=sweep)
+
+
+def _binary_figures(out: _Metrics, method: str, s: BinaryScores) -> None:
+    out.add(f"{method}.accuracy", s.accuracy, correct=s.tp + s.tn, decided=s.decided)
+    out.add(f"{method}.accuracy_strict", s.accuracy_strict, correct=s.tp + s.tn, n=s.total)
+    out.add(f"{method}.precision", s.precision)
+    out.add(f"{method}.recall", s.recall)
+    out.add(f"{method}.f1", s.f1)
+    out.add(
+        f"{method}.confusion",
+        s.decided,
+        tp=s.tp,
+        fp=s.fp,
+        fn=s.fn,
+        tn=s.tn,
+        unknown_gold_yes=s.unknown_yes,
+        unknown_gold_no=s.unknown_no,
+        matrix={"rows": "gold no, gold yes", "cols": "predicted no, predicted yes"},
+    )
 
 
 # --- ASR ----------------------------------------------------------------------------------------------
@@ -497,15 +749,22 @@ def compute_run_metrics(engine: Engine, run_id: int) -> dict[str, Any]:
         utterances: list[dict] = []
         rows: list[Any]
         if run.task == "cry":
-            rows = _cry_rows(conn, run_id)
-            _cry_metrics(rows, out)
+            # aggregated in the database: memory does not grow with the run
+            groups = _cry_group_metrics(conn, run_id)
+            whole = groups.pop(WHOLE_RUN, None)
+            if whole is None:  # a run without answers
+                _cry_metrics([], out)
+            else:
+                out.values.update(whole.values)
+                out.details.update(whole.details)
         else:
             rows = _asr_rows(conn, run_id)
             _asr_metrics(rows, out)
             utterances = _utterance_rows(run_id, rows)
+            groups = _group_metrics(conn, run_id, run.task, rows)
         _truncated(conn, run_id, run.task, out)
         _throughput(conn, run_id, out)
-        _store_groups(conn, run_id, _group_metrics(conn, run_id, run.task, rows))
+        _store_groups(conn, run_id, groups)
         conn.execute(sa.delete(run_metric).where(run_metric.c.run_id == run_id))
         conn.execute(
             sa.insert(run_metric),

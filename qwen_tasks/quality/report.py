@@ -138,35 +138,69 @@ def _throughput_plot(conn: sa.Connection, run_id: int) -> str | None:
     return _png(fig)
 
 
-def _cry_plots(rows: list[Any], run_id: int) -> list[str]:
-    from sklearn.metrics import roc_curve
-
-    plots = []
-    scored = [r for r in rows if r.method == "score" and r.p_yes is not None]
-    if not scored:
-        scored = [r for r in rows if r.p_yes is not None]
-    if scored:
-        fig, ax = _figure(f"Run {run_id}: p_yes by gold label", "p_yes", "clips")
-        bins = [i / 20 for i in range(21)]
-        groups = [("gold yes", "yes", "#d62728"), ("gold no", "no", "#1f77b4"), ("no gold", None, "#999999")]
-        for name, gold, color in groups:
-            values = [r.p_yes for r in scored if r.gold_label == gold]
-            if values:
-                ax.hist(values, bins=bins, alpha=0.6, label=f"{name} ({len(values)})", color=color)
-        threshold = next((r.threshold for r in scored if r.threshold is not None), None)
-        if threshold is not None:
-            ax.axvline(threshold, color="k", linestyle="--", linewidth=1, label=f"threshold {threshold:g}")
-        ax.legend()
+def _cry_plots(conn: sa.Connection, answers: Any, run_id: int) -> list[str]:
+    """p_yes histogram by gold label and ROC curve, from counts aggregated in the database (`answers`: the
+    section's answers with their gold label, a subquery): the plot data stay a few hundred numbers
+    whatever the run's size."""
+    a = answers.c
+    has_score = conn.execute(
+        sa.select(sa.exists().where(a.method == "score", a.p_yes.is_not(None)).select_from(answers))
+    ).scalar_one()
+    scored = sa.and_(a.p_yes.is_not(None), a.method == "score" if has_score else sa.true())
+    bins = [i / 20 for i in range(21)]
+    bucket = sa.func.least(sa.func.floor(a.p_yes * 20), 19).label("bucket")
+    counts = conn.execute(
+        sa.select(a.gold_label, bucket, sa.func.count().label("n"))
+        .where(scored)
+        .group_by(a.gold_label, bucket)
+    ).all()
+    plots: list[str] = []
+    if not counts:
+        return plots
+    threshold = conn.execute(
+        sa.select(a.threshold).where(scored, a.threshold.is_not(None)).limit(1)
+    ).scalar_one_or_none()
+    fig, ax = _figure(f"Run {run_id}: p_yes by gold label", "p_yes", "clips")
+    groups = [("gold yes", "yes", "#d62728"), ("gold no", "no", "#1f77b4"), ("no gold", None, "#999999")]
+    for name, gold, color in groups:
+        weights = [0] * 20
+        for r in counts:
+            if r.gold_label == gold:
+                weights[int(r.bucket)] += r.n
+        if sum(weights):
+            centres = [(bins[i] + bins[i + 1]) / 2 for i in range(20)]
+            ax.hist(
+                centres, bins=bins, weights=weights, alpha=0.6, label=f"{name} ({sum(weights)})", color=color
+            )
+    if threshold is not None:
+        ax.axvline(threshold, color="k", linestyle="--", linewidth=1, label=f"threshold {threshold:g}")
+    ax.legend()
+    plots.append(_png(fig))
+    # ROC: cumulative counts over p_yes rounded to 1e-3 (at most 1001 points), highest first
+    level = sa.func.round(sa.cast(a.p_yes, sa.Numeric), 3).label("level")
+    roc = conn.execute(
+        sa.select(
+            level,
+            sa.func.count().filter(a.gold_label == "yes").label("pos"),
+            sa.func.count().filter(a.gold_label == "no").label("neg"),
+        )
+        .where(scored, a.gold_label.is_not(None))
+        .group_by(level)
+        .order_by(level.desc())
+    ).all()
+    pos, neg = sum(r.pos for r in roc), sum(r.neg for r in roc)
+    if pos and neg:
+        fpr, tpr, tp, fp = [0.0], [0.0], 0, 0
+        for r in roc:
+            tp, fp = tp + r.pos, fp + r.neg
+            fpr.append(fp / neg)
+            tpr.append(tp / pos)
+        fig, ax = _figure(f"Run {run_id}: ROC curve", "false positive rate", "true positive rate")
+        ax.plot(fpr, tpr, marker=".")
+        ax.plot([0, 1], [0, 1], color="#bbb", linestyle=":")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
         plots.append(_png(fig))
-        with_gold = [r for r in scored if r.gold_label is not None]
-        if len({r.gold_label for r in with_gold}) == 2:
-            fpr, tpr, _ = roc_curve([r.gold_label == "yes" for r in with_gold], [r.p_yes for r in with_gold])
-            fig, ax = _figure(f"Run {run_id}: ROC curve", "false positive rate", "true positive rate")
-            ax.plot(fpr, tpr, marker=".")
-            ax.plot([0, 1], [0, 1], color="#bbb", linestyle=":")
-            ax.set_xlim(0, 1)
-            ax.set_ylim(0, 1.02)
-            plots.append(_png(fig))
     return plots
 
 
@@ -211,7 +245,7 @@ def _cry_section(
     conn: sa.Connection, run_id: int, metrics: dict[str, dict[str, Any]], members: sa.Select | None = None
 ) -> tuple[str, list[str]]:
     """`members`: a query of the audio ids to show (one dataset's), None for the whole run."""
-    rows = conn.execute(
+    answers = (
         sa.select(
             cry_answer.c.audio_id,
             cry_answer.c.method,
@@ -220,46 +254,46 @@ def _cry_section(
             cry_answer.c.threshold,
             cry_answer.c.raw_answer,
             cry_gold.c.gold_label,
-            audio_path.c.path,
         )
-        .select_from(
-            cry_answer.outerjoin(cry_gold, cry_gold.c.audio_id == cry_answer.c.audio_id).outerjoin(
-                audio_path, audio_path.c.audio_id == cry_answer.c.audio_id
-            )
-        )
+        .select_from(cry_answer.outerjoin(cry_gold, cry_gold.c.audio_id == cry_answer.c.audio_id))
         .where(cry_answer.c.run_id == run_id)
         .where(sa.true() if members is None else cry_answer.c.audio_id.in_(members))
-    ).all()
+        .subquery("answers")
+    )
+    a = answers.c
     parts = [_confusion_tables(metrics)]
-    plots = _cry_plots(rows, run_id)
+    plots = _cry_plots(conn, answers, run_id)
     best = (metrics.get("score.best_threshold") or {}).get("details", {}).get("best")
     if best:
         parts.append(
             f"<p>Best-F1 threshold for p_yes: <b>{best['threshold']:g}</b> (F1 {_fmt(best['f1'])}, precision "
             f"{_fmt(best['precision'])}, recall {_fmt(best['recall'])}).</p>"
         )
-
-    def wrongness(r: Any) -> float:
-        if r.p_yes is None:
-            return 1.0
-        return r.p_yes if r.gold_label == "no" else 1.0 - r.p_yes
-
-    wrong = [
-        r for r in rows if r.gold_label is not None and r.label in ("yes", "no") and r.label != r.gold_label
-    ]
-    wrong.sort(key=lambda r: (-wrongness(r), r.audio_id))
+    # the worst items only: sorted and cut in the database
+    wrongness = sa.case((a.p_yes.is_(None), 1.0), (a.gold_label == "no", a.p_yes), else_=1.0 - a.p_yes)
+    shown = (a.audio_id, audio_path.c.path, a.method, a.gold_label, a.label, a.p_yes, a.raw_answer)
+    wrong = conn.execute(
+        sa.select(*shown)
+        .select_from(answers.outerjoin(audio_path, audio_path.c.audio_id == a.audio_id))
+        .where(a.gold_label.is_not(None), a.label.in_(("yes", "no")), a.label != a.gold_label)
+        .order_by(wrongness.desc(), a.audio_id, a.method)
+        .limit(WORST)
+    ).all()
     parts.append("<h3>Most confident mistakes</h3>")
     parts.append(
         _table(
             ["audio", "path", "method", "gold", "label", "p_yes", "answer"],
-            [
-                [r.audio_id, r.path, r.method, r.gold_label, r.label, r.p_yes, r.raw_answer]
-                for r in wrong[:WORST]
-            ],
+            [[r.audio_id, r.path, r.method, r.gold_label, r.label, r.p_yes, r.raw_answer] for r in wrong],
             numeric={0, 5},
         )
     )
-    unknown = [r for r in rows if r.label == "unknown"][:WORST]
+    unknown = conn.execute(
+        sa.select(*shown)
+        .select_from(answers.outerjoin(audio_path, audio_path.c.audio_id == a.audio_id))
+        .where(a.label == "unknown")
+        .order_by(a.audio_id, a.method)
+        .limit(WORST)
+    ).all()
     parts.append("<h3>Unknown answers</h3>")
     parts.append(
         _table(

@@ -99,12 +99,8 @@ def _cry_query(run_id: int) -> sa.Select:
     )
 
 
-def export_rows(
-    engine: Engine, task: str, run_id: int | None = None, dataset: str | None = None
-) -> Iterator[dict[str, Any]]:
-    """Rows of one run (default: the latest run of `task` with labels, of those that covered `dataset`
-    when given), streamed from the database; with `dataset`, only that dataset's clips. A cry dataset
-    whose clips were asked several questions has one run per question: name each with `run_id`."""
+def _resolve_run(engine: Engine, task: str, run_id: int | None, dataset: str | None) -> tuple[Any, Any]:
+    """(the run row, the dataset scope or None) of an export; ConfigError when there is nothing to export."""
     if task not in ("asr", "cry"):
         raise ConfigError(f"task must be 'asr' or 'cry', got {task!r}")
     scope = datasets.resolve(engine, [dataset])[0] if dataset is not None else None
@@ -119,22 +115,107 @@ def export_rows(
             raise ConfigError(f"no {task} run with labels{where} yet (run: qwen-tasks label --task {task})")
     with engine.connect() as conn:
         run = conn.execute(sa.select(label_run).where(label_run.c.id == run_id)).one_or_none()
-        if run is None:
-            raise ConfigError(f"no labelling run with id {run_id} (see: qwen-tasks runs)")
-        if run.task != task:
-            raise ConfigError(f"run {run_id} is a {run.task} run, not {task}")
-        provenance = {
-            "model": run.model,
-            "revision": run.revision,
-            "prompt_version": run.prompt_version,
-            "run_id": run.id,
-        }
-        query = _asr_query(run_id) if task == "asr" else _cry_query(run_id)
-        if scope is not None:
-            query = query.where(audio_file.c.audio_id.in_(datasets.members([scope.id])))
-        result = conn.execution_options(stream_results=True, yield_per=1000).execute(query)
+    if run is None:
+        raise ConfigError(f"no labelling run with id {run_id} (see: qwen-tasks runs)")
+    if run.task != task:
+        raise ConfigError(f"run {run_id} is a {run.task} run, not {task}")
+    return run, scope
+
+
+def _query(run: Any, scope: Any) -> sa.Select:
+    query = (_asr_query(run.id) if run.task == "asr" else _cry_query(run.id)).order_by(None)
+    if scope is not None:
+        query = query.where(audio_file.c.audio_id.in_(datasets.members([scope.id])))
+    return query
+
+
+def _provenance(run: Any) -> dict[str, Any]:
+    return {
+        "model": run.model,
+        "revision": run.revision,
+        "prompt_version": run.prompt_version,
+        "run_id": run.id,
+    }
+
+
+def export_rows(
+    engine: Engine, task: str, run_id: int | None = None, dataset: str | None = None
+) -> Iterator[dict[str, Any]]:
+    """Rows of one run (default: the latest run of `task` with labels, of those that covered `dataset`
+    when given), streamed from the database; with `dataset`, only that dataset's clips. A cry dataset
+    whose clips were asked several questions has one run per question: name each with `run_id`."""
+    run, scope = _resolve_run(engine, task, run_id, dataset)
+    provenance = _provenance(run)
+    with engine.connect() as conn:
+        result = conn.execution_options(stream_results=True, yield_per=1000).execute(
+            _query(run, scope).order_by(audio_file.c.path)
+        )
         for row in result:
             yield (_asr_row(row) if task == "asr" else _cry_row(row)) | provenance
+
+
+def export_lines(
+    engine: Engine, task: str, run_id: int | None = None, dataset: str | None = None
+) -> Iterator[str]:
+    """The rows of `export_rows` as JSON text, one line each, built by PostgreSQL and streamed (the same
+    keys in the same order, `, ` and `: ` separators, non-ASCII kept): what `qwen-tasks export` writes.
+    Python only copies text, so an export runs at the database's pace, not at json.dumps'."""
+    run, scope = _resolve_run(engine, task, run_id, dataset)
+    tail = ", " + json.dumps(_provenance(run), ensure_ascii=False)[1:]
+    q = _query(run, scope).subquery()
+    parts = _asr_parts(q) if task == "asr" else _cry_parts(q)
+    line = sa.literal("{", sa.Text) + sa.func.concat_ws(", ", *parts) + sa.literal(tail, sa.Text)
+    with engine.connect() as conn:
+        result = conn.execution_options(stream_results=True, yield_per=5000).execute(
+            sa.select(line).select_from(q).order_by(q.c.path)
+        )
+        for (text,) in result:
+            yield text
+
+
+def _json(key: str, value: sa.ColumnElement) -> sa.ColumnElement:
+    """`"key": <value as JSON>` (null included)."""
+    encoded = sa.func.coalesce(sa.cast(sa.func.to_json(value), sa.Text), "null")
+    return sa.literal(json.dumps(key) + ": ", sa.Text) + encoded
+
+
+def _windows(column: sa.ColumnElement) -> sa.ColumnElement:
+    """`"windows": [...]` when there are several windows, else NULL (left out by concat_ws)."""
+    return sa.case(
+        (
+            sa.func.jsonb_array_length(column) > 1,
+            sa.literal('"windows": ', sa.Text) + sa.cast(column, sa.Text),
+        )
+    )
+
+
+def _asr_parts(q: Any) -> list[sa.ColumnElement]:
+    c = q.c
+    return [
+        _json("audio", c.path),
+        _json("audio_id", c.audio_id),
+        _json("text", c.text),
+        _json("language", c.language),
+        _json("reference", c.reference),
+        _windows(c.windows),
+    ]
+
+
+def _cry_parts(q: Any) -> list[sa.ColumnElement]:
+    c = q.c
+    scored = c.score_label.is_not(None)
+    generated = c.gen_label.is_not(None)
+    return [
+        _json("audio", c.path),
+        _json("audio_id", c.audio_id),
+        sa.case((generated, _json("answer", c.raw_answer))),
+        _json("p_yes", sa.case((scored, c.score_p_yes), else_=c.gen_p_yes)),
+        _json("label", sa.case((scored, c.score_label), else_=c.gen_label)),
+        sa.case((scored, _json("threshold", c.threshold))),
+        sa.case((sa.and_(scored, generated), _json("answer_label", c.gen_label))),
+        _json("gold", c.gold),
+        _windows(sa.case((scored, c.score_windows), else_=c.gen_windows)),
+    ]
 
 
 def _asr_row(row: Any) -> dict[str, Any]:
@@ -168,7 +249,7 @@ def _cry_row(row: Any) -> dict[str, Any]:
     return out
 
 
-def write_jsonl(rows: Iterator[dict[str, Any]], out: Path | None, stdout: TextIO | None = None) -> int:
+def write_jsonl(rows: Iterator[dict[str, Any] | str], out: Path | None, stdout: TextIO | None = None) -> int:
     """Write rows as JSON Lines to `out` (atomically: a partial file never replaces a good one) or stdout.
 
     Missing folders of `out` are created, and that is said on stderr (a warning naming the top folder
@@ -215,10 +296,11 @@ def _make_parents(out: Path) -> Path | None:
     return top
 
 
-def _dump(rows: Iterator[dict[str, Any]], f: TextIO) -> int:
+def _dump(rows: Iterator[dict[str, Any] | str], f: TextIO) -> int:
+    """Rows as JSON lines: a dict is encoded here, a str is a line already encoded (export_lines)."""
     n = 0
     for row in rows:
-        f.write(json.dumps(row, ensure_ascii=False))
+        f.write(row if isinstance(row, str) else json.dumps(row, ensure_ascii=False))
         f.write("\n")
         n += 1
     return n

@@ -322,6 +322,35 @@ run_metric_group = sa.Table(
     _ts("computed_at"),
 )
 
+# 0010: the label each clip has now per task (model part: the newest production run's; human part: the
+# human_label row), kept by triggers in the transaction that writes answers or human labels. Read it
+# through the latest_label view; never write it from Python.
+current_label = sa.Table(
+    "current_label",
+    metadata,
+    sa.Column("audio_id", sa.BigInteger, sa.ForeignKey("audio.id"), primary_key=True),
+    sa.Column("task", sa.Text, primary_key=True),
+    sa.Column("run_id", sa.BigInteger),
+    sa.Column("method", sa.Text),
+    sa.Column("model_label", sa.Text),
+    sa.Column("model_text", sa.Text),
+    sa.Column("p_yes", sa.Float),
+    sa.Column("human_id", sa.BigInteger),
+    sa.Column("reviewed_label", sa.Text),
+    sa.Column("reviewed_text", sa.Text),
+    sa.Column("reviewer", sa.Text),
+    sa.Column(
+        "label",
+        sa.Text,
+        sa.Computed("CASE WHEN human_id IS NOT NULL THEN reviewed_label ELSE model_label END"),
+    ),
+    sa.Column(
+        "text", sa.Text, sa.Computed("CASE WHEN human_id IS NOT NULL THEN reviewed_text ELSE model_text END")
+    ),
+    sa.Column("source", sa.Text, sa.Computed("CASE WHEN human_id IS NOT NULL THEN 'human' ELSE 'model' END")),
+    _ts("updated_at"),
+)
+
 # --- Views ---------------------------------------------------------------------------------------------
 # Every view of sql/migrations/, declared once here so that queries and the schema test share one
 # declaration (no ad-hoc `sa.table(...)` mirrors elsewhere). `info={"view": True}` marks them: the schema
@@ -394,7 +423,8 @@ asr_reference = _view(
     sa.Column("reviewer", sa.Text),
 )
 
-# 0003, replaced in 0004 (same columns; evaluation runs left out): the label to use now per audio and task.
+# 0003, replaced in 0004 (same columns; evaluation runs left out) and 0010 (same columns, read from
+# current_label): the label to use now per audio and task.
 latest_label = _view(
     "latest_label",
     sa.Column("audio_id", sa.BigInteger),

@@ -1,0 +1,102 @@
+"""The cry figures aggregated in the database (`_cry_group_metrics`, what `metrics` stores) against the
+Python reference over the rows (`_cry_metrics`, the code that computed them before), on random runs with
+ties in p_yes, unknown answers, clips with one method only, clips without gold and several datasets /
+sources; and the export's JSON lines built by PostgreSQL against json.dumps of the same rows."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import sqlalchemy as sa
+from review_seed import Job, add_audio, add_cry_answers, add_gold, add_run, seed_asr_scenario
+from sqlalchemy.engine import Engine
+
+from qwen_tasks.quality import metrics
+from qwen_tasks.review import export
+from qwen_tasks.store import schema
+
+
+def _seed_random_cry_run(engine: Engine, seed: int) -> int:
+    rng = random.Random(seed)
+    ids = add_audio(engine, 40)
+    add_gold(engine, {a: rng.choice(["yes", "no"]) for a in ids[:30]})
+    with engine.begin() as conn:  # two sources on the manifest lines, two datasets
+        conn.execute(
+            schema.manifest_item.update().values(
+                source=sa.case((schema.manifest_item.c.line_no % 2 == 0, "even"), else_="odd")
+            )
+        )
+        for name, members in (("first", ids[:25]), ("second", ids[15:])):
+            dataset_id = conn.execute(
+                schema.dataset.insert().values(name=name, tasks=["cry"]).returning(schema.dataset.c.id)
+            ).scalar_one()
+            conn.execute(
+                schema.dataset_audio.insert(), [{"dataset_id": dataset_id, "audio_id": a} for a in members]
+            )
+    run_id = add_run(engine, "cry", [Job(0, 10, ids, 5.0)])
+    p_values = [0.05, 0.1, 0.3, 0.45, 0.5, 0.5, 0.55, 0.7, 0.9, 1.0]  # ties on purpose
+    add_cry_answers(
+        engine,
+        run_id,
+        score={a: rng.choice(p_values) for a in ids if rng.random() < 0.8},
+        generate={a: rng.choice([("Yes.", "yes"), ("No.", "no"), ("Hmm.", "unknown")]) for a in ids[5:]},
+    )
+    return run_id
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_sql_cry_figures_equal_the_python_reference(engine: Engine, seed: int) -> None:
+    run_id = _seed_random_cry_run(engine, seed)
+    with engine.connect() as conn:
+        groups = metrics._cry_group_metrics(conn, run_id)
+        rows = metrics._cry_rows(conn, run_id)
+        reference = {metrics.WHOLE_RUN: rows} | {
+            key: [r for r in rows if r.audio_id in members]
+            for key, members in metrics._run_groups(conn, run_id, "cry", {r.audio_id for r in rows}).items()
+        }
+    assert set(groups) == set(reference)
+    for key, subset in reference.items():
+        want = metrics._Metrics()
+        metrics._cry_metrics(subset, want)
+        got = groups[key]
+        assert list(got.values) == list(want.values), key
+        for name in want.values:
+            assert got.values[name] == pytest.approx(want.values[name], abs=1e-12), (key, name)
+            assert _close(got.details[name], want.details[name]), (key, name)
+
+
+def _close(a: object, b: object) -> bool:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, float) and isinstance(b, float):
+        return a == pytest.approx(b, abs=1e-12)
+    return a == b
+
+
+def test_export_lines_are_the_rows_as_json(engine: Engine) -> None:
+    run_id = _seed_random_cry_run(engine, 4)
+    with engine.begin() as conn:  # a second path, non-ASCII text and several windows on one answer
+        conn.execute(
+            schema.audio_file.insert().values(path="/data/b\u00e9b\u00e9 \u54ed.wav", audio_id=1, status="ok")
+        )
+        conn.execute(
+            schema.cry_answer.update()
+            .where(schema.cry_answer.c.run_id == run_id, schema.cry_answer.c.audio_id == 7)
+            .values(
+                windows=[{"start_s": 0, "p_yes": 0.25}, {"start_s": 30, "p_yes": 0.125}],
+                raw_answer='"是的"\n',
+            )
+        )
+    asr_run, _ = seed_asr_scenario(engine)
+    for task, run in (("cry", run_id), ("asr", asr_run)):
+        lines = list(export.export_lines(engine, task, run))
+        rows = list(export.export_rows(engine, task, run))
+        assert [json.loads(line) for line in lines] == rows
+        # the same text but for whole floats (PostgreSQL writes p_yes 1.0 as 1)
+        assert [line.replace('"p_yes": 1,', '"p_yes": 1.0,') for line in lines] == [
+            json.dumps(r, ensure_ascii=False) for r in rows
+        ]

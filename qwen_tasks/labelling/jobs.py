@@ -957,6 +957,17 @@ def progress_rows(
         return [dict(r._mapping) for r in conn.execute(query)]
 
 
+def _unfinished_key(task: str, model: str, revision: str, prompt_version: str) -> sa.ColumnElement[bool]:
+    """label_run: an unfinished run with this key (what resuming and "in flight" look at)."""
+    return sa.and_(
+        label_run.c.task == task,
+        label_run.c.model == model,
+        label_run.c.revision == revision,
+        label_run.c.prompt_version == prompt_version,
+        label_run.c.status.in_(UNFINISHED_RUN),
+    )
+
+
 def in_flight_runs(engine: Engine, task: str, model: str, revision: str, prompt_version: str) -> list[int]:
     """Unfinished runs with this key that a live worker is labelling right now (a running job whose
     lease has not run out): what a second `label` started beside the first finds nothing left to take."""
@@ -964,11 +975,7 @@ def in_flight_runs(engine: Engine, task: str, model: str, revision: str, prompt_
         sa.select(label_job.c.run_id)
         .join(label_run, label_run.c.id == label_job.c.run_id)
         .where(
-            label_run.c.task == task,
-            label_run.c.model == model,
-            label_run.c.revision == revision,
-            label_run.c.prompt_version == prompt_version,
-            label_run.c.status.in_(UNFINISHED_RUN),
+            _unfinished_key(task, model, revision, prompt_version),
             label_job.c.status == JobStatus.RUNNING,
             label_job.c.lease_expires_at >= sa.func.now(),
         )
@@ -990,11 +997,7 @@ def unfinished_jobs(
         sa.select(label_job.c.id, label_job.c.run_id)
         .join(label_run, label_run.c.id == label_job.c.run_id)
         .where(
-            label_run.c.task == task,
-            label_run.c.model == model,
-            label_run.c.revision == revision,
-            label_run.c.prompt_version == prompt_version,
-            label_run.c.status.in_(UNFINISHED_RUN),
+            _unfinished_key(task, model, revision, prompt_version),
             label_job.c.attempts < label_job.c.max_attempts,
             sa.or_(
                 label_job.c.status == JobStatus.PENDING,

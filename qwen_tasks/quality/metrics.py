@@ -227,22 +227,7 @@ def _cry_metrics(rows: Sequence[Any], out: _Metrics) -> None:
         out.add(f"{method}.n", len(items), with_gold=len(gold_items))
         out.add(f"{method}.unknown_rate", unknown / len(items), unknown=unknown, n=len(items))
         s = binary_scores([r.gold_label for r in gold_items], [r.label for r in gold_items])
-        out.add(f"{method}.accuracy", s.accuracy, correct=s.tp + s.tn, decided=s.decided)
-        out.add(f"{method}.accuracy_strict", s.accuracy_strict, correct=s.tp + s.tn, n=s.total)
-        out.add(f"{method}.precision", s.precision)
-        out.add(f"{method}.recall", s.recall)
-        out.add(f"{method}.f1", s.f1)
-        out.add(
-            f"{method}.confusion",
-            s.decided,
-            tp=s.tp,
-            fp=s.fp,
-            fn=s.fn,
-            tn=s.tn,
-            unknown_gold_yes=s.unknown_yes,
-            unknown_gold_no=s.unknown_no,
-            matrix={"rows": "gold no, gold yes", "cols": "predicted no, predicted yes"},
-        )
+        _binary_figures(out, method, s)
         scored = [r for r in gold_items if r.p_yes is not None]
         if not scored and any(r.p_yes is not None for r in items):
             out.add(f"{method}.roc_auc", None, n=0, note="undefined: no gold labels for these clips")

@@ -130,7 +130,8 @@ def test_label_without_the_environment_plans_and_says_how_to_create_it(
     env = {environments.PYTHON_ENV_VAR: str(python)}
     command = ["label", "--task", "asr", "--model", str(model), "--device", "cpu", "--json"]
     labelled = run_cli(command, database_url, **env)
-    assert labelled.returncode == 1 and labelled.stdout == "" and "Traceback" not in labelled.stderr
+    assert labelled.returncode == 1 and "Traceback" not in labelled.stderr
+    assert "make install-qwen-audio" in json.loads(labelled.stdout)["error"]  # --json: the error as JSON
     with engine.connect() as conn:
         run_id = conn.execute(sa.select(sa.func.max(schema.label_run.c.id))).scalar_one()
     assert f"run {run_id}: 2 clips in 1 jobs" in labelled.stderr

@@ -19,6 +19,10 @@ Sections (each runs on the same synthetic 5-s clips and the same loaded model):
    fit; the backend halves the batch until it does, and the labels must equal the uncapped ones;
 5. LoRA: one-step timings and peak memory of the fine-tune trainer (`qwen_tasks.review.trainer`) at batch
    `--lora-batch` with gradient checkpointing, on 5-s and 30-s clips.
+6. engine: log-mel features of a batch (numpy / processor / torch on the device), cry score with the
+   processor's features vs ours and the model's busy share, the decode modes (QWEN_TASKS_COMPILE_DECODE:
+   off / static / compile, CUDA only) on ASR, and with --admin-url the pipeline before/after vs the bare
+   loop (bench/inference.py's section). Not run on a GPU yet (docs/gpu.md).
 Targets (issue 16): batched >= 8x batch 1 and RTF <= 0.005 on 5-s clips; the seed's stock scripts ran
 at RTF ~0.6 on 8xA100.
 """
@@ -145,7 +149,11 @@ def main() -> None:
     parser.add_argument("--oom-batch", type=int, default=256, help="batch that must back off under the cap")
     parser.add_argument("--lora-batch", type=int, default=4)
     parser.add_argument("--lora-steps", type=int, default=3, help="steps per clip length (first is warm-up)")
-    parser.add_argument("--skip", default="", help="comma-separated sections to skip: sweep,trim,oom,lora")
+    parser.add_argument("--engine-batches", default="32,128", help="batch sizes of the engine section")
+    parser.add_argument("--admin-url", help="PostgreSQL admin URL: engine section also runs the pipeline")
+    parser.add_argument(
+        "--skip", default="", help="comma-separated sections to skip: sweep,trim,oom,lora,engine"
+    )
     parser.add_argument("--json", help="write the figures to this JSON file (after every section)")
     args = parser.parse_args()
 
@@ -360,7 +368,53 @@ def main() -> None:
             trainer.answer_loss = shipped_loss
         return out
 
-    for name, fn in (("sweep", sweep), ("trim", trim), ("oom", oom), ("lora", lora)):
+    def engine() -> dict:
+        """Keeping the accelerator busy: log-mel features (numpy / processor / torch on the device), cry
+        score with the processor's features vs ours and the model's busy share (seconds in model calls
+        / wall), the decode modes (QWEN_TASKS_COMPILE_DECODE) on ASR, and, with --admin-url, the
+        pipeline before/after vs the bare loop (bench/inference.py's section, same code)."""
+        sys.path.insert(0, str(ROOT / "bench"))
+        import inference  # bench/inference.py
+
+        out: dict = {"features": inference.features_section(backend, clips, 16)}
+        out["features_b128"] = inference.features_section(backend, clips, 128)
+        print(out["features"], "\n", out["features_b128"], flush=True)
+        shipped = backend.features
+        for batch in [int(b) for b in args.engine_batches.split(",")]:
+            for features in ("processor", "torch"):
+                backend.features = features
+                backend.label(clips[:batch], score)  # warm-up at this shape
+                busy0 = backend.model_seconds
+                seconds, _ = run_batches(backend, clips, score, batch)
+                row = {"clips_per_s": len(clips) / seconds, "busy": (backend.model_seconds - busy0) / seconds}
+                out[f"score_b{batch}_{features}"] = row
+                print(f"score batch {batch} features {features}: {row}", flush=True)
+        backend.features = shipped
+        if cuda:
+            shipped_mode = backend.decode_mode
+            batch = min(64, len(clips))
+            for mode in ("off", "static", "compile"):
+                backend.decode_mode = mode
+                backend.label(clips[:batch], asr)  # warm-up (compilation happens here)
+                seconds, results = run_batches(backend, clips[: 2 * batch], asr, batch)
+                out[f"asr_b{batch}_decode_{mode}"] = {"clips_per_s": 2 * batch / seconds}
+                reference.setdefault("decode", results)
+                out[f"asr_b{batch}_decode_{mode}"].update(compare(reference["decode"], results))
+                print(mode, out[f"asr_b{batch}_decode_{mode}"], flush=True)
+            backend.decode_mode = shipped_mode
+        else:
+            out["decode_modes"] = (
+                "CUDA only (torch.compile on the CPU is checked by tests/labelling/test_features.py)"
+            )
+        if args.admin_url:
+            bench_args = argparse.Namespace(
+                admin_url=args.admin_url, device=args.device, batch_size=16, max_batch_seconds=240.0, repeat=2
+            )
+            out["pipeline"] = inference.pipeline_section(bench_args, backend, inference.synth_clips(48), asr)
+            print(out["pipeline"], flush=True)
+        return out
+
+    for name, fn in (("sweep", sweep), ("trim", trim), ("oom", oom), ("lora", lora), ("engine", engine)):
         if name not in skip:
             section(report, name, fn, args)
     report["oom_backoffs_total"] = counter.count

@@ -9,8 +9,11 @@ All sections use the same N synthetic clips (0.5-7 s) and the same loaded model,
 1. seed-style (batch 1, generate, stock 30 s encoder, like the original scripts) vs ours
    (duration-sorted batches from jobs.make_batches, trimmed encoder), ASR; plus batch 1 as shipped;
 2. cry detection: `score` (one forward pass) vs `generate` (N new tokens), batched;
-3. pipeline overhead: worker.label (the code behind `qwen-tasks label`: audio decode + resampling,
-   windowing, database) vs a bare `processor` + `model.generate` loop over the same batches;
+3. log-mel features of one batch: numpy (30 s), the processor (30 s), ours (torch, on the device);
+   pipeline: worker.label (the code behind `qwen-tasks label`: audio decode + resampling, windowing,
+   database) before (processor features, serial) and after (torch features, overlapped worker) vs a bare
+   `processor` + `model.generate` loop over the same batches, with the share of wall time the model
+   was busy;
 4. the audio encoder over 30 s (stock) vs only up to the batch's longest clip (our default).
 Outputs are also compared (batch 1 vs batched must be identical: batch invariance).
 """
@@ -97,8 +100,15 @@ def same_outputs(a, b, tol: float = 1e-4) -> tuple[int, float]:
 # --- 3. bare loop -----------------------------------------------------------------------------------
 
 
-def bare_loop(backend, batches: list[list[np.ndarray]], prompt: str, max_new_tokens: int) -> list[str]:
-    """What a hand-written script does: processor + model.generate per batch, nothing else."""
+def bare_loop(
+    backend,
+    batches: list[list[np.ndarray]],
+    prompt: str,
+    max_new_tokens: int,
+    busy: list[float] | None = None,
+) -> list[str]:
+    """What a hand-written script does: processor + model.generate per batch, nothing else (`busy` gets
+    the seconds spent in model.generate)."""
     import torch
     from transformers import GenerationConfig
 
@@ -114,16 +124,28 @@ def bare_loop(backend, batches: list[list[np.ndarray]], prompt: str, max_new_tok
         inputs = backend.processor(
             text=[prompt] * len(waves), audio=waves, sampling_rate=SR, return_tensors="pt", padding=True
         ).to(backend.device)
+        start = time.perf_counter()
         with torch.inference_mode():
             out = backend.model.generate(**inputs, generation_config=config)
+        if busy is not None:
+            busy.append(time.perf_counter() - start)
         texts.extend(
             backend.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
         )
     return texts
 
 
+PIPELINES = {  # name -> (backend features, overlapped worker)
+    "before": ("processor", False),  # the processor's CPU features over 30 s, one stage after the other
+    "after": ("torch", True),  # torch features on the model's device, overlapped stages
+}
+
+
 def pipeline_section(args, backend, clips: list[AudioClip], request: LabelRequest) -> dict:
-    """worker.label end to end on files in a throwaway database vs the bare loop on the same batches."""
+    """worker.label end to end on files in a throwaway database, before and after, vs the bare loop on
+    the same batches; all with the stock 30 s encoder pass (like for like with the bare loop), then the
+    'after' pipeline once more as shipped (trimmed encoder). The model's busy share = seconds inside
+    model calls / wall seconds."""
     import soundfile as sf
 
     from qwen_tasks.ingest.register import ingest
@@ -132,6 +154,8 @@ def pipeline_section(args, backend, clips: list[AudioClip], request: LabelReques
     from qwen_tasks.store import database as db
 
     admin_url = args.admin_url or f"postgresql+psycopg2://{getpass.getuser()}@127.0.0.1:5432/postgres"
+    times: dict[str, list[float]] = {"bare": [], **{k: [] for k in PIPELINES}}
+    busy: dict[str, list[float]] = {k: [] for k in times}
     with db.scratch_database(admin_url, prefix="qwen_tasks_bench") as url:
         engine = db.get_engine(url)
         with tempfile.TemporaryDirectory(prefix="qwen_bench_audio_") as tmp:
@@ -145,47 +169,119 @@ def pipeline_section(args, backend, clips: list[AudioClip], request: LabelReques
                 else:
                     sf.write(Path(tmp) / f"clip_{i:03d}.wav", clip.waveform, SR, subtype="PCM_16")
             ingest(engine, [Path(tmp)])
-            pipeline_times: list[float] = []
-            bare_times: list[float] = []
             summary = None
             batches: list[list[np.ndarray]] = []
-            trim = backend.trim_audio
-            backend.trim_audio = False  # like for like: the bare loop runs the stock 30 s encoder pass
-            for repeat in range(args.repeat + 1):  # alternate the two so load from other processes hits both
-                if repeat == args.repeat:
-                    backend.trim_audio = True  # and once more as shipped (trimmed encoder)
+            shipped = (backend.trim_audio, backend.features, os.environ.get("QWEN_TASKS_OVERLAP"))
+            n_run = 0
+
+            def run_pipeline(name: str, trim: bool) -> tuple[float, float]:
+                nonlocal summary, n_run
+                backend.trim_audio = trim
+                backend.features, overlap = PIPELINES[name]
+                os.environ["QWEN_TASKS_OVERLAP"] = "1" if overlap else "0"
+                model_s = backend.model_seconds
                 start = time.perf_counter()
                 opts = LabelOptions.from_mapping(
                     {"tasks": [request.task], "model": backend.model_id, "device": args.device,
                      "batch_size": args.batch_size, "max_batch_seconds": args.max_batch_seconds,
-                     "relabel": repeat > 0, "max_new_tokens": request.max_new_tokens,
+                     "relabel": n_run > 0, "max_new_tokens": request.max_new_tokens,
                      "language": request.language, "question": request.question}
                 )  # fmt: skip
                 summary = worker.label(engine, opts, backend_factory=lambda run: backend)
                 elapsed = time.perf_counter() - start
+                n_run += 1
                 if summary.labelled != len(clips):
                     raise RuntimeError(f"pipeline labelled {summary.labelled}/{len(clips)}: {summary.errors}")
-                if repeat == args.repeat:
-                    trimmed_s = elapsed
-                    break
-                pipeline_times.append(elapsed)
-                if not batches:
-                    batches = _job_batches(engine, summary.run_id)
+                return elapsed, (backend.model_seconds - model_s) / elapsed
+
+            for _ in range(args.repeat):  # interleaved, so load from other processes hits all of them
+                for name in PIPELINES:
+                    elapsed, share = run_pipeline(name, trim=False)
+                    times[name].append(elapsed)
+                    busy[name].append(share)
+                    if not batches:
+                        batches = _job_batches(engine, summary.run_id)
+                backend.trim_audio, backend.features = False, "processor"
+                spent: list[float] = []
                 start = time.perf_counter()
-                bare_loop(backend, batches, backend.prompt_text(request), request.max_new_tokens)
-                bare_times.append(time.perf_counter() - start)
-            backend.trim_audio = trim
-    pipeline_s, bare_s = min(pipeline_times), min(bare_times)
-    return {
-        "pipeline_s": pipeline_s,
-        "bare_s": bare_s,
-        "pipeline_all_s": pipeline_times,
-        "bare_all_s": bare_times,
-        "overhead_pct": 100.0 * (pipeline_s - bare_s) / bare_s,
-        "pipeline_trimmed_s": trimmed_s,
+                bare_loop(backend, batches, backend.prompt_text(request), request.max_new_tokens, spent)
+                elapsed = time.perf_counter() - start
+                times["bare"].append(elapsed)
+                busy["bare"].append(sum(spent) / elapsed)
+            trimmed_s, trimmed_busy = run_pipeline("after", trim=True)
+            backend.trim_audio, backend.features = shipped[0], shipped[1]
+            if shipped[2] is None:
+                os.environ.pop("QWEN_TASKS_OVERLAP", None)
+            else:
+                os.environ["QWEN_TASKS_OVERLAP"] = shipped[2]
+    best = {k: min(range(len(v)), key=v.__getitem__) for k, v in times.items()}
+    out = {f"{k}_s": times[k][best[k]] for k in times}
+    out.update({f"{k}_busy": busy[k][best[k]] for k in times})
+    out.update({f"{k}_all_s": times[k] for k in times})
+    bare_s = out["bare_s"]
+    out.update({
+        "before_vs_bare": out["before_s"] / bare_s,
+        "after_vs_bare": out["after_s"] / bare_s,
+        "after_trimmed_s": trimmed_s,
+        "after_trimmed_busy": trimmed_busy,
         "jobs": len(batches),
         "labelled": summary.labelled if summary else 0,
+    })  # fmt: skip
+    return out
+
+
+def features_section(backend, clips: list[AudioClip], batch: int, repeat: int = 3) -> dict:
+    """Log-mel features of one batch: the numpy path (per clip, 30 s), the processor as it runs here
+    (WhisperFeatureExtractor.__call__: torch on the CPU when torch is installed, 30 s), and ours (LogMel on
+    the model's device: trimmed to the longest clip as shipped, and over 30 s). Best of `repeat`."""
+    import torch
+
+    from qwen_tasks.labelling.backends.common import LogMel
+
+    extractor = backend.processor.feature_extractor
+    log_mel = LogMel.from_feature_extractor(extractor)
+    waves = [c.waveform for c in clips[:batch]]
+    lengths = [log_mel.clip_frames(len(w)) for w in waves]
+
+    def sync() -> None:
+        if str(backend.device).startswith("cuda"):
+            torch.cuda.synchronize()
+
+    def numpy_path():
+        padded = np.zeros((len(waves), extractor.n_samples), dtype=np.float32)
+        for row, w in enumerate(waves):
+            padded[row, : len(w)] = w
+        return extractor._np_extract_fbank_features(padded, "cpu")
+
+    def processor_path():
+        return extractor(waves, sampling_rate=SR, return_attention_mask=True, return_tensors="pt")
+
+    def ours(frames):
+        out = log_mel(waves, backend.device, frames)
+        sync()
+        return out
+
+    cases = {
+        "numpy_30s": numpy_path,
+        "processor_30s": processor_path,
+        "torch_trimmed": lambda: ours(log_mel.trimmed_frames(lengths)),
+        "torch_30s": lambda: ours(None),
     }
+    out: dict = {"batch": len(waves), "audio_s": sum(len(w) for w in waves) / SR}
+    for name, fn in cases.items():
+        fn()  # warm-up
+        best = float("inf")
+        for _ in range(repeat):
+            start = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - start)
+        out[name] = best
+    reference = numpy_path()
+    got, _ = ours(None)
+    out["max_abs_diff_vs_numpy"] = float(np.abs(got.cpu().numpy() - reference).max())
+    out["speedup_vs_numpy"] = out["numpy_30s"] / out["torch_trimmed"]
+    out["speedup_vs_processor"] = out["processor_30s"] / out["torch_trimmed"]
+    return out
 
 
 def _job_batches(engine, run_id: int) -> list[list[np.ndarray]]:
@@ -362,18 +458,36 @@ def main() -> None:
     report["score_speedup"] = gen_t.seconds / score_t.seconds
     report["score_vs_generate_p_diff"] = p_diff
 
+    feats = features_section(backend, clips, 16)  # as drawn (not duration-sorted): 0.5-7 s mixed
+    print(
+        f"\nlog-mel features, batch of {feats['batch']} ({feats['audio_s']:.0f} s audio): "
+        f"numpy 30 s {feats['numpy_30s'] * 1e3:.1f} ms, "
+        f"processor 30 s {feats['processor_30s'] * 1e3:.1f} ms, "
+        f"torch on {backend.device} trimmed {feats['torch_trimmed'] * 1e3:.1f} ms "
+        f"(30 s {feats['torch_30s'] * 1e3:.1f} ms) -> {feats['speedup_vs_numpy']:.1f}x vs numpy, "
+        f"{feats['speedup_vs_processor']:.1f}x vs processor; max |diff| {feats['max_abs_diff_vs_numpy']:.1e}"
+    )
+    report["features"] = feats
+
     if args.skip_pipeline:
         print("\npipeline overhead: skipped (--skip-pipeline)")
     else:
         pipe = pipeline_section(args, backend, clips, asr)
-        print(
-            f"\npipeline (worker.label: decode+resample+db) {pipe['pipeline_s']:8.2f} s "
-            f"vs bare processor+generate {pipe['bare_s']:.2f} s on the same {pipe['jobs']} batches "
-            f"-> overhead {pipe['overhead_pct']:+.1f} %"
+        print(f"\npipeline vs bare loop, {pipe['jobs']} batches, stock 30 s encoder (best of {args.repeat}):")
+        rows = (
+            ("bare loop: processor + model.generate", "bare"),
+            ("pipeline before: processor features, serial", "before"),
+            ("pipeline after: torch features, overlapped", "after"),
         )
+        for label, key in rows:
+            ratio = pipe[f"{key}_s"] / pipe["bare_s"]
+            print(
+                f"  {label:<46} {pipe[f'{key}_s']:7.2f} s  {ratio:5.2f}x bare  "
+                f"model busy {100 * pipe[f'{key}_busy']:5.1f} %"
+            )
         print(
-            "  (both with the stock 30 s encoder; the pipeline as shipped, trimmed encoder: "
-            f"{pipe['pipeline_trimmed_s']:.2f} s)"
+            f"  pipeline after, as shipped (trimmed encoder)   {pipe['after_trimmed_s']:7.2f} s  "
+            f"model busy {100 * pipe['after_trimmed_busy']:5.1f} %"
         )
         report["pipeline"] = pipe
 

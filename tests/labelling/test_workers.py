@@ -108,17 +108,24 @@ def test_worker_killed_mid_job_is_taken_over_after_its_lease(
         a = start_worker(result.run_id, "doomed", database_url, tmp_path, lease=2)
         wait_for("the worker inside its write transaction", lambda: blocked_pids(engine))
         with engine.connect() as conn:
-            held = conn.execute(
-                sa.select(schema.label_job.c.id).where(schema.label_job.c.lease_owner == "doomed")
-            ).scalar_one()
+            # the job being written, and (overlapped worker) the ones in the model and prefetched
+            held = (
+                conn.execute(
+                    sa.select(schema.label_job.c.id).where(schema.label_job.c.lease_owner == "doomed")
+                )
+                .scalars()
+                .all()
+            )
         a.send_signal(signal.SIGKILL)
         assert a.wait(timeout=30) == -signal.SIGKILL
     b = start_worker(result.run_id, "rescuer", database_url, tmp_path, lease=2)
     finish(b, tmp_path, "rescuer")
     assert_each_clip_labelled_once(engine, ids)
-    state = jobs.job_state(engine, held)
-    assert state["status"] == "done" and state["attempts"] == 2 and state["lease_owner"] == "rescuer"
-    assert "lease of doomed expired" in state["last_error"]
+    assert held
+    for job_id in held:
+        state = jobs.job_state(engine, job_id)
+        assert state["status"] == "done" and state["attempts"] == 2 and state["lease_owner"] == "rescuer"
+        assert "lease of doomed expired" in state["last_error"]
     run = jobs.get_run(engine, result.run_id)
     assert run.status == "done"
     with engine.connect() as conn:
@@ -148,3 +155,75 @@ def test_dropped_connection_mid_write_is_retried_and_completes(
         rows = conn.execute(sa.select(schema.label_job.c.status, schema.label_job.c.attempts)).all()
     assert all(status == "done" for status, _ in rows)
     assert count(engine, schema.label_run, schema.label_run.c.n_labelled == 2) == 1
+
+
+def test_worker_killed_while_its_prefetch_holds_a_job(
+    engine: Engine,
+    database_url: str,
+    tiny_model_dir: Path,
+    tmp_path: Path,
+) -> None:
+    """The overlapped worker holds job 1 (writing), job 2 (model) and job 3 (prefetched: claimed, read
+    and featurised) at once, never a fourth. SIGKILL then: all three leases run out, another worker takes
+    them over, no clip is lost and none labelled twice; the job never claimed used one attempt only."""
+    ids = list(ingest_clips(engine, tmp_path / "audio", [1.0, 1.2, 1.4, 1.6]).values())
+    result = plan(engine, tiny_model_dir)
+    job = schema.label_job.c
+
+    def held_by_doomed() -> list[int]:
+        with engine.connect() as conn:
+            return list(conn.execute(sa.select(job.id).where(job.lease_owner == "doomed")).scalars())
+
+    with writes_blocked(engine):
+        a = start_worker(result.run_id, "doomed", database_url, tmp_path, lease=2)
+        wait_for("the worker inside its write transaction", lambda: blocked_pids(engine))
+        wait_for("a prefetched job behind the one in the model", lambda: len(held_by_doomed()) == 3)
+        time.sleep(1.0)  # several heartbeats: the worker does not claim a fourth job meanwhile
+        held = held_by_doomed()
+        assert len(held) == 3
+        a.send_signal(signal.SIGKILL)
+        assert a.wait(timeout=30) == -signal.SIGKILL
+    with engine.connect() as conn:
+        (untouched,) = conn.execute(sa.select(job.id).where(job.id.not_in(held))).scalars().all()
+        assert conn.execute(sa.select(job.status).where(job.id == untouched)).scalar_one() == "pending"
+    b = start_worker(result.run_id, "rescuer", database_url, tmp_path, lease=2)
+    finish(b, tmp_path, "rescuer")
+    assert_each_clip_labelled_once(engine, ids)
+    for job_id in held:
+        state = jobs.job_state(engine, job_id)
+        assert state["status"] == "done" and state["attempts"] == 2 and state["lease_owner"] == "rescuer"
+        assert "lease of doomed expired" in state["last_error"]
+    assert jobs.job_state(engine, untouched)["attempts"] == 1
+    assert jobs.get_run(engine, result.run_id).status == "done"
+    assert count(engine, schema.label_run, schema.label_run.c.n_labelled == 4) == 1
+
+
+def test_sigterm_hands_back_every_job_the_overlapped_worker_holds(
+    engine: Engine,
+    database_url: str,
+    tiny_model_dir: Path,
+    tmp_path: Path,
+) -> None:
+    """SIGTERM while job 1 is being written, job 2 in the model and job 3 prefetched: all three go back
+    to pending without using an attempt, nothing is written, and the worker exits 143."""
+    ingest_clips(engine, tmp_path / "audio", [1.0, 1.2, 1.4])
+    result = plan(engine, tiny_model_dir)
+    job = schema.label_job.c
+    with writes_blocked(engine):
+        a = start_worker(result.run_id, "terminated", database_url, tmp_path, lease=60)
+        wait_for("the worker inside its write transaction", lambda: blocked_pids(engine))
+        wait_for(
+            "three jobs held",
+            lambda: (
+                count(engine, schema.label_job, job.lease_owner == "terminated", job.status == "running") == 3
+            ),
+        )
+        a.send_signal(signal.SIGTERM)
+    assert a.wait(timeout=60) == 143
+    with engine.connect() as conn:
+        rows = conn.execute(sa.select(job.status, job.attempts, job.last_error)).all()
+    assert len(rows) == 3
+    assert all(
+        status == "pending" and attempts == 0 and "SIGTERM" in error for status, attempts, error in rows
+    )
+    assert count(engine, schema.cry_answer) == 0

@@ -266,3 +266,87 @@ def decode(
     if keep is not None:
         ids = [i for i in ids if keep(i)]
     return clean(tokenizer.decode(ids, skip_special_tokens=skip_special_tokens))
+
+
+# --- audio features: Whisper log-mel in torch, batched, on the model's device ----------------------------
+
+
+@dataclass(frozen=True)
+class LogMel:
+    """Whisper's log-mel spectrogram, computed with torch for a whole batch on the model's device, over
+    only the frames the audio encoder reads.
+
+    The same arithmetic as transformers' `WhisperFeatureExtractor._torch_extract_fbank_features` (and as
+    Whisper's own `log_mel_spectrogram`, which the original Qwen-Audio code carries): centred STFT with
+    a Hann window, power spectrum, mel filters, log10 clamped at 1e-10 and at the clip's maximum minus 8,
+    then (x + 4) / 4. What differs is the padding. The processor pads every clip to 30 s (3000 frames)
+    on the CPU; here each clip is zero-padded only to `frames` frames plus half a window, which gives
+    frames 0..frames-1 exactly the samples they have in the 30 s version (the STFT's reflection at the
+    end falls past them), and each clip's maximum is the same (frames past a clip's end are pure
+    zero padding, the log floor). Measured against the processor's numpy path: max |difference|
+    <= 1e-4 (tests/labelling/test_features.py).
+
+    `filters` is (n_mels, n_fft // 2 + 1); `frames=None` gives the full 30 s (stock encoder pass).
+    """
+
+    filters: np.ndarray
+    n_fft: int = 400
+    hop_length: int = 160
+    n_samples: int = 480000
+
+    @classmethod
+    def from_feature_extractor(cls, extractor: Any) -> LogMel | None:
+        """From a transformers WhisperFeatureExtractor; None where this would not reproduce it (dither,
+        normalisation, another extractor), so the caller keeps the processor's own path."""
+        filters = getattr(extractor, "mel_filters", None)
+        if filters is None or getattr(extractor, "dither", 0.0) or getattr(extractor, "do_normalize", False):
+            return None
+        return cls(
+            filters=np.ascontiguousarray(np.asarray(filters, dtype=np.float32).T),
+            n_fft=int(extractor.n_fft),
+            hop_length=int(extractor.hop_length),
+            n_samples=int(extractor.n_samples),
+        )
+
+    @property
+    def max_frames(self) -> int:
+        return self.n_samples // self.hop_length
+
+    def clip_frames(self, n_samples: int) -> int:
+        """Frames of a clip of `n_samples` in the feature mask (the processor's `attention_mask[::hop]`)."""
+        return -(-min(n_samples, self.n_samples) // self.hop_length)
+
+    def trimmed_frames(self, lengths: Sequence[int]) -> int:
+        """The frames the trimmed encoder reads for clips of `lengths` frames: the longest + 2, even
+        (qwen2_audio.prompt_embeddings), at most 30 s."""
+        frames = min(max(lengths) + 2, self.max_frames)
+        return frames + frames % 2
+
+    def __call__(
+        self, waves: Sequence[np.ndarray], device: Any, frames: int | None = None
+    ) -> tuple[Any, Any]:
+        """(features: float32 batch x n_mels x frames, mask: int32 batch x frames), both on `device`."""
+        import torch
+
+        lengths = [self.clip_frames(len(w)) for w in waves]
+        frames = self.max_frames if frames is None else min(frames, self.max_frames)
+        if frames < max(lengths):
+            raise ValueError(f"{frames} frames asked for clips of up to {max(lengths)} frames")
+        n = min(frames * self.hop_length + self.n_fft // 2, self.n_samples)
+        host = np.zeros((len(waves), n), dtype=np.float32)
+        for row, wave in enumerate(waves):
+            part = wave[:n]
+            host[row, : len(part)] = part
+        batch = torch.from_numpy(host).to(device)
+        window = torch.hann_window(self.n_fft, device=batch.device)
+        stft = torch.stft(batch, self.n_fft, self.hop_length, window=window, return_complex=True)
+        power = torch.view_as_real(stft[..., :frames]).pow(2).sum(-1)  # |X|^2 without the sqrt
+        mel = torch.from_numpy(self.filters).to(batch.device) @ power
+        log_spec = torch.clamp(mel, min=1e-10).log10()
+        log_spec = torch.maximum(log_spec, log_spec.amax(dim=(1, 2), keepdim=True) - 8.0)
+        features = (log_spec + 4.0) / 4.0
+        mask = (
+            torch.arange(frames, device=batch.device)[None, :]
+            < torch.tensor(lengths, device=batch.device)[:, None]
+        )
+        return features, mask.to(torch.int32)

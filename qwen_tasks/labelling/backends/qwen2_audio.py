@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +30,7 @@ from qwen_tasks.labelling.backends.backoff import run_resilient
 from qwen_tasks.labelling.backends.common import (
     NO_VARIANTS,
     YES_VARIANTS,
+    LogMel,
     Unit,
     UnitOut,
     assemble,
@@ -48,6 +52,35 @@ log = logging.getLogger(__name__)
 BACKEND_NAME = "qwen2-audio"
 MIN_LENGTH_RATIO = 0.75  # score: padding to the longest clip of a group wastes at most 25 % of its audio
 MIN_GROUP = 4
+FEATURES = ("torch", "processor")
+DECODE_MODES = ("off", "static", "compile")
+
+
+def decode_mode_from_env() -> str:
+    """`QWEN_TASKS_COMPILE_DECODE`: off (default) | static (static KV cache) | compile (static KV cache and
+    torch.compile of the decode step; on CUDA transformers then captures it with CUDA graphs)."""
+    value = os.environ.get("QWEN_TASKS_COMPILE_DECODE", "").strip().lower() or "off"
+    aliases = {"0": "off", "false": "off", "no": "off", "1": "compile", "true": "compile", "yes": "compile"}
+    value = aliases.get(value, value)
+    if value not in DECODE_MODES:
+        raise ModelError(f"QWEN_TASKS_COMPILE_DECODE must be one of {', '.join(DECODE_MODES)}, got {value!r}")
+    return value
+
+
+@dataclass
+class Prepared:
+    """A batch made ready for the model (`Qwen2AudioBackend.prepare`): validated units in model order,
+    their sub-batches and each sub-batch's model inputs, features included, already on the device."""
+
+    clips: Sequence[AudioClip]
+    request: LabelRequest
+    prompt: str
+    errors: dict[int, str]
+    ordered: list[Unit]
+    groups: list[list[Unit]]
+    inputs: dict[tuple[int, ...], Any] = field(default_factory=dict)  # by the ids of a chunk's units
+
+
 _TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
 
 
@@ -157,6 +190,8 @@ class Qwen2AudioBackend:
         max_batch: int | None = None,
         trim_audio: bool = True,
         adapter: str | None = None,
+        features: str = "torch",
+        decode: str | None = None,
     ) -> None:
         import torch
         from safetensors import SafetensorError
@@ -174,6 +209,13 @@ class Qwen2AudioBackend:
         self.style = choose_style(prompt_style, lambda: detect_prompt_style(self.model_id))
         self.max_batch = max_batch
         self.trim_audio = trim_audio
+        if features not in FEATURES:
+            raise ModelError(f"features must be one of {', '.join(FEATURES)}, got {features!r}")
+        self.features = features  # "processor": the processor's 30-s CPU path (kept for comparisons)
+        self.decode_mode = decode_mode_from_env() if decode is None else decode
+        if self.decode_mode not in DECODE_MODES:
+            raise ModelError(f"decode must be one of {', '.join(DECODE_MODES)}, got {self.decode_mode!r}")
+        self.model_seconds = 0.0  # wall time spent in model calls (bench: how busy the model was)
         kwargs: dict[str, Any] = {"revision": revision} if revision else {}
         # on a GPU, load the weights straight onto it (a 7B model need not fit in host memory first)
         placement: dict[str, Any] = {"device_map": self.device} if self.device.startswith("cuda") else {}
@@ -196,6 +238,9 @@ class Qwen2AudioBackend:
         self.eos_ids = self._eos_ids()
         self.yes_ids = single_token_ids(self.tokenizer, YES_VARIANTS)
         self.no_ids = single_token_ids(self.tokenizer, NO_VARIANTS)
+        self.log_mel = LogMel.from_feature_extractor(self.processor.feature_extractor)
+        self.audio_token = getattr(self.processor, "audio_token", "<|AUDIO|>")
+        self._stream = torch.cuda.Stream(device=self.device) if self.device.startswith("cuda") else None
         self.sampling_rate = int(self.processor.feature_extractor.sampling_rate)
         if self.sampling_rate != TARGET_SAMPLE_RATE:
             raise ModelError(
@@ -268,6 +313,11 @@ class Qwen2AudioBackend:
     # ----- labelling -------------------------------------------------------------------------------
     def label(self, clips: Sequence[AudioClip], request: LabelRequest) -> list[ClipResult]:
         """One ClipResult per clip, in order; see Backend.label. Never raises for a bad clip."""
+        return self.label_prepared(self.prepare(clips, request))
+
+    def prepare(self, clips: Sequence[AudioClip], request: LabelRequest) -> Prepared:
+        """Everything before the model: validation, windows, sub-batches, prompts and log-mel features
+        (on the model's device). A worker runs this for the next batch while the model runs this one."""
         if request.task == "cry" and (not self.yes_ids or not self.no_ids):
             raise ModelError(f"{self.model_id}: tokenizer has no single-token yes/no variants to score")
         prompt = self.prompt_text(request)
@@ -275,12 +325,32 @@ class Qwen2AudioBackend:
         # Longest first: padding stays small inside a sub-batch and an OOM shows up on the first one.
         ordered = sorted(units, key=lambda u: -len(u.waveform))
         score_only = request.task == "cry" and tuple(request.methods) == ("score",)
+        groups = length_groups(ordered) if score_only else [ordered]
+        prepared = Prepared(clips, request, prompt, errors, ordered, groups)
+        if self.features == "torch" and self.log_mel is not None:
+            for (
+                group
+            ) in groups:  # the chunks run_resilient starts with; after a back-off, _infer makes its own
+                size = max(1, min(self.max_batch or len(group), len(group)))
+                for i in range(0, len(group), size):
+                    chunk = group[i : i + size]
+                    try:
+                        prepared.inputs[_key(chunk)] = self._inputs(chunk, prompt)
+                    except Exception as exc:  # noqa: BLE001 - made again inside run_resilient, per clip
+                        log.warning("features of %d windows: %s: %s", len(chunk), type(exc).__name__, exc)
+        return prepared
+
+    def label_prepared(self, prepared: Prepared) -> list[ClipResult]:
+        """The model part of `label` for a batch made ready by `prepare`."""
+        clips, request = prepared.clips, prepared.request
         outs: list[UnitOut] = []
-        for group in length_groups(ordered) if score_only else [ordered]:
+        for group in prepared.groups:
             outs.extend(
                 run_resilient(
                     group,
-                    lambda chunk: self._infer(chunk, prompt, request),
+                    lambda chunk: self._infer(
+                        chunk, prepared.prompt, request, prepared.inputs.get(_key(chunk))
+                    ),
                     lambda unit, exc: UnitOut(
                         error=f"{clips[unit.clip_pos].path}: {type(exc).__name__}: {exc}"
                     ),
@@ -288,7 +358,7 @@ class Qwen2AudioBackend:
                     after_oom=self._empty_cache,
                 )
             )
-        return assemble(clips, errors, ordered, outs, request)
+        return assemble(clips, prepared.errors, prepared.ordered, outs, request)
 
     def _empty_cache(self) -> None:
         import torch
@@ -296,22 +366,55 @@ class Qwen2AudioBackend:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    def _infer(self, units: list[Unit], prompt: str, request: LabelRequest) -> list[UnitOut]:
+    def _infer(
+        self, units: list[Unit], prompt: str, request: LabelRequest, inputs: Any | None = None
+    ) -> list[UnitOut]:
         import torch
 
-        inputs = self.processor(
-            text=[prompt] * len(units),
-            audio=[u.waveform for u in units],
-            sampling_rate=self.sampling_rate,
-            return_tensors="pt",
-            padding=True,
-        ).to(self.device)
+        if inputs is None:
+            inputs = self._inputs(units, prompt)
         score_only = request.task == "cry" and tuple(request.methods) == ("score",)
-        with torch.inference_mode():
-            embeds = self._embed_trimmed(inputs) if self.trim_audio else None
-            if score_only:
-                return [UnitOut(p_yes=p) for p in self._score(inputs, embeds)]
-            return self._generate(inputs, embeds, request, [unit_budget(u, request) for u in units])
+        start = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                embeds = self._embed_trimmed(inputs) if self.trim_audio else None
+                if score_only:
+                    return [UnitOut(p_yes=p) for p in self._score(inputs, embeds)]
+                return self._generate(inputs, embeds, request, [unit_budget(u, request) for u in units])
+        finally:
+            self.model_seconds += time.perf_counter() - start
+
+    def _inputs(self, units: list[Unit], prompt: str) -> Any:
+        """Model inputs of one sub-batch: token ids, masks and log-mel features, on the model's device.
+
+        With features="torch" (default) the log-mel is computed by `LogMel` on the device, batched, over
+        the frames the encoder reads (all 3000 for the stock pass, trim_audio=False), and the prompt's
+        audio placeholder is expanded as the processor does; "processor" is the stock path (CPU, 30 s).
+        """
+        import torch
+
+        waves = [u.waveform for u in units]
+        if self.features != "torch" or self.log_mel is None:
+            return self.processor(
+                text=[prompt] * len(units), audio=waves, sampling_rate=self.sampling_rate,
+                return_tensors="pt", padding=True,
+            ).to(self.device)  # fmt: skip
+        lengths = [self.log_mel.clip_frames(len(w)) for w in waves]
+        frames = self.log_mel.trimmed_frames(lengths) if self.trim_audio else None
+        texts = [prompt.replace(self.audio_token, self.audio_token * audio_tokens(n), 1) for n in lengths]
+        tokens = self.tokenizer(texts, padding=True, return_tensors="pt")
+        stream = self._stream
+        with torch.cuda.stream(stream) if stream is not None else _nullcontext():
+            features, mask = self.log_mel(waves, self.device, frames)
+            out = {
+                "input_ids": tokens["input_ids"].to(self.device),
+                "attention_mask": tokens["attention_mask"].to(self.device),
+                "input_features": features,
+                "feature_attention_mask": mask,
+            }
+        if stream is not None:  # made on a side stream (a worker's prefetch thread): ready before use
+            stream.synchronize()
+        return out
 
     def _embed_trimmed(self, inputs: Any) -> Any:
         """Prompt embeddings with the audio encoder run only up to the batch's longest clip (see
@@ -331,6 +434,21 @@ class Qwen2AudioBackend:
         logits = self.model.lm_head(hidden[:, -1, :])
         return p_yes(logits, self.yes_ids, self.no_ids)
 
+    def _decode_options(self) -> dict[str, Any]:
+        """GenerationConfig keys of the decode mode (QWEN_TASKS_COMPILE_DECODE, off by default): "static"
+        preallocates the KV cache (fixed shapes), "compile" also compiles the decode step with
+        torch.compile on any device (on CUDA in "reduce-overhead" mode: CUDA graphs). Greedy output is the
+        same as "off" (tests/labelling/test_features.py); whether it is faster was not measured."""
+        if self.decode_mode == "off":
+            return {}
+        if self.decode_mode == "static":
+            return {"cache_implementation": "static", "disable_compile": True}
+        from transformers.generation.configuration_utils import CompileConfig
+
+        compile_config = CompileConfig(fullgraph=False, dynamic=False)
+        compile_config._compile_all_devices = True  # transformers compiles on CUDA only unless told
+        return {"cache_implementation": "static", "compile_config": compile_config}
+
     def _generate(
         self, inputs: Any, embeds: Any | None, request: LabelRequest, budgets: list[int]
     ) -> list[UnitOut]:
@@ -346,6 +464,7 @@ class Qwen2AudioBackend:
             pad_token_id=self.pad_id,
             return_dict_in_generate=True,
             output_logits=want_p,
+            **self._decode_options(),
         )
         if embeds is None:
             out = self.model.generate(**inputs, generation_config=config)
@@ -365,6 +484,21 @@ class Qwen2AudioBackend:
             UnitOut(text=t, p_yes=p, truncated=cut)
             for t, p, (_, cut) in zip(texts, scores, rows, strict=True)
         ]
+
+
+def audio_tokens(frames: int) -> int:
+    """Audio tokens of a clip of `frames` mel frames (the processor's count: two stride-2 stages)."""
+    return (((frames - 1) // 2 + 1) - 2) // 2 + 1
+
+
+def _key(units: Sequence[Unit]) -> tuple[int, ...]:
+    return tuple(id(u) for u in units)
+
+
+def _nullcontext() -> Any:
+    import contextlib
+
+    return contextlib.nullcontext()
 
 
 def prompt_embeddings(model: Any, inputs: Any, *, encoder_grad: bool = True) -> Any:

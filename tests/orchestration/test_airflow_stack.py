@@ -221,7 +221,8 @@ def test_a_killed_celery_worker_loses_no_clip_and_labels_none_twice(
             ).all()
         owners = {job_id: owner for job_id, owner in held}
         doomed = [j for j, owner in owners.items() if st.descends_from(int(owner.split(":")[1]), "worker-1")]
-        assert len(doomed) == 1, owners
+        # the overlapped worker holds the job it writes and may hold the next (in the model, prefetched)
+        assert 1 <= len(doomed) <= 3, owners
         st.kill_machine("worker-1")  # the machine is gone: celery worker, its pool, supervisor and task
     assert st.wait_for_run(run_id, timeout=600) == "success", st.task_instances(run_id)
 
@@ -234,12 +235,13 @@ def test_a_killed_celery_worker_loses_no_clip_and_labels_none_twice(
                 .group_by(cry_answer.c.audio_id)
             ).all()
         )
-        taken_over = conn.execute(sa.select(label_job).where(label_job.c.id == doomed[0])).one()
+        taken_over = conn.execute(sa.select(label_job).where(label_job.c.id.in_(doomed))).all()
     assert run["status"] == "done" and run["n_planned"] == len(samples.clips)
     assert len(per_audio) == len(samples.clips) and set(per_audio.values()) == {1}  # all, each once
     assert run["n_labelled"] == len(samples.clips)
-    assert taken_over.status == "done" and taken_over.attempts == 2
-    assert "expired" in taken_over.last_error and taken_over.lease_owner != owners[doomed[0]]
+    for job in taken_over:  # every job the killed machine held was taken over once its lease ran out
+        assert job.status == "done" and job.attempts == 2, job
+        assert "expired" in job.last_error and job.lease_owner != owners[job.id]
 
     tis = [t for t in st.task_instances(run_id) if t["task_id"] == "label_batch"]
     assert len(tis) == 2 and all(t["state"] == "success" for t in tis)

@@ -465,6 +465,15 @@ review_queue = _view(
     sa.Column("priority", sa.Float),
 )
 
+
+def _quality_figures() -> list[sa.Column]:
+    """The key figures run_quality (0003) and run_quality_by_dataset (0008) both show, in their order."""
+    floats = ("n_gold", "score_accuracy", "score_f1", "score_roc_auc", "best_threshold", "generate_accuracy",
+              "generate_f1", "generate_unknown_rate", "methods_agreement", "n_reference", "wer", "cer",
+              "error_rate")  # fmt: skip
+    return [sa.Column(name, sa.Float) for name in floats]
+
+
 # 0003: one row per run with its stored metrics as columns (names of run_metric).
 run_quality = _view(
     "run_quality",
@@ -480,19 +489,7 @@ run_quality = _view(
     sa.Column("n_labelled", sa.Integer),
     sa.Column("n_failed", sa.Integer),
     sa.Column("audio_seconds", sa.Float),
-    sa.Column("n_gold", sa.Float),
-    sa.Column("score_accuracy", sa.Float),
-    sa.Column("score_f1", sa.Float),
-    sa.Column("score_roc_auc", sa.Float),
-    sa.Column("best_threshold", sa.Float),
-    sa.Column("generate_accuracy", sa.Float),
-    sa.Column("generate_f1", sa.Float),
-    sa.Column("generate_unknown_rate", sa.Float),
-    sa.Column("methods_agreement", sa.Float),
-    sa.Column("n_reference", sa.Float),
-    sa.Column("wer", sa.Float),
-    sa.Column("cer", sa.Float),
-    sa.Column("error_rate", sa.Float),
+    *_quality_figures(),
     sa.Column("items_per_s", sa.Float),
     sa.Column("rtf", sa.Float),
     sa.Column("metrics_computed_at", sa.DateTime(timezone=True)),
@@ -574,19 +571,7 @@ run_quality_by_dataset = _view(
     sa.Column("group_name", sa.Text),
     sa.Column("split", sa.Text),
     sa.Column("n_results", sa.Float),
-    sa.Column("n_gold", sa.Float),
-    sa.Column("score_accuracy", sa.Float),
-    sa.Column("score_f1", sa.Float),
-    sa.Column("score_roc_auc", sa.Float),
-    sa.Column("best_threshold", sa.Float),
-    sa.Column("generate_accuracy", sa.Float),
-    sa.Column("generate_f1", sa.Float),
-    sa.Column("generate_unknown_rate", sa.Float),
-    sa.Column("methods_agreement", sa.Float),
-    sa.Column("n_reference", sa.Float),
-    sa.Column("wer", sa.Float),
-    sa.Column("cer", sa.Float),
-    sa.Column("error_rate", sa.Float),
+    *_quality_figures(),
     sa.Column("metrics_computed_at", sa.DateTime(timezone=True)),
 )
 

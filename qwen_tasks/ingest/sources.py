@@ -203,10 +203,10 @@ def join(folder: str, relative: str) -> str | None:
     its `..` would climb out of the bucket."""
     scheme, _, rest = folder.partition("://")
     bucket, _, key = rest.partition("/")
-    joined = posixpath.normpath(posixpath.join("/", key, relative))
-    if relative.startswith("/") or joined.startswith("/.."):
+    joined = posixpath.normpath(posixpath.join(key, relative))  # relative: `..` stays visible at the front
+    if relative.startswith("/") or joined == ".." or joined.startswith("../") or joined == ".":
         return None
-    return f"{scheme}://{bucket}{joined}"
+    return f"{scheme}://{bucket}/{joined}"
 
 
 def read_bytes(url: str) -> bytes:

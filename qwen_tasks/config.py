@@ -73,7 +73,12 @@ def _env_device(name: str) -> str:
 
 
 # `:` separates entries, except the one of a URL's `scheme://` (QWEN_TASKS_ALLOWED_ROOTS=/data:s3://b/audio).
-_ROOT_SEPARATOR = re.compile(r":(?!//)")
+_PATH_SEPARATOR = re.compile(r":(?!//)")
+
+
+def split_paths(raw: str) -> list[str]:
+    """A `:`-separated list of paths and URLs (`/data:s3://bucket/audio`), blanks dropped."""
+    return [p.strip() for p in _PATH_SEPARATOR.split(raw) if p.strip()]
 
 
 def _env_roots(name: str) -> tuple[str, ...]:
@@ -84,9 +89,7 @@ def _env_roots(name: str) -> tuple[str, ...]:
     if re.search(r"://[^/]*@", raw):  # before splitting: `user:secret@` holds a `:` of its own
         raise ConfigError(f"{name}: {url_problem('s3://user@bucket')}")
     out: list[str] = []
-    for entry in (e.strip() for e in _ROOT_SEPARATOR.split(raw)):
-        if not entry:
-            continue
+    for entry in split_paths(raw):
         if is_url(entry):
             problem = url_problem(entry)
             if problem:

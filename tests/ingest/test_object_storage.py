@@ -271,7 +271,7 @@ def test_two_workers_without_the_ingesting_machines_files_label_each_clip_once(
     with engine.connect() as conn:
         labelled = conn.execute(sa.select(schema.cry_answer.c.audio_id)).scalars().all()
         audio_ids = conn.execute(sa.select(schema.audio.c.id)).scalars().all()
-        owners = conn.execute(sa.select(sa.distinct(schema.label_job.c.lease_owner))).scalars().all()
+        owners = conn.execute(sa.select(schema.label_job.c.lease_owner).distinct()).scalars().all()
     assert sorted(labelled) == sorted(audio_ids) and len(audio_ids) == 6  # every clip, once
     assert set(owners) <= {"gpu-a", "gpu-b"}
     assert s3_server.object_gets(s3_bucket) == 6 + 6  # ingest once, then each clip by one worker once

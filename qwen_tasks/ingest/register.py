@@ -581,6 +581,15 @@ def _check_all(paths: list[str]) -> list[CheckedAudio | AudioError]:
     return [_check(p) for p in paths]
 
 
+def _unchanged(prev: _Known | None, size: int, mtime_ns: int | None, etag: str | None = None) -> bool:
+    """The stored row was ok and has the same size, mtime and (objects) ETag: the content is not read."""
+    return (
+        prev is not None
+        and prev.status == "ok"
+        and (prev.size_bytes, prev.mtime_ns, prev.etag) == (size, mtime_ns, etag)
+    )
+
+
 def _classify_object(
     url: str, info: storage.ObjectInfo | None, roots: _Roots, known: dict[str, _Known]
 ) -> tuple[str, str | None, None, str | None]:
@@ -591,13 +600,8 @@ def _classify_object(
         return "bad", OUTSIDE_ROOTS, None, None
     if info is None:
         return "bad", "no such object", None, root
-    prev = known.get(url)
-    if (
-        prev is not None
-        and prev.status == "ok"
-        and prev.size_bytes == info.size
-        and (prev.etag, prev.mtime_ns) == (info.etag, info.mtime_ns)
-        and (info.etag, info.mtime_ns) != (None, None)
+    if (info.etag, info.mtime_ns) != (None, None) and _unchanged(
+        known.get(url), info.size, info.mtime_ns, info.etag
     ):
         return "unchanged", None, None, root
     return "check", None, None, root
@@ -638,13 +642,7 @@ def _classify(
         return "bad", os_error_reason(path, st_error), None, root
     if stat.S_ISDIR(st.st_mode):
         return "bad", "is a directory", st, root
-    prev = known.get(path)
-    if (
-        prev is not None
-        and prev.status == "ok"
-        and prev.size_bytes == st.st_size
-        and prev.mtime_ns == st.st_mtime_ns
-    ):
+    if _unchanged(known.get(path), st.st_size, st.st_mtime_ns):
         return "unchanged", None, st, root
     return "check", None, st, root
 

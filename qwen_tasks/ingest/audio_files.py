@@ -356,14 +356,14 @@ def check_file(path: str | Path) -> CheckedAudio:
     return CheckedAudio(path=path, sha256=sha, size_bytes=st.st_size, mtime_ns=st.st_mtime_ns, probe=info)
 
 
-def check_object(url: str) -> CheckedAudio:
+def check_object(url: str, listed_size: int | None = None) -> CheckedAudio:
     """check_file for an object in storage (`sources`): streamed once into a temporary file while it is
     hashed, then judged from that very copy (canonical WAV from the bytes read, else libsndfile/ffmpeg on
     the copy), so the object is downloaded once and what is probed is what was hashed."""
     from qwen_tasks.ingest import sources
 
     with tempfile.TemporaryFile(prefix="qwen-tasks-object-") as tmp:
-        got = sources.download(url, tmp)
+        got = sources.download(url, tmp, listed_size)
         tmp.flush()
         size = got.info.size
         if size == 0:
@@ -535,7 +535,7 @@ def _load_object(recorded: RecordedPath, target_rate: int) -> np.ndarray:
         raise AudioError(recorded.path, f"{problem}; not read")
     if recorded.sha256 is None:  # cannot happen for an ok row; refuse rather than read unchecked bytes
         raise AudioError(recorded.path, "no sha256 recorded by ingest; re-run ingest")
-    data = sources.fetch_verified(recorded.path, recorded.sha256)
+    data = sources.fetch_verified(recorded.path, recorded.sha256, recorded.size_bytes)
     return _decode_fd(io.BytesIO(data), recorded.path, target_rate)
 
 

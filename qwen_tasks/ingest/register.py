@@ -34,7 +34,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Engine
 
 from qwen_tasks.config import get_settings
-from qwen_tasks.errors import AudioError, ConfigError
+from qwen_tasks.errors import AudioError, ConfigError, StorageUnavailable
 from qwen_tasks.ingest import datasets
 from qwen_tasks.ingest import sources as storage
 from qwen_tasks.ingest.audio_files import (
@@ -567,18 +567,24 @@ def _stat_or_none(path: str) -> os.stat_result | None:
         return None
 
 
-def _check(path: str) -> CheckedAudio | AudioError:
-    """check_file, with any surprise turned into a quarantine reason: one file never stops the run."""
+def _check(path: str, objects: dict[str, storage.ObjectInfo]) -> CheckedAudio | AudioError:
+    """check_file (check_object for a URL, with its listed size), with any surprise turned into a
+    quarantine reason: one file never stops the run."""
     try:
-        return check_object(path) if is_url(path) else check_file(path)
+        if is_url(path):
+            listed = objects.get(path)
+            return check_object(path, listed.size if listed is not None else None)
+        return check_file(path)
     except AudioError as exc:
         return exc
+    except StorageUnavailable:  # not the file's fault: the run stops (what is written stays), no quarantine
+        raise
     except Exception as exc:  # noqa: BLE001 - e.g. MemoryError on a corrupt header; the file fails alone
         return AudioError(path, f"unexpected error: {type(exc).__name__}: {exc}")
 
 
-def _check_all(paths: list[str]) -> list[CheckedAudio | AudioError]:
-    return [_check(p) for p in paths]
+def _check_all(paths: list[str], objects: dict[str, storage.ObjectInfo]) -> list[CheckedAudio | AudioError]:
+    return [_check(p, objects) for p in paths]
 
 
 def _unchanged(prev: _Known | None, size: int, mtime_ns: int | None, etag: str | None = None) -> bool:
@@ -1013,7 +1019,10 @@ def ingest(
         # of small files they would spread; four slices per thread keep the threads evenly busy.
         def submit(chunk: list[str]) -> list[Future[list[CheckedAudio | AudioError]]]:
             step = max(1, -(-len(chunk) // (4 * n_workers)))
-            return [pool.submit(_check_all, chunk[i : i + step]) for i in range(0, len(chunk), step)]
+            return [
+                pool.submit(_check_all, chunk[i : i + step], found.objects)
+                for i in range(0, len(chunk), step)
+            ]
 
         in_flight: tuple[_Batch, Future[tuple[set[str], dict[str, tuple[int, int | None]]]], int] | None = (
             None

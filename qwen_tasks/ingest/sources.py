@@ -6,8 +6,8 @@ always through fsspec (s3fs for S3, MinIO, Ceph...): no hand-written client.
 
 - Listing (`list_prefix`, `list_named`) returns each object's size, ETag and last-modified time
   (`ObjectInfo`) without reading it, so ingest can skip an unchanged object entirely.
-- `download` streams an object once, hashing as it goes, into a file the caller then probes: the bytes
-  judged are the bytes hashed.
+- `download` copies an object once (one GET up to 64 MiB, else streamed in ranges), hashing it, into a file
+  the caller then probes: the bytes judged are the bytes hashed.
 - `fetch_verified` is what labelling reads: the bytes of the content ingest hashed, from a bounded local
   cache (`ObjectCache`, LRU by bytes, keyed by sha256) or downloaded once and checked against that sha256.
 - Credentials and endpoint come from the standard chain (AWS_* variables, ~/.aws, AWS_ENDPOINT_URL), or
@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from qwen_tasks.config import get_settings
-from qwen_tasks.errors import AudioError, ConfigError
+from qwen_tasks.errors import AudioError, ConfigError, StorageUnavailable
 from qwen_tasks.records import is_url, normal_url, redact_url, url_problem
 
 if TYPE_CHECKING:
@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 __all__ = ["is_url", "ObjectInfo", "check_url", "list_prefix", "list_named", "download", "fetch_verified"]
 
 STREAM_CHUNK = 8 << 20  # bytes per ranged read while streaming an object (one request each)
+WHOLE_OBJECT_BYTES = 64 << 20  # objects listed up to this size are fetched with one GET (no HEAD, no ranges)
 _options: dict[str, dict[str, Any]] = {}  # protocol -> storage options set by the caller (Airflow task)
 _lock = threading.Lock()
 
@@ -132,13 +133,21 @@ def _url_of(fs: fsspec.AbstractFileSystem, url: str, name: str) -> str:
     return normal_url(f"{url.partition('://')[0]}://{fs._strip_protocol(name)}")
 
 
-def _read_error(url: str, exc: BaseException) -> AudioError:
-    """A short reason for a failed read, never the storage options (the URL itself holds no secret)."""
+def _read_error(url: str, exc: BaseException) -> AudioError | StorageUnavailable:
+    """A short reason for a failed read, never the storage options (the URL itself holds no secret).
+    Anything but an OSError/ValueError (botocore's connection errors) means the storage is unreachable."""
+    if not isinstance(exc, OSError | ValueError):
+        return StorageUnavailable(f"{url}: object storage cannot be reached ({type(exc).__name__}: {exc})")
     if isinstance(exc, FileNotFoundError):
         return AudioError(url, "no such object")
     if isinstance(exc, PermissionError):
         return AudioError(url, "permission denied")
     return AudioError(url, f"cannot read object: {type(exc).__name__}: {exc}")
+
+
+def _listing_error(url: str, exc: BaseException) -> StorageUnavailable:
+    error = _read_error(url, exc)
+    return error if isinstance(error, StorageUnavailable) else StorageUnavailable(f"cannot list {error}")
 
 
 def is_prefix(url: str) -> bool:
@@ -151,8 +160,8 @@ def is_prefix(url: str) -> bool:
             return False
         if fs.isdir(url):
             return True
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{url}: {_read_error(url, exc).reason}") from None
+    except Exception as exc:  # noqa: BLE001 - one line naming the URL, whatever the storage raised
+        raise ConfigError(str(_read_error(url, exc))) from None
     raise ConfigError(f"no such file or directory: {url}")
 
 
@@ -161,7 +170,10 @@ def list_prefix(url: str) -> dict[str, ObjectInfo]:
     1,000 objects on S3; nothing is downloaded)."""
     fs = filesystem(url)
     fs.invalidate_cache()
-    found = fs.find(url, detail=True)
+    try:
+        found = fs.find(url, detail=True)
+    except Exception as exc:  # noqa: BLE001 - a listing that fails stops the run with one line
+        raise _listing_error(url, exc) from None
     out: dict[str, ObjectInfo] = {}
     for name, detail in found.items():
         if detail.get("type", "file") != "file":
@@ -185,6 +197,8 @@ def list_named(urls: Iterable[str]) -> dict[str, ObjectInfo]:
             listed = fs.ls(folder, detail=True)
         except FileNotFoundError:
             continue
+        except Exception as exc:  # noqa: BLE001
+            raise _listing_error(folder, exc) from None
         for detail in listed:
             obj = _url_of(fs, folder, detail["name"])
             if obj in names and detail.get("type", "file") == "file":
@@ -214,10 +228,21 @@ def read_bytes(url: str) -> bytes:
     return filesystem(url).cat_file(url)
 
 
-def download(url: str, out: BinaryIO) -> Downloaded:
-    """Stream the object at `url` into `out` once, hashing it as it goes; AudioError(url, reason) when it
-    cannot be read. The facts recorded (size, ETag, last-modified) are the ones read when it was opened."""
+def download(url: str, out: BinaryIO, listed_size: int | None = None) -> Downloaded:
+    """Copy the object at `url` into `out` once, hashing it; AudioError(url, reason) when it cannot be read.
+
+    An object listed at most WHOLE_OBJECT_BYTES long is fetched with one GET (the object as it is now,
+    whatever the listing said; the caller keeps the listing's facts, so a change in between shows in the
+    next listing). A larger one, or one of unknown size, is streamed in STREAM_CHUNK ranges after one HEAD,
+    whose size, ETag and last-modified time are returned with it."""
     fs = filesystem(url)
+    if listed_size is not None and listed_size <= WHOLE_OBJECT_BYTES:
+        try:
+            data = fs.cat_file(url)
+        except Exception as exc:  # noqa: BLE001 - sorted by _read_error: a file's fault or the storage's
+            raise _read_error(url, exc) from None
+        out.write(data)
+        return Downloaded(ObjectInfo(url, len(data), None, None), hashlib.sha256(data).hexdigest(), data)
     digest = hashlib.sha256()
     head = b""
     size = 0
@@ -230,7 +255,7 @@ def download(url: str, out: BinaryIO) -> Downloaded:
                 digest.update(chunk)
                 out.write(chunk)
                 size += len(chunk)
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - sorted by _read_error: a file's fault or the storage's
         raise _read_error(url, exc) from None
     detail["size"] = size
     return Downloaded(_info(url, detail), digest.hexdigest(), head)
@@ -290,7 +315,7 @@ def object_cache() -> ObjectCache:
     return ObjectCache(settings.object_cache, settings.object_cache_bytes)
 
 
-def fetch_verified(url: str, sha256: str) -> bytes:
+def fetch_verified(url: str, sha256: str, size: int | None = None) -> bytes:
     """The bytes of `url` that ingest hashed to `sha256`: from the local cache, else downloaded once (and
     cached). AudioError when the object now holds other bytes, FileNotFoundError when it is gone."""
     cache = object_cache()
@@ -299,7 +324,7 @@ def fetch_verified(url: str, sha256: str) -> bytes:
         return data
     buffer = io.BytesIO()
     try:
-        got = download(url, buffer)
+        got = download(url, buffer, size)
     except AudioError as exc:
         if exc.reason == "no such object":
             raise FileNotFoundError(url) from None

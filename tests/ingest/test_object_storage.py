@@ -171,6 +171,9 @@ def test_urls_with_credentials_or_dot_segments_are_refused_in_one_line(
     assert done.stderr.count("\n") <= 1 and "Traceback" not in done.stderr
     missing = run_cli(["ingest", f"s3://{s3_bucket}/nothing-here"], database_url)
     assert missing.returncode == 1 and "no such file or directory: s3://" in missing.stderr
+    down = run_cli(["ingest", f"s3://{s3_bucket}/a"], database_url, AWS_ENDPOINT_URL="http://127.0.0.1:9")
+    assert down.returncode == 1 and "object storage cannot be reached" in down.stderr
+    assert "Traceback" not in down.stderr and "testing-secret-key" not in down.stderr
     monkeypatch.setenv("QWEN_TASKS_ALLOWED_ROOTS", f"/data:s3://AKIA:secret-key@{s3_bucket}/a")
     with pytest.raises(ConfigError) as refused:
         get_settings()

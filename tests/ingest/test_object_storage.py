@@ -22,7 +22,7 @@ from labelling_helpers import CLI, run_cli, write_clips
 from s3_server import S3Server
 from sqlalchemy.engine import Engine
 
-from qwen_tasks.config import get_settings
+from qwen_tasks.config import get_settings, split_paths
 from qwen_tasks.errors import AudioError, ConfigError
 from qwen_tasks.ingest import sources
 from qwen_tasks.ingest.audio_files import load_ingested
@@ -178,6 +178,15 @@ def test_urls_with_credentials_or_dot_segments_are_refused_in_one_line(
     with pytest.raises(ConfigError) as refused:
         get_settings()
     assert "secret-key" not in str(refused.value)
+
+
+def test_path_lists_keep_urls_whole_and_cache_sizes_take_suffixes(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert split_paths("/a:s3://b/c::/d:gs://e") == ["/a", "s3://b/c", "/d", "gs://e"]
+    monkeypatch.setenv("QWEN_TASKS_OBJECT_CACHE_BYTES", "500M")
+    assert get_settings().object_cache_bytes == 500 * 1024**2
+    monkeypatch.setenv("QWEN_TASKS_OBJECT_CACHE_BYTES", "lots")
+    with pytest.raises(ConfigError, match="QWEN_TASKS_OBJECT_CACHE_BYTES must be a byte count"):
+        get_settings()
 
 
 def test_object_cache_is_bounded_lru(tmp_path: Path) -> None:

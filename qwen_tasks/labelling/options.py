@@ -133,7 +133,8 @@ class LabelOptions:
         Spec(
             "list",
             "Audio folders",
-            "Folders scanned recursively for audio (one per line). Default: QWEN_TASKS_AUDIO_DIRS.",
+            "Folders or bucket prefixes (s3://bucket/prefix) scanned recursively for audio (one per line). "
+            "Default: QWEN_TASKS_AUDIO_DIRS.",
             nullable=True,
             dag_only=True,
         ),

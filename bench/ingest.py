@@ -3,6 +3,7 @@
     python bench/ingest.py                       # 10,000 x 1 s clips (about 320 MB in a temp folder)
     python bench/ingest.py --n 2000 --registered 100000
     python bench/ingest.py --manifest --n 10000 --registered 90000   # the same through a jsonl manifest
+    python bench/ingest.py --n 2000 --bucket     # and the same clips as objects on a local S3 server
 
 Targets (issue 4, folders): first ingest <= 2x the sha256sum time; unchanged re-run over 100k registered
 files < 5 s. Targets (issue 14, `--manifest`): first manifest ingest <= 2x sha256sum over the same files;
@@ -14,6 +15,11 @@ second one; that second manifest is ingested once (its lines are new, its files 
 unchanged re-run of both manifests is timed. The run uses a throwaway database on the configured server
 (QWEN_TASKS_DATABASE_URL, or the embedded one) unless --database-url names one; it is dropped at the end.
 Page cache is warm for every timing (the files were just written); sha256sum is single-threaded.
+
+`--bucket` (issue 22) also uploads the N clips to a local S3 server (moto's server mode, the one the tests
+start: tests/s3_server.py) and times a first ingest of `s3://bench/clips` and an unchanged re-run,
+printed beside the folder figures, with the object downloads the server logged during each (target:
+unchanged re-run of 2,000 objects < 2 s, no object downloaded).
 """
 
 from __future__ import annotations
@@ -127,6 +133,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=None, help="ingest threads (default: ingest's)")
     parser.add_argument("--dir", type=Path, default=None, help="work folder (default: a temp folder)")
     parser.add_argument("--database-url", default=None, help="use this database instead of a temp one")
+    parser.add_argument("--bucket", action="store_true", help="also the same clips in a local S3 bucket")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="qt-bench-ingest-", dir=args.dir))
@@ -206,6 +213,52 @@ def main() -> None:
         else:
             print("   (time 100k with --registered)")
         print(f"  load average now           {os.getloadavg()[0]:.2f}")
+        if args.bucket:
+            bucket_case(engine, work, clips, first_s, again_s, args.workers)
+
+
+def bucket_case(
+    engine: sa.Engine,
+    work: Path,
+    clips: list[Path],
+    folder_first: float,
+    folder_again: float,
+    workers: int | None,
+) -> None:
+    """The same clips as objects on a local S3 server: a first ingest and an unchanged re-run."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from s3_server import S3Server  # tests/s3_server.py: moto's server mode on a free port
+
+    from qwen_tasks.ingest import sources
+
+    server = S3Server(work / "s3-requests.log").start()
+    try:
+        os.environ.update(server.env)
+        prefix = "s3://bench/clips"
+        fs = sources.filesystem(prefix)
+        fs.mkdir("bench")
+        print(f"\nuploading {len(clips)} objects to {server.endpoint} ...", flush=True)
+        fs.put([str(p) for p in clips], [f"{prefix}/{p.parent.name}/{p.name}" for p in clips])
+        n = len(clips)
+        before = server.object_gets("bench")
+        first_s, first = timed(
+            f"first ingest ({n} new objects)", lambda: ingest(engine, [prefix], workers=workers)
+        )
+        got_first = server.object_gets("bench") - before
+        again_s, again = timed(
+            f"second ingest, nothing changed ({n} objects)", lambda: ingest(engine, [prefix], workers=workers)
+        )
+        got_again = server.object_gets("bench") - before - got_first
+        if first.new + first.duplicate != n or again.unchanged != n:  # duplicates: the folder's own bytes
+            raise SystemExit(f"unexpected counts: first {first.to_dict()}, second {again.to_dict()}")
+        met = "met" if again_s * 2000 / n < 2 and got_again == 0 else "NOT met"
+        print(f"\n  {'':<22} {'first ingest':>14} {'unchanged':>11} {'objects downloaded':>20}")
+        print(f"  {'local folder':<22} {folder_first:12.2f} s {folder_again:9.2f} s {'-':>20}")
+        downloads = f"{got_first}, then {got_again}"
+        print(f"  {'bucket (local S3)':<22} {first_s:12.2f} s {again_s:9.2f} s {downloads:>20}")
+        print(f"  unchanged re-run of {n} objects: target < 2 s per 2,000 and none downloaded: {met}")
+    finally:
+        server.stop()
 
 
 if __name__ == "__main__":

@@ -20,8 +20,10 @@ from pathlib import Path
 from typing import TypeVar
 
 from qwen_tasks.errors import ConfigError
+from qwen_tasks.records import is_url, normal_url, redact_url, url_problem
 
 DEFAULT_MODEL = "Qwen/Qwen2-Audio-7B-Instruct"
+DEFAULT_OBJECT_CACHE_BYTES = 2 * 1024**3  # QWEN_TASKS_OBJECT_CACHE_BYTES
 T = TypeVar("T")
 
 
@@ -70,9 +72,43 @@ def _env_device(name: str) -> str:
     return raw
 
 
-def _env_paths(name: str) -> tuple[Path, ...]:
+# `:` separates entries, except the one of a URL's `scheme://` (QWEN_TASKS_ALLOWED_ROOTS=/data:s3://b/audio).
+_PATH_SEPARATOR = re.compile(r":(?!//)")
+
+
+def split_paths(raw: str) -> list[str]:
+    """A `:`-separated list of paths and URLs (`/data:s3://bucket/audio`), blanks dropped."""
+    return [p.strip() for p in _PATH_SEPARATOR.split(raw) if p.strip()]
+
+
+def _env_roots(name: str) -> tuple[str, ...]:
+    """QWEN_TASKS_ALLOWED_ROOTS: `:`-separated local folders (resolved: compared by where they really are)
+    and object-storage URL prefixes (`s3://bucket/prefix`, compared by whole path segments). A URL with
+    credentials or `..` segments is refused here, naming the variable (credentials redacted)."""
     raw = os.environ.get(name, "")
-    return tuple(Path(p).expanduser().resolve() for p in raw.split(os.pathsep) if p.strip())
+    if re.search(r"://[^/]*@", raw):  # before splitting: `user:secret@` holds a `:` of its own
+        raise ConfigError(f"{name}: {url_problem('s3://user@bucket')}")
+    out: list[str] = []
+    for entry in split_paths(raw):
+        if is_url(entry):
+            problem = url_problem(entry)
+            if problem:
+                raise ConfigError(f"{name}: {redact_url(entry)!r}: {problem}")
+            out.append(normal_url(entry))
+        else:
+            out.append(str(Path(entry).expanduser().resolve()))
+    return tuple(out)
+
+
+def _env_bytes(name: str, default: int) -> int:
+    """A byte count: an integer, optionally with a K/M/G/T suffix (powers of 1024); 0 is allowed."""
+    raw = (os.environ.get(name) or "").strip()
+    if not raw:
+        return default
+    m = re.fullmatch(r"(\d+)\s*([KMGT]?)i?B?", raw, re.IGNORECASE)
+    if m is None:
+        raise ConfigError(f"{name} must be a byte count such as 2000000000 or 2G, got {raw!r}")
+    return int(m.group(1)) * 1024 ** "_KMGT".index(m.group(2).upper() or "_")
 
 
 # An allowlist entry that is not a local folder: a hub id `owner/name`, or a prefix `owner/` (every model
@@ -106,7 +142,8 @@ class Settings:
 
     database_url: str | None = None
     home: Path = field(default_factory=lambda: Path.cwd() / ".qwen_tasks")
-    allowed_roots: tuple[Path, ...] = ()
+    # local folders (real paths) and URL prefixes (s3://bucket/prefix) that audio and manifests must lie under
+    allowed_roots: tuple[str, ...] = ()
     # models / adapters / fine-tune bases that may be loaded (empty: any; see labelling.allowed_models)
     allowed_models: tuple[str, ...] = ()
     model: str = DEFAULT_MODEL
@@ -116,11 +153,18 @@ class Settings:
     max_batch_seconds: float = 240.0
     gpu_slots: int = 1  # the `gpu` pool's size: how many labelling workers the DAG fans out to
     lease_seconds: float = 120.0  # a dead worker's job is taken over after this long
+    # workers' local copies of object-storage audio, by content (ingest.sources.ObjectCache): LRU, bounded
+    object_cache_bytes: int = DEFAULT_OBJECT_CACHE_BYTES
+    object_cache_dir: Path | None = None  # None: <home>/object-cache
     errors: tuple[str, ...] = ()  # bad values replaced by defaults (only with strict=False)
 
     @property
     def embedded_pgdata(self) -> Path:
         return self.home / "pgdata"
+
+    @property
+    def object_cache(self) -> Path:
+        return self.object_cache_dir or self.home / "object-cache"
 
     @classmethod
     def from_env(cls, *, strict: bool = True) -> Settings:
@@ -141,7 +185,7 @@ class Settings:
         return cls(
             database_url=os.environ.get("QWEN_TASKS_DATABASE_URL") or None,
             home=Path(home).expanduser().resolve() if home else Path.cwd().resolve() / ".qwen_tasks",
-            allowed_roots=_env_paths("QWEN_TASKS_ALLOWED_ROOTS"),
+            allowed_roots=read(lambda: _env_roots("QWEN_TASKS_ALLOWED_ROOTS"), ()),
             allowed_models=read(lambda: _env_models("QWEN_TASKS_ALLOWED_MODELS"), ()),
             model=os.environ.get("QWEN_TASKS_MODEL") or DEFAULT_MODEL,
             model_revision=os.environ.get("QWEN_TASKS_MODEL_REVISION", "").strip(),
@@ -150,6 +194,13 @@ class Settings:
             max_batch_seconds=read(lambda: _env_float("QWEN_TASKS_MAX_BATCH_SECONDS", 240.0), 240.0),
             gpu_slots=read(lambda: _env_int("QWEN_TASKS_GPU_POOL_SLOTS", 1), 1),
             lease_seconds=read(lambda: _env_float("QWEN_TASKS_LEASE_SECONDS", 120.0), 120.0),
+            object_cache_bytes=read(
+                lambda: _env_bytes("QWEN_TASKS_OBJECT_CACHE_BYTES", DEFAULT_OBJECT_CACHE_BYTES),
+                DEFAULT_OBJECT_CACHE_BYTES,
+            ),
+            object_cache_dir=Path(cache).expanduser().resolve()
+            if (cache := os.environ.get("QWEN_TASKS_OBJECT_CACHE_DIR", "").strip())
+            else None,
             errors=tuple(errors),
         )
 

@@ -13,6 +13,10 @@ class DatabaseUnavailable(QwenTasksError):
     """The database cannot be reached or refused us; retryable."""
 
 
+class StorageUnavailable(QwenTasksError):
+    """Object storage cannot be reached (endpoint down, network); retryable, never a verdict on a file."""
+
+
 class AudioError(QwenTasksError):
     """An audio file that cannot be used; permanent for that file, never for the batch."""
 

@@ -77,6 +77,56 @@ YesNo = Literal["yes", "no", "unknown"]
 TARGET_SAMPLE_RATE = 16_000
 
 
+# An object-storage location: `scheme://bucket/key` (s3://, gs://, az://, memory://..., whatever fsspec has
+# a filesystem for; `qwen_tasks.ingest.sources` reads them). The string rules live here, shared by the
+# settings (QWEN_TASKS_ALLOWED_ROOTS may hold URL prefixes) and the ingest and labelling stages.
+_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://(.*)$", re.DOTALL)
+
+
+def is_url(text: str) -> bool:
+    """True for `scheme://...` (a local path never has `://` after its first component)."""
+    return _URL.match(text) is not None
+
+
+def redact_url(text: str) -> str:
+    """`text` with any `user:secret@` in its authority replaced by `***@`: safe to print or store."""
+    m = _URL.match(text)
+    if m is None:
+        return text
+    authority, slash, rest = m.group(2).partition("/")
+    if "@" in authority:
+        authority = "***@" + authority.rpartition("@")[2]
+    return f"{m.group(1)}://{authority}{slash}{rest}"
+
+
+def url_problem(text: str) -> str | None:
+    """Why `text` cannot be an object URL we store and compare by prefix, or None. Credentials in a URL
+    would end up in the database and in logs (they come from the standard chain instead); `.`/`..`
+    segments and empty segments would let two spellings name one object, or a prefix check be fooled."""
+    m = _URL.match(text)
+    if m is None:
+        return "not a URL (scheme://bucket/key)"
+    authority, _, key = m.group(2).partition("/")
+    if "@" in authority:
+        return "credentials in a URL are refused (use AWS_* variables, ~/.aws or an Airflow connection)"
+    if not authority:
+        return "no bucket"
+    if any(c in text for c in "\x00\r\n"):
+        return "control character in URL"
+    parts = key.rstrip("/").split("/") if key.rstrip("/") else []
+    if any(p in ("", ".", "..") for p in parts):
+        return "empty, '.' or '..' segment in URL"
+    return None
+
+
+def normal_url(text: str) -> str:
+    """The stored form of a valid URL (url_problem is None): lower-case scheme, no trailing slash."""
+    m = _URL.match(text)
+    if m is None:
+        raise ValueError(f"not a URL: {redact_url(text)!r}")
+    return f"{m.group(1).lower()}://{m.group(2).rstrip('/')}"
+
+
 class RecordedPath(NamedTuple):
     """One path of an audio as ingest recorded it: what labelling checks again before it reads the file."""
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from s3_server import S3Server, new_bucket_name
 from services import port_open
 from sqlalchemy.engine import Engine, make_url
 
@@ -83,3 +84,31 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from qwen_tasks.dev.tiny_model import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.getbasetemp() / "tiny-model", preset="tiny")
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """A real S3 server (moto's server mode, tests/s3_server.py) on a free port for the session, with the
+    AWS_* variables of the standard chain pointing at it in this process and its subprocesses."""
+    server = S3Server(tmp_path_factory.mktemp("s3-server") / "requests.log").start()
+    previous = {key: os.environ.get(key) for key in server.env}
+    os.environ.update(server.env)
+    try:
+        yield server
+    finally:
+        server.stop()
+        for key, value in previous.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@pytest.fixture
+def s3_bucket(s3_server: S3Server) -> str:
+    """A new, empty bucket on `s3_server` for one test: its name (`s3://NAME/...`)."""
+    from qwen_tasks.ingest import sources
+
+    name = new_bucket_name()
+    sources.filesystem(f"s3://{name}").mkdir(name)
+    return name

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 from typing import Any
 
 import typer
@@ -12,6 +12,7 @@ from qwen_tasks.cli.common import app, console, fail, open_database, print_json
 from qwen_tasks.errors import ConfigError
 from qwen_tasks.ingest.manifests import ManifestKind
 from qwen_tasks.ingest.register import IngestSummary, ingest
+from qwen_tasks.records import is_url
 
 
 def _print_summary(summary: IngestSummary) -> None:
@@ -62,24 +63,26 @@ def _print_summary(summary: IngestSummary) -> None:
 
 @app.command("ingest")
 def ingest_command(
-    paths: list[Path] = typer.Argument(
+    paths: list[str] = typer.Argument(
         None,
         help="Folders (scanned recursively for audio: wav/flac/ogg/mp3, m4a/aac, opus/webm, amr, wma, mp4 "
-        "and more; other files are counted as skipped), audio files, or *.jsonl manifests. "
+        "and more; other files are counted as skipped), audio files, or *.jsonl manifests; each may be "
+        "an object-storage URL (s3://bucket/prefix, s3://bucket/m.jsonl). "
         "Optional with --manifest.",
         show_default=False,
     ),
-    manifest: list[Path] = typer.Option(
-        [], "--manifest", "-m", help="A jsonl manifest (ASR or audio-QA format); repeatable."
+    manifest: list[str] = typer.Option(
+        [], "--manifest", "-m", help="A jsonl manifest (ASR or audio-QA format), a file or a URL; repeatable."
     ),
     kind: ManifestKind | None = typer.Option(
         None, "--kind", help="Manifest format, asr or aqa; default: inferred per line from its keys."
     ),
-    root: list[Path] = typer.Option(
+    root: list[str] = typer.Option(
         [],
         "--root",
-        help="Allowed root folder (repeatable); audio whose real path is elsewhere is quarantined, not "
-        "read. Default: QWEN_TASKS_ALLOWED_ROOTS, else the paths given and each manifest's folder.",
+        help="Allowed root folder or URL prefix (repeatable); audio whose real path is elsewhere is "
+        "quarantined, not read. Default: QWEN_TASKS_ALLOWED_ROOTS, else the paths given and each "
+        "manifest's folder.",
     ),
     dataset: str = typer.Option(
         None,
@@ -109,10 +112,10 @@ def ingest_command(
     if not paths and not manifest:
         raise fail("give at least one PATH or --manifest FILE (see: qwen-tasks ingest --help)", code=2)
     for p in [*paths, *manifest]:
-        if not p.exists() and not p.is_symlink():
+        if not is_url(p) and not os.path.lexists(p):  # a URL is looked up by ingest()
             raise fail(f"no such file or directory: {p}")
     engine = open_database()
-    manifests: list[tuple[Path, ManifestKind | None]] = [(m, kind) for m in manifest]
+    manifests: list[tuple[str, ManifestKind | None]] = [(m, kind) for m in manifest]
     scope = {"dataset": dataset, "split": split, "tasks": tasks.split(",") if tasks is not None else None}
     try:
         if console.is_terminal:  # the bar goes to stderr, so it never mixes with --json on stdout
@@ -129,9 +132,9 @@ def ingest_command(
 
 def _ingest_with_bar(
     engine: Engine,
-    paths: list[Path],
-    manifests: list[tuple[Path, ManifestKind | None]],
-    roots: list[Path],
+    paths: list[str],
+    manifests: list[tuple[str, ManifestKind | None]],
+    roots: list[str],
     kind: ManifestKind | None,
     scope: dict[str, Any],
 ) -> IngestSummary:

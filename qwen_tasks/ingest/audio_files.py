@@ -23,6 +23,7 @@ import os
 import re
 import stat
 import struct
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,7 @@ import soundfile as sf
 import soxr
 
 from qwen_tasks.errors import AudioError
-from qwen_tasks.records import TARGET_SAMPLE_RATE, RecordedPath
+from qwen_tasks.records import TARGET_SAMPLE_RATE, RecordedPath, is_url
 
 if TYPE_CHECKING:
     from qwen_tasks.ingest import ffmpeg_audio
@@ -87,8 +88,9 @@ class CheckedAudio:
     path: str
     sha256: str
     size_bytes: int
-    mtime_ns: int
+    mtime_ns: int | None  # an object's last-modified time; None when its storage does not say
     probe: AudioProbe
+    etag: str | None = None  # an object's entity tag (URL paths only)
 
 
 def path_prefix(folder: str) -> str:
@@ -354,6 +356,22 @@ def check_file(path: str | Path) -> CheckedAudio:
     return CheckedAudio(path=path, sha256=sha, size_bytes=st.st_size, mtime_ns=st.st_mtime_ns, probe=info)
 
 
+def check_object(url: str, listed_size: int | None = None) -> CheckedAudio:
+    """check_file for an object in storage (`sources`): streamed once into a temporary file while it is
+    hashed, then judged from that very copy (canonical WAV from the bytes read, else libsndfile/ffmpeg on
+    the copy), so the object is downloaded once and what is probed is what was hashed."""
+    from qwen_tasks.ingest import sources
+
+    with tempfile.TemporaryFile(prefix="qwen-tasks-object-") as tmp:
+        got = sources.download(url, tmp, listed_size)
+        tmp.flush()
+        size = got.info.size
+        if size == 0:
+            raise AudioError(url, "empty object (0 bytes)")
+        info = _canonical_wav(got.head, size) or _check_open(tmp.fileno(), url)
+    return CheckedAudio(url, got.sha256, size, got.info.mtime_ns, info, got.info.etag)
+
+
 def _check_open(fd: int, path: str) -> AudioProbe:
     """The probe (and, where it can matter, the sample scan) of a file that is not canonical WAV."""
     if reader_for(path) == "ffmpeg":
@@ -452,7 +470,7 @@ def location_problem(recorded: RecordedPath, real: str) -> str | None:
     if recorded.root is not None:
         if not within_roots(real, [recorded.root]):
             return f"now resolves to {shown}, outside its allowed root {display_path(recorded.root)}"
-    elif not configured:
+    elif not configured and not is_url(real):
         folder = os.path.realpath(os.path.dirname(recorded.fs_path))
         if not within_roots(real, [folder]):
             return f"now resolves to {shown}, outside its folder {display_path(folder)}"
@@ -474,6 +492,8 @@ def load_ingested(recorded: RecordedPath, target_rate: int = TARGET_SAMPLE_RATE)
     if target_rate <= 0:
         raise ValueError(f"target_rate must be > 0, got {target_rate}")
     path = recorded.path  # the stored, printable form: messages end up in label_failure
+    if is_url(path):
+        return _load_object(recorded, target_rate)
     fs_path = recorded.fs_path
     try:
         fd, st = _open_regular(fs_path, raise_not_found=True)
@@ -502,6 +522,21 @@ def load_ingested(recorded: RecordedPath, target_rate: int = TARGET_SAMPLE_RATE)
         return _decode_fd(io.BytesIO(data), path, target_rate)
     finally:
         os.close(fd)
+
+
+def _load_object(recorded: RecordedPath, target_rate: int) -> np.ndarray:
+    """load_ingested for an object in storage: the URL must still lie under its allowed root (and under
+    QWEN_TASKS_ALLOWED_ROOTS when set), and the bytes decoded are the bytes ingest hashed, from the local
+    object cache or downloaded once (`sources.fetch_verified`); a URL has no symlinks to resolve again."""
+    from qwen_tasks.ingest import sources
+
+    problem = location_problem(recorded, recorded.path)
+    if problem:
+        raise AudioError(recorded.path, f"{problem}; not read")
+    if recorded.sha256 is None:  # cannot happen for an ok row; refuse rather than read unchecked bytes
+        raise AudioError(recorded.path, "no sha256 recorded by ingest; re-run ingest")
+    data = sources.fetch_verified(recorded.path, recorded.sha256, recorded.size_bytes)
+    return _decode_fd(io.BytesIO(data), recorded.path, target_rate)
 
 
 def _read_whole(fd: int, path: str, size: int) -> bytes:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import json
 import math
 import os
@@ -23,9 +24,9 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
-from qwen_tasks.records import question_problem
+from qwen_tasks.records import is_url, normal_url, question_problem, redact_url, url_problem
 
 ManifestKind = Literal["asr", "aqa"]
 KINDS: tuple[ManifestKind, ...] = ("asr", "aqa")
@@ -172,6 +173,27 @@ def _resolve(manifest_path: str, audio: str) -> str:
     return base + name if base.endswith("/") else f"{base}/{name}"
 
 
+def _locate(manifest_path: str, audio: str) -> str | None:
+    """Where a line's `audio` is: an object URL as stored (`s3://b/k`), a path relative to a manifest in a
+    bucket resolved against its prefix, else a local path (`_resolve`); None when it cannot be (see
+    `_location_problem`)."""
+    if is_url(audio):
+        return normal_url(audio) if url_problem(audio) is None else None
+    if is_url(manifest_path):
+        from qwen_tasks.ingest import sources
+
+        return sources.join(sources.parent(manifest_path), audio)
+    return _resolve(manifest_path, audio)
+
+
+def _location_problem(manifest_path: str, audio: str) -> str:
+    if is_url(audio):
+        return f"{redact_url(audio)}: {url_problem(audio)}"
+    return (
+        f"{audio!r} is absolute or climbs out of the bucket of {manifest_path}; give a URL or a relative path"
+    )
+
+
 def _infer_kind(obj: dict[str, Any]) -> ManifestKind | None:
     """asr for `text`, and for the stock Qwen-Audio ASR lines (`gt` is the reference, no `question`)
     unless that `gt` is a yes/no answer; aqa for a `question`, or a yes/no `gt` alone."""
@@ -229,11 +251,14 @@ def parse_line(
         if problem:
             return error(f'"question" {problem}')
     gt = get("gt")
+    audio_path = _locate(manifest_path, audio)
+    if audio_path is None:
+        return error(f'"audio" {_location_problem(manifest_path, audio)}')
     return ManifestItem(
         manifest_path=manifest_path,
         line_no=line_no,
         kind=line_kind,
-        audio_path=_resolve(manifest_path, audio),
+        audio_path=audio_path,
         reference_text=_reference(obj) if line_kind == "asr" else None,
         language=_as_text(get("language")),
         question=question,
@@ -253,6 +278,47 @@ def _opened_path(fd: int, fallback: str) -> str:
         return fallback
 
 
+def _open_local(manifest_path: str, roots: Sequence[str] | None) -> BinaryIO | str:
+    """The open manifest, or why it may not be read. With `roots`, its real path is resolved and that very
+    path opened (a final symlink refused), then the open file's own location checked again."""
+    from qwen_tasks.ingest.audio_files import within_roots as _within  # the one rule, shared with audio
+
+    real = os.path.realpath(manifest_path) if roots is not None else manifest_path
+    if roots is not None and not _within(real, roots):
+        return "outside allowed roots"
+    try:
+        flags = os.O_RDONLY | os.O_CLOEXEC | (os.O_NOFOLLOW if roots is not None else 0)
+        handle = os.fdopen(os.open(real, flags), "rb")
+    except OSError as exc:
+        reason = "permission denied" if isinstance(exc, PermissionError) else (exc.strerror or str(exc))
+        return f"cannot read manifest: {reason}"
+    if roots is not None and not _within(_opened_path(handle.fileno(), real), roots):
+        handle.close()
+        return "outside allowed roots"
+    return handle
+
+
+def _open_object(url: str, roots: Sequence[str] | None) -> BinaryIO | str:
+    """A manifest stored as an object (read whole: manifests are text), or why it may not be read."""
+    from qwen_tasks.ingest import sources
+    from qwen_tasks.ingest.audio_files import within_roots as _within
+
+    problem = url_problem(url)
+    if problem:
+        return problem
+    url = normal_url(url)
+    if roots is not None and not _within(url, roots):
+        return "outside allowed roots"
+    try:
+        return io.BytesIO(sources.read_bytes(url))
+    except FileNotFoundError:
+        return "cannot read manifest: no such object"
+    except PermissionError:
+        return "cannot read manifest: permission denied"
+    except (OSError, ValueError) as exc:
+        return f"cannot read manifest: {type(exc).__name__}: {exc}"
+
+
 def read_manifest(
     path: str | Path, kind: ManifestKind | None = None, *, roots: Sequence[str] | None = None
 ) -> Iterator[ManifestItem | ManifestError]:
@@ -265,25 +331,16 @@ def read_manifest(
     """
     if kind is not None and kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    from qwen_tasks.ingest.audio_files import within_roots as _within  # the one rule, shared with audio
-
-    manifest_path = os.path.abspath(path)
-    real = os.path.realpath(manifest_path) if roots is not None else manifest_path
-    if roots is not None and not _within(real, roots):
-        yield ManifestError(manifest_path, 0, "outside allowed roots")
+    if isinstance(path, str) and is_url(path):
+        opened = _open_object(path, roots)
+        manifest_path = normal_url(path) if url_problem(path) is None else path
+    else:
+        manifest_path = os.path.abspath(path)
+        opened = _open_local(manifest_path, roots)
+    if isinstance(opened, str):
+        yield ManifestError(manifest_path, 0, opened)
         return
-    try:
-        flags = os.O_RDONLY | os.O_CLOEXEC | (os.O_NOFOLLOW if roots is not None else 0)
-        handle = os.fdopen(os.open(real, flags), "rb")
-    except OSError as exc:
-        reason = "permission denied" if isinstance(exc, PermissionError) else (exc.strerror or str(exc))
-        yield ManifestError(manifest_path, 0, f"cannot read manifest: {reason}")
-        return
-    if roots is not None and not _within(_opened_path(handle.fileno(), real), roots):
-        handle.close()
-        yield ManifestError(manifest_path, 0, "outside allowed roots")
-        return
-    with handle:
+    with opened as handle:
         for line_no, raw_line in enumerate(handle, start=1):
             try:
                 text = raw_line.decode("utf-8")

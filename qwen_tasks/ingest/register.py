@@ -16,6 +16,7 @@ The first stage of the nightly DAG and of the CLI (`qwen-tasks ingest`); both ca
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -33,19 +34,22 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Engine
 
 from qwen_tasks.config import get_settings
-from qwen_tasks.errors import AudioError, ConfigError
+from qwen_tasks.errors import AudioError, ConfigError, StorageUnavailable
 from qwen_tasks.ingest import datasets
+from qwen_tasks.ingest import sources as storage
 from qwen_tasks.ingest.audio_files import (
     FFMPEG_EXTENSIONS,
     LIBSNDFILE_EXTENSIONS,
     CheckedAudio,
     check_file,
+    check_object,
     display_path,
     os_error_reason,
     path_prefix,
     within_roots,
 )
 from qwen_tasks.ingest.manifests import ManifestError, ManifestItem, ManifestKind, line_hash, read_manifest
+from qwen_tasks.records import is_url
 from qwen_tasks.store import schema
 from qwen_tasks.store.database import transaction
 
@@ -101,6 +105,7 @@ class _Known(NamedTuple):
     status: str
     audio_id: int | None
     root: str | None
+    etag: str | None  # objects only (URL paths)
 
 
 @dataclass
@@ -117,6 +122,8 @@ class _Discovery:
     # very dict); `manifests` (absolute paths) are read as manifests, so they are not counted
     skipped: dict[str, int] = field(default_factory=dict)
     manifests: frozenset[str] = frozenset()
+    # what a listing says of each object (URL) found: scanned prefixes, and named objects (`_list_named`)
+    objects: dict[str, storage.ObjectInfo] = field(default_factory=dict)
 
     def add(self, path: str, real_dir: str | None = None) -> None:
         if path not in self.bad and self.paths.get(path) is None:
@@ -194,14 +201,45 @@ def _walk(top: str, roots: Sequence[str], found: _Discovery) -> None:
                     stack.append((path, real))
             elif entry.is_file(follow_symlinks=False) and path not in found.manifests:
                 # is_file() answers from the d_type scandir already read (or the lstat is_dir() made)
-                ext = os.path.splitext(entry.name)[1].lower() or NO_EXTENSION
-                found.skipped[ext] = found.skipped.get(ext, 0) + 1
+                _count_skipped(found, entry.name)
 
 
-def _discover(paths: Iterable[Path], roots: Sequence[str], found: _Discovery) -> None:
+def _count_skipped(found: _Discovery, name: str) -> None:
+    ext = os.path.splitext(name)[1].lower() or NO_EXTENSION
+    found.skipped[ext] = found.skipped.get(ext, 0) + 1
+
+
+def _discover_prefix(url: str, roots: Sequence[str], found: _Discovery) -> None:
+    """A bucket prefix: one listing (size, ETag, last-modified of every object; nothing downloaded)."""
+    if not within_roots(url, roots):
+        found.bad[url] = OUTSIDE_ROOTS
+        return
+    found.scanned_dirs.append(url)
+    listed = storage.list_prefix(url)
+    found.objects.update(listed)
+    for obj in sorted(listed):
+        if _is_audio_name(obj):
+            found.add(obj)
+        elif obj not in found.manifests:
+            _count_skipped(found, obj.rpartition("/")[2])
+
+
+def _list_named(found: _Discovery, roots: Sequence[str]) -> None:
+    """ObjectInfo of the objects named one by one (PATHs, manifest lines) inside the roots; one listing
+    per folder. An object outside the roots is not even listed (`_classify_object` refuses it)."""
+    named = [p for p in found.paths if is_url(p) and p not in found.objects and within_roots(p, roots)]
+    if named:
+        found.objects.update(storage.list_named(named))
+
+
+def _discover(paths: Iterable[str], roots: Sequence[str], found: _Discovery, prefixes: set[str]) -> None:
     for p in paths:
-        path = os.path.abspath(p)
-        if os.path.isdir(path):
+        path = p if is_url(p) else os.path.abspath(p)
+        if path in prefixes:
+            _discover_prefix(path, roots, found)
+        elif is_url(path):
+            found.add(path)
+        elif os.path.isdir(path):
             if within_roots(os.path.realpath(path), roots):
                 found.scanned_dirs.append(path)
                 _walk(path, roots, found)
@@ -211,9 +249,21 @@ def _discover(paths: Iterable[Path], roots: Sequence[str], found: _Discovery) ->
             found.add(path)
 
 
-def _default_roots(paths: Sequence[Path], manifests: Sequence[tuple[Path, ManifestKind | None]]) -> list[str]:
-    roots = [os.path.realpath(p) for p in paths]  # named directories, and named files themselves
-    roots += [os.path.dirname(os.path.realpath(m)) for m, _ in manifests]
+def _location(path: str | Path) -> str:
+    """Where a source really is, for the roots check: a URL as stored, a local path with symlinks resolved."""
+    return path if isinstance(path, str) and is_url(path) else os.path.realpath(path)
+
+
+def _as_source(path: str | Path) -> str:
+    """A PATH, manifest or root as given: a URL checked and in its stored form (ConfigError naming it,
+    credentials redacted, when it holds credentials or `..`, or no filesystem handles its scheme), else
+    a local path made absolute. URLs must be str: pathlib would fold `s3://` into `s3:/`."""
+    return storage.check_url(path) if isinstance(path, str) and is_url(path) else os.path.abspath(path)
+
+
+def _default_roots(paths: Sequence[str], manifests: Sequence[tuple[str, ManifestKind | None]]) -> list[str]:
+    roots = [_location(p) for p in paths]  # named directories, and named files themselves
+    roots += [storage.parent(m) if is_url(m) else os.path.dirname(os.path.realpath(m)) for m, _ in manifests]
     return roots
 
 
@@ -224,26 +274,29 @@ def _is_manifest_name(path: Path) -> bool:
 def _refused_manifest(path: Path, configured: Sequence[str], summary: IngestSummary) -> bool:
     """True (and reported in `summary`, like an audio path outside the roots) when roots are configured
     and the manifest's real path lies outside them. Only resolves the name: the file is not opened."""
-    if not configured or within_roots(os.path.realpath(path), configured):
+    if not configured or within_roots(_location(path), configured):
         return False
     summary.quarantined += 1
-    summary.quarantine.append({"path": display_path(os.path.abspath(path)), "reason": OUTSIDE_ROOTS})
+    summary.quarantine.append({"path": display_path(_as_source(path)), "reason": OUTSIDE_ROOTS})
     return True
 
 
 def _split_manifests(
-    paths: Sequence[Path], manifests: Sequence[tuple[Path, ManifestKind | None]], kind: ManifestKind | None
-) -> tuple[list[Path], list[tuple[Path, ManifestKind | None]]]:
-    """A *.jsonl file given as a PATH is a manifest (of `kind`, or inferred per line)."""
-    audio_paths: list[Path] = []
-    by_path: dict[str, tuple[Path, ManifestKind | None]] = {}
+    paths: Sequence[str],
+    manifests: Sequence[tuple[str, ManifestKind | None]],
+    kind: ManifestKind | None,
+    prefixes: set[str],
+) -> tuple[list[str], list[tuple[str, ManifestKind | None]]]:
+    """A *.jsonl file (or object) given as a PATH is a manifest (of `kind`, or inferred per line)."""
+    audio_paths: list[str] = []
+    by_path: dict[str, tuple[str, ManifestKind | None]] = {}
     for m, m_kind in manifests:
-        by_path.setdefault(os.path.abspath(m), (Path(m), m_kind))
+        by_path.setdefault(m, (m, m_kind))
     for p in paths:
-        if _is_manifest_name(p) and os.path.isfile(p):
-            by_path.setdefault(os.path.abspath(p), (Path(p), kind))
+        if _is_manifest_name(Path(p)) and (p not in prefixes if is_url(p) else os.path.isfile(p)):
+            by_path.setdefault(p, (p, kind))
         else:
-            audio_paths.append(Path(p))
+            audio_paths.append(p)
     return audio_paths, list(by_path.values())
 
 
@@ -274,7 +327,9 @@ def _select_known(conn: sa.Connection, query: sa.Select) -> dict[str, _Known]:
     t = schema.audio_file
     columns = (t.c.path, t.c.path_bytes, t.c.id, t.c.size_bytes, t.c.mtime_ns, t.c.status, t.c.audio_id)
     # one row of arrays: psycopg2 parses arrays in C, where 100k result rows cost a Python object each
-    row = conn.execute(query.add_columns(*(sa.func.array_agg(c) for c in (*columns, t.c.root)))).one()
+    row = conn.execute(
+        query.add_columns(*(sa.func.array_agg(c) for c in (*columns, t.c.root, t.c.etag)))
+    ).one()
     if row[0] is None:
         return {}
     paths = row[0]
@@ -364,7 +419,7 @@ _AUDIO_COLUMNS = (
     "format",
     "subtype",
 )
-_FILE_COLUMNS = ("path", "path_bytes", "size_bytes", "mtime_ns", "status", "reason", "root")
+_FILE_COLUMNS = ("path", "path_bytes", "size_bytes", "mtime_ns", "status", "reason", "root", "etag")
 
 
 @functools.cache
@@ -449,12 +504,12 @@ class _Writer:
             if c.sha256 not in audio_rows:
                 audio_rows[c.sha256] = audio_row(c)
             row = _file_row(c.path, size_bytes=c.size_bytes, mtime_ns=c.mtime_ns, status="ok")
-            row.update(reason=None, root=roots.get(c.path), sha256=c.sha256)
+            row.update(reason=None, root=roots.get(c.path), sha256=c.sha256, etag=c.etag)
             file_rows.append(row)
         for path, reason, st in bad:
             size, mtime = (st.st_size, st.st_mtime_ns) if st is not None else (None, None)
             row = _file_row(path, size_bytes=size, mtime_ns=mtime, status="quarantined", reason=reason)
-            row.update(root=roots.get(path), sha256=None)
+            row.update(root=roots.get(path), sha256=None, etag=None)
             file_rows.append(row)
         line_rows: list[dict[str, object]] = []
         if self.lines:
@@ -512,18 +567,50 @@ def _stat_or_none(path: str) -> os.stat_result | None:
         return None
 
 
-def _check(path: str) -> CheckedAudio | AudioError:
-    """check_file, with any surprise turned into a quarantine reason: one file never stops the run."""
+def _check(path: str, objects: dict[str, storage.ObjectInfo]) -> CheckedAudio | AudioError:
+    """check_file (check_object for a URL, with its listed size), with any surprise turned into a
+    quarantine reason: one file never stops the run."""
     try:
+        if is_url(path):
+            listed = objects.get(path)
+            return check_object(path, listed.size if listed is not None else None)
         return check_file(path)
     except AudioError as exc:
         return exc
+    except StorageUnavailable:  # not the file's fault: the run stops (what is written stays), no quarantine
+        raise
     except Exception as exc:  # noqa: BLE001 - e.g. MemoryError on a corrupt header; the file fails alone
         return AudioError(path, f"unexpected error: {type(exc).__name__}: {exc}")
 
 
-def _check_all(paths: list[str]) -> list[CheckedAudio | AudioError]:
-    return [_check(p) for p in paths]
+def _check_all(paths: list[str], objects: dict[str, storage.ObjectInfo]) -> list[CheckedAudio | AudioError]:
+    return [_check(p, objects) for p in paths]
+
+
+def _unchanged(prev: _Known | None, size: int, mtime_ns: int | None, etag: str | None = None) -> bool:
+    """The stored row was ok and has the same size, mtime and (objects) ETag: the content is not read."""
+    return (
+        prev is not None
+        and prev.status == "ok"
+        and (prev.size_bytes, prev.mtime_ns, prev.etag) == (size, mtime_ns, etag)
+    )
+
+
+def _classify_object(
+    url: str, info: storage.ObjectInfo | None, roots: _Roots, known: dict[str, _Known]
+) -> tuple[str, str | None, None, str | None]:
+    """_classify for an object, from its listing alone: unchanged when the stored row was ok with the same
+    size, ETag and last-modified time (at least one of the last two known), so it is not downloaded."""
+    root = roots.root_of(url)
+    if root is None:
+        return "bad", OUTSIDE_ROOTS, None, None
+    if info is None:
+        return "bad", "no such object", None, root
+    if (info.etag, info.mtime_ns) != (None, None) and _unchanged(
+        known.get(url), info.size, info.mtime_ns, info.etag
+    ):
+        return "unchanged", None, None, root
+    return "check", None, None, root
 
 
 def _classify(
@@ -561,13 +648,7 @@ def _classify(
         return "bad", os_error_reason(path, st_error), None, root
     if stat.S_ISDIR(st.st_mode):
         return "bad", "is a directory", st, root
-    prev = known.get(path)
-    if (
-        prev is not None
-        and prev.status == "ok"
-        and prev.size_bytes == st.st_size
-        and prev.mtime_ns == st.st_mtime_ns
-    ):
+    if _unchanged(known.get(path), st.st_size, st.st_mtime_ns):
         return "unchanged", None, st, root
     return "check", None, st, root
 
@@ -588,7 +669,7 @@ def _mark_missing(
         and not (skip and path.startswith(skip))
         and path not in found.paths
         and path not in found.bad
-        and not os.path.lexists(path)
+        and (is_url(path) or not os.path.lexists(path))  # a prefix's listing is complete: not in it, gone
     ]
     if gone:
         t = schema.audio_file
@@ -791,9 +872,9 @@ def _record_roots(conn: sa.Connection, roots: Sequence[tuple[int, str]]) -> None
 
 def ingest(
     engine: Engine,
-    paths: Sequence[Path],
-    manifests: Sequence[tuple[Path, ManifestKind | None]] = (),
-    roots: Sequence[Path] = (),
+    paths: Sequence[Path | str],
+    manifests: Sequence[tuple[Path | str, ManifestKind | None]] = (),
+    roots: Sequence[Path | str] = (),
     progress: Progress | None = None,
     *,
     kind: ManifestKind | None = None,
@@ -804,7 +885,8 @@ def ingest(
     tasks: Sequence[str] | None = None,
 ) -> IngestSummary:
     """Register audio under `paths` (folders scanned recursively, audio files, *.jsonl manifests) and the
-    `manifests` given as (path, kind or None to infer per line). Returns the run's summary.
+    `manifests` given as (path, kind or None to infer per line). Returns the run's summary. Any of them
+    may be an object-storage URL as a str (`s3://bucket/prefix`, `s3://bucket/m.jsonl`; see `sources`).
 
     Every source joins a dataset (`qwen_tasks.ingest.datasets`): `dataset`, else its own default name
     (manifest stem, folder name); `split` (None: an existing dataset keeps its own, a new one is train)
@@ -819,21 +901,29 @@ def ingest(
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    configured = [os.path.realpath(r) for r in roots] or [str(r) for r in get_settings().allowed_roots]
+    configured = [_location(_as_source(r)) for r in roots] or list(get_settings().allowed_roots)
     summary = IngestSummary()
+    given = [_as_source(p) for p in paths]  # URLs checked (ConfigError) before anything is written
+    given_manifests = [(_as_source(m), k) for m, k in manifests]
     # Manifests outside configured roots first: refused before anything else looks at them (their
     # existence included: a form user learns nothing about files elsewhere).
-    manifests = [(m, k) for m, k in manifests if not _refused_manifest(m, configured, summary)]
-    paths = [p for p in paths if not (_is_manifest_name(p) and _refused_manifest(p, configured, summary))]
-    for p in [*paths, *(m for m, _ in manifests)]:
-        if not os.path.lexists(p):
+    given_manifests = [(m, k) for m, k in given_manifests if not _refused_manifest(m, configured, summary)]
+    given = [
+        p for p in given if not (_is_manifest_name(Path(p)) and _refused_manifest(p, configured, summary))
+    ]
+    prefixes: set[str] = set()  # the URLs given that are prefixes (folders), not objects
+    for p in [*given, *(m for m, _ in given_manifests)]:
+        if is_url(p):
+            if storage.is_prefix(p):  # ConfigError when it names nothing
+                prefixes.add(p)
+        elif not os.path.lexists(p):
             raise ConfigError(f"no such file or directory: {p}")
-    audio_paths, all_manifests = _split_manifests(paths, manifests, kind)
+    audio_paths, all_manifests = _split_manifests(given, given_manifests, kind, prefixes)
     allowed = configured or _default_roots(audio_paths, all_manifests)
-    allowed = [os.path.realpath(r) for r in allowed]
+    allowed = [_location(r) for r in allowed]
 
     items: list[ManifestItem] = []
-    manifest_paths = [os.path.abspath(m) for m, _ in all_manifests]
+    manifest_paths = [m for m, _ in all_manifests]
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingest-read") as early:
         # The database reads what it holds for these manifests while this thread parses their lines
         # (psycopg2 waits for the server without the GIL): a fifth of an unchanged 100k-line re-run.
@@ -850,9 +940,10 @@ def ingest(
     manifest_kinds: dict[str, set[str]] = {}
     for item in items:
         manifest_kinds.setdefault(item.manifest_path, set()).add(item.kind)
+    folders = [p for p in audio_paths if p in prefixes or (not is_url(p) and os.path.isdir(p))]
     sources = datasets.plan_sources(
-        [display_path(os.path.abspath(p)) for p in audio_paths if os.path.isdir(p)],
-        [display_path(os.path.abspath(p)) for p in audio_paths if not os.path.isdir(p)],
+        [display_path(p) for p in folders],
+        [display_path(p) for p in audio_paths if p not in folders],
         [(path, m_kind) for path, (_, m_kind) in zip(manifest_paths, all_manifests, strict=True)],
         name=dataset,
         split=split,
@@ -864,9 +955,10 @@ def ingest(
     summary.manifest_conflicts = len(summary.manifest_warnings)
 
     found = _Discovery(skipped=summary.skipped, manifests=frozenset(manifest_paths))
-    _discover(audio_paths, allowed, found)
+    _discover(audio_paths, allowed, found, prefixes)
     for item in items:
         found.add(item.audio_path)
+    _list_named(found, allowed)
     _drop_name_collisions(found, summary)
 
     explicit = [p for p, real_dir in found.paths.items() if real_dir is None]  # not found by walking
@@ -883,7 +975,10 @@ def ingest(
         early_bad.append((path, reason, None))
     checker = _Roots(allowed)
     for path, real_dir in found.paths.items():
-        verdict, reason, st, root = _classify(path, real_dir, checker, known)
+        if is_url(path):
+            verdict, reason, st, root = _classify_object(path, found.objects.get(path), checker, known)
+        else:
+            verdict, reason, st, root = _classify(path, real_dir, checker, known)
         if root is not None:
             admitted[path] = root
         if verdict == "unchanged":
@@ -924,7 +1019,10 @@ def ingest(
         # of small files they would spread; four slices per thread keep the threads evenly busy.
         def submit(chunk: list[str]) -> list[Future[list[CheckedAudio | AudioError]]]:
             step = max(1, -(-len(chunk) // (4 * n_workers)))
-            return [pool.submit(_check_all, chunk[i : i + step]) for i in range(0, len(chunk), step)]
+            return [
+                pool.submit(_check_all, chunk[i : i + step], found.objects)
+                for i in range(0, len(chunk), step)
+            ]
 
         in_flight: tuple[_Batch, Future[tuple[set[str], dict[str, tuple[int, int | None]]]], int] | None = (
             None
@@ -956,7 +1054,11 @@ def ingest(
             bad: list[tuple[str, str, os.stat_result | None]] = []
             for path, result in zip(chunk, results, strict=True):
                 if isinstance(result, AudioError):
-                    bad.append((path, result.reason, _stat_or_none(path)))
+                    bad.append((path, result.reason, None if is_url(path) else _stat_or_none(path)))
+                elif (listed := found.objects.get(path)) is not None:
+                    # the listing's ETag and time, as the next run's listing will say them: had the object
+                    # changed between listing and download, the next run sees the change and re-checks it
+                    ok.append(dataclasses.replace(result, mtime_ns=listed.mtime_ns, etag=listed.etag))
                 else:
                     ok.append(result)
             hand_over(writer.prepare(ok, bad), len(chunk))

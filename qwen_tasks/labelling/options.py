@@ -26,7 +26,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from qwen_tasks.config import Device, Settings, get_settings
+from qwen_tasks.config import Device, Settings, get_settings, split_paths
 from qwen_tasks.errors import ConfigError
 from qwen_tasks.records import MAX_QUESTION_CHARS, QUESTION_PATTERN, CryMethod, LabelRequest, Task
 
@@ -133,7 +133,8 @@ class LabelOptions:
         Spec(
             "list",
             "Audio folders",
-            "Folders scanned recursively for audio (one per line). Default: QWEN_TASKS_AUDIO_DIRS.",
+            "Folders or bucket prefixes (s3://bucket/prefix) scanned recursively for audio (one per line). "
+            "Default: QWEN_TASKS_AUDIO_DIRS.",
             nullable=True,
             dag_only=True,
         ),
@@ -467,8 +468,9 @@ def resolve_model(model: str) -> str:
 
 
 def env_list(name: str) -> list[str]:
-    """A `:`-separated list from the environment (folders and manifests the nightly run ingests)."""
-    return [p for p in os.environ.get(name, "").split(os.pathsep) if p.strip()]
+    """A `:`-separated list from the environment (folders, URL prefixes and manifests the nightly run
+    ingests; the `:` of `s3://` does not separate)."""
+    return split_paths(os.environ.get(name, ""))
 
 
 # --- checks (the same rules as Spec.schema) --------------------------------------------------------------

@@ -33,6 +33,7 @@ from qwen_tasks.errors import (
     DatabaseUnavailable,
     ModelError,
     QwenTasksError,
+    StorageUnavailable,
     WrongEnvironment,
 )
 from qwen_tasks.labelling import jobs, planning
@@ -255,6 +256,8 @@ def load_clips(items: Sequence[jobs.JobItem]) -> tuple[list[AudioClip], dict[int
         for recorded in item.paths:
             try:
                 waveform = load_ingested(recorded)  # refuses a file that is no longer what ingest admitted
+            except StorageUnavailable as exc:  # the bucket cannot be reached: retry the job, fail no clip
+                raise AudioStorageUnavailable(str(exc)) from None
             except FileNotFoundError:
                 missing += 1
                 reasons.append(f"{recorded.path}: file not found (deleted or storage not mounted?)")

@@ -7,6 +7,12 @@ the SQLAlchemy URL `qwen_tasks.store.database` expects. Order: the Airflow conne
 QWEN_TASKS_DATABASE_URL, then the embedded server (what `qwen_tasks.store.database.get_engine()` does
 with no URL).
 
+Object storage the same way: the Airflow connection `qwen_tasks_s3` (type `aws`: login = access key id,
+password = secret key, extra `endpoint_url` / `region_name` / `aws_session_token`), or
+`AIRFLOW_CONN_QWEN_TASKS_S3`, becomes the s3fs storage options of `qwen_tasks.ingest.sources` for the
+task's process (`use_object_storage_connection`); without it, the standard AWS chain (AWS_* variables,
+~/.aws) applies, as for the CLI. The secret stays in memory: never logged, stored or returned.
+
 Importing this module never imports Airflow: the CLI and the tests use it without Airflow set up.
 """
 
@@ -28,6 +34,9 @@ log = logging.getLogger(__name__)
 
 CONN_ID = "qwen_tasks_db"
 ENV_VAR = "AIRFLOW_CONN_" + CONN_ID.upper()
+S3_CONN_ID = "qwen_tasks_s3"
+S3_ENV_VAR = "AIRFLOW_CONN_" + S3_CONN_ID.upper()
+_AWS_TYPES = {"aws", "s3"}
 _POSTGRES_TYPES = {"postgres", "postgresql"}
 # Connection extras that are libpq connection parameters (passed through as URL query arguments).
 _LIBPQ_EXTRAS = {
@@ -58,22 +67,22 @@ class ConnFields:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def fields_from_env_value(value: str) -> ConnFields:
+def fields_from_env_value(value: str, env_var: str = ENV_VAR) -> ConnFields:
     """Parse an AIRFLOW_CONN_* value the way Airflow does: JSON object if it starts with `{`, else URI."""
     text = value.strip()
     if text.startswith("{"):
         try:
             raw = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise ConfigError(f"{ENV_VAR} is not valid JSON: {exc.msg} (column {exc.colno})") from None
+            raise ConfigError(f"{env_var} is not valid JSON: {exc.msg} (column {exc.colno})") from None
         extra = raw.get("extra") or {}
         if isinstance(extra, str):
             try:
                 extra = json.loads(extra) if extra.strip() else {}
             except json.JSONDecodeError:
-                raise ConfigError(f"{ENV_VAR}: 'extra' is not valid JSON") from None
+                raise ConfigError(f"{env_var}: 'extra' is not valid JSON") from None
         if not isinstance(extra, dict):
-            raise ConfigError(f"{ENV_VAR}: 'extra' must be a JSON object")
+            raise ConfigError(f"{env_var}: 'extra' must be a JSON object")
         port = raw.get("port")
         return ConnFields(
             conn_type=str(raw.get("conn_type") or ""),
@@ -86,19 +95,19 @@ def fields_from_env_value(value: str) -> ConnFields:
         )
     parts = urlsplit(text)
     if not parts.scheme:
-        raise ConfigError(f"{ENV_VAR} must be a URI like postgresql://user:pw@host:5432/db or a JSON object")
+        raise ConfigError(f"{env_var} must be a URI like postgresql://user:pw@host:5432/db or a JSON object")
     query = dict(parse_qsl(parts.query, keep_blank_values=True))
     extra: dict[str, Any] = {}
     if "__extra__" in query:  # Airflow's way of putting a JSON extra into a URI
         try:
             extra = dict(json.loads(query.pop("__extra__")))
         except (json.JSONDecodeError, TypeError, ValueError):
-            raise ConfigError(f"{ENV_VAR}: __extra__ is not a JSON object") from None
+            raise ConfigError(f"{env_var}: __extra__ is not a JSON object") from None
     extra.update(query)
     try:
         port = parts.port
     except ValueError:
-        raise ConfigError(f"{ENV_VAR} has an invalid port") from None
+        raise ConfigError(f"{env_var} has an invalid port") from None
     return ConnFields(
         conn_type=parts.scheme.replace("-", "_"),
         host=unquote(parts.hostname) if parts.hostname else None,
@@ -144,7 +153,7 @@ def to_sqlalchemy_url(conn: ConnFields) -> URL:
     )
 
 
-def _from_airflow_runtime() -> ConnFields | None:
+def _from_airflow_runtime(conn_id: str = CONN_ID) -> ConnFields | None:
     """The connection as a running task sees it (metadata DB, secrets backends); None outside a task."""
     try:
         from airflow.sdk import Connection
@@ -152,11 +161,11 @@ def _from_airflow_runtime() -> ConnFields | None:
     except ImportError:
         return None
     try:
-        return fields_from_airflow(Connection.get(CONN_ID))
+        return fields_from_airflow(Connection.get(conn_id))
     except AirflowNotFoundException:
         return None
     except Exception as exc:  # not inside a task (no supervisor to ask): fall back quietly
-        log.debug("no Airflow runtime to look up %s: %s", CONN_ID, exc)
+        log.debug("no Airflow runtime to look up %s: %s", conn_id, exc)
         return None
 
 
@@ -174,3 +183,37 @@ def resolve_database_url(*, use_airflow: bool = True) -> str | None:
 def get_engine() -> Engine:
     """The engine a DAG task uses: `qwen_tasks.store.database.get_engine` on the resolved URL."""
     return db.get_engine(resolve_database_url())
+
+
+def to_storage_options(conn: ConnFields) -> dict[str, Any]:
+    """s3fs storage options of an `aws` connection: key and secret from login and password, the endpoint
+    (MinIO, Ceph, a local server) and region from its extra. Any other type is a ConfigError."""
+    if conn.conn_type.lower() not in _AWS_TYPES:
+        raise ConfigError(f"connection {S3_CONN_ID} must be of type aws (got {conn.conn_type or 'none'!r})")
+    options: dict[str, Any] = {}
+    if conn.login:
+        options["key"] = conn.login
+    if conn.password:
+        options["secret"] = conn.password
+    if conn.extra.get("aws_session_token"):
+        options["token"] = conn.extra["aws_session_token"]
+    client = {k: str(conn.extra[k]) for k in ("endpoint_url", "region_name") if conn.extra.get(k)}
+    if client:
+        options["client_kwargs"] = client
+    return options
+
+
+def use_object_storage_connection(*, use_airflow: bool = True) -> bool:
+    """Read s3:// objects with the connection `qwen_tasks_s3` in this process, when there is one (True);
+    else leave the standard AWS chain in place (False)."""
+    from qwen_tasks.ingest import sources
+
+    env_value = os.environ.get(S3_ENV_VAR)
+    fields = fields_from_env_value(env_value, S3_ENV_VAR) if env_value else None
+    if fields is None and use_airflow:
+        fields = _from_airflow_runtime(S3_CONN_ID)
+    if fields is None:
+        return False
+    sources.set_storage_options("s3", to_storage_options(fields))
+    log.info("object storage: s3:// through the connection %s", S3_CONN_ID)
+    return True

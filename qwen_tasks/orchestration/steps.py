@@ -32,8 +32,10 @@ from sqlalchemy.engine import Engine
 
 from qwen_tasks.config import Settings, get_settings
 from qwen_tasks.errors import ConfigError, QwenTasksError
+from qwen_tasks.ingest.manifests import ManifestKind
 from qwen_tasks.labelling.options import LabelOptions, Workers, resolve_model
 from qwen_tasks.labelling.planning import plan
+from qwen_tasks.orchestration.connection import use_object_storage_connection
 from qwen_tasks.progress import ProgressLog
 from qwen_tasks.records import RunStatus
 from qwen_tasks.store import database as db
@@ -81,10 +83,13 @@ def ingest_step(params: Mapping[str, Any], *, database_url: str | None = None) -
     p = options(params)
     engine = _engine(database_url)
     db.upgrade(engine)  # a fresh labels database works on the first nightly run
-    manifests = [(Path(m), "asr") for m in p.asr_manifests] + [(Path(m), "aqa") for m in p.aqa_manifests]
+    use_object_storage_connection()
+    # str, not Path: a folder may be a bucket prefix (s3://bucket/audio), which pathlib would fold
+    manifests: list[tuple[str, ManifestKind | None]] = [(m, "asr") for m in p.asr_manifests]
+    manifests += [(m, "aqa") for m in p.aqa_manifests]
     if not p.audio_dirs and not manifests:
         log.warning("no audio_dirs or manifests given: nothing to ingest (set QWEN_TASKS_AUDIO_DIRS)")
-    summary = ingest(engine, [Path(d) for d in p.audio_dirs], manifests=manifests).to_dict()
+    summary = ingest(engine, list(p.audio_dirs), manifests=manifests).to_dict()
     for item in summary.get("quarantine") or []:
         log.warning("quarantined: %s", item)
     return {k: v for k, v in summary.items() if isinstance(v, int | float) and not isinstance(v, bool)}
@@ -192,6 +197,7 @@ def work_step(
         device, dtype = p.device, p.dtype_arg
     settings = get_settings()
     engine = _engine(database_url)
+    use_object_storage_connection()  # audio in a bucket is read with the DAG's connection, if it has one
     worker_id = worker or f"{default_worker_id()}:slot{slot + 1}"
     ids = _runs_for_this_interpreter(engine, [int(r) for r in run_ids])
     if not ids:

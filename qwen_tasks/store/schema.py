@@ -58,6 +58,7 @@ audio_file = sa.Table(
     _ts("last_seen"),
     sa.Column("path_bytes", sa.LargeBinary),  # 0006: the exact name when it is not UTF-8
     sa.Column("root", sa.Text),  # 0006: the allowed root that admitted it at its latest ingest
+    sa.Column("etag", sa.Text),  # 0012: an object's entity tag (URL paths); NULL for local files
 )
 
 manifest_item = sa.Table(

@@ -9,10 +9,14 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import sqlalchemy as sa
+from cleanlab.rank import get_label_quality_scores
 from labelling_helpers import ingest_clips, run_cli
 from review_seed import (
+    CRY_GOLD,
+    CRY_P_YES,
     Job,
     add_audio,
     add_cry_answers,
@@ -80,7 +84,12 @@ def test_cry_gold_conflict_ranks_contradicted_gold_by_label_quality(engine: Engi
     run_id, ids = seed_cry(engine)  # gold yes×4, no×4; contradicted: ids[2] (p 0.45, yes), ids[5] (0.65, no)
     queue = _rank(engine, strategy=G)
     assert [c.audio_id for c in queue[:2]] == [ids[5], ids[2]]
-    assert queue[0].priority == pytest.approx(0.65) and "manifest gold no" in queue[0].reason
+    # priority = 1 − cleanlab's class-adjusted self-confidence of the gold label, over all eight clips
+    probs = np.array([[1 - p, p] for p in CRY_P_YES])
+    labels = np.array([int(g == "yes") for g in CRY_GOLD])
+    quality = get_label_quality_scores(labels, probs, method="self_confidence", adjust_pred_probs=True)
+    assert [c.priority for c in queue[:2]] == pytest.approx([1 - quality[5], 1 - quality[2]])
+    assert "manifest gold no" in queue[0].reason
     assert all(c.strategy is G for c in queue)
     # a fine-tuned version's p_yes on its own training clips is in-sample: left out
     with engine.begin() as conn:

@@ -285,7 +285,8 @@ def review_export(
         dataset=dataset, strategy=strategy, random_share=random_share,
     )  # fmt: skip
     console.print(
-        f"{summary.tasks} task(s) from run {summary.run_id} written to {summary.out}; "
+        f"{summary.tasks} task(s) from {f'the {strategy} queue' if strategy else f'run {summary.run_id}'} "
+        f"written to {summary.out}; "
         f"labelling config: {summary.config}",
         soft_wrap=True,  # one line, however long the paths: scripts grep it
         highlight=False,

@@ -198,6 +198,7 @@ def test_cli_review_queue_and_ranked_export(engine: Engine, database_url: str, t
         database_url,
     )  # fmt: skip
     assert exported.returncode == 0, exported.stderr
+    assert f"4 task(s) from the uncertainty queue written to {out}" in exported.stderr
     tasks = json.loads(out.read_text())
     assert len(tasks) == 4 and [t["data"]["strategy"] for t in tasks].count("random") == 1
     assert all(t["data"]["reasons"] and t["predictions"][0]["result"] for t in tasks)
@@ -206,6 +207,11 @@ def test_cli_review_queue_and_ranked_export(engine: Engine, database_url: str, t
         stored = conn.execute(sa.select(schema.review_queued)).all()
     assert {r.destination for r in stored} == {f"file:{out.resolve()}"}
     assert sorted(r.audio_id for r in stored) == sorted(t["data"]["audio_id"] for t in tasks)
+    with_run = run_cli(
+        ["review-export", "--task", "cry", "--out", str(out), "--strategy", "random", "--run", "1"],
+        database_url,
+    )
+    assert with_run.returncode == 1 and "leave out --run" in with_run.stderr
     bad = run_cli(["review", "queue", "--task", "cry", "--strategy", "loudest"], database_url)
     assert bad.returncode == 1 and "--strategy must be one of" in bad.stderr and "Traceback" not in bad.stderr
     share = run_cli(

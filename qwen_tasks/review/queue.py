@@ -99,7 +99,7 @@ def rank(
         seed = random.SystemRandom().randrange(2**31)
     scope = _Scope(task, None if dataset_ids is None else list(dataset_ids), exclude_destination)
     n_random = limit if strategy is Strategy.RANDOM else math.floor(limit * random_share + 0.5)
-    ranked = [] if strategy is Strategy.RANDOM else _RANKERS[strategy](conn, scope)[: limit - n_random]
+    ranked = [] if strategy is Strategy.RANDOM else _RANKERS[strategy](conn, scope, limit - n_random)
     drawn = _random(conn, scope, n_random, seed, {c.audio_id for c in ranked})
     return _interleave(ranked, drawn, limit - n_random)
 
@@ -243,7 +243,7 @@ def _current(scope: _Scope) -> sa.Select:
     )
 
 
-def _cry_current(conn: sa.Connection, scope: _Scope) -> list[sa.Row]:
+def _cry_current(scope: _Scope) -> sa.Select:
     """Per candidate cry clip: its current answer's run, label, p_yes and threshold, its gold, and whether
     its p_yes is in-sample (the run is a fine-tuned version's and the clip in the fine-tune training
     split, `finetune_split.part = 'train'`)."""
@@ -254,7 +254,7 @@ def _cry_current(conn: sa.Connection, scope: _Scope) -> list[sa.Row]:
         finetune_split.c.audio_id == cur.c.audio_id,
         finetune_split.c.part == "train",
     )
-    return conn.execute(
+    return (
         sa.select(
             cur.c.audio_id,
             cur.c.run_id,
@@ -271,14 +271,14 @@ def _cry_current(conn: sa.Connection, scope: _Scope) -> list[sa.Row]:
         .join(label_run, label_run.c.id == cur.c.run_id)
         .outerjoin(cry_gold, cry_gold.c.audio_id == cur.c.audio_id)
         .order_by(cur.c.audio_id)
-    ).all()
+    )
 
 
-def _asr_current(conn: sa.Connection, scope: _Scope) -> list[sa.Row]:
+def _asr_current(scope: _Scope) -> sa.Select:
     """Per candidate ASR clip: its current transcript, mean token log-prob and manifest reference."""
     cur = _current(scope).subquery()
     t = transcription
-    return conn.execute(
+    return (
         sa.select(
             cur.c.audio_id,
             cur.c.run_id,
@@ -291,45 +291,51 @@ def _asr_current(conn: sa.Connection, scope: _Scope) -> list[sa.Row]:
         .join(t, (t.c.run_id == cur.c.run_id) & (t.c.audio_id == cur.c.audio_id))
         .outerjoin(asr_reference, asr_reference.c.audio_id == cur.c.audio_id)
         .order_by(cur.c.audio_id)
-    ).all()
+    )
 
 
 def _clip(scope: _Scope, row: sa.Row, strategy: Strategy, reason: str, priority: float) -> QueuedClip:
     return QueuedClip(int(row.audio_id), scope.task, int(row.run_id), strategy, reason, float(priority))
 
 
-def _by_priority(clips: list[QueuedClip]) -> list[QueuedClip]:
-    """Highest priority first; equal priorities (to 1e-9: |0.8 − 0.5| and |0.2 − 0.5| differ in binary)
-    by audio id, so a queue is repeatable."""
-    return sorted(clips, key=lambda c: (-round(c.priority, 9), c.audio_id))
+def _by_priority(n: int, clips: list[QueuedClip]) -> list[QueuedClip]:
+    """The first `n` by highest priority; equal priorities (to 1e-9: |0.8 − 0.5| and |0.2 − 0.5| differ
+    in binary) by audio id, so a queue is repeatable."""
+    return sorted(clips, key=lambda c: (-round(c.priority, 9), c.audio_id))[:n]
 
 
 # --- uncertainty ----------------------------------------------------------------------------------------
 
 
-def _uncertainty(conn: sa.Connection, scope: _Scope) -> list[QueuedClip]:
+def _uncertainty(conn: sa.Connection, scope: _Scope, n: int) -> list[QueuedClip]:
     """cry: p_yes closest to the threshold its answer was decided with (priority 1 − 2·|p − t|, 1 at the
     threshold). asr: lowest mean token log-probability first (priority −mean_logprob); transcripts
-    without one (written before 0015, or by the original Qwen-Audio backend) are not ranked."""
+    without one (written before 0015, or by the original Qwen-Audio backend) are not ranked. Ordered and
+    cut to `n` in SQL (distances rounded to 1e-9, then audio id, as `_by_priority` does)."""
     out = []
     if scope.task is Task.CRY:
-        for r in _cry_current(conn, scope):
-            if r.p_yes is None:
-                continue
-            gap = abs(r.p_yes - r.threshold)
-            reason = (
-                f"p_yes {r.p_yes:.3f} is {gap:.3f} from the threshold {r.threshold:.3g} (answer {r.label})"
+        query = _cry_current(scope)
+        col = query.selected_columns
+        gap = sa.func.round(sa.cast(sa.func.abs(col.p_yes - col.threshold), sa.Numeric), 9)
+        for r in conn.execute(
+            query.where(col.p_yes.is_not(None)).order_by(None).order_by(gap, col.audio_id).limit(n)
+        ):
+            distance = abs(r.p_yes - r.threshold)
+            reason = f"p_yes {r.p_yes:.3f} is {distance:.3f} from the threshold {r.threshold:.3g}"
+            out.append(
+                _clip(scope, r, Strategy.UNCERTAINTY, f"{reason} (answer {r.label})", 1.0 - 2.0 * distance)
             )
-            out.append(_clip(scope, r, Strategy.UNCERTAINTY, reason, 1.0 - 2.0 * gap))
     else:
-        for r in _asr_current(conn, scope):
-            if r.mean_logprob is None:
-                continue
-            reason = (
-                f"mean token log-prob {r.mean_logprob:.3f} (token probability {math.exp(r.mean_logprob):.3f})"
-            )
+        query = _asr_current(scope)
+        col = query.selected_columns
+        worst = sa.func.round(sa.cast(col.mean_logprob, sa.Numeric), 9)
+        for r in conn.execute(
+            query.where(col.mean_logprob.is_not(None)).order_by(None).order_by(worst, col.audio_id).limit(n)
+        ):
+            probability = math.exp(r.mean_logprob)
+            reason = f"mean token log-prob {r.mean_logprob:.3f} (token probability {probability:.3f})"
             out.append(_clip(scope, r, Strategy.UNCERTAINTY, reason, -r.mean_logprob))
-    return _by_priority(out)
+    return out
 
 
 # --- disagreement ---------------------------------------------------------------------------------------
@@ -384,7 +390,7 @@ def _methods_disagree(conn: sa.Connection, scope: _Scope) -> dict[int, tuple[flo
     return out
 
 
-def _disagreement(conn: sa.Connection, scope: _Scope) -> list[QueuedClip]:
+def _disagreement(conn: sa.Connection, scope: _Scope, n: int) -> list[QueuedClip]:
     """cry: `score` and `generate` of the clip's current run disagree (yes vs no), or the newest answers
     of two model versions do (priority |p_a − p_b|, 1 without p_yes); asr: two versions' transcripts
     differ (priority: the error rate of one against the other). A clip's strongest disagreement counts."""
@@ -412,7 +418,8 @@ def _disagreement(conn: sa.Connection, scope: _Scope) -> list[QueuedClip]:
                 found[audio_id] = (strength, reason)
     runs = {int(r.audio_id): r for r in conn.execute(_current(scope)).all()}
     return _by_priority(
-        [_clip(scope, runs[a], Strategy.DISAGREEMENT, why, p) for a, (p, why) in found.items() if a in runs]
+        n,
+        [_clip(scope, runs[a], Strategy.DISAGREEMENT, why, p) for a, (p, why) in found.items() if a in runs],
     )
 
 
@@ -423,7 +430,7 @@ def _version(row: sa.Row) -> str:
 # --- gold conflict --------------------------------------------------------------------------------------
 
 
-def _gold_conflict(conn: sa.Connection, scope: _Scope) -> list[QueuedClip]:
+def _gold_conflict(conn: sa.Connection, scope: _Scope, n: int) -> list[QueuedClip]:
     """cry: manifest gold labels with an out-of-sample p_yes (in-sample ones, see `_cry_current`, are
     left out) go through cleanlab: `rank.get_label_quality_scores` (self-confidence: the model's
     probability of the gold label, adjusted by each class's average confidence) ranks them, lowest
@@ -433,7 +440,7 @@ def _gold_conflict(conn: sa.Connection, scope: _Scope) -> list[QueuedClip]:
     transcript's confidence exp(mean_logprob) (1 when not recorded); error rate 0 is no conflict."""
     if scope.task is Task.ASR:
         out = []
-        for r in _asr_current(conn, scope):
+        for r in conn.execute(_asr_current(scope)):
             if r.reference_source != "manifest" or r.reference_text is None:
                 continue
             error = score_utterance(r.reference_text, r.text, r.language).error_rate
@@ -442,10 +449,10 @@ def _gold_conflict(conn: sa.Connection, scope: _Scope) -> list[QueuedClip]:
             confidence = 1.0 if r.mean_logprob is None else math.exp(r.mean_logprob)
             reason = f"error rate {error:.3f} against the manifest reference, confidence {confidence:.3f}"
             out.append(_clip(scope, r, Strategy.GOLD_CONFLICT, reason, error * confidence))
-        return _by_priority(out)
+        return _by_priority(n, out)
     rows = [
         r
-        for r in _cry_current(conn, scope)
+        for r in conn.execute(_cry_current(scope))
         if r.gold_source == "manifest"
         and r.gold_label in ("yes", "no")
         and r.p_yes is not None
@@ -466,7 +473,7 @@ def _gold_conflict(conn: sa.Connection, scope: _Scope) -> list[QueuedClip]:
         why = "cleanlab flags a label issue" if flag else f"the answer ({decided}) contradicts it"
         reason = f"manifest gold {r.gold_label}, p_yes {r.p_yes:.3f}: label quality {q:.3f}, {why}"
         out.append(_clip(scope, r, Strategy.GOLD_CONFLICT, reason, 1.0 - float(q)))
-    return _by_priority(out)
+    return _by_priority(n, out)
 
 
 def _label_quality(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:

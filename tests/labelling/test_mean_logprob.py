@@ -102,3 +102,14 @@ def test_worker_stores_mean_logprob_per_transcription(engine: Engine, backend, t
         wave, _ = sf.read(path, dtype="float32")
         (direct,) = backend.label([AudioClip(audio_id=audio_id, path=str(path), waveform=wave)], ASR)
         assert math.isclose(stored[audio_id], direct.mean_logprob, abs_tol=1e-5)
+
+
+def test_a_windowed_clip_averages_over_all_its_tokens() -> None:
+    """Windows of a long clip: the mean over every generated token, not the mean of window means; a
+    window that did not report them makes the clip's value unknown."""
+    from qwen_tasks.labelling.backends.common import UnitOut, mean_logprob
+
+    two = [UnitOut(text="a", token_logprobs=(-1.0, -2.0)), UnitOut(text="b", token_logprobs=(-3.0,))]
+    assert mean_logprob(two) == pytest.approx(-2.0)
+    assert mean_logprob([*two, UnitOut(text="c")]) is None
+    assert mean_logprob([UnitOut(text="", token_logprobs=())]) is None

@@ -149,7 +149,7 @@ def clip_details(conn: sa.Connection, clips: Sequence[QueuedClip]) -> list[_Deta
                 sa.null().label("transcript"),
                 sa.null().label("reference_text"),
                 sa.null().label("error_rate"),
-            )  # fmt: skip
+            )
             .outerjoin(
                 s,
                 (s.c.run_id == pairs.c.run_id) & (s.c.audio_id == pairs.c.audio_id) & (s.c.method == "score"),
@@ -177,7 +177,7 @@ def clip_details(conn: sa.Connection, clips: Sequence[QueuedClip]) -> list[_Deta
                 t.c.text.label("transcript"),
                 asr_reference.c.reference_text,
                 u.c.error_rate,
-            )  # fmt: skip
+            )
             .outerjoin(u, (u.c.run_id == t.c.run_id) & (u.c.audio_id == t.c.audio_id))
             .outerjoin(asr_reference, asr_reference.c.audio_id == t.c.audio_id)
         )
@@ -264,7 +264,7 @@ def _cry_current(scope: _Scope) -> sa.Select:
             cry_gold.c.gold_label,
             cry_gold.c.source.label("gold_source"),
             (label_run.c.params["model_version"].astext.is_not(None) & in_train).label("in_sample"),
-        )  # fmt: skip
+        )
         .join(
             a, (a.c.run_id == cur.c.run_id) & (a.c.audio_id == cur.c.audio_id) & (a.c.method == cur.c.method)
         )
@@ -287,7 +287,7 @@ def _asr_current(scope: _Scope) -> sa.Select:
             asr_reference.c.reference_text,
             asr_reference.c.language,
             asr_reference.c.source.label("reference_source"),
-        )  # fmt: skip
+        )
         .join(t, (t.c.run_id == cur.c.run_id) & (t.c.audio_id == cur.c.audio_id))
         .outerjoin(asr_reference, asr_reference.c.audio_id == cur.c.audio_id)
         .order_by(cur.c.audio_id)

@@ -262,6 +262,7 @@ class ClipResult:
     windows: tuple[WindowResult, ...] = field(default_factory=tuple)
     error: str | None = None
     truncated: bool = False  # some window's generated text hit its token budget (ASR, cry generate)
+    mean_logprob: float | None = None  # ASR: mean log-prob of the generated tokens (None: not reported)
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
-"""`qwen-tasks metrics / report / review-export / review-import / export-finetune`: thin wrappers over
-`metrics`, `report` and `review`."""
+"""`qwen-tasks metrics / report / review queue / review-export / review-import / export-finetune`: thin
+wrappers over `metrics`, `report` and `review`."""
 
 from __future__ import annotations
 
@@ -11,11 +11,75 @@ from rich.table import Table
 from sqlalchemy.engine import Engine
 
 from qwen_tasks.cli.common import app, console, fail, open_database, print_json
+from qwen_tasks.review.queue import DEFAULT_QUEUE_LIMIT, DEFAULT_RANDOM_SHARE, Strategy
+
+review_app = typer.Typer(
+    help="Review queues: which clips reviewers should see first, and why.", no_args_is_help=True
+)
+app.add_typer(review_app, name="review")
+
+STRATEGY_HELP = f"{', '.join(Strategy)} (docs/review.md)."
+RANDOM_SHARE_HELP = "Share of the queue drawn uniformly at random, for unbiased quality estimates (0-1)."
 
 
 def _check_task(task: str) -> None:
     if task not in ("asr", "cry"):
         raise fail(f"--task must be asr or cry, got {task!r}")
+
+
+def _check_strategy(strategy: str | None) -> None:
+    if strategy is not None and strategy not in set(Strategy):
+        raise fail(f"--strategy must be one of {', '.join(Strategy)}, got {strategy!r}")
+
+
+@review_app.command("queue")
+def review_queue(
+    task: str = typer.Option(..., "--task", help="cry or asr."),
+    strategy: str = typer.Option(..., "--strategy", help=STRATEGY_HELP),
+    dataset: list[str] = typer.Option(
+        None, "--dataset", help="Dataset name (repeatable) (default: every clip labelled for the task)."
+    ),
+    limit: int = typer.Option(None, "--limit", help=f"Clips in the queue (default {DEFAULT_QUEUE_LIMIT})."),
+    random_share: float = typer.Option(
+        None, "--random-share", help=f"{RANDOM_SHARE_HELP} (default {DEFAULT_RANDOM_SHARE})"
+    ),
+    seed: int = typer.Option(None, "--seed", help="Seed of the random share (default: a fresh one)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the queue as JSON on stdout."),
+) -> None:
+    """Print the ranked review queue of a task, with the reason each clip is in it (nothing is sent).
+
+    Reviewed clips are never in it. Every queue mixes in a uniform random share (--random-share); each
+    clip's strategy says which part it came from.
+    """
+    from qwen_tasks.ingest.datasets import resolve
+    from qwen_tasks.review.queue import rank
+
+    _check_task(task)
+    _check_strategy(strategy)
+    engine = open_database()
+    scope = [d.id for d in resolve(engine, dataset, task=task)] if dataset else None
+    with engine.connect() as conn:
+        clips = rank(
+            conn, task=task, dataset_ids=scope, strategy=Strategy(strategy),
+            limit=limit or DEFAULT_QUEUE_LIMIT,
+            random_share=DEFAULT_RANDOM_SHARE if random_share is None else random_share, seed=seed,
+        )  # fmt: skip
+    if as_json:
+        print_json({"task": task, "strategy": strategy, "clips": [_queued(c) for c in clips]})
+        return
+    table = Table(title=f"{task} review queue, strategy {strategy}", title_justify="left")
+    for column in ("#", "audio", "run", "strategy", "priority", "reason"):
+        table.add_column(column, overflow="fold")
+    for k, c in enumerate(clips, start=1):
+        table.add_row(str(k), str(c.audio_id), str(c.run_id), c.strategy, f"{c.priority:.3f}", c.reason)
+    console.print(table)
+    if not clips:
+        console.print("no unreviewed clip with a label matches (label the task first, or widen --dataset)")
+
+
+def _queued(clip: Any) -> dict[str, Any]:
+    return {"audio_id": clip.audio_id, "task": clip.task.value, "run_id": clip.run_id,
+            "strategy": clip.strategy.value, "reason": clip.reason, "priority": clip.priority}  # fmt: skip
 
 
 @app.command("metrics")
@@ -195,9 +259,18 @@ def review_export(
         "--dataset",
         help="Only this dataset's clips (default run: the task's latest run that covered it).",
     ),
+    strategy: str = typer.Option(
+        None,
+        "--strategy",
+        help=f"{STRATEGY_HELP} Export the ranked queue (every run's current labels; limit "
+        f"{DEFAULT_QUEUE_LIMIT} by default) instead of a run's review_queue, recorded as queued to "
+        "file:<out>.",
+    ),
+    random_share: float = typer.Option(None, "--random-share", help=RANDOM_SHARE_HELP + " With --strategy."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
 ) -> None:
-    """Export a run's review queue as Label Studio tasks (model answer pre-annotated).
+    """Export a run's review queue, or the ranked queue of a --strategy, as Label Studio tasks (model
+    answer pre-annotated).
 
     Cry tasks ask the question the run asked. To play local audio in Label Studio see docs/review.md.
 
@@ -206,12 +279,14 @@ def review_export(
     from qwen_tasks.review.label_studio import export_label_studio
 
     _check_task(task)
+    _check_strategy(strategy)
     summary = export_label_studio(
         open_database(), out, task, run_id=run, audio_root=audio_root, audio_prefix=audio_prefix, limit=limit,
-        dataset=dataset,
+        dataset=dataset, strategy=strategy, random_share=random_share,
     )  # fmt: skip
     console.print(
-        f"{summary.tasks} task(s) from run {summary.run_id} written to {summary.out}; "
+        f"{summary.tasks} task(s) from {f'the {strategy} queue' if strategy else f'run {summary.run_id}'} "
+        f"written to {summary.out}; "
         f"labelling config: {summary.config}",
         soft_wrap=True,  # one line, however long the paths: scripts grep it
         highlight=False,

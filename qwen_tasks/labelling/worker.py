@@ -343,6 +343,7 @@ def build_rows(
                     "language": request.language,
                     "windows": windows,
                     "truncated": result.truncated,
+                    "mean_logprob": result.mean_logprob,
                 }
             )
             continue

@@ -26,7 +26,8 @@ from sqlalchemy.engine import Engine
 from qwen_tasks.errors import ConfigError
 from qwen_tasks.ingest import datasets
 from qwen_tasks.labelling.jobs import get_run, latest_run_ids
-from qwen_tasks.records import LabelRequest
+from qwen_tasks.records import LabelRequest, Task
+from qwen_tasks.review import queue
 from qwen_tasks.store.database import transaction
 from qwen_tasks.store.schema import (
     asr_reference,
@@ -147,17 +148,33 @@ def export_label_studio(
     limit: int | None = None,
     question: str | None = None,
     dataset: str | None = None,
+    strategy: str | None = None,
+    random_share: float | None = None,
+    seed: int | None = None,
 ) -> ExportSummary:
     """Write the review queue of `run_id` (default: the task's latest run; with `dataset`, the latest that
     covered it) as Label Studio tasks JSON; with `dataset`, only that dataset's clips.
 
-    Items are ordered by priority (disagreement with gold first). The labelling config goes next to
-    `out` as `<stem>.label_config.xml`.
+    Items are ordered by priority (disagreement with gold first). With `strategy`, the clips are instead
+    the ranked queue of `review.queue.rank` (over every run's current labels; `limit` defaults to
+    `DEFAULT_QUEUE_LIMIT`) and are recorded in `review_queued` with destination `file:<out>`. The labelling
+    config goes next to `out` as `<stem>.label_config.xml`.
     """
     _check_task(task)
     if limit is not None and limit < 1:
         raise ConfigError(f"limit must be >= 1, got {limit}")
     scope = datasets.resolve(engine, [dataset], task=task)[0] if dataset is not None else None
+    if strategy is not None:
+        if run_id is not None:
+            raise ConfigError("--strategy ranks every run's current labels: leave out --run")
+        return _export_ranked(
+            engine, Path(out), task, strategy, limit=limit or queue.DEFAULT_QUEUE_LIMIT,
+            audio_root=audio_root, audio_prefix=audio_prefix, question=question,
+            dataset_ids=None if scope is None else [scope.id],
+            random_share=queue.DEFAULT_RANDOM_SHARE if random_share is None else random_share, seed=seed,
+        )  # fmt: skip
+    if random_share is not None:
+        raise ConfigError("--random-share needs --strategy")
     with engine.connect() as conn:
         if run_id is None:  # the task's newest run, whatever its state: the one review_queue calls latest
             covering = scope.id if scope is not None else None
@@ -183,54 +200,99 @@ def export_label_studio(
             if run is not None
             else []
         )
-    tasks = []
-    for r in rows:
-        if r.path is None:
-            continue  # no readable path any more: nothing a reviewer could listen to
-        data: dict[str, Any] = {
-            "audio": audio_reference(r.path, audio_root, audio_prefix),
-            "path": r.path,
-            "audio_id": r.audio_id,
-            "run_id": r.run_id,
-            "task": task,
-            "reasons": ", ".join(r.reasons),
+    tasks = [_task(r, task, run, question, audio_root, audio_prefix) for r in rows if r.path is not None]
+    return _write_tasks(Path(out), task, tasks, run_id)
+
+
+def _task(
+    r: Any, task: str, run: Any, question: str | None, audio_root: str | None, audio_prefix: str | None
+) -> dict[str, Any]:
+    """One Label Studio task: the clip's audio and context, the model's answer as its prediction."""
+    data: dict[str, Any] = {
+        "audio": audio_reference(r.path, audio_root, audio_prefix),
+        "path": r.path,
+        "audio_id": r.audio_id,
+        "run_id": r.run_id,
+        "task": task,
+        "reasons": ", ".join(r.reasons),
+    }
+    if task == "cry":
+        data |= {
+            "question": question,
+            "p_yes": r.p_yes,
+            "gold_label": r.gold_label,
+            "answer": r.raw_answer,
         }
-        if task == "cry":
-            data |= {
-                "question": question,
-                "p_yes": r.p_yes,
-                "gold_label": r.gold_label,
-                "answer": r.raw_answer,
-            }
-            result = {
-                "from_name": FROM_NAME[task],
-                "to_name": "audio",
-                "type": "choices",
-                "value": {"choices": [CHOICE_OF.get(r.label or "unknown", "Unsure")]},
-            }
-            score = r.p_yes
-        else:
-            data |= {"reference": r.reference_text, "error_rate": r.error_rate}
-            result = {
-                "from_name": FROM_NAME[task],
-                "to_name": "audio",
-                "type": "textarea",
-                "value": {"text": [r.transcript or ""]},
-            }
-            score = None if r.error_rate is None else max(0.0, 1.0 - r.error_rate)
-        prediction: dict[str, Any] = {
-            "model_version": f"{run.model} {run.prompt_version} run {run.id}",
-            "result": [result],
+        result = {
+            "from_name": FROM_NAME[task],
+            "to_name": "audio",
+            "type": "choices",
+            "value": {"choices": [CHOICE_OF.get(r.label or "unknown", "Unsure")]},
         }
-        if score is not None:
-            prediction["score"] = score
-        tasks.append({"data": data, "predictions": [prediction]})
-    out = Path(out)
+        score = r.p_yes
+    else:
+        data |= {"reference": r.reference_text, "error_rate": r.error_rate}
+        result = {
+            "from_name": FROM_NAME[task],
+            "to_name": "audio",
+            "type": "textarea",
+            "value": {"text": [r.transcript or ""]},
+        }
+        score = None if r.error_rate is None else max(0.0, 1.0 - r.error_rate)
+    prediction: dict[str, Any] = {
+        "model_version": f"{run.model} {run.prompt_version} run {run.id}",
+        "result": [result],
+    }
+    if score is not None:
+        prediction["score"] = score
+    return {"data": data, "predictions": [prediction]}
+
+
+def _write_tasks(out: Path, task: str, tasks: list[dict[str, Any]], run_id: int | None) -> ExportSummary:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(tasks, ensure_ascii=False, indent=1), encoding="utf-8")
     config = out.with_name(f"{out.stem}.label_config.xml")
     config.write_text(label_config(task), encoding="utf-8")
     return ExportSummary(out=out, config=config, run_id=run_id, tasks=len(tasks))
+
+
+def _export_ranked(
+    engine: Engine, out: Path, task: str, strategy: str, *, limit: int, audio_root: str | None,
+    audio_prefix: str | None, question: str | None, dataset_ids: list[int] | None, random_share: float,
+    seed: int | None,
+) -> ExportSummary:  # fmt: skip
+    """`export_label_studio` with `strategy`: the ranked queue as tasks, each with its strategy and reason
+    (as `reasons`), recorded in `review_queued` with destination `file:<out>` in one transaction."""
+    try:
+        chosen = queue.Strategy(strategy)
+    except ValueError:
+        raise ConfigError(
+            f"--strategy must be one of {', '.join(queue.Strategy)}, got {strategy!r}"
+        ) from None
+    destination = f"file:{out.resolve()}"
+    with transaction(engine) as conn:
+        clips = queue.rank(
+            conn, task=Task(task), dataset_ids=dataset_ids, strategy=chosen, limit=limit,
+            random_share=random_share, seed=seed,
+        )  # fmt: skip
+        rows = queue.clip_details(conn, clips)
+        runs = {
+            r.id: r
+            for r in conn.execute(
+                sa.select(label_run).where(label_run.c.id.in_({c.run_id for c in clips}))
+            ).all()
+        }
+        questions = {i: question or get_run(conn, i).request.question for i in runs} if task == "cry" else {}
+        tasks = []
+        for clip, r in zip(clips, rows, strict=True):
+            if r.path is None:
+                continue  # no readable path any more: nothing a reviewer could listen to
+            item = _task(r, task, runs[clip.run_id], questions.get(clip.run_id), audio_root, audio_prefix)
+            item["data"] |= {"strategy": clip.strategy.value, "priority": clip.priority}
+            tasks.append(item)
+        kept = {t["data"]["audio_id"] for t in tasks}
+        queue.record_queued(conn, [c for c in clips if c.audio_id in kept], destination)
+        return _write_tasks(out, task, tasks, None)
 
 
 # --- import -------------------------------------------------------------------------------------------

@@ -148,6 +148,7 @@ transcription = sa.Table(
     sa.Column("windows", JSONB, nullable=False, server_default=sa.text("'[]'::jsonb")),
     _ts("created_at"),
     sa.Column("truncated", sa.Boolean, nullable=False, server_default=sa.false()),  # 0007: hit the cap
+    sa.Column("mean_logprob", sa.Float),  # 0015: mean log-prob of the generated tokens (NULL: not reported)
     sa.UniqueConstraint("run_id", "audio_id"),
 )
 
@@ -350,6 +351,21 @@ current_label = sa.Table(
     ),
     sa.Column("source", sa.Text, sa.Computed("CASE WHEN human_id IS NOT NULL THEN 'human' ELSE 'model' END")),
     _ts("updated_at"),
+)
+
+# 0015_review_queue_ranking: each clip a ranked review queue sent somewhere, and why (review.queue).
+review_queued = sa.Table(
+    "review_queued",
+    metadata,
+    _id(),
+    sa.Column("audio_id", sa.BigInteger, sa.ForeignKey("audio.id"), nullable=False),
+    sa.Column("task", sa.Text, nullable=False),
+    sa.Column("run_id", sa.BigInteger, sa.ForeignKey("label_run.id", ondelete="SET NULL")),
+    sa.Column("strategy", sa.Text, nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("priority", sa.Float, nullable=False),
+    sa.Column("destination", sa.Text, nullable=False),
+    _ts("queued_at"),
 )
 
 # --- Views ---------------------------------------------------------------------------------------------

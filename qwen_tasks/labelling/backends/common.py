@@ -51,6 +51,7 @@ class UnitOut:
     p_yes: float | None = None
     error: str | None = None
     truncated: bool = False
+    token_logprobs: tuple[float, ...] | None = None  # generated tokens' log-probs (TokenLogprobs)
 
 
 # --- planning: device, dtype, model id ------------------------------------------------------------------
@@ -186,7 +187,10 @@ def merge_windows(
     truncated = any(o.truncated for o in outs)
     if request.task == "asr":
         text = windows.join_transcripts([o.text or "" for o in outs], request.language)
-        return ClipResult(audio_id=clip.audio_id, text=text, windows=window_results, truncated=truncated)
+        return ClipResult(
+            audio_id=clip.audio_id, text=text, windows=window_results, truncated=truncated,
+            mean_logprob=mean_logprob(outs),
+        )  # fmt: skip
     p_yes = windows.combine_p_yes([o.p_yes for o in outs])
     if p_yes is not None and not math.isfinite(p_yes):
         return ClipResult(audio_id=clip.audio_id, error=f"{clip.path}: model produced a non-finite p_yes")
@@ -245,6 +249,52 @@ def cut_at_budget(
         truncated = len(head) >= budget and not any(t in stop_ids for t in head)
         out.append((head, truncated))
     return out
+
+
+class TokenLogprobs:
+    """A logits processor that records, at each greedy step, the log-probability of the token greedy
+    decoding picks (the highest score: max − logsumexp of the scores it is given), and changes nothing.
+
+    Why a processor and not `output_scores` / `output_logits`: those keep a batch x vocabulary tensor per
+    step (a 7B model's 152k-token vocabulary, 256 steps, 16 rows: gigabytes), where this keeps one number
+    per row and step, on the device, for the cost of one reduction over scores generate computes anyway.
+    transformers appends a caller's processors after its own, so these are the scores greedy chose from:
+    the model's log-softmax unless the generation config adds a processor (Qwen2-Audio's adds none)."""
+
+    def __init__(self) -> None:
+        self.steps: list[Any] = []
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        wide = scores.float()
+        self.steps.append(wide.max(dim=-1).values - torch.logsumexp(wide, dim=-1))
+        return scores
+
+    def rows(
+        self, rows: Sequence[tuple[list[int], bool]], stop_ids: Collection[int]
+    ) -> list[tuple[float, ...]]:
+        """Per generated row (as `cut_at_budget` returns them): the log-probs of its tokens up to and
+        including the first stop id (the end of the answer is a decision too), within its budget."""
+        import torch
+
+        if not self.steps:
+            return [() for _ in rows]
+        table = torch.stack(self.steps, dim=1).cpu().tolist()  # batch x steps
+        out = []
+        for values, (head, _) in zip(table, rows, strict=True):
+            n = next((k + 1 for k, t in enumerate(head) if t in stop_ids), len(head))
+            out.append(tuple(values[:n]))
+        return out
+
+
+def mean_logprob(outs: Sequence[UnitOut]) -> float | None:
+    """The mean log-probability of a clip's generated tokens over all its windows (None when a window
+    did not report them)."""
+    if any(o.token_logprobs is None for o in outs):
+        return None
+    values = [v for o in outs for v in o.token_logprobs or ()]
+    return math.fsum(values) / len(values) if values else None
 
 
 def decode(

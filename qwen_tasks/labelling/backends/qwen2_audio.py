@@ -31,6 +31,7 @@ from qwen_tasks.labelling.backends.common import (
     NO_VARIANTS,
     YES_VARIANTS,
     LogMel,
+    TokenLogprobs,
     Unit,
     UnitOut,
     assemble,
@@ -453,7 +454,7 @@ class Qwen2AudioBackend:
         self, inputs: Any, embeds: Any | None, request: LabelRequest, budgets: list[int]
     ) -> list[UnitOut]:
         """Greedy decoding to the batch's largest budget, each row then cut at its own (`cut_at_budget`)."""
-        from transformers import GenerationConfig
+        from transformers import GenerationConfig, LogitsProcessorList
 
         want_p = request.task == "cry"
         config = GenerationConfig(
@@ -466,23 +467,27 @@ class Qwen2AudioBackend:
             output_logits=want_p,
             **self._decode_options(),
         )
+        logprobs = TokenLogprobs()  # ASR: the transcript's confidence, stored as transcription.mean_logprob
+        processors = LogitsProcessorList([logprobs] if not want_p else [])
         if embeds is None:
-            out = self.model.generate(**inputs, generation_config=config)
+            out = self.model.generate(**inputs, generation_config=config, logits_processor=processors)
         else:  # prompt ids for bookkeeping, embeddings (with the trimmed audio) for the prefill
             out = self.model.generate(
                 input_ids=inputs["input_ids"],
                 inputs_embeds=embeds,
                 attention_mask=inputs["attention_mask"],
                 generation_config=config,
+                logits_processor=processors,
             )
         new_tokens = out.sequences[:, inputs["input_ids"].shape[1] :].tolist()
         rows = cut_at_budget(new_tokens, budgets, self.eos_ids)
         # special tokens are skipped by the tokenizer itself; the answer is trimmed
         texts = [decode(self.tokenizer, row, self.eos_ids) for row, _ in rows]
         scores = p_yes(out.logits[0], self.yes_ids, self.no_ids) if want_p else [None] * len(texts)
+        token_logprobs = logprobs.rows(rows, self.eos_ids) if not want_p else [None] * len(texts)
         return [
-            UnitOut(text=t, p_yes=p, truncated=cut)
-            for t, p, (_, cut) in zip(texts, scores, rows, strict=True)
+            UnitOut(text=t, p_yes=p, truncated=cut, token_logprobs=lp)
+            for t, p, (_, cut), lp in zip(texts, scores, rows, token_logprobs, strict=True)
         ]
 
 

@@ -32,7 +32,7 @@ def _json_commands() -> set[str]:
     return found
 
 
-@pytest.mark.slow  # eleven processes
+@pytest.mark.slow  # thirteen processes
 def test_every_json_command_reports_a_failure_as_one_json_object(tmp_path: Path) -> None:
     (tmp_path / "tasks.json").write_text("[]")
     args = {
@@ -44,6 +44,8 @@ def test_every_json_command_reports_a_failure_as_one_json_object(tmp_path: Path)
         "metrics": [],
         "review-export": ["--task", "cry", "--out", str(tmp_path / "review.json")],
         "review-import": [str(tmp_path / "tasks.json")],
+        "review push": ["--task", "cry"],
+        "review pull": [],
         "export-finetune": ["--task", "cry", "--out", str(tmp_path / "train.jsonl")],
         "finetune": ["--task", "cry"],
         "models": [],

@@ -19,6 +19,9 @@ import sqlalchemy as sa
 from labelling_helpers import ingest_clips, run_cli
 from sqlalchemy.engine import Engine
 
+from qwen_tasks.errors import ConfigError
+from qwen_tasks.orchestration.review_sync import pull_step, push_step
+from qwen_tasks.review.label_studio_server import ServerConfig, audio_source
 from qwen_tasks.review.resolution import Vote, resolve
 from qwen_tasks.store import schema
 
@@ -109,6 +112,11 @@ def test_live_review_round_trip(
     assert project["title"] == "qwen-tasks day-1 cry"  # the folder's dataset
     again = _cli(["review", "push", "--task", "cry", "--strategy", "random", "--limit", "10"], url, server)
     assert again["pushed"] == 0 and again["projects"][0]["project_id"] == project["project_id"]
+    # a push killed after Label Studio created the tasks, before our commit: the next push adopts them
+    with engine.begin() as conn:
+        conn.execute(sa.delete(schema.review_task))
+    again = _cli(["review", "push", "--task", "cry", "--strategy", "random", "--limit", "10"], url, server)
+    assert (again["pushed"], again["adopted"]) == (0, 4)
 
     ls = LabelStudio(base_url=server.url, api_key=server.token)
     tasks = {t.data["audio_id"]: t for t in ls.tasks.list(project=project["project_id"])}
@@ -198,6 +206,13 @@ def test_live_review_round_trip(
     # ASR: a clip already reviewed is never pushed; the reviewer's transcript becomes the reference
     with engine.begin() as conn:
         conn.execute(schema.human_label.insert().values(audio_id=ids[0], task="asr", text="reviewed before"))
+    # our document root one folder above Label Studio's: it refuses the storage, we say what to set
+    wrong_root = {"LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(server.document_root.parent)}
+    refused = run_cli(["review", "push", "--task", "asr", "--strategy", "random", "--json"], url,
+                      **{**server.env(), **wrong_root})  # fmt: skip
+    error = json.loads(refused.stdout)["error"]
+    assert refused.returncode == 1 and "LOCAL_FILES_SERVING_ENABLED=true" in error and "\n" not in error
+    assert "cannot be the same as LOCAL_FILES_DOCUMENT_ROOT" in error
     pushed = _cli(["review", "push", "--task", "asr", "--strategy", "random", "--limit", "10"], url, server)
     assert pushed["pushed"] == 3
     asr_tasks = {t.data["audio_id"]: t for t in ls.tasks.list(project=pushed["projects"][0]["project_id"])}
@@ -213,3 +228,36 @@ def test_live_review_round_trip(
     _cli(["export-finetune", "--task", "asr", "--out", str(out)], url, server)
     texts = {json.loads(line)["audio_id"]: json.loads(line)["messages"][-1]["content"] for line in out.open()}
     assert texts[ids[2]] == "one two"
+
+    # the DAG's steps: the same push and pull, counts only (nothing new to do here)
+    config = ServerConfig.from_env(server.env())
+    assert push_step({"tasks": ["cry", "asr"], "strategy": "random"}, database_url=url, config=config) == {
+        "pushed": 0, "adopted": 0, "skipped": 0, "projects": 2}  # fmt: skip
+    pulled = pull_step({}, database_url=url, config=config)
+    assert set(pulled.values()) == {0} and len(pulled) == 6  # new, updated, deleted, labels ±, errors
+
+
+def test_server_config_never_shows_the_key() -> None:
+    config = ServerConfig.from_env(
+        {"LABEL_STUDIO_URL": "http://ls:8080/", "LABEL_STUDIO_API_KEY": "s3cr3t-key"}
+    )
+    assert config.url == "http://ls:8080" and "s3cr3t-key" not in repr(config)
+    assert config.redact("header Token s3cr3t-key refused") == "header Token *** refused"
+    with pytest.raises(ConfigError, match="must not carry a user or password"):
+        ServerConfig.from_env({"LABEL_STUDIO_URL": "http://me:pw@ls:8080", "LABEL_STUDIO_API_KEY": "k"})
+    with pytest.raises(ConfigError, match="LABEL_STUDIO_API_KEY is not set"):
+        ServerConfig.from_env({"LABEL_STUDIO_URL": "http://ls:8080"})
+
+
+def test_audio_source_maps_local_paths_below_the_document_root() -> None:
+    source = audio_source("/srv/ls/audio/day 1/a.wav", "/srv/ls")
+    assert (source.kind, source.url, source.storage_path) == (
+        "local", "/data/local-files/?d=audio/day%201/a.wav", "/srv/ls/audio")  # fmt: skip
+    with pytest.raises(ValueError, match="not under LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT"):
+        audio_source("/elsewhere/a.wav", "/srv/ls")
+    with pytest.raises(ValueError, match="directly in LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT"):
+        audio_source("/srv/ls/a.wav", "/srv/ls")
+    with pytest.raises(ValueError, match="S3 import storage"):
+        audio_source("s3://bucket/a.wav", "/srv/ls")
+    with pytest.raises(ConfigError, match="LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT is not set"):
+        audio_source("/srv/ls/audio/a.wav", None)

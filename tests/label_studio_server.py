@@ -3,8 +3,8 @@
 Not a test module. `start` runs `label-studio start` on a free port with a throwaway data folder
 (SQLite), an admin user whose legacy token the tests use, and local file serving from `document_root`;
 waits for /health; `stop` ends it (and its children: it runs in its own process group). Label Studio's
-pins clash with ours, hence the separate venv; without it the tests skip through `services.require`
-(a failure under QWEN_TASKS_REQUIRE_SERVICES=1).
+pins clash with ours, hence the separate venv; without it the tests skip through
+`services.require_label_studio` (a failure under QWEN_TASKS_REQUIRE_SERVICES=1).
 """
 
 from __future__ import annotations
@@ -17,22 +17,13 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from services import require
+from services import LABEL_STUDIO, require_label_studio
 
 from qwen_tasks.dev.airflow_stack import free_port
 
-ROOT = Path(__file__).resolve().parents[1]
-LABEL_STUDIO = ROOT / ".venv-label-studio" / "bin" / "label-studio"
 ADMIN = "admin@example.org"
 TOKEN = "qwen-tasks-test-token-0123456789abcdef"  # a legacy token, enabled with --enable-legacy-api-token
 START_SECONDS = 300  # first start migrates a fresh SQLite database: about 75 s on 2 shared CPUs
-
-
-def require_label_studio() -> None:
-    require(
-        LABEL_STUDIO.exists(),
-        f"needs Label Studio in {LABEL_STUDIO.parent.parent.name} (make install-label-studio)",
-    )
 
 
 @dataclass

@@ -74,10 +74,14 @@ def server_config() -> Any:
     return ServerConfig.from_airflow(conn)
 
 
-def _server(config: Any) -> Any:
+def _setup(params: Mapping[str, Any], database_url: str | None, config: Any) -> tuple[SyncOptions, Any, Any]:
+    """The checked params, the labels database (migrated) and the server client of a step."""
     from qwen_tasks.review.label_studio_server import Server
 
-    return Server(config if config is not None else server_config())
+    options = SyncOptions.from_mapping(params)
+    engine = db.get_engine(database_url or resolve_database_url())
+    db.upgrade(engine)
+    return options, engine, Server(config if config is not None else server_config())
 
 
 def push_step(
@@ -86,10 +90,7 @@ def push_step(
     """Push each task's review queue; counts per task and in total."""
     from qwen_tasks.review.sync import push
 
-    options = SyncOptions.from_mapping(params)
-    engine = db.get_engine(database_url or resolve_database_url())
-    db.upgrade(engine)
-    server = _server(config)
+    options, engine, server = _setup(params, database_url, config)
     out = {"pushed": 0, "adopted": 0, "skipped": 0, "projects": 0}
     for task in options.tasks:
         summary = push(engine, server, task=task, dataset_names=options.datasets,
@@ -110,10 +111,7 @@ def pull_step(
     """Pull every project of the DAG's tasks; counts of annotations and labels changed."""
     from qwen_tasks.review.sync import pull
 
-    options = SyncOptions.from_mapping(params)
-    engine = db.get_engine(database_url or resolve_database_url())
-    db.upgrade(engine)
-    server = _server(config)
+    options, engine, server = _setup(params, database_url, config)
     out = {"new": 0, "updated": 0, "deleted": 0, "labels_written": 0, "labels_removed": 0, "errors": 0}
     for task in options.tasks:
         summary = pull(engine, server, task=task, dataset_names=options.datasets).to_dict()

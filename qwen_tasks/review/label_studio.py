@@ -452,21 +452,33 @@ def import_label_studio(
                 "reviewer": review.reviewer_name or reviewer or review.reviewer_id,
                 "source": "label-studio",
             }
-            stmt = pg_insert(human_label).values(**values)
-            conn.execute(
-                stmt.on_conflict_do_update(
-                    index_elements=[human_label.c.audio_id, human_label.c.task],
-                    set_={
-                        "label": stmt.excluded.label,
-                        "text": stmt.excluded.text,
-                        "reviewer": stmt.excluded.reviewer,
-                        "source": stmt.excluded.source,
-                        "created_at": sa.func.now(),
-                    },
-                )
-            )
+            upsert_human_label(conn, values)
             summary.imported += 1
     return summary
+
+
+def upsert_human_label(conn: sa.Connection, values: dict[str, Any], *, only_if_changed: bool = False) -> int:
+    """Write the human label of (values' audio_id, task): insert, or replace label, text, reviewer and
+    source. `only_if_changed`: leave an identical row alone (the live sync's pulls stay no-ops). Returns
+    the rows written."""
+    h = human_label
+    stmt = pg_insert(h).values(**values)
+    changed = sa.or_(
+        *(h.c[k].is_distinct_from(stmt.excluded[k]) for k in ("label", "text", "reviewer", "source"))
+    )
+    return conn.execute(
+        stmt.on_conflict_do_update(
+            index_elements=[h.c.audio_id, h.c.task],
+            set_={
+                "label": stmt.excluded.label,
+                "text": stmt.excluded.text,
+                "reviewer": stmt.excluded.reviewer,
+                "source": stmt.excluded.source,
+                "created_at": sa.func.now(),
+            },
+            where=changed if only_if_changed else None,
+        )
+    ).rowcount
 
 
 # --- fine-tune export ---------------------------------------------------------------------------------

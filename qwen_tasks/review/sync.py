@@ -31,7 +31,13 @@ from qwen_tasks.ingest import datasets
 from qwen_tasks.labelling.jobs import get_run
 from qwen_tasks.records import Task
 from qwen_tasks.review import queue
-from qwen_tasks.review.label_studio import CHOICE_OF, FROM_NAME, choice_label, text_value
+from qwen_tasks.review.label_studio import (
+    CHOICE_OF,
+    FROM_NAME,
+    choice_label,
+    text_value,
+    upsert_human_label,
+)
 from qwen_tasks.review.label_studio_server import AudioSource, Server, audio_source, project_title
 from qwen_tasks.review.resolution import Vote, resolve
 from qwen_tasks.store.database import transaction
@@ -385,33 +391,9 @@ def _resolve_clips(conn: sa.Connection, task: str, audio_ids: set[int]) -> tuple
                 sa.delete(h).where(h.c.audio_id == audio_id, h.c.task == task, h.c.source == SOURCE)
             ).rowcount
             continue
-        stmt = pg_insert(h).values(
-            audio_id=audio_id,
-            task=task,
-            label=resolved.label,
-            text=resolved.text,
-            reviewer=resolved.reviewer,
-            source=SOURCE,
-        )
-        changed = sa.or_(
-            h.c.label.is_distinct_from(stmt.excluded.label),
-            h.c.text.is_distinct_from(stmt.excluded.text),
-            h.c.reviewer.is_distinct_from(stmt.excluded.reviewer),
-            h.c.source.is_distinct_from(stmt.excluded.source),
-        )
-        written += conn.execute(
-            stmt.on_conflict_do_update(
-                index_elements=[h.c.audio_id, h.c.task],
-                set_={
-                    "label": stmt.excluded.label,
-                    "text": stmt.excluded.text,
-                    "reviewer": stmt.excluded.reviewer,
-                    "source": stmt.excluded.source,
-                    "created_at": sa.func.now(),
-                },
-                where=changed,
-            )
-        ).rowcount
+        values = {"audio_id": audio_id, "task": task, "label": resolved.label, "text": resolved.text,
+                  "reviewer": resolved.reviewer, "source": SOURCE}  # fmt: skip
+        written += upsert_human_label(conn, values, only_if_changed=True)
     return written, removed
 
 

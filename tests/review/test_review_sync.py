@@ -17,6 +17,7 @@ import label_studio_server
 import pytest
 import sqlalchemy as sa
 from labelling_helpers import ingest_clips, run_cli
+from services import require_label_studio
 from sqlalchemy.engine import Engine
 
 from qwen_tasks.errors import ConfigError
@@ -59,7 +60,7 @@ def test_push_without_a_server_configured_is_one_line(database_url: str) -> None
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[label_studio_server.LabelStudioServer]:
-    label_studio_server.require_label_studio()
+    require_label_studio()
     base = tmp_path_factory.mktemp("label-studio")
     root = base / "docroot"
     (root / "audio").mkdir(parents=True)
@@ -228,6 +229,10 @@ def test_live_review_round_trip(
     _cli(["export-finetune", "--task", "asr", "--out", str(out)], url, server)
     texts = {json.loads(line)["audio_id"]: json.loads(line)["messages"][-1]["content"] for line in out.open()}
     assert texts[ids[2]] == "one two"
+
+    # a personal access token (what Account & Settings creates) works as LABEL_STUDIO_API_KEY as well
+    personal = ls.tokens.create().token
+    assert _cli(["review", "pull"], url, server, LABEL_STUDIO_API_KEY=personal)["errors"] == []
 
     # the DAG's steps: the same push and pull, counts only (nothing new to do here)
     config = ServerConfig.from_env(server.env())

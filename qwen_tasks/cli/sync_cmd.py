@@ -19,6 +19,14 @@ review_app = typer.Typer(
 app.add_typer(review_app, name="review")
 
 
+def _check_task(task: str) -> None:
+    from qwen_tasks.errors import ConfigError
+    from qwen_tasks.records import Task
+
+    if task not in set(Task):
+        raise ConfigError(f"--task must be one of {', '.join(Task)}, got {task!r}")
+
+
 def _server():  # noqa: ANN202 - label_studio_server.Server; the SDK is imported only when used
     from qwen_tasks.review.label_studio_server import Server, ServerConfig
 
@@ -48,17 +56,13 @@ def push(
     prediction, audio through a Local Files storage; never a clip twice to a project, never a clip already
     reviewed."""
     from qwen_tasks.errors import ConfigError
-    from qwen_tasks.review import queue
     from qwen_tasks.review.sync import push as run_push
 
     try:
-        chosen = queue.Strategy(strategy)
+        chosen = Strategy(strategy)
     except ValueError:
-        names = ", ".join(s.value for s in queue.Strategy)
-        raise ConfigError(f"--strategy must be one of {names}, got {strategy!r}") from None
-    if task not in ("asr", "cry"):
-        raise ConfigError(f"--task must be asr or cry, got {task!r}")
-    share = queue.DEFAULT_RANDOM_SHARE if random_share is None else random_share
+        raise ConfigError(f"--strategy must be one of {', '.join(Strategy)}, got {strategy!r}") from None
+    _check_task(task)
     summary = run_push(
         open_database(),
         _server(),
@@ -66,7 +70,7 @@ def push(
         dataset_names=list(dataset or []),
         strategy=chosen,
         limit=limit,
-        random_share=share,
+        random_share=random_share,
     )
     for project in summary.projects:
         console.print(
@@ -88,11 +92,10 @@ def pull(
 ) -> None:
     """Import new, changed and deleted annotations since the last pull; resolve each clip's human label
     (docs/review.md: the rule). Pulling again with nothing changed in Label Studio changes nothing."""
-    from qwen_tasks.errors import ConfigError
     from qwen_tasks.review.sync import pull as run_pull
 
-    if task is not None and task not in ("asr", "cry"):
-        raise ConfigError(f"--task must be asr or cry, got {task!r}")
+    if task is not None:
+        _check_task(task)
     summary = run_pull(open_database(), _server(), task=task, dataset_names=list(dataset or []))
     console.print(
         f"annotations: {summary.new} new, {summary.updated} updated, {summary.deleted} deleted; "

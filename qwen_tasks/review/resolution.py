@@ -75,8 +75,6 @@ def agreement(conn: sa.Connection, *, server: str | None = None) -> list[dict[st
     """Cohen's kappa per cry project (module docstring): project, dataset, clips with two reviewers, raw
     agreement and kappa (None with fewer than two such clips, or when both reviewers always gave one
     same answer: kappa is undefined there)."""
-    from sklearn.metrics import cohen_kappa_score
-
     p, a = review_project, review_annotation
     query = sa.select(p.c.id, p.c.ls_project_id, p.c.dataset_id, p.c.server).where(p.c.task == "cry")
     if server is not None:
@@ -100,6 +98,8 @@ def agreement(conn: sa.Connection, *, server: str | None = None) -> list[dict[st
         second = [pair[1][0] for pair in pairs]
         kappa = None
         if len(pairs) >= 2 and len(set(first) | set(second)) > 1:
+            from sklearn.metrics import cohen_kappa_score  # only where there is something to score
+
             value = float(cohen_kappa_score(first, second, labels=["yes", "no", "unknown"]))
             kappa = None if value != value else value  # NaN: undefined
         out.append(

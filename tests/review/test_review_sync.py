@@ -266,3 +266,15 @@ def test_audio_source_maps_local_paths_below_the_document_root() -> None:
         audio_source("s3://bucket/a.wav", "/srv/ls")
     with pytest.raises(ConfigError, match="LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT is not set"):
         audio_source("/srv/ls/audio/a.wav", None)
+
+
+def test_an_unreachable_server_is_one_line(engine: Engine, database_url: str, tmp_path: Path) -> None:
+    """Runs after the round trip (its own dataset would be one more project there)."""
+    ingest_clips(engine, tmp_path / "unreachable", [0.5])
+    env = {"LABEL_STUDIO_URL": "http://127.0.0.1:1", "LABEL_STUDIO_API_KEY": "k3y-never-shown"}
+    result = run_cli(
+        ["review", "push", "--task", "cry", "--dataset", "unreachable", "--json"], database_url, **env
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    error = json.loads(result.stdout)["error"]
+    assert error.startswith("Label Studio at http://127.0.0.1:1 is not reachable") and "k3y" not in error

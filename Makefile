@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # GPU users: make install TORCH_INDEX=https://download.pytorch.org/whl/cu128  (see README)
 TORCH_INDEX ?=
 
-.PHONY: help install demo test test-fast lint format bench install-qwen-audio
+.PHONY: help install demo test test-fast lint format bench install-qwen-audio install-label-studio
 .DEFAULT_GOAL := help
 
 help:
@@ -14,6 +14,7 @@ help:
 	@echo "make test-fast - lint and the tests not marked slow (about a minute; while you edit)"
 	@echo "make lint / format / bench / install"
 	@echo "make install-qwen-audio - .venv-qwen-audio (transformers 4.53.3) for the original Qwen-Audio (docs/models.md)"
+	@echo "make install-label-studio - .venv-label-studio (label-studio 1.23.2) for the live review tests (docs/review.md)"
 
 $(BIN)/.installed: requirements.lock pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -42,6 +43,17 @@ $(QA_BIN)/.installed: requirements-qwen-audio.lock pyproject.toml
 	@touch $@
 
 install-qwen-audio: $(QA_BIN)/.installed
+
+# Label Studio's own pins clash with ours: its own environment, used by the live review-sync tests
+# (tests/label_studio_server.py starts a server from it) and handy to run a local server (docs/review.md).
+LS_VENV := .venv-label-studio
+
+$(LS_VENV)/bin/.installed:
+	@test -x $(LS_VENV)/bin/python || $(PYTHON) -m venv $(LS_VENV)
+	$(LS_VENV)/bin/pip install --quiet label-studio==1.23.2
+	@touch $@
+
+install-label-studio: $(LS_VENV)/bin/.installed
 
 demo: install
 	$(BIN)/python -m qwen_tasks.dev.demo

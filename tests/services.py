@@ -1,4 +1,5 @@
-"""The outside services a few tests need (Redis; Chromium with the playwright package), in one place.
+"""The outside services a few tests need (Redis; Chromium with the playwright package; Label Studio in its
+own venv), in one place.
 
 On a developer's machine a missing service skips the tests that need it, with one line saying what to
 install, so `make test` passes on a fresh machine. CI (`.ci/run`) provides every one of them and sets
@@ -19,6 +20,8 @@ import pytest
 
 REQUIRE_SERVICES = "QWEN_TASKS_REQUIRE_SERVICES"
 CHROMIUM = Path("/usr/bin/chromium")  # Debian's: Playwright cannot download browsers on CI
+# `make install-label-studio`: its pins clash with ours (tests/label_studio_server.py starts it)
+LABEL_STUDIO = Path(__file__).resolve().parents[1] / ".venv-label-studio" / "bin" / "label-studio"
 
 
 def require(available: bool, missing: str) -> None:
@@ -61,3 +64,9 @@ def require_chromium() -> ModuleType:
         require(False, "needs the playwright package (make install: it is in requirements.lock)")
         raise  # not reached: require skipped or failed
     return sync_api
+
+
+def require_label_studio() -> Path:
+    """The `label-studio` command of the checkout's .venv-label-studio; returns its path."""
+    require(LABEL_STUDIO.exists(), f"needs Label Studio at {LABEL_STUDIO} (make install-label-studio)")
+    return LABEL_STUDIO

@@ -32,7 +32,7 @@ def _json_commands() -> set[str]:
     return found
 
 
-@pytest.mark.slow  # twelve processes
+@pytest.mark.slow  # fifteen processes
 def test_every_json_command_reports_a_failure_as_one_json_object(tmp_path: Path) -> None:
     (tmp_path / "tasks.json").write_text("[]")
     args = {
@@ -45,6 +45,8 @@ def test_every_json_command_reports_a_failure_as_one_json_object(tmp_path: Path)
         "review-export": ["--task", "cry", "--out", str(tmp_path / "review.json")],
         "review queue": ["--task", "cry", "--strategy", "uncertainty"],
         "review-import": [str(tmp_path / "tasks.json")],
+        "review push": ["--task", "cry"],
+        "review pull": [],
         "export-finetune": ["--task", "cry", "--out", str(tmp_path / "train.jsonl")],
         "finetune": ["--task", "cry"],
         "models": [],

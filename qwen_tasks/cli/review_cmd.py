@@ -14,7 +14,8 @@ from qwen_tasks.cli.common import app, console, fail, open_database, print_json
 from qwen_tasks.review.queue import DEFAULT_QUEUE_LIMIT, DEFAULT_RANDOM_SHARE, Strategy
 
 review_app = typer.Typer(
-    help="Review queues: which clips reviewers should see first, and why.", no_args_is_help=True
+    help="Review: which clips to review first and why (queue); live Label Studio sync (push, pull).",
+    no_args_is_help=True,
 )
 app.add_typer(review_app, name="review")
 
@@ -114,13 +115,14 @@ def metrics(
         ids = sorted({i for d in dataset_ids.values() for i in latest_run_ids(engine, dataset_id=d)})
     else:
         ids = latest_run_ids(engine)  # default: the newest run of every task
+    agreement = _review_agreement(engine)
     if not ids:
         if names:
             console.print(f"no labelling run covered dataset(s) {', '.join(names)} yet", highlight=False)
         else:
             console.print("no labelling runs yet (run: qwen-tasks label --task cry|asr)")
         if as_json:
-            print_json({"runs": []})
+            print_json({"runs": [], "review_agreement": agreement})
         return
     results = []
     for run_id in ids:
@@ -137,7 +139,7 @@ def metrics(
             }
         )
     if as_json:
-        print_json({"runs": results})
+        print_json({"runs": results, "review_agreement": agreement})
         return
     for r in results:
         table = Table(title=f"run {r['run_id']} ({r['task']}, {r['model']})", title_justify="left")
@@ -151,6 +153,27 @@ def metrics(
             pairs = ", ".join(f"{t['reference']}→{t['hypothesis']} ×{t['count']}" for t in top[:10])
             console.print(f"top substitutions: {pairs}", highlight=False, soft_wrap=True)
         _print_groups(r, names)
+    _print_agreement(agreement)
+
+
+def _review_agreement(engine: Engine) -> list[dict[str, Any]]:
+    """Cohen's kappa per Label Studio project with clips two reviewers answered (review.resolution)."""
+    from qwen_tasks.review.resolution import agreement
+
+    with engine.connect() as conn:
+        return agreement(conn)
+
+
+def _print_agreement(rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        return
+    table = Table(title="reviewer agreement (Label Studio projects)", title_justify="left")
+    for column in ("project", "dataset", "clips with 2 reviewers", "agreement", "Cohen's kappa"):
+        table.add_column(column, justify="left" if column in ("project", "dataset") else "right")
+    for r in rows:
+        figures = ("—" if r[k] is None else f"{r[k]:.3g}" for k in ("agreement", "kappa"))
+        table.add_row(str(r["project_id"]), str(r["dataset"]), str(r["n_clips"]), *figures)
+    console.print(table)
 
 
 def _group_results(engine: Engine, run_id: int, names: list[str]) -> dict[str, Any]:

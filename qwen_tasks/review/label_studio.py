@@ -43,7 +43,8 @@ from qwen_tasks.store.schema import (
 
 TASKS = ("asr", "cry")
 FROM_NAME = {"cry": "cry", "asr": "transcription"}
-CHOICE_OF = {"yes": "Yes", "no": "No", "unknown": "Unsure"}
+CANT_TELL = "Can't tell"  # the reviewer's "unknown" (docs/review.md: how `unknown` is used)
+CHOICE_OF = {"yes": "Yes", "no": "No", "unknown": CANT_TELL}
 LABEL_OF_CHOICE = {
     "yes": "yes",
     "y": "yes",
@@ -53,7 +54,8 @@ LABEL_OF_CHOICE = {
     "n": "no",
     "false": "no",
     "否": "no",
-    "unsure": "unknown",
+    "can't tell": "unknown",
+    "unsure": "unknown",  # the choice's name before "Can't tell" (older exports)
     "unknown": "unknown",
     "skip": "unknown",
 }
@@ -74,14 +76,16 @@ def _check_task(task: str) -> str:
 
 
 def label_config(task: str) -> str:
-    """The Label Studio labelling interface (XML) matching the exported tasks of `task`."""
+    """The Label Studio labelling interface (XML) matching the exported and pushed tasks of `task`: cry
+    shows the question the run asked ($question) and offers Yes / No / Can't tell; asr a text area that
+    the model's transcript (the task's prediction) pre-fills."""
     if _check_task(task) == "cry":
         return (
             "<View>\n"
             '  <Header value="$question"/>\n'
             '  <Audio name="audio" value="$audio"/>\n'
             '  <Choices name="cry" toName="audio" choice="single-radio" showInline="true" required="true">\n'
-            '    <Choice value="Yes"/>\n    <Choice value="No"/>\n    <Choice value="Unsure"/>\n'
+            '    <Choice value="Yes"/>\n    <Choice value="No"/>\n    <Choice value="Can&apos;t tell"/>\n'
             "  </Choices>\n"
             "</View>\n"
         )
@@ -227,7 +231,7 @@ def _task(
             "from_name": FROM_NAME[task],
             "to_name": "audio",
             "type": "choices",
-            "value": {"choices": [CHOICE_OF.get(r.label or "unknown", "Unsure")]},
+            "value": {"choices": [CHOICE_OF.get(r.label or "unknown", CANT_TELL)]},
         }
         score = r.p_yes
     else:
@@ -376,14 +380,14 @@ def _reviewer(*values: Any) -> tuple[str | None, str | None]:
     return name, user_id
 
 
-def _choice_label(value: Any) -> str:
+def choice_label(value: Any) -> str:
     choice = value[0] if isinstance(value, list) and value else value
     if not isinstance(choice, str) or choice.strip().lower() not in LABEL_OF_CHOICE:
-        raise ValueError(f"choice {choice!r} is not Yes/No/Unsure")
+        raise ValueError(f"choice {choice!r} is not Yes/No/{CANT_TELL}")
     return LABEL_OF_CHOICE[choice.strip().lower()]
 
 
-def _text_value(value: Any) -> str:
+def text_value(value: Any) -> str:
     """The reviewed transcript; an explicitly empty one ("no speech") is a valid answer."""
     text = "\n".join(str(t) for t in value) if isinstance(value, list) else value
     if not isinstance(text, str):
@@ -404,18 +408,18 @@ def _parse_task(item: Any, default_task: str | None) -> _Review:
         for result in annotation.get("result") or []:
             value = result.get("value") or {}
             if result.get("type") == "choices" or "choices" in value:
-                label = _choice_label(value.get("choices"))
+                label = choice_label(value.get("choices"))
                 task = task or "cry"
             elif result.get("type") == "textarea" or "text" in value:
-                text = _text_value(value.get("text"))
+                text = text_value(value.get("text"))
                 task = task or "asr"
     else:  # JSON-MIN: {"audio": ..., "cry": "Yes", "annotator": ..., "annotation_id": ...}
         name, user_id = _reviewer(item.get("annotator"))
         order = _annotation_order(item)
         if item.get(FROM_NAME["cry"]) is not None:
-            label, task = _choice_label(item[FROM_NAME["cry"]]), task or "cry"
+            label, task = choice_label(item[FROM_NAME["cry"]]), task or "cry"
         if item.get(FROM_NAME["asr"]) is not None:
-            text, task = _text_value(item[FROM_NAME["asr"]]), task or "asr"
+            text, task = text_value(item[FROM_NAME["asr"]]), task or "asr"
     if task not in TASKS:
         raise ValueError(f"cannot tell the task (data.task = {task!r})")
     if task == "cry" and label is None:
@@ -510,21 +514,33 @@ def import_label_studio(
                 "reviewer": review.reviewer_name or reviewer or review.reviewer_id,
                 "source": "label-studio",
             }
-            stmt = pg_insert(human_label).values(**values)
-            conn.execute(
-                stmt.on_conflict_do_update(
-                    index_elements=[human_label.c.audio_id, human_label.c.task],
-                    set_={
-                        "label": stmt.excluded.label,
-                        "text": stmt.excluded.text,
-                        "reviewer": stmt.excluded.reviewer,
-                        "source": stmt.excluded.source,
-                        "created_at": sa.func.now(),
-                    },
-                )
-            )
+            upsert_human_label(conn, values)
             summary.imported += 1
     return summary
+
+
+def upsert_human_label(conn: sa.Connection, values: dict[str, Any], *, only_if_changed: bool = False) -> int:
+    """Write the human label of (values' audio_id, task): insert, or replace label, text, reviewer and
+    source. `only_if_changed`: leave an identical row alone (the live sync's pulls stay no-ops). Returns
+    the rows written."""
+    h = human_label
+    stmt = pg_insert(h).values(**values)
+    changed = sa.or_(
+        *(h.c[k].is_distinct_from(stmt.excluded[k]) for k in ("label", "text", "reviewer", "source"))
+    )
+    return conn.execute(
+        stmt.on_conflict_do_update(
+            index_elements=[h.c.audio_id, h.c.task],
+            set_={
+                "label": stmt.excluded.label,
+                "text": stmt.excluded.text,
+                "reviewer": stmt.excluded.reviewer,
+                "source": stmt.excluded.source,
+                "created_at": sa.func.now(),
+            },
+            where=changed if only_if_changed else None,
+        )
+    ).rowcount
 
 
 # --- fine-tune export ---------------------------------------------------------------------------------

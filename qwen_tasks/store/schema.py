@@ -353,6 +353,53 @@ current_label = sa.Table(
     _ts("updated_at"),
 )
 
+# 0014: live Label Studio sync (qwen_tasks.review.sync): a project per (server, dataset, task), the clips
+# pushed to it with their Label Studio task ids, and every annotation pulled from it.
+review_project = sa.Table(
+    "review_project",
+    metadata,
+    _id(),
+    sa.Column("server", sa.Text, nullable=False),
+    sa.Column("dataset_id", sa.BigInteger, sa.ForeignKey("dataset.id"), nullable=False),
+    sa.Column("task", sa.Text, nullable=False),
+    sa.Column("ls_project_id", sa.BigInteger, nullable=False),
+    sa.Column("title", sa.Text, nullable=False),
+    _ts("created_at"),
+    _ts("last_push_at", default=False),
+    _ts("last_pull_at", default=False),
+    sa.UniqueConstraint("server", "dataset_id", "task"),
+    sa.UniqueConstraint("server", "ls_project_id"),
+)
+
+review_task = sa.Table(
+    "review_task",
+    metadata,
+    sa.Column("project_id", sa.BigInteger, sa.ForeignKey("review_project.id"), primary_key=True),
+    sa.Column("audio_id", sa.BigInteger, sa.ForeignKey("audio.id"), primary_key=True),
+    sa.Column("ls_task_id", sa.BigInteger, nullable=False),
+    sa.Column("run_id", sa.BigInteger, sa.ForeignKey("label_run.id")),
+    _ts("pushed_at"),
+    sa.UniqueConstraint("project_id", "ls_task_id"),
+)
+
+review_annotation = sa.Table(
+    "review_annotation",
+    metadata,
+    sa.Column("project_id", sa.BigInteger, sa.ForeignKey("review_project.id"), primary_key=True),
+    sa.Column("ls_annotation_id", sa.BigInteger, primary_key=True),
+    sa.Column("ls_task_id", sa.BigInteger, nullable=False),
+    sa.Column("audio_id", sa.BigInteger, sa.ForeignKey("audio.id"), nullable=False),
+    sa.Column("task", sa.Text, nullable=False),
+    sa.Column("label", sa.Text),
+    sa.Column("text", sa.Text),
+    sa.Column("was_cancelled", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("reviewer", sa.Text),
+    sa.Column("lead_time_s", sa.Float),
+    _ts("ls_created_at", default=False),
+    sa.Column("ls_updated_at", sa.DateTime(timezone=True), nullable=False),
+    _ts("pulled_at"),
+)
+
 # 0015_review_queue_ranking: each clip a ranked review queue sent somewhere, and why (review.queue).
 review_queued = sa.Table(
     "review_queued",

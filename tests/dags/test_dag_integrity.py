@@ -243,13 +243,26 @@ def test_number_params_are_text_fields_the_form_does_not_clamp(probe: dict[str, 
     """Airflow's form clamps a single-type number Param to its minimum/maximum on blur and drops
     non-digit keystrokes (batch size -5 became 1, threshold 2 became 1): every number Param of both DAGs
     has two types, which the form renders as a text field that sends what was typed or shows an error."""
-    for dag_id in (DAG_ID, "qwen_audio_finetune"):
+    for dag_id in (DAG_ID, "qwen_audio_finetune", "qwen_audio_review_sync"):
         for name, schema in probe["dags"][dag_id]["schemas"].items():
             types = schema.get("type")
             types = types if isinstance(types, list) else [types]
             if {"integer", "number"} & set(types):
                 assert {"integer", "number"} <= set(types), (dag_id, name, schema)
                 assert "enum" not in schema and "examples" not in schema, (dag_id, name)
+
+
+def test_review_sync_dag_shape(probe: dict[str, Any]) -> None:
+    """Hourly, no catch-up; push then pull, and pull runs even when push failed (answers still come back)."""
+    dag = probe["dags"]["qwen_audio_review_sync"]
+    assert dag["schedule"] in ("@hourly", "0 * * * *") and dag["catchup"] is False
+    assert dag["max_active_runs"] == 1
+    tasks = dag["tasks"]
+    assert set(tasks) == {"push", "pull"}
+    assert tasks["pull"]["upstream"] == ["push"] and tasks["pull"]["trigger_rule"] == "all_done"
+    assert dag["params"] == {"tasks": ["cry", "asr"], "datasets": None, "strategy": "uncertainty",
+                             "limit": 100, "random_share": 0.1}  # fmt: skip
+    assert all(t["pool"] != "gpu" for t in tasks.values()), "review sync holds no GPU"
 
 
 def test_no_airflow2_leftovers() -> None:

@@ -253,7 +253,7 @@ def test_import_reports_bad_tasks_and_keeps_the_good(engine: Engine, tmp_path: P
     assert all(e.startswith(f"{path}: task #") for e in result.errors)
     assert "not a JSON object" in result.errors[0]
     assert "(id 7): audio_id 99999 is not in the database" in result.errors[1]
-    assert "'Maybe' is not Yes/No/Unsure" in result.errors[2]
+    assert "'Maybe' is not Yes/No/Can't tell" in result.errors[2]
     assert "'/nowhere.wav' is not in the database" in result.errors[3]
     assert "'x1' is not a number" in result.errors[4]
     bad_json = tmp_path / "broken.json"

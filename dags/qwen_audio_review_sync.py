@@ -1,0 +1,78 @@
+"""
+### Live review with Label Studio (hourly)
+
+Keeps a Label Studio server and the labels database in step:
+
+1. **push**: for each task, the review queue (`strategy`, with a `random_share` of uniform picks) of each
+   dataset goes to that dataset's project (`qwen-tasks <dataset> <task>`, created when missing), at most
+   `limit` new clips per project, the model's answer pre-filled; never a clip twice to a project, never a
+   clip already reviewed;
+2. **pull**: new, changed and deleted annotations come back; each clip's human label is resolved from
+   its reviewers' answers (docs/review.md) and wins in `cry_gold`, `asr_reference` and fine-tuning.
+
+The server is the Airflow connection `qwen_tasks_label_studio` (host = URL, password = API key, extra
+`{"document_root": "..."}` = Label Studio's LOCAL_FILES_DOCUMENT_ROOT), else `LABEL_STUDIO_URL`,
+`LABEL_STUDIO_API_KEY` and `LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT`. Only counts travel through XCom.
+Same as `qwen-tasks review push --task T` and `qwen-tasks review pull`.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pendulum
+from airflow.sdk import Param, dag, get_current_context, task
+
+from qwen_tasks.orchestration.review_sync import SyncOptions
+from qwen_tasks.review.queue import Strategy
+
+DAG_ID = "qwen_audio_review_sync"
+PARAMS = {
+    "tasks": Param(list(SyncOptions.tasks), type="array", items={"type": "string", "enum": ["asr", "cry"]},
+                   minItems=1, description="Tasks to push and pull."),
+    "datasets": Param(None, type=["null", "array"], items={"type": "string"},
+                      description="Datasets (empty: every dataset of each task): one project each."),
+    "strategy": Param(SyncOptions.strategy, type="string", enum=[s.value for s in Strategy],
+                      description="How the review queue ranks clips (docs/review.md)."),
+    "limit": Param(SyncOptions.limit, type=["integer", "number"], minimum=1, multipleOf=1,
+                   description="At most this many new clips per project and push."),
+    "random_share": Param(SyncOptions.random_share, type=["number", "integer"], minimum=0, maximum=1,
+                          description="Share of each push drawn uniformly (unbiased quality estimates)."),
+}  # fmt: skip
+
+
+@dag(
+    dag_id=DAG_ID,
+    schedule="@hourly",
+    start_date=pendulum.datetime(2024, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    tags=["qwen-audio", "review", "label-studio"],
+    doc_md=__doc__,
+    params=PARAMS,
+    default_args={"owner": "qwen-tasks", "retries": 2, "retry_delay": timedelta(minutes=2)},
+    dagrun_timeout=timedelta(minutes=55),
+)
+def qwen_audio_review_sync():
+    @task
+    def push() -> dict:
+        """Push each task's review queue to its dataset projects; returns counts."""
+        from qwen_tasks.orchestration.review_sync import push_step
+        from qwen_tasks.orchestration.steps import no_retry_for_permanent_errors
+
+        with no_retry_for_permanent_errors():
+            return push_step(dict(get_current_context()["params"]))
+
+    @task(trigger_rule="all_done")  # answers already given come back even when a push failed
+    def pull() -> dict:
+        """Pull new, changed and deleted annotations; returns counts."""
+        from qwen_tasks.orchestration.review_sync import pull_step
+        from qwen_tasks.orchestration.steps import no_retry_for_permanent_errors
+
+        with no_retry_for_permanent_errors():
+            return pull_step(dict(get_current_context()["params"]))
+
+    push() >> pull()
+
+
+qwen_audio_review_sync()

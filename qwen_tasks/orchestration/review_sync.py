@@ -1,0 +1,122 @@
+"""The steps of the hourly review-sync DAG (`dags/qwen_audio_review_sync.py`) as plain functions.
+
+push_step and pull_step call `review.sync.push` / `pull` (what `qwen-tasks review push / pull` call) and
+return counts only, for XCom. The server comes from the Airflow connection `qwen_tasks_label_studio`
+(host = URL, password = API key, extra `document_root`), else from LABEL_STUDIO_URL /
+LABEL_STUDIO_API_KEY; the key never reaches a log, XCom or the database. Importing this module imports
+neither Airflow nor the Label Studio SDK.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from qwen_tasks.errors import ConfigError
+from qwen_tasks.orchestration.connection import resolve_database_url
+from qwen_tasks.records import Task
+from qwen_tasks.review.queue import DEFAULT_RANDOM_SHARE, Strategy
+from qwen_tasks.review.sync import DEFAULT_LIMIT, DEFAULT_STRATEGY
+from qwen_tasks.store import database as db
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SyncOptions:
+    """The DAG's params, checked (the REST API and `dags test` can send anything)."""
+
+    tasks: tuple[str, ...] = ("cry", "asr")
+    datasets: tuple[str, ...] = ()
+    strategy: str = DEFAULT_STRATEGY.value
+    limit: int = DEFAULT_LIMIT
+    random_share: float = DEFAULT_RANDOM_SHARE
+
+    def __post_init__(self) -> None:
+        for task in self.tasks:
+            if task not in {t.value for t in Task}:
+                raise ConfigError(f"param tasks: {task!r} is not asr or cry")
+        if self.strategy not in {s.value for s in Strategy}:
+            raise ConfigError(f"param strategy: {self.strategy!r} is not one of {', '.join(Strategy)}")
+        if isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 1:
+            raise ConfigError(f"param limit must be an integer >= 1, got {self.limit!r}")
+        if not isinstance(self.random_share, int | float) or not 0 <= self.random_share <= 1:
+            raise ConfigError(f"param random_share must be in [0, 1], got {self.random_share!r}")
+
+    @classmethod
+    def from_mapping(cls, params: Mapping[str, Any]) -> SyncOptions:
+        def listed(name: str, default: Sequence[str]) -> tuple[str, ...]:
+            value = params.get(name)
+            return tuple(default) if value is None else tuple(str(v) for v in value)
+
+        return cls(
+            tasks=listed("tasks", cls.tasks),
+            datasets=listed("datasets", ()),
+            strategy=str(params.get("strategy") or cls.strategy),
+            limit=cls.limit if params.get("limit") is None else params["limit"],
+            random_share=cls.random_share if params.get("random_share") is None else params["random_share"],
+        )
+
+
+def server_config() -> Any:
+    """The Label Studio server a DAG task talks to (module docstring); ServerConfig."""
+    from qwen_tasks.review.label_studio_server import CONN_ID, ServerConfig
+
+    try:
+        from airflow.sdk import Connection
+
+        conn = Connection.get(CONN_ID)
+    except Exception as exc:  # no such connection, or not inside a task: the environment's
+        log.info("no Airflow connection %s (%s): using LABEL_STUDIO_URL", CONN_ID, type(exc).__name__)
+        return ServerConfig.from_env()
+    return ServerConfig.from_airflow(conn)
+
+
+def _setup(params: Mapping[str, Any], database_url: str | None, config: Any) -> tuple[SyncOptions, Any, Any]:
+    """The checked params, the labels database (migrated) and the server client of a step."""
+    from qwen_tasks.review.label_studio_server import Server
+
+    options = SyncOptions.from_mapping(params)
+    engine = db.get_engine(database_url or resolve_database_url())
+    db.upgrade(engine)
+    return options, engine, Server(config if config is not None else server_config())
+
+
+def push_step(
+    params: Mapping[str, Any], *, database_url: str | None = None, config: Any = None
+) -> dict[str, int]:
+    """Push each task's review queue; counts per task and in total."""
+    from qwen_tasks.review.sync import push
+
+    options, engine, server = _setup(params, database_url, config)
+    out = {"pushed": 0, "adopted": 0, "skipped": 0, "projects": 0}
+    for task in options.tasks:
+        summary = push(engine, server, task=task, dataset_names=options.datasets,
+                       strategy=Strategy(options.strategy), limit=options.limit,
+                       random_share=options.random_share)  # fmt: skip
+        for line in summary.skipped:
+            log.warning("not pushed: %s", line)
+        out["pushed"] += summary.pushed
+        out["adopted"] += summary.adopted
+        out["skipped"] += len(summary.skipped)
+        out["projects"] += len(summary.projects)
+    return out
+
+
+def pull_step(
+    params: Mapping[str, Any], *, database_url: str | None = None, config: Any = None
+) -> dict[str, int]:
+    """Pull every project of the DAG's tasks; counts of annotations and labels changed."""
+    from qwen_tasks.review.sync import pull
+
+    options, engine, server = _setup(params, database_url, config)
+    out = {"new": 0, "updated": 0, "deleted": 0, "labels_written": 0, "labels_removed": 0, "errors": 0}
+    for task in options.tasks:
+        summary = pull(engine, server, task=task, dataset_names=options.datasets).to_dict()
+        for line in summary["errors"]:
+            log.warning("not pulled: %s", line)
+        for name in out:
+            out[name] += len(summary[name]) if name == "errors" else summary[name]
+    return out

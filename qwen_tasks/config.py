@@ -70,6 +70,20 @@ def _env_device(name: str) -> str:
     return raw
 
 
+# Words that turn a schedule off (an empty value does too): the DAG then runs on its other triggers only.
+SCHEDULE_OFF = ("off", "none", "never")
+
+
+def _env_schedule(name: str, default: str) -> str | None:
+    """A DAG's cron schedule from `name`: unset means `default`; empty or `off` means no schedule (None).
+    The expression itself is checked by Airflow when the DAG file is parsed."""
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    value = raw.strip()
+    return None if not value or value.lower() in SCHEDULE_OFF else value
+
+
 def _env_paths(name: str) -> tuple[Path, ...]:
     raw = os.environ.get(name, "")
     return tuple(Path(p).expanduser().resolve() for p in raw.split(os.pathsep) if p.strip())
@@ -116,6 +130,15 @@ class Settings:
     max_batch_seconds: float = 240.0
     gpu_slots: int = 1  # the `gpu` pool's size: how many labelling workers the DAG fans out to
     lease_seconds: float = 120.0  # a dead worker's job is taken over after this long
+    # cron of the labelling DAG (None: it runs on asset events and manual triggers only)
+    schedule: str | None = "0 2 * * *"
+    # cron of the ingest DAG (None: off, no new-audio events); listing only, so it can run often
+    ingest_schedule: str | None = "*/15 * * * *"
+    # reviewed (human) labels newer than a task's promoted version that start an automatic fine-tune
+    finetune_min_new_reviewed: int = 200
+    # Airflow's REST API, for asset events posted from outside Airflow (`models promote`, `review-import`);
+    # its credentials are read where they are used (orchestration.airflow_api), never kept here
+    airflow_url: str = ""
     errors: tuple[str, ...] = ()  # bad values replaced by defaults (only with strict=False)
 
     @property
@@ -150,6 +173,13 @@ class Settings:
             max_batch_seconds=read(lambda: _env_float("QWEN_TASKS_MAX_BATCH_SECONDS", 240.0), 240.0),
             gpu_slots=read(lambda: _env_int("QWEN_TASKS_GPU_POOL_SLOTS", 1), 1),
             lease_seconds=read(lambda: _env_float("QWEN_TASKS_LEASE_SECONDS", 120.0), 120.0),
+            schedule=_env_schedule("QWEN_TASKS_SCHEDULE", cls.schedule or ""),
+            ingest_schedule=_env_schedule("QWEN_TASKS_INGEST_SCHEDULE", cls.ingest_schedule or ""),
+            finetune_min_new_reviewed=read(
+                lambda: _env_int("QWEN_TASKS_FINETUNE_MIN_NEW_REVIEWED", cls.finetune_min_new_reviewed),
+                cls.finetune_min_new_reviewed,
+            ),
+            airflow_url=(os.environ.get("QWEN_TASKS_AIRFLOW_URL") or "").strip().rstrip("/"),
             errors=tuple(errors),
         )
 

@@ -16,9 +16,8 @@ import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import numpy as np
-import soundfile as sf
 import sqlalchemy as sa
+from labelling_helpers import write_clips
 from review_seed import add_audio, add_human
 from sqlalchemy.engine import Engine
 
@@ -37,23 +36,12 @@ from qwen_tasks.review.new_reviews import decide, reviewed_since
 from qwen_tasks.store.schema import dataset, human_label, label_job_item, label_run, model_version
 
 
-def write_clips(folder: Path, n: int, start: int = 0) -> list[Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    out = []
-    for i in range(start, start + n):
-        rng = np.random.default_rng(i)
-        path = folder / f"rec_{i:03d}.wav"
-        sf.write(path, (0.1 * rng.standard_normal(16000)).astype("float32"), 16000)
-        out.append(path)
-    return out
-
-
 def test_a_listing_emits_one_event_per_dataset_with_new_audio_and_none_when_nothing_is_new(
     engine: Engine, database_url: str, tmp_path: Path
 ) -> None:
     calls, street = tmp_path / "calls", tmp_path / "street"
-    write_clips(calls, 3)
-    write_clips(street, 2, start=10)
+    write_clips(calls, [1.0] * 3)
+    write_clips(street, [1.0] * 2, seed=1)
     params = {"audio_dirs": [str(calls), str(street)]}
 
     first = watch_step(params, database_url=database_url)
@@ -70,7 +58,7 @@ def test_a_listing_emits_one_event_per_dataset_with_new_audio_and_none_when_noth
     again = watch_step(params, database_url=database_url)  # nothing new: no event, no labelling run
     assert again["unchanged"] == 5 and again["events"] == []
 
-    write_clips(calls, 1, start=20)  # one new recording in one source
+    write_clips(calls / "later", [1.5], seed=2)  # one new recording in one source
     third = watch_step(params, database_url=database_url)
     assert [(e["uri"], e["extra"]["new_clips"]) for e in third["events"]] == [(dataset_uri("calls"), 1)]
 
@@ -104,8 +92,8 @@ def test_two_events_for_the_same_data_plan_no_duplicate_work(
     engine: Engine, database_url: str, tmp_path: Path, tiny_model_dir: Path
 ) -> None:
     calls, other = tmp_path / "calls", tmp_path / "other"
-    write_clips(calls, 3)
-    write_clips(other, 2, start=10)
+    write_clips(calls, [1.0] * 3)
+    write_clips(other, [1.0] * 2, seed=1)
     params = {"audio_dirs": [str(calls), str(other)], "tasks": ["cry"], "method": "score",
               "model": str(tiny_model_dir), "device": "cpu"}  # fmt: skip
     (event,) = [e for e in watch_step(params, database_url=database_url)["events"] if "calls" in e["uri"]]

@@ -17,6 +17,7 @@ Plain data in, plain data out: no Airflow import here, so the DAGs, the CLI and 
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -82,16 +83,22 @@ class Event:
 
 
 def events_from_airflow(triggering: Any) -> list[Event]:
-    """The plain events of a run's `triggering_asset_events` (a mapping of asset to event list; empty on a
-    cron or manual run)."""
-    out: list[Event] = []
+    """The plain events of a run's `triggering_asset_events` (a mapping of asset or alias to event list;
+    empty on a cron or manual run). An event emitted through an alias is listed under the alias and
+    under its asset: each event is kept once."""
+    out: dict[tuple[str, str, str, str], Event] = {}
     for key in list(triggering or {}):
         for ev in triggering[key]:
             asset = getattr(ev, "asset", None)
             uri = getattr(asset, "uri", None) or getattr(key, "uri", "") or ""
             parts = [getattr(ev, n, None) for n in ("source_dag_id", "source_run_id", "source_task_id")]
-            out.append(Event(uri, dict(getattr(ev, "extra", None) or {}), "/".join(p for p in parts if p)))
-    return out
+            extra = dict(getattr(ev, "extra", None) or {})
+            source = "/".join(p for p in parts if p)
+            when = str(getattr(ev, "timestamp", ""))
+            out.setdefault(
+                (uri, source, when, json.dumps(extra, sort_keys=True, default=str)), Event(uri, extra, source)
+            )
+    return list(out.values())
 
 
 @dataclass(frozen=True)

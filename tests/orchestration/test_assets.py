@@ -15,6 +15,7 @@ import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from types import SimpleNamespace
 
 import sqlalchemy as sa
 from labelling_helpers import write_clips
@@ -24,6 +25,7 @@ from sqlalchemy.engine import Engine
 from qwen_tasks.orchestration.assets import (
     Event,
     dataset_uri,
+    events_from_airflow,
     model_uri,
     parse_uri,
     reviews_uri,
@@ -83,6 +85,16 @@ def test_the_events_decide_what_a_run_labels_and_say_why() -> None:
 
     both = scope_of([new_audio, promoted], {"tasks": ["asr", "cry"]})  # everything, as a cron run
     assert both.tasks is None and both.datasets is None and "calls" in both.reason and "cry-v2" in both.reason
+
+    # Airflow lists an event emitted through an alias under the alias and under its asset: kept once
+    ev = SimpleNamespace(asset=SimpleNamespace(uri=dataset_uri("calls")), extra={"new_clips": 3},
+                         source_dag_id="qwen_audio_ingest", source_run_id="r1", source_task_id="ingest",
+                         timestamp="2026-01-01T00:00:00+00:00")  # fmt: skip
+    triggering = {"alias": [ev], "asset": [ev]}
+    assert events_from_airflow(triggering) == [
+        Event(dataset_uri("calls"), {"new_clips": 3}, "qwen_audio_ingest/r1/ingest")
+    ]
+    assert events_from_airflow({}) == [] and events_from_airflow(None) == []
 
     assert parse_uri(reviews_uri("asr")) == ("reviews", "asr") and parse_uri("s3://bucket/x") is None
     assert safe_location("s3://key:secret@bucket/prefix") == "s3://bucket/prefix"

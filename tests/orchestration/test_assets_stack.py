@@ -145,7 +145,7 @@ def test_imported_reviews_start_the_fine_tune_which_skips_with_too_few(
 ) -> None:
     from qwen_tasks.orchestration.airflow_api import post_asset_event
 
-    st, _, _ = stack
+    st, _, version = stack
     monkeypatch.setenv("QWEN_TASKS_AIRFLOW_URL", st.base_url)
     monkeypatch.setenv("QWEN_TASKS_AIRFLOW_USERNAME", "admin")
     monkeypatch.setenv("QWEN_TASKS_AIRFLOW_PASSWORD", st.password)
@@ -171,4 +171,6 @@ def test_imported_reviews_start_the_fine_tune_which_skips_with_too_few(
     assert states.pop("enough_new_reviews") == "success"
     assert set(states.values()) == {"skipped"}, states  # skipped, not failed
     log = "\n".join(st.task_logs(run["run_id"], "enough_new_reviews").values())
-    assert "cry: 0 reviewed label(s) in all, minimum 200" in log and "not enough to fine-tune yet" in log
+    # 0 new: the labels counted are those newer than the version the test before promoted
+    assert f"cry: 0 reviewed label(s) newer than {version.name} (" in log, log[-3000:]
+    assert "minimum 200 (QWEN_TASKS_FINETUNE_MIN_NEW_REVIEWED): not enough to fine-tune yet" in log

@@ -9,7 +9,7 @@ Runs nightly (cron `QWEN_TASKS_SCHEDULE`, default `0 2 * * *` UTC; `off`: no cro
 A cron or manual run labels every dataset of the requested tasks. Steps:
 
 1. **ingest** the audio folders and manifests (new files only; unreadable files are quarantined with
-   their reason, never dropped);
+   their reason, never dropped); not on a run started by asset events (`qwen_audio_ingest` lists);
 2. **plan**: resume unfinished jobs of earlier runs with the same model and prompt, then plan one
    labelling run per task (`asr`, `cry`) over the audio that has no label yet, split into jobs of at most
    `batch_size` clips and `max_batch_seconds` of audio;
@@ -142,12 +142,21 @@ def qwen_audio_slot_ended(context: Any, result: Any) -> None:
 def qwen_audio_labelling():
     @task(multiple_outputs=False)
     def ingest() -> dict:
-        """New files into `audio` / `audio_file`; bad ones into quarantine. Returns counts."""
+        """New files into `audio` / `audio_file`; bad ones into quarantine. Returns counts. Not on a run
+        started by asset events: qwen_audio_ingest lists the sources, and audio found here would get no
+        event of its own (it would wait for the cron outside this run's datasets)."""
+        from qwen_tasks.orchestration.assets import events_from_airflow
         from qwen_tasks.orchestration.connection import resolve_database_url
         from qwen_tasks.orchestration.steps import ingest_step
 
+        ctx = get_current_context()
+        if events_from_airflow(ctx.get("triggering_asset_events")):
+            logging.getLogger(__name__).info(
+                "started by asset events: the sources are listed by qwen_audio_ingest"
+            )
+            return {}
         with no_retry_for_permanent_errors():
-            return ingest_step(get_current_context()["params"], database_url=resolve_database_url())
+            return ingest_step(ctx["params"], database_url=resolve_database_url())
 
     @task
     def plan(ingested: dict) -> list[int]:

@@ -104,6 +104,8 @@ def test_new_audio_in_a_watched_folder_is_labelled_with_no_trigger_call(
     (why,) = [line for line in _plan_log(st, run["run_id"]).splitlines() if "why this run" in line]
     assert "why this run: asset events: dataset watched: 5 new clip(s) (from qwen_audio_ingest/" in why
     assert why.count("dataset watched") == 1, why  # one event, listed once
+    listed = "\n".join(st.task_logs(run["run_id"], "ingest").values())
+    assert "started by asset events: the sources are listed by qwen_audio_ingest" in listed
     ingest_runs = st.dag_runs(INGEST_DAG)
     assert ingest_runs and all(r["run_type"] == "scheduled" for r in ingest_runs)
 

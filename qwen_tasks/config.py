@@ -76,12 +76,21 @@ SCHEDULE_OFF = ("off", "none", "never")
 
 def _env_schedule(name: str, default: str) -> str | None:
     """A DAG's cron schedule from `name`: unset means `default`; empty or `off` means no schedule (None).
-    The expression itself is checked by Airflow when the DAG file is parsed."""
+    Checked here with croniter (Airflow's own cron parser, there wherever Airflow is), so a typo is one
+    line naming the variable instead of a DAG import error."""
     raw = os.environ.get(name)
     if raw is None:
         return default
     value = raw.strip()
-    return None if not value or value.lower() in SCHEDULE_OFF else value
+    if not value or value.lower() in SCHEDULE_OFF:
+        return None
+    try:
+        from croniter import croniter
+    except ImportError:  # no Airflow here: nothing reads the schedule
+        return value
+    if not croniter.is_valid(value):
+        raise ConfigError(f"{name} must be a cron expression such as '*/15 * * * *', or 'off'; got {raw!r}")
+    return value
 
 
 def _env_paths(name: str) -> tuple[Path, ...]:
@@ -173,8 +182,11 @@ class Settings:
             max_batch_seconds=read(lambda: _env_float("QWEN_TASKS_MAX_BATCH_SECONDS", 240.0), 240.0),
             gpu_slots=read(lambda: _env_int("QWEN_TASKS_GPU_POOL_SLOTS", 1), 1),
             lease_seconds=read(lambda: _env_float("QWEN_TASKS_LEASE_SECONDS", 120.0), 120.0),
-            schedule=_env_schedule("QWEN_TASKS_SCHEDULE", cls.schedule or ""),
-            ingest_schedule=_env_schedule("QWEN_TASKS_INGEST_SCHEDULE", cls.ingest_schedule or ""),
+            schedule=read(lambda: _env_schedule("QWEN_TASKS_SCHEDULE", cls.schedule or ""), cls.schedule),
+            ingest_schedule=read(
+                lambda: _env_schedule("QWEN_TASKS_INGEST_SCHEDULE", cls.ingest_schedule or ""),
+                cls.ingest_schedule,
+            ),
             finetune_min_new_reviewed=read(
                 lambda: _env_int("QWEN_TASKS_FINETUNE_MIN_NEW_REVIEWED", cls.finetune_min_new_reviewed),
                 cls.finetune_min_new_reviewed,

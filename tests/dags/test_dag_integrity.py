@@ -151,8 +151,12 @@ def test_a_bad_environment_value_is_no_import_error(tmp_path: Path) -> None:
         QWEN_TASKS_BATCH_SIZE="abc",
         QWEN_TASKS_MAX_BATCH_SECONDS="-1",
         QWEN_TASKS_GPU_POOL_SLOTS="x",
+        QWEN_TASKS_INGEST_SCHEDULE="every 5 minutes",
+        QWEN_TASKS_SCHEDULE="61 * * * *",
     )
     assert got["import_errors"] == {}
+    assert got["dags"]["qwen_audio_ingest"]["cron"] == "*/15 * * * *"  # the defaults, until it is fixed
+    assert got["dags"][DAG_ID]["cron"] == "0 2 * * *"
     params = got["dags"][DAG_ID]["params"]
     assert (params["batch_size"], params["max_batch_seconds"], params["slots"]) == (16, 240.0, 1)
 

@@ -17,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 import sqlalchemy as sa
 from labelling_helpers import write_clips
 from review_seed import add_audio, add_human
@@ -203,3 +204,19 @@ def test_promote_and_review_import_say_no_automatic_run_was_requested_without_ai
     assert out.returncode == 0, out.stderr
     assert "warning: no asset event posted: POST http://127.0.0.1:1/auth/token: cannot reach" in out.stderr
     assert "s3cret-value" not in out.stderr + out.stdout
+
+
+def test_a_bad_schedule_is_one_line_naming_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    from qwen_tasks.config import Settings
+    from qwen_tasks.errors import ConfigError
+
+    monkeypatch.setenv("QWEN_TASKS_INGEST_SCHEDULE", "every 5 minutes")
+    with pytest.raises(
+        ConfigError, match=r"^QWEN_TASKS_INGEST_SCHEDULE must be a cron expression .*'every 5"
+    ):
+        Settings.from_env()
+    for off in ("off", "", "  ", "OFF"):
+        monkeypatch.setenv("QWEN_TASKS_INGEST_SCHEDULE", off)
+        assert Settings.from_env().ingest_schedule is None
+    monkeypatch.delenv("QWEN_TASKS_INGEST_SCHEDULE")
+    assert Settings.from_env().ingest_schedule == "*/15 * * * *"

@@ -1,7 +1,12 @@
 """
-### Qwen-Audio fine-tune from reviewed labels (manual trigger only)
+### Qwen-Audio fine-tune from reviewed labels
 
-Makes the model better from what reviewers confirmed, and only keeps a version that is measurably better:
+Starts on demand, and by itself when reviewed labels are imported: `qwen-tasks review-import` posts an
+asset event on `qwen_tasks://reviews/<task>` (when `QWEN_TASKS_AIRFLOW_URL` is set). Such a run first asks
+whether the task has at least `QWEN_TASKS_FINETUNE_MIN_NEW_REVIEWED` (default 200) reviewed labels newer
+than its promoted version: if not, **enough_new_reviews** says so in its log and the run ends with every
+other task *skipped* (not failed). A manual run always trains. Makes the model better from what
+reviewers confirmed, and only keeps a version that is measurably better:
 
 1. **prepare**: the labelled audio of the task (human labels first, then manifest gold / references) in
    the train datasets of `datasets` (empty: every train dataset of the task), never a clip of any test
@@ -13,8 +18,9 @@ Makes the model better from what reviewers confirmed, and only keeps a version t
    the promotion gate (cry: ROC AUC and F1, ASR: error rate, by `min_improvement`); then the same two runs
    over each test dataset of `test_datasets` (empty: every test dataset of the task with labelled clips),
    reported beside the held-out figures (the gate stays on the held-out split);
-4. **promote** when `auto_promote` is on and the gate passed: the nightly `qwen_audio_labelling` DAG then
-   labels with this version (its labels get a new revision, so everything is labelled again);
+4. **promote** when `auto_promote` is on and the gate passed, with an asset event on
+   `qwen_tasks://model/<task>`: the `qwen_audio_labelling` DAG starts at once and labels the task's
+   datasets with this version (its labels get a new revision, so everything is labelled again);
 5. **report**: base vs fine-tuned side by side on the same held-out audio.
 
 Only the version name, run ids and counts travel between tasks. Compare versions in SQL:
@@ -27,9 +33,10 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pendulum
-from airflow.sdk import Param, dag, get_current_context, task
+from airflow.sdk import Asset, AssetAlias, Param, dag, get_current_context, task
 
 from qwen_tasks.config import Settings
+from qwen_tasks.orchestration.assets import PROMOTED_ALIAS, TASKS, model_uri, reviews_uri
 from qwen_tasks.orchestration.steps import no_retry_for_permanent_errors
 from qwen_tasks.review.finetune import dag_param_specs
 
@@ -39,14 +46,23 @@ PARAMS = {
     name: Param(spec.pop("default"), **spec)
     for name, spec in dag_param_specs(Settings.from_env(strict=False)).items()
 }
+# Imported reviewed labels of any task (the first task checks whether there are enough).
+REVIEWS = Asset(reviews_uri(TASKS[0]))
+for _task in TASKS[1:]:
+    REVIEWS = REVIEWS | Asset(reviews_uri(_task))
+PROMOTED = AssetAlias(PROMOTED_ALIAS)
 
 
 def _options():  # noqa: ANN202 - FinetuneOptions; imported inside tasks only
     from qwen_tasks.review.finetune import options_from_params
 
     ctx = get_current_context()
+    params = dict(ctx["params"])
+    chosen = ctx["ti"].xcom_pull(task_ids="enough_new_reviews")
+    if isinstance(chosen, dict) and chosen.get("task"):  # a run started by reviews: their task
+        params["task"] = chosen["task"]
     with no_retry_for_permanent_errors():  # bad params will not get better by retrying
-        return options_from_params(dict(ctx["params"]), run_name=ctx["run_id"])
+        return options_from_params(params, run_name=ctx["run_id"])
 
 
 def _engine():  # noqa: ANN202 - Engine
@@ -60,7 +76,7 @@ def _engine():  # noqa: ANN202 - Engine
 
 @dag(
     dag_id=DAG_ID,
-    schedule=None,
+    schedule=REVIEWS,
     start_date=pendulum.datetime(2024, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,
@@ -71,6 +87,31 @@ def _engine():  # noqa: ANN202 - Engine
     dagrun_timeout=timedelta(hours=24),
 )
 def qwen_audio_finetune():
+    @task.short_circuit
+    def enough_new_reviews() -> dict:
+        """A run started by imported reviews goes on only when a task of theirs has enough reviewed labels
+        newer than its promoted version (otherwise every later task is skipped); a manual run always does."""
+        import logging
+
+        from qwen_tasks.orchestration.assets import events_from_airflow, parse_uri
+        from qwen_tasks.review.new_reviews import decide
+
+        log = logging.getLogger(__name__)
+        ctx = get_current_context()
+        events = events_from_airflow(ctx.get("triggering_asset_events"))
+        if not events:
+            log.info("why this run: started by hand (no asset event): training as asked")
+            return {"task": None, "why": "manual"}
+        for event in events:
+            log.info("why this run: asset event %s", event.describe())
+        tasks = [k[1] for k in (parse_uri(e.uri) for e in events) if k and k[0] == "reviews"]
+        for name in dict.fromkeys(t for t in TASKS if t in tasks):
+            decision = decide(_engine(), name)
+            log.info("%s", decision.reason())
+            if decision.start:
+                return decision.to_dict()
+        return {}  # falsy: the rest of the run is skipped, not failed
+
     @task
     def prepare() -> dict:
         """Labelled clips per class and part; stores the split. Fails at once when training is pointless."""
@@ -123,15 +164,18 @@ def qwen_audio_finetune():
             "status": result["status"],
         }
 
-    @task
+    @task(outlets=[PROMOTED])
     def promote(evaluation: dict) -> dict:
-        """Promote when asked and allowed; otherwise say why not (the version stays in the registry)."""
+        """Promote when asked and allowed, with an asset event on qwen_tasks://model/<task> that starts
+        the relabelling; otherwise say why not (the version stays in the registry, no event)."""
         from qwen_tasks.labelling import registry
 
         options = _options()
         if options.promote and evaluation["gate_passed"]:
             with no_retry_for_permanent_errors():
                 version = registry.promote(_engine(), evaluation["name"])
+            extra = {"task": version.task, "version": version.name, "revision": version.revision}
+            get_current_context()["outlet_events"][PROMOTED].add(Asset(model_uri(version.task)), extra=extra)
             return {"name": version.name, "status": str(version.status)}
         why = "auto_promote is off" if not options.promote else "it did not beat the base on held-out audio"
         return {"name": evaluation["name"], "status": evaluation["status"], "not_promoted": why}
@@ -150,7 +194,9 @@ def qwen_audio_finetune():
         path = write_report(_engine(), [], out, versions=[evaluation["name"]])
         return {"report": str(path), **promoted}
 
-    evaluation = evaluate(train(prepare()))
+    prepared = prepare()
+    enough_new_reviews() >> prepared
+    evaluation = evaluate(train(prepared))
     report(evaluation, promote(evaluation))
 
 

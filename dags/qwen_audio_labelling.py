@@ -1,10 +1,15 @@
 """
 ### Qwen-Audio labelling (ASR transcripts + baby-cry detection)
 
-Runs nightly (cron `QWEN_TASKS_SCHEDULE`, default `0 2 * * *` UTC) and on demand:
+Runs nightly (cron `QWEN_TASKS_SCHEDULE`, default `0 2 * * *` UTC; `off`: no cron), on demand, and on
+**asset events** (the run's page shows the events that started it, and `plan` logs the reason):
+- `qwen_tasks://dataset/<name>` (from `qwen_audio_ingest`): labels only the datasets that received new audio;
+- `qwen_tasks://model/<task>` (a promotion, by `qwen_audio_finetune` or `qwen-tasks models promote`):
+  labels that task's datasets again with the promoted version (a new revision).
+A cron or manual run labels every dataset of the requested tasks. Steps:
 
 1. **ingest** the audio folders and manifests (new files only; unreadable files are quarantined with
-   their reason, never dropped);
+   their reason, never dropped); not on a run started by asset events (`qwen_audio_ingest` lists);
 2. **plan**: resume unfinished jobs of earlier runs with the same model and prompt, then plan one
    labelling run per task (`asr`, `cry`) over the audio that has no label yet, split into jobs of at most
    `batch_size` clips and `max_batch_seconds` of audio;
@@ -32,21 +37,39 @@ from pathlib import Path
 from typing import Any
 
 import pendulum
-from airflow.sdk import Param, dag, get_current_context, task
+from airflow.sdk import (
+    Asset,
+    AssetAlias,
+    AssetOrTimeSchedule,
+    CronTriggerTimetable,
+    Param,
+    dag,
+    get_current_context,
+    task,
+)
 
 from qwen_tasks.config import Settings
 from qwen_tasks.labelling.environments import PYTHON_ENV_VAR, interpreter
 from qwen_tasks.labelling.options import LabelOptions
+from qwen_tasks.orchestration.assets import NEW_AUDIO_ALIAS, TASKS, model_uri
 from qwen_tasks.orchestration.steps import LABEL_RETRIES, no_retry_for_permanent_errors
 from qwen_tasks.orchestration.triggers import WaitForWorkersOperator
 
 DAG_ID = "qwen_audio_labelling"
-SCHEDULE = os.environ.get("QWEN_TASKS_SCHEDULE", "0 2 * * *").strip() or None
 # Environment only (no database, no model at parse time). A bad QWEN_TASKS_* value must not become an
 # import error: it is replaced by its default here, and every task fails with the one-line error.
 _SETTINGS = Settings.from_env(strict=False)
 for _error in _SETTINGS.errors:
     logging.getLogger(__name__).warning("%s (the DAG's tasks will fail until it is fixed)", _error)
+# New audio in any dataset (the alias resolves to the dataset assets) or a promoted model, or the cron.
+EVENTS = AssetAlias(NEW_AUDIO_ALIAS) | Asset(model_uri(TASKS[0]))
+for _task in TASKS[1:]:
+    EVENTS = EVENTS | Asset(model_uri(_task))
+SCHEDULE = (
+    AssetOrTimeSchedule(timetable=CronTriggerTimetable(_SETTINGS.schedule, timezone="UTC"), assets=EVENTS)
+    if _SETTINGS.schedule
+    else EVENTS
+)
 # First retry delay (doubles on each retry); the local harness lowers it so a failure shows up quickly.
 try:
     RETRY_DELAY = timedelta(seconds=float(os.environ.get("QWEN_TASKS_RETRY_DELAY_SECONDS") or 30))
@@ -119,12 +142,21 @@ def qwen_audio_slot_ended(context: Any, result: Any) -> None:
 def qwen_audio_labelling():
     @task(multiple_outputs=False)
     def ingest() -> dict:
-        """New files into `audio` / `audio_file`; bad ones into quarantine. Returns counts."""
+        """New files into `audio` / `audio_file`; bad ones into quarantine. Returns counts. Not on a run
+        started by asset events: qwen_audio_ingest lists the sources, and audio found here would get no
+        event of its own (it would wait for the cron outside this run's datasets)."""
+        from qwen_tasks.orchestration.assets import events_from_airflow
         from qwen_tasks.orchestration.connection import resolve_database_url
         from qwen_tasks.orchestration.steps import ingest_step
 
+        ctx = get_current_context()
+        if events_from_airflow(ctx.get("triggering_asset_events")):
+            logging.getLogger(__name__).info(
+                "started by asset events: the sources are listed by qwen_audio_ingest"
+            )
+            return {}
         with no_retry_for_permanent_errors():
-            return ingest_step(get_current_context()["params"], database_url=resolve_database_url())
+            return ingest_step(ctx["params"], database_url=resolve_database_url())
 
     @task
     def plan(ingested: dict) -> list[int]:
@@ -133,16 +165,20 @@ def qwen_audio_labelling():
         counts as `plan`."""
         from airflow.sdk import conf
 
+        from qwen_tasks.orchestration.assets import events_from_airflow, scope_of
         from qwen_tasks.orchestration.connection import resolve_database_url
         from qwen_tasks.orchestration.steps import plan_step
 
         ctx = get_current_context()
+        scope = scope_of(events_from_airflow(ctx.get("triggering_asset_events")), ctx["params"])
+        logging.getLogger(__name__).info("why this run: %s", scope.reason)
+        ctx["ti"].xcom_push(key="why", value=scope.to_dict())
         with no_retry_for_permanent_errors():
             planned = plan_step(
-                ctx["params"],
+                scope.apply(ctx["params"]),
                 max_jobs=conf.getint("core", "max_map_length", fallback=1024),
                 database_url=resolve_database_url(),
-                context={"airflow_dag_run": ctx["run_id"], "ingested": ingested},
+                context={"airflow_dag_run": ctx["run_id"], "ingested": ingested, "why": scope.reason},
             )
         ctx["ti"].xcom_push(key="run_ids", value=planned["run_ids"])
         ctx["ti"].xcom_push(key="plan", value={k: v for k, v in planned.items() if k != "job_ids"})

@@ -72,6 +72,29 @@ def _env_device(name: str) -> str:
     return raw
 
 
+# Words that turn a schedule off (an empty value does too): the DAG then runs on its other triggers only.
+SCHEDULE_OFF = ("off", "none", "never")
+
+
+def _env_schedule(name: str, default: str) -> str | None:
+    """A DAG's cron schedule from `name`: unset means `default`; empty or `off` means no schedule (None).
+    Checked here with croniter (Airflow's own cron parser, there wherever Airflow is), so a typo is one
+    line naming the variable instead of a DAG import error."""
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    value = raw.strip()
+    if not value or value.lower() in SCHEDULE_OFF:
+        return None
+    try:
+        from croniter import croniter
+    except ImportError:  # no Airflow here: nothing reads the schedule
+        return value
+    if not croniter.is_valid(value):
+        raise ConfigError(f"{name} must be a cron expression such as '*/15 * * * *', or 'off'; got {raw!r}")
+    return value
+
+
 # `:` separates entries, except the one of a URL's `scheme://` (QWEN_TASKS_ALLOWED_ROOTS=/data:s3://b/audio).
 _PATH_SEPARATOR = re.compile(r":(?!//)")
 
@@ -156,6 +179,15 @@ class Settings:
     # workers' local copies of object-storage audio, by content (ingest.sources.ObjectCache): LRU, bounded
     object_cache_bytes: int = DEFAULT_OBJECT_CACHE_BYTES
     object_cache_dir: Path | None = None  # None: <home>/object-cache
+    # cron of the labelling DAG (None: it runs on asset events and manual triggers only)
+    schedule: str | None = "0 2 * * *"
+    # cron of the ingest DAG (None: off, no new-audio events); listing only, so it can run often
+    ingest_schedule: str | None = "*/15 * * * *"
+    # reviewed (human) labels newer than a task's promoted version that start an automatic fine-tune
+    finetune_min_new_reviewed: int = 200
+    # Airflow's REST API, for asset events posted from outside Airflow (`models promote`, `review-import`);
+    # its credentials are read where they are used (orchestration.airflow_api), never kept here
+    airflow_url: str = ""
     errors: tuple[str, ...] = ()  # bad values replaced by defaults (only with strict=False)
 
     @property
@@ -201,6 +233,16 @@ class Settings:
             object_cache_dir=Path(cache).expanduser().resolve()
             if (cache := os.environ.get("QWEN_TASKS_OBJECT_CACHE_DIR", "").strip())
             else None,
+            schedule=read(lambda: _env_schedule("QWEN_TASKS_SCHEDULE", cls.schedule or ""), cls.schedule),
+            ingest_schedule=read(
+                lambda: _env_schedule("QWEN_TASKS_INGEST_SCHEDULE", cls.ingest_schedule or ""),
+                cls.ingest_schedule,
+            ),
+            finetune_min_new_reviewed=read(
+                lambda: _env_int("QWEN_TASKS_FINETUNE_MIN_NEW_REVIEWED", cls.finetune_min_new_reviewed),
+                cls.finetune_min_new_reviewed,
+            ),
+            airflow_url=(os.environ.get("QWEN_TASKS_AIRFLOW_URL") or "").strip().rstrip("/"),
             errors=tuple(errors),
         )
 

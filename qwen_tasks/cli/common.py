@@ -75,3 +75,24 @@ def print_json(obj: Any) -> None:
     """One JSON object on stdout (progress and messages go to stderr, so stdout stays parseable)."""
     sys.stdout.write(json.dumps(obj, default=str, ensure_ascii=False) + "\n")
     sys.stdout.flush()
+
+
+def announce(uri: str, extra: dict[str, Any], *, starts: str, otherwise: str) -> dict[str, Any]:
+    """Post an asset event to Airflow (`orchestration.airflow_api`) when QWEN_TASKS_AIRFLOW_URL is set, and
+    say what happened in one line: `starts` is what the event starts, `otherwise` how to do it by hand.
+    A failed post is a warning, not a failure: what the command did stands. Returns a JSON-able result."""
+    from qwen_tasks.orchestration import airflow_api
+
+    if not airflow_api.configured():
+        console.print(
+            f"no automatic run was requested ({airflow_api.URL_VAR} is not set); {otherwise}",
+            highlight=False,
+        )
+        return {"asset_event": None, "reason": f"{airflow_api.URL_VAR} is not set"}
+    try:
+        posted = airflow_api.post_asset_event(uri, extra)
+    except airflow_api.AirflowApiError as exc:
+        console.print(f"[yellow]warning:[/] no asset event posted: {exc}; {otherwise}", highlight=False)
+        return {"asset_event": None, "reason": str(exc)}
+    console.print(f"posted asset event {posted.event_id} on {uri} to Airflow: {starts}", highlight=False)
+    return {"asset_event": posted.event_id, "uri": uri}

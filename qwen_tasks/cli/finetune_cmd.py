@@ -8,7 +8,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from qwen_tasks.cli.common import app, console, open_database, print_json
+from qwen_tasks.cli.common import announce, app, console, open_database, print_json
 from qwen_tasks.progress import ProgressLog, log_to_stderr
 from qwen_tasks.records import ModelVersionStatus
 from qwen_tasks.review.finetune import FinetuneOptions
@@ -266,12 +266,24 @@ def promote(
     name: str = typer.Argument(..., help="Version name (see: qwen-tasks models)."),
     force: bool = typer.Option(False, "--force", help="Promote even if it did not beat the base (recorded)."),
 ) -> None:
-    """Make NAME the version the nightly run uses for its task (the previous one is retired)."""
+    """Make NAME the version the nightly run uses for its task (the previous one is retired).
+
+    With QWEN_TASKS_AIRFLOW_URL set, an asset event (qwen_tasks://model/TASK) then starts a relabelling
+    run of the task's datasets with NAME in Airflow at once."""
     from qwen_tasks.labelling.registry import promote as do_promote
+    from qwen_tasks.orchestration.assets import model_uri
 
     version = do_promote(open_database(), name, force=force)
     note = " (forced: it did not pass the gate)" if version.forced else ""
     console.print(f"{name} is now the promoted {version.task} model{note}", highlight=False)
+    extra = {"task": version.task, "version": version.name, "revision": version.revision,
+             "source": "qwen-tasks models promote"}  # fmt: skip
+    announce(
+        model_uri(version.task), extra,
+        starts=f"qwen_audio_labelling labels the {version.task} datasets with {name} now",
+        otherwise=f"to label with it now: qwen-tasks label --task {version.task} (or trigger "
+        "qwen_audio_labelling); the nightly run uses it anyway",
+    )  # fmt: skip
 
 
 @models_app.command("retire")

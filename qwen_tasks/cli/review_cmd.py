@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 from sqlalchemy.engine import Engine
 
-from qwen_tasks.cli.common import app, console, fail, open_database, print_json
+from qwen_tasks.cli.common import announce, app, console, fail, open_database, print_json
 from qwen_tasks.review.queue import DEFAULT_QUEUE_LIMIT, DEFAULT_RANDOM_SHARE, Strategy
 
 review_app = typer.Typer(
@@ -334,17 +334,28 @@ def review_import(
     Human labels override model labels and manifest gold in the views and metrics. Bad tasks are listed
     and skipped; the exit status is 1 if any was bad.
     """
+    from qwen_tasks.orchestration.assets import reviews_uri
     from qwen_tasks.review.label_studio import import_label_studio
+    from qwen_tasks.review.new_reviews import database_now, reviewed_since
 
     if task is not None:
         _check_task(task)
-    summary = import_label_studio(open_database(), path, task=task, reviewer=reviewer)
+    engine = open_database()
+    started = database_now(engine)
+    summary = import_label_studio(engine, path, task=task, reviewer=reviewer)
     console.print(
         f"imported {summary.imported} human label(s) from {path}; {summary.unannotated} task(s) without "
         f"an annotation; {len(summary.errors)} bad",
         soft_wrap=True,
         highlight=False,
     )
+    for reviewed_task, n in reviewed_since(engine, started).items():  # each task's fine-tune may start
+        extra = {"task": reviewed_task, "reviewed": n, "source": "qwen-tasks review-import"}
+        announce(
+            reviews_uri(reviewed_task), extra,
+            starts=f"qwen_audio_finetune checks whether {reviewed_task} has enough new reviewed labels",
+            otherwise=f"to fine-tune on them: qwen-tasks finetune --task {reviewed_task}",
+        )  # fmt: skip
     for skipped in summary.errors:
         console.print(f"[yellow]skipped:[/] {skipped}", highlight=False, soft_wrap=True)
     error = f"{len(summary.errors)} task(s) of {path} not imported (see skipped:)" if summary.errors else None

@@ -3,7 +3,8 @@
 A development aid (like `airflow_local`, which runs the DAG in one process with `dag.test()`), used by
 tests/orchestration/test_airflow_stack.py and by `bench/dag.py --celery`. `AirflowStack` migrates a
 throwaway metadata database on the server of `admin_url`, then starts the api-server (UI, REST and the
-execution API the task runners talk to), a scheduler, a dag-processor and N `airflow celery worker`
+execution API the task runners talk to), a scheduler, a dag-processor, a triggerer (deferred tasks and
+asset watchers) and N `airflow celery worker`
 processes (queues default and gpu, concurrency 1), each in its own process group with its log under the
 stack's home; the DAGs folder is this checkout's `dags/`. The labels database is `labels_url`, reached by
 the DAG through the `qwen_tasks_db` connection. The shared Redis sees every key under a prefix of the
@@ -171,6 +172,7 @@ class AirflowStack:
             "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
             "AIRFLOW_CONN_QWEN_TASKS_DB": labels.render_as_string(hide_password=False),
             "QWEN_TASKS_SCHEDULE": "",  # manual runs only: no catch-up run on unpause
+            "QWEN_TASKS_INGEST_SCHEDULE": "",  # no ingest DAG runs unless a test asks for them
             "QWEN_TASKS_HOME": str(self.home / "qwen_tasks"),
             "QWEN_TASKS_RETRY_DELAY_SECONDS": "1",
             "OMP_NUM_THREADS": "1",
@@ -198,6 +200,7 @@ class AirflowStack:
             self.spawn("api-server", "api-server", "--port", str(self.port))
             self.spawn("scheduler", "scheduler", AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT=str(free_port()))
             self.spawn("dag-processor", "dag-processor")
+            self.spawn("triggerer", "triggerer", AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT=str(free_port()))
             for k in range(1, self.workers + 1):
                 self.spawn_worker(k)
             wait_until("the api-server", self._api_up, timeout=240)
@@ -243,14 +246,20 @@ class AirflowStack:
     def meta(self) -> sa.Engine:
         return db.get_engine(self.meta_url)
 
-    def _dag_serialized(self) -> bool:
+    def _dag_serialized(self, dag_id: str = DAG_ID) -> bool:
         self.check_alive()
         with self.meta().connect() as conn:
             return bool(
                 conn.execute(
-                    sa.text("SELECT count(*) FROM serialized_dag WHERE dag_id = :d"), {"d": DAG_ID}
+                    sa.text("SELECT count(*) FROM serialized_dag WHERE dag_id = :d"), {"d": dag_id}
                 ).scalar()
             )
+
+    def wait_for_dag(self, dag_id: str, timeout: float = 240) -> None:
+        """Until the dag-processor has parsed `dag_id` (the stack waits for the labelling DAG only)."""
+        wait_until(
+            f"{dag_id} to be parsed", lambda: self._dag_serialized(dag_id), timeout=timeout, interval=1
+        )
 
     def check_alive(self) -> None:
         for name, proc in self.procs.items():
@@ -260,14 +269,14 @@ class AirflowStack:
 
     # --- running ---------------------------------------------------------------------------------------
 
-    def dag_runs(self) -> list[dict[str, Any]]:
+    def dag_runs(self, dag_id: str = DAG_ID) -> list[dict[str, Any]]:
         with self.meta().connect() as conn:
             rows = conn.execute(
                 sa.text(
-                    "SELECT run_id, state, conf, start_date, end_date FROM dag_run "
+                    "SELECT run_id, state, conf, run_type, triggered_by, start_date, end_date FROM dag_run "
                     "WHERE dag_id = :d ORDER BY id"
                 ),
-                {"d": DAG_ID},
+                {"d": dag_id},
             )
             return [dict(r._mapping) for r in rows]
 

@@ -76,12 +76,11 @@ def _engine(database_url: str | None) -> Engine:
 # --- steps ---------------------------------------------------------------------------------------------
 
 
-def ingest_step(params: Mapping[str, Any], *, database_url: str | None = None) -> dict[str, Any]:
-    """Ingest the configured folders and manifests; returns counts (quarantined paths go to the log)."""
+def _ingest(params: Mapping[str, Any], engine: Engine) -> dict[str, Any]:
+    """Ingest the configured folders and manifests; the whole summary (quarantined paths go to the log)."""
     from qwen_tasks.ingest.register import ingest
 
     p = options(params)
-    engine = _engine(database_url)
     db.upgrade(engine)  # a fresh labels database works on the first nightly run
     use_object_storage_connection()
     # str, not Path: a folder may be a bucket prefix (s3://bucket/audio), which pathlib would fold
@@ -92,7 +91,32 @@ def ingest_step(params: Mapping[str, Any], *, database_url: str | None = None) -
     summary = ingest(engine, list(p.audio_dirs), manifests=manifests).to_dict()
     for item in summary.get("quarantine") or []:
         log.warning("quarantined: %s", item)
+    return summary
+
+
+def _counts(summary: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in summary.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+
+
+def ingest_step(params: Mapping[str, Any], *, database_url: str | None = None) -> dict[str, Any]:
+    """Ingest the configured folders and manifests; returns counts."""
+    return _counts(_ingest(params, _engine(database_url)))
+
+
+def watch_step(params: Mapping[str, Any], *, database_url: str | None = None) -> dict[str, Any]:
+    """The ingest DAG's listing: ingest (no model), then one asset event per dataset that received new
+    audio (`orchestration.assets.new_audio_events`). Returns counts and `events` (URI + extra, ids and
+    counts only) for the task to emit."""
+    from qwen_tasks.orchestration.assets import new_audio_events
+
+    engine = _engine(database_url)
+    summary = _ingest(params, engine)
+    events = new_audio_events(engine, summary.get("datasets") or [])
+    for event in events:
+        log.info("new audio: %s (%s)", event["uri"], event["extra"])
+    if not events:
+        log.info("no dataset received new audio: no asset event, no labelling run")
+    return {**_counts(summary), "events": events}
 
 
 def plan_step(

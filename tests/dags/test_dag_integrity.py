@@ -51,6 +51,8 @@ for dag_id, dag in bag.dags.items():
             # a mapped task keeps its operator's arguments in partial_kwargs
             "python": getattr(t, "partial_kwargs", {}).get("python", getattr(t, "python", None)),
             "expect_airflow": getattr(t, "partial_kwargs", {}).get("expect_airflow"),
+            "operator": type(t).__name__,
+            "outlets": [f"{type(o).__name__}:{o.name}" for o in t.outlets],
         }
     rejected = {}
     for conf in bad_confs:
@@ -64,6 +66,9 @@ for dag_id, dag in bag.dags.items():
     out["dags"][dag_id] = {
         "tags": sorted(dag.tags),
         "schedule": str(dag.schedule),
+        "cron": getattr(dag.timetable, "expression", None)
+        or getattr(getattr(dag.timetable, "timetable", None), "expression", None),
+        "timetable": type(dag.timetable).__name__,
         "catchup": dag.catchup,
         "max_active_runs": dag.max_active_runs,
         "doc_md": dag.doc_md or "",
@@ -146,8 +151,12 @@ def test_a_bad_environment_value_is_no_import_error(tmp_path: Path) -> None:
         QWEN_TASKS_BATCH_SIZE="abc",
         QWEN_TASKS_MAX_BATCH_SECONDS="-1",
         QWEN_TASKS_GPU_POOL_SLOTS="x",
+        QWEN_TASKS_INGEST_SCHEDULE="every 5 minutes",
+        QWEN_TASKS_SCHEDULE="61 * * * *",
     )
     assert got["import_errors"] == {}
+    assert got["dags"]["qwen_audio_ingest"]["cron"] == "*/15 * * * *"  # the defaults, until it is fixed
+    assert got["dags"][DAG_ID]["cron"] == "0 2 * * *"
     params = got["dags"][DAG_ID]["params"]
     assert (params["batch_size"], params["max_batch_seconds"], params["slots"]) == (16, 240.0, 1)
 
@@ -173,7 +182,11 @@ def test_every_dag_has_tags_retries_and_docs(probe: dict[str, Any]) -> None:
 
 def test_labelling_dag_shape(probe: dict[str, Any]) -> None:
     dag = probe["dags"][DAG_ID]
-    assert dag["schedule"] == "30 1 * * *"  # QWEN_TASKS_SCHEDULE
+    # the cron (QWEN_TASKS_SCHEDULE) or an asset event: new audio in any dataset, a promoted model
+    assert (dag["timetable"], dag["cron"]) == ("AssetOrTimeSchedule", "30 1 * * *")
+    for asset in ("AssetAlias(name='qwen_tasks_new_audio'", "uri='qwen_tasks://model/asr'",
+                  "uri='qwen_tasks://model/cry'"):  # fmt: skip
+        assert asset in dag["schedule"], dag["schedule"]
     assert dag["catchup"] is False and dag["max_active_runs"] == 1
     tasks = dag["tasks"]
     assert set(tasks) == {"ingest", "plan", "label_batch", "qwen_audio_slots", "label_batch_qwen_audio",
@@ -193,6 +206,37 @@ def test_labelling_dag_shape(probe: dict[str, Any]) -> None:
     assert "metrics" in tasks["report"]["upstream"]
     # a second night with nothing new maps label_batch over [] (skipped): metrics and report still run
     assert tasks["metrics"]["trigger_rule"] == tasks["report"]["trigger_rule"] == "none_failed"
+
+
+def test_ingest_dag_lists_often_and_announces_new_audio(probe: dict[str, Any]) -> None:
+    dag = probe["dags"]["qwen_audio_ingest"]
+    assert (dag["cron"], dag["catchup"], dag["max_active_runs"]) == ("*/15 * * * *", False, 1)  # the default
+    assert set(dag["tasks"]) == {"ingest"}
+    assert dag["tasks"]["ingest"]["outlets"] == ["AssetAlias:qwen_tasks_new_audio"]
+    # its sources are the labelling DAG's own Params (one options object)
+    for name in ("audio_dirs", "asr_manifests", "aqa_manifests"):
+        assert dag["schemas"][name] == probe["dags"][DAG_ID]["schemas"][name]
+    assert set(dag["params"]) == {"audio_dirs", "asr_manifests", "aqa_manifests"}
+
+
+def test_finetune_dag_starts_on_reviews_and_announces_promotions(probe: dict[str, Any]) -> None:
+    dag = probe["dags"]["qwen_audio_finetune"]
+    assert dag["timetable"] == "AssetTriggeredTimetable"
+    for task in ("asr", "cry"):
+        assert f"uri='qwen_tasks://reviews/{task}'" in dag["schedule"]
+    tasks = dag["tasks"]
+    assert tasks["prepare"]["upstream"] == ["enough_new_reviews"]  # skipped, not failed, when too few
+    assert tasks["enough_new_reviews"]["operator"] == "_ShortCircuitDecoratedOperator"
+    assert tasks["promote"]["outlets"] == ["AssetAlias:qwen_tasks_promoted_model"]
+
+
+@pytest.mark.parametrize("value", ["off", ""])
+def test_schedules_can_be_turned_off(tmp_path: Path, value: str) -> None:
+    got = run_probe(tmp_path, QWEN_TASKS_SCHEDULE=value, QWEN_TASKS_INGEST_SCHEDULE=value)
+    assert got["import_errors"] == {}
+    assert got["dags"]["qwen_audio_ingest"]["schedule"] == "None"  # no automatic listing
+    labelling = got["dags"][DAG_ID]
+    assert (labelling["timetable"], labelling["cron"]) == ("AssetTriggeredTimetable", None)  # events only
 
 
 def test_gpu_task_uses_the_gpu_pool_and_queue(probe: dict[str, Any]) -> None:

@@ -298,6 +298,11 @@ def test_review_cli_round_trip(engine: Engine, database_url: str, tmp_path: Path
     summary = json.loads(imp.stdout)
     assert summary["imported"] == 1 and "424242" in summary["errors"][0]
     assert "audio_id 424242 is not in the database" in imp.stderr
+    # the cry labels imported could start a fine-tune: without Airflow's URL, no event, and it says so
+    assert (
+        "no automatic run was requested (QWEN_TASKS_AIRFLOW_URL is not set); to fine-tune on them: "
+        "qwen-tasks finetune --task cry" in imp.stderr
+    )
     assert _latest(engine, "cry")[ids[2]] == ("no", None, "human")
     bad_task = cli("review-export", "--task", "dance", "--out", str(tmp_path / "x.json"))
     assert bad_task.returncode == 1 and "--task must be asr or cry" in bad_task.stderr

@@ -21,8 +21,9 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pendulum
-from airflow.sdk import Param, dag, get_current_context, task
+from airflow.sdk import Asset, AssetAlias, Param, dag, get_current_context, task
 
+from qwen_tasks.orchestration.assets import NEW_REVIEWS_ALIAS, reviews_uri
 from qwen_tasks.orchestration.review_sync import SyncOptions
 from qwen_tasks.review.queue import Strategy
 
@@ -39,6 +40,9 @@ PARAMS = {
     "random_share": Param(SyncOptions.random_share, type=["number", "integer"], minimum=0, maximum=1,
                           description="Share of each push drawn uniformly (unbiased quality estimates)."),
 }  # fmt: skip
+
+
+NEW_REVIEWS = AssetAlias(NEW_REVIEWS_ALIAS)
 
 
 @dag(
@@ -63,14 +67,21 @@ def qwen_audio_review_sync():
         with no_retry_for_permanent_errors():
             return push_step(dict(get_current_context()["params"]))
 
-    @task(trigger_rule="all_done")  # answers already given come back even when a push failed
+    @task(trigger_rule="all_done", outlets=[NEW_REVIEWS])  # answers given come back even when a push failed
     def pull() -> dict:
-        """Pull new, changed and deleted annotations; returns counts."""
+        """Pull new, changed and deleted annotations; returns counts. Each task whose human labels this
+        pull wrote gets a `reviews/<task>` asset event: that task's fine-tune DAG checks whether enough
+        reviewed labels are new (QWEN_TASKS_FINETUNE_MIN_NEW_REVIEWED)."""
         from qwen_tasks.orchestration.review_sync import pull_step
         from qwen_tasks.orchestration.steps import no_retry_for_permanent_errors
 
+        ctx = get_current_context()
         with no_retry_for_permanent_errors():
-            return pull_step(dict(get_current_context()["params"]))
+            counts = pull_step(dict(ctx["params"]))
+        for reviewed_task, n in counts["reviewed"].items():
+            extra = {"task": reviewed_task, "reviewed": n, "source": "qwen_audio_review_sync pull"}
+            ctx["outlet_events"][NEW_REVIEWS].add(Asset(reviews_uri(reviewed_task)), extra=extra)
+        return counts
 
     push() >> pull()
 

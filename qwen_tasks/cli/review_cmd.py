@@ -23,6 +23,21 @@ STRATEGY_HELP = f"{', '.join(Strategy)} (docs/review.md)."
 RANDOM_SHARE_HELP = "Share of the queue drawn uniformly at random, for unbiased quality estimates (0-1)."
 
 
+def announce_reviews(engine: Engine, started: Any, *, source: str) -> None:
+    """After an import or a pull: one `reviews/<task>` asset event per task whose human labels were
+    written since `started` (the database's clock), so that task's fine-tune DAG may start."""
+    from qwen_tasks.orchestration.assets import reviews_uri
+    from qwen_tasks.review.new_reviews import reviewed_since
+
+    for reviewed_task, n in reviewed_since(engine, started).items():
+        extra = {"task": reviewed_task, "reviewed": n, "source": source}
+        announce(
+            reviews_uri(reviewed_task), extra,
+            starts=f"qwen_audio_finetune checks whether {reviewed_task} has enough new reviewed labels",
+            otherwise=f"to fine-tune on them: qwen-tasks finetune --task {reviewed_task}",
+        )  # fmt: skip
+
+
 def _check_task(task: str) -> None:
     if task not in ("asr", "cry"):
         raise fail(f"--task must be asr or cry, got {task!r}")
@@ -334,9 +349,8 @@ def review_import(
     Human labels override model labels and manifest gold in the views and metrics. Bad tasks are listed
     and skipped; the exit status is 1 if any was bad.
     """
-    from qwen_tasks.orchestration.assets import reviews_uri
     from qwen_tasks.review.label_studio import import_label_studio
-    from qwen_tasks.review.new_reviews import database_now, reviewed_since
+    from qwen_tasks.review.new_reviews import database_now
 
     if task is not None:
         _check_task(task)
@@ -349,13 +363,7 @@ def review_import(
         soft_wrap=True,
         highlight=False,
     )
-    for reviewed_task, n in reviewed_since(engine, started).items():  # each task's fine-tune may start
-        extra = {"task": reviewed_task, "reviewed": n, "source": "qwen-tasks review-import"}
-        announce(
-            reviews_uri(reviewed_task), extra,
-            starts=f"qwen_audio_finetune checks whether {reviewed_task} has enough new reviewed labels",
-            otherwise=f"to fine-tune on them: qwen-tasks finetune --task {reviewed_task}",
-        )  # fmt: skip
+    announce_reviews(engine, started, source="qwen-tasks review-import")
     for skipped in summary.errors:
         console.print(f"[yellow]skipped:[/] {skipped}", highlight=False, soft_wrap=True)
     error = f"{len(summary.errors)} task(s) of {path} not imported (see skipped:)" if summary.errors else None

@@ -9,7 +9,10 @@ from __future__ import annotations
 import typer
 
 from qwen_tasks.cli.common import console, open_database, print_json
-from qwen_tasks.cli.review_cmd import review_app  # one `review` group: queue (review_cmd), push, pull
+from qwen_tasks.cli.review_cmd import (
+    announce_reviews,
+    review_app,
+)  # one `review` group: queue (review_cmd), push, pull
 from qwen_tasks.review.queue import DEFAULT_RANDOM_SHARE, Strategy
 from qwen_tasks.review.sync import DEFAULT_LIMIT, DEFAULT_STRATEGY
 
@@ -87,17 +90,21 @@ def pull(
 ) -> None:
     """Import new, changed and deleted annotations since the last pull; resolve each clip's human label
     (docs/review.md: the rule). Pulling again with nothing changed in Label Studio changes nothing."""
+    from qwen_tasks.review.new_reviews import database_now
     from qwen_tasks.review.sync import pull as run_pull
 
     if task is not None:
         _check_task(task)
-    summary = run_pull(open_database(), _server(), task=task, dataset_names=list(dataset or []))
+    engine = open_database()
+    started = database_now(engine)
+    summary = run_pull(engine, _server(), task=task, dataset_names=list(dataset or []))
     console.print(
         f"annotations: {summary.new} new, {summary.updated} updated, {summary.deleted} deleted; "
         f"human labels: {summary.labels_written} written, {summary.labels_removed} removed "
         f"({len(summary.projects)} project(s))",
         highlight=False,
     )
+    announce_reviews(engine, started, source="qwen-tasks review pull")
     for error in summary.errors:
         console.print(f"[yellow]skipped:[/] {error}", highlight=False, soft_wrap=True)
     if as_json:

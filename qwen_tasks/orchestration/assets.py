@@ -31,6 +31,7 @@ from qwen_tasks.records import Task
 SCHEME = "qwen_tasks"
 NEW_AUDIO_ALIAS = "qwen_tasks_new_audio"  # resolves to the dataset assets that got events
 PROMOTED_ALIAS = "qwen_tasks_promoted_model"  # the fine-tune DAG's promote task: an event only on promotion
+NEW_REVIEWS_ALIAS = "qwen_tasks_new_reviews"  # the review-sync DAG's pull: reviews/<task> events
 TASKS: tuple[str, ...] = tuple(t.value for t in Task)
 _URI = re.compile(rf"^{SCHEME}://(dataset|model|reviews)/([A-Za-z0-9][A-Za-z0-9._-]{{0,99}})$")
 _USERINFO = re.compile(r"(?<=://)[^/@]*@")  # user:secret@ in a URL

@@ -107,16 +107,23 @@ def push_step(
 
 def pull_step(
     params: Mapping[str, Any], *, database_url: str | None = None, config: Any = None
-) -> dict[str, int]:
-    """Pull every project of the DAG's tasks; counts of annotations and labels changed."""
+) -> dict[str, Any]:
+    """Pull every project of the DAG's tasks; counts of annotations and labels changed, and `reviewed`:
+    human labels written per task (each task with some gets a `reviews/<task>` asset event)."""
+    from qwen_tasks.review.new_reviews import database_now, reviewed_since
     from qwen_tasks.review.sync import pull
 
     options, engine, server = _setup(params, database_url, config)
-    out = {"new": 0, "updated": 0, "deleted": 0, "labels_written": 0, "labels_removed": 0, "errors": 0}
+    started = database_now(engine)
+    out: dict[str, Any] = dict.fromkeys(
+        ("new", "updated", "deleted", "labels_written", "labels_removed", "errors"), 0
+    )
     for task in options.tasks:
         summary = pull(engine, server, task=task, dataset_names=options.datasets).to_dict()
         for line in summary["errors"]:
             log.warning("not pulled: %s", line)
-        for name in out:
+        for name in list(out):
             out[name] += len(summary[name]) if name == "errors" else summary[name]
+    # per task, the human labels this pull wrote: the DAG emits a reviews/<task> event for each (fine-tune)
+    out["reviewed"] = reviewed_since(engine, started)
     return out

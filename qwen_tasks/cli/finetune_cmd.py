@@ -53,6 +53,16 @@ def finetune(
         _D.eval_method, "--eval-method", help="cry held-out runs: score or both."
     ),
     seed: int = typer.Option(_D.seed, "--seed", help="Seed for the adapter init and the batch order."),
+    calibration: str = typer.Option(
+        _D.calibration,
+        "--calibration",
+        help="cry: map p_yes before the threshold: none, platt (default; safe with few labels) or isotonic.",
+    ),
+    target_precision: float = typer.Option(
+        None,
+        "--target-precision",
+        help="cry: the lowest threshold reaching this held-out precision (default: the max-F1 threshold).",
+    ),
     out: str = typer.Option("", "--out", help="Adapter directory (default: $QWEN_TASKS_HOME/models/NAME)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON summary on stdout."),
 ) -> None:
@@ -75,7 +85,8 @@ def finetune(
         max_clips=max_clips, datasets=tuple(datasets or ()), test_datasets=tuple(test_datasets or ()),
         min_clips=min_clips, heldout_fraction=heldout, min_improvement=min_improvement,
         promote=promote, device=device or settings.device, dtype=dtype, question=question, language=language,
-        eval_method=eval_method, seed=seed, out_dir=out,
+        eval_method=eval_method, seed=seed, out_dir=out, calibration=calibration,
+        target_precision=target_precision,
     )  # fmt: skip
     engine = open_database()
     bar = _TrainBar()
@@ -98,6 +109,17 @@ def finetune(
     for line in summary.gate.get("reasons", []):
         console.print(f"  {line}", highlight=False)
     _wide(console).print(evaluation_table(summary.task, _evaluations(summary)))
+    rule = summary.calibration
+    if rule.get("id"):
+        h = rule["heldout"]
+        console.print(
+            f"decision rule {rule['id']}: {rule['method']}, threshold {rule['threshold']:.4f} "
+            f"({rule['objective']}); held-out accuracy {h['accuracy']:.3f} "
+            f"(at 0.5: {h['accuracy_at_0.5']:.3f})" + (f"; {rule['note']}" if rule.get("note") else ""),
+            highlight=False,
+        )
+    elif rule.get("error"):
+        console.print(f"no decision rule: {rule['error']}", highlight=False)
     state = ModelVersionStatus.PROMOTED if summary.promoted else summary.status
     console.print(
         f"{summary.name}: {state} ({summary.steps} steps in {summary.train_seconds:.1f} s; held-out runs "

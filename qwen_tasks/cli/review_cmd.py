@@ -39,6 +39,7 @@ def metrics(
     dataset the run covered and per manifest source (SQL: the run_quality_by_dataset view).
     """
     from qwen_tasks.labelling.jobs import latest_run_ids
+    from qwen_tasks.quality.calibration import shown
     from qwen_tasks.quality.metrics import compute_run_metrics, load_run_metrics, require_datasets
 
     engine = open_database()
@@ -80,7 +81,7 @@ def metrics(
         table.add_column("metric")
         table.add_column("value", justify="right")
         for name, value in r["metrics"].items():
-            table.add_row(name, "—" if value is None else f"{value:.4g}")
+            table.add_row(name, shown(name, value, r["details"]))  # an accuracy with its coverage
         console.print(table)
         top = (r["details"].get("substitutions") or {}).get("top") or []
         if top:

@@ -43,6 +43,7 @@ from qwen_tasks.ingest import datasets as ds
 from qwen_tasks.labelling import jobs, registry
 from qwen_tasks.labelling.allowed_models import check_allowed
 from qwen_tasks.progress import ProgressLog
+from qwen_tasks.quality.calibration import check_method, check_target_precision
 from qwen_tasks.records import (
     MAX_QUESTION_CHARS,
     QUESTION_PATTERN,
@@ -95,6 +96,9 @@ class FinetuneOptions:
     question: str = LabelRequest(task="cry").question
     language: str = "en"
     eval_method: str = "both"  # cry: score only, or score + generate (shows whether answers got decisive)
+    # cry: the decision rule fitted on the version's held-out evaluation run (quality.calibration)
+    calibration: str = "platt"  # none, platt or isotonic
+    target_precision: float | None = None  # None: the max-F1 threshold
     seed: int = 0
     out_dir: str = ""  # "" = $QWEN_TASKS_HOME/models/<name>
 
@@ -111,6 +115,8 @@ class FinetuneOptions:
             raise ConfigError(f"--min-improvement must be >= 0, got {self.min_improvement}")
         if self.eval_method not in ("score", "both"):
             raise ConfigError(f"--eval-method must be score or both, got {self.eval_method!r}")
+        check_method(self.calibration)
+        check_target_precision(self.target_precision)
         if self.name:
             registry.check_name(self.name)
         for flag, names in (("--dataset", self.datasets), ("--test-dataset", self.test_datasets)):
@@ -878,6 +884,7 @@ def evaluate_version(engine: Engine, name: str, options: FinetuneOptions) -> dic
         raise ConfigError(f"{name}: no labelled held-out audio to evaluate on")
     runs, stored = _evaluate_pair(engine, version, opts, ids, "heldout")
     result = registry.gate(version.task, stored["base"], stored["candidate"], opts.min_improvement)
+    calibrated = _calibrate(engine, version, runs["candidate"], opts) if version.task == "cry" else {}
     tests: dict[str, dict[str, Any]] = {}
     for set_name, dataset_id in scope.test.items():
         set_ids = evaluation_set_ids(engine, opts, dataset_id)
@@ -929,6 +936,37 @@ def evaluate_version(engine: Engine, name: str, options: FinetuneOptions) -> dic
         "gate": result.to_dict(),
         "status": str(status),
         "test": tests,
+        "calibration": calibrated,
+    }
+
+
+def _calibrate(
+    engine: Engine, version: registry.ModelVersion, run_id: int, opts: FinetuneOptions
+) -> dict[str, Any]:
+    """The version's decision rule, fitted on its held-out evaluation run (clips it never trained on) and
+    stored for it: a promoted version labels with it. Held-out gold of one class only: no rule (the
+    version then labels with the plain threshold), said in the log and the summary."""
+    from qwen_tasks.quality.calibration import calibrate_run
+
+    try:
+        rule, fitted = calibrate_run(
+            engine,
+            run_id,
+            method=opts.calibration,
+            target_precision=opts.target_precision,
+            model_version_id=version.id,
+        )
+    except ConfigError as exc:
+        log.warning("%s: no calibration: %s", version.name, exc)
+        return {"error": str(exc)}
+    return {
+        "id": rule.id,
+        "method": rule.method,
+        "threshold": rule.threshold,
+        "objective": fitted.choice.objective,
+        "note": fitted.choice.note,
+        "n_labels": fitted.n_labels,
+        "heldout": fitted.heldout,
     }
 
 
@@ -954,6 +992,8 @@ class FinetuneSummary:
     gate: dict[str, Any] = field(default_factory=dict)
     # test dataset name -> {"dataset_id", "base_run_id", "candidate_run_id", "base": {..}, "candidate": {..}}
     test: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # cry: the stored decision rule {"id", "method", "threshold", "objective", "note", "heldout": {...}}
+    calibration: dict[str, Any] = field(default_factory=dict)
     datasets: list[str] = field(default_factory=list)  # the train datasets in scope
     promoted: bool = False
     wall_seconds: float = 0.0
@@ -1003,6 +1043,7 @@ def run_finetune(
         candidate=evaluation["candidate"],
         gate=evaluation["gate"],
         test=evaluation["test"],
+        calibration=evaluation["calibration"],
         datasets=trained.prepared.datasets,
         promoted=promoted,
         wall_seconds=time.perf_counter() - started,

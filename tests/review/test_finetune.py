@@ -228,6 +228,50 @@ def test_it_learns_the_synthetic_cry_set_and_the_gate_passes(
     for run_id in (summary.base_run_id, summary.candidate_run_id):
         assert jobs.get_run(engine, run_id).params["request"] == expected
         assert load_run_metrics(engine, run_id)["generate.truncated"]["details"]["n"] == 24
+    _promoted_version_labels_with_its_calibration(engine, tiny_model_dir, summary)
+
+
+def _promoted_version_labels_with_its_calibration(
+    engine: Engine, model: Path, summary: finetune.FinetuneSummary
+) -> None:
+    """The version's decision rule was fitted on its held-out evaluation run and stored for it; `label`
+    with the base model (the promoted version applies) decides with it and records it on every label."""
+    from qwen_tasks.labelling import decision
+    from qwen_tasks.labelling.options import LabelOptions
+    from qwen_tasks.labelling.planning import plan
+    from qwen_tasks.labelling.worker import backend_for_run, work
+
+    rule_info = summary.calibration
+    assert rule_info["method"] == "platt" and rule_info["n_labels"] == 24
+    with engine.connect() as conn:
+        row = conn.execute(
+            sa.select(schema.decision_calibration).where(schema.decision_calibration.c.id == rule_info["id"])
+        ).one()
+        rule = decision.for_version(conn, "v1")
+    assert row.source_run_id == summary.candidate_run_id and row.objective == "max_f1"
+    assert rule is not None and rule.id == rule_info["id"] and rule.threshold == rule_info["threshold"]
+    opts = LabelOptions.from_mapping(
+        {"tasks": ["cry"], "model": str(model), "method": "score", "device": "cpu", "limit": 6}
+    )
+    planned = plan(engine, opts)
+    assert planned.per_task["cry"]["model_version"] == "v1"
+    assert planned.per_task["cry"]["calibration_id"] == rule.id
+    work(engine, planned.run_ids, backend_for_run("cpu"))
+    c = schema.cry_answer.c
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(c.p_yes, c.label, c.threshold, c.calibration_id, c.p_calibrated).where(
+                c.run_id.in_(planned.run_ids)
+            )
+        ).all()
+    assert len(rows) == 6
+    for r in rows:
+        assert (r.calibration_id, r.threshold, r.p_calibrated) == (
+            rule.id,
+            rule.threshold,
+            rule.apply(r.p_yes),
+        )
+        assert r.label == ("yes" if r.p_calibrated >= rule.threshold else "no")
 
 
 def label_request(task: str, **options: object) -> dict:

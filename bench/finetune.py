@@ -84,8 +84,9 @@ def run_task(engine, task: str, manifest: Path, kind: str, model: Path, args, tm
         print(f"    {reason}")
     if cry:
         rule = summary.calibration
-        shown = {k: rule.get(k) for k in ("method", "threshold", "objective", "note")}
-        print(f"  decision rule (fitted on the held-out evaluation): {json.dumps(shown)}")
+        for asked, one in [("its question", rule), *(rule.get("questions") or {}).items()]:
+            shown = {k: one.get(k) for k in ("method", "threshold", "objective", "note", "error")}
+            print(f"  decision rule for {asked} (fitted on held-out clips): {json.dumps(shown)}")
         out["fresh"] = fresh_set_labels(engine, summary, args, tmp)
     return out
 

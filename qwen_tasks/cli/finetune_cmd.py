@@ -109,17 +109,9 @@ def finetune(
     for line in summary.gate.get("reasons", []):
         console.print(f"  {line}", highlight=False)
     _wide(console).print(evaluation_table(summary.task, _evaluations(summary)))
-    rule = summary.calibration
-    if rule.get("id"):
-        h = rule["heldout"]
-        console.print(
-            f"decision rule {rule['id']}: {rule['method']}, threshold {rule['threshold']:.4f} "
-            f"({rule['objective']}); held-out accuracy {h['accuracy']:.3f} "
-            f"(at 0.5: {h['accuracy_at_0.5']:.3f})" + (f"; {rule['note']}" if rule.get("note") else ""),
-            highlight=False,
-        )
-    elif rule.get("error"):
-        console.print(f"no decision rule: {rule['error']}", highlight=False)
+    own = summary.calibration
+    for asked, rule in [("its question", own), *(own.get("questions") or {}).items()]:
+        _print_rule(asked, rule)
     state = ModelVersionStatus.PROMOTED if summary.promoted else summary.status
     console.print(
         f"{summary.name}: {state} ({summary.steps} steps in {summary.train_seconds:.1f} s; held-out runs "
@@ -127,6 +119,22 @@ def finetune(
         f"adapter {summary.adapter_path}",
         highlight=False,
         soft_wrap=True,
+    )
+
+
+def _print_rule(asked: str, rule: dict[str, Any]) -> None:
+    """One line per decision rule `finetune` stored (the version's own question, then each manifest
+    question its held-out clips ask)."""
+    if not rule.get("id"):
+        if rule.get("error"):
+            console.print(f"no decision rule for {asked}: {rule['error']}", highlight=False)
+        return
+    h = rule["heldout"]
+    console.print(
+        f"decision rule {rule['id']} for {asked}: {rule['method']}, threshold {rule['threshold']:.4f} "
+        f"({rule['objective']}); held-out accuracy {h['accuracy']:.3f} (at 0.5: {h['accuracy_at_0.5']:.3f})"
+        + (f"; {rule['note']}" if rule.get("note") else ""),
+        highlight=False,
     )
 
 

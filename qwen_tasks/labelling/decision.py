@@ -2,7 +2,10 @@
 
 Owns reading and writing that table. A rule belongs to a fine-tuned model version (fitted by `finetune`
 on the version's held-out evaluation run) or to a base model + revision, on one dataset or on every
-dataset (fitted by `qwen-tasks calibrate` on reviewed / gold labels). The newest row of a key wins.
+dataset (fitted by `qwen-tasks calibrate` on reviewed / gold labels), and to one prompt version: p_yes
+depends on the question asked, so a rule fitted on one prompt's scores never decides another prompt's
+(measured: a rule fitted on the version's own question, applied to clips asked their manifest question,
+wrote 82.5 % correct labels at ROC AUC 0.99). The newest row of a key wins.
 Planning attaches the rule to the run's request, so all of a run's jobs decide alike and each label
 records the rule (`cry_answer.calibration_id`); the fitting itself (sklearn) is `quality.calibration`'s.
 """
@@ -27,27 +30,30 @@ def _row_to_calibration(row: Any) -> Calibration:
     return Calibration.from_stored(row.id, row.method, row.threshold, dict(row.params or {}))
 
 
-def for_version(conn: Connection, version_name: str) -> Calibration | None:
-    """The newest rule of the fine-tuned version called `version_name`, if it has one."""
+def for_version(conn: Connection, version_name: str, prompt_version: str) -> Calibration | None:
+    """The newest rule of the fine-tuned version called `version_name` for this prompt, if any."""
     c = decision_calibration.c
     row = conn.execute(
         sa.select(decision_calibration)
         .join(model_version, model_version.c.id == c.model_version_id)
-        .where(model_version.c.name == version_name)
+        .where(model_version.c.name == version_name, c.prompt_version == prompt_version)
         .order_by(c.id.desc())
         .limit(1)
     ).first()
     return None if row is None else _row_to_calibration(row)
 
 
-def for_base(conn: Connection, model: str, revision: str, dataset_ids: Sequence[int]) -> Calibration | None:
-    """The base model's rule for a run over `dataset_ids`: the one fitted on that very dataset when the
-    run covers exactly one, else the one fitted on every dataset (dataset_id NULL). A rule fitted on one
-    dataset is never applied to the clips of another."""
+def for_base(
+    conn: Connection, model: str, revision: str, prompt_version: str, dataset_ids: Sequence[int]
+) -> Calibration | None:
+    """The base model's rule for a run of this prompt over `dataset_ids`: the one fitted on that very
+    dataset when the run covers exactly one, else the one fitted on every dataset (dataset_id NULL). A
+    rule fitted on one dataset is never applied to the clips of another."""
     c = decision_calibration.c
     query = (
         sa.select(decision_calibration)
         .where(c.model_version_id.is_(None), c.model == model, c.revision == revision)
+        .where(c.prompt_version == prompt_version)
         .order_by(c.dataset_id.is_(None), c.id.desc())  # a dataset's own rule first
         .limit(1)
     )
@@ -59,19 +65,25 @@ def for_base(conn: Connection, model: str, revision: str, dataset_ids: Sequence[
 
 
 def find(
-    engine: Engine, *, model: str, revision: str, version: str | None, dataset_ids: Sequence[int]
+    engine: Engine,
+    *,
+    model: str,
+    revision: str,
+    prompt_version: str,
+    version: str | None,
+    dataset_ids: Sequence[int],
 ) -> Calibration | None:
-    """The rule a run of this model (a version's, else the base model's) decides with, or None."""
+    """The rule a run of this model (a version's, else the base model's) and prompt decides with, or None."""
     with engine.connect() as conn:
         if version:
-            return for_version(conn, version)
-        return for_base(conn, model, revision, dataset_ids)
+            return for_version(conn, version, prompt_version)
+        return for_base(conn, model, revision, prompt_version, dataset_ids)
 
 
 def store(conn: Connection, calibration: Calibration, values: dict[str, Any]) -> Calibration:
-    """Insert a fitted rule (its key and figures in `values`: model, revision, model_version_id,
-    dataset_id, objective, target_precision, n_labels, n_yes, source_run_id, heldout, note); returns it
-    with its id, as labelling will apply it."""
+    """Insert a fitted rule (its key and figures in `values`: model, revision, prompt_version,
+    model_version_id, dataset_id, objective, target_precision, n_labels, n_yes, source_run_id, heldout,
+    note); returns it with its id, as labelling will apply it."""
     new_id = conn.execute(
         decision_calibration.insert()
         .values(
@@ -86,12 +98,9 @@ def store(conn: Connection, calibration: Calibration, values: dict[str, Any]) ->
     return replace(calibration, id=int(new_id))
 
 
-def load(engine: Engine | Connection, calibration_id: int) -> Calibration | None:
+def load(conn: Connection, calibration_id: int) -> Calibration | None:
     """One stored rule by id."""
-    query = sa.select(decision_calibration).where(decision_calibration.c.id == calibration_id)
-    if isinstance(engine, Connection):
-        row = engine.execute(query).first()
-    else:
-        with engine.connect() as conn:
-            row = conn.execute(query).first()
+    row = conn.execute(
+        sa.select(decision_calibration).where(decision_calibration.c.id == calibration_id)
+    ).first()
     return None if row is None else _row_to_calibration(row)

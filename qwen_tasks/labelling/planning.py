@@ -186,14 +186,15 @@ def with_calibration(
     dataset_ids: Sequence[int],
     entry: dict[str, Any],
 ) -> LabelRequest:
-    """A cry `score` request with the labelling model's calibrated rule attached (labelling.decision:
-    the version's, else the base model's for these datasets), unless the user gave a threshold: an
-    explicit `--threshold` / `yes_threshold` wins, compared with the raw p_yes."""
+    """A cry `score` request with the labelling model's calibrated rule for this prompt attached
+    (labelling.decision: the version's, else the base model's for these datasets), unless the user gave
+    a threshold: an explicit `--threshold` / `yes_threshold` wins, compared with the raw p_yes."""
     if request.task != Task.CRY or "score" not in request.methods or opts.yes_threshold is not None:
         return request
     rule = decision.find(
-        engine, model=info.model, revision=info.revision, version=version, dataset_ids=dataset_ids
-    )
+        engine, model=info.model, revision=info.revision, prompt_version=info.prompt_version,
+        version=version, dataset_ids=dataset_ids,
+    )  # fmt: skip
     if rule is None:
         return request
     entry["calibration_id"] = rule.id

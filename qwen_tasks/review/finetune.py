@@ -58,6 +58,7 @@ from qwen_tasks.store.schema import (
     audio,
     audio_file,
     cry_gold,
+    cry_question,
     dataset_audio,
     finetune_split,
     model_version,
@@ -782,7 +783,7 @@ def evaluation_run(
     choice = registry.ModelChoice(
         version.base_model,
         version.base_revision,
-        version.adapter_path if role == "candidate" else None,
+        None if role == "base" else version.adapter_path,  # candidate, calibration: the version
         version.name,
     )
     info = planned_model_info(
@@ -884,7 +885,7 @@ def evaluate_version(engine: Engine, name: str, options: FinetuneOptions) -> dic
         raise ConfigError(f"{name}: no labelled held-out audio to evaluate on")
     runs, stored = _evaluate_pair(engine, version, opts, ids, "heldout")
     result = registry.gate(version.task, stored["base"], stored["candidate"], opts.min_improvement)
-    calibrated = _calibrate(engine, version, runs["candidate"], opts) if version.task == "cry" else {}
+    calibrated = _calibrate(engine, version, runs["candidate"], opts, ids) if version.task == "cry" else {}
     tests: dict[str, dict[str, Any]] = {}
     for set_name, dataset_id in scope.test.items():
         set_ids = evaluation_set_ids(engine, opts, dataset_id)
@@ -941,11 +942,48 @@ def evaluate_version(engine: Engine, name: str, options: FinetuneOptions) -> dic
 
 
 def _calibrate(
+    engine: Engine, version: registry.ModelVersion, run_id: int, opts: FinetuneOptions, ids: Sequence[int]
+) -> dict[str, Any]:
+    """The version's decision rules, fitted on held-out clips it never trained on and stored for it, so a
+    promoted version labels with them: one for its own question (on the candidate evaluation run), and
+    one per other manifest question the held-out clips ask (`label` asks each clip its own question, and
+    p_yes depends on the prompt): a candidate run over those clips asking it. A question whose held-out
+    gold has one class gets no rule (the version then labels it with the plain threshold), said in the
+    log and the summary under "error"."""
+    out = _fit_rule(engine, version, run_id, opts)
+    others: dict[str, dict[str, Any]] = {}
+    for question, asking in _other_questions(engine, ids, opts.question).items():
+        asked = replace(opts, question=question, eval_method="score")
+        others[question] = _fit_rule(
+            engine, version, evaluation_run(engine, version, asked, "calibration", asking), opts
+        )
+    if others:
+        out["questions"] = others
+    return out
+
+
+def _other_questions(engine: Engine, ids: Sequence[int], own: str) -> dict[str, list[int]]:
+    """The held-out clips by the question `label` asks them (their manifest line's, else the default),
+    but the version's own question."""
+    from qwen_tasks.labelling.options import DEFAULT_QUESTION
+
+    with engine.connect() as conn:
+        asked = dict(
+            conn.execute(
+                sa.select(cry_question.c.audio_id, cry_question.c.question).where(
+                    cry_question.c.audio_id.in_(list(ids))
+                )
+            ).all()
+        )
+    groups: dict[str, list[int]] = {}
+    for audio_id in ids:
+        groups.setdefault(asked.get(audio_id, DEFAULT_QUESTION), []).append(audio_id)
+    return {q: a for q, a in groups.items() if q != own}
+
+
+def _fit_rule(
     engine: Engine, version: registry.ModelVersion, run_id: int, opts: FinetuneOptions
 ) -> dict[str, Any]:
-    """The version's decision rule, fitted on its held-out evaluation run (clips it never trained on) and
-    stored for it: a promoted version labels with it. Held-out gold of one class only: no rule (the
-    version then labels with the plain threshold), said in the log and the summary."""
     from qwen_tasks.quality.calibration import calibrate_run
 
     try:
@@ -958,9 +996,10 @@ def _calibrate(
         )
     except ConfigError as exc:
         log.warning("%s: no calibration: %s", version.name, exc)
-        return {"error": str(exc)}
+        return {"error": str(exc), "run_id": run_id}
     return {
         "id": rule.id,
+        "run_id": run_id,
         "method": rule.method,
         "threshold": rule.threshold,
         "objective": fitted.choice.objective,

@@ -76,7 +76,8 @@ def test_calibrate_base_model_then_label_with_it(
     out = last_json(fitted.stdout)
     assert out["run_id"] == first_run and out["n_labels"] == 12 and out["n_yes"] == 8
     assert out["method"] == "platt" and out["objective"] == "max_f1"
-    rule = decision.load(engine, out["calibration_id"])
+    with engine.connect() as conn:
+        rule = decision.load(conn, out["calibration_id"])
     assert rule is not None and rule.threshold == out["threshold"] and rule.params == out["params"]
 
     # a new run decides with the rule and records it on every label

@@ -112,12 +112,21 @@ def _stored_rule_applies_identically(engine: Engine, rule: Calibration) -> None:
         stored = decision.store(
             conn,
             rule,
-            {"model": "/m", "revision": "", "objective": "max_f1", "n_labels": 12, "n_yes": 6},
+            {
+                "model": "/m",
+                "revision": "",
+                "prompt_version": "p1",
+                "objective": "max_f1",
+                "n_labels": 12,
+                "n_yes": 6,
+            },  # fmt: skip
         )
-    loaded = decision.load(engine, stored.id)
+    with engine.connect() as conn:
+        loaded = decision.load(conn, stored.id)
     assert loaded == stored and loaded.id is not None
-    with engine.connect() as conn:  # a base model's rule applies to a run over any dataset
-        assert decision.for_base(conn, "/m", "", [1]) == stored
+    with engine.connect() as conn:  # a base model's rule applies to a run of its prompt over any dataset
+        assert decision.for_base(conn, "/m", "", "p1", [1]) == stored
+        assert decision.for_base(conn, "/m", "", "p2", [1]) is None  # never to another prompt's scores
     import dataclasses
 
     as_json = {**dataclasses.asdict(LabelRequest(task="cry", calibration=loaded)), "methods": ["score"]}

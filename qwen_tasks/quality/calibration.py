@@ -205,11 +205,12 @@ def calibrate_run(
 ) -> tuple[Calibration, Fitted]:
     """Fit a rule on the held-out gold labels of run `run_id`'s score answers and store it for the run's
     model (the version `model_version_id`, else the run's base model + revision, for `dataset_id` or for
-    every dataset) and prompt version. Returns the stored rule (with its id) and the fit."""
+    every dataset) and prompt (label_run.prompt_template). Returns the stored rule (with its id) and
+    the fit."""
     with transaction(engine) as conn:
         run = conn.execute(
             sa.select(
-                label_run.c.model, label_run.c.revision, label_run.c.prompt_version, label_run.c.task
+                label_run.c.model, label_run.c.revision, label_run.c.prompt_template, label_run.c.task
             ).where(label_run.c.id == run_id)
         ).one_or_none()
         if run is None or run.task != "cry":
@@ -228,7 +229,7 @@ def calibrate_run(
                 "model_version_id": model_version_id,
                 "model": run.model,
                 "revision": run.revision,
-                "prompt_version": run.prompt_version,
+                "prompt_template": run.prompt_template,
                 "dataset_id": dataset_id,
                 "objective": fitted.choice.objective,
                 "target_precision": target_precision,

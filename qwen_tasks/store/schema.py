@@ -286,7 +286,7 @@ decision_calibration = sa.Table(
     sa.Column("model", sa.Text, nullable=False),
     sa.Column("revision", sa.Text, nullable=False, server_default=""),
     sa.Column("dataset_id", sa.BigInteger, sa.ForeignKey("dataset.id", ondelete="CASCADE")),
-    sa.Column("prompt_version", sa.Text, nullable=False),
+    sa.Column("prompt_template", sa.Text, nullable=False),
     sa.Column("method", sa.Text, nullable=False),
     sa.Column("params", JSONB, nullable=False, server_default=sa.text("'{}'::jsonb")),
     sa.Column("threshold", sa.Float, nullable=False),

@@ -13,9 +13,10 @@ CREATE TABLE decision_calibration (
     model             text NOT NULL,       -- base model (hub id or resolved path)
     revision          text NOT NULL DEFAULT '',
     dataset_id        bigint REFERENCES dataset (id) ON DELETE CASCADE,  -- NULL: every dataset
-    -- the prompt (question) whose p_yes it was fitted on: p_yes depends on the prompt, so a rule only
-    -- decides runs of the same prompt version (a version asked another question gets that question's rule)
-    prompt_version    text NOT NULL,
+    -- the prompt whose p_yes it was fitted on (label_run.prompt_template: the text sent, the same for
+    -- --method score and both): p_yes depends on the question, so a rule only decides runs sending the
+    -- same prompt (a version asked another question gets that question's rule)
+    prompt_template   text NOT NULL,
     method            text NOT NULL CHECK (method IN ('none', 'platt', 'isotonic')),
     -- platt: {"a", "b"} of sigmoid(a * logit(p_yes) + b); isotonic: {"x": [...], "y": [...]} knots,
     -- linear in between and clipped outside; none: {}
@@ -31,9 +32,9 @@ CREATE TABLE decision_calibration (
     chosen_at         timestamptz NOT NULL DEFAULT now()
 );
 -- the newest row of a key is the one labelling uses
-CREATE INDEX decision_calibration_version ON decision_calibration (model_version_id, prompt_version, id DESC)
+CREATE INDEX decision_calibration_version ON decision_calibration (model_version_id, md5(prompt_template), id DESC)
     WHERE model_version_id IS NOT NULL;
-CREATE INDEX decision_calibration_base ON decision_calibration (model, revision, prompt_version, dataset_id, id DESC)
+CREATE INDEX decision_calibration_base ON decision_calibration (model, revision, md5(prompt_template), dataset_id, id DESC)
     WHERE model_version_id IS NULL;
 
 ALTER TABLE cry_answer

@@ -115,7 +115,7 @@ def _stored_rule_applies_identically(engine: Engine, rule: Calibration) -> None:
             {
                 "model": "/m",
                 "revision": "",
-                "prompt_version": "p1",
+                "prompt_template": "p1",
                 "objective": "max_f1",
                 "n_labels": 12,
                 "n_yes": 6,

@@ -251,21 +251,22 @@ def _promoted_version_labels_with_its_calibration(
         stored = {
             r.id: r
             for r in conn.execute(
-                sa.select(schema.decision_calibration, schema.label_run.c.prompt_version.label("run_prompt"))
+                sa.select(schema.decision_calibration, schema.label_run.c.prompt_template.label("run_prompt"))
                 .join(schema.label_run, schema.label_run.c.id == rules.source_run_id)
                 .join(schema.model_version, schema.model_version.c.id == rules.model_version_id)
                 .where(schema.model_version.c.name == "v1")
             )
         }
     assert set(stored) == {own["id"], asked["id"]}
-    assert all(r.prompt_version == r.run_prompt for r in stored.values())  # a rule per prompt
-    assert stored[own["id"]].prompt_version != stored[asked["id"]].prompt_version
+    assert all(r.prompt_template == r.run_prompt for r in stored.values())  # a rule per prompt
+    assert stored[own["id"]].prompt_template != stored[asked["id"]].prompt_template
     opts = LabelOptions.from_mapping(
         {"tasks": ["cry"], "model": str(model), "method": "score", "device": "cpu", "limit": 6}
     )
     planned = plan(engine, opts)
     assert planned.per_task["cry"]["model_version"] == "v1"
-    assert planned.per_task["cry"]["calibration_id"] == asked["id"]
+    # one run (every clip asks the manifest's question), decided with that question's rule
+    assert planned.per_task["cry"]["calibration_ids"] == {planned.new_run_ids[0]: asked["id"]}
     work(engine, planned.run_ids, backend_for_run("cpu"))
     rule = registry_rule(engine, asked["id"])
     c = schema.cry_answer.c

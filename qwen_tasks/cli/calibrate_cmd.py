@@ -23,6 +23,11 @@ def calibrate(
     version: str = typer.Option(
         None, "--version", help="A fine-tuned version: refit on its held-out evaluation run."
     ),
+    run: int = typer.Option(
+        None,
+        "--run",
+        help="Fit on this cry run of the base model (default: its latest; one run per question).",
+    ),
     dataset: str = typer.Option(
         None, "--dataset", help="Fit on (and apply to) this dataset's clips only (default: every dataset)."
     ),
@@ -68,6 +73,7 @@ def calibrate(
         query = (
             sa.select(r.id)
             .where(r.task == "cry", r.purpose == "label", r.model == choice.model)
+            .where(sa.true() if run is None else r.id == run)
             .where(r.params["adapter"].astext.is_(None))
             .order_by(r.id.desc())
             .limit(1)
@@ -79,7 +85,9 @@ def calibrate(
         with engine.connect() as conn:
             run_id = conn.execute(query).scalar_one_or_none()
         if run_id is None:
-            where = f" covering dataset {dataset}" if dataset else ""
+            where = (f" with id {run}" if run is not None else "") + (
+                f" covering dataset {dataset}" if dataset else ""
+            )
             raise fail(
                 f"no cry labelling run of {choice.model}{where} to calibrate "
                 "(run: qwen-tasks label --task cry)"

@@ -80,7 +80,18 @@ def test_calibrate_base_model_then_label_with_it(
         rule = decision.load(conn, out["calibration_id"])
     assert rule is not None and rule.threshold == out["threshold"] and rule.params == out["params"]
 
-    # a new run decides with the rule and records it on every label
+    chosen = run_cli(["calibrate", "--task", "cry", *model, "--run", str(first_run), "--json"], database_url)
+    assert chosen.returncode == 0 and last_json(chosen.stdout)["threshold"] == out["threshold"]
+    with engine.connect() as conn:  # the same fit stored again: the newest rule is the one used
+        rule = decision.load(conn, last_json(chosen.stdout)["calibration_id"])
+    assert rule is not None and rule.id == out["calibration_id"] + 1
+    missing = run_cli(["calibrate", "--task", "cry", *model, "--run", "999999"], database_url)
+    assert missing.returncode == 1 and missing.stderr.strip().splitlines() == [
+        f"error: no cry labelling run of {tiny_model_dir} with id 999999 to calibrate (run: qwen-tasks label "
+        "--task cry)"
+    ]
+
+    # a new run decides with the (newest) rule and records it on every label
     again = run_cli([*label, "--relabel"], database_url)
     assert again.returncode == 0, again.stderr
     run_id = last_json(again.stdout)["run_id"]

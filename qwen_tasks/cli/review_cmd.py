@@ -33,8 +33,9 @@ def metrics(
 ) -> None:
     """Compute, store (run_metric, run_metric_group) and print quality metrics of runs.
 
-    Cry: accuracy, precision, recall, F1, confusion matrix, unknown rate, ROC AUC and best-F1 threshold,
-    against gold labels (human review first, then manifests). ASR: corpus WER (words) and CER (Chinese
+    Cry: accuracy (shown with its coverage: decided / clips with gold), precision, recall, F1, confusion
+    matrix, unknown rate, ROC AUC, best-F1 threshold and ECE (10 bins), against gold labels (human
+    review first, then manifests). ASR: corpus WER (words) and CER (Chinese
     characters), per language, and the most frequent substitution pairs. The same figures are stored per
     dataset the run covered and per manifest source (SQL: the run_quality_by_dataset view).
     """

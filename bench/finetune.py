@@ -10,6 +10,11 @@ and prints base vs candidate side by side:
 
 Targets (issue 12, our 2-core CPU): cry held-out ROC AUC >= 0.98 and accuracy >= 0.95 after `finetune`,
 in <= 5 min, both runs stored and the gate passing. ASR: report the WER before and after, whatever it is.
+
+Target (issue 23): on a fresh learnable cry set (new clips, another seed, never in any split), the labels
+the project WRITES with the version — `label` deciding with the version's calibrated rule, fitted by
+`finetune` on its held-out evaluation — are >= 95 % correct wherever ROC AUC >= 0.98; printed beside
+the AUC and beside the accuracy of the uncalibrated p_yes >= 0.5.
 """
 
 from __future__ import annotations
@@ -77,7 +82,76 @@ def run_task(engine, task: str, manifest: Path, kind: str, model: Path, args, tm
     print(f"  gate: {'passed' if summary.gate['passed'] else 'failed'}; status {summary.status}")
     for reason in summary.gate["reasons"]:
         print(f"    {reason}")
+    if cry:
+        rule = summary.calibration
+        for asked, one in [("its question", rule), *(rule.get("questions") or {}).items()]:
+            shown = {k: one.get(k) for k in ("method", "threshold", "objective", "note", "error")}
+            print(f"  decision rule for {asked} (fitted on held-out clips): {json.dumps(shown)}")
+        out["fresh"] = fresh_set_labels(engine, summary, args, tmp)
     return out
+
+
+def fresh_set_labels(engine, summary, args, tmp: Path) -> dict:
+    """Label a fresh learnable cry set with the version through `label`'s own path (plan + worker: the
+    version's calibrated rule decides) and score the labels written against the gold labels."""
+    from qwen_tasks.dev.samples import write_cry_training_set
+    from qwen_tasks.ingest.register import ingest
+    from qwen_tasks.labelling.options import LabelOptions
+    from qwen_tasks.labelling.planning import plan
+    from qwen_tasks.labelling.worker import backend_for_run, work
+
+    manifest = write_cry_training_set(tmp / "cry-fresh", n=args.fresh_n, seed=args.fresh_seed)
+    ingest(engine, [manifest.parent], manifests=[(manifest, "aqa")], dataset="cry-fresh", split="test")
+    from qwen_tasks.labelling.registry import require_version
+
+    version_question = require_version(engine, summary.name).request["question"]
+    out: dict = {}
+    print(f"\n  fresh set: {args.fresh_n} new clips (seed {args.fresh_seed}), labelled with {summary.name}")
+    print(f"  {'asked':<34} {'ROC AUC':>8} {'written labels':>15} {'p_yes >= 0.5':>13} {'threshold':>10}")
+    for asked, question in (
+        ("the version's question", version_question),
+        ("each clip's manifest question", ""),
+    ):
+        opts = LabelOptions.from_mapping(
+            {"tasks": ["cry"], "model": summary.name, "datasets": ["cry-fresh"], "method": "score",
+             "device": "cpu", "question": question, "relabel": True}
+        )  # fmt: skip
+        planned = plan(engine, opts)
+        work(engine, planned.run_ids, backend_for_run("cpu"))
+        figures = written_label_figures(engine, planned.run_ids)
+        out[asked] = figures
+        print(
+            f"  {asked:<34} {_f(figures['roc_auc']):>8} {_f(figures['accuracy']):>15} "
+            f"{_f(figures['accuracy_at_0.5']):>13} {_f(figures['threshold']):>10}"
+        )
+        met = figures["roc_auc"] is None or figures["roc_auc"] < 0.98 or figures["accuracy"] >= 0.95
+        print(f"    target (labels >= 95 % correct where AUC >= 0.98): {'met' if met else 'NOT met'}")
+    return out
+
+
+def written_label_figures(engine, run_ids: list[int]) -> dict:
+    """Accuracy of the labels written (label column, as decided at labelling), ROC AUC of p_yes and the
+    accuracy p_yes >= 0.5 would have had, over the runs' score answers with gold."""
+    import sqlalchemy as sa
+    from sklearn.metrics import roc_auc_score
+
+    from qwen_tasks.store.schema import cry_answer, cry_gold
+
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(cry_answer.c.p_yes, cry_answer.c.label, cry_answer.c.threshold, cry_gold.c.gold_label)
+            .join(cry_gold, cry_gold.c.audio_id == cry_answer.c.audio_id)
+            .where(cry_answer.c.run_id.in_(run_ids), cry_answer.c.method == "score")
+        ).all()
+    gold = [r.gold_label == "yes" for r in rows]
+    p = [r.p_yes for r in rows]
+    return {
+        "n": len(rows),
+        "roc_auc": roc_auc_score(gold, p) if len(set(gold)) == 2 else None,
+        "accuracy": sum((r.label == "yes") == g for r, g in zip(rows, gold, strict=True)) / len(rows),
+        "accuracy_at_0.5": sum((v >= 0.5) == g for v, g in zip(p, gold, strict=True)) / len(rows),
+        "threshold": rows[0].threshold if rows else None,
+    }
 
 
 def digit_wer(engine, run_id: int) -> dict:
@@ -123,6 +197,8 @@ def main() -> None:
     parser.add_argument("--asr-n", type=int, default=240)
     parser.add_argument("--asr-epochs", type=int, default=8)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    parser.add_argument("--fresh-n", type=int, default=80, help="clips in the fresh cry set (default 80)")
+    parser.add_argument("--fresh-seed", type=int, default=1, help="seed of the fresh cry set (training: 0)")
     parser.add_argument("--admin-url", help="PostgreSQL admin URL for the throwaway database")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()

@@ -29,6 +29,92 @@ class CryMethod(StrEnum):
     GENERATE = "generate"
 
 
+class CalibrationMethod(StrEnum):
+    """How p_yes is mapped before the threshold (decision_calibration.method, CHECK of 0016)."""
+
+    NONE = "none"  # p_yes as the model gave it
+    PLATT = "platt"  # sigmoid(a * logit(p_yes) + b): two parameters, safe with few labels
+    ISOTONIC = "isotonic"  # a monotone step curve through knots: needs more labels
+
+
+# cry `score`: p_yes >= this is yes, when neither the user (--threshold) nor a fitted calibration says
+# otherwise. Declared once; LabelOptions and the docs take it from here.
+DEFAULT_YES_THRESHOLD = 0.5
+_LOGIT_EPS = 1e-6  # p_yes is clipped to [eps, 1 - eps] before logit: the model can say exactly 0 or 1
+
+
+def logit(p: float) -> float:
+    """log(p / (1 - p)) of p clipped away from 0 and 1 (Platt calibration works on this scale)."""
+    q = min(max(float(p), _LOGIT_EPS), 1.0 - _LOGIT_EPS)
+    return math.log(q / (1.0 - q))
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """A decision rule fitted on held-out reviewed / gold labels (table decision_calibration, 0016): map
+    p_yes to a calibrated probability (`method`), then say yes when it reaches `threshold`.
+
+    Stored with a run's request (label_run.params), so every job of the run, on any worker, decides with
+    the same rule; `apply` is the one implementation used at labelling and when the rule is fitted and
+    evaluated (quality.calibration). Platt: `a`, `b`; isotonic: knots `x` (increasing) -> `y`, linear in
+    between and clipped outside (what sklearn's IsotonicRegression(out_of_bounds="clip") predicts)."""
+
+    id: int | None
+    method: str
+    threshold: float
+    a: float = 1.0
+    b: float = 0.0
+    x: tuple[float, ...] = ()
+    y: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.method not in set(CalibrationMethod):
+            raise ValueError(f"calibration method must be none, platt or isotonic, got {self.method!r}")
+        object.__setattr__(self, "method", str(self.method))
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"calibration threshold must be in [0, 1], got {self.threshold}")
+        object.__setattr__(self, "x", tuple(float(v) for v in self.x))  # JSON gives lists
+        object.__setattr__(self, "y", tuple(float(v) for v in self.y))
+        if self.method == CalibrationMethod.ISOTONIC:
+            if not self.x or len(self.x) != len(self.y):
+                raise ValueError("isotonic calibration needs knots x and y of the same, non-zero length")
+            if any(b < a for a, b in zip(self.x, self.x[1:], strict=False)):
+                raise ValueError("isotonic calibration knots x must be increasing")
+
+    @property
+    def params(self) -> dict[str, object]:
+        """What decision_calibration.params stores for the method."""
+        if self.method == CalibrationMethod.PLATT:
+            return {"a": self.a, "b": self.b}
+        if self.method == CalibrationMethod.ISOTONIC:
+            return {"x": list(self.x), "y": list(self.y)}
+        return {}
+
+    @classmethod
+    def from_stored(cls, id: int | None, method: str, threshold: float, params: dict) -> Calibration:
+        """From a decision_calibration row's columns."""
+        return cls(id=id, method=method, threshold=threshold, **params)
+
+    def apply(self, p_yes: float) -> float:
+        """The calibrated probability of yes for a raw p_yes."""
+        if self.method == CalibrationMethod.PLATT:
+            z = self.a * logit(p_yes) + self.b
+            return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
+        if self.method == CalibrationMethod.ISOTONIC:
+            return float(np.interp(float(p_yes), self.x, self.y))
+        return float(p_yes)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A cry `score` decision and what it was decided with (cry_answer columns)."""
+
+    label: str
+    threshold: float
+    p_calibrated: float | None = None
+    calibration_id: int | None = None
+
+
 class RunStatus(StrEnum):
     """label_run.status (the CHECK constraint of migration 0001 holds the same names)."""
 
@@ -217,7 +303,10 @@ class LabelRequest:
     question: str = "Is there a baby crying in this audio? Answer yes or no."
     methods: tuple[CryMethod, ...] = ("score",)
     max_new_tokens: int | None = None
-    yes_threshold: float = 0.5
+    yes_threshold: float = DEFAULT_YES_THRESHOLD
+    # the fitted rule of the model that labels (its threshold replaces yes_threshold); None: p_yes is
+    # compared with yes_threshold as it is
+    calibration: Calibration | None = None
 
     def __post_init__(self) -> None:
         if self.task not in set(Task):
@@ -232,6 +321,20 @@ class LabelRequest:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if not 0.0 <= self.yes_threshold <= 1.0:
             raise ValueError(f"yes_threshold must be in [0, 1], got {self.yes_threshold}")
+        if isinstance(self.calibration, dict):  # a request stored as JSON (label_run.params)
+            object.__setattr__(self, "calibration", Calibration(**self.calibration))
+
+    def decide(self, p_yes: float | None) -> Decision:
+        """The one place a cry `score` answer becomes yes / no: p_yes (calibrated, when the request
+        carries a calibration) against the threshold; no usable p_yes is a no."""
+        cal = self.calibration
+        if cal is None:
+            label = "yes" if p_yes is not None and p_yes >= self.yes_threshold else "no"
+            return Decision(label, self.yes_threshold)
+        if p_yes is None:
+            return Decision("no", cal.threshold, None, cal.id)
+        p = cal.apply(p_yes)
+        return Decision("yes" if p >= cal.threshold else "no", cal.threshold, p, cal.id)
 
     def token_budget(self, seconds: float) -> int:
         """How many new tokens a window of `seconds` may generate under this request."""

@@ -32,7 +32,7 @@ def _json_commands() -> set[str]:
     return found
 
 
-@pytest.mark.slow  # fifteen processes
+@pytest.mark.slow  # sixteen processes
 def test_every_json_command_reports_a_failure_as_one_json_object(tmp_path: Path) -> None:
     (tmp_path / "tasks.json").write_text("[]")
     args = {
@@ -50,6 +50,7 @@ def test_every_json_command_reports_a_failure_as_one_json_object(tmp_path: Path)
         "export-finetune": ["--task", "cry", "--out", str(tmp_path / "train.jsonl")],
         "finetune": ["--task", "cry"],
         "models": [],
+        "calibrate": ["--task", "cry"],
     }
     assert set(args) == _json_commands()  # a new --json command belongs here
     env = {**os.environ, "QWEN_TASKS_DATABASE_URL": GONE}

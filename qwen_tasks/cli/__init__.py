@@ -18,7 +18,8 @@ from qwen_tasks.errors import QwenTasksError
 
 # Command modules register themselves on `app`; `--help` lists them in this order.
 # isort: off
-from qwen_tasks.cli import db_cmd, ingest_cmd, label_cmd, model_cmd, review_cmd, sync_cmd, finetune_cmd  # noqa: F401
+from qwen_tasks.cli import db_cmd, ingest_cmd, label_cmd, model_cmd  # noqa: F401
+from qwen_tasks.cli import review_cmd, sync_cmd, finetune_cmd, calibrate_cmd  # noqa: F401
 # isort: on
 
 __all__ = ["app", "main"]

@@ -53,6 +53,16 @@ def finetune(
         _D.eval_method, "--eval-method", help="cry held-out runs: score or both."
     ),
     seed: int = typer.Option(_D.seed, "--seed", help="Seed for the adapter init and the batch order."),
+    calibration: str = typer.Option(
+        _D.calibration,
+        "--calibration",
+        help="cry: map p_yes before the threshold: none, platt (default; safe with few labels) or isotonic.",
+    ),
+    target_precision: float = typer.Option(
+        None,
+        "--target-precision",
+        help="cry: the lowest threshold reaching this held-out precision (default: the max-F1 threshold).",
+    ),
     out: str = typer.Option("", "--out", help="Adapter directory (default: $QWEN_TASKS_HOME/models/NAME)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON summary on stdout."),
 ) -> None:
@@ -75,7 +85,8 @@ def finetune(
         max_clips=max_clips, datasets=tuple(datasets or ()), test_datasets=tuple(test_datasets or ()),
         min_clips=min_clips, heldout_fraction=heldout, min_improvement=min_improvement,
         promote=promote, device=device or settings.device, dtype=dtype, question=question, language=language,
-        eval_method=eval_method, seed=seed, out_dir=out,
+        eval_method=eval_method, seed=seed, out_dir=out, calibration=calibration,
+        target_precision=target_precision,
     )  # fmt: skip
     engine = open_database()
     bar = _TrainBar()
@@ -98,6 +109,9 @@ def finetune(
     for line in summary.gate.get("reasons", []):
         console.print(f"  {line}", highlight=False)
     _wide(console).print(evaluation_table(summary.task, _evaluations(summary)))
+    own = summary.calibration
+    for asked, rule in [("its question", own), *(own.get("questions") or {}).items()]:
+        _print_rule(asked, rule)
     state = ModelVersionStatus.PROMOTED if summary.promoted else summary.status
     console.print(
         f"{summary.name}: {state} ({summary.steps} steps in {summary.train_seconds:.1f} s; held-out runs "
@@ -105,6 +119,22 @@ def finetune(
         f"adapter {summary.adapter_path}",
         highlight=False,
         soft_wrap=True,
+    )
+
+
+def _print_rule(asked: str, rule: dict[str, Any]) -> None:
+    """One line per decision rule `finetune` stored (the version's own question, then each manifest
+    question its held-out clips ask)."""
+    if not rule.get("id"):
+        if rule.get("error"):
+            console.print(f"no decision rule for {asked}: {rule['error']}", highlight=False)
+        return
+    h = rule["heldout"]
+    console.print(
+        f"decision rule {rule['id']} for {asked}: {rule['method']}, threshold {rule['threshold']:.4f} "
+        f"({rule['objective']}); held-out accuracy {h['accuracy']:.3f} (at 0.5: {h['accuracy_at_0.5']:.3f})"
+        + (f"; {rule['note']}" if rule.get("note") else ""),
+        highlight=False,
     )
 
 

@@ -128,7 +128,12 @@ def label(
         help="Label only clips of this dataset (repeatable; default: every dataset whose tasks include "
         "--task; see `qwen-tasks datasets`).",
     ),
-    threshold: float = typer.Option(None, "--threshold", help="cry: p_yes >= this is yes (0.5)."),
+    threshold: float = typer.Option(
+        None,
+        "--threshold",
+        help="cry: p_yes >= this is yes; wins over the model's calibrated threshold (default: that "
+        "calibration, else 0.5; see `qwen-tasks calibrate`).",
+    ),
     relabel: bool = typer.Option(False, "--relabel", help="Label again in a new run (old labels kept)."),
     plan_only: bool = typer.Option(False, "--plan-only", help="Create the run and its jobs, then stop."),
     max_jobs: int = typer.Option(None, "--max-jobs", min=1, help="Plan at most N jobs (rest left over)."),

@@ -113,12 +113,14 @@ def metrics(
 ) -> None:
     """Compute, store (run_metric, run_metric_group) and print quality metrics of runs.
 
-    Cry: accuracy, precision, recall, F1, confusion matrix, unknown rate, ROC AUC and best-F1 threshold,
-    against gold labels (human review first, then manifests). ASR: corpus WER (words) and CER (Chinese
+    Cry: accuracy (shown with its coverage: decided / clips with gold), precision, recall, F1, confusion
+    matrix, unknown rate, ROC AUC, best-F1 threshold and ECE (10 bins), against gold labels (human
+    review first, then manifests). ASR: corpus WER (words) and CER (Chinese
     characters), per language, and the most frequent substitution pairs. The same figures are stored per
     dataset the run covered and per manifest source (SQL: the run_quality_by_dataset view).
     """
     from qwen_tasks.labelling.jobs import latest_run_ids
+    from qwen_tasks.quality.calibration import shown
     from qwen_tasks.quality.metrics import compute_run_metrics, load_run_metrics, require_datasets
 
     engine = open_database()
@@ -161,7 +163,7 @@ def metrics(
         table.add_column("metric")
         table.add_column("value", justify="right")
         for name, value in r["metrics"].items():
-            table.add_row(name, "—" if value is None else f"{value:.4g}")
+            table.add_row(name, shown(name, value, r["details"]))  # an accuracy with its coverage
         console.print(table)
         top = (r["details"].get("substitutions") or {}).get("top") or []
         if top:

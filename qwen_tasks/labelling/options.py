@@ -28,7 +28,14 @@ from typing import Any
 
 from qwen_tasks.config import Device, Settings, get_settings, split_paths
 from qwen_tasks.errors import ConfigError
-from qwen_tasks.records import MAX_QUESTION_CHARS, QUESTION_PATTERN, CryMethod, LabelRequest, Task
+from qwen_tasks.records import (
+    DEFAULT_YES_THRESHOLD,
+    MAX_QUESTION_CHARS,
+    QUESTION_PATTERN,
+    CryMethod,
+    LabelRequest,
+    Task,
+)
 
 DEFAULT_QUESTION = "Is there a baby crying in this audio? Answer yes or no."
 
@@ -271,8 +278,18 @@ class LabelOptions:
             max_length=MAX_QUESTION_CHARS,
         ),
     )
-    yes_threshold: float = _opt(
-        0.5, Spec("float", "Yes threshold", "cry score: p_yes >= this is yes.", minimum=0, maximum=1)
+    yes_threshold: float | None = _opt(
+        None,
+        Spec(
+            "float",
+            "Yes threshold",
+            "cry score: p_yes >= this is yes. Empty = the threshold calibrated for the labelling model "
+            f"(`qwen-tasks calibrate`, or the fine-tuned version's), else {DEFAULT_YES_THRESHOLD}; a value "
+            "given here wins over a calibration.",
+            nullable=True,
+            minimum=0,
+            maximum=1,
+        ),
     )
     max_new_tokens: int | None = _opt(
         None,
@@ -393,7 +410,7 @@ class LabelOptions:
                 question=self.question or DEFAULT_QUESTION,
                 methods=self.methods if task == Task.CRY else (CryMethod.SCORE.value,),  # type: ignore[arg-type]
                 max_new_tokens=self.max_new_tokens,
-                yes_threshold=self.yes_threshold,
+                yes_threshold=DEFAULT_YES_THRESHOLD if self.yes_threshold is None else self.yes_threshold,
             )
         except ValueError as exc:
             raise ConfigError(f"options: {exc}") from None

@@ -18,9 +18,9 @@ from sqlalchemy.engine import Engine
 
 from qwen_tasks.errors import ConfigError
 from qwen_tasks.ingest import datasets
-from qwen_tasks.labelling import jobs
+from qwen_tasks.labelling import decision, jobs
 from qwen_tasks.labelling.options import LabelOptions, resolve_model
-from qwen_tasks.records import LabelRequest, Task
+from qwen_tasks.records import LabelRequest, ModelInfo, Task
 from qwen_tasks.store.schema import audio, cry_question
 
 log = logging.getLogger(__name__)
@@ -102,6 +102,7 @@ def plan(
             if choice.version:
                 log.info("%s: labelling with fine-tuned version %s (revision %s)", task, choice.version,
                          info.revision)  # fmt: skip
+            request = with_calibration(engine, opts, request, info, choice.version, dataset_ids)
             out.model, out.revision = info.model, info.revision
             resumed = jobs.unfinished_jobs(
                 engine, task, info.model, info.revision, info.prompt_version, limit=budget
@@ -146,6 +147,8 @@ def plan(
                 out.run_jobs[result.run_id] = len(result.job_ids)
                 entry["run_id"] = result.run_id
                 entry["run_ids"].append(result.run_id)
+                if request.calibration is not None:  # run id -> the rule its labels are decided with
+                    entry.setdefault("calibration_ids", {})[result.run_id] = request.calibration.id
             out.job_ids.extend(result.job_ids)
             out.items += result.n_items
             out.left_over += result.n_left_over
@@ -174,6 +177,30 @@ def plan(
                 "model, revision and prompt (--relabel labels them again)"
             )
     return out
+
+
+def with_calibration(
+    engine: Engine,
+    opts: LabelOptions,
+    request: LabelRequest,
+    info: ModelInfo,
+    version: str | None,
+    dataset_ids: Sequence[int],
+) -> LabelRequest:
+    """A cry `score` request with the labelling model's calibrated rule for this prompt attached
+    (labelling.decision: the version's, else the base model's for these datasets), unless the user gave
+    a threshold: an explicit `--threshold` / `yes_threshold` wins, compared with the raw p_yes."""
+    if request.task != Task.CRY or "score" not in request.methods or opts.yes_threshold is not None:
+        return request
+    rule = decision.find(
+        engine, model=info.model, revision=info.revision, prompt_template=info.prompt_template,
+        version=version, dataset_ids=dataset_ids,
+    )  # fmt: skip
+    if rule is None:
+        return request
+    log.info("%s: deciding with calibration %s (%s, threshold %.4f)", request.task, rule.id, rule.method,
+             rule.threshold)  # fmt: skip
+    return replace(request, calibration=rule)
 
 
 def question_groups(

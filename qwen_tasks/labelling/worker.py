@@ -349,7 +349,7 @@ def build_rows(
             continue
         p_yes = result.p_yes if _valid_p(result.p_yes) else None
         if "score" in request.methods:
-            label = "yes" if p_yes is not None and p_yes >= request.yes_threshold else "no"
+            decision = request.decide(p_yes)
             rows.cry_answer.append(
                 {
                     **base,
@@ -357,8 +357,10 @@ def build_rows(
                     "method": "score",
                     "raw_answer": None,
                     "p_yes": p_yes,
-                    "label": label,
-                    "threshold": request.yes_threshold,
+                    "label": decision.label,
+                    "threshold": decision.threshold,
+                    "calibration_id": decision.calibration_id,
+                    "p_calibrated": decision.p_calibrated,
                     "windows": windows,
                     "truncated": False,  # one forward pass, nothing generated
                 }
@@ -373,6 +375,8 @@ def build_rows(
                     "p_yes": p_yes,
                     "label": normalize_yes_no(result.text or ""),
                     "threshold": None,
+                    "calibration_id": None,
+                    "p_calibrated": None,
                     "windows": windows,
                     "truncated": result.truncated,
                 }

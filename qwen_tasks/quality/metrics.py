@@ -32,6 +32,7 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import Connection, Engine
 
 from qwen_tasks.errors import ConfigError
+from qwen_tasks.quality.calibration import run_figures as calibration_figures
 from qwen_tasks.quality.scoring import UtteranceScore, corpus_score, score_utterance, top_substitutions
 from qwen_tasks.records import JobStatus
 from qwen_tasks.store.database import transaction
@@ -749,6 +750,9 @@ def compute_run_metrics(engine: Engine, run_id: int) -> dict[str, Any]:
             groups = _group_metrics(conn, run_id, run.task, rows)
         _truncated(conn, run_id, run.task, out)
         _throughput(conn, run_id, out)
+        if run.task == "cry":  # ECE and coverage (quality.calibration)
+            for name, value, details in calibration_figures(conn, run_id, out.details):
+                out.add(name, value, **details)
         _store_groups(conn, run_id, groups)
         conn.execute(sa.delete(run_metric).where(run_metric.c.run_id == run_id))
         conn.execute(

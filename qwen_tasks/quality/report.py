@@ -19,6 +19,7 @@ from sqlalchemy.engine import Engine
 
 from qwen_tasks.errors import ConfigError
 from qwen_tasks.labelling.jobs import latest_run_ids
+from qwen_tasks.quality.calibration import any_calibrated, draw_reliability, run_bins, shown
 from qwen_tasks.quality.metrics import (
     GROUP_FIGURES,
     compute_run_metrics,
@@ -217,7 +218,12 @@ def _wer_plot(rates: list[float], run_id: int) -> str | None:
 
 
 def _metrics_table(metrics: dict[str, dict[str, Any]]) -> str:
-    rows = [[name, m["value"]] for name, m in metrics.items() if not name.endswith(".confusion")]
+    details = {name: m["details"] or {} for name, m in metrics.items()}  # accuracy with its coverage
+    rows = [
+        [name, shown(name, m["value"], details)]
+        for name, m in metrics.items()
+        if not name.endswith(".confusion")
+    ]
     return _table(["metric", "value"], rows, numeric={1})
 
 
@@ -252,6 +258,7 @@ def _cry_section(
             cry_answer.c.label,
             cry_answer.c.p_yes,
             cry_answer.c.threshold,
+            cry_answer.c.p_calibrated,
             cry_answer.c.raw_answer,
             cry_gold.c.gold_label,
         )
@@ -263,6 +270,11 @@ def _cry_section(
     a = answers.c
     parts = [_confusion_tables(metrics)]
     plots = _cry_plots(conn, answers, run_id)
+    bins = run_bins(conn, answers)  # reliability diagram and ECE (quality.calibration)
+    if bins:
+        fig, ax = _figure(f"Run {run_id}: reliability (score)", "mean probability", "share of gold yes")
+        draw_reliability(ax, bins, "p_calibrated" if any_calibrated(conn, answers) else "p_yes")
+        plots.append(_png(fig))
     best = (metrics.get("score.best_threshold") or {}).get("details", {}).get("best")
     if best:
         parts.append(

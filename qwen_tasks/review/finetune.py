@@ -43,6 +43,7 @@ from qwen_tasks.ingest import datasets as ds
 from qwen_tasks.labelling import jobs, registry
 from qwen_tasks.labelling.allowed_models import check_allowed
 from qwen_tasks.progress import ProgressLog
+from qwen_tasks.quality.calibration import check_method, check_target_precision
 from qwen_tasks.records import (
     MAX_QUESTION_CHARS,
     QUESTION_PATTERN,
@@ -57,6 +58,7 @@ from qwen_tasks.store.schema import (
     audio,
     audio_file,
     cry_gold,
+    cry_question,
     dataset_audio,
     finetune_split,
     model_version,
@@ -95,6 +97,9 @@ class FinetuneOptions:
     question: str = LabelRequest(task="cry").question
     language: str = "en"
     eval_method: str = "both"  # cry: score only, or score + generate (shows whether answers got decisive)
+    # cry: the decision rule fitted on the version's held-out evaluation run (quality.calibration)
+    calibration: str = "platt"  # none, platt or isotonic
+    target_precision: float | None = None  # None: the max-F1 threshold
     seed: int = 0
     out_dir: str = ""  # "" = $QWEN_TASKS_HOME/models/<name>
 
@@ -111,6 +116,8 @@ class FinetuneOptions:
             raise ConfigError(f"--min-improvement must be >= 0, got {self.min_improvement}")
         if self.eval_method not in ("score", "both"):
             raise ConfigError(f"--eval-method must be score or both, got {self.eval_method!r}")
+        check_method(self.calibration)
+        check_target_precision(self.target_precision)
         if self.name:
             registry.check_name(self.name)
         for flag, names in (("--dataset", self.datasets), ("--test-dataset", self.test_datasets)):
@@ -776,7 +783,7 @@ def evaluation_run(
     choice = registry.ModelChoice(
         version.base_model,
         version.base_revision,
-        version.adapter_path if role == "candidate" else None,
+        None if role == "base" else version.adapter_path,  # candidate, calibration: the version
         version.name,
     )
     info = planned_model_info(
@@ -878,6 +885,7 @@ def evaluate_version(engine: Engine, name: str, options: FinetuneOptions) -> dic
         raise ConfigError(f"{name}: no labelled held-out audio to evaluate on")
     runs, stored = _evaluate_pair(engine, version, opts, ids, "heldout")
     result = registry.gate(version.task, stored["base"], stored["candidate"], opts.min_improvement)
+    calibrated = _calibrate(engine, version, runs["candidate"], opts, ids) if version.task == "cry" else {}
     tests: dict[str, dict[str, Any]] = {}
     for set_name, dataset_id in scope.test.items():
         set_ids = evaluation_set_ids(engine, opts, dataset_id)
@@ -929,6 +937,75 @@ def evaluate_version(engine: Engine, name: str, options: FinetuneOptions) -> dic
         "gate": result.to_dict(),
         "status": str(status),
         "test": tests,
+        "calibration": calibrated,
+    }
+
+
+def _calibrate(
+    engine: Engine, version: registry.ModelVersion, run_id: int, opts: FinetuneOptions, ids: Sequence[int]
+) -> dict[str, Any]:
+    """The version's decision rules, fitted on held-out clips it never trained on and stored for it, so a
+    promoted version labels with them: one for its own question (on the candidate evaluation run), and
+    one per other manifest question the held-out clips ask (`label` asks each clip its own question, and
+    p_yes depends on the prompt): a candidate run over those clips asking it. A question whose held-out
+    gold has one class gets no rule (the version then labels it with the plain threshold), said in the
+    log and the summary under "error"."""
+    out = _fit_rule(engine, version, run_id, opts)
+    others: dict[str, dict[str, Any]] = {}
+    for question, asking in _other_questions(engine, ids, opts.question).items():
+        asked = replace(opts, question=question, eval_method="score")
+        others[question] = _fit_rule(
+            engine, version, evaluation_run(engine, version, asked, "calibration", asking), opts
+        )
+    if others:
+        out["questions"] = others
+    return out
+
+
+def _other_questions(engine: Engine, ids: Sequence[int], own: str) -> dict[str, list[int]]:
+    """The held-out clips by the question `label` asks them (their manifest line's, else the default),
+    but the version's own question."""
+    from qwen_tasks.labelling.options import DEFAULT_QUESTION
+
+    with engine.connect() as conn:
+        asked = dict(
+            conn.execute(
+                sa.select(cry_question.c.audio_id, cry_question.c.question).where(
+                    cry_question.c.audio_id.in_(list(ids))
+                )
+            ).all()
+        )
+    groups: dict[str, list[int]] = {}
+    for audio_id in ids:
+        groups.setdefault(asked.get(audio_id, DEFAULT_QUESTION), []).append(audio_id)
+    return {q: a for q, a in groups.items() if q != own}
+
+
+def _fit_rule(
+    engine: Engine, version: registry.ModelVersion, run_id: int, opts: FinetuneOptions
+) -> dict[str, Any]:
+    from qwen_tasks.quality.calibration import calibrate_run
+
+    try:
+        rule, fitted = calibrate_run(
+            engine,
+            run_id,
+            method=opts.calibration,
+            target_precision=opts.target_precision,
+            model_version_id=version.id,
+        )
+    except ConfigError as exc:
+        log.warning("%s: no calibration: %s", version.name, exc)
+        return {"error": str(exc), "run_id": run_id}
+    return {
+        "id": rule.id,
+        "run_id": run_id,
+        "method": rule.method,
+        "threshold": rule.threshold,
+        "objective": fitted.choice.objective,
+        "note": fitted.choice.note,
+        "n_labels": fitted.n_labels,
+        "heldout": fitted.heldout,
     }
 
 
@@ -954,6 +1031,8 @@ class FinetuneSummary:
     gate: dict[str, Any] = field(default_factory=dict)
     # test dataset name -> {"dataset_id", "base_run_id", "candidate_run_id", "base": {..}, "candidate": {..}}
     test: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # cry: the stored decision rule {"id", "method", "threshold", "objective", "note", "heldout": {...}}
+    calibration: dict[str, Any] = field(default_factory=dict)
     datasets: list[str] = field(default_factory=list)  # the train datasets in scope
     promoted: bool = False
     wall_seconds: float = 0.0
@@ -1003,6 +1082,7 @@ def run_finetune(
         candidate=evaluation["candidate"],
         gate=evaluation["gate"],
         test=evaluation["test"],
+        calibration=evaluation["calibration"],
         datasets=trained.prepared.datasets,
         promoted=promoted,
         wall_seconds=time.perf_counter() - started,

@@ -11,9 +11,10 @@ each clip's `strategy` and `reason` say which part it came from, and `record_que
 Rules every strategy shares: a clip with a `human_label` row for the task is never returned; the scope is
 the clips of the given datasets (`ingest.datasets.members`); the label a clip is ranked by is its current
 production label (`current_label`: the newest `purpose = 'label'` run, the `score` row for cry when that
-run has one), and its decision threshold is the `threshold` that answer was decided with. The list comes
-back in the order to review: the strategy's clips by falling priority, the random clips spread evenly
-between them (`priority` compares clips of one strategy only; random clips have priority 0).
+run has one), and its decision threshold is the `threshold` that answer was decided with, compared with
+the probability it was decided on (`p_calibrated` where a calibration rule decided it, else `p_yes`).
+The list comes back in the order to review: the strategy's clips by falling priority, the random clips
+spread evenly between them (`priority` compares clips of one strategy only; random clips have priority 0).
 """
 
 from __future__ import annotations
@@ -243,6 +244,12 @@ def _current(scope: _Scope) -> sa.Select:
     )
 
 
+def _decided_p(answer: sa.FromClause) -> sa.Label:
+    """The probability a cry answer was decided on, as `p_yes`: `p_calibrated` where a calibration rule
+    decided it (its `threshold` is on that scale), else the raw `p_yes`."""
+    return sa.func.coalesce(answer.c.p_calibrated, answer.c.p_yes).label("p_yes")
+
+
 def _cry_current(scope: _Scope) -> sa.Select:
     """Per candidate cry clip: its current answer's run, label, p_yes and threshold, its gold, and whether
     its p_yes is in-sample (the run is a fine-tuned version's and the clip in the fine-tune training
@@ -259,7 +266,7 @@ def _cry_current(scope: _Scope) -> sa.Select:
             cur.c.audio_id,
             cur.c.run_id,
             a.c.label,
-            a.c.p_yes,
+            _decided_p(a),
             sa.func.coalesce(a.c.threshold, DEFAULT_THRESHOLD).label("threshold"),
             cry_gold.c.gold_label,
             cry_gold.c.source.label("gold_source"),
@@ -373,7 +380,12 @@ def _methods_disagree(conn: sa.Connection, scope: _Scope) -> dict[int, tuple[flo
     s, g = cry_answer.alias("s"), cry_answer.alias("g")
     rows = conn.execute(
         sa.select(
-            cur.c.audio_id, s.c.label, s.c.p_yes, s.c.threshold, g.c.label.label("generated"), g.c.raw_answer
+            cur.c.audio_id,
+            s.c.label,
+            _decided_p(s),
+            s.c.threshold,
+            g.c.label.label("generated"),
+            g.c.raw_answer,
         )
         .join(s, (s.c.run_id == cur.c.run_id) & (s.c.audio_id == cur.c.audio_id) & (s.c.method == "score"))
         .join(g, (g.c.run_id == cur.c.run_id) & (g.c.audio_id == cur.c.audio_id) & (g.c.method == "generate"))

@@ -167,6 +167,9 @@ cry_answer = sa.Table(
     sa.Column("windows", JSONB, nullable=False, server_default=sa.text("'[]'::jsonb")),
     _ts("created_at"),
     sa.Column("truncated", sa.Boolean, nullable=False, server_default=sa.false()),  # 0007: hit the cap
+    # 0016: the decision rule a score answer was decided with (NULL: plain p_yes >= threshold)
+    sa.Column("calibration_id", sa.BigInteger, sa.ForeignKey("decision_calibration.id", ondelete="SET NULL")),
+    sa.Column("p_calibrated", sa.Float),
     sa.UniqueConstraint("run_id", "audio_id", "method"),
 )
 
@@ -272,6 +275,31 @@ dataset = sa.Table(
     sa.Column("tasks", ARRAY(sa.Text), nullable=False),
     _ts("created_at"),
     _ts("updated_at"),
+)
+
+# 0016_calibration: a decision threshold (and optional probability calibration) per fine-tuned version,
+# or per base model (+ revision) and dataset; the newest row of a key is the one labelling uses.
+decision_calibration = sa.Table(
+    "decision_calibration",
+    metadata,
+    _id(),
+    sa.Column("task", sa.Text, nullable=False, server_default="cry"),
+    sa.Column("model_version_id", sa.BigInteger, sa.ForeignKey("model_version.id", ondelete="CASCADE")),
+    sa.Column("model", sa.Text, nullable=False),
+    sa.Column("revision", sa.Text, nullable=False, server_default=""),
+    sa.Column("dataset_id", sa.BigInteger, sa.ForeignKey("dataset.id", ondelete="CASCADE")),
+    sa.Column("prompt_template", sa.Text, nullable=False),
+    sa.Column("method", sa.Text, nullable=False),
+    sa.Column("params", JSONB, nullable=False, server_default=sa.text("'{}'::jsonb")),
+    sa.Column("threshold", sa.Float, nullable=False),
+    sa.Column("objective", sa.Text, nullable=False),
+    sa.Column("target_precision", sa.Float),
+    sa.Column("n_labels", sa.Integer, nullable=False),
+    sa.Column("n_yes", sa.Integer, nullable=False),
+    sa.Column("source_run_id", sa.BigInteger, sa.ForeignKey("label_run.id", ondelete="SET NULL")),
+    sa.Column("heldout", JSONB, nullable=False, server_default=sa.text("'{}'::jsonb")),
+    sa.Column("note", sa.Text),
+    _ts("chosen_at"),
 )
 
 dataset_audio = sa.Table(

@@ -25,8 +25,8 @@ def test_report_has_plots_tables_and_paths(engine: Engine, tmp_path: Path) -> No
     path = write_report(engine, None, tmp_path / "r.html")  # default: latest run of each task
     page = path.read_text(encoding="utf-8")
     images = IMG.findall(page)
-    # cry: p_yes histogram, ROC, throughput; asr: WER distribution, throughput
-    assert len(images) == 5
+    # cry: p_yes histogram, ROC, reliability diagram, throughput; asr: WER distribution, throughput
+    assert len(images) == 6
     assert all(len(b) > 1000 for b in images)
     assert 'src="http' not in page and "<script" not in page  # nothing loaded from elsewhere
     assert f"Run {cry_run}: cry" in page and f"Run {asr_run}: asr" in page
@@ -43,7 +43,7 @@ def test_report_for_one_run_into_a_folder_and_escaping(engine: Engine, tmp_path:
     path = write_report(engine, [cry_run], tmp_path / "reports" / "nightly")
     assert path == tmp_path / "reports" / "nightly" / "report.html"
     page = path.read_text(encoding="utf-8")
-    assert len(IMG.findall(page)) == 3
+    assert len(IMG.findall(page)) == 4  # histogram, ROC, reliability, throughput
     assert "I can&#x27;t tell." in page  # model text is escaped, never raw HTML
 
 
@@ -55,7 +55,7 @@ def test_single_class_gold_has_no_roc_plot(engine: Engine, tmp_path: Path) -> No
     run = add_run(engine, "cry", [Job(0, 1, ids, process_seconds=1)])
     add_cry_answers(engine, run, score={ids[0]: 0.2, ids[1]: 0.7})
     page = write_report(engine, [run], tmp_path / "one.html").read_text(encoding="utf-8")
-    assert len(IMG.findall(page)) == 2  # histogram and throughput, no ROC
+    assert len(IMG.findall(page)) == 3  # histogram, reliability and throughput, no ROC
 
 
 def test_unknown_run_and_empty_database(engine: Engine, tmp_path: Path) -> None:
@@ -85,4 +85,4 @@ def test_report_cli(engine: Engine, database_url: str, tmp_path: Path) -> None:
         check=False,
     )
     assert out.returncode == 0, out.stderr
-    assert len(IMG.findall((tmp_path / "cli.html").read_text(encoding="utf-8"))) == 3
+    assert len(IMG.findall((tmp_path / "cli.html").read_text(encoding="utf-8"))) == 4

@@ -228,6 +228,69 @@ def test_it_learns_the_synthetic_cry_set_and_the_gate_passes(
     for run_id in (summary.base_run_id, summary.candidate_run_id):
         assert jobs.get_run(engine, run_id).params["request"] == expected
         assert load_run_metrics(engine, run_id)["generate.truncated"]["details"]["n"] == 24
+    _promoted_version_labels_with_its_calibration(engine, tiny_model_dir, summary)
+
+
+def _promoted_version_labels_with_its_calibration(
+    engine: Engine, model: Path, summary: finetune.FinetuneSummary
+) -> None:
+    """The version's decision rules were fitted on held-out clips (its own question: the candidate
+    evaluation run; the manifest's question those clips ask: a run of its own) and stored for it; `label`
+    with the base model (the promoted version applies) asks each clip its manifest question, decides with
+    that question's rule and records it on every label."""
+    from qwen_tasks.labelling.options import LabelOptions
+    from qwen_tasks.labelling.planning import plan
+    from qwen_tasks.labelling.worker import backend_for_run, work
+
+    own = summary.calibration
+    assert own["method"] == "platt" and own["n_labels"] == 24 and own["run_id"] == summary.candidate_run_id
+    asked = own["questions"]["Is there a baby crying in this audio?"]  # write_cry_training_set's question
+    assert asked["n_labels"] == 24 and asked["run_id"] not in (summary.base_run_id, summary.candidate_run_id)
+    rules = schema.decision_calibration.c
+    with engine.connect() as conn:
+        stored = {
+            r.id: r
+            for r in conn.execute(
+                sa.select(schema.decision_calibration, schema.label_run.c.prompt_template.label("run_prompt"))
+                .join(schema.label_run, schema.label_run.c.id == rules.source_run_id)
+                .join(schema.model_version, schema.model_version.c.id == rules.model_version_id)
+                .where(schema.model_version.c.name == "v1")
+            )
+        }
+    assert set(stored) == {own["id"], asked["id"]}
+    assert all(r.prompt_template == r.run_prompt for r in stored.values())  # a rule per prompt
+    assert stored[own["id"]].prompt_template != stored[asked["id"]].prompt_template
+    opts = LabelOptions.from_mapping(
+        {"tasks": ["cry"], "model": str(model), "method": "score", "device": "cpu", "limit": 6}
+    )
+    planned = plan(engine, opts)
+    assert planned.per_task["cry"]["model_version"] == "v1"
+    # one run (every clip asks the manifest's question), decided with that question's rule
+    assert planned.per_task["cry"]["calibration_ids"] == {planned.new_run_ids[0]: asked["id"]}
+    work(engine, planned.run_ids, backend_for_run("cpu"))
+    rule = registry_rule(engine, asked["id"])
+    c = schema.cry_answer.c
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(c.p_yes, c.label, c.threshold, c.calibration_id, c.p_calibrated).where(
+                c.run_id.in_(planned.run_ids)
+            )
+        ).all()
+    assert len(rows) == 6
+    for r in rows:
+        assert (r.calibration_id, r.threshold, r.p_calibrated) == (
+            rule.id,
+            rule.threshold,
+            rule.apply(r.p_yes),
+        )
+        assert r.label == ("yes" if r.p_calibrated >= rule.threshold else "no")
+
+
+def registry_rule(engine: Engine, calibration_id: int):
+    from qwen_tasks.labelling import decision
+
+    with engine.connect() as conn:
+        return decision.load(conn, calibration_id)
 
 
 def label_request(task: str, **options: object) -> dict:

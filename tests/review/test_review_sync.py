@@ -239,6 +239,7 @@ def test_live_review_round_trip(
     assert push_step({"tasks": ["cry", "asr"], "strategy": "random"}, database_url=url, config=config) == {
         "pushed": 0, "adopted": 0, "skipped": 0, "projects": 2}  # fmt: skip
     pulled = pull_step({}, database_url=url, config=config)
+    assert pulled.pop("reviewed") == {}  # human labels written per task: none, so no reviews/<task> event
     assert set(pulled.values()) == {0} and len(pulled) == 6  # new, updated, deleted, labels ±, errors
 
 

@@ -519,7 +519,8 @@ def test_label_forwards_sigterm_to_the_worker_and_passes_its_exit_status_back(
     label.send_signal(signal.SIGTERM)
     stdout, stderr = label.communicate(timeout=120)
     assert label.returncode == 143, stderr[-2000:]
-    assert stdout == "" and "stopped by SIGTERM (the job in hand was given back)" in stderr
+    assert "stopped by SIGTERM (the job in hand was given back)" in stderr
+    assert json.loads(stdout)["error"].endswith("the Qwen-Audio worker exited with 143")  # --json: as JSON
     with engine.connect() as conn:
         jobs = conn.execute(sa.select(schema.label_job.c.status, schema.label_job.c.attempts)).all()
     done = [j for j in jobs if j.status == "done"]
@@ -605,9 +606,15 @@ def test_the_dag_labels_qwen_audio_runs_in_the_qwen_audio_environment(
             sa.select(schema.cry_answer.c.method, sa.func.count()).group_by(schema.cry_answer.c.method)
         ).all()
         metric_runs = set(conn.execute(sa.select(schema.run_metric.c.run_id).distinct()).scalars())
+    # each clip is asked its manifest line's question (the sample set's differs from the default one)
+    asked = json.loads(samples.aqa_manifest.read_text(encoding="utf-8").splitlines()[0])["question"]
+    cry_version = prompts.qwen_audio_spec(
+        LabelRequest("cry", methods=("score", "generate"), question=asked), "base"
+    ).version
+    assert cry_version.startswith("qa-eval-aqa-both-v1+")
     assert {t: (r.status, r.model, r.device, r.prompt_version) for t, r in runs.items()} == {
         "asr": ("done", str(checkpoint.resolve()), "cpu", "qa-eval-asr-v1"),
-        "cry": ("done", str(checkpoint.resolve()), "cpu", "qa-eval-aqa-both-v1"),
+        "cry": ("done", str(checkpoint.resolve()), "cpu", cry_version),
     }
     assert count(engine, schema.transcription) == n_audio and dict(cry) == {
         "score": n_audio,

@@ -30,10 +30,10 @@ What the backend does beyond calling the remote code, and why:
   left padding is masked and the rotary embeddings depend only on relative positions. The audio encoder
   is not: it cuts the batch's mel features to the longest clip, so the convolution at a shorter clip's
   last frame reads a real mel frame of the clip's 30 s padding where, alone, it reads the convolution's
-  zero padding. Zeroing each clip's mel frames past the ones its encoder uses (`_zero_past_length`,
-  and `_audio_info` for the torch features) gives a clip the same encoder input in a batch as alone;
-  batch 1 is unchanged. Measured on the tiny
-  checkpoint, batch 8 vs 1: p_yes differences ~1e-6 without it, <= 6e-8 with it.
+  zero padding. Zeroing each clip's mel frames past the ones its encoder uses (`_zero_past_length`;
+  `audio_info` does the same for the torch features) gives a clip the same encoder input in a batch as
+  alone; batch 1 is unchanged. Measured on the tiny checkpoint, batch 8 vs 1: p_yes differences ~1e-6
+  without it, <= 6e-8 with it.
 - The LM head runs on the last position only, in `score` (one forward pass) and in `generate`'s prefill
   (`_lm_head_on_last_position`): the remote forward computes it at every prompt position otherwise,
   gigabytes of logits for a batch of 30 s windows with a 155k vocabulary, of which only the last is read.
@@ -392,12 +392,15 @@ class QwenAudioBackend:
         if self.log_mel is None:
             raise ModelError(f"{self.model_id}: its audio front end has no log-mel constants to reproduce")
         lengths = [audio_lengths(len(w), self.audio) for w in waves]
-        encoder_frames = torch.tensor([2 * t for t, _ in lengths], device=self.device)
+        encoder_frames = [2 * t for t, _ in lengths]
         # the frames touching each window's audio, so each row's maximum (the log floor) is the 30 s one
         frames = self.log_mel.trimmed_frames([self.log_mel.clip_frames(len(w)) for w in waves])
         features, _ = self.log_mel([pcm16(w) for w in waves], self.device, frames)
-        width = int(encoder_frames.max())
-        keep = torch.arange(width, device=self.device)[None, :] < encoder_frames[:, None]
+        width = max(encoder_frames)
+        keep = (
+            torch.arange(width, device=self.device)[None, :]
+            < torch.tensor(encoder_frames, device=self.device)[:, None]
+        )
         return {
             "input_audios": features[:, :, :width] * keep[:, None, :],
             "input_audio_lengths": torch.IntTensor(lengths),

@@ -39,7 +39,7 @@ $(QA_BIN)/.installed: requirements-qwen-audio.lock pyproject.toml
 	$(QA_BIN)/python -m pip install --quiet --no-deps -r requirements-qwen-audio.lock
 	$(QA_BIN)/python -m pip install --quiet --no-deps -e .
 	@$(QA_BIN)/python -c "import torch, transformers; assert '$(TORCH_INDEX)' or torch.version.cuda is None, 'a CUDA torch was installed without TORCH_INDEX'; print('$(QA_VENV): torch', torch.__version__, 'transformers', transformers.__version__)"
-	@command -v ffmpeg >/dev/null || echo "note: ffmpeg is not on PATH; Qwen-Audio's tokenizer needs it (apt-get install ffmpeg / brew install ffmpeg)"
+	@command -v ffmpeg >/dev/null || echo "note: ffmpeg is not on PATH; only the Qwen-Audio backend's features=remote path needs it (apt-get install ffmpeg / brew install ffmpeg)"
 	@touch $@
 
 install-qwen-audio: $(QA_BIN)/.installed

@@ -9,7 +9,9 @@ All sections use the same N synthetic clips (0.5-7 s) and the same loaded model,
 1. seed-style (batch 1, generate, stock 30 s encoder, like the original scripts) vs ours
    (duration-sorted batches from jobs.make_batches, trimmed encoder), ASR; plus batch 1 as shipped;
 2. cry detection: `score` (one forward pass) vs `generate` (N new tokens), batched;
-3. log-mel features of one batch: numpy (30 s), the processor (30 s), ours (torch, on the device);
+3. log-mel features of one batch: numpy (30 s), the processor (30 s), ours (torch, on the device); the
+   same for the original Qwen-Audio backend, before (its remote per-clip path: WAV, ffmpeg, 30 s) and
+   after (torch, batched), when its environment exists (bench/qwen_audio_features.py, run there);
    pipeline: worker.label (the code behind `qwen-tasks label`: audio decode + resampling, windowing,
    database) before (processor features, serial) and after (torch features, overlapped worker) vs a bare
    `processor` + `model.generate` loop over the same batches, with the share of wall time the model
@@ -284,6 +286,30 @@ def features_section(backend, clips: list[AudioClip], batch: int, repeat: int = 
     return out
 
 
+def qwen_audio_features(args, batch: int) -> dict | str:
+    """The original Qwen-Audio backend's features of one batch, before and after: bench/qwen_audio_features.py
+    run by the Qwen-Audio environment's interpreter on --qwen-audio-model (else the tiny checkpoint built
+    from QWEN_AUDIO_CODE_DIR); a line saying why not when it cannot run here."""
+    import subprocess
+
+    from qwen_tasks.labelling import environments
+
+    python = environments.interpreter()
+    if not python.exists():
+        return f"skipped: no Qwen-Audio environment at {python} (make install-qwen-audio)"
+    if not args.qwen_audio_model and not os.environ.get("QWEN_AUDIO_CODE_DIR"):
+        return "skipped: no --qwen-audio-model and QWEN_AUDIO_CODE_DIR is not set (docs/models.md)"
+    command = [str(python), str(ROOT / "bench" / "qwen_audio_features.py"), "--batch", str(batch),
+               "--device", args.device]  # fmt: skip
+    if args.qwen_audio_model:
+        command += ["--model", args.qwen_audio_model]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=1800, check=False)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return f"failed (exit {proc.returncode}): {last}"
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def _job_batches(engine, run_id: int) -> list[list[np.ndarray]]:
     """The run's jobs as batches of decoded audio (decoded here, outside any timing)."""
     import sqlalchemy as sa
@@ -353,6 +379,8 @@ def main() -> None:
     parser.add_argument("--no-trim", action="store_true", help="sections 1-3 with the stock 30 s encoder")
     parser.add_argument("--repeat", type=int, default=2, help="pipeline vs bare repetitions (min is kept)")
     parser.add_argument("--admin-url", help="PostgreSQL admin URL for the throwaway bench database")
+    parser.add_argument("--qwen-audio-model", help="Qwen-Audio checkpoint for its features row (default: "
+                        "built from QWEN_AUDIO_CODE_DIR; the row needs .venv-qwen-audio)")  # fmt: skip
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     args = parser.parse_args()
 
@@ -468,6 +496,17 @@ def main() -> None:
         f"{feats['speedup_vs_processor']:.1f}x vs processor; max |diff| {feats['max_abs_diff_vs_numpy']:.1e}"
     )
     report["features"] = feats
+    qa = qwen_audio_features(args, 16)
+    if isinstance(qa, str):
+        print(f"qwen-audio backend features: {qa}")
+    else:
+        print(
+            f"qwen-audio backend features, same batch: remote (WAV + ffmpeg, 30 s, per clip) "
+            f"{qa['remote_30s'] * 1e3:.1f} ms, torch on {qa['device']} trimmed "
+            f"{qa['torch_trimmed'] * 1e3:.1f} ms -> {qa['speedup']:.1f}x; "
+            f"max |diff| {qa['max_abs_diff_same_input']:.1e} on the same 16-bit samples"
+        )
+    report["qwen_audio_features"] = qa
 
     if args.skip_pipeline:
         print("\npipeline overhead: skipped (--skip-pipeline)")

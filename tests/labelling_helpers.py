@@ -1,7 +1,8 @@
 """Helpers shared by the labelling tests (jobs, worker, workers, label CLI): real files, real ingest.
 
 Not a test module: imported by tests/labelling/test_jobs.py, test_worker.py, test_workers.py,
-test_label_cli.py and others; `writes_blocked` and `blocked_pids` also by
+test_label_cli.py and others (the audio shapes of test_features.py and test_qwen_audio.py also by
+tests/qwen_audio_features.py in the Qwen-Audio environment); `writes_blocked` and `blocked_pids` also by
 tests/orchestration/test_airflow_stack.py (this file is on the pytest path, a test module is not unless
 its folder is collected).
 """
@@ -24,6 +25,23 @@ from qwen_tasks.ingest.register import ingest
 from qwen_tasks.store import schema
 
 CLI = [sys.executable, "-m", "qwen_tasks"]
+
+
+def real_shaped(seconds: float, rate: int, seed: int) -> np.ndarray:
+    """A synthetic clip made at `rate` (stereo for odd seeds, as files are) and brought to 16 kHz mono
+    the way the worker reads files (channel mean, soxr HQ)."""
+    import soxr
+
+    from qwen_tasks.dev.samples import synth_clip
+
+    wave = synth_clip(seconds, rate, seed, channels=1 + seed % 2, cry=seed % 3 == 0).mean(axis=1)
+    return soxr.resample(wave, rate, 16000, quality="HQ").astype(np.float32)
+
+
+def random_audio(seconds: float, seed: int) -> np.ndarray:
+    """Gaussian noise at 16 kHz (std 0.3), deterministic per seed."""
+    rng = np.random.default_rng(seed)
+    return (0.3 * rng.standard_normal(int(seconds * 16000))).astype(np.float32)
 
 
 def write_clips(folder: Path, durations: Sequence[float], *, rate: int = 16000, seed: int = 0) -> list[Path]:

@@ -14,10 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import soxr
 import torch
+from labelling_helpers import random_audio, real_shaped
 
-from qwen_tasks.dev.samples import synth_clip
 from qwen_tasks.labelling.backends import load_backend
 from qwen_tasks.labelling.backends.common import LogMel, plan_units
 from qwen_tasks.labelling.backends.qwen2_audio import Qwen2AudioBackend
@@ -39,18 +38,6 @@ def numpy_features(extractor, wave: np.ndarray) -> np.ndarray:
     padded = np.zeros(extractor.n_samples, dtype=np.float32)
     padded[: len(wave)] = wave[: extractor.n_samples]
     return extractor._np_extract_fbank_features(padded[None, :], "cpu")[0]
-
-
-def real_shaped(seconds: float, rate: int, seed: int) -> np.ndarray:
-    """A synthetic clip made at `rate` (stereo for odd seeds, as files are) and brought to 16 kHz mono
-    the way the worker reads files (channel mean, soxr HQ)."""
-    wave = synth_clip(seconds, rate, seed, channels=1 + seed % 2, cry=seed % 3 == 0).mean(axis=1)
-    return soxr.resample(wave, rate, SR, quality="HQ").astype(np.float32)
-
-
-def random_audio(seconds: float, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    return (0.3 * rng.standard_normal(int(seconds * SR))).astype(np.float32)
 
 
 @pytest.mark.parametrize("trim", [True, False], ids=["trimmed", "30s"])

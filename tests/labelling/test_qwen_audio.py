@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import sqlalchemy as sa
-from labelling_helpers import CLI, count, ingest_clips, run_cli
+from labelling_helpers import CLI, count, ingest_clips, random_audio, real_shaped, run_cli
 from sqlalchemy.engine import Engine
 
 from qwen_tasks.errors import ModelError, WrongEnvironment
@@ -218,6 +218,65 @@ def test_compose_image_builds_both_environments() -> None:
     assert ".venv-qwen-audio" in (ROOT / "docker" / "Dockerfile.dockerignore").read_text(encoding="utf-8")
 
 
+# --- torch features against the remote audio.py (main environment: it imports only torch and numpy) ----
+
+
+@pytest.fixture(scope="module")
+def remote_audio():
+    """The remote code's `audio.py` (Whisper's front end), imported from QWEN_AUDIO_CODE_DIR; its
+    `mel_filters` reads `mel_filters.npz` from that folder."""
+    import importlib.util
+
+    if not CODE_DIR:
+        pytest.skip("QWEN_AUDIO_CODE_DIR is not set: a copy of QwenLM/Qwen-Audio is needed (docs/models.md)")
+    spec = importlib.util.spec_from_file_location("qwen_audio_remote_audio", Path(CODE_DIR) / "audio.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_log_mel_matches_qwen_audios_own_audio_py(remote_audio) -> None:
+    """`LogMel.from_whisper_audio` over only the frames a batch's encoder reads = the remote
+    `log_mel_spectrogram` of each clip padded to 30 s (max |difference| <= 1e-4), for real-shaped audio
+    at every sample rate after resampling and random audio, 1-30 s, and silence; `audio_lengths` asks
+    for no frame the features lack."""
+    import torch
+
+    from qwen_tasks.labelling.backends.common import LogMel
+
+    log_mel = LogMel.from_whisper_audio(remote_audio)
+    assert log_mel is not None and log_mel.filters.shape == (80, 201)
+    rates = (8000, 11025, 16000, 22050, 32000, 44100, 48000)
+    waves = [real_shaped(1.0 + 29.0 * k / 6, rate, k) for k, rate in enumerate(rates)]
+    waves += [random_audio(s, 100 + k) for k, s in enumerate((1.0, 2.7, 9.3, 17.0, 29.99, 30.0))]
+    waves.append(np.zeros(16000, dtype=np.float32))
+    for batch in (waves, waves[:4], waves[7:9], [waves[1]]):
+        frames = log_mel.trimmed_frames([log_mel.clip_frames(len(w)) for w in batch])
+        features, _ = log_mel(batch, "cpu", frames)
+        encoder = max(2 * qwen_audio.audio_lengths(len(w), remote_audio)[0] for w in batch)
+        assert encoder <= features.shape[-1] == frames
+        for row, wave in enumerate(batch):
+            stock = remote_audio.log_mel_spectrogram(remote_audio.pad_or_trim(torch.from_numpy(wave)))
+            assert stock.shape == (80, 3000)
+            assert float((features[row] - stock[:, :frames]).abs().max()) <= 1e-4
+
+
+def test_pcm16_rounds_as_ffmpeg_reads_float_audio(remote_audio, tmp_path: Path) -> None:
+    """`pcm16` = the remote `load_audio` (ffmpeg to s16le / 32768) of the same samples in a float WAV,
+    sample for sample, clipping included."""
+    import shutil
+
+    import soundfile as sf
+
+    if shutil.which("ffmpeg") is None:
+        pytest.skip(f"ffmpeg not found on PATH: {qwen_audio.FFMPEG_HINT}")
+    wave = np.concatenate(
+        [random_audio(2.0, 7), np.float32([1.0, -1.0, 1.5, -1.5, 0.5 / 32768, 1.5 / 32768])]
+    )
+    sf.write(tmp_path / "float.wav", wave, 16000, subtype="FLOAT")
+    assert np.array_equal(qwen_audio.pcm16(wave), remote_audio.load_audio(str(tmp_path / "float.wav")))
+
+
 # --- the Qwen-Audio environment ------------------------------------------------------------------------
 
 
@@ -403,6 +462,35 @@ def test_tiny_qwen_audio_end_to_end(
 
 
 @pytest.mark.slow
+def test_torch_features_give_the_remote_paths_inputs_and_labels(qa_checkpoint: tuple[Path, Path]) -> None:
+    """In the Qwen-Audio environment, on the tiny checkpoint in fp32 (tests/qwen_audio_features.py):
+    the backend's torch features, batched over the encoder's frames, against the remote tokenizer's own
+    `process_audio` of each window read from a 16-bit WAV by ffmpeg (the same `<audio>` spans, encoder
+    lengths and token ids; log-mel within 1e-4), on real-shaped and random audio of 1-30 s and the frame
+    arithmetic's edge lengths; then the same clips labelled both ways: identical transcripts and answers,
+    |Delta p_yes| <= 1e-5."""
+    checkpoint, hf_home = qa_checkpoint
+    script = ROOT / "tests" / "qwen_audio_features.py"
+    proc = subprocess.run(
+        [str(qa_python()), str(script), str(checkpoint)], capture_output=True, text=True,
+        env={**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"}, timeout=900, check=False,
+    )  # fmt: skip
+    report = _last_json(proc)
+    assert report["default_features"] == "torch"
+    inputs = report["inputs"]
+    assert inputs["spans_equal"] and inputs["lengths_equal"] and inputs["ids_equal"]
+    assert inputs["max_abs_diff"] <= 1e-4
+    assert min(inputs["seconds"]) == 0.05 and max(inputs["seconds"]) == 30.0 and inputs["windows"] == 22
+    for name, labels in report["labels"].items():
+        assert labels["errors"] == [] and labels["identical_text"] == labels["clips"] == 14, name
+        if name != "cry-score":
+            assert labels["texts"] == 14, name  # every clip has a text, so "identical" compares text
+        if name.startswith("cry"):
+            assert labels["max_dp_yes"] <= 1e-5 and labels["distinct_p_yes"] > 10, name
+    print(f"\nqwen-audio features, remote vs torch: {json.dumps(report)}")
+
+
+@pytest.mark.slow
 @main_env_only
 def test_label_forwards_sigterm_to_the_worker_and_passes_its_exit_status_back(
     engine: Engine, database_url: str, qa_checkpoint: tuple[Path, Path], tmp_path: Path
@@ -431,7 +519,8 @@ def test_label_forwards_sigterm_to_the_worker_and_passes_its_exit_status_back(
     label.send_signal(signal.SIGTERM)
     stdout, stderr = label.communicate(timeout=120)
     assert label.returncode == 143, stderr[-2000:]
-    assert stdout == "" and "stopped by SIGTERM (the job in hand was given back)" in stderr
+    assert "stopped by SIGTERM (the job in hand was given back)" in stderr
+    assert json.loads(stdout)["error"].endswith("the Qwen-Audio worker exited with 143")  # --json: as JSON
     with engine.connect() as conn:
         jobs = conn.execute(sa.select(schema.label_job.c.status, schema.label_job.c.attempts)).all()
     done = [j for j in jobs if j.status == "done"]
@@ -517,9 +606,15 @@ def test_the_dag_labels_qwen_audio_runs_in_the_qwen_audio_environment(
             sa.select(schema.cry_answer.c.method, sa.func.count()).group_by(schema.cry_answer.c.method)
         ).all()
         metric_runs = set(conn.execute(sa.select(schema.run_metric.c.run_id).distinct()).scalars())
+    # each clip is asked its manifest line's question (the sample set's differs from the default one)
+    asked = json.loads(samples.aqa_manifest.read_text(encoding="utf-8").splitlines()[0])["question"]
+    cry_version = prompts.qwen_audio_spec(
+        LabelRequest("cry", methods=("score", "generate"), question=asked), "base"
+    ).version
+    assert cry_version.startswith("qa-eval-aqa-both-v1+")
     assert {t: (r.status, r.model, r.device, r.prompt_version) for t, r in runs.items()} == {
         "asr": ("done", str(checkpoint.resolve()), "cpu", "qa-eval-asr-v1"),
-        "cry": ("done", str(checkpoint.resolve()), "cpu", "qa-eval-aqa-both-v1"),
+        "cry": ("done", str(checkpoint.resolve()), "cpu", cry_version),
     }
     assert count(engine, schema.transcription) == n_audio and dict(cry) == {
         "score": n_audio,

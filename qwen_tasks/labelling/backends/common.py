@@ -326,8 +326,9 @@ class LogMel:
     """Whisper's log-mel spectrogram, computed with torch for a whole batch on the model's device, over
     only the frames the audio encoder reads.
 
-    The same arithmetic as transformers' `WhisperFeatureExtractor._torch_extract_fbank_features` (and as
-    Whisper's own `log_mel_spectrogram`, which the original Qwen-Audio code carries): centred STFT with
+    The same arithmetic as transformers' `WhisperFeatureExtractor._torch_extract_fbank_features` (Qwen2-Audio)
+    and as Whisper's own `log_mel_spectrogram`, which the original Qwen-Audio's remote `audio.py` carries
+    (`from_whisper_audio`; tests/labelling/test_qwen_audio.py compares the two): centred STFT with
     a Hann window, power spectrum, mel filters, log10 clamped at 1e-10 and at the clip's maximum minus 8,
     then (x + 4) / 4. What differs is the padding. The processor pads every clip to 30 s (3000 frames)
     on the CPU; here each clip is zero-padded only to `frames` frames plus half a window, which gives
@@ -356,6 +357,22 @@ class LogMel:
             n_fft=int(extractor.n_fft),
             hop_length=int(extractor.hop_length),
             n_samples=int(extractor.n_samples),
+        )
+
+    @classmethod
+    def from_whisper_audio(cls, module: Any) -> LogMel | None:
+        """From Whisper's `audio.py` as a checkpoint's remote code carries it (the original Qwen-Audio): its
+        constants and its mel filterbank (`mel_filters.npz` next to it); None when the module lacks them,
+        so the caller keeps the remote code's own path."""
+        names = ("mel_filters", "N_MELS", "N_FFT", "HOP_LENGTH", "N_SAMPLES")
+        if not all(hasattr(module, name) for name in names):
+            return None
+        filters = module.mel_filters("cpu", int(module.N_MELS)).float().numpy()
+        return cls(
+            filters=np.ascontiguousarray(filters),
+            n_fft=int(module.N_FFT),
+            hop_length=int(module.HOP_LENGTH),
+            n_samples=int(module.N_SAMPLES),
         )
 
     @property

@@ -14,20 +14,26 @@ What the backend does beyond calling the remote code, and why:
 - Non-Python assets: the remote `audio.py` loads `mel_filters.npz` from its own folder in the
   transformers modules cache, where transformers copies only `.py` files. The file is copied there from
   the checkpoint (or the hub) when missing, before any audio is processed.
-- ffmpeg: the remote tokenizer decodes audio by running the `ffmpeg` CLI; its absence is reported on
-  load with how to install it, not as a failure on the first clip.
-- Prompts: those of eval_audio/evaluate_asr.py and evaluate_aqa.py (`prompts.qwen_audio_spec`); the
-  tokenizer reads each clip from the `<audio>path</audio>` tag, so every window of a decoded clip is
-  written to a temporary 16 kHz WAV (both backends see exactly the same audio and windows); left padding
-  with the end-of-document token, greedy decoding, output cut at the first stop token, `<|...|>` tags
-  stripped.
+- Features in torch, batched, on the model's device (features="torch", the default). The remote
+  tokenizer's own path (`process_audio`, kept as features="remote" for comparisons) reads each clip from
+  the file named in its `<audio>path</audio>` tag with the ffmpeg CLI, pads it to 30 s and computes
+  Whisper's log-mel one clip at a time on the CPU. Here the decoded windows go straight to
+  `common.LogMel` (built from the remote `audio.py`'s own constants and filterbank), for the whole
+  sub-batch at once and only over the frames the encoder reads; `audio_lengths` gives each window's
+  encoder length and `<audio>` span as `process_audio` does, so the token ids are the same, and the
+  samples are first rounded to 16-bit PCM (`pcm16`), as Qwen-Audio's front end always sees them. No
+  temporary WAV file and no ffmpeg per clip (ffmpeg is needed only for features="remote").
+- Prompts: those of eval_audio/evaluate_asr.py and evaluate_aqa.py (`prompts.qwen_audio_spec`); both
+  backends see the same windows; left padding with the end-of-document token, greedy decoding, output
+  cut at the first stop token, `<|...|>` tags stripped.
 - Batch invariance (Qwen-Audio #43: answers changed with the batch size). The text side is invariant:
   left padding is masked and the rotary embeddings depend only on relative positions. The audio encoder
   is not: it cuts the batch's mel features to the longest clip, so the convolution at a shorter clip's
   last frame reads a real mel frame of the clip's 30 s padding where, alone, it reads the convolution's
-  zero padding. Zeroing each clip's mel frames past the ones its encoder uses (`_zero_past_length`)
-  gives a clip the same encoder input in a batch as alone; batch 1 is unchanged. Measured on the tiny
-  checkpoint, batch 8 vs 1: p_yes differences ~1e-6 without it, <= 6e-8 with it.
+  zero padding. Zeroing each clip's mel frames past the ones its encoder uses (`_zero_past_length`;
+  `audio_info` does the same for the torch features) gives a clip the same encoder input in a batch as
+  alone; batch 1 is unchanged. Measured on the tiny checkpoint, batch 8 vs 1: p_yes differences ~1e-6
+  without it, <= 6e-8 with it.
 - The LM head runs on the last position only, in `score` (one forward pass) and in `generate`'s prefill
   (`_lm_head_on_last_position`): the remote forward computes it at every prompt position otherwise,
   gigabytes of logits for a batch of 30 s windows with a 155k vocabulary, of which only the last is read.
@@ -36,6 +42,7 @@ What the backend does beyond calling the remote code, and why:
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import shutil
 import sys
@@ -53,6 +60,8 @@ from qwen_tasks.labelling.backends.backoff import run_resilient
 from qwen_tasks.labelling.backends.common import (
     NO_VARIANTS,
     YES_VARIANTS,
+    LogMel,
+    Unit,
     UnitOut,
     assemble,
     choose_style,
@@ -81,6 +90,9 @@ BACKEND_NAME = "qwen-audio"
 
 # Files the remote code reads from its own folder that transformers does not copy there.
 ASSETS = ("mel_filters.npz",)
+# torch: `LogMel` on the model's device, batched, over the frames the encoder reads (default);
+# remote: the remote tokenizer's `process_audio` (ffmpeg per clip, 30 s, CPU), kept for comparisons.
+FEATURES = ("torch", "remote")
 FFMPEG_HINT = (
     "install it (Debian/Ubuntu: apt-get install ffmpeg; macOS: brew install ffmpeg; conda: "
     "conda install -c conda-forge ffmpeg) or put it on PATH"
@@ -209,6 +221,25 @@ def install_assets(code_dir: Path, model_id: str, revision: str = "") -> list[Pa
     return copied
 
 
+def pcm16(wave: np.ndarray) -> np.ndarray:
+    """`wave` on the 16-bit grid Qwen-Audio's front end always reads: its `load_audio` has ffmpeg decode
+    every file to s16le and divides by 32768. Rounded as ffmpeg converts float samples to s16
+    (lrintf(x * 32768), clipped); float32, so x * 32768 is exact."""
+    scaled = np.rint(np.asarray(wave, dtype=np.float32) * np.float32(32768.0))
+    return (np.clip(scaled, -32768.0, 32767.0) / np.float32(32768.0)).astype(np.float32)
+
+
+def audio_lengths(n_samples: int, audio: Any) -> tuple[int, int]:
+    """(encoder length T, audio tokens) of a window of `n_samples`, as the remote tokenizer's
+    `process_audio` computes them: at most 30 s, floor(L / hop) mel frames, T = the remote
+    `get_T_after_cnn` of those, (T - 2) // 2 + 1 tokens after the encoder's pooling. Its `<audio>` span in
+    the prompt is tokens + 2 (bos, eos); the encoder reads 2 * T mel frames. `audio` is the remote
+    `audio.py` module."""
+    mel_frames = min(n_samples, int(audio.N_SAMPLES)) // int(audio.HOP_LENGTH)
+    encoder_length = int(audio.get_T_after_cnn(mel_frames))
+    return encoder_length, (encoder_length - 2) // 2 + 1
+
+
 def _zero_past_length(audio_info: list[dict[str, Any]]) -> None:
     """Zero each clip's mel frames past the 2*T its encoder reads (T = frames after the convolutions).
 
@@ -234,12 +265,16 @@ class QwenAudioBackend:
         dtype: str | None = None,
         prompt_style: str = "auto",
         max_batch: int | None = None,
+        features: str = "torch",
     ) -> None:
+        if features not in FEATURES:
+            raise ModelError(f"features must be one of {', '.join(FEATURES)}, got {features!r}")
         # The checkpoint's own Python runs below: only for a model inside QWEN_TASKS_ALLOWED_MODELS when
         # that is set (ConfigError before anything is imported), for any model when it is not.
         remote_code = trust_remote_code(model)
         check_environment(model)
-        check_ffmpeg()
+        if features == "remote":
+            check_ffmpeg()
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -263,6 +298,10 @@ class QwenAudioBackend:
                 self.tokenizer = AutoTokenizer.from_pretrained(self.model_id, **kwargs)
                 install_assets(Path(sys.modules[type(self.tokenizer).__module__].__file__).parent,
                                self.model_id, revision)  # fmt: skip
+                # the remote audio front end (Whisper's audio.py), which tokenization_qwen imports
+                package = type(self.tokenizer).__module__.rpartition(".")[0]
+                self.audio = importlib.import_module(f"{package}.audio")
+                self.log_mel = LogMel.from_whisper_audio(self.audio)
                 self.model = AutoModelForCausalLM.from_pretrained(
                     self.model_id, torch_dtype=getattr(torch, self.dtype), **precision, **kwargs
                 )
@@ -274,6 +313,10 @@ class QwenAudioBackend:
                 f"{type(exc).__name__}: {exc}"
             ) from exc
         self.model.to(self.device).eval()
+        # without the constants LogMel needs (another front end), the remote code's own path is used
+        self.features = features if self.log_mel is not None else "remote"
+        if self.features == "remote" and features != "remote":
+            check_ffmpeg()
         loaded = str(next(self.model.parameters()).dtype).removeprefix("torch.")
         if loaded != self.dtype:
             raise ModelError(f"{self.model_id}: asked for {self.dtype}, the remote code loaded {loaded}")
@@ -307,40 +350,82 @@ class QwenAudioBackend:
     # --- labelling ----------------------------------------------------------------------------------
 
     def label(self, clips: Sequence[AudioClip], request: LabelRequest) -> list[ClipResult]:
-        """Same contract as Qwen2AudioBackend.label; windows go through temporary WAV files."""
-        import soundfile as sf
-
+        """Same contract as Qwen2AudioBackend.label."""
         if request.task == "cry" and (not self.yes_ids or not self.no_ids):
             raise ModelError(f"{self.model_id}: tokenizer has no single-token yes/no variants to score")
         spec = prompts.qwen_audio_spec(request, self.style)
         errors, units = plan_units(clips)
+        with self._audio_paths(units) as paths:
+            outs = run_resilient(
+                units,
+                lambda chunk: self._infer(chunk, [paths[id(u)] for u in chunk], spec, request),
+                lambda unit, exc: UnitOut(error=f"{clips[unit.clip_pos].path}: {type(exc).__name__}: {exc}"),
+                max_batch=self.max_batch,
+            )
+        return assemble(clips, errors, units, outs, request)
+
+    @contextlib.contextmanager
+    def _audio_paths(self, units: Sequence[Unit]) -> Iterator[dict[int, str]]:
+        """The path in each window's `<audio>path</audio>` tag (by id of its unit). The remote path
+        (features="remote") reads the window from it, so it is written to a temporary 16 kHz 16-bit WAV;
+        with torch features the tokenizer only replaces the tag by the window's span, so a name will do."""
+        import soundfile as sf
+
+        if self.features != "remote":
+            yield {id(unit): f"{k}.wav" for k, unit in enumerate(units)}
+            return
         with tempfile.TemporaryDirectory(prefix="qwen_audio_") as tmp:
             paths: dict[int, str] = {}
             for k, unit in enumerate(units):
                 path = Path(tmp) / f"{k}.wav"
                 sf.write(path, np.clip(unit.waveform, -1.0, 1.0), TARGET_SAMPLE_RATE, subtype="PCM_16")
                 paths[id(unit)] = str(path)
-            outs = run_resilient(
-                units,
-                lambda chunk: self._infer(
-                    [paths[id(u)] for u in chunk], spec, request, [unit_budget(u, request) for u in chunk]
-                ),
-                lambda unit, exc: UnitOut(error=f"{clips[unit.clip_pos].path}: {type(exc).__name__}: {exc}"),
-                max_batch=self.max_batch,
-            )
-        return assemble(clips, errors, units, outs, request)
+            yield paths
+
+    def audio_info(self, waves: Sequence[np.ndarray], paths: Sequence[str]) -> dict[str, Any]:
+        """The model's `audio_info` for a sub-batch of windows, from torch features: what the remote
+        `process_audio` gives for each window, stacked (features on the model's device), but over only
+        the frames the encoder reads (the longest window's 2 * T, not 3000) and computed for the whole
+        sub-batch at once. Each row is zeroed past its own 2 * T frames (see `_zero_past_length`)."""
+        import torch
+
+        if self.log_mel is None:
+            raise ModelError(f"{self.model_id}: its audio front end has no log-mel constants to reproduce")
+        lengths = [audio_lengths(len(w), self.audio) for w in waves]
+        encoder_frames = [2 * t for t, _ in lengths]
+        # the frames touching each window's audio, so each row's maximum (the log floor) is the 30 s one
+        frames = self.log_mel.trimmed_frames([self.log_mel.clip_frames(len(w)) for w in waves])
+        features, _ = self.log_mel([pcm16(w) for w in waves], self.device, frames)
+        width = max(encoder_frames)
+        keep = (
+            torch.arange(width, device=self.device)[None, :]
+            < torch.tensor(encoder_frames, device=self.device)[:, None]
+        )
+        return {
+            "input_audios": features[:, :, :width] * keep[:, None, :],
+            "input_audio_lengths": torch.IntTensor(lengths),
+            "audio_span_tokens": [n + 2 for _, n in lengths],
+            "audio_urls": list(paths),
+        }
 
     def _infer(
-        self, paths: list[str], spec: prompts.PromptSpec, request: LabelRequest, budgets: list[int]
+        self, units: Sequence[Unit], paths: list[str], spec: prompts.PromptSpec, request: LabelRequest
     ) -> list[UnitOut]:
         """score: one forward pass; otherwise greedy decoding to the chunk's largest budget, each row then
         cut at its own (`cut_at_budget`: batch-invariant)."""
         import torch
 
+        budgets = [unit_budget(u, request) for u in units]
         texts = [prompts.qwen_audio_prompt(spec, p) for p in paths]
-        audio_info = [self.tokenizer.process_audio(t) for t in texts]  # runs ffmpeg on each file
-        _zero_past_length(audio_info)
-        tokens = self.tokenizer(texts, return_tensors="pt", padding="longest", audio_info=audio_info)
+        if self.features == "remote":
+            per_window = [self.tokenizer.process_audio(t) for t in texts]  # runs ffmpeg on each file
+            _zero_past_length(per_window)
+            audio_info: Any = per_window
+        else:
+            audio_info = self.audio_info([u.waveform for u in units], paths)
+            # the tokenizer takes one audio_info per text, and reads only the span of its <audio> tag
+            per_window = [{"audio_span_tokens": [span]} for span in audio_info["audio_span_tokens"]]
+        tokens = self.tokenizer(texts, return_tensors="pt", padding="longest", audio_info=per_window)
         input_ids = tokens.input_ids.to(self.device)
         attention_mask = tokens.attention_mask.to(self.device)
         with torch.inference_mode(), self._lm_head_on_last_position():

@@ -349,6 +349,8 @@ current_label = sa.Table(
     ),
     sa.Column("source", sa.Text, sa.Computed("CASE WHEN human_id IS NOT NULL THEN 'human' ELSE 'model' END")),
     _ts("updated_at"),
+    # 0011: the clip's first ok path (audio_path's rule), kept by triggers on current_label and audio_file
+    sa.Column("path", sa.Text),
 )
 
 # --- Views ---------------------------------------------------------------------------------------------
@@ -423,8 +425,8 @@ asr_reference = _view(
     sa.Column("reviewer", sa.Text),
 )
 
-# 0003, replaced in 0004 (same columns; evaluation runs left out) and 0010 (same columns, read from
-# current_label): the label to use now per audio and task.
+# 0003, replaced in 0004 (same columns; evaluation runs left out), 0010 (same columns, read from
+# current_label) and 0011 (the path is current_label's): the label to use now per audio and task.
 latest_label = _view(
     "latest_label",
     sa.Column("audio_id", sa.BigInteger),

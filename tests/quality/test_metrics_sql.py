@@ -5,6 +5,7 @@ sources; and the export's JSON lines built by PostgreSQL against json.dumps of t
 
 from __future__ import annotations
 
+import io
 import json
 import random
 
@@ -96,6 +97,9 @@ def test_export_lines_are_the_rows_as_json(engine: Engine) -> None:
         lines = list(export.export_lines(engine, task, run))
         rows = list(export.export_rows(engine, task, run))
         assert [json.loads(line) for line in lines] == rows
+        copied = io.StringIO()  # what `qwen-tasks export` writes: COPY ... TO STDOUT, byte for byte
+        assert export.export_copy(engine, task, run)(copied) == len(lines)
+        assert copied.getvalue() == "".join(line + "\n" for line in lines)
         # the same text but for whole floats (PostgreSQL writes p_yes 1.0 as 1)
         assert [line.replace('"p_yes": 1,', '"p_yes": 1.0,') for line in lines] == [
             json.dumps(r, ensure_ascii=False) for r in rows

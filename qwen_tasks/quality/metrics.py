@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.dialects.postgresql import ARRAY, REGCLASS
 from sqlalchemy.engine import Connection, Engine
 
 from qwen_tasks.errors import ConfigError
@@ -46,6 +46,7 @@ from qwen_tasks.store.schema import (
     label_job,
     label_run,
     manifest_item,
+    metric_inputs_version,
     run_dataset,
     run_metric,
     run_metric_group,
@@ -730,6 +731,7 @@ def compute_run_metrics(engine: Engine, run_id: int) -> dict[str, Any]:
         ).one_or_none()
         if run is None:
             raise ConfigError(f"run {run_id} does not exist")
+        inputs = _inputs(conn, run_id)  # read first: a change while computing makes the figures stale
         out = _Metrics()
         utterances: list[dict] = []
         rows: list[Any]
@@ -754,7 +756,13 @@ def compute_run_metrics(engine: Engine, run_id: int) -> dict[str, Any]:
         conn.execute(
             sa.insert(run_metric),
             [
-                {"run_id": run_id, "name": name, "value": value, "details": out.details[name]}
+                {
+                    "run_id": run_id,
+                    "name": name,
+                    "value": value,
+                    "details": out.details[name],
+                    "inputs": inputs,
+                }
                 for name, value in out.values.items()
             ],
         )
@@ -780,6 +788,56 @@ def _store_groups(conn: Connection, run_id: int, groups: dict[tuple[str, str], _
     ]
     if rows:
         conn.execute(sa.insert(run_metric_group), rows)
+
+
+# Bump when the figures compute_run_metrics stores change (a new figure, a new definition): figures
+# stored by an older version are then recomputed by `current_run_metrics`, not reused.
+FIGURES_VERSION = 1
+
+
+def _inputs(conn: Connection, run_id: int) -> str:
+    """What a run's figures are computed from, as one string: the figures' version, the run's row
+    (status, counts, purpose, end), its answers, failures and jobs, and the counter every change of gold
+    labels, manifest lines, files and datasets bumps (migration 0011). Equal strings: same figures."""
+    r = label_run.c
+    answers = sa.union_all(
+        sa.select(sa.func.count()).where(cry_answer.c.run_id == run_id),
+        sa.select(sa.func.count()).where(transcription.c.run_id == run_id),
+    ).subquery()
+    jobs = label_job.c
+    row = conn.execute(
+        sa.select(
+            r.status,
+            r.purpose,
+            r.n_labelled,
+            r.n_failed,
+            r.finished_at,
+            sa.select(sa.func.sum(answers.c.count)).scalar_subquery(),
+            sa.select(sa.func.count()).where(label_failure.c.run_id == run_id).scalar_subquery(),
+            sa.select(sa.func.count())
+            .where(jobs.run_id == run_id, jobs.status == JobStatus.DONE.value)
+            .scalar_subquery(),
+            sa.select(sa.func.max(jobs.finished_at)).where(jobs.run_id == run_id).scalar_subquery(),
+            sa.func.pg_sequence_last_value(sa.cast(metric_inputs_version.name, REGCLASS)),
+        ).where(r.id == run_id)
+    ).one()
+    return "|".join(str(v) for v in (FIGURES_VERSION, *row))
+
+
+def current_run_metrics(engine: Engine, run_id: int) -> dict[str, dict[str, Any]]:
+    """The run's stored metrics (the shape of load_run_metrics) when they were computed from what the
+    database holds now (`run_metric.inputs`), else computed and stored first: a report of a finished run
+    reads its figures instead of recomputing them over every answer."""
+    with engine.connect() as conn:
+        stored = conn.execute(
+            sa.select(sa.func.array_agg(sa.distinct(run_metric.c.inputs))).where(
+                run_metric.c.run_id == run_id
+            )
+        ).scalar()
+        current = stored == [_inputs(conn, run_id)]
+    if not current:
+        compute_run_metrics(engine, run_id)
+    return load_run_metrics(engine, run_id)
 
 
 def load_run_metrics(engine: Engine, run_id: int) -> dict[str, dict[str, Any]]:

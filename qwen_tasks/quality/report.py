@@ -1,8 +1,9 @@
 """One self-contained HTML report per set of runs: metrics, plots and the worst items to listen to.
 
 Self-contained (plots are inline base64 PNGs, styles inline) so the file can be mailed, attached to an
-Airflow run or opened from a shared drive with nothing else. Metrics are recomputed (and stored) when
-the report is written, so it never shows numbers older than the labels it describes.
+Airflow run or opened from a shared drive with nothing else. A run's metrics are the stored ones when
+they were computed from what the database holds now (`quality.metrics.current_run_metrics`), else they
+are recomputed (and stored) first, so a report never shows numbers older than the labels it describes.
 """
 
 from __future__ import annotations
@@ -21,9 +22,8 @@ from qwen_tasks.errors import ConfigError
 from qwen_tasks.labelling.jobs import latest_run_ids
 from qwen_tasks.quality.metrics import (
     GROUP_FIGURES,
-    compute_run_metrics,
+    current_run_metrics,
     load_group_metrics,
-    load_run_metrics,
     require_datasets,
 )
 from qwen_tasks.records import JobStatus
@@ -384,8 +384,7 @@ def _run_section(engine: Engine, run_id: int, dataset_name: str | None = None) -
     """One run: its metrics, plots, worst items and per-dataset / per-source tables. With `dataset_name`
     (a dataset the run covered), the metrics, plots (but throughput) and worst items are that dataset's
     clips' and its row of the per-dataset table is highlighted."""
-    compute_run_metrics(engine, run_id)  # fresh numbers, stored for SQL users too
-    metrics = load_run_metrics(engine, run_id)
+    metrics = current_run_metrics(engine, run_id)  # stored figures, recomputed when their inputs changed
     groups = load_group_metrics(engine, run_id)
     members = None
     scope = ""
@@ -449,13 +448,9 @@ def _version_section(engine: Engine, name: str) -> tuple[str, list[int]]:
     if len(runs) < 2:
         return header + '<p class="muted">not evaluated yet (its fine-tune was interrupted)</p>', runs
     metrics = {
-        role: load_run_metrics(engine, run_id)
+        role: current_run_metrics(engine, run_id)
         for role, run_id in zip(("base", "candidate"), runs, strict=True)
     }
-    for role, run_id in zip(("base", "candidate"), runs, strict=True):
-        if not metrics[role]:
-            compute_run_metrics(engine, run_id)
-            metrics[role] = load_run_metrics(engine, run_id)
     names = sorted(set(metrics["base"]) | set(metrics["candidate"]))
     skip = (".confusion", "substitutions", ".best_threshold", "throughput.")
     rows = [

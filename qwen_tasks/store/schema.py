@@ -202,7 +202,12 @@ run_metric = sa.Table(
     sa.Column("value", sa.Float),
     sa.Column("details", JSONB, nullable=False, server_default=sa.text("'{}'::jsonb")),
     _ts("computed_at"),
+    sa.Column("inputs", sa.Text),  # 0011: what the figure was computed from (quality.metrics)
 )
+
+# 0011: bumped by every statement that changes human_label, manifest_item, audio_file, dataset or
+# dataset_audio (the gold and groups of every run's figures); read, never advanced, from Python.
+metric_inputs_version = sa.Sequence("metric_inputs_version", metadata=metadata)
 
 # 0003_review_views: per-utterance ASR scores (written by quality.metrics, read by the review views).
 utterance_score = sa.Table(

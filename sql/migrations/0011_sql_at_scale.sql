@@ -91,3 +91,29 @@ SELECT
     c.path
 FROM current_label c
 LEFT JOIN label_run r ON r.id = c.run_id;
+
+-- Stored run figures say what they were computed from (`run_metric.inputs`, written by
+-- quality.metrics), so `report` reuses them while that is still true instead of recomputing. The gold
+-- and grouping side of a run's inputs (human labels, manifest lines, files, datasets) is one counter,
+-- bumped by any statement that changes those tables: cheap to read, never a lock between writers
+-- (a sequence is not transactional: a rolled-back change only costs one recomputation).
+ALTER TABLE run_metric ADD COLUMN inputs text;
+CREATE SEQUENCE metric_inputs_version;
+
+CREATE FUNCTION metric_inputs_changed() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM nextval('metric_inputs_version');
+    RETURN NULL;
+END $$;
+
+CREATE TRIGGER metric_inputs_human AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON human_label
+    FOR EACH STATEMENT EXECUTE FUNCTION metric_inputs_changed();
+CREATE TRIGGER metric_inputs_manifest AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON manifest_item
+    FOR EACH STATEMENT EXECUTE FUNCTION metric_inputs_changed();
+CREATE TRIGGER metric_inputs_files AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON audio_file
+    FOR EACH STATEMENT EXECUTE FUNCTION metric_inputs_changed();
+CREATE TRIGGER metric_inputs_dataset AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON dataset
+    FOR EACH STATEMENT EXECUTE FUNCTION metric_inputs_changed();
+CREATE TRIGGER metric_inputs_dataset_audio AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON dataset_audio
+    FOR EACH STATEMENT EXECUTE FUNCTION metric_inputs_changed();

@@ -104,3 +104,49 @@ def test_export_lines_are_the_rows_as_json(engine: Engine) -> None:
         assert [line.replace('"p_yes": 1,', '"p_yes": 1.0,') for line in lines] == [
             json.dumps(r, ensure_ascii=False) for r in rows
         ]
+
+
+def test_stored_figures_are_reused_while_their_inputs_hold(engine: Engine) -> None:
+    """`current_run_metrics` (what `report` reads) returns the stored figures while nothing they were
+    computed from changed, and recomputes them after a change of gold, of datasets or of the run."""
+    run_id = _seed_random_cry_run(engine, 5)
+
+    def stamps() -> set[object]:
+        with engine.connect() as conn:
+            return set(
+                conn.execute(
+                    sa.select(schema.run_metric.c.computed_at).where(schema.run_metric.c.run_id == run_id)
+                )
+                .scalars()
+                .all()
+            )
+
+    first = metrics.current_run_metrics(engine, run_id)  # never computed: computed now
+    computed = stamps()
+    assert first == metrics.load_run_metrics(engine, run_id) and len(computed) == 1
+    assert metrics.current_run_metrics(engine, run_id) == first and stamps() == computed  # reused
+    # a human label changes the gold of one scored clip: recomputed, and the figures say so
+    g, a = schema.cry_gold.c, schema.cry_answer.c
+    with engine.connect() as conn:
+        audio_id, gold = conn.execute(
+            sa.select(g.audio_id, g.gold_label)
+            .join(schema.cry_answer, a.audio_id == g.audio_id)
+            .where(a.run_id == run_id, a.method == "score")
+            .order_by(g.audio_id)
+        ).first()
+    with engine.begin() as conn:
+        conn.execute(
+            schema.human_label.insert().values(
+                audio_id=audio_id, task="cry", label="no" if gold == "yes" else "yes", reviewer="ann"
+            )
+        )
+    second = metrics.current_run_metrics(engine, run_id)
+    assert stamps() != computed
+    assert second["n_gold"] == first["n_gold"] and second != first
+    assert metrics.current_run_metrics(engine, run_id) == second  # and reused again
+    again = stamps()
+    # the run's own row
+    with engine.begin() as conn:
+        conn.execute(schema.label_run.update().where(schema.label_run.c.id == run_id).values(n_failed=1))
+    metrics.current_run_metrics(engine, run_id)
+    assert stamps() != again

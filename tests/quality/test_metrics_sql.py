@@ -11,7 +11,16 @@ import random
 
 import pytest
 import sqlalchemy as sa
-from review_seed import Job, add_audio, add_cry_answers, add_gold, add_run, seed_asr_scenario
+from review_seed import (
+    Job,
+    add_audio,
+    add_cry_answers,
+    add_gold,
+    add_references,
+    add_run,
+    add_transcripts,
+    seed_asr_scenario,
+)
 from sqlalchemy.engine import Engine
 
 from qwen_tasks.quality import metrics
@@ -150,3 +159,51 @@ def test_stored_figures_are_reused_while_their_inputs_hold(engine: Engine) -> No
         conn.execute(schema.label_run.update().where(schema.label_run.c.id == run_id).values(n_failed=1))
     metrics.current_run_metrics(engine, run_id)
     assert stamps() != again
+
+
+def test_asr_figures_streamed_in_chunks_equal_the_list_reference(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ASR metrics score the run chunk by chunk (running sums per group, utterance_score written per
+    chunk): the same figures, groups and utterance rows as the list-based functions over all rows."""
+    rng = random.Random(11)
+    ids = add_audio(engine, 30, root="/data/speech")
+    refs = ["the cat sat on the mat", "今天天氣很好", "a dog", "", "we went home early"]
+    add_references(engine, {a: (rng.choice(refs), rng.choice(["en", "zh", None])) for a in ids[:24]})
+    with engine.begin() as conn:
+        m = schema.manifest_item.c
+        conn.execute(
+            schema.manifest_item.update().values(
+                source=sa.case((m.line_no % 3 == 0, None), else_="src" + sa.cast(m.line_no % 2, sa.Text))
+            )
+        )
+        for name, members in (("one", ids[:18]), ("two", ids[10:])):
+            dataset_id = conn.execute(
+                schema.dataset.insert().values(name=name, tasks=["asr"]).returning(schema.dataset.c.id)
+            ).scalar_one()
+            conn.execute(
+                schema.dataset_audio.insert(), [{"dataset_id": dataset_id, "audio_id": a} for a in members]
+            )
+    run_id = add_run(engine, "asr", [Job(0, 10, ids, 5.0)])
+    hyps = ["the cat sit on mat", "今天天气很好", "a dog barks", "", "we went home", "the the cat"]
+    add_transcripts(engine, run_id, {a: rng.choice(hyps) for a in ids})
+    with engine.connect() as conn:
+        rows = metrics._asr_rows(conn, run_id)
+        want = {metrics.WHOLE_RUN: metrics._Metrics()}
+        metrics._asr_metrics(rows, want[metrics.WHOLE_RUN])
+        want |= metrics._group_metrics(conn, run_id, "asr", rows)
+    monkeypatch.setattr(metrics, "ASR_CHUNK", 4)
+    with engine.begin() as conn:
+        got = metrics._asr_streamed(conn, run_id)
+        stored = conn.execute(
+            sa.select(schema.utterance_score)
+            .where(schema.utterance_score.c.run_id == run_id)
+            .order_by("audio_id")
+        ).all()
+    assert list(got) == list(want) and len(want) > 3
+    for key in want:
+        assert list(got[key].values) == list(want[key].values), key
+        assert got[key].values == want[key].values and got[key].details == want[key].details, key
+    expected = metrics._utterance_rows(run_id, rows)
+    assert len(stored) == len(expected) > 10
+    assert [{k: r._mapping[k] for k in e} for r, e in zip(stored, expected, strict=True)] == expected

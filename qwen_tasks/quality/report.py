@@ -241,25 +241,43 @@ def _confusion_tables(metrics: dict[str, dict[str, Any]]) -> str:
     return "".join(out)
 
 
+_ANSWERS = sa.Table(
+    "_report_answers",
+    sa.MetaData(),
+    sa.Column("audio_id", sa.BigInteger),
+    sa.Column("method", sa.Text),
+    sa.Column("label", sa.Text),
+    sa.Column("p_yes", sa.Float),
+    sa.Column("threshold", sa.Float),
+    sa.Column("raw_answer", sa.Text),
+    sa.Column("gold_label", sa.Text),
+    prefixes=["TEMPORARY"],
+)
+
+
+def _answers_with_gold(conn: sa.Connection, run_id: int, members: sa.Select | None) -> sa.Table:
+    """The section's answers with their gold label, joined once into a temporary table that the
+    histogram, ROC, threshold and worst-item queries then read, instead of each joining the run's answers
+    to cry_gold again."""
+    c = cry_answer.c
+    query = (
+        sa.select(c.audio_id, c.method, c.label, c.p_yes, c.threshold, c.raw_answer, cry_gold.c.gold_label)
+        .select_from(cry_answer.outerjoin(cry_gold, cry_gold.c.audio_id == c.audio_id))
+        .where(c.run_id == run_id)
+        .where(sa.true() if members is None else c.audio_id.in_(members))
+    )
+    _ANSWERS.drop(conn, checkfirst=True)
+    _ANSWERS.create(conn)
+    conn.execute(sa.insert(_ANSWERS).from_select(list(_ANSWERS.c.keys()), query))
+    conn.exec_driver_sql("ANALYZE _report_answers")
+    return _ANSWERS
+
+
 def _cry_section(
     conn: sa.Connection, run_id: int, metrics: dict[str, dict[str, Any]], members: sa.Select | None = None
 ) -> tuple[str, list[str]]:
     """`members`: a query of the audio ids to show (one dataset's), None for the whole run."""
-    answers = (
-        sa.select(
-            cry_answer.c.audio_id,
-            cry_answer.c.method,
-            cry_answer.c.label,
-            cry_answer.c.p_yes,
-            cry_answer.c.threshold,
-            cry_answer.c.raw_answer,
-            cry_gold.c.gold_label,
-        )
-        .select_from(cry_answer.outerjoin(cry_gold, cry_gold.c.audio_id == cry_answer.c.audio_id))
-        .where(cry_answer.c.run_id == run_id)
-        .where(sa.true() if members is None else cry_answer.c.audio_id.in_(members))
-        .subquery("answers")
-    )
+    answers = _answers_with_gold(conn, run_id, members)
     a = answers.c
     parts = [_confusion_tables(metrics)]
     plots = _cry_plots(conn, answers, run_id)

@@ -32,7 +32,7 @@ from sqlalchemy.dialects.postgresql import ARRAY, REGCLASS
 from sqlalchemy.engine import Connection, Engine
 
 from qwen_tasks.errors import ConfigError
-from qwen_tasks.quality.scoring import CorpusScore, UtteranceScore, score_utterance
+from qwen_tasks.quality.scoring import CorpusTotals, UtteranceScore, score_utterance, top_pairs
 from qwen_tasks.records import JobStatus
 from qwen_tasks.store.database import transaction
 from qwen_tasks.store.schema import (
@@ -552,29 +552,6 @@ def _scored(r: Any) -> _AsrItem:
     )
 
 
-class _Sums:
-    """Running totals of utterance scores: what `corpus_score` returns, without keeping the utterances."""
-
-    def __init__(self) -> None:
-        self.n_utterances = self.n_ref = self.substitutions = self.deletions = self.insertions = 0
-
-    def add(self, s: UtteranceScore) -> None:
-        self.n_utterances += 1
-        self.n_ref += s.n_ref
-        self.substitutions += s.substitutions
-        self.deletions += s.deletions
-        self.insertions += s.insertions
-
-    def corpus(self) -> CorpusScore:
-        return CorpusScore(
-            n_utterances=self.n_utterances,
-            n_ref=self.n_ref,
-            substitutions=self.substitutions,
-            deletions=self.deletions,
-            insertions=self.insertions,
-        )
-
-
 class _AsrTotals:
     """Every ASR figure of a stream of scored transcripts (a run, or one of its groups), kept as running
     sums, so a run is scored chunk by chunk in bounded memory (the substitution pairs are counted, not
@@ -583,10 +560,10 @@ class _AsrTotals:
     def __init__(self) -> None:
         self.n_results = 0
         self.n_reference = 0
-        self.ours: dict[str, _Sums] = defaultdict(_Sums)  # unit ->
-        self.official: dict[str, _Sums] = defaultdict(_Sums)
-        self.all = _Sums()
-        self.languages: dict[str, _Sums] = defaultdict(_Sums)
+        self.ours: dict[str, CorpusTotals] = defaultdict(CorpusTotals)  # unit ->
+        self.official: dict[str, CorpusTotals] = defaultdict(CorpusTotals)
+        self.all = CorpusTotals()
+        self.languages: dict[str, CorpusTotals] = defaultdict(CorpusTotals)
         self.language_unit: dict[str, str] = {}  # the unit of a language's first utterance
         self.n_pairs = 0
         self.pairs: Counter[tuple[str, str]] = Counter()
@@ -610,15 +587,15 @@ class _AsrTotals:
         out.add("n_results", self.n_results)
         out.add("n_reference", self.n_reference)
         for name, unit in (("wer", "word"), ("cer", "char")):
-            c = self.ours[unit].corpus() if unit in self.ours else None
+            c = self.ours[unit].score() if unit in self.ours else None
             if c is not None and c.n_utterances:
                 out.add(name, c.error_rate, **c.as_dict())
         for name, unit in (("wer_official", "word"), ("cer_official", "char")):
-            c = self.official[unit].corpus() if unit in self.official else None
+            c = self.official[unit].score() if unit in self.official else None
             if c is not None and c.n_utterances:
                 out.add(name, c.error_rate, **c.as_dict(), scoring="Qwen2-Audio eval_audio/evaluate_asr.py")
         if self.n_reference:
-            c = self.all.corpus()
+            c = self.all.score()
             out.add(
                 "error_rate",
                 c.error_rate,
@@ -626,14 +603,14 @@ class _AsrTotals:
                 note="edits / reference units, words and chars mixed",
             )
         for lang in sorted(self.languages):
-            c = self.languages[lang].corpus()
+            c = self.languages[lang].score()
             out.add(f"{lang}.error_rate", c.error_rate, unit=self.language_unit[lang], **c.as_dict())
         if self.n_reference:
-            top = sorted(self.pairs.items(), key=lambda kv: (-kv[1], kv[0]))[:TOP_PAIRS]
+            top = top_pairs(self.pairs, TOP_PAIRS)
             out.add(
                 "substitutions",
                 self.n_pairs,
-                top=[{"reference": r, "hypothesis": h, "count": n} for (r, h), n in top],
+                top=[{"reference": r, "hypothesis": h, "count": n} for r, h, n in top],
             )
 
 

@@ -28,6 +28,16 @@ from qwen_tasks.review import export
 from qwen_tasks.store import schema
 
 
+def _add_datasets(conn: sa.Connection, task: str, members: dict[str, list[int]]) -> None:
+    for name, audio_ids in members.items():
+        dataset_id = conn.execute(
+            schema.dataset.insert().values(name=name, tasks=[task]).returning(schema.dataset.c.id)
+        ).scalar_one()
+        conn.execute(
+            schema.dataset_audio.insert(), [{"dataset_id": dataset_id, "audio_id": a} for a in audio_ids]
+        )
+
+
 def _seed_random_cry_run(engine: Engine, seed: int) -> int:
     rng = random.Random(seed)
     ids = add_audio(engine, 40)
@@ -38,13 +48,7 @@ def _seed_random_cry_run(engine: Engine, seed: int) -> int:
                 source=sa.case((schema.manifest_item.c.line_no % 2 == 0, "even"), else_="odd")
             )
         )
-        for name, members in (("first", ids[:25]), ("second", ids[15:])):
-            dataset_id = conn.execute(
-                schema.dataset.insert().values(name=name, tasks=["cry"]).returning(schema.dataset.c.id)
-            ).scalar_one()
-            conn.execute(
-                schema.dataset_audio.insert(), [{"dataset_id": dataset_id, "audio_id": a} for a in members]
-            )
+        _add_datasets(conn, "cry", {"first": ids[:25], "second": ids[15:]})
     run_id = add_run(engine, "cry", [Job(0, 10, ids, 5.0)])
     p_values = [0.05, 0.1, 0.3, 0.45, 0.5, 0.5, 0.55, 0.7, 0.9, 1.0]  # ties on purpose
     add_cry_answers(
@@ -177,13 +181,7 @@ def test_asr_figures_streamed_in_chunks_equal_the_list_reference(
                 source=sa.case((m.line_no % 3 == 0, None), else_="src" + sa.cast(m.line_no % 2, sa.Text))
             )
         )
-        for name, members in (("one", ids[:18]), ("two", ids[10:])):
-            dataset_id = conn.execute(
-                schema.dataset.insert().values(name=name, tasks=["asr"]).returning(schema.dataset.c.id)
-            ).scalar_one()
-            conn.execute(
-                schema.dataset_audio.insert(), [{"dataset_id": dataset_id, "audio_id": a} for a in members]
-            )
+        _add_datasets(conn, "asr", {"one": ids[:18], "two": ids[10:]})
     run_id = add_run(engine, "asr", [Job(0, 10, ids, 5.0)])
     hyps = ["the cat sit on mat", "今天天气很好", "a dog barks", "", "we went home", "the the cat"]
     add_transcripts(engine, run_id, {a: rng.choice(hyps) for a in ids})

@@ -41,6 +41,8 @@ BEGIN
           AND a.audio_id IS NOT NULL;
     END IF;
     IF ids IS NOT NULL THEN
+        -- rows locked in key order, as the answer triggers' upserts take them: no deadlock with a worker
+        PERFORM 1 FROM current_label c WHERE c.audio_id = ANY (ids) ORDER BY c.audio_id, c.task FOR UPDATE;
         UPDATE current_label c SET path = p.path, updated_at = now()
         FROM (SELECT i.audio_id, (SELECT ap.path FROM audio_path ap WHERE ap.audio_id = i.audio_id) AS path
               FROM unnest(ids) i (audio_id)) p

@@ -84,13 +84,15 @@ def _asr_query(run_id: int) -> sa.Select:
 
 
 def _cry_query(run_id: int) -> sa.Select:
-    labelled = sa.select(cry_answer.c.audio_id).where(cry_answer.c.run_id == run_id).distinct().subquery()
-    score = cry_answer.alias("s")
-    gen = cry_answer.alias("g")
+    c = cry_answer.c
+    # the run's score and generate answers side by side: one full join on the clip, no distinct pass
+    score = sa.select(cry_answer).where(c.run_id == run_id, c.method == "score").subquery("s")
+    gen = sa.select(cry_answer).where(c.run_id == run_id, c.method == "generate").subquery("g")
+    audio_id = sa.func.coalesce(score.c.audio_id, gen.c.audio_id)
     query = (
         sa.select(
             audio_file.c.path,
-            labelled.c.audio_id,
+            audio_id.label("audio_id"),
             score.c.p_yes.label("score_p_yes"),
             score.c.label.label("score_label"),
             score.c.threshold,
@@ -100,21 +102,10 @@ def _cry_query(run_id: int) -> sa.Select:
             gen.c.label.label("gen_label"),
             gen.c.windows.label("gen_windows"),
         )
-        .join(audio_file, sa.and_(audio_file.c.audio_id == labelled.c.audio_id, audio_file.c.status == "ok"))
-        .outerjoin(
-            score,
-            sa.and_(
-                score.c.run_id == run_id, score.c.audio_id == labelled.c.audio_id, score.c.method == "score"
-            ),
-        )
-        .outerjoin(
-            gen,
-            sa.and_(
-                gen.c.run_id == run_id, gen.c.audio_id == labelled.c.audio_id, gen.c.method == "generate"
-            ),
-        )
+        .select_from(score.outerjoin(gen, gen.c.audio_id == score.c.audio_id, full=True))
+        .join(audio_file, sa.and_(audio_file.c.audio_id == audio_id, audio_file.c.status == "ok"))
     )
-    return _with_manifest_value(query, manifest_item.c.gold_label, "aqa", labelled.c.audio_id, "gold")
+    return _with_manifest_value(query, manifest_item.c.gold_label, "aqa", audio_id, "gold")
 
 
 def _resolve_run(engine: Engine, task: str, run_id: int | None, dataset: str | None) -> tuple[Any, Any]:

@@ -15,7 +15,10 @@ throughput from label_job.
 Per dataset and per manifest source: the same figures (the same functions, `_cry_metrics` /
 `_asr_metrics`, over a subset of the run's rows) for the run's clips of each dataset it covered and each
 manifest `source`, stored in `run_metric_group` (SQL: the `run_quality_by_dataset` view) in the same
-transaction as the whole-run figures.
+transaction as the whole-run figures. A run's size does not set the memory used: cry figures are counts
+aggregated in the database, ASR transcripts are scored in chunks into running totals (`_AsrTotals`, per
+group). Each stored row says what it was computed from (`run_metric.inputs`), so `current_run_metrics`
+(the report) reuses figures that are still current.
 """
 
 from __future__ import annotations

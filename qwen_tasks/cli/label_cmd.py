@@ -517,10 +517,10 @@ def export(
     Keys: audio, text (asr) or answer/p_yes/label (cry), reference/gold from manifests, model, revision,
     prompt_version, run_id. Example: qwen-tasks export --task cry --out cry.jsonl
     """
-    from qwen_tasks.review.export import export_lines, write_jsonl
+    from qwen_tasks.review.export import export_copy, write_jsonl
 
     if task not in TASKS:
         raise fail(f"--task must be asr or cry, got {task!r}")
     engine = open_database()
-    n = write_jsonl(export_lines(engine, task, run, dataset), out, stdout=sys.stdout)
+    n = write_jsonl(export_copy(engine, task, run, dataset), out, stdout=sys.stdout)
     console.print(f"wrote {n} rows{f' to {out}' if out else ''}", highlight=False)

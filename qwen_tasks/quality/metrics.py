@@ -15,25 +15,28 @@ throughput from label_job.
 Per dataset and per manifest source: the same figures (the same functions, `_cry_metrics` /
 `_asr_metrics`, over a subset of the run's rows) for the run's clips of each dataset it covered and each
 manifest `source`, stored in `run_metric_group` (SQL: the `run_quality_by_dataset` view) in the same
-transaction as the whole-run figures.
+transaction as the whole-run figures. A run's size does not set the memory used: cry figures are counts
+aggregated in the database, ASR transcripts are scored in chunks into running totals (`_AsrTotals`, per
+group). Each stored row says what it was computed from (`run_metric.inputs`), so `current_run_metrics`
+(the report) reuses figures that are still current.
 """
 
 from __future__ import annotations
 
 import math
-from collections import defaultdict
-from collections.abc import Sequence
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import numpy as np
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.dialects.postgresql import ARRAY, REGCLASS
 from sqlalchemy.engine import Connection, Engine
 
 from qwen_tasks.errors import ConfigError
 from qwen_tasks.quality.calibration import run_figures as calibration_figures
-from qwen_tasks.quality.scoring import UtteranceScore, corpus_score, score_utterance, top_substitutions
+from qwen_tasks.quality.scoring import CorpusTotals, UtteranceScore, score_utterance, top_pairs
 from qwen_tasks.records import JobStatus
 from qwen_tasks.store.database import transaction
 from qwen_tasks.store.schema import (
@@ -47,6 +50,7 @@ from qwen_tasks.store.schema import (
     label_job,
     label_run,
     manifest_item,
+    metric_inputs_version,
     run_dataset,
     run_metric,
     run_metric_group,
@@ -63,6 +67,7 @@ GROUP_FIGURES: dict[str, tuple[str, ...]] = {
 }  # fmt: skip
 SWEEP = tuple(round(t, 2) for t in np.arange(0.05, 1.0, 0.05))
 TOP_PAIRS = 20
+ASR_CHUNK = 5000  # transcripts scored per round trip (metrics of an ASR run)
 
 
 @dataclass
@@ -536,52 +541,160 @@ def _asr_rows(conn: Connection, run_id: int) -> list[_AsrItem]:
         .where(transcription.c.run_id == run_id)
         .order_by(transcription.c.audio_id)
     )
-    items = []
-    for r in conn.execute(q):
-        if r.reference_text is None:
-            items.append(_AsrItem(r.audio_id, None, None, None))
-            continue
-        items.append(
-            _AsrItem(
-                r.audio_id,
-                r.source,
-                score_utterance(r.reference_text, r.text, r.language),
-                score_utterance(r.reference_text, r.text, r.language, mode="official"),
+    return [_scored(r) for r in conn.execute(q)]
+
+
+def _scored(r: Any) -> _AsrItem:
+    """One transcript row (audio_id, text, reference_text, language, source) scored both ways."""
+    if r.reference_text is None:
+        return _AsrItem(r.audio_id, None, None, None)
+    return _AsrItem(
+        r.audio_id,
+        r.source,
+        score_utterance(r.reference_text, r.text, r.language),
+        score_utterance(r.reference_text, r.text, r.language, mode="official"),
+    )
+
+
+class _AsrTotals:
+    """Every ASR figure of a stream of scored transcripts (a run, or one of its groups), kept as running
+    sums, so a run is scored chunk by chunk in bounded memory (the substitution pairs are counted, not
+    listed: their number grows with the vocabulary, not with the run)."""
+
+    def __init__(self) -> None:
+        self.n_results = 0
+        self.n_reference = 0
+        self.ours: dict[str, CorpusTotals] = defaultdict(CorpusTotals)  # unit ->
+        self.official: dict[str, CorpusTotals] = defaultdict(CorpusTotals)
+        self.all = CorpusTotals()
+        self.languages: dict[str, CorpusTotals] = defaultdict(CorpusTotals)
+        self.language_unit: dict[str, str] = {}  # the unit of a language's first utterance
+        self.n_pairs = 0
+        self.pairs: Counter[tuple[str, str]] = Counter()
+
+    def add(self, item: _AsrItem) -> None:
+        self.n_results += 1
+        if item.score is None:
+            return
+        s = item.score
+        self.n_reference += 1
+        self.ours[s.unit].add(s)
+        self.all.add(s)
+        self.languages[s.language].add(s)
+        self.language_unit.setdefault(s.language, s.unit)
+        self.n_pairs += len(s.pairs)
+        self.pairs.update(s.pairs)
+        if item.official is not None:
+            self.official[item.official.unit].add(item.official)
+
+    def figures(self, out: _Metrics) -> None:
+        out.add("n_results", self.n_results)
+        out.add("n_reference", self.n_reference)
+        for name, unit in (("wer", "word"), ("cer", "char")):
+            c = self.ours[unit].score() if unit in self.ours else None
+            if c is not None and c.n_utterances:
+                out.add(name, c.error_rate, **c.as_dict())
+        for name, unit in (("wer_official", "word"), ("cer_official", "char")):
+            c = self.official[unit].score() if unit in self.official else None
+            if c is not None and c.n_utterances:
+                out.add(name, c.error_rate, **c.as_dict(), scoring="Qwen2-Audio eval_audio/evaluate_asr.py")
+        if self.n_reference:
+            c = self.all.score()
+            out.add(
+                "error_rate",
+                c.error_rate,
+                **c.as_dict(),
+                note="edits / reference units, words and chars mixed",
             )
-        )
-    return items
+        for lang in sorted(self.languages):
+            c = self.languages[lang].score()
+            out.add(f"{lang}.error_rate", c.error_rate, unit=self.language_unit[lang], **c.as_dict())
+        if self.n_reference:
+            top = top_pairs(self.pairs, TOP_PAIRS)
+            out.add(
+                "substitutions",
+                self.n_pairs,
+                top=[{"reference": r, "hypothesis": h, "count": n} for r, h, n in top],
+            )
 
 
-def _asr_metrics(items: Sequence[_AsrItem], out: _Metrics) -> None:
+def _asr_metrics(items: Iterable[_AsrItem], out: _Metrics) -> None:
     """Every ASR figure over `items` (_asr_rows: a whole run, or the clips of one of its groups)."""
-    out.add("n_results", len(items))
-    scores = [i.score for i in items if i.score is not None]
-    out.add("n_reference", len(scores))
-    for name, unit in (("wer", "word"), ("cer", "char")):
-        c = corpus_score(s for s in scores if s.unit == unit)
-        if c.n_utterances:
-            out.add(name, c.error_rate, **c.as_dict())
-    official = [i.official for i in items if i.official is not None]
-    for name, unit in (("wer_official", "word"), ("cer_official", "char")):
-        c = corpus_score(s for s in official if s.unit == unit)
-        if c.n_utterances:
-            out.add(name, c.error_rate, **c.as_dict(), scoring="Qwen2-Audio eval_audio/evaluate_asr.py")
-    if scores:
-        c = corpus_score(scores)
-        out.add(
-            "error_rate", c.error_rate, **c.as_dict(), note="edits / reference units, words and chars mixed"
+    totals = _AsrTotals()
+    for item in items:
+        totals.add(item)
+    totals.figures(out)
+
+
+def _asr_streamed(conn: Connection, run_id: int) -> dict[tuple[str, str], _Metrics]:
+    """The figures of the whole run (WHOLE_RUN) and of each of its groups (_run_groups' rule), its
+    transcripts read and scored `ASR_CHUNK` at a time from a server-side cursor, each chunk's
+    utterance_score rows written as it goes: memory does not grow with the run."""
+    t = transcription.c
+    groups = _asr_group_columns(conn, run_id)
+    q = (
+        sa.select(
+            t.audio_id,
+            t.text,
+            asr_reference.c.reference_text,
+            asr_reference.c.language,
+            asr_reference.c.source,
+            *groups,
         )
-    for lang in sorted({s.language for s in scores}):
-        subset = [s for s in scores if s.language == lang]
-        c = corpus_score(subset)
-        out.add(f"{lang}.error_rate", c.error_rate, unit=subset[0].unit, **c.as_dict())
-    if scores:
-        pairs = top_substitutions(scores, TOP_PAIRS)
-        out.add(
-            "substitutions",
-            sum(len(s.pairs) for s in scores),
-            top=[{"reference": r, "hypothesis": h, "count": n} for r, h, n in pairs],
+        .select_from(transcription.outerjoin(asr_reference, asr_reference.c.audio_id == t.audio_id))
+        .where(t.run_id == run_id)
+        .order_by(t.audio_id)
+    )
+    totals: dict[tuple[str, str], _AsrTotals] = defaultdict(_AsrTotals)
+    totals[WHOLE_RUN] = _AsrTotals()  # a run without transcripts still has its (zero) figures
+    conn.execute(sa.delete(utterance_score).where(utterance_score.c.run_id == run_id))
+    # options of this statement only (Connection.execution_options would stream the inserts too)
+    result = conn.execute(q, execution_options={"stream_results": True, "yield_per": ASR_CHUNK})
+    for chunk in result.partitions():
+        items = [_scored(r) for r in chunk]
+        for r, item in zip(chunk, items, strict=True):
+            totals[WHOLE_RUN].add(item)
+            for name in r.datasets or ():
+                totals[("dataset", name)].add(item)
+            if r.source_group is not None:
+                totals[("source", r.source_group)].add(item)
+        rows = _utterance_rows(run_id, items)
+        if rows:
+            conn.execute(sa.insert(utterance_score), rows)
+    out: dict[tuple[str, str], _Metrics] = {}
+    for key in sorted(totals, key=lambda k: (k != WHOLE_RUN, k)):
+        out[key] = _Metrics()
+        totals[key].figures(out[key])
+    return out
+
+
+def _asr_group_columns(conn: Connection, run_id: int) -> list[sa.ColumnElement]:
+    """Per transcript, its groups as _run_groups defines them: `datasets` (names; only the datasets the
+    run covered when it has run_dataset rows) and `source_group` (the source of its latest asr manifest
+    line with one)."""
+    t = transcription.c
+    covered = sa.select(run_dataset.c.dataset_id).where(run_dataset.c.run_id == run_id)
+    has_covered = conn.execute(sa.select(sa.exists(covered))).scalar_one()
+    names = (
+        sa.select(dataset.c.name)
+        .join(dataset_audio, dataset_audio.c.dataset_id == dataset.c.id)
+        .where(dataset_audio.c.audio_id == t.audio_id)
+    )
+    if has_covered:
+        names = names.where(dataset.c.id.in_(covered))
+    source = (
+        sa.select(manifest_item.c.source)
+        .join(audio_file, audio_file.c.id == manifest_item.c.audio_file_id)
+        .where(
+            audio_file.c.audio_id == t.audio_id,
+            manifest_item.c.kind == "asr",
+            manifest_item.c.source.is_not(None),
         )
+        .order_by(manifest_item.c.id.desc())
+        .limit(1)
+        .scalar_subquery()
+    )
+    return [sa.func.array(names.scalar_subquery()).label("datasets"), source.label("source_group")]
 
 
 def _utterance_rows(run_id: int, items: Sequence[_AsrItem]) -> list[dict]:
@@ -731,9 +844,8 @@ def compute_run_metrics(engine: Engine, run_id: int) -> dict[str, Any]:
         ).one_or_none()
         if run is None:
             raise ConfigError(f"run {run_id} does not exist")
+        inputs = _inputs(conn, run_id)  # read first: a change while computing makes the figures stale
         out = _Metrics()
-        utterances: list[dict] = []
-        rows: list[Any]
         if run.task == "cry":
             # aggregated in the database: memory does not grow with the run
             groups = _cry_group_metrics(conn, run_id)
@@ -744,10 +856,11 @@ def compute_run_metrics(engine: Engine, run_id: int) -> dict[str, Any]:
                 out.values.update(whole.values)
                 out.details.update(whole.details)
         else:
-            rows = _asr_rows(conn, run_id)
-            _asr_metrics(rows, out)
-            utterances = _utterance_rows(run_id, rows)
-            groups = _group_metrics(conn, run_id, run.task, rows)
+            # scored in chunks, utterance_score written as it goes: memory does not grow with the run
+            groups = _asr_streamed(conn, run_id)
+            whole = groups.pop(WHOLE_RUN)
+            out.values.update(whole.values)
+            out.details.update(whole.details)
         _truncated(conn, run_id, run.task, out)
         _throughput(conn, run_id, out)
         if run.task == "cry":  # ECE and coverage (quality.calibration)
@@ -758,13 +871,16 @@ def compute_run_metrics(engine: Engine, run_id: int) -> dict[str, Any]:
         conn.execute(
             sa.insert(run_metric),
             [
-                {"run_id": run_id, "name": name, "value": value, "details": out.details[name]}
+                {
+                    "run_id": run_id,
+                    "name": name,
+                    "value": value,
+                    "details": out.details[name],
+                    "inputs": inputs,
+                }
                 for name, value in out.values.items()
             ],
         )
-        conn.execute(sa.delete(utterance_score).where(utterance_score.c.run_id == run_id))
-        if utterances:
-            conn.execute(sa.insert(utterance_score), utterances)
     return {"run_id": run.id, "task": run.task, "model": run.model, **out.values}
 
 
@@ -784,6 +900,56 @@ def _store_groups(conn: Connection, run_id: int, groups: dict[tuple[str, str], _
     ]
     if rows:
         conn.execute(sa.insert(run_metric_group), rows)
+
+
+# Bump when the figures compute_run_metrics stores change (a new figure, a new definition): figures
+# stored by an older version are then recomputed by `current_run_metrics`, not reused.
+FIGURES_VERSION = 1
+
+
+def _inputs(conn: Connection, run_id: int) -> str:
+    """What a run's figures are computed from, as one string: the figures' version, the run's row
+    (status, counts, purpose, end), its answers, failures and jobs, and the counter every change of gold
+    labels, manifest lines, files and datasets bumps (migration 0011). Equal strings: same figures."""
+    r = label_run.c
+    answers = sa.union_all(
+        sa.select(sa.func.count()).where(cry_answer.c.run_id == run_id),
+        sa.select(sa.func.count()).where(transcription.c.run_id == run_id),
+    ).subquery()
+    jobs = label_job.c
+    row = conn.execute(
+        sa.select(
+            r.status,
+            r.purpose,
+            r.n_labelled,
+            r.n_failed,
+            r.finished_at,
+            sa.select(sa.func.sum(answers.c.count)).scalar_subquery(),
+            sa.select(sa.func.count()).where(label_failure.c.run_id == run_id).scalar_subquery(),
+            sa.select(sa.func.count())
+            .where(jobs.run_id == run_id, jobs.status == JobStatus.DONE.value)
+            .scalar_subquery(),
+            sa.select(sa.func.max(jobs.finished_at)).where(jobs.run_id == run_id).scalar_subquery(),
+            sa.func.pg_sequence_last_value(sa.cast(metric_inputs_version.name, REGCLASS)),
+        ).where(r.id == run_id)
+    ).one()
+    return "|".join(str(v) for v in (FIGURES_VERSION, *row))
+
+
+def current_run_metrics(engine: Engine, run_id: int) -> dict[str, dict[str, Any]]:
+    """The run's stored metrics (the shape of load_run_metrics) when they were computed from what the
+    database holds now (`run_metric.inputs`), else computed and stored first: a report of a finished run
+    reads its figures instead of recomputing them over every answer."""
+    with engine.connect() as conn:
+        stored = conn.execute(
+            sa.select(sa.func.array_agg(sa.distinct(run_metric.c.inputs))).where(
+                run_metric.c.run_id == run_id
+            )
+        ).scalar()
+        current = stored == [_inputs(conn, run_id)]
+    if not current:
+        compute_run_metrics(engine, run_id)
+    return load_run_metrics(engine, run_id)
 
 
 def load_run_metrics(engine: Engine, run_id: int) -> dict[str, dict[str, Any]]:

@@ -1,8 +1,9 @@
 """One self-contained HTML report per set of runs: metrics, plots and the worst items to listen to.
 
 Self-contained (plots are inline base64 PNGs, styles inline) so the file can be mailed, attached to an
-Airflow run or opened from a shared drive with nothing else. Metrics are recomputed (and stored) when
-the report is written, so it never shows numbers older than the labels it describes.
+Airflow run or opened from a shared drive with nothing else. A run's metrics are the stored ones when
+they were computed from what the database holds now (`quality.metrics.current_run_metrics`), else they
+are recomputed (and stored) first, so a report never shows numbers older than the labels it describes.
 """
 
 from __future__ import annotations
@@ -22,9 +23,8 @@ from qwen_tasks.labelling.jobs import latest_run_ids
 from qwen_tasks.quality.calibration import any_calibrated, draw_reliability, run_bins, shown
 from qwen_tasks.quality.metrics import (
     GROUP_FIGURES,
-    compute_run_metrics,
+    current_run_metrics,
     load_group_metrics,
-    load_run_metrics,
     require_datasets,
 )
 from qwen_tasks.records import JobStatus
@@ -247,26 +247,53 @@ def _confusion_tables(metrics: dict[str, dict[str, Any]]) -> str:
     return "".join(out)
 
 
+_ANSWERS = sa.Table(
+    "_report_answers",
+    sa.MetaData(),
+    sa.Column("audio_id", sa.BigInteger),
+    sa.Column("method", sa.Text),
+    sa.Column("label", sa.Text),
+    sa.Column("p_yes", sa.Float),
+    sa.Column("threshold", sa.Float),
+    sa.Column("p_calibrated", sa.Float),
+    sa.Column("raw_answer", sa.Text),
+    sa.Column("gold_label", sa.Text),
+    prefixes=["TEMPORARY"],
+)
+
+
+def _answers_with_gold(conn: sa.Connection, run_id: int, members: sa.Select | None) -> sa.Table:
+    """The section's answers with their gold label, joined once into a temporary table that the
+    histogram, ROC, threshold and worst-item queries then read, instead of each joining the run's answers
+    to cry_gold again."""
+    c = cry_answer.c
+    query = (
+        sa.select(
+            c.audio_id,
+            c.method,
+            c.label,
+            c.p_yes,
+            c.threshold,
+            c.p_calibrated,
+            c.raw_answer,
+            cry_gold.c.gold_label,
+        )
+        .select_from(cry_answer.outerjoin(cry_gold, cry_gold.c.audio_id == c.audio_id))
+        .where(c.run_id == run_id)
+        .where(sa.true() if members is None else c.audio_id.in_(members))
+    )
+    _ANSWERS.drop(conn, checkfirst=True)
+    _ANSWERS.create(conn)
+    conn.execute(sa.insert(_ANSWERS).from_select(list(_ANSWERS.c.keys()), query))
+    conn.exec_driver_sql("ANALYZE _report_answers")
+    return _ANSWERS
+
+
 def _cry_section(
     conn: sa.Connection, run_id: int, metrics: dict[str, dict[str, Any]], members: sa.Select | None = None
 ) -> tuple[str, list[str]]:
     """`members`: a query of the audio ids to show (one dataset's), None for the whole run."""
-    answers = (
-        sa.select(
-            cry_answer.c.audio_id,
-            cry_answer.c.method,
-            cry_answer.c.label,
-            cry_answer.c.p_yes,
-            cry_answer.c.threshold,
-            cry_answer.c.p_calibrated,
-            cry_answer.c.raw_answer,
-            cry_gold.c.gold_label,
-        )
-        .select_from(cry_answer.outerjoin(cry_gold, cry_gold.c.audio_id == cry_answer.c.audio_id))
-        .where(cry_answer.c.run_id == run_id)
-        .where(sa.true() if members is None else cry_answer.c.audio_id.in_(members))
-        .subquery("answers")
-    )
+    answers = _answers_with_gold(conn, run_id, members)
     a = answers.c
     parts = [_confusion_tables(metrics)]
     plots = _cry_plots(conn, answers, run_id)
@@ -396,8 +423,7 @@ def _run_section(engine: Engine, run_id: int, dataset_name: str | None = None) -
     """One run: its metrics, plots, worst items and per-dataset / per-source tables. With `dataset_name`
     (a dataset the run covered), the metrics, plots (but throughput) and worst items are that dataset's
     clips' and its row of the per-dataset table is highlighted."""
-    compute_run_metrics(engine, run_id)  # fresh numbers, stored for SQL users too
-    metrics = load_run_metrics(engine, run_id)
+    metrics = current_run_metrics(engine, run_id)  # stored figures, recomputed when their inputs changed
     groups = load_group_metrics(engine, run_id)
     members = None
     scope = ""
@@ -461,13 +487,9 @@ def _version_section(engine: Engine, name: str) -> tuple[str, list[int]]:
     if len(runs) < 2:
         return header + '<p class="muted">not evaluated yet (its fine-tune was interrupted)</p>', runs
     metrics = {
-        role: load_run_metrics(engine, run_id)
+        role: current_run_metrics(engine, run_id)
         for role, run_id in zip(("base", "candidate"), runs, strict=True)
     }
-    for role, run_id in zip(("base", "candidate"), runs, strict=True):
-        if not metrics[role]:
-            compute_run_metrics(engine, run_id)
-            metrics[role] = load_run_metrics(engine, run_id)
     names = sorted(set(metrics["base"]) | set(metrics["candidate"]))
     skip = (".confusion", "substitutions", ".best_threshold", "throughput.")
     rows = [

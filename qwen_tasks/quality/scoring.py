@@ -167,16 +167,36 @@ def score_utterance(
     )
 
 
+class CorpusTotals:
+    """Running sums of utterance scores (add one at a time, read `score()`): a corpus score in bounded
+    memory, for runs scored chunk by chunk."""
+
+    def __init__(self) -> None:
+        self.n_utterances = self.n_ref = self.substitutions = self.deletions = self.insertions = 0
+
+    def add(self, s: UtteranceScore) -> None:
+        self.n_utterances += 1
+        self.n_ref += s.n_ref
+        self.substitutions += s.substitutions
+        self.deletions += s.deletions
+        self.insertions += s.insertions
+
+    def score(self) -> CorpusScore:
+        return CorpusScore(
+            n_utterances=self.n_utterances,
+            n_ref=self.n_ref,
+            substitutions=self.substitutions,
+            deletions=self.deletions,
+            insertions=self.insertions,
+        )
+
+
 def corpus_score(scores: Iterable[UtteranceScore]) -> CorpusScore:
     """Sum the edits and reference lengths of `scores`."""
-    items = list(scores)
-    return CorpusScore(
-        n_utterances=len(items),
-        n_ref=sum(s.n_ref for s in items),
-        substitutions=sum(s.substitutions for s in items),
-        deletions=sum(s.deletions for s in items),
-        insertions=sum(s.insertions for s in items),
-    )
+    totals = CorpusTotals()
+    for s in scores:
+        totals.add(s)
+    return totals.score()
 
 
 def top_substitutions(scores: Iterable[UtteranceScore], n: int = 20) -> list[tuple[str, str, int]]:
@@ -184,4 +204,10 @@ def top_substitutions(scores: Iterable[UtteranceScore], n: int = 20) -> list[tup
     counts: Counter[tuple[str, str]] = Counter()
     for score in scores:
         counts.update(score.pairs)
+    return top_pairs(counts, n)
+
+
+def top_pairs(counts: Counter[tuple[str, str]], n: int = 20) -> list[tuple[str, str, int]]:
+    """The `n` most frequent of counted (reference phrase, hypothesis phrase) pairs, most frequent first,
+    ties in pair order."""
     return [(r, h, c) for (r, h), c in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:n]]

@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -27,49 +27,72 @@ from qwen_tasks.store.schema import audio_file, cry_answer, label_run, manifest_
 log = logging.getLogger(__name__)
 
 
-def _manifest_value(
-    column: sa.Column, kind: str, audio_id: sa.ColumnElement, path_id: sa.ColumnElement
-) -> Any:
-    """The manifest's value for this audio: the line naming this very path first, else the newest line
-    naming any path with the same bytes."""
-    other = audio_file.alias("mf")
+def _manifest_values(column: sa.Column, kind: str) -> tuple[sa.Subquery, sa.Subquery]:
+    """(newest line per path, newest line per audio) of the manifest lines of `kind` that give `column`:
+    the value for a path is the line naming this very path first, else the newest line naming any path
+    with the same bytes (`coalesce(by_path.value, by_audio.value)`). Two subqueries joined on their keys,
+    not a lookup per exported row, so PostgreSQL can hash them once (a few hundred thousand lines)."""
+    mf = audio_file.alias("mf")
+    lines = (
+        sa.select(manifest_item.c.audio_file_id, mf.c.audio_id, manifest_item.c.id, column.label("value"))
+        .join(mf, mf.c.id == manifest_item.c.audio_file_id)
+        .where(manifest_item.c.kind == kind, column.is_not(None))
+        .subquery()
+    )
+    by_path = (
+        sa.select(lines.c.audio_file_id, lines.c.value)
+        .distinct(lines.c.audio_file_id)
+        .order_by(lines.c.audio_file_id, lines.c.id.desc())
+        .subquery("by_path")
+    )
+    by_audio = (
+        sa.select(lines.c.audio_id, lines.c.value)
+        .where(lines.c.audio_id.is_not(None))
+        .distinct(lines.c.audio_id)
+        .order_by(lines.c.audio_id, lines.c.id.desc())
+        .subquery("by_audio")
+    )
+    return by_path, by_audio
+
+
+def _with_manifest_value(
+    query: sa.Select, column: sa.Column, kind: str, audio_id: Any, label: str
+) -> sa.Select:
+    """`query` (which selects from audio_file) with the manifest's value for each row's path as `label`."""
+    by_path, by_audio = _manifest_values(column, kind)
     return (
-        sa.select(column)
-        .join(other, other.c.id == manifest_item.c.audio_file_id)
-        .where(other.c.audio_id == audio_id, manifest_item.c.kind == kind, column.is_not(None))
-        .order_by((manifest_item.c.audio_file_id == path_id).desc(), manifest_item.c.id.desc())
-        .limit(1)
-        .scalar_subquery()
+        query.add_columns(sa.func.coalesce(by_path.c.value, by_audio.c.value).label(label))
+        .outerjoin(by_path, by_path.c.audio_file_id == audio_file.c.id)
+        .outerjoin(by_audio, by_audio.c.audio_id == audio_id)
     )
 
 
 def _asr_query(run_id: int) -> sa.Select:
     t = transcription
-    return (
+    query = (
         sa.select(
             audio_file.c.path,
             t.c.audio_id,
             t.c.text,
             t.c.language,
             t.c.windows,
-            _manifest_value(manifest_item.c.reference_text, "asr", t.c.audio_id, audio_file.c.id).label(
-                "reference"
-            ),
         )
         .join(audio_file, sa.and_(audio_file.c.audio_id == t.c.audio_id, audio_file.c.status == "ok"))
         .where(t.c.run_id == run_id)
-        .order_by(audio_file.c.path)
     )
+    return _with_manifest_value(query, manifest_item.c.reference_text, "asr", t.c.audio_id, "reference")
 
 
 def _cry_query(run_id: int) -> sa.Select:
-    labelled = sa.select(cry_answer.c.audio_id).where(cry_answer.c.run_id == run_id).distinct().subquery()
-    score = cry_answer.alias("s")
-    gen = cry_answer.alias("g")
-    return (
+    c = cry_answer.c
+    # the run's score and generate answers side by side: one full join on the clip, no distinct pass
+    score = sa.select(cry_answer).where(c.run_id == run_id, c.method == "score").subquery("s")
+    gen = sa.select(cry_answer).where(c.run_id == run_id, c.method == "generate").subquery("g")
+    audio_id = sa.func.coalesce(score.c.audio_id, gen.c.audio_id)
+    query = (
         sa.select(
             audio_file.c.path,
-            labelled.c.audio_id,
+            audio_id.label("audio_id"),
             score.c.p_yes.label("score_p_yes"),
             score.c.label.label("score_label"),
             score.c.threshold,
@@ -78,25 +101,11 @@ def _cry_query(run_id: int) -> sa.Select:
             gen.c.p_yes.label("gen_p_yes"),
             gen.c.label.label("gen_label"),
             gen.c.windows.label("gen_windows"),
-            _manifest_value(manifest_item.c.gold_label, "aqa", labelled.c.audio_id, audio_file.c.id).label(
-                "gold"
-            ),
         )
-        .join(audio_file, sa.and_(audio_file.c.audio_id == labelled.c.audio_id, audio_file.c.status == "ok"))
-        .outerjoin(
-            score,
-            sa.and_(
-                score.c.run_id == run_id, score.c.audio_id == labelled.c.audio_id, score.c.method == "score"
-            ),
-        )
-        .outerjoin(
-            gen,
-            sa.and_(
-                gen.c.run_id == run_id, gen.c.audio_id == labelled.c.audio_id, gen.c.method == "generate"
-            ),
-        )
-        .order_by(audio_file.c.path)
+        .select_from(score.outerjoin(gen, gen.c.audio_id == score.c.audio_id, full=True))
+        .join(audio_file, sa.and_(audio_file.c.audio_id == audio_id, audio_file.c.status == "ok"))
     )
+    return _with_manifest_value(query, manifest_item.c.gold_label, "aqa", audio_id, "gold")
 
 
 def _resolve_run(engine: Engine, task: str, run_id: int | None, dataset: str | None) -> tuple[Any, Any]:
@@ -123,7 +132,7 @@ def _resolve_run(engine: Engine, task: str, run_id: int | None, dataset: str | N
 
 
 def _query(run: Any, scope: Any) -> sa.Select:
-    query = (_asr_query(run.id) if run.task == "asr" else _cry_query(run.id)).order_by(None)
+    query = _asr_query(run.id) if run.task == "asr" else _cry_query(run.id)
     if scope is not None:
         query = query.where(audio_file.c.audio_id.in_(datasets.members([scope.id])))
     return query
@@ -154,23 +163,59 @@ def export_rows(
             yield (_asr_row(row) if task == "asr" else _cry_row(row)) | provenance
 
 
+def _line_query(run: Any, scope: Any) -> sa.Select:
+    """One text column, the JSON line of each row of `export_rows` (same keys in the same order, `, ` and
+    `: ` separators, non-ASCII kept), built by PostgreSQL, in path order."""
+    tail = ", " + json.dumps(_provenance(run), ensure_ascii=False)[1:]
+    q = _query(run, scope).subquery()
+    parts = _asr_parts(q) if run.task == "asr" else _cry_parts(q)
+    line = sa.literal("{", sa.Text) + sa.func.concat_ws(", ", *parts) + sa.literal(tail, sa.Text)
+    return sa.select(line).select_from(q).order_by(q.c.path)
+
+
 def export_lines(
     engine: Engine, task: str, run_id: int | None = None, dataset: str | None = None
 ) -> Iterator[str]:
-    """The rows of `export_rows` as JSON text, one line each, built by PostgreSQL and streamed (the same
-    keys in the same order, `, ` and `: ` separators, non-ASCII kept): what `qwen-tasks export` writes.
-    Python only copies text, so an export runs at the database's pace, not at json.dumps'."""
+    """The rows of `export_rows` as JSON text, one line each, built by PostgreSQL and streamed."""
     run, scope = _resolve_run(engine, task, run_id, dataset)
-    tail = ", " + json.dumps(_provenance(run), ensure_ascii=False)[1:]
-    q = _query(run, scope).subquery()
-    parts = _asr_parts(q) if task == "asr" else _cry_parts(q)
-    line = sa.literal("{", sa.Text) + sa.func.concat_ws(", ", *parts) + sa.literal(tail, sa.Text)
     with engine.connect() as conn:
-        result = conn.execution_options(stream_results=True, yield_per=5000).execute(
-            sa.select(line).select_from(q).order_by(q.c.path)
-        )
+        result = conn.execution_options(stream_results=True, yield_per=5000).execute(_line_query(run, scope))
         for (text,) in result:
             yield text
+
+
+Copier = Callable[[TextIO], int]
+"""Writes an export's lines (each ending in a newline) to a text file; returns how many."""
+
+# COPY's CSV format writes a field as it is unless it holds the delimiter, the quote character or a line
+# break; a JSON line built by to_json / json.dumps holds none of these (control characters are escaped
+# as \uXXXX there), so each COPY row is the JSON line itself, byte for byte.
+_COPY_OPTIONS = "(FORMAT csv, DELIMITER E'\\x02', QUOTE E'\\x01')"
+
+
+def export_copy(engine: Engine, task: str, run_id: int | None = None, dataset: str | None = None) -> Copier:
+    """`export_lines` through `COPY (...) TO STDOUT`: PostgreSQL streams the text and psycopg2 writes it
+    to the file in large chunks, with no per-row work in Python (what `qwen-tasks export` uses). The run
+    is resolved now (ConfigError before any file is made); the copy runs when the copier is called."""
+    run, scope = _resolve_run(engine, task, run_id, dataset)
+    compiled = _line_query(run, scope).compile(dialect=engine.dialect)
+
+    def copy(f: TextIO) -> int:
+        raw = engine.raw_connection()
+        try:
+            with raw.cursor() as cur:
+                # the query's values are bound by the driver (mogrify), as in every other statement
+                statement = cur.mogrify(
+                    f"COPY ({compiled.string}) TO STDOUT WITH {_COPY_OPTIONS}", compiled.params
+                )
+                cur.copy_expert(statement, f, size=1 << 20)
+                n = cur.rowcount
+            raw.commit()
+        finally:
+            raw.close()
+        return n
+
+    return copy
 
 
 def _json(key: str, value: sa.ColumnElement) -> sa.ColumnElement:
@@ -249,8 +294,11 @@ def _cry_row(row: Any) -> dict[str, Any]:
     return out
 
 
-def write_jsonl(rows: Iterator[dict[str, Any] | str], out: Path | None, stdout: TextIO | None = None) -> int:
-    """Write rows as JSON Lines to `out` (atomically: a partial file never replaces a good one) or stdout.
+def write_jsonl(
+    rows: Iterator[dict[str, Any] | str] | Copier, out: Path | None, stdout: TextIO | None = None
+) -> int:
+    """Write rows (or what a copier from `export_copy` writes) as JSON Lines to `out` (atomically: a
+    partial file never replaces a good one) or stdout.
 
     Missing folders of `out` are created, and that is said on stderr (a warning naming the top folder
     created), because a typo in --out would otherwise silently make a new tree somewhere on the disk. The
@@ -259,20 +307,21 @@ def write_jsonl(rows: Iterator[dict[str, Any] | str], out: Path | None, stdout: 
     if out is None:
         if stdout is None:
             raise ValueError("either out or stdout is needed")
-        return _dump(rows, stdout)
+        return rows(stdout) if callable(rows) else _dump(rows, stdout)
     out = out.expanduser()
     if out.is_dir():
         raise ConfigError(f"{out}: is a directory; give a file name such as labels.jsonl")
-    rows = iter(rows)
-    first = next(rows, None)
-    rows = itertools.chain([first], rows) if first is not None else rows
+    if not callable(rows):
+        rows = iter(rows)
+        first = next(rows, None)
+        rows = itertools.chain([first], rows) if first is not None else rows
     created = _make_parents(out)
     if created is not None:
         log.warning("created folder %s for %s (it did not exist)", created, out)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            n = _dump(rows, f)
+            n = rows(f) if callable(rows) else _dump(rows, f)
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -207,7 +207,12 @@ run_metric = sa.Table(
     sa.Column("value", sa.Float),
     sa.Column("details", JSONB, nullable=False, server_default=sa.text("'{}'::jsonb")),
     _ts("computed_at"),
+    sa.Column("inputs", sa.Text),  # 0011: what the figure was computed from (quality.metrics)
 )
+
+# 0011: bumped by every statement that changes human_label, manifest_item, audio_file, dataset or
+# dataset_audio (the gold and groups of every run's figures); read, never advanced, from Python.
+metric_inputs_version = sa.Sequence("metric_inputs_version", metadata=metadata)
 
 # 0003_review_views: per-utterance ASR scores (written by quality.metrics, read by the review views).
 utterance_score = sa.Table(
@@ -379,6 +384,8 @@ current_label = sa.Table(
     ),
     sa.Column("source", sa.Text, sa.Computed("CASE WHEN human_id IS NOT NULL THEN 'human' ELSE 'model' END")),
     _ts("updated_at"),
+    # 0011: the clip's first ok path (audio_path's rule), kept by triggers on current_label and audio_file
+    sa.Column("path", sa.Text),
 )
 
 # 0014: live Label Studio sync (qwen_tasks.review.sync): a project per (server, dataset, task), the clips
@@ -515,8 +522,8 @@ asr_reference = _view(
     sa.Column("reviewer", sa.Text),
 )
 
-# 0003, replaced in 0004 (same columns; evaluation runs left out) and 0010 (same columns, read from
-# current_label): the label to use now per audio and task.
+# 0003, replaced in 0004 (same columns; evaluation runs left out), 0010 (same columns, read from
+# current_label) and 0011 (the path is current_label's): the label to use now per audio and task.
 latest_label = _view(
     "latest_label",
     sa.Column("audio_id", sa.BigInteger),

@@ -5,17 +5,37 @@ sources; and the export's JSON lines built by PostgreSQL against json.dumps of t
 
 from __future__ import annotations
 
+import io
 import json
 import random
 
 import pytest
 import sqlalchemy as sa
-from review_seed import Job, add_audio, add_cry_answers, add_gold, add_run, seed_asr_scenario
+from review_seed import (
+    Job,
+    add_audio,
+    add_cry_answers,
+    add_gold,
+    add_references,
+    add_run,
+    add_transcripts,
+    seed_asr_scenario,
+)
 from sqlalchemy.engine import Engine
 
 from qwen_tasks.quality import metrics
 from qwen_tasks.review import export
 from qwen_tasks.store import schema
+
+
+def _add_datasets(conn: sa.Connection, task: str, members: dict[str, list[int]]) -> None:
+    for name, audio_ids in members.items():
+        dataset_id = conn.execute(
+            schema.dataset.insert().values(name=name, tasks=[task]).returning(schema.dataset.c.id)
+        ).scalar_one()
+        conn.execute(
+            schema.dataset_audio.insert(), [{"dataset_id": dataset_id, "audio_id": a} for a in audio_ids]
+        )
 
 
 def _seed_random_cry_run(engine: Engine, seed: int) -> int:
@@ -28,13 +48,7 @@ def _seed_random_cry_run(engine: Engine, seed: int) -> int:
                 source=sa.case((schema.manifest_item.c.line_no % 2 == 0, "even"), else_="odd")
             )
         )
-        for name, members in (("first", ids[:25]), ("second", ids[15:])):
-            dataset_id = conn.execute(
-                schema.dataset.insert().values(name=name, tasks=["cry"]).returning(schema.dataset.c.id)
-            ).scalar_one()
-            conn.execute(
-                schema.dataset_audio.insert(), [{"dataset_id": dataset_id, "audio_id": a} for a in members]
-            )
+        _add_datasets(conn, "cry", {"first": ids[:25], "second": ids[15:]})
     run_id = add_run(engine, "cry", [Job(0, 10, ids, 5.0)])
     p_values = [0.05, 0.1, 0.3, 0.45, 0.5, 0.5, 0.55, 0.7, 0.9, 1.0]  # ties on purpose
     add_cry_answers(
@@ -96,7 +110,98 @@ def test_export_lines_are_the_rows_as_json(engine: Engine) -> None:
         lines = list(export.export_lines(engine, task, run))
         rows = list(export.export_rows(engine, task, run))
         assert [json.loads(line) for line in lines] == rows
+        copied = io.StringIO()  # what `qwen-tasks export` writes: COPY ... TO STDOUT, byte for byte
+        assert export.export_copy(engine, task, run)(copied) == len(lines)
+        assert copied.getvalue() == "".join(line + "\n" for line in lines)
         # the same text but for whole floats (PostgreSQL writes p_yes 1.0 as 1)
         assert [line.replace('"p_yes": 1,', '"p_yes": 1.0,') for line in lines] == [
             json.dumps(r, ensure_ascii=False) for r in rows
         ]
+
+
+def test_stored_figures_are_reused_while_their_inputs_hold(engine: Engine) -> None:
+    """`current_run_metrics` (what `report` reads) returns the stored figures while nothing they were
+    computed from changed, and recomputes them after a change of gold, of datasets or of the run."""
+    run_id = _seed_random_cry_run(engine, 5)
+
+    def stamps() -> set[object]:
+        with engine.connect() as conn:
+            return set(
+                conn.execute(
+                    sa.select(schema.run_metric.c.computed_at).where(schema.run_metric.c.run_id == run_id)
+                )
+                .scalars()
+                .all()
+            )
+
+    first = metrics.current_run_metrics(engine, run_id)  # never computed: computed now
+    computed = stamps()
+    assert first == metrics.load_run_metrics(engine, run_id) and len(computed) == 1
+    assert metrics.current_run_metrics(engine, run_id) == first and stamps() == computed  # reused
+    # a human label changes the gold of one scored clip: recomputed, and the figures say so
+    g, a = schema.cry_gold.c, schema.cry_answer.c
+    with engine.connect() as conn:
+        audio_id, gold = conn.execute(
+            sa.select(g.audio_id, g.gold_label)
+            .join(schema.cry_answer, a.audio_id == g.audio_id)
+            .where(a.run_id == run_id, a.method == "score")
+            .order_by(g.audio_id)
+        ).first()
+    with engine.begin() as conn:
+        conn.execute(
+            schema.human_label.insert().values(
+                audio_id=audio_id, task="cry", label="no" if gold == "yes" else "yes", reviewer="ann"
+            )
+        )
+    second = metrics.current_run_metrics(engine, run_id)
+    assert stamps() != computed
+    assert second["n_gold"] == first["n_gold"] and second != first
+    assert metrics.current_run_metrics(engine, run_id) == second  # and reused again
+    again = stamps()
+    # the run's own row
+    with engine.begin() as conn:
+        conn.execute(schema.label_run.update().where(schema.label_run.c.id == run_id).values(n_failed=1))
+    metrics.current_run_metrics(engine, run_id)
+    assert stamps() != again
+
+
+def test_asr_figures_streamed_in_chunks_equal_the_list_reference(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ASR metrics score the run chunk by chunk (running sums per group, utterance_score written per
+    chunk): the same figures, groups and utterance rows as the list-based functions over all rows."""
+    rng = random.Random(11)
+    ids = add_audio(engine, 30, root="/data/speech")
+    refs = ["the cat sat on the mat", "今天天氣很好", "a dog", "", "we went home early"]
+    add_references(engine, {a: (rng.choice(refs), rng.choice(["en", "zh", None])) for a in ids[:24]})
+    with engine.begin() as conn:
+        m = schema.manifest_item.c
+        conn.execute(
+            schema.manifest_item.update().values(
+                source=sa.case((m.line_no % 3 == 0, None), else_="src" + sa.cast(m.line_no % 2, sa.Text))
+            )
+        )
+        _add_datasets(conn, "asr", {"one": ids[:18], "two": ids[10:]})
+    run_id = add_run(engine, "asr", [Job(0, 10, ids, 5.0)])
+    hyps = ["the cat sit on mat", "今天天气很好", "a dog barks", "", "we went home", "the the cat"]
+    add_transcripts(engine, run_id, {a: rng.choice(hyps) for a in ids})
+    with engine.connect() as conn:
+        rows = metrics._asr_rows(conn, run_id)
+        want = {metrics.WHOLE_RUN: metrics._Metrics()}
+        metrics._asr_metrics(rows, want[metrics.WHOLE_RUN])
+        want |= metrics._group_metrics(conn, run_id, "asr", rows)
+    monkeypatch.setattr(metrics, "ASR_CHUNK", 4)
+    with engine.begin() as conn:
+        got = metrics._asr_streamed(conn, run_id)
+        stored = conn.execute(
+            sa.select(schema.utterance_score)
+            .where(schema.utterance_score.c.run_id == run_id)
+            .order_by("audio_id")
+        ).all()
+    assert list(got) == list(want) and len(want) > 3
+    for key in want:
+        assert list(got[key].values) == list(want[key].values), key
+        assert got[key].values == want[key].values and got[key].details == want[key].details, key
+    expected = metrics._utterance_rows(run_id, rows)
+    assert len(stored) == len(expected) > 10
+    assert [{k: r._mapping[k] for k in e} for r, e in zip(stored, expected, strict=True)] == expected

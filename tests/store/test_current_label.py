@@ -1,7 +1,8 @@
 """current_label (0010) against the definition latest_label had before it (0004's query, kept here as
 the reference): after every kind of write (answers of newer and older runs, score after generate,
 evaluation runs, human labels added / changed / removed, answers deleted with their run, a run's purpose
-changed, TRUNCATE), the table and the view say what the old read-time query says."""
+changed, TRUNCATE, and (0011) the clip's files added, moved, quarantined, marked missing or deleted), the
+table and the view say what the old read-time query says."""
 
 from __future__ import annotations
 
@@ -154,3 +155,56 @@ def test_current_label_random_writes_match_the_old_view(engine: Engine) -> None:
             add_cry_answers(engine, run, score=scored, generate=generated)
         add_human(engine, {a: rng.choice(["yes", "no", "unknown"]) for a in rng.sample(ids, 3)})
         _same(engine)
+
+
+def test_current_label_path_follows_audio_file(engine: Engine) -> None:
+    """The path kept in current_label (0011) follows every change of audio_file: a second path with a
+    lower or higher id, a move, quarantine / missing (audio_id cleared), deletion, a re-scan that rewrites
+    the same values (an upsert), and a clip whose only path goes away."""
+    ids = add_audio(engine, 4)
+    run = add_run(engine, "cry", [Job(0, 1, ids, 1.0)])
+    add_cry_answers(engine, run, score={a: 0.5 for a in ids})
+    add_human(engine, {ids[3]: "yes"})
+    f = schema.audio_file
+    _same(engine)
+
+    def write(stmt: sa.Executable) -> list[tuple]:
+        with engine.begin() as conn:
+            conn.execute(stmt)
+        return _same(engine)
+
+    paths = {
+        r[0]: r[13] for r in write(f.insert().values(path="/data/b/second.wav", audio_id=ids[0], status="ok"))
+    }
+    assert paths[ids[0]] == "/data/audio/clip_000.wav"  # the first ok path stays first
+    rows = write(f.update().where(f.c.path == "/data/audio/clip_000.wav").values(path="/data/moved.wav"))
+    assert {r[0]: r[13] for r in rows}[ids[0]] == "/data/moved.wav"
+    rows = write(
+        f.update()
+        .where(f.c.path == "/data/moved.wav")
+        .values(status="quarantined", reason="garbled", audio_id=None)
+    )
+    assert {r[0]: r[13] for r in rows}[ids[0]] == "/data/b/second.wav"
+    rows = write(f.update().where(f.c.audio_id == ids[1]).values(status="missing", audio_id=None))
+    assert {r[0]: r[13] for r in rows}[ids[1]] is None
+    rows = write(
+        f.update().where(f.c.path == "/data/moved.wav").values(status="ok", reason=None, audio_id=ids[0])
+    )
+    assert {r[0]: r[13] for r in rows}[ids[0]] == "/data/moved.wav"
+    rows = write(f.delete().where(f.c.path == "/data/audio/clip_003.wav"))
+    assert {r[0]: r[13] for r in rows}[ids[3]] is None
+    # an upsert rewriting every row with its own values (an ingest re-scan), then one moving a clip
+    upsert = pg_insert(f).from_select(
+        ["path", "audio_id", "status", "reason"], sa.select(f.c.path, f.c.audio_id, f.c.status, f.c.reason)
+    )
+    upsert = upsert.on_conflict_do_update(
+        index_elements=["path"], set_={"audio_id": upsert.excluded.audio_id, "status": upsert.excluded.status}
+    )
+    write(upsert)
+    rows = write(
+        pg_insert(f)
+        .values(path="/data/audio/clip_002.wav", audio_id=ids[1], status="ok")
+        .on_conflict_do_update(index_elements=["path"], set_={"audio_id": ids[1]})
+    )
+    assert {r[0]: r[13] for r in rows}[ids[1]] == "/data/audio/clip_002.wav"
+    assert {r[0]: r[13] for r in rows}[ids[2]] is None

@@ -1,8 +1,9 @@
 """Event-driven runs on a real, distributed Airflow (qwen_tasks/dev/airflow_stack.py: api-server, scheduler,
 dag-processor, triggerer, a Celery worker), with NO trigger call anywhere:
 
-1. 5 new audio files land in a watched folder: the ingest DAG (every minute here) lists them and emits an
-   asset event for that dataset; the labelling DAG starts on it by itself and labels the 5 clips (both
+1. 5 new audio objects land in a watched bucket prefix (a real S3 server, tests/s3_server.py; nothing of
+   them on local disk): the ingest DAG (every minute here) lists them and emits an asset event for that
+   dataset; the labelling DAG starts on it by itself and labels the 5 clips (both
    tasks), and its plan log says why it ran;
 2. `qwen-tasks models promote` (with QWEN_TASKS_AIRFLOW_URL) posts a model asset event through the REST
    API: a labelling run of the cry datasets with the new version's revision starts by itself;
@@ -22,10 +23,12 @@ import pytest
 import sqlalchemy as sa
 from conftest import DATA_TABLES
 from labelling_helpers import write_clips
+from s3_server import S3Server, new_bucket_name
 from services import require_redis
 
 from qwen_tasks.dev.airflow_stack import DAG_ID, AirflowStack, wait_until
 from qwen_tasks.dev.samples import write_cry_training_set
+from qwen_tasks.ingest import sources
 from qwen_tasks.ingest.register import ingest
 from qwen_tasks.review.finetune import FinetuneOptions, train_version
 from qwen_tasks.store import database as db
@@ -37,8 +40,12 @@ INGEST_DAG, FINETUNE_DAG = "qwen_audio_ingest", "qwen_audio_finetune"
 
 @pytest.fixture(scope="module")
 def stack(
-    admin_url: str, database_url: str, tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path
-) -> Any:  # Iterator[tuple[AirflowStack, Path, Any]]
+    admin_url: str,
+    database_url: str,
+    tmp_path_factory: pytest.TempPathFactory,
+    tiny_model_dir: Path,
+    s3_server: S3Server,  # its AWS_* variables reach the stack's processes through the environment
+) -> Any:  # Iterator[tuple[AirflowStack, str, Any]]
     require_redis()
     engine = db.get_engine(database_url)
     with engine.begin() as conn:
@@ -50,8 +57,9 @@ def stack(
     options = FinetuneOptions(task="cry", base=str(tiny_model_dir), device="cpu", min_clips=4, epochs=1,
                               out_dir=str(work / "adapter"), name="cry-v2", eval_method="score")  # fmt: skip
     version = train_version(engine, options)
-    watched = work / "watched"
-    watched.mkdir()
+    bucket = new_bucket_name()
+    sources.filesystem(f"s3://{bucket}").mkdir(bucket)
+    watched = f"s3://{bucket}/watched"
     st = AirflowStack(
         home=work / "home",
         admin_url=admin_url,
@@ -60,7 +68,7 @@ def stack(
         env_extra={
             "QWEN_TASKS_MODEL": str(tiny_model_dir),
             "QWEN_TASKS_DEVICE": "cpu",
-            "QWEN_TASKS_AUDIO_DIRS": str(watched),
+            "QWEN_TASKS_AUDIO_DIRS": watched,
             "QWEN_TASKS_INGEST_SCHEDULE": "* * * * *",  # the shortest cron: every minute
             "QWEN_TASKS_LEASE_SECONDS": "30",
         },
@@ -82,11 +90,13 @@ def _plan_log(st: AirflowStack, run_id: str) -> str:
     return "\n".join(st.task_logs(run_id, "plan").values())
 
 
-def test_new_audio_in_a_watched_folder_is_labelled_with_no_trigger_call(
-    stack: tuple[AirflowStack, Path, Any], database_url: str
+def test_new_audio_in_a_watched_bucket_prefix_is_labelled_with_no_trigger_call(
+    stack: tuple[AirflowStack, str, Any], database_url: str, tmp_path: Path
 ) -> None:
     st, watched, _ = stack
-    write_clips(watched, [1.0] * 5, seed=3)
+    for clip in write_clips(tmp_path / "new", [1.0] * 5, seed=3):
+        sources.filesystem(watched).put_file(str(clip), f"{watched}/{clip.name}")
+        clip.unlink()  # the clips exist only in the bucket
     run = wait_until("an asset-triggered labelling run", lambda: _asset_runs(st), timeout=300, interval=2)[0]
     assert st.wait_for_run(run["run_id"], timeout=600) == "success", st.task_instances(run["run_id"])
     engine = db.get_engine(database_url)
@@ -111,7 +121,7 @@ def test_new_audio_in_a_watched_folder_is_labelled_with_no_trigger_call(
 
 
 def test_a_promotion_from_the_cli_starts_a_relabelling_run_by_itself(
-    stack: tuple[AirflowStack, Path, Any], database_url: str
+    stack: tuple[AirflowStack, str, Any], database_url: str
 ) -> None:
     st, _, version = stack
     before = {r["run_id"] for r in _asset_runs(st)}
@@ -143,7 +153,7 @@ def test_a_promotion_from_the_cli_starts_a_relabelling_run_by_itself(
 
 
 def test_imported_reviews_start_the_fine_tune_which_skips_with_too_few(
-    stack: tuple[AirflowStack, Path, Any], monkeypatch: pytest.MonkeyPatch
+    stack: tuple[AirflowStack, str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from qwen_tasks.orchestration.airflow_api import post_asset_event
 

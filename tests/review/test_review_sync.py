@@ -381,3 +381,30 @@ def test_live_review_of_bucket_audio(
     with engine.connect() as conn:
         for table in schema.metadata.sorted_tables:
             assert secret not in repr(conn.execute(sa.select(table)).all()), table.name
+
+
+def test_s3_access_is_what_we_read_the_bucket_with(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Label Studio's S3 storage gets the DAG connection's storage options when set, else the AWS chain;
+    the secret parts never show in a repr and are masked by `redact`."""
+    from qwen_tasks.ingest import sources
+    from qwen_tasks.orchestration.connection import ConnFields, to_storage_options
+
+    monkeypatch.setattr(sources, "_options", {})
+    chain_env = {"AWS_ACCESS_KEY_ID": "chain-key", "AWS_SECRET_ACCESS_KEY": "chain-secret",
+                 "AWS_ENDPOINT_URL": "http://minio:9000", "AWS_DEFAULT_REGION": "eu-west-1"}  # fmt: skip
+    for name, value in chain_env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
+    chain = sources.s3_access()
+    assert (chain.key, chain.secret, chain.endpoint, chain.region) == (
+        "chain-key", "chain-secret", "http://minio:9000", "eu-west-1")  # fmt: skip
+    assert "chain-secret" not in repr(chain) and "chain-key" not in repr(chain)
+    assert chain.redact("denied for chain-key/chain-secret") == "denied for ***/***"
+
+    conn = ConnFields("aws", login="conn-key", password="conn-secret",
+                      extra={"endpoint_url": "http://ceph:7480", "region_name": "us-east-2"})  # fmt: skip
+    sources.set_storage_options("s3", to_storage_options(conn))
+    dag = sources.s3_access()
+    assert (dag.key, dag.secret, dag.endpoint, dag.region) == ("conn-key", "conn-secret", "http://ceph:7480",
+                                                               "us-east-2")  # fmt: skip

@@ -29,7 +29,7 @@ import posixpath
 import tempfile
 import threading
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -334,3 +334,53 @@ def fetch_verified(url: str, sha256: str, size: int | None = None) -> bytes:
     data = buffer.getvalue()
     cache.put(sha256, data)
     return data
+
+
+@dataclass(frozen=True)
+class S3Access:
+    """The credentials, endpoint and region this process reads `s3://` with, for a service that must read
+    the same bucket on our behalf (Label Studio's S3 import storage). The secret parts are left out of the
+    repr; the caller hands them to that service only, never to a log or the database."""
+
+    key: str | None = field(repr=False)
+    secret: str | None = field(repr=False)
+    token: str | None = field(repr=False)
+    endpoint: str | None
+    region: str | None
+
+    def redact(self, text: str) -> str:
+        """`text` with the key, secret and token masked."""
+        for value in (self.secret, self.token, self.key):
+            if value:
+                text = text.replace(value, "***")
+        return text
+
+
+def s3_access() -> S3Access:
+    """What `filesystem("s3://...")` uses: the storage options an Airflow task set from its connection
+    (`set_storage_options`), else the standard AWS chain as botocore resolves it (AWS_* variables,
+    ~/.aws, AWS_ENDPOINT_URL). ConfigError when neither yields credentials."""
+    with _lock:
+        options = dict(_options.get("s3", {}))
+    if options:
+        client = dict(options.get("client_kwargs") or {})
+        return S3Access(options.get("key"), options.get("secret"), options.get("token"),
+                        options.get("endpoint_url") or client.get("endpoint_url"),
+                        client.get("region_name"))  # fmt: skip
+    import botocore.session
+
+    session = botocore.session.get_session()
+    credentials = session.get_credentials()
+    if credentials is None:
+        raise ConfigError(
+            "no S3 credentials: set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or ~/.aws), or the "
+            "Airflow connection qwen_tasks_s3"
+        )
+    frozen = credentials.get_frozen_credentials()
+    endpoint = (
+        os.environ.get("AWS_ENDPOINT_URL_S3")
+        or os.environ.get("AWS_ENDPOINT_URL")
+        or session.get_config_variable("endpoint_url")
+    )
+    return S3Access(frozen.access_key, frozen.secret_key, frozen.token, endpoint or None,
+                    session.get_config_variable("region") or None)  # fmt: skip

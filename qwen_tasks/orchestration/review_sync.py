@@ -3,8 +3,9 @@
 push_step and pull_step call `review.sync.push` / `pull` (what `qwen-tasks review push / pull` call) and
 return counts only, for XCom. The server comes from the Airflow connection `qwen_tasks_label_studio`
 (host = URL, password = API key, extra `document_root`), else from LABEL_STUDIO_URL /
-LABEL_STUDIO_API_KEY; the key never reaches a log, XCom or the database. Importing this module imports
-neither Airflow nor the Label Studio SDK.
+LABEL_STUDIO_API_KEY; the key never reaches a log, XCom or the database. Clips in a bucket are served
+through an S3 storage made with the connection `qwen_tasks_s3` (else the AWS chain). Importing this
+module imports neither Airflow nor the Label Studio SDK.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from qwen_tasks.errors import ConfigError
-from qwen_tasks.orchestration.connection import resolve_database_url
+from qwen_tasks.orchestration.connection import resolve_database_url, use_object_storage_connection
 from qwen_tasks.records import Task
 from qwen_tasks.review.queue import DEFAULT_RANDOM_SHARE, Strategy
 from qwen_tasks.review.sync import DEFAULT_LIMIT, DEFAULT_STRATEGY
@@ -79,6 +80,7 @@ def _setup(params: Mapping[str, Any], database_url: str | None, config: Any) -> 
     from qwen_tasks.review.label_studio_server import Server
 
     options = SyncOptions.from_mapping(params)
+    use_object_storage_connection()  # bucket audio: Label Studio's S3 storage gets what we read it with
     engine = db.get_engine(database_url or resolve_database_url())
     db.upgrade(engine)
     return options, engine, Server(config if config is not None else server_config())

@@ -96,6 +96,8 @@ def _cry_query(run_id: int) -> sa.Select:
             score.c.p_yes.label("score_p_yes"),
             score.c.label.label("score_label"),
             score.c.threshold,
+            score.c.calibration_id,
+            score.c.p_calibrated,
             score.c.windows.label("score_windows"),
             gen.c.raw_answer,
             gen.c.p_yes.label("gen_p_yes"),
@@ -250,6 +252,7 @@ def _cry_parts(q: Any) -> list[sa.ColumnElement]:
     c = q.c
     scored = c.score_label.is_not(None)
     generated = c.gen_label.is_not(None)
+    calibrated = sa.and_(scored, c.calibration_id.is_not(None))  # a calibrated rule decided the label
     return [
         _json("audio", c.path),
         _json("audio_id", c.audio_id),
@@ -257,6 +260,8 @@ def _cry_parts(q: Any) -> list[sa.ColumnElement]:
         _json("p_yes", sa.case((scored, c.score_p_yes), else_=c.gen_p_yes)),
         _json("label", sa.case((scored, c.score_label), else_=c.gen_label)),
         sa.case((scored, _json("threshold", c.threshold))),
+        sa.case((calibrated, _json("calibration_id", c.calibration_id))),
+        sa.case((calibrated, _json("p_calibrated", c.p_calibrated))),
         sa.case((sa.and_(scored, generated), _json("answer_label", c.gen_label))),
         _json("gold", c.gold),
         _windows(sa.case((scored, c.score_windows), else_=c.gen_windows)),
@@ -285,6 +290,9 @@ def _cry_row(row: Any) -> dict[str, Any]:
     out["label"] = row.score_label if scored else row.gen_label
     if scored:
         out["threshold"] = row.threshold
+    if scored and row.calibration_id is not None:  # the calibrated rule that decided the label
+        out["calibration_id"] = row.calibration_id
+        out["p_calibrated"] = row.p_calibrated
     if scored and row.gen_label is not None:
         out["answer_label"] = row.gen_label  # what the normaliser read from the generated answer
     out["gold"] = row.gold

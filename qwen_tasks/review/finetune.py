@@ -47,6 +47,7 @@ from qwen_tasks.quality.calibration import check_method, check_target_precision
 from qwen_tasks.records import (
     MAX_QUESTION_CHARS,
     QUESTION_PATTERN,
+    CalibrationMethod,
     LabelRequest,
     ModelVersionStatus,
     RunStatus,
@@ -253,6 +254,23 @@ def dag_param_specs(settings: Any = None) -> dict[str, dict[str, Any]]:
             "maximum": 1,
             "title": "Min improvement",
             "description": "Gate: the candidate must beat the base on held-out audio by this margin.",
+        },
+        "calibration": {
+            "default": d.calibration,
+            "type": "string",
+            "enum": [m.value for m in CalibrationMethod],
+            "title": "Calibration",
+            "description": "cry: the probability calibration fitted on the version's held-out run beside "
+            "its decision threshold (none, platt or isotonic).",
+        },
+        "target_precision": {
+            "default": d.target_precision,
+            **_number("number", True),
+            "exclusiveMinimum": 0,
+            "maximum": 1,
+            "title": "Target precision",
+            "description": "cry: the lowest threshold whose held-out precision reaches this. Empty: the "
+            "threshold that maximises F1.",
         },
         "auto_promote": {"default": False, "type": "boolean", "title": "Promote if it passes the gate"},
         "device": {"default": "auto", "type": "string", "enum": [d.value for d in Device], "title": "Device"},

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -204,14 +205,53 @@ def export_label_studio(
             if run is not None
             else []
         )
-    tasks = [_task(r, task, run, question, audio_root, audio_prefix) for r in rows if r.path is not None]
+        calibrated = calibrations(conn, [(r.run_id, r.audio_id) for r in rows]) if task == "cry" else {}
+    tasks = [
+        _task(r, task, run, question, audio_root, audio_prefix, calibrated.get((r.run_id, r.audio_id)))
+        for r in rows
+        if r.path is not None
+    ]
     return _write_tasks(Path(out), task, tasks, run_id)
 
 
+def calibrations(
+    conn: sa.Connection, clips: Iterable[tuple[int, int]]
+) -> dict[tuple[int, int], dict[str, Any]]:
+    """(run id, audio id) -> `calibration_id`, `threshold` and `p_calibrated` of the clip's score answer in
+    that run, for the clips whose label a calibrated decision rule decided (cry_answer.calibration_id);
+    clips decided by the plain threshold are absent. What a reviewer's task shows beside p_yes."""
+    pairs = sorted(set(clips))
+    if not pairs:
+        return {}
+    c = cry_answer.c
+    rows = conn.execute(
+        sa.select(c.run_id, c.audio_id, c.calibration_id, c.threshold, c.p_calibrated).where(
+            c.method == "score",
+            c.calibration_id.is_not(None),
+            sa.tuple_(c.run_id, c.audio_id).in_(pairs),
+        )
+    ).all()
+    return {
+        (r.run_id, r.audio_id): {
+            "calibration_id": r.calibration_id,
+            "threshold": r.threshold,
+            "p_calibrated": r.p_calibrated,
+        }  # fmt: skip
+        for r in rows
+    }
+
+
 def _task(
-    r: Any, task: str, run: Any, question: str | None, audio_root: str | None, audio_prefix: str | None
+    r: Any,
+    task: str,
+    run: Any,
+    question: str | None,
+    audio_root: str | None,
+    audio_prefix: str | None,
+    calibration: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """One Label Studio task: the clip's audio and context, the model's answer as its prediction."""
+    """One Label Studio task: the clip's audio and context (with the calibrated rule that decided its
+    label, from `calibrations`), the model's answer as its prediction."""
     data: dict[str, Any] = {
         "audio": audio_reference(r.path, audio_root, audio_prefix),
         "path": r.path,
@@ -226,7 +266,7 @@ def _task(
             "p_yes": r.p_yes,
             "gold_label": r.gold_label,
             "answer": r.raw_answer,
-        }
+        } | (calibration or {})
         result = {
             "from_name": FROM_NAME[task],
             "to_name": "audio",
@@ -287,11 +327,13 @@ def _export_ranked(
             ).all()
         }
         questions = {i: question or get_run(conn, i).request.question for i in runs} if task == "cry" else {}
+        calibrated = calibrations(conn, [(c.run_id, c.audio_id) for c in clips]) if task == "cry" else {}
         tasks = []
         for clip, r in zip(clips, rows, strict=True):
             if r.path is None:
                 continue  # no readable path any more: nothing a reviewer could listen to
-            item = _task(r, task, runs[clip.run_id], questions.get(clip.run_id), audio_root, audio_prefix)
+            item = _task(r, task, runs[clip.run_id], questions.get(clip.run_id), audio_root, audio_prefix,
+                         calibrated.get((clip.run_id, clip.audio_id)))  # fmt: skip
             item["data"] |= {"strategy": clip.strategy.value, "priority": clip.priority}
             tasks.append(item)
         kept = {t["data"]["audio_id"] for t in tasks}

@@ -3,12 +3,14 @@
 Owns: where the server is and the key to it (`ServerConfig`: environment, or the DAG's Airflow
 connection), every SDK call turned into one redacted line on failure, the project of a (dataset, task)
 found again or created with our labelling config, and where Label Studio fetches a clip's audio from
-(`AudioSource`: a Local Files storage under its document root; an `s3://` clip maps to an S3 import
-storage on its bucket, pending the object-storage branch). `qwen_tasks.review.sync` decides what to push
-and pull and keeps the database side.
+(`AudioSource`: a Local Files storage under its document root, or an S3 import storage on the bucket of
+an `s3://` clip, which Label Studio resolves to presigned URLs). `qwen_tasks.review.sync` decides what to
+push and pull and keeps the database side.
 
 The API key is never logged, stored or put in an error message: `ServerConfig` leaves it out of its repr,
-and `redact` masks it in any text that leaves this module.
+and `redact` masks it in any text that leaves this module. The S3 credentials (`sources.s3_access`: the
+ones we read the bucket with) go to Label Studio's storage settings only, which is what the storage needs
+to presign; never to our database or a log, and masked in any error.
 """
 
 from __future__ import annotations
@@ -199,6 +201,38 @@ class Server:
             ) from None
         return int(created.id)
 
+    def ensure_s3_storage(self, project_id: int, bucket: str, prefix: str, access: Any) -> int:
+        """An S3 import storage of the project on `bucket` (Label Studio resolves an `s3://bucket/key` task
+        URL through the storage of that bucket, presigning it); reuses the project's storage on that bucket,
+        so the credentials are sent once. `access` is `sources.S3Access`; its secret never shows in an
+        error."""
+        with self.call(f"listing the S3 storages of project {project_id}"):
+            existing = self.client.import_storage.s3.list(project=project_id)
+        for storage in existing:
+            if storage.bucket == bucket:
+                return int(storage.id)
+        optional = {"aws_session_token": access.token, "s3endpoint": access.endpoint,
+                    "region_name": access.region}  # fmt: skip
+        try:
+            with self.call(f"creating an S3 storage on s3://{bucket}/{prefix} for project {project_id}"):
+                created = self.client.import_storage.s3.create(
+                    project=project_id, bucket=bucket, prefix=prefix, title=STORAGE_TITLE, presign=True,
+                    use_blob_urls=False, aws_access_key_id=access.key, aws_secret_access_key=access.secret,
+                    **{k: v for k, v in optional.items() if v},
+                )  # fmt: skip
+        except (ConfigError, LabelStudioUnavailable) as exc:
+            text = access.redact(str(exc))
+            hint = (
+                "Label Studio refuses storage endpoints on private or loopback addresses: start it with "
+                "USE_DEFAULT_BANNED_SUBNETS=false (or SSRF_PROTECTION_ENABLED=false)"
+                if "reserved network address" in text
+                else "Label Studio reads the bucket with the credentials and endpoint we read it with (AWS_* "
+                f"variables or the connection qwen_tasks_s3): it must reach {access.endpoint or 'AWS S3'} "
+                "with them"
+            )
+            raise type(exc)(f"{text}; {hint} (docs/review.md)") from None
+        return int(created.id)
+
     # --- tasks and annotations -----------------------------------------------------------------------
 
     def import_tasks(self, project_id: int, tasks: list[dict[str, Any]]) -> list[int]:
@@ -235,7 +269,8 @@ class AudioSource:
 
     kind "local": a Local Files storage on `storage_path` (the top folder under the document root that
     holds the clip; Label Studio refuses the root itself). kind "s3": an S3 import storage on the bucket
-    (pending: the object-storage branch brings `s3://` audio).
+    `storage_path` (`s3://bucket`); the task's audio is the object's own URL, which Label Studio turns
+    into a presigned one through that storage.
     """
 
     kind: str
@@ -246,10 +281,12 @@ class AudioSource:
 def audio_source(path: str, document_root: str | None) -> AudioSource:
     """Map a clip's stored path to what Label Studio needs; ValueError says why a clip cannot be served."""
     if path.startswith("s3://"):
-        raise ValueError(
-            f"{path}: S3 audio needs an S3 import storage on its bucket, which comes with the object-storage "
-            "branch (pending)"
-        )
+        bucket, _, key = path.removeprefix("s3://").partition("/")
+        if not bucket or not key:
+            raise ValueError(f"{path}: not an object URL (s3://bucket/key)")
+        return AudioSource(kind="s3", url=path, storage_path=f"s3://{bucket}")
+    if "://" in path:
+        raise ValueError(f"{path}: Label Studio storages are set up here for local and s3:// audio only")
     if document_root is None:
         raise ConfigError(
             f"{ROOT_VAR} is not set: Label Studio serves local audio only from LOCAL_FILES_DOCUMENT_ROOT; "

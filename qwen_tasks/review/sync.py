@@ -4,9 +4,10 @@ reviewers' answers back (the DAG qwen_audio_review_sync runs both hourly).
 Push, per dataset of the task: find or create the dataset's project (`label_studio_server`), adopt any
 task Label Studio holds that we did not record (a push killed after Label Studio created tasks and before
 our commit), ask the review queue (`review.queue.rank`) for clips, give Label Studio a storage that
-serves their audio, and import them as tasks with the model's answer as a prediction. Each batch's Label
-Studio task ids are committed with it (review_task), so a clip is never pushed twice to one project; the
-queue never offers a clip already reviewed for the task.
+serves their audio (Local Files under its document root, or S3 on a clip's bucket), and import them as
+tasks with the model's answer as a prediction. Each batch's Label Studio task ids are committed with it
+(review_task), so a clip is never pushed twice to one project; the queue never offers a clip already
+reviewed for the task.
 
 Pull, per project: list its tasks and annotations, write what is new or has a newer updated_at than the
 stored copy, delete what Label Studio no longer has (review_annotation), and re-resolve the human label of
@@ -17,6 +18,7 @@ nothing, and a pull killed half way leaves every project either pulled or not.
 from __future__ import annotations
 
 import logging
+import posixpath
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -27,13 +29,14 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Engine
 
 from qwen_tasks.errors import ConfigError
-from qwen_tasks.ingest import datasets
+from qwen_tasks.ingest import datasets, sources
 from qwen_tasks.labelling.jobs import get_run
 from qwen_tasks.records import Task
 from qwen_tasks.review import queue
 from qwen_tasks.review.label_studio import (
     CHOICE_OF,
     FROM_NAME,
+    calibrations,
     choice_label,
     text_value,
     upsert_human_label,
@@ -187,6 +190,7 @@ def _task_payload(
             )
         ).scalar()
         data |= {"question": get_run(conn, run.id).request.question, "p_yes": model.p_yes, "answer": raw}
+        data |= calibrations(conn, [(clip.run_id, clip.audio_id)]).get((clip.run_id, clip.audio_id), {})
         value: dict[str, Any] = {"choices": [CHOICE_OF[model.model_label or "unknown"]]}
         kind = "choices"
     else:
@@ -198,6 +202,23 @@ def _task_payload(
     if model.p_yes is not None:
         prediction["score"] = float(model.p_yes)
     return {"data": data, "predictions": [prediction]}
+
+
+def _ensure_storages(server: Server, ls_id: int, storages: dict[str, list[str]]) -> None:
+    """Give the project a storage for each place its new clips' audio lives: a Local Files storage per
+    folder, an S3 import storage per bucket (prefix: the deepest folder holding all its clips there), read
+    with the credentials we read the bucket with (`sources.s3_access`)."""
+    access = None
+    for place, paths in sorted(storages.items()):
+        if not place.startswith("s3://"):
+            server.ensure_local_storage(ls_id, place)
+            continue
+        if access is None:
+            access = sources.s3_access()
+        bucket = place.removeprefix("s3://")
+        folders = [posixpath.dirname(p.removeprefix(place + "/")) for p in paths]
+        prefix = posixpath.commonpath(folders) if all(folders) else ""
+        server.ensure_s3_storage(ls_id, bucket, prefix, access)
 
 
 def push(
@@ -245,7 +266,7 @@ def push(
                 ).all()
             )
             ready: list[tuple[queue.QueuedClip, dict[str, Any]]] = []
-            storages: set[str] = set()
+            storages: dict[str, list[str]] = {}  # local folder or s3://bucket -> the clips it serves
             for clip in clips:
                 path = paths.get(clip.audio_id)
                 try:
@@ -255,10 +276,9 @@ def push(
                 except ValueError as exc:
                     summary.skipped.append(str(exc))
                     continue
-                storages.add(source.storage_path)
+                storages.setdefault(source.storage_path, []).append(path)
                 ready.append((clip, _task_payload(conn, clip, source, path, d.name)))
-        for folder in sorted(storages):
-            server.ensure_local_storage(ls_id, folder)
+        _ensure_storages(server, ls_id, storages)
         pushed = 0
         for start in range(0, len(ready), BATCH):
             batch = ready[start : start + BATCH]

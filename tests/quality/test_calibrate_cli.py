@@ -16,6 +16,7 @@ from sqlalchemy.engine import Engine
 
 from qwen_tasks.labelling import decision
 from qwen_tasks.labelling.options import DEFAULT_QUESTION
+from qwen_tasks.review.export import export_lines, export_rows
 from qwen_tasks.store import schema
 
 pytestmark = pytest.mark.slow
@@ -104,12 +105,40 @@ def test_calibrate_base_model_then_label_with_it(
     # the raw p_yes is untouched: the same model on the same clips gave the same p_yes as before
     assert [r.p_yes for r in rows] == pytest.approx([r.p_yes for r in _answers(engine, first_run)], abs=1e-6)
 
+    # the review and export surfaces show the rule beside p_yes: `export` lines (COPY and Python paths)
+    # and Label Studio tasks carry calibration_id, threshold and p_calibrated
+    out_file = tmp_path / "labels.jsonl"
+    exported = run_cli(
+        ["export", "--task", "cry", "--run", str(run_id), "--out", str(out_file)], database_url
+    )
+    assert exported.returncode == 0, exported.stderr
+    lines = [json.loads(line) for line in out_file.read_text().splitlines()]
+    assert sorted((x["p_yes"], x["calibration_id"], x["threshold"], x["p_calibrated"], x["label"])
+                  for x in lines) == sorted(
+        (r.p_yes, rule.id, rule.threshold, r.p_calibrated, r.label) for r in rows)  # fmt: skip
+    assert list(export_rows(engine, "cry", run_id)) == [
+        json.loads(t) for t in export_lines(engine, "cry", run_id)
+    ]
+    ls_file = tmp_path / "review" / "cry.json"
+    review = ["review-export", "--task", "cry", "--strategy", "random", "--limit", "12",
+              "--out", str(ls_file)]  # fmt: skip
+    assert run_cli(review, database_url).returncode == 0
+    tasks = json.loads(ls_file.read_text())
+    assert len(tasks) == 12
+    p_calibrated = {r.p_yes: r.p_calibrated for r in rows}
+    for t in tasks:
+        data = t["data"]
+        assert (data["calibration_id"], data["threshold"]) == (rule.id, rule.threshold)
+        assert data["p_calibrated"] == pytest.approx(p_calibrated[data["p_yes"]])
+
     # an explicit --threshold wins: plain p_yes >= 0.3, no rule recorded
     manual = run_cli([*label, "--relabel", "--threshold", "0.3"], database_url)
     assert manual.returncode == 0, manual.stderr
     for r in _answers(engine, last_json(manual.stdout)["run_id"]):
         assert r.calibration_id is None and r.p_calibrated is None and r.threshold == 0.3
         assert r.label == ("yes" if r.p_yes >= 0.3 else "no")
+    plain = list(export_rows(engine, "cry", last_json(manual.stdout)["run_id"]))
+    assert plain and all("calibration_id" not in x and "p_calibrated" not in x for x in plain)
 
     metrics = run_cli(["metrics", "--run", str(run_id), "--json"], database_url)
     assert metrics.returncode == 0, metrics.stderr

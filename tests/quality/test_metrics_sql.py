@@ -105,11 +105,38 @@ def test_export_lines_are_the_rows_as_json(engine: Engine) -> None:
                 raw_answer='"是的"\n',
             )
         )
+        # score answers decided by a calibrated rule: export adds calibration_id and p_calibrated
+        rule = conn.execute(
+            schema.decision_calibration.insert()
+            .values(
+                model="m",
+                prompt_template="t",
+                method="platt",
+                threshold=0.375,
+                objective="max_f1",
+                n_labels=30,
+                n_yes=15,
+            )  # fmt: skip
+            .returning(schema.decision_calibration.c.id)
+        ).scalar_one()
+        a = schema.cry_answer.c
+        conn.execute(
+            schema.cry_answer.update()
+            .where(a.run_id == run_id, a.method == "score", a.audio_id.in_(range(5, 15)))
+            .values(calibration_id=rule, threshold=0.375, p_calibrated=a.p_yes / 2 + 0.0625)
+        )
     asr_run, _ = seed_asr_scenario(engine)
     for task, run in (("cry", run_id), ("asr", asr_run)):
         lines = list(export.export_lines(engine, task, run))
         rows = list(export.export_rows(engine, task, run))
         assert [json.loads(line) for line in lines] == rows
+        if task == "cry":
+            calibrated = [r for r in rows if "calibration_id" in r]
+            assert calibrated and all(
+                r["calibration_id"] == rule and r["threshold"] == 0.375 for r in calibrated
+            )
+            assert all(r["p_calibrated"] == r["p_yes"] / 2 + 0.0625 for r in calibrated)
+            assert all("p_calibrated" not in r for r in rows if r not in calibrated)
         copied = io.StringIO()  # what `qwen-tasks export` writes: COPY ... TO STDOUT, byte for byte
         assert export.export_copy(engine, task, run)(copied) == len(lines)
         assert copied.getvalue() == "".join(line + "\n" for line in lines)

@@ -605,3 +605,32 @@ def test_the_dag_params_carry_the_dataset_scope() -> None:
     )
     assert opts.datasets == ("set-a",) and opts.test_datasets == ("eval", "x")
     assert finetune.options_from_params({"task": "cry", "datasets": []}).datasets == ()
+
+
+def test_the_dag_form_offers_calibration_and_target_precision() -> None:
+    """The fine-tune form's calibration and target precision come from FinetuneOptions (one declaration):
+    its defaults, the methods quality.calibration knows; the Airflow Param refuses what the options refuse,
+    and what the form sends reaches FinetuneOptions."""
+    from airflow.sdk import Param
+    from airflow.sdk.exceptions import ParamValidationError
+
+    specs = finetune.dag_param_specs()
+    d = finetune.FinetuneOptions()
+    assert specs["calibration"]["default"] == d.calibration == "platt"
+    assert specs["calibration"]["enum"] == ["none", "platt", "isotonic"]
+    assert specs["target_precision"]["default"] is d.target_precision is None
+
+    def param(name: str) -> Param:
+        spec = dict(specs[name])
+        return Param(spec.pop("default"), **spec)
+
+    assert param("calibration").resolve("isotonic") == "isotonic"
+    assert param("target_precision").resolve(0.95) == 0.95 and param("target_precision").resolve(None) is None
+    for name, bad in (("calibration", "sigmoid"), ("target_precision", 1.5), ("target_precision", 0)):
+        with pytest.raises(ParamValidationError):
+            param(name).resolve(bad)
+    opts = finetune.options_from_params({"task": "cry", "calibration": "isotonic", "target_precision": 0.95})
+    assert (opts.calibration, opts.target_precision) == ("isotonic", 0.95)
+    assert finetune.options_from_params({"task": "cry", "target_precision": None}).target_precision is None
+    with pytest.raises(ConfigError, match="--target-precision must be in"):
+        finetune.options_from_params({"task": "cry", "target_precision": 2})

@@ -16,7 +16,8 @@ from typing import Any
 import label_studio_server
 import pytest
 import sqlalchemy as sa
-from labelling_helpers import ingest_clips, run_cli
+from labelling_helpers import ingest_clips, run_cli, write_clips
+from s3_server import S3Server
 from services import require_label_studio
 from sqlalchemy.engine import Engine
 
@@ -263,8 +264,10 @@ def test_audio_source_maps_local_paths_below_the_document_root() -> None:
         audio_source("/elsewhere/a.wav", "/srv/ls")
     with pytest.raises(ValueError, match="directly in LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT"):
         audio_source("/srv/ls/a.wav", "/srv/ls")
-    with pytest.raises(ValueError, match="S3 import storage"):
-        audio_source("s3://bucket/a.wav", "/srv/ls")
+    source = audio_source("s3://bucket/day 1/a.wav", None)  # no document root needed for bucket audio
+    assert (source.kind, source.url, source.storage_path) == ("s3", "s3://bucket/day 1/a.wav", "s3://bucket")
+    with pytest.raises(ValueError, match="not an object URL"):
+        audio_source("s3://bucket", "/srv/ls")
     with pytest.raises(ConfigError, match="LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT is not set"):
         audio_source("/srv/ls/audio/a.wav", None)
 
@@ -279,3 +282,129 @@ def test_an_unreachable_server_is_one_line(engine: Engine, database_url: str, tm
     assert result.returncode == 1 and "Traceback" not in result.stderr
     error = json.loads(result.stdout)["error"]
     assert error.startswith("Label Studio at http://127.0.0.1:1 is not reachable") and "k3y" not in error
+
+
+@pytest.mark.slow
+def test_live_review_of_bucket_audio(
+    server: label_studio_server.LabelStudioServer,
+    engine: Engine,
+    database_url: str,
+    tiny_model_dir: Path,
+    s3_server: S3Server,
+    s3_bucket: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Audio only in a bucket (the real moto S3 server): ingest the prefix, label, push (Label Studio gets
+    an S3 import storage on the bucket and tasks whose audio is the object URL), fetch each task's audio
+    through Label Studio's presigned URL and compare bytes, annotate, pull; then calibrate on the reviewed
+    labels, label again, and push the clip left: its task shows the calibrated rule that decided it."""
+    import httpx
+    from label_studio_sdk import LabelStudio
+
+    from qwen_tasks.ingest import sources
+
+    monkeypatch.delenv("QWEN_TASKS_ALLOWED_ROOTS", raising=False)
+    monkeypatch.setenv("QWEN_TASKS_OBJECT_CACHE_DIR", str(tmp_path / "object-cache"))
+    url = database_url
+    prefix = f"s3://{s3_bucket}/nursery"
+    content = {}
+    for path in write_clips(tmp_path / "local", [1.0, 1.3, 1.6, 1.9], seed=5):
+        key = f"{prefix}/night 1/{path.name}"
+        sources.filesystem(key).put_file(str(path), key)
+        content[key] = path.read_bytes()
+        path.unlink()  # the audio lives in the bucket only
+    ingested = run_cli(["ingest", prefix, "--json"], url)
+    assert ingested.returncode == 0, ingested.stderr[-3000:]
+    labelled = run_cli(["label", "--task", "cry", "--model", str(tiny_model_dir), "--device", "cpu",
+                        "--max-new-tokens", "4"], url)  # fmt: skip
+    assert labelled.returncode == 0, labelled.stderr[-3000:]
+
+    no_root = {"LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": ""}  # bucket audio needs no local document root
+    args = ["review", "push", "--task", "cry", "--dataset", "nursery", "--strategy", "random", "--json"]
+    result = run_cli([*args, "--limit", "3"], url, **{**server.env(), **no_root})
+    assert result.returncode == 0, result.stderr[-3000:]
+    secret = s3_server.env["AWS_SECRET_ACCESS_KEY"]
+    assert secret not in result.stdout + result.stderr
+    pushed = json.loads(result.stdout)
+    assert pushed["pushed"] == 3 and not pushed["skipped"]
+    project = pushed["projects"][0]["project_id"]
+
+    ls = LabelStudio(base_url=server.url, api_key=server.token)
+    (storage,) = ls.import_storage.s3.list(project=project)
+    assert (storage.bucket, storage.prefix, storage.presign) == (s3_bucket, "nursery/night 1", True)
+    assert storage.s3endpoint == s3_server.endpoint
+    auth = {"Authorization": f"Token {server.token}"}
+    tasks = list(ls.tasks.list(project=project, resolve_uri=False))  # as pushed
+    assert len(tasks) == 3 and {t.data["audio"] for t in tasks} < set(content)
+    assert all("calibration_id" not in t.data for t in tasks)  # decided by the plain threshold
+    for task in tasks:  # what the browser does: the task's resolved URL, redirected to a presigned GET
+        resolved = httpx.get(f"{server.url}/api/tasks/{task.id}", headers=auth).json()["data"]["audio"]
+        assert not resolved.startswith("s3://")
+        got = httpx.get(httpx.URL(server.url).join(resolved), headers=auth, follow_redirects=True)
+        assert got.status_code == 200 and got.content == content[task.data["audio"]]
+    assert s3_server.object_gets(s3_bucket) >= 3 + len(tasks)  # ingest, then Label Studio's presigned reads
+
+    for task, label in zip(sorted(tasks, key=lambda t: t.id), ("Yes", "No", "Yes"), strict=True):
+        ls.annotations.create(id=task.id, result=_choice(label), lead_time=2.0)
+    pulled = _cli(["review", "pull", "--task", "cry"], url, server)
+    assert (pulled["new"], pulled["labels_written"]) == (3, 3)
+    ids = {t.data["audio_id"]: t.id for t in tasks}
+    gold = {r.audio_id: (r.gold_label, r.source) for r in _rows(engine, "SELECT * FROM cry_gold")}
+    by_task = dict(zip(sorted(ids.values()), ("yes", "no", "yes"), strict=True))
+    assert gold == {a: (by_task[t], "human") for a, t in ids.items()}
+
+    # calibrate the model on the reviewed labels, label again (decided by the rule), push the fourth clip
+    model = ["--model", str(tiny_model_dir)]
+    fitted = run_cli(["calibrate", "--task", "cry", *model, "--json"], url)
+    assert fitted.returncode == 0, fitted.stderr[-3000:]
+    rule = json.loads(fitted.stdout.strip().splitlines()[-1])
+    relabelled = run_cli(["label", "--task", "cry", *model, "--device", "cpu", "--max-new-tokens", "4",
+                          "--relabel"], url)  # fmt: skip
+    assert relabelled.returncode == 0, relabelled.stderr[-3000:]
+    again = run_cli(args, url, **{**server.env(), **no_root})
+    assert json.loads(again.stdout)["pushed"] == 1, again.stderr[-3000:]
+    assert len(ls.import_storage.s3.list(project=project)) == 1  # the storage (and the keys) sent once
+    (fourth,) = [t for t in ls.tasks.list(project=project, resolve_uri=False) if t.id not in ids.values()]
+    answer = _rows(engine, "SELECT a.* FROM cry_answer a JOIN current_label c ON c.run_id = a.run_id AND "
+                   "c.audio_id = a.audio_id AND c.task = 'cry' WHERE a.audio_id = :a AND a.method = 'score'",
+                   a=fourth.data["audio_id"])[0]  # fmt: skip
+    assert answer.calibration_id == rule["calibration_id"]
+    assert fourth.data["calibration_id"] == rule["calibration_id"]
+    assert (fourth.data["threshold"], fourth.data["p_calibrated"]) == (answer.threshold, answer.p_calibrated)
+    got = httpx.get(httpx.URL(server.url).join(
+        httpx.get(f"{server.url}/api/tasks/{fourth.id}", headers=auth).json()["data"]["audio"]),
+        headers=auth, follow_redirects=True)  # fmt: skip
+    assert got.content == content[fourth.data["audio"]]
+
+    # the S3 secret is in Label Studio's storage settings (its purpose), nowhere in our database
+    with engine.connect() as conn:
+        for table in schema.metadata.sorted_tables:
+            assert secret not in repr(conn.execute(sa.select(table)).all()), table.name
+
+
+def test_s3_access_is_what_we_read_the_bucket_with(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Label Studio's S3 storage gets the DAG connection's storage options when set, else the AWS chain;
+    the secret parts never show in a repr and are masked by `redact`."""
+    from qwen_tasks.ingest import sources
+    from qwen_tasks.orchestration.connection import ConnFields, to_storage_options
+
+    monkeypatch.setattr(sources, "_options", {})
+    chain_env = {"AWS_ACCESS_KEY_ID": "chain-key", "AWS_SECRET_ACCESS_KEY": "chain-secret",
+                 "AWS_ENDPOINT_URL": "http://minio:9000", "AWS_DEFAULT_REGION": "eu-west-1"}  # fmt: skip
+    for name, value in chain_env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
+    chain = sources.s3_access()
+    assert (chain.key, chain.secret, chain.endpoint, chain.region) == (
+        "chain-key", "chain-secret", "http://minio:9000", "eu-west-1")  # fmt: skip
+    assert "chain-secret" not in repr(chain) and "chain-key" not in repr(chain)
+    assert chain.redact("denied for chain-key/chain-secret") == "denied for ***/***"
+
+    conn = ConnFields("aws", login="conn-key", password="conn-secret",
+                      extra={"endpoint_url": "http://ceph:7480", "region_name": "us-east-2"})  # fmt: skip
+    sources.set_storage_options("s3", to_storage_options(conn))
+    dag = sources.s3_access()
+    assert (dag.key, dag.secret, dag.endpoint, dag.region) == ("conn-key", "conn-secret", "http://ceph:7480",
+                                                               "us-east-2")  # fmt: skip

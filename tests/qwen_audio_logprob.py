@@ -65,9 +65,13 @@ def recompute(backend, wave: np.ndarray, tmp: Path) -> dict:
         new = out.sequences[0, prompt_len:].tolist()
         n = next((k + 1 for k, t in enumerate(new) if t in backend.stop_ids), len(new))
         ids = out.sequences[:, : prompt_len + n]
-        logits = backend.model(
-            input_ids=ids, attention_mask=torch.ones_like(ids), audio_info=audio_info, use_cache=False
-        ).logits[0, prompt_len - 1 : prompt_len + n - 1].float()
+        logits = (
+            backend.model(
+                input_ids=ids, attention_mask=torch.ones_like(ids), audio_info=audio_info, use_cache=False
+            )
+            .logits[0, prompt_len - 1 : prompt_len + n - 1]
+            .float()
+        )
     chosen = ids[0, prompt_len:, None]
     logprobs = torch.log_softmax(logits, dim=-1).gather(-1, chosen).squeeze(-1)
     masked = logits.clone()

@@ -453,6 +453,15 @@ def test_tiny_qwen_audio_end_to_end(
     batched, alone = _labels(engine, asr_run), _labels(engine, asr1["run_id"])
     assert set(batched) == set(ids.values()) and batched == alone
     assert all(text for text, _ in batched.values())
+    with engine.connect() as conn:  # each transcript's confidence, stored by the worker (not NULL)
+        t = schema.transcription.c
+        confidence = conn.execute(sa.select(t.run_id, t.audio_id, t.mean_logprob)).all()
+    by_run = {(r.run_id, r.audio_id): r.mean_logprob for r in confidence}
+    assert all(v is not None and v < 0.0 for v in by_run.values())
+    figures["asr_max_d_mean_logprob_batch8_vs_1"] = max(
+        abs(by_run[asr_run, a] - by_run[asr1["run_id"], a]) for a in ids.values()
+    )
+    assert figures["asr_max_d_mean_logprob_batch8_vs_1"] <= 1e-4
     assert count(engine, schema.transcription) == 16 and count(engine, schema.label_failure) == 0
 
     # the asset the remote audio front end loads from its own folder was put there
@@ -488,6 +497,36 @@ def test_torch_features_give_the_remote_paths_inputs_and_labels(qa_checkpoint: t
         if name.startswith("cry"):
             assert labels["max_dp_yes"] <= 1e-5 and labels["distinct_p_yes"] > 10, name
     print(f"\nqwen-audio features, remote vs torch: {json.dumps(report)}")
+
+
+@pytest.mark.slow
+def test_mean_logprob_is_the_models_mean_log_probability_of_the_generated_tokens(
+    qa_checkpoint: tuple[Path, Path],
+) -> None:
+    """transcription.mean_logprob of the Qwen-Audio backend (tests/qwen_audio_logprob.py, in its
+    environment): 3 clips labelled in one batch = each clip's mean log-softmax of its greedy tokens by a
+    teacher-forced forward pass of the stock path (remote `process_audio`, plain `generate`), within
+    1e-4, with the same text as that plain `generate`. Again with an LM head biased towards the
+    end-of-document token, where `min_new_tokens=1` masks it at the first step: the value is still the
+    model's, not the masked scores' (which differ by several nats there)."""
+    checkpoint, hf_home = qa_checkpoint
+    proc = subprocess.run(
+        [str(qa_python()), str(ROOT / "tests" / "qwen_audio_logprob.py"), str(checkpoint)],
+        capture_output=True, text=True, timeout=600, check=False,
+        env={**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    report = _last_json(proc)
+    for case in ("stock", "eod_favoured"):
+        rows = report[case]
+        for row in rows:
+            assert row["error"] is None and row["text"] == row["plain_text"], (case, row)
+            assert row["mean_logprob"] == pytest.approx(row["recomputed"], abs=1e-4), (case, row)
+            assert row["mean_logprob"] < 0.0
+        assert len({round(r["mean_logprob"], 4) for r in rows}) == len(rows), case  # really per clip
+    for row in report["eod_favoured"]:
+        assert row["ids"][-1] == report["eod_id"] and len(row["ids"]) == 2  # one token forced, then eod
+        assert row["recomputed"] < row["renormalised"] - 1.0, row  # the case is real
+    print(f"\nqwen-audio mean_logprob vs forward pass: {json.dumps(report)}")
 
 
 @pytest.mark.slow

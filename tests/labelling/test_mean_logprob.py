@@ -113,3 +113,54 @@ def test_a_windowed_clip_averages_over_all_its_tokens() -> None:
     assert mean_logprob(two) == pytest.approx(-2.0)
     assert mean_logprob([*two, UnitOut(text="c")]) is None
     assert mean_logprob([UnitOut(text="", token_logprobs=())]) is None
+
+
+def test_reading_logits_gives_the_models_log_probs_where_generate_masks_the_scores(backend) -> None:
+    """`TokenLogprobs.reading_logits`, which the original Qwen-Audio backend uses because its greedy config
+    has `min_new_tokens=1` (the stop ids' scores are -inf at the first step), checked here on the tiny
+    Qwen2-Audio model so CI runs it (the Qwen-Audio check needs its remote code: test_qwen_audio.py).
+    With an LM head biased towards the first stop id, a real `generate` with `min_new_tokens=1` forces one
+    token the model gives little probability, then stops: the values read from the LM head equal the
+    teacher-forced forward pass's log-softmax, where a recorder of the scores alone (in the same list)
+    reads the masked, renormalised first step."""
+    from transformers import LogitsProcessorList
+
+    from qwen_tasks.labelling.backends.common import TokenLogprobs
+
+    model, stop = backend.model, backend.eos_ids[0]
+    inputs = backend.processor(
+        text=[backend.prompt_text(ASR)], audio=[_clip(4, 1.5).waveform], sampling_rate=SR, return_tensors="pt"
+    )
+    head = model.lm_head
+    biased = torch.nn.Linear(head.in_features, head.out_features, bias=True)
+    biased.weight = head.weight
+    with torch.no_grad():
+        biased.bias.zero_()
+        biased.bias[stop] = 20.0
+    from_head, from_scores = TokenLogprobs(), TokenLogprobs()
+    model.lm_head = biased
+    try:
+        with torch.inference_mode(), from_head.reading_logits(model.lm_head):
+            out = model.generate(
+                **inputs, max_new_tokens=4, min_new_tokens=1, do_sample=False, num_beams=1,
+                eos_token_id=backend.eos_ids, pad_token_id=backend.pad_id,
+                logits_processor=LogitsProcessorList([from_head, from_scores]),
+            )  # fmt: skip
+        prompt_len = inputs["input_ids"].shape[1]
+        new = out[0, prompt_len:].tolist()
+        with torch.inference_mode():
+            logits = model(
+                input_ids=out,
+                attention_mask=torch.ones_like(out),
+                input_features=inputs["input_features"],
+                feature_attention_mask=inputs["feature_attention_mask"],
+            ).logits
+    finally:
+        model.lm_head = head
+    assert len(new) == 2 and new[0] not in backend.eos_ids and new[1] == stop  # one forced token, then stop
+    logprobs = torch.log_softmax(logits[0, prompt_len - 1 : -1].float(), dim=-1)
+    expected = logprobs.gather(-1, out[0, prompt_len:, None]).squeeze(-1).tolist()
+    rows = [(new, False)]
+    (read,), (masked,) = from_head.rows(rows, backend.eos_ids), from_scores.rows(rows, backend.eos_ids)
+    assert read == pytest.approx(expected, abs=1e-4)
+    assert masked[0] > read[0] + 5.0 and masked[1] == pytest.approx(read[1], abs=1e-4)

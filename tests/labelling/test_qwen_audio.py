@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 from labelling_helpers import CLI, count, ingest_clips, random_audio, real_shaped, run_cli
+from services import require_ffmpeg, require_qwen_audio_code, require_qwen_audio_python
 from sqlalchemy.engine import Engine
 
 from qwen_tasks.errors import ModelError, WrongEnvironment
@@ -37,7 +38,6 @@ from qwen_tasks.store import schema
 
 ROOT = Path(__file__).resolve().parents[2]
 BUILDER = ROOT / "tests" / "qwen_audio_tiny.py"
-CODE_DIR = os.environ.get("QWEN_AUDIO_CODE_DIR", "")
 # What a worker of either environment imports (the DAG's label slot runs `orchestration.steps` there too).
 WORKER_MODULES = (
     "qwen_tasks.cli", "qwen_tasks.labelling.worker", "qwen_tasks.labelling.jobs",
@@ -227,9 +227,8 @@ def remote_audio():
     `mel_filters` reads `mel_filters.npz` from that folder."""
     import importlib.util
 
-    if not CODE_DIR:
-        pytest.skip("QWEN_AUDIO_CODE_DIR is not set: a copy of QwenLM/Qwen-Audio is needed (docs/models.md)")
-    spec = importlib.util.spec_from_file_location("qwen_audio_remote_audio", Path(CODE_DIR) / "audio.py")
+    code = require_qwen_audio_code()
+    spec = importlib.util.spec_from_file_location("qwen_audio_remote_audio", code / "audio.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -264,12 +263,9 @@ def test_log_mel_matches_qwen_audios_own_audio_py(remote_audio) -> None:
 def test_pcm16_rounds_as_ffmpeg_reads_float_audio(remote_audio, tmp_path: Path) -> None:
     """`pcm16` = the remote `load_audio` (ffmpeg to s16le / 32768) of the same samples in a float WAV,
     sample for sample, clipping included."""
-    import shutil
-
     import soundfile as sf
 
-    if shutil.which("ffmpeg") is None:
-        pytest.skip(f"ffmpeg not found on PATH: {qwen_audio.FFMPEG_HINT}")
+    require_ffmpeg()
     wave = np.concatenate(
         [random_audio(2.0, 7), np.float32([1.0, -1.0, 1.5, -1.5, 0.5 / 32768, 1.5 / 32768])]
     )
@@ -281,10 +277,7 @@ def test_pcm16_rounds_as_ffmpeg_reads_float_audio(remote_audio, tmp_path: Path) 
 
 
 def qa_python() -> Path:
-    python = environments.interpreter()
-    if not python.exists():
-        pytest.skip(f"no Qwen-Audio environment at {python}: run `make install-qwen-audio`")
-    return python
+    return require_qwen_audio_python()
 
 
 def run_qa_cli(args: Sequence[str], url: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -324,13 +317,12 @@ def test_worker_modules_import_under_both_transformers_versions() -> None:
 @pytest.fixture(scope="module")
 def qa_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(checkpoint, HF_HOME): the tiny checkpoint, and a fresh modules cache shared by its users."""
-    if not CODE_DIR:
-        pytest.skip("QWEN_AUDIO_CODE_DIR is not set: a copy of QwenLM/Qwen-Audio is needed (docs/models.md)")
+    code = require_qwen_audio_code()
     python = qa_python()
     base = tmp_path_factory.mktemp("qwen_audio")
     out, hf_home = base / "tiny_qwen_audio", base / "hf"
     proc = subprocess.run(
-        [str(python), str(BUILDER), "--code", CODE_DIR, str(out)], capture_output=True, text=True,
+        [str(python), str(BUILDER), "--code", str(code), str(out)], capture_output=True, text=True,
         env={**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"}, timeout=600, check=False,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
@@ -453,6 +445,15 @@ def test_tiny_qwen_audio_end_to_end(
     batched, alone = _labels(engine, asr_run), _labels(engine, asr1["run_id"])
     assert set(batched) == set(ids.values()) and batched == alone
     assert all(text for text, _ in batched.values())
+    with engine.connect() as conn:  # each transcript's confidence, stored by the worker (not NULL)
+        t = schema.transcription.c
+        confidence = conn.execute(sa.select(t.run_id, t.audio_id, t.mean_logprob)).all()
+    by_run = {(r.run_id, r.audio_id): r.mean_logprob for r in confidence}
+    assert all(v is not None and v < 0.0 for v in by_run.values())
+    figures["asr_max_d_mean_logprob_batch8_vs_1"] = max(
+        abs(by_run[asr_run, a] - by_run[asr1["run_id"], a]) for a in ids.values()
+    )
+    assert figures["asr_max_d_mean_logprob_batch8_vs_1"] <= 1e-4
     assert count(engine, schema.transcription) == 16 and count(engine, schema.label_failure) == 0
 
     # the asset the remote audio front end loads from its own folder was put there
@@ -470,6 +471,7 @@ def test_torch_features_give_the_remote_paths_inputs_and_labels(qa_checkpoint: t
     arithmetic's edge lengths; then the same clips labelled both ways: identical transcripts and answers,
     |Delta p_yes| <= 1e-5."""
     checkpoint, hf_home = qa_checkpoint
+    require_ffmpeg()  # the remote path reads each window with ffmpeg
     script = ROOT / "tests" / "qwen_audio_features.py"
     proc = subprocess.run(
         [str(qa_python()), str(script), str(checkpoint)], capture_output=True, text=True,
@@ -488,6 +490,37 @@ def test_torch_features_give_the_remote_paths_inputs_and_labels(qa_checkpoint: t
         if name.startswith("cry"):
             assert labels["max_dp_yes"] <= 1e-5 and labels["distinct_p_yes"] > 10, name
     print(f"\nqwen-audio features, remote vs torch: {json.dumps(report)}")
+
+
+@pytest.mark.slow
+def test_mean_logprob_is_the_models_mean_log_probability_of_the_generated_tokens(
+    qa_checkpoint: tuple[Path, Path],
+) -> None:
+    """transcription.mean_logprob of the Qwen-Audio backend (tests/qwen_audio_logprob.py, in its
+    environment): 3 clips labelled in one batch = each clip's mean log-softmax of its greedy tokens by a
+    teacher-forced forward pass of the stock path (remote `process_audio`, plain `generate`), within
+    1e-4, with the same text as that plain `generate`. Again with an LM head biased towards the
+    end-of-document token, where `min_new_tokens=1` masks it at the first step: the value is still the
+    model's, not the masked scores' (which differ by several nats there)."""
+    checkpoint, hf_home = qa_checkpoint
+    require_ffmpeg()  # the stock path it is compared with reads each clip with ffmpeg
+    proc = subprocess.run(
+        [str(qa_python()), str(ROOT / "tests" / "qwen_audio_logprob.py"), str(checkpoint)],
+        capture_output=True, text=True, timeout=600, check=False,
+        env={**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    report = _last_json(proc)
+    for case in ("stock", "eod_favoured"):
+        rows = report[case]
+        for row in rows:
+            assert row["error"] is None and row["text"] == row["plain_text"], (case, row)
+            assert row["mean_logprob"] == pytest.approx(row["recomputed"], abs=1e-4), (case, row)
+            assert row["mean_logprob"] < 0.0
+        assert len({round(r["mean_logprob"], 4) for r in rows}) == len(rows), case  # really per clip
+    for row in report["eod_favoured"]:
+        assert row["ids"][-1] == report["eod_id"] and len(row["ids"]) == 2  # one token forced, then eod
+        assert row["recomputed"] < row["renormalised"] - 1.0, row  # the case is real
+    print(f"\nqwen-audio mean_logprob vs forward pass: {json.dumps(report)}")
 
 
 @pytest.mark.slow

@@ -16,8 +16,9 @@ modules both environments have at the top, and torch lazily inside the functions
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -259,16 +260,44 @@ class TokenLogprobs:
     step (a 7B model's 152k-token vocabulary, 256 steps, 16 rows: gigabytes), where this keeps one number
     per row and step, on the device, for the cost of one reduction over scores generate computes anyway.
     transformers appends a caller's processors after its own, so these are the scores greedy chose from:
-    the model's log-softmax unless the generation config adds a processor (Qwen2-Audio's adds none)."""
+    the model's log-softmax unless the generation config adds a processor (Qwen2-Audio's adds none). Where
+    it does (the original Qwen-Audio's `min_new_tokens` sets the stop ids' scores to -inf at the first
+    step), `reading_logits` has the LM head's own output give the log-probability instead, so the value is
+    the model's, as a forward pass gives it, whatever generate's processors did to the scores."""
 
     def __init__(self) -> None:
         self.steps: list[Any] = []
+        self._log_softmax: Any = None  # this step's, from the LM head (`reading_logits`); None: from scores
+
+    @contextlib.contextmanager
+    def reading_logits(self, head: Any) -> Iterator[None]:
+        """While inside, each step's log-probabilities come from `head` (the model's LM head module): a
+        forward hook keeps the log-softmax of its last position (a new fp32 tensor, so no processor that
+        edits scores in place can touch it; one step's at a time), and the processor reads the chosen
+        token's value from it (the token greedy picks: the argmax of the final scores it is given)."""
+
+        def keep(_module: Any, _args: Any, output: Any) -> None:
+            import torch
+
+            self._log_softmax = torch.log_softmax(output[:, -1, :].float(), dim=-1)
+
+        handle = head.register_forward_hook(keep)
+        try:
+            yield
+        finally:
+            handle.remove()
+            self._log_softmax = None
 
     def __call__(self, input_ids: Any, scores: Any) -> Any:
         import torch
 
         wide = scores.float()
-        self.steps.append(wide.max(dim=-1).values - torch.logsumexp(wide, dim=-1))
+        if self._log_softmax is None:
+            self.steps.append(wide.max(dim=-1).values - torch.logsumexp(wide, dim=-1))
+        else:
+            chosen = wide.argmax(dim=-1, keepdim=True)
+            self.steps.append(self._log_softmax.gather(-1, chosen).squeeze(-1))
+            self._log_softmax = None
         return scores
 
     def rows(

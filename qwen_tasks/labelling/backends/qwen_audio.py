@@ -61,6 +61,7 @@ from qwen_tasks.labelling.backends.common import (
     NO_VARIANTS,
     YES_VARIANTS,
     LogMel,
+    TokenLogprobs,
     Unit,
     UnitOut,
     assemble,
@@ -414,6 +415,7 @@ class QwenAudioBackend:
         """score: one forward pass; otherwise greedy decoding to the chunk's largest budget, each row then
         cut at its own (`cut_at_budget`: batch-invariant)."""
         import torch
+        from transformers import LogitsProcessorList
 
         budgets = [unit_budget(u, request) for u in units]
         texts = [prompts.qwen_audio_prompt(spec, p) for p in paths]
@@ -428,26 +430,32 @@ class QwenAudioBackend:
         tokens = self.tokenizer(texts, return_tensors="pt", padding="longest", audio_info=per_window)
         input_ids = tokens.input_ids.to(self.device)
         attention_mask = tokens.attention_mask.to(self.device)
+        want_p = request.task == "cry"
         with torch.inference_mode(), self._lm_head_on_last_position():
-            if request.task == "cry" and tuple(request.methods) == ("score",):
+            if want_p and tuple(request.methods) == ("score",):
                 logits = self.model(
                     input_ids=input_ids, attention_mask=attention_mask, audio_info=audio_info, use_cache=False
                 ).logits
                 return [UnitOut(p_yes=p) for p in p_yes(logits[:, -1, :], self.yes_ids, self.no_ids)]
-            gen = self.model.generate(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                generation_config=self._greedy(request, max(budgets)),
-                audio_info=audio_info,
-            )
+            # ASR: the transcript's confidence (transcription.mean_logprob), read from the LM head's output,
+            # since min_new_tokens masks the stop ids' scores at the first step (TokenLogprobs)
+            logprobs = TokenLogprobs()
+            reading = contextlib.nullcontext() if want_p else logprobs.reading_logits(self.model.lm_head)
+            with reading:
+                gen = self.model.generate(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    generation_config=self._greedy(request, max(budgets)),
+                    logits_processor=LogitsProcessorList([] if want_p else [logprobs]),
+                    audio_info=audio_info,
+                )
         rows = cut_at_budget(gen.sequences[:, input_ids.shape[1] :].tolist(), budgets, self.stop_ids)
         texts_out = [self._decode(row) for row, _ in rows]
-        scores = (
-            p_yes(gen.scores[0], self.yes_ids, self.no_ids) if request.task == "cry" else [None] * len(rows)
-        )
+        scores = p_yes(gen.scores[0], self.yes_ids, self.no_ids) if want_p else [None] * len(rows)
+        token_logprobs = [None] * len(rows) if want_p else logprobs.rows(rows, self.stop_ids)
         return [
-            UnitOut(text=t, p_yes=p, truncated=cut)
-            for t, p, (_, cut) in zip(texts_out, scores, rows, strict=True)
+            UnitOut(text=t, p_yes=p, truncated=cut, token_logprobs=lp)
+            for t, p, (_, cut), lp in zip(texts_out, scores, rows, token_logprobs, strict=True)
         ]
 
     @contextlib.contextmanager

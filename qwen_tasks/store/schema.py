@@ -450,6 +450,33 @@ review_queued = sa.Table(
     _ts("queued_at"),
 )
 
+# 0017_dataset_counts: what each clip adds to the datasets it belongs to, and per dataset the rows of
+# differences dataset_summary sums; both kept by triggers (never written from Python).
+_PART_COLUMNS = (
+    "clips",
+    "asr_labelled",
+    "cry_labelled",
+    "asr_references",
+    "cry_gold",
+    "cry_gold_yes",
+    "cry_gold_no",
+)
+dataset_clip = sa.Table(
+    "dataset_clip",
+    metadata,
+    sa.Column("audio_id", sa.BigInteger, sa.ForeignKey("audio.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("audio_seconds", sa.Float, nullable=False),
+    *(sa.Column(name, sa.SmallInteger, nullable=False) for name in _PART_COLUMNS),
+)
+dataset_count = sa.Table(
+    "dataset_count",
+    metadata,
+    _id(),
+    sa.Column("dataset_id", sa.BigInteger, sa.ForeignKey("dataset.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("audio_seconds", sa.Numeric, nullable=False),
+    *(sa.Column(name, sa.BigInteger, nullable=False) for name in _PART_COLUMNS),
+)
+
 # --- Views ---------------------------------------------------------------------------------------------
 # Every view of sql/migrations/, declared once here so that queries and the schema test share one
 # declaration (no ad-hoc `sa.table(...)` mirrors elsewhere). `info={"view": True}` marks them: the schema

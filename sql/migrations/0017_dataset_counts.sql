@@ -1,0 +1,319 @@
+-- 0017: dataset_summary from counts kept by triggers (issue 26, docs/sql.md). The view read every member
+-- clip (1 M at production scale) and computed cry_gold / asr_reference whole on each call: 4.7 s. Now:
+--   dataset_clip: per clip, what it adds to each dataset it belongs to (readable, seconds, labelled per
+--     task, reference, gold), recomputed for the clips a statement touches on audio_file, audio,
+--     current_label, human_label and manifest_item;
+--   dataset_count: per dataset, rows of differences (one per dataset and statement that changed
+--     something, never an update of a shared row, so concurrent writers never wait on each other here);
+--     the view sums them. Membership changes (dataset_audio) add or subtract the clip's stored part.
+-- Lock order: the dataset_clip rows of a statement are locked in audio_id order before they are read
+-- again (a later statement, so a fresh snapshot sees what a writer that held them committed). The
+-- triggers are named dataset_counts_* so that, on a table that also has current_label_* triggers, they
+-- fire after those (alphabetical order): current_label rows, then dataset_clip rows, as a worker takes them.
+-- depends: 0011_sql_at_scale
+
+CREATE TABLE dataset_clip (
+    audio_id        bigint PRIMARY KEY REFERENCES audio (id) ON DELETE CASCADE,
+    clips           smallint NOT NULL DEFAULT 0,          -- 1: has a readable path
+    audio_seconds   double precision NOT NULL DEFAULT 0,  -- its duration when readable
+    asr_labelled    smallint NOT NULL DEFAULT 0,          -- readable and a model label (asr)
+    cry_labelled    smallint NOT NULL DEFAULT 0,          -- readable and a model label (cry)
+    asr_references  smallint NOT NULL DEFAULT 0,          -- rows in asr_reference
+    cry_gold        smallint NOT NULL DEFAULT 0,          -- rows in cry_gold
+    cry_gold_yes    smallint NOT NULL DEFAULT 0,
+    cry_gold_no     smallint NOT NULL DEFAULT 0
+);
+
+CREATE TABLE dataset_count (
+    id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    dataset_id      bigint NOT NULL REFERENCES dataset (id) ON DELETE CASCADE,
+    clips           bigint NOT NULL,
+    audio_seconds   numeric NOT NULL,  -- exact, so additions and subtractions cancel
+    asr_labelled    bigint NOT NULL,
+    cry_labelled    bigint NOT NULL,
+    asr_references  bigint NOT NULL,
+    cry_gold        bigint NOT NULL,
+    cry_gold_yes    bigint NOT NULL,
+    cry_gold_no     bigint NOT NULL
+);
+CREATE INDEX dataset_count_dataset_idx ON dataset_count (dataset_id);
+
+-- What the clips `ids` add to a dataset now (the 0011 dataset_summary's rules, per clip).
+CREATE FUNCTION dataset_clip_parts(ids bigint[])
+RETURNS TABLE (audio_id bigint, clips smallint, audio_seconds double precision, asr_labelled smallint,
+               cry_labelled smallint, asr_references smallint, cry_gold smallint, cry_gold_yes smallint,
+               cry_gold_no smallint)
+LANGUAGE sql STABLE AS $$
+    SELECT a.id, k.ok::int::smallint, CASE WHEN k.ok THEN a.duration_s ELSE 0 END,
+           (k.ok AND EXISTS (SELECT 1 FROM current_label c
+                             WHERE c.audio_id = a.id AND c.task = 'asr' AND c.run_id IS NOT NULL))::int::smallint,
+           (k.ok AND EXISTS (SELECT 1 FROM current_label c
+                             WHERE c.audio_id = a.id AND c.task = 'cry' AND c.run_id IS NOT NULL))::int::smallint,
+           EXISTS (SELECT 1 FROM asr_reference r WHERE r.audio_id = a.id)::int::smallint,
+           g.n::smallint, g.yes::smallint, g.no::smallint
+    FROM unnest(ids) i (audio_id)
+    JOIN audio a ON a.id = i.audio_id
+    CROSS JOIN LATERAL (SELECT EXISTS (SELECT 1 FROM audio_file f
+                                       WHERE f.audio_id = a.id AND f.status = 'ok') AS ok) k
+    CROSS JOIN LATERAL (SELECT count(*) AS n, count(*) FILTER (WHERE gd.gold_label = 'yes') AS yes,
+                               count(*) FILTER (WHERE gd.gold_label = 'no') AS no
+                        FROM cry_gold gd WHERE gd.audio_id = a.id) g
+$$;
+
+-- Recompute the parts of clips `ids` and add the differences to each dataset they belong to.
+CREATE FUNCTION dataset_clip_refresh(ids bigint[]) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF ids IS NULL OR cardinality(ids) = 0 THEN
+        RETURN;
+    END IF;
+    INSERT INTO dataset_clip (audio_id)
+    SELECT DISTINCT i.audio_id FROM unnest(ids) i (audio_id) JOIN audio a ON a.id = i.audio_id
+    ORDER BY 1
+    ON CONFLICT DO NOTHING;
+    PERFORM 1 FROM dataset_clip c WHERE c.audio_id = ANY (ids) ORDER BY c.audio_id FOR UPDATE;
+    WITH fresh AS (
+        SELECT * FROM dataset_clip_parts(ARRAY(SELECT DISTINCT unnest(ids)))
+    ), changed AS (
+        UPDATE dataset_clip c
+        SET clips = f.clips, audio_seconds = f.audio_seconds, asr_labelled = f.asr_labelled,
+            cry_labelled = f.cry_labelled, asr_references = f.asr_references, cry_gold = f.cry_gold,
+            cry_gold_yes = f.cry_gold_yes, cry_gold_no = f.cry_gold_no
+        FROM fresh f, dataset_clip o
+        WHERE c.audio_id = f.audio_id AND o.audio_id = f.audio_id
+          AND (o.clips, o.audio_seconds, o.asr_labelled, o.cry_labelled, o.asr_references, o.cry_gold,
+               o.cry_gold_yes, o.cry_gold_no)
+              IS DISTINCT FROM (f.clips, f.audio_seconds, f.asr_labelled, f.cry_labelled, f.asr_references,
+                                f.cry_gold, f.cry_gold_yes, f.cry_gold_no)
+        RETURNING c.audio_id, f.clips - o.clips AS clips,
+                  f.audio_seconds::numeric - o.audio_seconds::numeric AS audio_seconds,
+                  f.asr_labelled - o.asr_labelled AS asr_labelled, f.cry_labelled - o.cry_labelled AS cry_labelled,
+                  f.asr_references - o.asr_references AS asr_references, f.cry_gold - o.cry_gold AS cry_gold,
+                  f.cry_gold_yes - o.cry_gold_yes AS cry_gold_yes, f.cry_gold_no - o.cry_gold_no AS cry_gold_no
+    )
+    INSERT INTO dataset_count (dataset_id, clips, audio_seconds, asr_labelled, cry_labelled, asr_references,
+                               cry_gold, cry_gold_yes, cry_gold_no)
+    SELECT da.dataset_id, sum(d.clips), sum(d.audio_seconds), sum(d.asr_labelled), sum(d.cry_labelled),
+           sum(d.asr_references), sum(d.cry_gold), sum(d.cry_gold_yes), sum(d.cry_gold_no)
+    FROM changed d
+    JOIN dataset_audio da ON da.audio_id = d.audio_id
+    GROUP BY da.dataset_id;
+END $$;
+
+-- Every clip and every dataset from scratch (the backfill below, and after a TRUNCATE).
+CREATE FUNCTION dataset_counts_rebuild() RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    LOCK TABLE dataset_clip, dataset_count IN EXCLUSIVE MODE;
+    DELETE FROM dataset_count;
+    DELETE FROM dataset_clip;
+    INSERT INTO dataset_clip
+    SELECT a.id,
+           (ok.audio_id IS NOT NULL)::int::smallint,
+           CASE WHEN ok.audio_id IS NOT NULL THEN a.duration_s ELSE 0 END,
+           (ok.audio_id IS NOT NULL AND la.audio_id IS NOT NULL)::int::smallint,
+           (ok.audio_id IS NOT NULL AND lc.audio_id IS NOT NULL)::int::smallint,
+           (ar.audio_id IS NOT NULL)::int::smallint,
+           coalesce(g.n, 0)::smallint, coalesce(g.yes, 0)::smallint, coalesce(g.no, 0)::smallint
+    FROM audio a
+    LEFT JOIN (SELECT DISTINCT f.audio_id FROM audio_file f WHERE f.status = 'ok') ok ON ok.audio_id = a.id
+    LEFT JOIN current_label lc ON lc.audio_id = a.id AND lc.task = 'cry' AND lc.run_id IS NOT NULL
+    LEFT JOIN current_label la ON la.audio_id = a.id AND la.task = 'asr' AND la.run_id IS NOT NULL
+    LEFT JOIN (SELECT DISTINCT r.audio_id FROM asr_reference r) ar ON ar.audio_id = a.id
+    LEFT JOIN (SELECT gd.audio_id, count(*) AS n, count(*) FILTER (WHERE gd.gold_label = 'yes') AS yes,
+                      count(*) FILTER (WHERE gd.gold_label = 'no') AS no
+               FROM cry_gold gd GROUP BY gd.audio_id) g ON g.audio_id = a.id
+    ORDER BY a.id;
+    INSERT INTO dataset_count (dataset_id, clips, audio_seconds, asr_labelled, cry_labelled, asr_references,
+                               cry_gold, cry_gold_yes, cry_gold_no)
+    SELECT da.dataset_id, sum(c.clips), sum(c.audio_seconds::numeric), sum(c.asr_labelled),
+           sum(c.cry_labelled), sum(c.asr_references), sum(c.cry_gold), sum(c.cry_gold_yes),
+           sum(c.cry_gold_no)
+    FROM dataset_audio da JOIN dataset_clip c ON c.audio_id = da.audio_id
+    GROUP BY da.dataset_id;
+END $$;
+
+-- The clips a statement on one of the fact tables touched (only real changes of audio_file and
+-- current_label count: an ingest re-scan rewrites every file row it sees, a worker every label).
+CREATE FUNCTION dataset_counts_changed() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    ids bigint[];
+BEGIN
+    IF TG_OP = 'TRUNCATE' THEN
+        PERFORM dataset_counts_rebuild();
+        RETURN NULL;
+    END IF;
+    IF TG_TABLE_NAME = 'manifest_item' THEN
+        IF TG_OP IN ('INSERT', 'UPDATE') THEN
+            SELECT array_agg(DISTINCT f.audio_id) INTO ids
+            FROM new_rows n JOIN audio_file f ON f.id = n.audio_file_id WHERE f.audio_id IS NOT NULL;
+        END IF;
+        IF TG_OP IN ('DELETE', 'UPDATE') THEN
+            SELECT ids || array_agg(DISTINCT f.audio_id) INTO ids
+            FROM old_rows o JOIN audio_file f ON f.id = o.audio_file_id WHERE f.audio_id IS NOT NULL;
+        END IF;
+    ELSIF TG_OP = 'INSERT' THEN
+        SELECT array_agg(DISTINCT n.audio_id) INTO ids FROM new_rows n;
+    ELSIF TG_OP = 'DELETE' THEN
+        SELECT array_agg(DISTINCT o.audio_id) INTO ids FROM old_rows o;
+    ELSIF TG_TABLE_NAME = 'audio_file' THEN
+        SELECT array_agg(DISTINCT a.audio_id) INTO ids
+        FROM old_rows o JOIN new_rows n ON n.id = o.id
+        CROSS JOIN LATERAL (VALUES (o.audio_id), (n.audio_id)) a (audio_id)
+        WHERE (o.status, o.audio_id) IS DISTINCT FROM (n.status, n.audio_id) AND a.audio_id IS NOT NULL;
+    ELSIF TG_TABLE_NAME = 'current_label' THEN
+        SELECT array_agg(DISTINCT n.audio_id) INTO ids
+        FROM old_rows o JOIN new_rows n ON n.audio_id = o.audio_id AND n.task = o.task
+        WHERE (o.run_id IS NULL) <> (n.run_id IS NULL);
+    ELSIF TG_TABLE_NAME = 'audio' THEN
+        SELECT array_agg(n.id) INTO ids
+        FROM old_rows o JOIN new_rows n ON n.id = o.id WHERE o.duration_s <> n.duration_s;
+    ELSE  -- human_label
+        SELECT array_agg(DISTINCT a.audio_id) INTO ids
+        FROM (SELECT audio_id FROM old_rows UNION SELECT audio_id FROM new_rows) a;
+    END IF;
+    PERFORM dataset_clip_refresh(array_remove(ids, NULL));
+    RETURN NULL;
+END $$;
+
+CREATE TRIGGER dataset_counts_insert AFTER INSERT ON audio_file
+    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION dataset_counts_changed();
+CREATE TRIGGER dataset_counts_update AFTER UPDATE ON audio_file
+    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION dataset_counts_changed();
+CREATE TRIGGER dataset_counts_delete AFTER DELETE ON audio_file
+    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION dataset_counts_changed();
+CREATE TRIGGER dataset_counts_truncate AFTER TRUNCATE ON audio_file
+    FOR EACH STATEMENT EXECUTE FUNCTION dataset_counts_changed();
+
+CREATE TRIGGER dataset_counts_insert AFTER INSERT ON current_label
+    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION dataset_counts_changed();
+CREATE TRIGGER dataset_counts_update AFTER UPDATE ON current_label
+    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION dataset_counts_changed();
+CREATE TRIGGER dataset_counts_delete AFTER DELETE ON current_label
+    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION dataset_counts_changed();
+CREATE TRIGGER dataset_counts_truncate AFTER TRUNCATE ON current_label
+    FOR EACH STATEMENT EXECUTE FUNCTION dataset_counts_changed();
+
+CREATE TRIGGER dataset_counts_insert AFTER INSERT ON human_label
+    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION dataset_counts_changed();
+CREATE TRIGGER dataset_counts_update AFTER UPDATE ON human_label
+    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION dataset_counts_changed();
+CREATE TRIGGER dataset_counts_delete AFTER DELETE ON human_label
+    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION dataset_counts_changed();
+CREATE TRIGGER dataset_counts_truncate AFTER TRUNCATE ON human_label
+    FOR EACH STATEMENT EXECUTE FUNCTION dataset_counts_changed();
+
+CREATE TRIGGER dataset_counts_insert AFTER INSERT ON manifest_item
+    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION dataset_counts_changed();
+CREATE TRIGGER dataset_counts_update AFTER UPDATE ON manifest_item
+    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION dataset_counts_changed();
+CREATE TRIGGER dataset_counts_delete AFTER DELETE ON manifest_item
+    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION dataset_counts_changed();
+CREATE TRIGGER dataset_counts_truncate AFTER TRUNCATE ON manifest_item
+    FOR EACH STATEMENT EXECUTE FUNCTION dataset_counts_changed();
+
+CREATE TRIGGER dataset_counts_update AFTER UPDATE ON audio
+    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION dataset_counts_changed();
+
+-- Membership: a clip that joins (leaves) a dataset adds (subtracts) its stored part; its row is locked
+-- first, so a concurrent refresh of the clip either ran before (its part is read here) or runs after
+-- (and sees the membership). A dataset deleted takes its counts with it (ON DELETE CASCADE).
+CREATE FUNCTION dataset_counts_members_changed() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    ids bigint[];
+BEGIN
+    IF TG_OP = 'TRUNCATE' THEN
+        DELETE FROM dataset_count;
+        RETURN NULL;
+    END IF;
+    -- a clip without a row has added nothing yet: a zero row is made, so that it can be locked
+    IF TG_OP = 'INSERT' THEN
+        SELECT array_agg(DISTINCT n.audio_id) INTO ids FROM new_rows n;
+        INSERT INTO dataset_clip (audio_id) SELECT i FROM unnest(ids) i ORDER BY 1 ON CONFLICT DO NOTHING;
+    ELSE
+        SELECT array_agg(DISTINCT o.audio_id) INTO ids FROM old_rows o;
+    END IF;
+    PERFORM 1 FROM dataset_clip c WHERE c.audio_id = ANY (ids) ORDER BY c.audio_id FOR UPDATE;
+    IF TG_OP = 'INSERT' THEN
+        INSERT INTO dataset_count (dataset_id, clips, audio_seconds, asr_labelled, cry_labelled,
+                                   asr_references, cry_gold, cry_gold_yes, cry_gold_no)
+        SELECT m.dataset_id, sum(c.clips), sum(c.audio_seconds::numeric), sum(c.asr_labelled),
+               sum(c.cry_labelled), sum(c.asr_references), sum(c.cry_gold), sum(c.cry_gold_yes),
+               sum(c.cry_gold_no)
+        FROM new_rows m JOIN dataset_clip c ON c.audio_id = m.audio_id
+        GROUP BY m.dataset_id;
+    ELSE
+        INSERT INTO dataset_count (dataset_id, clips, audio_seconds, asr_labelled, cry_labelled,
+                                   asr_references, cry_gold, cry_gold_yes, cry_gold_no)
+        SELECT m.dataset_id, -sum(c.clips), -sum(c.audio_seconds::numeric), -sum(c.asr_labelled),
+               -sum(c.cry_labelled), -sum(c.asr_references), -sum(c.cry_gold), -sum(c.cry_gold_yes),
+               -sum(c.cry_gold_no)
+        FROM old_rows m JOIN dataset_clip c ON c.audio_id = m.audio_id
+        WHERE EXISTS (SELECT 1 FROM dataset d WHERE d.id = m.dataset_id)  -- not when the dataset goes
+        GROUP BY m.dataset_id;
+    END IF;
+    RETURN NULL;
+END $$;
+
+CREATE TRIGGER dataset_counts_insert AFTER INSERT ON dataset_audio
+    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION dataset_counts_members_changed();
+CREATE TRIGGER dataset_counts_delete AFTER DELETE ON dataset_audio
+    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION dataset_counts_members_changed();
+CREATE TRIGGER dataset_counts_truncate AFTER TRUNCATE ON dataset_audio
+    FOR EACH STATEMENT EXECUTE FUNCTION dataset_counts_members_changed();
+
+-- A dataset's rows of differences folded into one (the backfill; also callable at any time, e.g. from a
+-- maintenance job: the sums do not change).
+CREATE FUNCTION dataset_count_compact() RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    LOCK TABLE dataset_count IN EXCLUSIVE MODE;
+    CREATE TEMP TABLE dataset_count_sums ON COMMIT DROP AS
+    SELECT dataset_id, sum(clips) AS clips, sum(audio_seconds) AS audio_seconds,
+           sum(asr_labelled) AS asr_labelled, sum(cry_labelled) AS cry_labelled,
+           sum(asr_references) AS asr_references, sum(cry_gold) AS cry_gold,
+           sum(cry_gold_yes) AS cry_gold_yes, sum(cry_gold_no) AS cry_gold_no
+    FROM dataset_count GROUP BY dataset_id;
+    DELETE FROM dataset_count;
+    INSERT INTO dataset_count (dataset_id, clips, audio_seconds, asr_labelled, cry_labelled, asr_references,
+                               cry_gold, cry_gold_yes, cry_gold_no)
+    SELECT * FROM dataset_count_sums;
+    DROP TABLE dataset_count_sums;
+END $$;
+
+-- Existing data.
+DO $$ BEGIN PERFORM dataset_counts_rebuild(); END $$;
+
+-- Same columns and counts as in 0011 (tests/store/test_dataset_counts.py compares them after random
+-- writes), read from the stored differences: a few rows per dataset, not every member clip.
+CREATE OR REPLACE VIEW dataset_summary AS
+SELECT
+    d.id                                                  AS dataset_id,
+    d.name,
+    d.split,
+    d.tasks,
+    d.created_at,
+    coalesce(c.clips, 0)::bigint                          AS clips,
+    coalesce(c.audio_seconds, 0)::double precision        AS audio_seconds,
+    coalesce(c.asr_labelled, 0)::bigint                   AS asr_labelled,
+    coalesce(c.cry_labelled, 0)::bigint                   AS cry_labelled,
+    coalesce(c.asr_references, 0)::bigint                 AS asr_references,
+    coalesce(c.cry_gold, 0)::bigint                       AS cry_gold,
+    coalesce(c.cry_gold_yes, 0)::bigint                   AS cry_gold_yes,
+    coalesce(c.cry_gold_no, 0)::bigint                    AS cry_gold_no
+FROM dataset d
+LEFT JOIN (
+    SELECT dataset_id, sum(clips) AS clips, sum(audio_seconds) AS audio_seconds,
+           sum(asr_labelled) AS asr_labelled, sum(cry_labelled) AS cry_labelled,
+           sum(asr_references) AS asr_references, sum(cry_gold) AS cry_gold,
+           sum(cry_gold_yes) AS cry_gold_yes, sum(cry_gold_no) AS cry_gold_no
+    FROM dataset_count
+    GROUP BY dataset_id
+) c ON c.dataset_id = d.id;

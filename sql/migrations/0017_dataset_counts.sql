@@ -7,9 +7,14 @@
 --     something, never an update of a shared row, so concurrent writers never wait on each other here);
 --     the view sums them. Membership changes (dataset_audio) add or subtract the clip's stored part.
 -- Lock order: the dataset_clip rows of a statement are locked in audio_id order before they are read
--- again (a later statement, so a fresh snapshot sees what a writer that held them committed). The
--- triggers are named dataset_counts_* so that, on a table that also has current_label_* triggers, they
--- fire after those (alphabetical order): current_label rows, then dataset_clip rows, as a worker takes them.
+-- again (a later statement, so a fresh snapshot sees what a writer that held them committed); the
+-- dataset_clip row is the clip's lock for review_item too. The triggers are named keep_facts_* so that,
+-- on a table that also has current_label_* triggers, they fire after those (alphabetical order):
+-- current_label rows, then dataset_clip rows, as a worker takes them.
+--   review_item: per run and clip, what review_queue ranks by (reasons, priority and what it is computed
+--     from), refreshed for the clips a statement touches on the answers, utterance_score, human_label,
+--     manifest_item and audio_file; indexed on (run_id, priority DESC, audio_id), so the first items of a
+--     run are an index walk. The review_queue view keeps its columns and reads it.
 -- depends: 0011_sql_at_scale
 
 CREATE TABLE dataset_clip (
@@ -135,13 +140,18 @@ END $$;
 
 -- The clips a statement on one of the fact tables touched (only real changes of audio_file and
 -- current_label count: an ingest re-scan rewrites every file row it sees, a worker every label).
-CREATE FUNCTION dataset_counts_changed() RETURNS trigger
+CREATE FUNCTION clip_facts_changed() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
     ids bigint[];
 BEGIN
     IF TG_OP = 'TRUNCATE' THEN
-        PERFORM dataset_counts_rebuild();
+        IF 'counts' = ANY (TG_ARGV) THEN
+            PERFORM dataset_counts_rebuild();
+        END IF;
+        IF 'review' = ANY (TG_ARGV) THEN
+            PERFORM review_item_rebuild();
+        END IF;
         RETURN NULL;
     END IF;
     IF TG_TABLE_NAME = 'manifest_item' THEN
@@ -169,57 +179,63 @@ BEGIN
     ELSIF TG_TABLE_NAME = 'audio' THEN
         SELECT array_agg(n.id) INTO ids
         FROM old_rows o JOIN new_rows n ON n.id = o.id WHERE o.duration_s <> n.duration_s;
-    ELSE  -- human_label
+    ELSE  -- human_label, the answers, utterance_score: every clip in the old and new rows
         SELECT array_agg(DISTINCT a.audio_id) INTO ids
         FROM (SELECT audio_id FROM old_rows UNION SELECT audio_id FROM new_rows) a;
     END IF;
-    PERFORM dataset_clip_refresh(array_remove(ids, NULL));
+    ids := array_remove(ids, NULL);
+    IF 'counts' = ANY (TG_ARGV) THEN
+        PERFORM dataset_clip_refresh(ids);
+    END IF;
+    IF 'review' = ANY (TG_ARGV) THEN
+        PERFORM review_item_refresh(ids);
+    END IF;
     RETURN NULL;
 END $$;
 
-CREATE TRIGGER dataset_counts_insert AFTER INSERT ON audio_file
-    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION dataset_counts_changed();
-CREATE TRIGGER dataset_counts_update AFTER UPDATE ON audio_file
+CREATE TRIGGER keep_facts_insert AFTER INSERT ON audio_file
+    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION clip_facts_changed('counts', 'review');
+CREATE TRIGGER keep_facts_update AFTER UPDATE ON audio_file
     REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION dataset_counts_changed();
-CREATE TRIGGER dataset_counts_delete AFTER DELETE ON audio_file
-    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION dataset_counts_changed();
-CREATE TRIGGER dataset_counts_truncate AFTER TRUNCATE ON audio_file
-    FOR EACH STATEMENT EXECUTE FUNCTION dataset_counts_changed();
+    FOR EACH STATEMENT EXECUTE FUNCTION clip_facts_changed('counts', 'review');
+CREATE TRIGGER keep_facts_delete AFTER DELETE ON audio_file
+    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION clip_facts_changed('counts', 'review');
+CREATE TRIGGER keep_facts_truncate AFTER TRUNCATE ON audio_file
+    FOR EACH STATEMENT EXECUTE FUNCTION clip_facts_changed('counts', 'review');
 
-CREATE TRIGGER dataset_counts_insert AFTER INSERT ON current_label
-    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION dataset_counts_changed();
-CREATE TRIGGER dataset_counts_update AFTER UPDATE ON current_label
+CREATE TRIGGER keep_facts_insert AFTER INSERT ON current_label
+    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION clip_facts_changed('counts');
+CREATE TRIGGER keep_facts_update AFTER UPDATE ON current_label
     REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION dataset_counts_changed();
-CREATE TRIGGER dataset_counts_delete AFTER DELETE ON current_label
-    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION dataset_counts_changed();
-CREATE TRIGGER dataset_counts_truncate AFTER TRUNCATE ON current_label
-    FOR EACH STATEMENT EXECUTE FUNCTION dataset_counts_changed();
+    FOR EACH STATEMENT EXECUTE FUNCTION clip_facts_changed('counts');
+CREATE TRIGGER keep_facts_delete AFTER DELETE ON current_label
+    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION clip_facts_changed('counts');
+CREATE TRIGGER keep_facts_truncate AFTER TRUNCATE ON current_label
+    FOR EACH STATEMENT EXECUTE FUNCTION clip_facts_changed('counts');
 
-CREATE TRIGGER dataset_counts_insert AFTER INSERT ON human_label
-    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION dataset_counts_changed();
-CREATE TRIGGER dataset_counts_update AFTER UPDATE ON human_label
+CREATE TRIGGER keep_facts_insert AFTER INSERT ON human_label
+    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION clip_facts_changed('counts', 'review');
+CREATE TRIGGER keep_facts_update AFTER UPDATE ON human_label
     REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION dataset_counts_changed();
-CREATE TRIGGER dataset_counts_delete AFTER DELETE ON human_label
-    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION dataset_counts_changed();
-CREATE TRIGGER dataset_counts_truncate AFTER TRUNCATE ON human_label
-    FOR EACH STATEMENT EXECUTE FUNCTION dataset_counts_changed();
+    FOR EACH STATEMENT EXECUTE FUNCTION clip_facts_changed('counts', 'review');
+CREATE TRIGGER keep_facts_delete AFTER DELETE ON human_label
+    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION clip_facts_changed('counts', 'review');
+CREATE TRIGGER keep_facts_truncate AFTER TRUNCATE ON human_label
+    FOR EACH STATEMENT EXECUTE FUNCTION clip_facts_changed('counts', 'review');
 
-CREATE TRIGGER dataset_counts_insert AFTER INSERT ON manifest_item
-    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION dataset_counts_changed();
-CREATE TRIGGER dataset_counts_update AFTER UPDATE ON manifest_item
+CREATE TRIGGER keep_facts_insert AFTER INSERT ON manifest_item
+    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION clip_facts_changed('counts', 'review');
+CREATE TRIGGER keep_facts_update AFTER UPDATE ON manifest_item
     REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION dataset_counts_changed();
-CREATE TRIGGER dataset_counts_delete AFTER DELETE ON manifest_item
-    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION dataset_counts_changed();
-CREATE TRIGGER dataset_counts_truncate AFTER TRUNCATE ON manifest_item
-    FOR EACH STATEMENT EXECUTE FUNCTION dataset_counts_changed();
+    FOR EACH STATEMENT EXECUTE FUNCTION clip_facts_changed('counts', 'review');
+CREATE TRIGGER keep_facts_delete AFTER DELETE ON manifest_item
+    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION clip_facts_changed('counts', 'review');
+CREATE TRIGGER keep_facts_truncate AFTER TRUNCATE ON manifest_item
+    FOR EACH STATEMENT EXECUTE FUNCTION clip_facts_changed('counts', 'review');
 
-CREATE TRIGGER dataset_counts_update AFTER UPDATE ON audio
+CREATE TRIGGER keep_facts_update AFTER UPDATE ON audio
     REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION dataset_counts_changed();
+    FOR EACH STATEMENT EXECUTE FUNCTION clip_facts_changed('counts');
 
 -- Membership: a clip that joins (leaves) a dataset adds (subtracts) its stored part; its row is locked
 -- first, so a concurrent refresh of the clip either ran before (its part is read here) or runs after
@@ -262,11 +278,11 @@ BEGIN
     RETURN NULL;
 END $$;
 
-CREATE TRIGGER dataset_counts_insert AFTER INSERT ON dataset_audio
+CREATE TRIGGER keep_facts_insert AFTER INSERT ON dataset_audio
     REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION dataset_counts_members_changed();
-CREATE TRIGGER dataset_counts_delete AFTER DELETE ON dataset_audio
+CREATE TRIGGER keep_facts_delete AFTER DELETE ON dataset_audio
     REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION dataset_counts_members_changed();
-CREATE TRIGGER dataset_counts_truncate AFTER TRUNCATE ON dataset_audio
+CREATE TRIGGER keep_facts_truncate AFTER TRUNCATE ON dataset_audio
     FOR EACH STATEMENT EXECUTE FUNCTION dataset_counts_members_changed();
 
 -- A dataset's rows of differences folded into one (the backfill; also callable at any time, e.g. from a
@@ -288,8 +304,141 @@ BEGIN
     DROP TABLE dataset_count_sums;
 END $$;
 
+-- What review_queue (0011) ranks, per run and clip, for clips `ids`: its inner query and priority, less
+-- the wide columns it looks up for the rows it returns (path, raw answer, transcript, reference).
+CREATE TABLE review_item (
+    run_id          bigint NOT NULL REFERENCES label_run (id) ON DELETE CASCADE,
+    task            text NOT NULL,
+    audio_id        bigint NOT NULL REFERENCES audio (id) ON DELETE CASCADE,
+    reasons         text[] NOT NULL,
+    label           text,
+    p_yes           double precision,
+    threshold       double precision,
+    generate_label  text,
+    gold_label      text,
+    gold_source     text,
+    error_rate      double precision,
+    priority        double precision NOT NULL,
+    PRIMARY KEY (run_id, task, audio_id)
+);
+CREATE INDEX review_item_rank_idx ON review_item (run_id, priority DESC, audio_id);
+CREATE INDEX review_item_audio_idx ON review_item (audio_id);
+
+CREATE FUNCTION review_item_rows(ids bigint[]) RETURNS SETOF review_item
+LANGUAGE sql STABLE AS $$
+    SELECT i.run_id, i.task, i.audio_id, i.reasons, i.label, i.p_yes, i.threshold, i.generate_label,
+           i.gold_label, i.gold_source, i.error_rate,
+           cardinality(i.reasons) * 10
+               + CASE WHEN 'disagrees_with_gold' = ANY (i.reasons) THEN 20 ELSE 0 END
+               + coalesce(least(i.error_rate, 5), 0)
+               + coalesce(greatest(0, 1 - 10 * abs(i.p_yes - coalesce(i.threshold, 0.5))), 0)
+    FROM (
+        SELECT
+            a.run_id, 'cry'::text AS task, a.audio_id,
+            array_remove(ARRAY[
+                CASE WHEN gd.gold_label IS NOT NULL AND (
+                    (s.label IN ('yes', 'no') AND s.label <> gd.gold_label) OR
+                    (g.label IN ('yes', 'no') AND g.label <> gd.gold_label))
+                    THEN 'disagrees_with_gold' END,
+                CASE WHEN 'unknown' IN (s.label, g.label) THEN 'unknown' END,
+                CASE WHEN abs(s.p_yes - coalesce(s.threshold, 0.5)) < 0.1 THEN 'near_threshold' END,
+                CASE WHEN s.label IN ('yes', 'no') AND g.label IN ('yes', 'no')
+                    AND s.label <> g.label THEN 'methods_disagree' END
+            ], NULL)                                         AS reasons,
+            coalesce(s.label, g.label)                       AS label,
+            s.p_yes, s.threshold, g.label AS generate_label,
+            gd.gold_label, gd.source AS gold_source,
+            NULL::double precision AS error_rate
+        FROM cry_answer a
+        LEFT JOIN cry_answer s ON s.run_id = a.run_id AND s.audio_id = a.audio_id AND s.method = 'score'
+        LEFT JOIN cry_answer g ON g.run_id = a.run_id AND g.audio_id = a.audio_id AND g.method = 'generate'
+        LEFT JOIN cry_gold gd ON gd.audio_id = a.audio_id
+        WHERE a.audio_id = ANY (ids)
+          AND (a.method = 'score' OR s.audio_id IS NULL)
+          AND NOT EXISTS (SELECT 1 FROM human_label h WHERE h.audio_id = a.audio_id AND h.task = 'cry')
+        UNION ALL
+        SELECT
+            t.run_id, 'asr'::text AS task, t.audio_id,
+            array_remove(ARRAY[
+                CASE WHEN u.error_rate > 0.3 OR (u.n_ref = 0 AND u.insertions > 0) THEN 'high_wer' END,
+                CASE WHEN btrim(t.text) = '' THEN 'empty_transcript' END
+            ], NULL)                                         AS reasons,
+            NULL::text, NULL::double precision, NULL::double precision, NULL::text,
+            NULL::text, ref.source, u.error_rate
+        FROM transcription t
+        LEFT JOIN utterance_score u ON u.run_id = t.run_id AND u.audio_id = t.audio_id
+        LEFT JOIN asr_reference ref ON ref.audio_id = t.audio_id
+        WHERE t.audio_id = ANY (ids)
+          AND NOT EXISTS (SELECT 1 FROM human_label h WHERE h.audio_id = t.audio_id AND h.task = 'asr')
+    ) i
+    WHERE cardinality(i.reasons) > 0
+$$;
+
+-- The items of clips `ids` made what review_item_rows says now: rows that changed or went are deleted,
+-- the missing ones inserted (an unchanged item is not rewritten).
+CREATE FUNCTION review_item_refresh(ids bigint[]) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF ids IS NULL OR cardinality(ids) = 0 THEN
+        RETURN;
+    END IF;
+    INSERT INTO dataset_clip (audio_id)
+    SELECT DISTINCT i.audio_id FROM unnest(ids) i (audio_id) JOIN audio a ON a.id = i.audio_id
+    ORDER BY 1
+    ON CONFLICT DO NOTHING;
+    PERFORM 1 FROM dataset_clip c WHERE c.audio_id = ANY (ids) ORDER BY c.audio_id FOR UPDATE;
+    DELETE FROM review_item r
+    WHERE r.audio_id = ANY (ids)
+      AND NOT EXISTS (SELECT 1 FROM review_item_rows(ids) f WHERE (f.*) IS NOT DISTINCT FROM (r.*));
+    INSERT INTO review_item SELECT * FROM review_item_rows(ids) ON CONFLICT DO NOTHING;
+END $$;
+
+-- Every item from scratch (the backfill below, and after a TRUNCATE), 20,000 clips at a time: each
+-- chunk is index lookups by audio_id, as a trigger's refresh is.
+CREATE FUNCTION review_item_rebuild() RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    chunk bigint[];
+BEGIN
+    LOCK TABLE review_item IN EXCLUSIVE MODE;
+    DELETE FROM review_item;
+    FOR chunk IN SELECT array_agg(id ORDER BY id) FROM audio GROUP BY id / 20000 ORDER BY id / 20000 LOOP
+        INSERT INTO review_item SELECT * FROM review_item_rows(chunk);
+    END LOOP;
+END $$;
+
+CREATE TRIGGER keep_facts_insert AFTER INSERT ON cry_answer
+    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION clip_facts_changed('review');
+CREATE TRIGGER keep_facts_update AFTER UPDATE ON cry_answer
+    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION clip_facts_changed('review');
+CREATE TRIGGER keep_facts_delete AFTER DELETE ON cry_answer
+    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION clip_facts_changed('review');
+CREATE TRIGGER keep_facts_truncate AFTER TRUNCATE ON cry_answer
+    FOR EACH STATEMENT EXECUTE FUNCTION clip_facts_changed('review');
+
+CREATE TRIGGER keep_facts_insert AFTER INSERT ON transcription
+    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION clip_facts_changed('review');
+CREATE TRIGGER keep_facts_update AFTER UPDATE ON transcription
+    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION clip_facts_changed('review');
+CREATE TRIGGER keep_facts_delete AFTER DELETE ON transcription
+    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION clip_facts_changed('review');
+CREATE TRIGGER keep_facts_truncate AFTER TRUNCATE ON transcription
+    FOR EACH STATEMENT EXECUTE FUNCTION clip_facts_changed('review');
+
+CREATE TRIGGER keep_facts_insert AFTER INSERT ON utterance_score
+    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION clip_facts_changed('review');
+CREATE TRIGGER keep_facts_update AFTER UPDATE ON utterance_score
+    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION clip_facts_changed('review');
+CREATE TRIGGER keep_facts_delete AFTER DELETE ON utterance_score
+    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION clip_facts_changed('review');
+CREATE TRIGGER keep_facts_truncate AFTER TRUNCATE ON utterance_score
+    FOR EACH STATEMENT EXECUTE FUNCTION clip_facts_changed('review');
+
 -- Existing data.
-DO $$ BEGIN PERFORM dataset_counts_rebuild(); END $$;
+DO $$ BEGIN PERFORM dataset_counts_rebuild(); PERFORM review_item_rebuild(); END $$;
 
 -- Same columns and counts as in 0011 (tests/store/test_dataset_counts.py compares them after random
 -- writes), read from the stored differences: a few rows per dataset, not every member clip.
@@ -317,3 +466,30 @@ LEFT JOIN (
     FROM dataset_count
     GROUP BY dataset_id
 ) c ON c.dataset_id = d.id;
+
+-- Same columns and rows as in 0011 (tests/store/test_dataset_counts.py compares them after random
+-- writes), read from review_item: a run's first items are a walk of review_item_rank_idx; the path, the
+-- raw answer, the transcript and the reference are looked up for the rows returned only.
+CREATE OR REPLACE VIEW review_queue AS
+SELECT
+    i.run_id,
+    i.task,
+    i.audio_id,
+    (SELECT p.path FROM audio_path p WHERE p.audio_id = i.audio_id) AS path,
+    i.reasons,
+    (i.run_id = CASE i.task WHEN 'cry' THEN (SELECT max(id) FROM label_run WHERE task = 'cry')
+                            ELSE (SELECT max(id) FROM label_run WHERE task = 'asr') END) AS is_latest_run,
+    i.label, i.p_yes, i.threshold, i.generate_label,
+    CASE WHEN i.task = 'cry' THEN (
+        SELECT g.raw_answer FROM cry_answer g
+        WHERE g.run_id = i.run_id AND g.audio_id = i.audio_id AND g.method = 'generate') END AS raw_answer,
+    i.gold_label, i.gold_source,
+    CASE WHEN i.task = 'asr' THEN (
+        SELECT t.text FROM transcription t WHERE t.run_id = i.run_id AND t.audio_id = i.audio_id) END
+        AS transcript,
+    CASE WHEN i.task = 'asr' THEN (
+        SELECT ref.reference_text FROM asr_reference ref WHERE ref.audio_id = i.audio_id) END
+        AS reference_text,
+    i.error_rate,
+    i.priority
+FROM review_item i;

@@ -1,9 +1,9 @@
-"""dataset_summary read from the counts 0017 keeps by triggers, against 0011's definition (every member
-clip joined to each fact at read time, taken from the old migration file as the reference): after random
-writes of every kind that moves a count (human labels added / changed / removed, runs deleted and their
-purpose changed, answers of new runs, files quarantined / moved / deleted, manifest gold and references
-added and removed, clips joining and leaving datasets, a dataset deleted, TRUNCATE), every row and column
-is the same."""
+"""dataset_summary and review_queue read from what 0017 keeps by triggers (per-dataset counts,
+review_item), against their 0011 definitions (computed at read time, taken from the old migration file as
+the reference): after random writes of every kind that moves a count or an item (human labels added /
+changed / removed, runs deleted and their purpose changed, answers and utterance scores of new runs, files
+quarantined / moved / deleted, manifest gold and references added and removed, clips joining and leaving
+datasets, a dataset deleted, TRUNCATE), every row and column is the same."""
 
 from __future__ import annotations
 
@@ -18,25 +18,42 @@ from sqlalchemy.engine import Engine
 from test_current_label import add_human
 from test_views_0011 import _seed
 
+from qwen_tasks.quality import metrics
 from qwen_tasks.store import schema
 
 MIGRATION_0011 = Path(__file__).resolve().parents[2] / "sql" / "migrations" / "0011_sql_at_scale.sql"
 
 
-def _old_summary() -> str:
+def _old_view(name: str) -> str:
+    """The SELECT that 0011 gave view `name`."""
     text = MIGRATION_0011.read_text(encoding="utf-8")
-    found = re.search(r"CREATE OR REPLACE VIEW dataset_summary AS\n(.*?);\n", text, re.S)
-    assert found is not None
+    found = re.search(rf"CREATE OR REPLACE VIEW {name} AS\n(.*?);\n", text, re.S)
+    assert found is not None, name
     return found.group(1)
 
 
-def _assert_same(engine: Engine) -> None:
+def _both(conn: sa.Connection, view: str, rest: str) -> tuple[list[tuple], list[tuple]]:
+    """Rows of `view` as 0017 defines it and as 0011 did, each followed by `rest` (ORDER BY ...)."""
+    new = [tuple(r) for r in conn.execute(sa.text(f"SELECT * FROM {view} {rest}"))]  # noqa: S608
+    old = [tuple(r) for r in conn.execute(sa.text(f"SELECT * FROM ({_old_view(view)}) o {rest}"))]  # noqa: S608
+    return new, old
+
+
+def _assert_same(engine: Engine) -> list[tuple]:
+    """The kept views equal their 0011 definitions; returns the review queue."""
     with engine.connect() as conn:
-        new = [tuple(r) for r in conn.execute(sa.text("SELECT * FROM dataset_summary ORDER BY name"))]
-        old = [tuple(r) for r in conn.execute(sa.text(f"SELECT * FROM ({_old_summary()}) o ORDER BY name"))]  # noqa: S608
+        new, old = _both(conn, "dataset_summary", "ORDER BY name")
+        queue, old_queue = _both(conn, "review_queue", "ORDER BY run_id, task, audio_id")
+        # the first items of the latest runs, as review_queue.sql asks (lookups after the sort and limit)
+        first, old_first = _both(
+            conn, "review_queue", "WHERE is_latest_run ORDER BY priority DESC, audio_id, task LIMIT 7"
+        )
+    assert queue == old_queue
+    assert first == old_first
     # audio_seconds: summed exactly (numeric) here, as float8 in some order there
     assert [r[:6] + r[7:] for r in new] == [r[:6] + r[7:] for r in old]
     assert [r[6] for r in new] == pytest.approx([r[6] for r in old], rel=1e-12)
+    return queue
 
 
 def _audio_ids(conn: sa.Connection) -> list[int]:
@@ -138,29 +155,41 @@ def _random_write(engine: Engine, rng: random.Random, step: int) -> str:
         clips = rng.sample(ids, 10)
         if rng.random() < 0.5:
             run = add_run(engine, "cry", [Job(0, 1, clips, 1.0)])
-            add_cry_answers(engine, run, score={a: rng.random() for a in clips})
+            add_cry_answers(
+                engine,
+                run,
+                score={a: rng.random() for a in clips if rng.random() < 0.8},
+                generate={
+                    a: rng.choice([("Yes.", "yes"), ("No.", "no"), ("Hmm.", "unknown")]) for a in clips
+                },
+            )
         else:
             run = add_run(engine, "asr", [Job(0, 1, clips, 1.0)])
-            add_transcripts(engine, run, {a: "a cat" for a in clips}, "en")
+            add_transcripts(engine, run, {a: rng.choice(["a cat", "the dog", " "]) for a in clips}, "en")
+            metrics.compute_run_metrics(engine, run)  # utterance scores (high_wer)
     return kind
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
-def test_dataset_summary_counts_follow_random_writes(engine: Engine, seed: int) -> None:
+def test_kept_counts_and_review_items_follow_random_writes(engine: Engine, seed: int) -> None:
     _seed(engine, seed)
     _assert_same(engine)
     rng = random.Random(seed)
     done = set()
     for step in range(40):
         done.add(_random_write(engine, rng, step))
-        _assert_same(engine)
+        tasks = {r[1] for r in _assert_same(engine)}
     assert len(done) == 9
+    assert tasks == {"cry", "asr"}
     with engine.begin() as conn:  # a dataset deleted takes its counts with it
         conn.execute(sa.text("DELETE FROM dataset WHERE name = 'first'"))
         conn.execute(sa.text("SELECT dataset_count_compact()"))
     _assert_same(engine)
     with engine.begin() as conn:
         conn.execute(sa.text("TRUNCATE human_label"))
+    _assert_same(engine)
+    with engine.begin() as conn:
+        conn.execute(sa.text("TRUNCATE utterance_score"))
     _assert_same(engine)
     with engine.connect() as conn:
         assert conn.execute(sa.text("SELECT sum(clips) FROM dataset_summary")).scalar_one() > 0

@@ -387,9 +387,12 @@ BEGIN
     ORDER BY 1
     ON CONFLICT DO NOTHING;
     PERFORM 1 FROM dataset_clip c WHERE c.audio_id = ANY (ids) ORDER BY c.audio_id FOR UPDATE;
+    WITH fresh AS (SELECT * FROM review_item_rows(ids))
     DELETE FROM review_item r
     WHERE r.audio_id = ANY (ids)
-      AND NOT EXISTS (SELECT 1 FROM review_item_rows(ids) f WHERE (f.*) IS NOT DISTINCT FROM (r.*));
+      AND NOT EXISTS (SELECT 1 FROM fresh f
+                      WHERE f.run_id = r.run_id AND f.task = r.task AND f.audio_id = r.audio_id
+                        AND (f.*) IS NOT DISTINCT FROM (r.*));
     INSERT INTO review_item SELECT * FROM review_item_rows(ids) ON CONFLICT DO NOTHING;
 END $$;
 

@@ -65,6 +65,18 @@ LANGUAGE sql STABLE AS $$
                         FROM cry_gold gd WHERE gd.audio_id = a.id) g
 $$;
 
+-- The clips' lock: their dataset_clip rows (a zero row made for a clip without one, which has added
+-- nothing yet), locked in audio_id order.
+CREATE FUNCTION clip_lock(ids bigint[]) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO dataset_clip (audio_id)
+    SELECT DISTINCT i.audio_id FROM unnest(ids) i (audio_id) JOIN audio a ON a.id = i.audio_id
+    ORDER BY 1
+    ON CONFLICT DO NOTHING;
+    PERFORM 1 FROM dataset_clip c WHERE c.audio_id = ANY (ids) ORDER BY c.audio_id FOR UPDATE;
+END $$;
+
 -- Recompute the parts of clips `ids` and add the differences to each dataset they belong to.
 CREATE FUNCTION dataset_clip_refresh(ids bigint[]) RETURNS void
 LANGUAGE plpgsql AS $$
@@ -72,11 +84,7 @@ BEGIN
     IF ids IS NULL OR cardinality(ids) = 0 THEN
         RETURN;
     END IF;
-    INSERT INTO dataset_clip (audio_id)
-    SELECT DISTINCT i.audio_id FROM unnest(ids) i (audio_id) JOIN audio a ON a.id = i.audio_id
-    ORDER BY 1
-    ON CONFLICT DO NOTHING;
-    PERFORM 1 FROM dataset_clip c WHERE c.audio_id = ANY (ids) ORDER BY c.audio_id FOR UPDATE;
+    PERFORM clip_lock(ids);
     WITH fresh AS (
         SELECT * FROM dataset_clip_parts(ARRAY(SELECT DISTINCT unnest(ids)))
     ), changed AS (
@@ -146,6 +154,9 @@ DECLARE
     ids bigint[];
 BEGIN
     IF TG_OP = 'TRUNCATE' THEN
+        IF 'lock' = ANY (TG_ARGV) THEN
+            RETURN NULL;
+        END IF;
         IF 'counts' = ANY (TG_ARGV) THEN
             PERFORM dataset_counts_rebuild();
         END IF;
@@ -184,6 +195,9 @@ BEGIN
         FROM (SELECT audio_id FROM old_rows UNION SELECT audio_id FROM new_rows) a;
     END IF;
     ids := array_remove(ids, NULL);
+    IF 'lock' = ANY (TG_ARGV) THEN
+        PERFORM clip_lock(ids);
+    END IF;
     IF 'counts' = ANY (TG_ARGV) THEN
         PERFORM dataset_clip_refresh(ids);
     END IF;
@@ -382,11 +396,7 @@ BEGIN
     IF ids IS NULL OR cardinality(ids) = 0 THEN
         RETURN;
     END IF;
-    INSERT INTO dataset_clip (audio_id)
-    SELECT DISTINCT i.audio_id FROM unnest(ids) i (audio_id) JOIN audio a ON a.id = i.audio_id
-    ORDER BY 1
-    ON CONFLICT DO NOTHING;
-    PERFORM 1 FROM dataset_clip c WHERE c.audio_id = ANY (ids) ORDER BY c.audio_id FOR UPDATE;
+    PERFORM clip_lock(ids);
     WITH fresh AS (SELECT * FROM review_item_rows(ids))
     DELETE FROM review_item r
     WHERE r.audio_id = ANY (ids)
@@ -439,6 +449,38 @@ CREATE TRIGGER keep_facts_delete AFTER DELETE ON utterance_score
     REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION clip_facts_changed('review');
 CREATE TRIGGER keep_facts_truncate AFTER TRUNCATE ON utterance_score
     FOR EACH STATEMENT EXECUTE FUNCTION clip_facts_changed('review');
+
+-- Lock first: on the tables that also have current_label_* triggers, a clip_lock_* trigger fires before
+-- them (alphabetical order) and locks the statement's clips, so every statement takes dataset_clip rows
+-- once, in audio_id order, before any current_label row (the nested refreshes then find them held).
+CREATE TRIGGER clip_lock_insert AFTER INSERT ON cry_answer
+    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION clip_facts_changed('lock');
+CREATE TRIGGER clip_lock_update AFTER UPDATE ON cry_answer
+    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION clip_facts_changed('lock');
+CREATE TRIGGER clip_lock_delete AFTER DELETE ON cry_answer
+    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION clip_facts_changed('lock');
+CREATE TRIGGER clip_lock_insert AFTER INSERT ON transcription
+    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION clip_facts_changed('lock');
+CREATE TRIGGER clip_lock_update AFTER UPDATE ON transcription
+    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION clip_facts_changed('lock');
+CREATE TRIGGER clip_lock_delete AFTER DELETE ON transcription
+    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION clip_facts_changed('lock');
+CREATE TRIGGER clip_lock_insert AFTER INSERT ON human_label
+    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION clip_facts_changed('lock');
+CREATE TRIGGER clip_lock_update AFTER UPDATE ON human_label
+    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION clip_facts_changed('lock');
+CREATE TRIGGER clip_lock_delete AFTER DELETE ON human_label
+    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION clip_facts_changed('lock');
+CREATE TRIGGER clip_lock_insert AFTER INSERT ON audio_file
+    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION clip_facts_changed('lock');
+CREATE TRIGGER clip_lock_update AFTER UPDATE ON audio_file
+    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION clip_facts_changed('lock');
+CREATE TRIGGER clip_lock_delete AFTER DELETE ON audio_file
+    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION clip_facts_changed('lock');
 
 -- Existing data.
 DO $$ BEGIN PERFORM dataset_counts_rebuild(); PERFORM review_item_rebuild(); END $$;

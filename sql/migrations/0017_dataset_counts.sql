@@ -207,46 +207,6 @@ BEGIN
     RETURN NULL;
 END $$;
 
-CREATE TRIGGER keep_facts_insert AFTER INSERT ON audio_file
-    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION clip_facts_changed('counts', 'review');
-CREATE TRIGGER keep_facts_update AFTER UPDATE ON audio_file
-    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION clip_facts_changed('counts', 'review');
-CREATE TRIGGER keep_facts_delete AFTER DELETE ON audio_file
-    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION clip_facts_changed('counts', 'review');
-CREATE TRIGGER keep_facts_truncate AFTER TRUNCATE ON audio_file
-    FOR EACH STATEMENT EXECUTE FUNCTION clip_facts_changed('counts', 'review');
-
-CREATE TRIGGER keep_facts_insert AFTER INSERT ON current_label
-    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION clip_facts_changed('counts');
-CREATE TRIGGER keep_facts_update AFTER UPDATE ON current_label
-    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION clip_facts_changed('counts');
-CREATE TRIGGER keep_facts_delete AFTER DELETE ON current_label
-    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION clip_facts_changed('counts');
-CREATE TRIGGER keep_facts_truncate AFTER TRUNCATE ON current_label
-    FOR EACH STATEMENT EXECUTE FUNCTION clip_facts_changed('counts');
-
-CREATE TRIGGER keep_facts_insert AFTER INSERT ON human_label
-    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION clip_facts_changed('counts', 'review');
-CREATE TRIGGER keep_facts_update AFTER UPDATE ON human_label
-    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION clip_facts_changed('counts', 'review');
-CREATE TRIGGER keep_facts_delete AFTER DELETE ON human_label
-    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION clip_facts_changed('counts', 'review');
-CREATE TRIGGER keep_facts_truncate AFTER TRUNCATE ON human_label
-    FOR EACH STATEMENT EXECUTE FUNCTION clip_facts_changed('counts', 'review');
-
-CREATE TRIGGER keep_facts_insert AFTER INSERT ON manifest_item
-    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION clip_facts_changed('counts', 'review');
-CREATE TRIGGER keep_facts_update AFTER UPDATE ON manifest_item
-    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION clip_facts_changed('counts', 'review');
-CREATE TRIGGER keep_facts_delete AFTER DELETE ON manifest_item
-    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION clip_facts_changed('counts', 'review');
-CREATE TRIGGER keep_facts_truncate AFTER TRUNCATE ON manifest_item
-    FOR EACH STATEMENT EXECUTE FUNCTION clip_facts_changed('counts', 'review');
-
 CREATE TRIGGER keep_facts_update AFTER UPDATE ON audio
     REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
     FOR EACH STATEMENT EXECUTE FUNCTION clip_facts_changed('counts');
@@ -420,67 +380,36 @@ BEGIN
     END LOOP;
 END $$;
 
-CREATE TRIGGER keep_facts_insert AFTER INSERT ON cry_answer
-    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION clip_facts_changed('review');
-CREATE TRIGGER keep_facts_update AFTER UPDATE ON cry_answer
-    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION clip_facts_changed('review');
-CREATE TRIGGER keep_facts_delete AFTER DELETE ON cry_answer
-    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION clip_facts_changed('review');
-CREATE TRIGGER keep_facts_truncate AFTER TRUNCATE ON cry_answer
-    FOR EACH STATEMENT EXECUTE FUNCTION clip_facts_changed('review');
-
-CREATE TRIGGER keep_facts_insert AFTER INSERT ON transcription
-    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION clip_facts_changed('review');
-CREATE TRIGGER keep_facts_update AFTER UPDATE ON transcription
-    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION clip_facts_changed('review');
-CREATE TRIGGER keep_facts_delete AFTER DELETE ON transcription
-    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION clip_facts_changed('review');
-CREATE TRIGGER keep_facts_truncate AFTER TRUNCATE ON transcription
-    FOR EACH STATEMENT EXECUTE FUNCTION clip_facts_changed('review');
-
-CREATE TRIGGER keep_facts_insert AFTER INSERT ON utterance_score
-    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION clip_facts_changed('review');
-CREATE TRIGGER keep_facts_update AFTER UPDATE ON utterance_score
-    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION clip_facts_changed('review');
-CREATE TRIGGER keep_facts_delete AFTER DELETE ON utterance_score
-    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION clip_facts_changed('review');
-CREATE TRIGGER keep_facts_truncate AFTER TRUNCATE ON utterance_score
-    FOR EACH STATEMENT EXECUTE FUNCTION clip_facts_changed('review');
-
--- Lock first: on the tables that also have current_label_* triggers, a clip_lock_* trigger fires before
--- them (alphabetical order) and locks the statement's clips, so every statement takes dataset_clip rows
--- once, in audio_id order, before any current_label row (the nested refreshes then find them held).
-CREATE TRIGGER clip_lock_insert AFTER INSERT ON cry_answer
-    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION clip_facts_changed('lock');
-CREATE TRIGGER clip_lock_update AFTER UPDATE ON cry_answer
-    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION clip_facts_changed('lock');
-CREATE TRIGGER clip_lock_delete AFTER DELETE ON cry_answer
-    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION clip_facts_changed('lock');
-CREATE TRIGGER clip_lock_insert AFTER INSERT ON transcription
-    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION clip_facts_changed('lock');
-CREATE TRIGGER clip_lock_update AFTER UPDATE ON transcription
-    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION clip_facts_changed('lock');
-CREATE TRIGGER clip_lock_delete AFTER DELETE ON transcription
-    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION clip_facts_changed('lock');
-CREATE TRIGGER clip_lock_insert AFTER INSERT ON human_label
-    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION clip_facts_changed('lock');
-CREATE TRIGGER clip_lock_update AFTER UPDATE ON human_label
-    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION clip_facts_changed('lock');
-CREATE TRIGGER clip_lock_delete AFTER DELETE ON human_label
-    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION clip_facts_changed('lock');
-CREATE TRIGGER clip_lock_insert AFTER INSERT ON audio_file
-    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION clip_facts_changed('lock');
-CREATE TRIGGER clip_lock_update AFTER UPDATE ON audio_file
-    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION clip_facts_changed('lock');
-CREATE TRIGGER clip_lock_delete AFTER DELETE ON audio_file
-    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION clip_facts_changed('lock');
+-- The statement triggers on the fact tables, by what a statement there refreshes: clip_lock_* fire
+-- first (alphabetical order, before current_label_*) and only lock the statement's clips, so every
+-- statement takes dataset_clip rows once, in audio_id order, before any current_label row (the nested
+-- refreshes then find them held); keep_facts_* fire after current_label_* and refresh.
+DO $$
+DECLARE
+    spec text[];
+    args text;
+BEGIN
+    FOREACH spec SLICE 1 IN ARRAY ARRAY[
+        ['clip_lock', 'cry_answer', 'lock'], ['clip_lock', 'transcription', 'lock'],
+        ['clip_lock', 'human_label', 'lock'], ['clip_lock', 'audio_file', 'lock'],
+        ['keep_facts', 'audio_file', 'counts,review'], ['keep_facts', 'human_label', 'counts,review'],
+        ['keep_facts', 'manifest_item', 'counts,review'], ['keep_facts', 'current_label', 'counts'],
+        ['keep_facts', 'cry_answer', 'review'], ['keep_facts', 'transcription', 'review'],
+        ['keep_facts', 'utterance_score', 'review']]
+    LOOP
+        args := (SELECT string_agg(quote_literal(a), ', ') FROM unnest(string_to_array(spec[3], ',')) a);
+        EXECUTE format('CREATE TRIGGER %I AFTER INSERT ON %I REFERENCING NEW TABLE AS new_rows '
+                       'FOR EACH STATEMENT EXECUTE FUNCTION clip_facts_changed(%s)', spec[1] || '_insert', spec[2], args);
+        EXECUTE format('CREATE TRIGGER %I AFTER UPDATE ON %I REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows '
+                       'FOR EACH STATEMENT EXECUTE FUNCTION clip_facts_changed(%s)', spec[1] || '_update', spec[2], args);
+        EXECUTE format('CREATE TRIGGER %I AFTER DELETE ON %I REFERENCING OLD TABLE AS old_rows '
+                       'FOR EACH STATEMENT EXECUTE FUNCTION clip_facts_changed(%s)', spec[1] || '_delete', spec[2], args);
+        IF spec[1] = 'keep_facts' THEN
+            EXECUTE format('CREATE TRIGGER %I AFTER TRUNCATE ON %I '
+                           'FOR EACH STATEMENT EXECUTE FUNCTION clip_facts_changed(%s)', spec[1] || '_truncate', spec[2], args);
+        END IF;
+    END LOOP;
+END $$;
 
 -- Existing data.
 DO $$ BEGIN PERFORM dataset_counts_rebuild(); PERFORM review_item_rebuild(); END $$;

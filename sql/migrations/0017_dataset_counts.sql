@@ -77,13 +77,10 @@ BEGIN
     PERFORM 1 FROM dataset_clip c WHERE c.audio_id = ANY (ids) ORDER BY c.audio_id FOR UPDATE;
 END $$;
 
--- Recompute the parts of clips `ids` and add the differences to each dataset they belong to.
+-- Recompute the parts of clips `ids` (not empty) and add the differences to each dataset they belong to.
 CREATE FUNCTION dataset_clip_refresh(ids bigint[]) RETURNS void
 LANGUAGE plpgsql AS $$
 BEGIN
-    IF ids IS NULL OR cardinality(ids) = 0 THEN
-        RETURN;
-    END IF;
     PERFORM clip_lock(ids);
     WITH fresh AS (
         SELECT * FROM dataset_clip_parts(ARRAY(SELECT DISTINCT unnest(ids)))
@@ -197,6 +194,9 @@ BEGIN
         FROM (SELECT audio_id FROM old_rows UNION SELECT audio_id FROM new_rows) a;
     END IF;
     ids := array_remove(ids, NULL);
+    IF coalesce(cardinality(ids), 0) = 0 THEN
+        RETURN NULL;
+    END IF;
     IF 'lock' = ANY (TG_ARGV) THEN
         PERFORM clip_lock(ids);
     END IF;
@@ -358,9 +358,6 @@ $$;
 CREATE FUNCTION review_item_refresh(ids bigint[]) RETURNS void
 LANGUAGE plpgsql AS $$
 BEGIN
-    IF ids IS NULL OR cardinality(ids) = 0 THEN
-        RETURN;
-    END IF;
     PERFORM clip_lock(ids);
     WITH fresh AS (SELECT * FROM review_item_rows(ids))
     DELETE FROM review_item r

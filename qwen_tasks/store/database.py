@@ -110,9 +110,21 @@ def _one_line(exc: BaseException) -> str:
     return text[:300]
 
 
+# Session settings of every connection. jit = off: PostgreSQL JIT-compiles any query whose estimated cost
+# passes jit_above_cost, which the analytic reads here (review queue, metrics, export of a 1 M-clip run)
+# all do, and on this workload compiling costs more than it saves (1-3 s per query at 1 M clips, measured
+# in docs/sql.md). Set per connection, not on the server, so other databases keep their settings; a URL's
+# own `options` come after these, so a user can turn it back on.
+SESSION_OPTIONS = "-c jit=off"
+
+
 @cache
 def _engine_for(url_string: str) -> Engine:
-    return sa.create_engine(url_string, pool_pre_ping=True, connect_args={"connect_timeout": 10})
+    own = make_url(url_string).query.get("options")
+    options = f"{SESSION_OPTIONS} {own}" if isinstance(own, str) else SESSION_OPTIONS
+    return sa.create_engine(
+        url_string, pool_pre_ping=True, connect_args={"connect_timeout": 10, "options": options}
+    )
 
 
 def get_engine(url: str | URL | None = None) -> Engine:

@@ -450,6 +450,51 @@ review_queued = sa.Table(
     _ts("queued_at"),
 )
 
+# 0017_dataset_counts: what each clip adds to the datasets it belongs to, and per dataset the rows of
+# differences dataset_summary sums; both kept by triggers (never written from Python).
+_PART_COLUMNS = (
+    "clips",
+    "asr_labelled",
+    "cry_labelled",
+    "asr_references",
+    "cry_gold",
+    "cry_gold_yes",
+    "cry_gold_no",
+)
+dataset_clip = sa.Table(
+    "dataset_clip",
+    metadata,
+    sa.Column("audio_id", sa.BigInteger, sa.ForeignKey("audio.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("audio_seconds", sa.Float, nullable=False),
+    *(sa.Column(name, sa.SmallInteger, nullable=False) for name in _PART_COLUMNS),
+)
+dataset_count = sa.Table(
+    "dataset_count",
+    metadata,
+    _id(),
+    sa.Column("dataset_id", sa.BigInteger, sa.ForeignKey("dataset.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("audio_seconds", sa.Numeric, nullable=False),
+    *(sa.Column(name, sa.BigInteger, nullable=False) for name in _PART_COLUMNS),
+)
+
+# 0017_dataset_counts: per run and clip, what review_queue ranks by (kept by triggers).
+review_item = sa.Table(
+    "review_item",
+    metadata,
+    sa.Column("run_id", sa.BigInteger, sa.ForeignKey("label_run.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("task", sa.Text, primary_key=True),
+    sa.Column("audio_id", sa.BigInteger, sa.ForeignKey("audio.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("reasons", ARRAY(sa.Text), nullable=False),
+    sa.Column("label", sa.Text),
+    sa.Column("p_yes", sa.Float),
+    sa.Column("threshold", sa.Float),
+    sa.Column("generate_label", sa.Text),
+    sa.Column("gold_label", sa.Text),
+    sa.Column("gold_source", sa.Text),
+    sa.Column("error_rate", sa.Float),
+    sa.Column("priority", sa.Float, nullable=False),
+)
+
 # --- Views ---------------------------------------------------------------------------------------------
 # Every view of sql/migrations/, declared once here so that queries and the schema test share one
 # declaration (no ad-hoc `sa.table(...)` mirrors elsewhere). `info={"view": True}` marks them: the schema

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, make_url
 
 from qwen_tasks.errors import DatabaseUnavailable
 from qwen_tasks.store import database as db
@@ -94,3 +94,12 @@ def test_embedded_server_starts_and_is_reused(tmp_path) -> None:
         assert (home / "pgdata" / "PG_VERSION").exists()
     finally:
         db.stop_embedded(home / "pgdata")
+
+
+def test_sessions_run_without_jit_unless_the_url_asks(database_url: str) -> None:
+    """Every connection of the engine has jit off (docs/sql.md); a URL's own options still win."""
+    with db.get_engine(database_url).connect() as conn:
+        assert conn.exec_driver_sql("SHOW jit").scalar_one() == "off"
+    url = make_url(database_url).update_query_dict({"options": "-c jit=on"})
+    with db.get_engine(url).connect() as conn:
+        assert conn.exec_driver_sql("SHOW jit").scalar_one() == "on"

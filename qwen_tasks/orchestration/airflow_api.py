@@ -1,7 +1,7 @@
 """Asset events posted from outside Airflow, through its REST API (v2): what the CLI uses to start runs.
 
-Why: inside Airflow a task emits an asset event by declaring an outlet; `qwen-tasks models promote` and
-`qwen-tasks review-import` run outside it, so they ask the API server instead
+Why: inside Airflow a task emits an asset event by declaring an outlet; `qwen-tasks models promote`,
+`qwen-tasks review-import` and `qwen-tasks review pull` run outside it, so they ask the API server instead
 (`POST /api/v2/assets/events`), and the DAG scheduled on that asset starts within a scheduler loop.
 
 Configuration (environment only, read here when a call is made): `QWEN_TASKS_AIRFLOW_URL` (the API

@@ -280,18 +280,10 @@ def bench_database(admin_url: str, keep: bool, existing: str | None = None) -> I
 
 
 def migrate(url: str, migrations_dir: Path) -> list[str]:
-    """Apply the migrations of `migrations_dir` not applied yet (yoyo, as `qwen-tasks db upgrade`)."""
-    from yoyo import get_backend, read_migrations
+    """Apply the migrations of `migrations_dir` not applied yet (as `qwen-tasks db upgrade`)."""
+    from qwen_tasks.store import database as db
 
-    backend = get_backend(make_url(url).set(drivername="postgresql").render_as_string(hide_password=False))
-    migrations = read_migrations(str(migrations_dir))
-    try:
-        with backend.lock():
-            pending = backend.to_apply(migrations)
-            backend.apply_migrations(pending)
-    finally:
-        backend.connection.close()
-    return [m.id for m in pending]
+    return db.upgrade(db.get_engine(url), migrations_dir)
 
 
 def fill(engine: Engine, n_audio: int, n_answers: int, log: list[tuple[str, float]]) -> None:

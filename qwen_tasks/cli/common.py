@@ -61,6 +61,14 @@ def fail(message: str, code: int = 1, *, as_json: bool | None = None) -> typer.E
     return typer.Exit(code)
 
 
+def check_task(task: str | None) -> None:
+    """`--task` must name a `records.Task` (None: the command takes every task): one line otherwise."""
+    from qwen_tasks.records import Task
+
+    if task is not None and task not in set(Task):
+        raise fail(f"--task must be {' or '.join(sorted(Task))}, got {task!r}")
+
+
 def open_database() -> Engine:
     """The configured database with the schema brought up to date: `db.upgrade` is idempotent and cheap,
     so no command needs a separate `db upgrade` step first (and views of newer migrations exist)."""

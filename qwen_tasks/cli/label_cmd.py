@@ -17,14 +17,12 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from qwen_tasks.cli.common import app, console, fail, open_database, print_json, wants_json
+from qwen_tasks.cli.common import app, check_task, console, fail, open_database, print_json, wants_json
 from qwen_tasks.config import get_settings
 from qwen_tasks.errors import QwenTasksError
 from qwen_tasks.labelling import jobs, worker
 from qwen_tasks.progress import ProgressLog, log_to_stderr
 from qwen_tasks.records import JobOutcomeStatus
-
-TASKS = ("asr", "cry")
 
 
 class _Bar:
@@ -152,8 +150,7 @@ def label(
     """
     from qwen_tasks.labelling.options import LabelOptions
 
-    if task not in TASKS:
-        raise fail(f"--task must be asr or cry, got {task!r}")
+    check_task(task)
     settings = get_settings()
     opts = LabelOptions.from_mapping(
         _label_mapping(
@@ -467,8 +464,7 @@ def runs(
 
     The same numbers are in the SQL view run_progress.
     """
-    if task is not None and task not in TASKS:
-        raise fail(f"--task must be asr or cry, got {task!r}")
+    check_task(task)
     rows = jobs.progress_rows(open_database(), limit=limit, task=task, run_id=run)
     if run is not None and not rows:
         raise fail(f"run {run} does not exist (see: qwen-tasks runs)")
@@ -519,8 +515,7 @@ def export(
     """
     from qwen_tasks.review.export import export_copy, write_jsonl
 
-    if task not in TASKS:
-        raise fail(f"--task must be asr or cry, got {task!r}")
+    check_task(task)
     engine = open_database()
     n = write_jsonl(export_copy(engine, task, run, dataset), out, stdout=sys.stdout)
     console.print(f"wrote {n} rows{f' to {out}' if out else ''}", highlight=False)

@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 from sqlalchemy.engine import Engine
 
-from qwen_tasks.cli.common import announce, app, console, fail, open_database, print_json
+from qwen_tasks.cli.common import announce, app, check_task, console, fail, open_database, print_json
 from qwen_tasks.review.queue import DEFAULT_QUEUE_LIMIT, DEFAULT_RANDOM_SHARE, Strategy
 
 review_app = typer.Typer(
@@ -36,11 +36,6 @@ def announce_reviews(engine: Engine, started: Any, *, source: str) -> None:
             starts=f"qwen_audio_finetune checks whether {reviewed_task} has enough new reviewed labels",
             otherwise=f"to fine-tune on them: qwen-tasks finetune --task {reviewed_task}",
         )  # fmt: skip
-
-
-def _check_task(task: str) -> None:
-    if task not in ("asr", "cry"):
-        raise fail(f"--task must be asr or cry, got {task!r}")
 
 
 def _check_strategy(strategy: str | None) -> None:
@@ -70,7 +65,7 @@ def review_queue(
     from qwen_tasks.ingest.datasets import resolve
     from qwen_tasks.review.queue import rank
 
-    _check_task(task)
+    check_task(task)
     _check_strategy(strategy)
     engine = open_database()
     scope = [d.id for d in resolve(engine, dataset, task=task)] if dataset else None
@@ -318,7 +313,7 @@ def review_export(
     """
     from qwen_tasks.review.label_studio import export_label_studio
 
-    _check_task(task)
+    check_task(task)
     _check_strategy(strategy)
     summary = export_label_studio(
         open_database(), out, task, run_id=run, audio_root=audio_root, audio_prefix=audio_prefix, limit=limit,
@@ -354,8 +349,7 @@ def review_import(
     from qwen_tasks.review.label_studio import import_label_studio
     from qwen_tasks.review.new_reviews import database_now
 
-    if task is not None:
-        _check_task(task)
+    check_task(task)
     engine = open_database()
     started = database_now(engine)
     summary = import_label_studio(engine, path, task=task, reviewer=reviewer)
@@ -394,7 +388,7 @@ def export_finetune(
     """
     from qwen_tasks.review.label_studio import export_finetune as run_export
 
-    _check_task(task)
+    check_task(task)
     summary = run_export(
         open_database(), out, task=task, include_confident=include_confident, question=question
     )

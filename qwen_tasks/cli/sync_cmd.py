@@ -8,21 +8,13 @@ from __future__ import annotations
 
 import typer
 
-from qwen_tasks.cli.common import console, open_database, print_json
+from qwen_tasks.cli.common import check_task, console, open_database, print_json
 from qwen_tasks.cli.review_cmd import (
     announce_reviews,
     review_app,
 )  # one `review` group: queue (review_cmd), push, pull
 from qwen_tasks.review.queue import DEFAULT_RANDOM_SHARE, Strategy
 from qwen_tasks.review.sync import DEFAULT_LIMIT, DEFAULT_STRATEGY
-
-
-def _check_task(task: str) -> None:
-    from qwen_tasks.errors import ConfigError
-    from qwen_tasks.records import Task
-
-    if task not in set(Task):
-        raise ConfigError(f"--task must be one of {', '.join(Task)}, got {task!r}")
 
 
 def _server():  # noqa: ANN202 - label_studio_server.Server; the SDK is imported only when used
@@ -60,7 +52,7 @@ def push(
         chosen = Strategy(strategy)
     except ValueError:
         raise ConfigError(f"--strategy must be one of {', '.join(Strategy)}, got {strategy!r}") from None
-    _check_task(task)
+    check_task(task)
     summary = run_push(
         open_database(),
         _server(),
@@ -93,8 +85,7 @@ def pull(
     from qwen_tasks.review.new_reviews import database_now
     from qwen_tasks.review.sync import pull as run_pull
 
-    if task is not None:
-        _check_task(task)
+    check_task(task)
     engine = open_database()
     started = database_now(engine)
     summary = run_pull(engine, _server(), task=task, dataset_names=list(dataset or []))

@@ -157,12 +157,13 @@ def _yoyo_uri(url: URL) -> str:
     return url.set(drivername="postgresql").render_as_string(hide_password=False)
 
 
-def upgrade(engine: Engine) -> list[str]:
-    """Apply pending migrations; returns the ids applied (empty when already up to date)."""
+def upgrade(engine: Engine, migrations_dir: Path = MIGRATIONS_DIR) -> list[str]:
+    """Apply pending migrations; returns the ids applied (empty when already up to date).
+    `migrations_dir`: another checkout's migrations (bench/sql.py's `--before`)."""
     from yoyo import get_backend, read_migrations
 
     backend = get_backend(_yoyo_uri(engine.url))
-    migrations = read_migrations(str(MIGRATIONS_DIR))
+    migrations = read_migrations(str(migrations_dir))
     try:
         with backend.lock():
             pending = backend.to_apply(migrations)

@@ -264,11 +264,14 @@ def download(url: str, out: BinaryIO, listed_size: int | None = None) -> Downloa
 class ObjectCache:
     """Local copies of objects by content (a file per sha256), at most `limit` bytes, least recently used
     evicted first. Several worker processes may share the folder: files appear by atomic rename and a
-    file evicted by another process is simply downloaded again."""
+    file evicted by another process is simply downloaded again. The folder is scanned (and trimmed) only
+    when this process's running total would pass the limit, not on every put: a worker's put is on the
+    labelling path, and a scan costs a stat per cached file."""
 
     def __init__(self, folder: Path, limit: int) -> None:
         self.folder = folder
         self.limit = limit
+        self._total: int | None = None  # bytes in the folder at the last scan, plus this process's puts
 
     def get(self, sha256: str) -> bytes | None:
         path = self.folder / sha256
@@ -287,11 +290,15 @@ class ObjectCache:
             with tempfile.NamedTemporaryFile(dir=self.folder, prefix=".part-", delete=False) as tmp:
                 tmp.write(data)
             os.replace(tmp.name, self.folder / sha256)
-            self._evict()
+            if self._total is None or self._total + len(data) > self.limit:
+                self._total = self._evict()
+            else:
+                self._total += len(data)
         except OSError:  # a full or read-only disk costs a download next time, never a label
             return
 
-    def _evict(self) -> None:
+    def _evict(self) -> int:
+        """Trim the folder to the limit, least recently used first; returns the bytes left."""
         entries = []
         for entry in os.scandir(self.folder):
             if entry.name.startswith(".part-"):
@@ -308,11 +315,20 @@ class ObjectCache:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
             total -= size
+        return total
+
+
+_CACHES: dict[tuple[Path, int], ObjectCache] = {}
 
 
 def object_cache() -> ObjectCache:
+    """This process's cache for the configured folder and limit (one instance, so its running total
+    holds across the clips a worker reads)."""
     settings = get_settings()
-    return ObjectCache(settings.object_cache, settings.object_cache_bytes)
+    key = (settings.object_cache, settings.object_cache_bytes)
+    if key not in _CACHES:
+        _CACHES[key] = ObjectCache(*key)
+    return _CACHES[key]
 
 
 def fetch_verified(url: str, sha256: str, size: int | None = None) -> bytes:

@@ -89,7 +89,7 @@ class FinetuneOptions:
         self.train_config()  # validates the hyper-parameters
 
     def train_config(self) -> Any:
-        from qwen_tasks.review.trainer import TrainConfig
+        from qwen_tasks.finetune.trainer import TrainConfig
 
         return TrainConfig(
             epochs=self.epochs,

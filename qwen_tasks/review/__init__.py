@@ -6,5 +6,6 @@ what reviewers see; `sync` is the live Label Studio sync; `new_reviews` counts r
 a task's promoted version (whether an automatic fine-tune is worth it). Fine-tuning itself is the next
 stage, `qwen_tasks.finetune`.
 
-May import: `store`, `ingest`, `labelling`, `quality` and the shared modules. Never `finetune`, `orchestration`, `cli`.
+May import: `store`, `ingest`, `labelling`, `quality` and the shared modules. Never `finetune`,
+`orchestration`, `cli`.
 """

@@ -639,3 +639,73 @@ def test_the_dag_form_offers_calibration_and_target_precision() -> None:
     assert options_from_params({"task": "cry", "target_precision": None}).target_precision is None
     with pytest.raises(ConfigError, match="--target-precision must be in"):
         options_from_params({"task": "cry", "target_precision": 2})
+
+
+# --- prepare once: training and evaluation take its result -----------------------------------------------
+
+
+class _Statements:
+    """The SQL the engine sends while active: how often the split is assigned (its advisory lock) and how
+    often the labelled clips are looked up (`labelled_rows`' query) or the stored split is read."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.seen: list[tuple[str, str]] = []
+
+    def _record(self, conn, cursor, statement, parameters, context, executemany) -> None:  # noqa: ANN001
+        self.seen.append((statement, repr(parameters)))
+
+    def __enter__(self) -> _Statements:
+        sa.event.listen(self.engine, "before_cursor_execute", self._record)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        sa.event.remove(self.engine, "before_cursor_execute", self._record)
+
+    @property
+    def split_assignments(self) -> int:
+        return sum(1 for s, p in self.seen if "pg_advisory_xact_lock" in s and "qwen_tasks.split:" in p)
+
+    @property
+    def labelled_lookups(self) -> int:
+        return sum(1 for s, _ in self.seen if "AS in_scope" in s)
+
+    @property
+    def split_reads(self) -> int:
+        return sum(1 for s, _ in self.seen if "finetune_split" in s)
+
+
+def test_prepare_runs_once_and_training_uses_exactly_its_result(
+    engine: Engine, tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """`run_finetune` prepares once (one split assignment, one look-up of the labelled clips) and hands the
+    result to training and evaluation; `train_version` given a prepared result trains on exactly its
+    training rows, even when more labelled audio arrived after `prepare`, and does not touch the split."""
+    ingest_manifest(engine, noise_set(tmp_path / "a", 24), dataset="set-a")
+    seen: list[Prepared] = []
+    with _Statements(engine) as sql:
+        summary = run_finetune(engine, options(tiny_model_dir, tmp_path, lr=1e-6), on_prepared=seen.append)
+    assert (sql.split_assignments, sql.labelled_lookups) == (1, 1)
+    (prepared,) = seen
+    assert summary.train == prepared.train == {"no": 8, "yes": 8}
+    heldout = sorted(a for a, p in _split(engine).items() if p == "heldout")
+    assert _answered(engine, summary.base_run_id) == _answered(engine, summary.candidate_run_id) == heldout
+
+    opts = options(tiny_model_dir, tmp_path, name="v2", out_dir=str(tmp_path / "v2"))
+    data = finetune_data.prepare(engine, opts)
+    assert len(data.train) == 16 and data.heldout_ids == heldout
+    before = _split(engine)
+    # more labelled audio arrives between prepare and training: training uses what prepare found
+    ingest_manifest(engine, noise_set(tmp_path / "b", 10, seed=2), dataset="set-a")
+    with _Statements(engine) as sql:
+        trained = train_version(engine, opts, data)
+    assert (sql.split_assignments, sql.labelled_lookups, sql.split_reads) == (0, 0, 0)
+    assert _split(engine) == before  # the new audio got no split row: nothing prepared again
+    assert trained.prepared == data.prepared
+    with engine.connect() as conn:
+        row = conn.execute(sa.select(schema.model_version).where(schema.model_version.c.name == "v2")).one()
+    assert row.counts["examples"] == len(data.train) and row.counts["train"] == data.prepared.train
+    assert row.data_digest == data_digest(opts.resolved(), data.train, row.prompt_version)
+    # the prepared result of another task is refused, not trained on
+    with pytest.raises(ConfigError, match="prepared data is for cry"):
+        train_version(engine, options(tiny_model_dir, tmp_path, task="asr", name="v3"), data)

@@ -11,8 +11,8 @@ TORCH_INDEX ?=
 help:
 	@echo "make demo   - install into .venv, then run the nightly DAG once on generated sample audio"
 	@echo "make test   - install into .venv, then run lint and the test suite (embedded PostgreSQL if none runs)"
-	@echo "make test-fast - lint and the tests that need no PostgreSQL and no model (~1260 tests, 2-3 min on 2 cores)"
-	@echo "make test-middle - the rest of the tests not marked slow: PostgreSQL, the tiny model (~240 tests, TIME)"
+	@echo "make test-fast - lint and the ~1260 tests that need no PostgreSQL and no model (2-3.5 min on 2 busy cores)"
+	@echo "make test-middle - the other ~240 tests not marked slow: PostgreSQL, the tiny model (about 11 min on 2 busy cores)"
 	@echo "make lint / format / bench / install"
 	@echo "make install-qwen-audio - .venv-qwen-audio (transformers 4.53.3) for the original Qwen-Audio (docs/models.md)"
 	@echo "make test-qwen-audio QWEN_AUDIO_CODE_DIR=DIR - the original Qwen-Audio's tests, which CI skips (docs/models.md)"

@@ -13,12 +13,9 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from qwen_tasks.records import LabelRequest
+from qwen_tasks.records import DEFAULT_LANGUAGE, DEFAULT_QUESTION, LabelRequest
 
 PromptStyle = Literal["chat", "base"]
-
-DEFAULT_LANGUAGE = "en"
-DEFAULT_QUESTION = LabelRequest(task="cry").question
 
 LANGUAGE_NAMES = {
     "en": "English",

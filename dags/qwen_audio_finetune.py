@@ -36,8 +36,9 @@ import pendulum
 from airflow.sdk import Asset, AssetAlias, Param, dag, get_current_context, task
 
 from qwen_tasks.config import Settings
-from qwen_tasks.orchestration.assets import PROMOTED_ALIAS, TASKS, model_uri, reviews_uri
+from qwen_tasks.orchestration.assets import PROMOTED_ALIAS, model_uri, reviews_uri
 from qwen_tasks.orchestration.steps import no_retry_for_permanent_errors
+from qwen_tasks.records import Task
 from qwen_tasks.review.finetune import dag_param_specs
 
 DAG_ID = "qwen_audio_finetune"
@@ -47,8 +48,9 @@ PARAMS = {
     for name, spec in dag_param_specs(Settings.from_env(strict=False)).items()
 }
 # Imported reviewed labels of any task (the first task checks whether there are enough).
-REVIEWS = Asset(reviews_uri(TASKS[0]))
-for _task in TASKS[1:]:
+_FIRST, *_REST = Task
+REVIEWS = Asset(reviews_uri(_FIRST))
+for _task in _REST:
     REVIEWS = REVIEWS | Asset(reviews_uri(_task))
 PROMOTED = AssetAlias(PROMOTED_ALIAS)
 
@@ -105,7 +107,7 @@ def qwen_audio_finetune():
         for event in events:
             log.info("why this run: asset event %s", event.describe())
         tasks = [k[1] for k in (parse_uri(e.uri) for e in events) if k and k[0] == "reviews"]
-        for name in dict.fromkeys(t for t in TASKS if t in tasks):
+        for name in dict.fromkeys(t.value for t in Task if t in tasks):
             decision = decide(_engine(), name)
             log.info("%s", decision.reason())
             if decision.start:

@@ -6,7 +6,7 @@ An options dataclass (`labelling.options.LabelOptions`, `review.finetune.Finetun
 Spec(...))`. From that one declaration come:
 - the DAG's Params (`param_specs`: Airflow `Param(default, **schema)`, the JSON schema its trigger form
   renders and validates; the key is the field name, or `Spec.param`);
-- the CLI's flags (`qwen_tasks.cli.options.generated_flags`: a typer option per field with a flag, default
+- the CLI's flags (`qwen_tasks.cli.flags.generated_flags`: a typer option per field with a flag, default
   None = "the option's default", help text with the default, the limits and the choices);
 - the validation every path runs (`from_mapping`: the form validates, but the REST API, `--conf` and
   the CLI hand over anything; the same rules as the schema, one line naming the option);
@@ -37,12 +37,14 @@ class Spec:
 
     `nullable`: None (and "") means the default. `pattern`, `max_length`, `minimum`/`maximum`,
     `exclusive_minimum` and `item_pattern` are JSON schema keywords, checked by `check` the same way
-    (`pattern_hint`: what the pattern means, for the error). `check`: a further rule (value -> value,
-    raising ConfigError) that replaces the range check, for rules another module owns.
+    (`pattern_hint`: what the pattern means, for the error). `check`: the rule another module owns
+    (value -> value, raising ConfigError with its own words); it replaces the pattern and range checks,
+    which stay in the schema for the form.
 
     Surfaces: `dag=False`: not a DAG Param; `param`: the Param key when it is not the field name.
     `cli=False`: no CLI flag; `flag`: the typer declaration when it is not `--<name-with-dashes>`
-    (`--threshold`, `--promoted/--no-promoted`); `separator`: the CLI takes a list as one string split on it.
+    (`--threshold`, `--promoted/--no-promoted`); `required`: the flag must be given (the form has a
+    default); `separator`: the CLI takes a list as one string split on it.
     `setting`: the `config.Settings` field (and so the QWEN_TASKS_* variable) that gives the default.
     `default_text`: how help shows an empty default (what the option does when it is left out).
     `form_blank`: the form shows a nullable option empty (null = the default) although the default is not."""
@@ -55,6 +57,7 @@ class Spec:
     minimum: float | None = None
     maximum: float | None = None
     exclusive_minimum: float | None = None
+    exclusive_maximum: float | None = None
     pattern: str | None = None
     pattern_hint: str | None = None
     max_length: int | None = None
@@ -64,6 +67,7 @@ class Spec:
     param: str | None = None
     cli: bool = True
     flag: str | None = None
+    required: bool = False
     separator: str | None = None
     setting: str | None = None
     default_text: str | None = None
@@ -99,6 +103,7 @@ class Spec:
             ("minimum", self.minimum),
             ("maximum", self.maximum),
             ("exclusiveMinimum", self.exclusive_minimum),
+            ("exclusiveMaximum", self.exclusive_maximum),
             ("pattern", self.pattern),
             ("maxLength", self.max_length),
         ):
@@ -110,7 +115,8 @@ class Spec:
         """The range and the choices in words, for help texts ("Range: >= 1, <= 1024.")."""
         low = (f"> {_num(self.exclusive_minimum)}" if self.exclusive_minimum is not None
                else f">= {_num(self.minimum)}" if self.minimum is not None else None)  # fmt: skip
-        high = f"<= {_num(self.maximum)}" if self.maximum is not None else None
+        high = (f"< {_num(self.exclusive_maximum)}" if self.exclusive_maximum is not None
+                else f"<= {_num(self.maximum)}" if self.maximum is not None else None)  # fmt: skip
         out = []
         if low or high:
             out.append("Range: " + ", ".join(x for x in (low, high) if x) + ".")
@@ -192,7 +198,7 @@ def help_text(cls: type, name: str) -> str:
     out = spec.description.rstrip()
     if out and not out.endswith((".", "?")):
         out += "."
-    default = default_text(cls, name)
+    default = "" if spec.required else default_text(cls, name)
     if default:
         out += f" Default: {default}."
     return f"{out} {spec.limits()}".strip()
@@ -230,16 +236,22 @@ def param_specs(cls: type, settings: Settings | None = None) -> dict[str, tuple[
 
 
 def from_mapping(
-    cls: type, raw: Mapping[str, Any], settings: Settings | None = None, *, flags: bool = False
+    cls: type,
+    raw: Mapping[str, Any],
+    settings: Settings | None = None,
+    *,
+    flags: bool = False,
+    params: bool | None = None,
 ) -> dict[str, Any]:
-    """Checked values of every option of `cls` from a mapping keyed by Param key (unknown keys are ignored:
-    Airflow adds its own; a CLI mapping is keyed by field name). A missing key or None (for a nullable
-    option, "" too) takes the default; ConfigError names the option (as its CLI flag with `flags`, else as
-    the DAG param) and the rule. Returns field name -> value, for `cls(**values)`."""
+    """Checked values of every option of `cls` from a mapping (unknown keys are ignored: Airflow adds its
+    own) keyed by Param key (`params`; default: unless `flags`) or by field name (the CLI's). A missing
+    key or None (for a nullable option, "" too) takes the default; ConfigError names the option (as its
+    CLI flag with `flags`, else as the DAG param) and the rule. Returns field name -> value for `cls`."""
     base = default_values(cls, settings)
+    by_param = not flags if params is None else params
     values: dict[str, Any] = {}
     for name, spec in specs(cls).items():
-        key = name if flags else param_key(name, spec)
+        key = param_key(name, spec) if by_param else name
         shown = flag_name(name, spec) if flags else f"param {key!r}"
         value = raw.get(key)
         if value is None or (spec.nullable and value == ""):
@@ -249,6 +261,17 @@ def from_mapping(
             continue
         values[name] = check(shown, spec, value)
     return values
+
+
+def check_fields(options: Any, *, flags: bool = True) -> None:
+    """Check and normalise every option of a constructed options dataclass by its Spec (an empty nullable
+    option is left as it is: the default), for `__post_init__`: direct construction obeys the same rules."""
+    for name, spec in specs(type(options)).items():
+        value = getattr(options, name)
+        if spec.nullable and value in (None, ""):
+            continue
+        shown = flag_name(name, spec) if flags else f"param {param_key(name, spec)!r}"
+        object.__setattr__(options, name, check(shown, spec, value))
 
 
 # --- checks (the same rules as Spec.schema) --------------------------------------------------------------
@@ -280,11 +303,13 @@ def check(name: str, spec: Spec, value: Any) -> Any:
                 raise bad(name, f"must be a non-empty list of {allowed}", value)
             return tuple(dict.fromkeys(value))
         value = tuple(v.strip() for v in value)
+        if spec.check:
+            return spec.check(value)
         if spec.item_pattern:
             wrong = [v for v in value if not re.fullmatch(spec.item_pattern.strip("^$"), v)]
             if wrong:
                 raise bad(name, f"takes names matching {spec.item_pattern}", wrong[0])
-        return spec.check(value) if spec.check else value
+        return value
     if kind == "enum":
         allowed = list(spec.choices or ())
         if spec.check:
@@ -298,9 +323,11 @@ def check(name: str, spec: Spec, value: Any) -> Any:
         value = value.strip()
         if spec.max_length is not None and len(value) > spec.max_length:
             raise bad(name, f"must be at most {spec.max_length} characters", value)
+        if spec.check:
+            return spec.check(value)
         if spec.pattern and not re.fullmatch(spec.pattern.strip("^$"), value):
             raise bad(name, spec.pattern_hint or f"must match {spec.pattern}", value)
-        return spec.check(value) if spec.check else value
+        return value
     if kind == "bool":
         if not isinstance(value, bool):
             raise bad(name, "must be true or false", value)
@@ -318,6 +345,8 @@ def check(name: str, spec: Spec, value: Any) -> Any:
         raise bad(name, f"must be > {_num(spec.exclusive_minimum)}", value)
     if spec.maximum is not None and number > spec.maximum:
         raise bad(name, f"must be <= {_num(spec.maximum)}", value)
+    if spec.exclusive_maximum is not None and number >= spec.exclusive_maximum:
+        raise bad(name, f"must be < {_num(spec.exclusive_maximum)}", value)
     return number
 
 

@@ -60,6 +60,7 @@ DEFAULT_YES_THRESHOLD = 0.5
 # What a request asks when nothing else says (the options, fine-tuning, prompts and the CLI take these).
 DEFAULT_QUESTION = "Is there a baby crying in this audio? Answer yes or no."
 DEFAULT_LANGUAGE = "en"
+LANGUAGE_PATTERN = r"^[a-z]{2,3}$"  # a plain short code: it is put into the prompt's special tokens
 _LOGIT_EPS = 1e-6  # p_yes is clipped to [eps, 1 - eps] before logit: the model can say exactly 0 or 1
 
 

@@ -33,7 +33,9 @@ def flag_parameters(options: type) -> list[inspect.Parameter]:
             continue
         decl = spec.flag or "--" + name.replace("_", "-")
         annotation = str if spec.separator else _TYPES[spec.kind]
-        info = typer.Option(None, decl, help=help_text(options, name), show_default=False)
+        info = typer.Option(
+            ... if spec.required else None, decl, help=help_text(options, name), show_default=False
+        )
         out.append(
             inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=annotation)
         )

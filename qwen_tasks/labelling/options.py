@@ -38,6 +38,7 @@ from qwen_tasks.records import (
     DEFAULT_QUESTION,
     DEFAULT_YES_THRESHOLD,
     ENCODER_WINDOW_SECONDS,
+    LANGUAGE_PATTERN,
     MAX_QUESTION_CHARS,
     QUESTION_PATTERN,
     CryMethod,
@@ -253,7 +254,9 @@ class LabelOptions:
     )
     language: str = option(
         DEFAULT_LANGUAGE,
-        Spec("str", "ASR language", "asr: language code of the speech (en, zh, ...)", pattern="^[a-z]{2,3}$"),
+        Spec(
+            "str", "ASR language", "asr: language code of the speech (en, zh, ...)", pattern=LANGUAGE_PATTERN
+        ),
     )
     report_dir: str = option(
         "",

@@ -27,7 +27,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Connection, Engine
 
 from qwen_tasks.errors import ConfigError
-from qwen_tasks.records import Task
+from qwen_tasks.records import AudioStatus, Task
 from qwen_tasks.store.schema import (
     audio_file,
     dataset,
@@ -232,7 +232,7 @@ def _add_members(conn: Connection, dataset_id: int, source: Source) -> int:
         files = sa.select(f.c.audio_id).where(f.c.path.startswith(prefix, autoescape=True))
     else:
         files = sa.select(f.c.audio_id).where(f.c.path == source.location)
-    files = files.where(f.c.status == "ok", f.c.audio_id.is_not(None)).distinct()
+    files = files.where(f.c.status == AudioStatus.OK, f.c.audio_id.is_not(None)).distinct()
     new = files.where(
         ~sa.exists().where(dataset_audio.c.dataset_id == dataset_id, dataset_audio.c.audio_id == f.c.audio_id)
     ).subquery()

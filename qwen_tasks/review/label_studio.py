@@ -27,7 +27,7 @@ from sqlalchemy.engine import Engine
 from qwen_tasks.errors import ConfigError
 from qwen_tasks.ingest import datasets
 from qwen_tasks.labelling.jobs import get_run, latest_run_ids
-from qwen_tasks.records import LabelRequest, Task
+from qwen_tasks.records import DEFAULT_LANGUAGE, DEFAULT_QUESTION, LabelRequest, Task
 from qwen_tasks.review import queue
 from qwen_tasks.store.database import transaction
 from qwen_tasks.store.schema import (
@@ -603,9 +603,11 @@ def _prompt_text(task: str, question: str | None, language: str | None) -> str:
     from qwen_tasks.labelling.prompts import qwen2_audio_spec
     from qwen_tasks.quality.transcript_text import canonical_language
 
-    question = question or LabelRequest(task="cry").question
+    question = question or DEFAULT_QUESTION
     try:
-        request = LabelRequest(task=task, question=question, language=canonical_language(language) or "en")
+        request = LabelRequest(
+            task=task, question=question, language=canonical_language(language) or DEFAULT_LANGUAGE
+        )
         return qwen2_audio_spec(request, "chat").text
     except (ValueError, ConfigError):  # a language the prompts do not know: the default one
         return qwen2_audio_spec(LabelRequest(task=task, question=question), "chat").text

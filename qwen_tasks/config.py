@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from qwen_tasks.errors import ConfigError
 from qwen_tasks.records import is_url, normal_url, redact_url, url_problem
@@ -159,7 +159,7 @@ def _env_models(name: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(out))
 
 
-def _var(default: object, name: str) -> object:
+def _var(default: Any, name: str) -> Any:
     """A setting's default and the variable that overrides it (one declaration: `Settings.env_var`)."""
     return field(default=default, metadata={"env": name})
 
@@ -177,19 +177,19 @@ class Settings:
     allowed_roots: tuple[str, ...] = ()
     # models / adapters / fine-tune bases that may be loaded (empty: any; see labelling.allowed_models)
     allowed_models: tuple[str, ...] = ()
-    model: str = _var(DEFAULT_MODEL, "QWEN_TASKS_MODEL")  # type: ignore[assignment]
-    model_revision: str = _var("", "QWEN_TASKS_MODEL_REVISION")  # type: ignore[assignment]
-    device: str = _var(Device.AUTO.value, "QWEN_TASKS_DEVICE")  # type: ignore[assignment]
-    batch_size: int = _var(16, "QWEN_TASKS_BATCH_SIZE")  # type: ignore[assignment]
-    max_batch_seconds: float = _var(240.0, "QWEN_TASKS_MAX_BATCH_SECONDS")  # type: ignore[assignment]
+    model: str = _var(DEFAULT_MODEL, "QWEN_TASKS_MODEL")
+    model_revision: str = _var("", "QWEN_TASKS_MODEL_REVISION")
+    device: str = _var(Device.AUTO.value, "QWEN_TASKS_DEVICE")
+    batch_size: int = _var(16, "QWEN_TASKS_BATCH_SIZE")
+    max_batch_seconds: float = _var(240.0, "QWEN_TASKS_MAX_BATCH_SECONDS")
     # the `gpu` pool's size: how many labelling workers the DAG fans out to
-    gpu_slots: int = _var(1, "QWEN_TASKS_GPU_POOL_SLOTS")  # type: ignore[assignment]
+    gpu_slots: int = _var(1, "QWEN_TASKS_GPU_POOL_SLOTS")
     # a dead worker's job is taken over after this long
-    lease_seconds: float = _var(120.0, "QWEN_TASKS_LEASE_SECONDS")  # type: ignore[assignment]
+    lease_seconds: float = _var(120.0, "QWEN_TASKS_LEASE_SECONDS")
     # what the nightly run ingests: folders / URL prefixes, and manifests (`:`-separated lists)
-    audio_dirs: tuple[str, ...] = _var((), "QWEN_TASKS_AUDIO_DIRS")  # type: ignore[assignment]
-    asr_manifests: tuple[str, ...] = _var((), "QWEN_TASKS_ASR_MANIFESTS")  # type: ignore[assignment]
-    aqa_manifests: tuple[str, ...] = _var((), "QWEN_TASKS_AQA_MANIFESTS")  # type: ignore[assignment]
+    audio_dirs: tuple[str, ...] = _var((), "QWEN_TASKS_AUDIO_DIRS")
+    asr_manifests: tuple[str, ...] = _var((), "QWEN_TASKS_ASR_MANIFESTS")
+    aqa_manifests: tuple[str, ...] = _var((), "QWEN_TASKS_AQA_MANIFESTS")
     # workers' local copies of object-storage audio, by content (ingest.sources.ObjectCache): LRU, bounded
     object_cache_bytes: int = DEFAULT_OBJECT_CACHE_BYTES
     object_cache_dir: Path | None = None  # None: <home>/object-cache

@@ -38,8 +38,9 @@ from airflow.sdk import Asset, AssetAlias, Param, dag, get_current_context, task
 
 from qwen_tasks.config import Settings
 from qwen_tasks.finetune.options import dag_param_specs
-from qwen_tasks.orchestration.assets import PROMOTED_ALIAS, TASKS, reviews_uri
+from qwen_tasks.orchestration.assets import PROMOTED_ALIAS, reviews_uri
 from qwen_tasks.orchestration.steps import no_retry_for_permanent_errors
+from qwen_tasks.records import Task
 
 DAG_ID = "qwen_audio_finetune"
 # Environment only, never an import error (a bad QWEN_TASKS_* value fails the tasks with one line).
@@ -48,8 +49,9 @@ PARAMS = {
     for name, spec in dag_param_specs(Settings.from_env(strict=False)).items()
 }
 # Imported reviewed labels of any task (the first task checks whether there are enough).
-REVIEWS = Asset(reviews_uri(TASKS[0]))
-for _task in TASKS[1:]:
+_FIRST, *_REST = Task
+REVIEWS = Asset(reviews_uri(_FIRST))
+for _task in _REST:
     REVIEWS = REVIEWS | Asset(reviews_uri(_task))
 PROMOTED = AssetAlias(PROMOTED_ALIAS)
 
@@ -87,9 +89,7 @@ def qwen_audio_finetune():
 
         events = events_from_airflow(get_current_context().get("triggering_asset_events"))
         with no_retry_for_permanent_errors():
-            return enough_new_reviews_step(
-                events, TASKS, database_url=resolve_database_url() if events else None
-            )
+            return enough_new_reviews_step(events, database_url=resolve_database_url() if events else None)
 
     @task
     def prepare() -> dict:

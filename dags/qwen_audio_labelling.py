@@ -51,9 +51,10 @@ from airflow.sdk import (
 from qwen_tasks.config import Settings
 from qwen_tasks.labelling.environments import PYTHON_ENV_VAR, interpreter
 from qwen_tasks.labelling.options import LabelOptions
-from qwen_tasks.orchestration.assets import NEW_AUDIO_ALIAS, TASKS, model_uri
+from qwen_tasks.orchestration.assets import NEW_AUDIO_ALIAS, model_uri
 from qwen_tasks.orchestration.steps import LABEL_RETRIES, no_retry_for_permanent_errors
 from qwen_tasks.orchestration.triggers import WaitForWorkersOperator
+from qwen_tasks.records import Task
 
 DAG_ID = "qwen_audio_labelling"
 # Environment only (no database, no model at parse time). A bad QWEN_TASKS_* value must not become an
@@ -62,8 +63,8 @@ _SETTINGS = Settings.from_env(strict=False)
 for _error in _SETTINGS.errors:
     logging.getLogger(__name__).warning("%s (the DAG's tasks will fail until it is fixed)", _error)
 # New audio in any dataset (the alias resolves to the dataset assets) or a promoted model, or the cron.
-EVENTS = AssetAlias(NEW_AUDIO_ALIAS) | Asset(model_uri(TASKS[0]))
-for _task in TASKS[1:]:
+EVENTS = AssetAlias(NEW_AUDIO_ALIAS)
+for _task in Task:
     EVENTS = EVENTS | Asset(model_uri(_task))
 SCHEDULE = (
     AssetOrTimeSchedule(timetable=CronTriggerTimetable(_SETTINGS.schedule, timezone="UTC"), assets=EVENTS)

@@ -25,21 +25,10 @@ from airflow.sdk import Asset, AssetAlias, Param, dag, get_current_context, task
 
 from qwen_tasks.orchestration.assets import NEW_REVIEWS_ALIAS, reviews_uri
 from qwen_tasks.orchestration.review_sync import SyncOptions
-from qwen_tasks.review.queue import Strategy
 
 DAG_ID = "qwen_audio_review_sync"
-PARAMS = {
-    "tasks": Param(list(SyncOptions.tasks), type="array", items={"type": "string", "enum": ["asr", "cry"]},
-                   minItems=1, description="Tasks to push and pull."),
-    "datasets": Param(None, type=["null", "array"], items={"type": "string"},
-                      description="Datasets (empty: every dataset of each task): one project each."),
-    "strategy": Param(SyncOptions.strategy, type="string", enum=[s.value for s in Strategy],
-                      description="How the review queue ranks clips (docs/review.md)."),
-    "limit": Param(SyncOptions.limit, type=["integer", "number"], minimum=1, multipleOf=1,
-                   description="At most this many new clips per project and push."),
-    "random_share": Param(SyncOptions.random_share, type=["number", "integer"], minimum=0, maximum=1,
-                          description="Share of each push drawn uniformly (unbiased quality estimates)."),
-}  # fmt: skip
+# Generated from SyncOptions (one declaration per option; the steps check the same rules again).
+PARAMS = {name: Param(default, **schema) for name, (default, schema) in SyncOptions.param_specs().items()}
 
 
 NEW_REVIEWS = AssetAlias(NEW_REVIEWS_ALIAS)

@@ -14,10 +14,10 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from qwen_tasks.errors import ConfigError
 from qwen_tasks.records import is_url, normal_url, redact_url, url_problem
@@ -159,9 +159,17 @@ def _env_models(name: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(out))
 
 
+def _var(default: Any, name: str) -> Any:
+    """A setting's default and the variable that overrides it (one declaration: `Settings.env_var`)."""
+    return field(default=default, metadata={"env": name})
+
+
 @dataclass(frozen=True)
 class Settings:
-    """Process-wide configuration. See README "Configuration" for each variable."""
+    """Process-wide configuration. See README "Configuration" for each variable.
+
+    A field declared with `_var` is the default of an option (`options_spec.Spec.setting`): its value and
+    its variable are declared here once, and options, help texts and DAG forms read them from here."""
 
     database_url: str | None = None
     home: Path = field(default_factory=lambda: Path.cwd() / ".qwen_tasks")
@@ -169,13 +177,19 @@ class Settings:
     allowed_roots: tuple[str, ...] = ()
     # models / adapters / fine-tune bases that may be loaded (empty: any; see labelling.allowed_models)
     allowed_models: tuple[str, ...] = ()
-    model: str = DEFAULT_MODEL
-    model_revision: str = ""
-    device: str = "auto"
-    batch_size: int = 16
-    max_batch_seconds: float = 240.0
-    gpu_slots: int = 1  # the `gpu` pool's size: how many labelling workers the DAG fans out to
-    lease_seconds: float = 120.0  # a dead worker's job is taken over after this long
+    model: str = _var(DEFAULT_MODEL, "QWEN_TASKS_MODEL")
+    model_revision: str = _var("", "QWEN_TASKS_MODEL_REVISION")
+    device: str = _var(Device.AUTO.value, "QWEN_TASKS_DEVICE")
+    batch_size: int = _var(16, "QWEN_TASKS_BATCH_SIZE")
+    max_batch_seconds: float = _var(240.0, "QWEN_TASKS_MAX_BATCH_SECONDS")
+    # the `gpu` pool's size: how many labelling workers the DAG fans out to
+    gpu_slots: int = _var(1, "QWEN_TASKS_GPU_POOL_SLOTS")
+    # a dead worker's job is taken over after this long
+    lease_seconds: float = _var(120.0, "QWEN_TASKS_LEASE_SECONDS")
+    # what the nightly run ingests: folders / URL prefixes, and manifests (`:`-separated lists)
+    audio_dirs: tuple[str, ...] = _var((), "QWEN_TASKS_AUDIO_DIRS")
+    asr_manifests: tuple[str, ...] = _var((), "QWEN_TASKS_ASR_MANIFESTS")
+    aqa_manifests: tuple[str, ...] = _var((), "QWEN_TASKS_AQA_MANIFESTS")
     # workers' local copies of object-storage audio, by content (ingest.sources.ObjectCache): LRU, bounded
     object_cache_bytes: int = DEFAULT_OBJECT_CACHE_BYTES
     object_cache_dir: Path | None = None  # None: <home>/object-cache
@@ -189,6 +203,11 @@ class Settings:
     # its credentials are read where they are used (orchestration.airflow_api), never kept here
     airflow_url: str = ""
     errors: tuple[str, ...] = ()  # bad values replaced by defaults (only with strict=False)
+
+    @classmethod
+    def env_var(cls, name: str) -> str:
+        """The variable that sets field `name` (declared with `_var`)."""
+        return next(f for f in fields(cls) if f.name == name).metadata["env"]
 
     @property
     def embedded_pgdata(self) -> Path:
@@ -214,18 +233,26 @@ class Settings:
                 return default
 
         home = os.environ.get("QWEN_TASKS_HOME")
+        var = cls.env_var
         return cls(
             database_url=os.environ.get("QWEN_TASKS_DATABASE_URL") or None,
             home=Path(home).expanduser().resolve() if home else Path.cwd().resolve() / ".qwen_tasks",
             allowed_roots=read(lambda: _env_roots("QWEN_TASKS_ALLOWED_ROOTS"), ()),
             allowed_models=read(lambda: _env_models("QWEN_TASKS_ALLOWED_MODELS"), ()),
-            model=os.environ.get("QWEN_TASKS_MODEL") or DEFAULT_MODEL,
-            model_revision=os.environ.get("QWEN_TASKS_MODEL_REVISION", "").strip(),
-            device=read(lambda: _env_device("QWEN_TASKS_DEVICE"), Device.AUTO.value),
-            batch_size=read(lambda: _env_int("QWEN_TASKS_BATCH_SIZE", 16), 16),
-            max_batch_seconds=read(lambda: _env_float("QWEN_TASKS_MAX_BATCH_SECONDS", 240.0), 240.0),
-            gpu_slots=read(lambda: _env_int("QWEN_TASKS_GPU_POOL_SLOTS", 1), 1),
-            lease_seconds=read(lambda: _env_float("QWEN_TASKS_LEASE_SECONDS", 120.0), 120.0),
+            model=os.environ.get(var("model")) or cls.model,
+            model_revision=os.environ.get(var("model_revision"), cls.model_revision).strip(),
+            device=read(lambda: _env_device(var("device")), cls.device),
+            batch_size=read(lambda: _env_int(var("batch_size"), cls.batch_size), cls.batch_size),
+            max_batch_seconds=read(
+                lambda: _env_float(var("max_batch_seconds"), cls.max_batch_seconds), cls.max_batch_seconds
+            ),
+            gpu_slots=read(lambda: _env_int(var("gpu_slots"), cls.gpu_slots), cls.gpu_slots),
+            lease_seconds=read(
+                lambda: _env_float(var("lease_seconds"), cls.lease_seconds), cls.lease_seconds
+            ),
+            audio_dirs=tuple(split_paths(os.environ.get(var("audio_dirs"), ""))),
+            asr_manifests=tuple(split_paths(os.environ.get(var("asr_manifests"), ""))),
+            aqa_manifests=tuple(split_paths(os.environ.get(var("aqa_manifests"), ""))),
             object_cache_bytes=read(
                 lambda: _env_bytes("QWEN_TASKS_OBJECT_CACHE_BYTES", DEFAULT_OBJECT_CACHE_BYTES),
                 DEFAULT_OBJECT_CACHE_BYTES,

@@ -23,10 +23,27 @@ class Task(StrEnum):
 
 
 class CryMethod(StrEnum):
-    """How a cry answer is read: p(yes) from one forward pass, or a generated answer normalised."""
+    """How a cry answer is read: p(yes) from one forward pass, or a generated answer normalised. `both`
+    is a value of the options (`--method both`, the DAG's `method`, fine-tuning's `eval_method`) meaning
+    the two; a request's methods are `expand`ed and never hold it."""
 
     SCORE = "score"
     GENERATE = "generate"
+    BOTH = "both"
+
+    @classmethod
+    def expand(cls, method: str) -> tuple[str, ...]:
+        """The request methods an option value stands for."""
+        return (cls.SCORE.value, cls.GENERATE.value) if method == cls.BOTH else (str(cls(method)),)
+
+
+class AudioStatus(StrEnum):
+    """audio_file.status (the CHECK constraint of migration 0001 holds the same names): a readable file,
+    one refused at ingest (with a reason), or a known path gone from its folder."""
+
+    OK = "ok"
+    QUARANTINED = "quarantined"
+    MISSING = "missing"
 
 
 class CalibrationMethod(StrEnum):
@@ -40,6 +57,10 @@ class CalibrationMethod(StrEnum):
 # cry `score`: p_yes >= this is yes, when neither the user (--threshold) nor a fitted calibration says
 # otherwise. Declared once; LabelOptions and the docs take it from here.
 DEFAULT_YES_THRESHOLD = 0.5
+# What a request asks when nothing else says (the options, fine-tuning, prompts and the CLI take these).
+DEFAULT_QUESTION = "Is there a baby crying in this audio? Answer yes or no."
+DEFAULT_LANGUAGE = "en"
+LANGUAGE_PATTERN = r"^[a-z]{2,3}$"  # a plain short code: it is put into the prompt's special tokens
 _LOGIT_EPS = 1e-6  # p_yes is clipped to [eps, 1 - eps] before logit: the model can say exactly 0 or 1
 
 
@@ -161,6 +182,9 @@ FINISHED_JOB: tuple[str, ...] = (JobStatus.DONE.value, JobStatus.FAILED.value)
 YesNo = Literal["yes", "no", "unknown"]
 
 TARGET_SAMPLE_RATE = 16_000
+# The encoder's fixed input (3000 mel frames of 10 ms): labelling splits longer clips into windows of this
+# length; fine-tuning leaves longer clips out (no per-window label to learn from).
+ENCODER_WINDOW_SECONDS = 30.0
 
 
 # An object-storage location: `scheme://bucket/key` (s3://, gs://, az://, memory://..., whatever fsspec has
@@ -299,9 +323,9 @@ class LabelRequest:
     window's duration, cry `generate` a short cap); a number = that cap for every window."""
 
     task: Task
-    language: str = "en"
-    question: str = "Is there a baby crying in this audio? Answer yes or no."
-    methods: tuple[CryMethod, ...] = ("score",)
+    language: str = DEFAULT_LANGUAGE
+    question: str = DEFAULT_QUESTION
+    methods: tuple[CryMethod, ...] = (CryMethod.SCORE,)
     max_new_tokens: int | None = None
     yes_threshold: float = DEFAULT_YES_THRESHOLD
     # the fitted rule of the model that labels (its threshold replaces yes_threshold); None: p_yes is
@@ -311,7 +335,7 @@ class LabelRequest:
     def __post_init__(self) -> None:
         if self.task not in set(Task):
             raise ValueError(f"task must be 'asr' or 'cry', got {self.task!r}")
-        if not self.methods or any(m not in set(CryMethod) for m in self.methods):
+        if not self.methods or any(m not in set(CryMethod) - {CryMethod.BOTH} for m in self.methods):
             raise ValueError(f"methods must be a non-empty subset of score/generate, got {self.methods!r}")
         # plain strings from here on (the enums compare equal to them), so requests stored as JSON and
         # requests built in code are equal

@@ -12,7 +12,7 @@ from pathlib import Path
 import qwen_tasks
 
 PACKAGE = Path(qwen_tasks.__file__).parent
-SHARED = ("config", "errors", "records", "progress")
+SHARED = ("config", "errors", "records", "progress", "options_spec")
 STAGES = ("store", "ingest", "labelling", "quality", "review", "finetune", "orchestration", "cli")
 # Outside the pipeline order: development aids may use any stage; the old import path of the normaliser
 # re-exports it; the CLI's make-tiny-model and demo commands use the dev package.

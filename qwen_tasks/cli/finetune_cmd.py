@@ -9,62 +9,17 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from qwen_tasks.cli.common import announce, app, console, open_database, print_json
+from qwen_tasks.cli.flags import generated_flags, given
 from qwen_tasks.finetune.options import FinetuneOptions
 from qwen_tasks.progress import ProgressLog, log_to_stderr
 from qwen_tasks.records import ModelVersionStatus
 
-_D = FinetuneOptions()  # defaults shown in --help come from the options object itself
-
 
 @app.command("finetune")
+@generated_flags(FinetuneOptions)  # --task, --base, --epochs, ...: one flag per FinetuneOptions option
 def finetune(
-    task: str = typer.Option(..., "--task", help="cry or asr."),
-    base: str = typer.Option(None, "--base", help="Base model: hub id or path (default: QWEN_TASKS_MODEL)."),
-    revision: str = typer.Option("", "--revision", help="Pinned revision of the base model."),
-    name: str = typer.Option(None, "--name", help="Version name (default: <task>-<UTC time>)."),
-    epochs: int = typer.Option(_D.epochs, "--epochs", min=1, help="Passes over the training part."),
-    lr: float = typer.Option(_D.lr, "--lr", min=0.0, help="AdamW learning rate."),
-    rank: int = typer.Option(_D.rank, "--rank", min=1, help="LoRA rank."),
-    alpha: int = typer.Option(_D.alpha, "--alpha", min=1, help="LoRA alpha."),
-    targets: str = typer.Option(
-        ",".join(_D.targets), "--targets", help="LoRA on: lm (attention + MLP), projector, audio (encoder)."
-    ),
-    batch_size: int = typer.Option(_D.batch_size, "--batch-size", min=1, help="Clips per optimiser step."),
-    max_clips: int = typer.Option(None, "--max-clips", min=2, help="Train on at most N clips (stratified)."),
-    datasets: list[str] = typer.Option(  # noqa: B008 - typer's idiom
-        None, "--dataset", help="Train on this train dataset only (repeat; default: all train datasets)."
-    ),
-    test_datasets: list[str] = typer.Option(  # noqa: B008 - typer's idiom
-        None,
-        "--test-dataset",
-        help="Also evaluate on this test dataset (repeat; default: every labelled test dataset of the task).",
-    ),
-    min_clips: int = typer.Option(_D.min_clips, "--min-clips", min=1, help="Refuse with fewer per class."),
-    heldout: float = typer.Option(_D.heldout_fraction, "--heldout-fraction", help="Share held out (stored)."),
-    min_improvement: float = typer.Option(
-        _D.min_improvement, "--min-improvement", min=0.0, help="Gate margin over the base on held-out audio."
-    ),
-    promote: bool = typer.Option(False, "--promote", help="Promote the version if it passes the gate."),
-    device: str = typer.Option(None, "--device", help="auto, cpu or cuda (default: QWEN_TASKS_DEVICE)."),
-    dtype: str = typer.Option(None, "--dtype", help="float32, bfloat16 or float16 (default: per device)."),
-    question: str = typer.Option(_D.question, "--question", help="cry: the question the version answers."),
-    language: str = typer.Option(_D.language, "--language", help="asr: language of the transcripts."),
-    eval_method: str = typer.Option(
-        _D.eval_method, "--eval-method", help="cry held-out runs: score or both."
-    ),
-    seed: int = typer.Option(_D.seed, "--seed", help="Seed for the adapter init and the batch order."),
-    calibration: str = typer.Option(
-        _D.calibration,
-        "--calibration",
-        help="cry: map p_yes before the threshold: none, platt (default; safe with few labels) or isotonic.",
-    ),
-    target_precision: float = typer.Option(
-        None,
-        "--target-precision",
-        help="cry: the lowest threshold reaching this held-out precision (default: the max-F1 threshold).",
-    ),
-    out: str = typer.Option("", "--out", help="Adapter directory (default: $QWEN_TASKS_HOME/models/NAME)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON summary on stdout."),
+    **flags: Any,
 ) -> None:
     """Fine-tune a LoRA adapter on reviewed labels, evaluate base vs candidate on held-out audio, register it.
 
@@ -75,19 +30,9 @@ def finetune(
     dataset are reported side by side (the gate stays on the held-out split).
     Example: qwen-tasks finetune --task cry --base ./tiny --epochs 2 --device cpu --test-dataset eval
     """
-    from qwen_tasks.config import get_settings
     from qwen_tasks.finetune.run import run_finetune
 
-    settings = get_settings()
-    options = FinetuneOptions(
-        task=task, base=base or "", base_revision=revision, name=name or "", epochs=epochs, lr=lr, rank=rank,
-        alpha=alpha, targets=tuple(t.strip() for t in targets.split(",") if t.strip()), batch_size=batch_size,
-        max_clips=max_clips, datasets=tuple(datasets or ()), test_datasets=tuple(test_datasets or ()),
-        min_clips=min_clips, heldout_fraction=heldout, min_improvement=min_improvement,
-        promote=promote, device=device or settings.device, dtype=dtype, question=question, language=language,
-        eval_method=eval_method, seed=seed, out_dir=out, calibration=calibration,
-        target_precision=target_precision,
-    )  # fmt: skip
+    options = FinetuneOptions.from_mapping(given(flags), params=False)
     engine = open_database()
     bar = _TrainBar()
 

@@ -18,9 +18,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from qwen_tasks.cli.common import app, check_task, console, fail, open_database, print_json, wants_json
-from qwen_tasks.config import get_settings
+from qwen_tasks.cli.flags import generated_flags, given
+from qwen_tasks.config import Settings, get_settings
 from qwen_tasks.errors import QwenTasksError
 from qwen_tasks.labelling import jobs, worker
+from qwen_tasks.labelling.options import LabelOptions
 from qwen_tasks.progress import ProgressLog, log_to_stderr
 from qwen_tasks.records import JobOutcomeStatus
 
@@ -79,66 +81,20 @@ class _Bar:
         self.progress.update(self.task, advance=done, rate=f"{self.clips / elapsed:.2f} clips/s", rtf=rtf)
 
 
-def _label_mapping(**flags: Any) -> dict[str, Any]:
-    """CLI flags (None = not given: the options' default) as a LabelOptions mapping."""
-    renamed = {"threshold": "yes_threshold"}
-    return {renamed.get(k, k): v for k, v in flags.items() if v is not None}
-
-
 @app.command("label")
+@generated_flags(LabelOptions)  # --model, --batch-size, --threshold, ...: one flag per LabelOptions option
 def label(
     task: str = typer.Option(..., "--task", help="asr (transcribe) or cry (is a baby crying? yes/no)."),
-    model: str = typer.Option(
-        None, "--model", help="Hub id, local path or fine-tuned version name (default: QWEN_TASKS_MODEL)."
-    ),
-    revision: str = typer.Option(None, "--revision", help="Pinned model revision (commit/tag)."),
-    adapter: str = typer.Option(None, "--adapter", help="LoRA adapter directory on top of --model."),
-    promoted: bool = typer.Option(
-        None,
-        "--promoted/--no-promoted",
-        help="Use the task's promoted fine-tuned version of --model when there is one (default: yes).",
-    ),
-    batch_size: int = typer.Option(
-        None, "--batch-size", help="Max clips per job/batch (default: QWEN_TASKS_BATCH_SIZE, 16)."
-    ),
-    max_batch_seconds: float = typer.Option(
-        None, "--max-batch-seconds", help="Max audio s per batch (QWEN_TASKS_MAX_BATCH_SECONDS, 240)."
-    ),
-    max_new_tokens: int = typer.Option(
-        None,
-        "--max-new-tokens",
-        help="Generation cap per window (default: asr from the window's duration, 392 for 30 s; cry 32).",
-    ),
-    limit: int = typer.Option(None, "--limit", help="Label at most N audio (oldest first)."),
-    device: str = typer.Option(None, "--device", help="auto, cpu or cuda (default: QWEN_TASKS_DEVICE)."),
-    dtype: str = typer.Option(None, "--dtype", help="float32, bfloat16 or float16 (default: per device)."),
-    method: str = typer.Option(None, "--method", help="cry only: score, generate or both (score)."),
-    language: str = typer.Option(None, "--language", help="asr: language code of the speech (en)."),
-    question: str = typer.Option(
-        None,
-        "--question",
-        help="cry: the yes/no question asked of every clip (default: each clip's own manifest question, "
-        "else the default question).",
-    ),
-    dataset: list[str] = typer.Option(
-        None,
-        "--dataset",
-        help="Label only clips of this dataset (repeatable; default: every dataset whose tasks include "
-        "--task; see `qwen-tasks datasets`).",
-    ),
-    threshold: float = typer.Option(
-        None,
-        "--threshold",
-        help="cry: p_yes >= this is yes; wins over the model's calibrated threshold (default: that "
-        "calibration, else 0.5; see `qwen-tasks calibrate`).",
-    ),
-    relabel: bool = typer.Option(False, "--relabel", help="Label again in a new run (old labels kept)."),
     plan_only: bool = typer.Option(False, "--plan-only", help="Create the run and its jobs, then stop."),
     max_jobs: int = typer.Option(None, "--max-jobs", min=1, help="Plan at most N jobs (rest left over)."),
     lease_seconds: float = typer.Option(
-        None, "--lease-seconds", min=0.5, help="Job lease (default: QWEN_TASKS_LEASE_SECONDS, 120)."
+        None,
+        "--lease-seconds",
+        min=0.5,
+        help=f"Job lease (default: {Settings.env_var('lease_seconds')}, {Settings.lease_seconds:g}).",
     ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON summary on stdout."),
+    **flags: Any,
 ) -> None:
     """Label ingested audio that has no label yet for this model and prompt (plan + work in one go).
 
@@ -148,20 +104,9 @@ def label(
     --model ./tiny --device cpu --json; qwen-tasks label --task asr --plan-only (then: qwen-tasks work
     --run ID, on as many machines as you like).
     """
-    from qwen_tasks.labelling.options import LabelOptions
-
     check_task(task)
     settings = get_settings()
-    opts = LabelOptions.from_mapping(
-        _label_mapping(
-            tasks=[task], model=model, revision=revision, adapter=adapter, promoted=promoted,
-            batch_size=batch_size, max_batch_seconds=max_batch_seconds, max_new_tokens=max_new_tokens,
-            limit=limit, device=device, dtype=dtype, method=method, language=language, question=question,
-            threshold=threshold, relabel=relabel, datasets=dataset or None,
-        ),
-        settings,
-        flags=True,
-    )  # fmt: skip
+    opts = LabelOptions.from_mapping({**given(flags), "tasks": [task]}, settings, flags=True)
     engine = open_database()
     started = time.perf_counter()
     elsewhere = _other_interpreter(engine, opts, task)  # the Qwen-Audio environment's python, or None
@@ -325,7 +270,8 @@ def work(
         None,
         "--lease-seconds",
         min=0.5,
-        help="A killed worker's job is taken over after this long (default: QWEN_TASKS_LEASE_SECONDS, 120).",
+        help="A killed worker's job is taken over after this long (default: "
+        f"{Settings.env_var('lease_seconds')}, {Settings.lease_seconds:g}).",
     ),
     worker_id: str = typer.Option(
         None, "--worker-id", help="Name recorded on the jobs (default: host:pid:rnd)."

@@ -28,6 +28,7 @@ from qwen_tasks.dev.airflow_local import (
 from qwen_tasks.dev.airflow_local import airflow_env as _airflow_env
 from qwen_tasks.dev.samples import SampleSet, write_sample_set
 from qwen_tasks.errors import QwenTasksError
+from qwen_tasks.records import AudioStatus
 from qwen_tasks.store import database as db
 from qwen_tasks.store.schema import audio_file, cry_answer, label_run, run_metric, transcription
 
@@ -93,7 +94,7 @@ def _counts(engine: sa.Engine) -> dict[str, Any]:
             "transcriptions": count(transcription),
             "cry answers": count(cry_answer),
             "metrics": count(run_metric),
-            "quarantined files": count(audio_file, audio_file.c.status == "quarantined"),
+            "quarantined files": count(audio_file, audio_file.c.status == AudioStatus.QUARANTINED),
         }
 
 

@@ -25,9 +25,10 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from qwen_tasks.errors import ConfigError
-from qwen_tasks.finetune.options import MAX_SECONDS, FinetuneOptions
+from qwen_tasks.finetune.options import FinetuneOptions
 from qwen_tasks.ingest import datasets as ds
 from qwen_tasks.labelling import jobs
+from qwen_tasks.records import ENCODER_WINDOW_SECONDS, AudioStatus
 from qwen_tasks.store.database import transaction
 from qwen_tasks.store.schema import (
     asr_reference,
@@ -186,7 +187,7 @@ def labelled_rows(
                 sa.or_(asr_reference.c.language.is_(None), asr_reference.c.language == options.language),
             )
         )
-    readable = sa.exists().where(audio_file.c.audio_id == audio.c.id, audio_file.c.status == "ok")
+    readable = sa.exists().where(audio_file.c.audio_id == audio.c.id, audio_file.c.status == AudioStatus.OK)
     query = query.add_columns(
         readable.label("readable"),
         audio.c.id.in_(ds.in_test_dataset()).label("in_test"),
@@ -202,7 +203,7 @@ def labelled_rows(
                 skipped["outside_datasets"] += 1
             elif not r.readable:
                 skipped["no_readable_file"] += 1
-            elif float(r.duration_s) > MAX_SECONDS:
+            elif float(r.duration_s) > ENCODER_WINDOW_SECONDS:
                 skipped["over_30s"] += 1
             else:
                 answer = r.answer.strip() if options.task == "asr" else r.answer
@@ -358,7 +359,7 @@ def evaluation_set_ids(engine: Engine, options: FinetuneOptions, dataset_id: int
     """The clips of a (test) dataset with a gold label / reference for the task and a readable path: what
     its evaluation runs label."""
     readable = sa.exists().where(
-        audio_file.c.audio_id == dataset_audio.c.audio_id, audio_file.c.status == "ok"
+        audio_file.c.audio_id == dataset_audio.c.audio_id, audio_file.c.status == AudioStatus.OK
     )
     with engine.connect() as conn:
         return sorted(

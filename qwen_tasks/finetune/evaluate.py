@@ -18,13 +18,14 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from qwen_tasks.config import Settings
 from qwen_tasks.errors import ConfigError
 from qwen_tasks.finetune.data import TrainingData, evaluation_set_ids, heldout_ids, resolve_scope
 from qwen_tasks.finetune.options import FinetuneOptions
 from qwen_tasks.finetune.trainer import free_memory
 from qwen_tasks.labelling import jobs, registry
 from qwen_tasks.progress import ProgressLog
-from qwen_tasks.records import ModelVersionStatus, RunStatus
+from qwen_tasks.records import DEFAULT_QUESTION, ModelVersionStatus, RunStatus
 from qwen_tasks.store.database import transaction
 from qwen_tasks.store.schema import cry_question, model_version, model_version_test
 
@@ -66,7 +67,7 @@ def evaluation_run(
         model_info=info,
         request=request,
         batch_size=opts.batch_size * 2,
-        max_batch_seconds=240.0,
+        max_batch_seconds=Settings.max_batch_seconds,  # the declared default (not this machine's)
         relabel=True,
         audio_ids=audio_ids,
         purpose="evaluation",
@@ -237,8 +238,6 @@ def _calibrate(
 def _other_questions(engine: Engine, ids: Sequence[int], own: str) -> dict[str, list[int]]:
     """The held-out clips by the question `label` asks them (their manifest line's, else the default),
     but the version's own question."""
-    from qwen_tasks.labelling.options import DEFAULT_QUESTION
-
     with engine.connect() as conn:
         asked = dict(
             conn.execute(

@@ -3,85 +3,222 @@ default and check), the DAG's Params generated from it (`dag_param_specs`) and t
 a DAG run's params (`options_from_params`).
 
 One module so the option facts sit in one place: the CLI, the DAG form, the data, training and evaluation
-steps all read them from here. (Moved unchanged from `review/finetune.py`.)
+steps all read them from here.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
+from qwen_tasks import options_spec
 from qwen_tasks.config import Device
 from qwen_tasks.errors import ConfigError
+from qwen_tasks.finetune.trainer import TrainConfig
 from qwen_tasks.labelling import registry
 from qwen_tasks.labelling.allowed_models import check_allowed
+from qwen_tasks.labelling.options import Dtype
+from qwen_tasks.options_spec import Spec, option
 from qwen_tasks.quality.calibration import check_method, check_target_precision
 from qwen_tasks.records import (
+    DEFAULT_LANGUAGE,
+    DEFAULT_QUESTION,
+    LANGUAGE_PATTERN,
     MAX_QUESTION_CHARS,
     QUESTION_PATTERN,
     CalibrationMethod,
+    CryMethod,
     LabelRequest,
+    Task,
     question_problem,
 )
 
-TASKS = ("cry", "asr")
-MAX_SECONDS = 30.0  # one encoder window: a longer clip has no per-window label to learn from
+_NAME = f"^{registry.NAME_PATTERN}$"
+_TRAIN = TrainConfig()  # the hyper-parameters' defaults are the trainer's
 
 
 @dataclass(frozen=True)
 class FinetuneOptions:
-    """Everything `qwen-tasks finetune` takes; the DAG's Params are generated from these defaults."""
+    """Everything `qwen-tasks finetune` takes, one declaration per option (`options_spec`): the CLI's
+    flags, the `qwen_audio_finetune` DAG's Params (`dag_param_specs`) and the checks come from here.
 
-    task: str = "cry"
-    base: str = ""  # hub id or path; "" = QWEN_TASKS_MODEL
-    base_revision: str = ""
-    name: str = ""  # "" = <task>-<UTC timestamp>
-    epochs: int = 2
-    lr: float = 3e-3
-    rank: int = 16
-    alpha: int = 32
-    targets: tuple[str, ...] = ("lm", "projector")
-    batch_size: int = 8
-    max_clips: int | None = None
-    datasets: tuple[str, ...] = ()  # train scope; () = every train dataset labelled for the task
-    test_datasets: tuple[str, ...] = ()  # () = every test dataset of the task with labelled clips
-    min_clips: int = 20
-    heldout_fraction: float = 0.33
-    min_improvement: float = registry.DEFAULT_MIN_IMPROVEMENT
-    promote: bool = False
-    device: str = "auto"
-    dtype: str | None = None
-    question: str = LabelRequest(task="cry").question
-    language: str = "en"
-    eval_method: str = "both"  # cry: score only, or score + generate (shows whether answers got decisive)
-    # cry: the decision rule fitted on the version's held-out evaluation run (quality.calibration)
-    calibration: str = "platt"  # none, platt or isotonic
-    target_precision: float | None = None  # None: the max-F1 threshold
-    seed: int = 0
-    out_dir: str = ""  # "" = $QWEN_TASKS_HOME/models/<name>
+    Errors name the CLI flag on every path (the DAG's too: `options_from_params`). Building one checks
+    every option by its Spec (`__post_init__`), then what the Specs cannot say (allowlist, question)."""
+
+    task: str = option(
+        Task.CRY.value, Spec("enum", "Task", "What the version learns", choices=Task, required=True)
+    )
+    base: str = option(
+        "",  # "" = QWEN_TASKS_MODEL (the options' default: `default_values`)
+        Spec("str", "Base model", "Hub id or local path", nullable=True, setting="model"),
+    )
+    base_revision: str = option(
+        "",
+        Spec(
+            "str", "Base revision", "Pinned revision of the base model", nullable=True, flag="--revision",
+            dag=False, default_text="the default branch",
+        ),
+    )  # fmt: skip
+    name: str = option(
+        "",
+        Spec(
+            "str",
+            "Version name",
+            "The model version's name",
+            nullable=True,
+            pattern=_NAME,
+            check=registry.check_name,
+            default_text="<task>-<UTC time> (the DAG: <task>-<DAG run id>)",
+        ),
+    )
+    question: str = option(
+        DEFAULT_QUESTION,
+        Spec(
+            "str",
+            "Cry question",
+            "cry: the yes/no question the version is trained and evaluated with, without control characters",
+            nullable=True,
+            pattern=QUESTION_PATTERN,
+            pattern_hint="must not contain control characters (newlines, tabs, ...)",
+            max_length=MAX_QUESTION_CHARS,
+            form_blank=True,
+        ),
+    )
+    epochs: int = option(
+        _TRAIN.epochs, Spec("int", "Epochs", "Passes over the training part", minimum=1, maximum=100)
+    )
+    lr: float = option(_TRAIN.lr, Spec("float", "LR", "AdamW learning rate", exclusive_minimum=0, maximum=1))
+    rank: int = option(_TRAIN.rank, Spec("int", "LoRA rank", "LoRA rank", minimum=1, maximum=256))
+    alpha: int = option(_TRAIN.alpha, Spec("int", "LoRA alpha", "LoRA alpha", minimum=1, dag=False))
+    targets: tuple[str, ...] = option(
+        tuple(_TRAIN.targets),
+        Spec(
+            "list",
+            "LoRA targets",
+            "LoRA on: lm (attention + MLP), projector, audio (encoder); comma-separated",
+            separator=",",
+            dag=False,
+        ),
+    )
+    batch_size: int = option(
+        _TRAIN.batch_size, Spec("int", "Batch size", "Clips per optimiser step", minimum=1, dag=False)
+    )
+    max_clips: int | None = option(
+        None,
+        Spec("int", "Max clips", "Train on at most N clips (stratified)", nullable=True, minimum=2,
+             default_text="all"),
+    )  # fmt: skip
+    datasets: tuple[str, ...] = option(
+        (),
+        Spec(
+            "list",
+            "Train datasets",
+            "Train on these train-split datasets only (--dataset is repeatable)",
+            item_pattern=_NAME,
+            flag="--dataset",
+            default_text="every train dataset of the task",
+        ),
+    )
+    test_datasets: tuple[str, ...] = option(
+        (),
+        Spec(
+            "list",
+            "Test datasets",
+            "Also evaluate on these test datasets, never trained on (--test-dataset is repeatable)",
+            item_pattern=_NAME,
+            flag="--test-dataset",
+            default_text="every test dataset of the task with labelled clips",
+        ),
+    )
+    min_clips: int = option(
+        20, Spec("int", "Min clips", "Refuse with fewer labelled clips per class", minimum=1, dag=False)
+    )
+    heldout_fraction: float = option(
+        0.33,
+        Spec("float", "Held-out share", "Share of the clips held out (stored)", exclusive_minimum=0,
+             exclusive_maximum=1, dag=False),
+    )  # fmt: skip
+    min_improvement: float = option(
+        registry.DEFAULT_MIN_IMPROVEMENT,
+        Spec(
+            "float",
+            "Min improvement",
+            "Gate: the candidate must beat the base on held-out audio by this margin",
+            minimum=0,
+            maximum=1,
+        ),
+    )
+    calibration: str = option(
+        CalibrationMethod.PLATT.value,
+        Spec(
+            "enum",
+            "Calibration",
+            "cry: the probability calibration fitted on the version's held-out run beside its decision "
+            "threshold (platt is safe with few labels)",
+            choices=CalibrationMethod,
+            check=check_method,
+        ),
+    )
+    target_precision: float | None = option(
+        None,
+        Spec(
+            "float",
+            "Target precision",
+            "cry: the lowest threshold whose held-out precision reaches this",
+            nullable=True,
+            exclusive_minimum=0,
+            maximum=1,
+            check=check_target_precision,
+            default_text="the threshold that maximises F1",
+        ),
+    )
+    promote: bool = option(
+        False,
+        Spec("bool", "Promote if it passes the gate", "Promote the version if it passes the gate",
+             param="auto_promote"),
+    )  # fmt: skip
+    device: str = option(
+        Device.AUTO.value, Spec("enum", "Device", "Where training runs", choices=Device, setting="device")
+    )
+    dtype: str | None = option(
+        None,
+        Spec(
+            "enum",
+            "Weights dtype",
+            "Training and evaluation dtype",
+            choices=[d for d in Dtype if d != Dtype.AUTO],
+            nullable=True,
+            dag=False,
+            default_text="per device (bfloat16 on CUDA, float32 on CPU)",
+        ),
+    )
+    language: str = option(
+        DEFAULT_LANGUAGE,
+        Spec("str", "Language", "asr: language of the transcripts", pattern=LANGUAGE_PATTERN, dag=False),
+    )
+    eval_method: str = option(
+        CryMethod.BOTH.value,
+        Spec(
+            "enum",
+            "Held-out methods",
+            "cry held-out runs: score only, or score + generate (shows whether answers got decisive)",
+            choices=(CryMethod.SCORE, CryMethod.BOTH),
+            dag=False,
+        ),
+    )
+    seed: int = option(
+        _TRAIN.seed, Spec("int", "Seed", "Seed for the adapter init and the batch order", dag=False)
+    )
+    out_dir: str = option(
+        "",
+        Spec("str", "Adapter folder", "Where the adapter is written", nullable=True, flag="--out", dag=False,
+             default_text="$QWEN_TASKS_HOME/models/NAME"),
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
-        if self.task not in TASKS:
-            raise ConfigError(f"--task must be cry or asr, got {self.task!r}")
-        if self.min_clips < 1:
-            raise ConfigError(f"--min-clips must be >= 1, got {self.min_clips}")
-        if self.max_clips is not None and self.max_clips < 2:
-            raise ConfigError(f"--max-clips must be >= 2, got {self.max_clips}")
-        if not 0.0 < self.heldout_fraction < 1.0:
-            raise ConfigError(f"--heldout-fraction must be between 0 and 1, got {self.heldout_fraction}")
-        if self.min_improvement < 0:
-            raise ConfigError(f"--min-improvement must be >= 0, got {self.min_improvement}")
-        if self.eval_method not in ("score", "both"):
-            raise ConfigError(f"--eval-method must be score or both, got {self.eval_method!r}")
-        check_method(self.calibration)
-        check_target_precision(self.target_precision)
-        if self.name:
-            registry.check_name(self.name)
-        for flag, names in (("--dataset", self.datasets), ("--test-dataset", self.test_datasets)):
-            bad = [n for n in names if not isinstance(n, str) or not n]
-            if bad:
-                raise ConfigError(f"{flag} takes dataset names, got {bad[0]!r}")
+        options_spec.check_fields(self)  # every option by its Spec, named by its flag
         problem = question_problem(self.question) if isinstance(self.question, str) else "is not a string"
         if problem:
             raise ConfigError(f"--question {problem}")
@@ -89,8 +226,6 @@ class FinetuneOptions:
         self.train_config()  # validates the hyper-parameters
 
     def train_config(self) -> Any:
-        from qwen_tasks.finetune.trainer import TrainConfig
-
         return TrainConfig(
             epochs=self.epochs,
             lr=self.lr,
@@ -114,7 +249,7 @@ class FinetuneOptions:
         task's budget per window), so the gate measures what `label` will do with the version."""
         from qwen_tasks.labelling.options import LabelOptions
 
-        methods = ("score", "generate") if self.task == "cry" and self.eval_method == "both" else ("score",)
+        methods = CryMethod.expand(self.eval_method) if self.task == Task.CRY else (CryMethod.SCORE.value,)
         return replace(self.request(), methods=methods, max_new_tokens=LabelOptions().max_new_tokens)
 
     def resolved(self) -> FinetuneOptions:
@@ -127,14 +262,12 @@ class FinetuneOptions:
         return replace(self, base=base, name=name)
 
     @classmethod
-    def from_mapping(cls, raw: dict[str, Any]) -> FinetuneOptions:
-        """From DAG params / JSON (unknown keys ignored; lists for tuples)."""
-        known = {f.name for f in fields(cls)}
-        values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in raw.items() if k in known}
-        try:
-            return cls(**values)
-        except TypeError as exc:
-            raise ConfigError(f"fine-tune params: {exc}") from None
+    def from_mapping(
+        cls, raw: Mapping[str, Any], settings: Any = None, *, params: bool = True
+    ) -> FinetuneOptions:
+        """From DAG params (`params`) or CLI flags keyed by field name (unknown keys ignored; lists for
+        tuples; missing or None: the default, the environment's where the option has one)."""
+        return cls(**options_spec.from_mapping(cls, raw, settings, flags=True, params=params))
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -145,92 +278,12 @@ class FinetuneOptions:
 
 
 def dag_param_specs(settings: Any = None) -> dict[str, dict[str, Any]]:
-    """JSON-schema specs of the `qwen_audio_finetune` DAG's Params, from FinetuneOptions' own defaults
-    (the UI form and the CLI cannot disagree). Read at DAG parse time: environment only. `auto_promote` is
-    the option `promote`; optional values are nullable, and null means the CLI's default."""
-    from qwen_tasks.config import get_settings
-    from qwen_tasks.labelling.options import form_number_schema as _number  # a form that never clamps
-
-    d = FinetuneOptions()
-    base = (settings or get_settings()).model
+    """JSON-schema specs of the `qwen_audio_finetune` DAG's Params, generated from FinetuneOptions (the UI
+    form and the CLI cannot disagree). Read at DAG parse time: environment only. `auto_promote` is the
+    option `promote`; optional values are nullable, and null means the CLI's default."""
     return {
-        "task": {"default": d.task, "type": "string", "enum": list(TASKS), "title": "Task"},
-        "base": {
-            "default": base,
-            "type": "string",
-            "minLength": 1,
-            "title": "Base model",
-            "description": "Hub id or local path (default: QWEN_TASKS_MODEL).",
-        },
-        "name": {
-            "default": None,
-            "type": ["null", "string"],
-            "pattern": f"^{registry.NAME_PATTERN}$",
-            "title": "Version name",
-            "description": "Empty: <task>-<DAG run id>.",
-        },
-        "question": {
-            "default": None,
-            "type": ["null", "string"],
-            "maxLength": MAX_QUESTION_CHARS,
-            "pattern": QUESTION_PATTERN,
-            "title": "Cry question",
-            "description": "The yes/no question the version is trained and evaluated with (cry). Empty: "
-            f"{d.question!r}. At most {MAX_QUESTION_CHARS} characters, no control characters.",
-        },
-        "epochs": {
-            "default": d.epochs,
-            **_number("integer"),
-            "minimum": 1,
-            "maximum": 100,
-            "title": "Epochs",
-        },
-        "lr": {"default": d.lr, **_number("number"), "exclusiveMinimum": 0, "maximum": 1, "title": "LR"},
-        "rank": {"default": d.rank, **_number("integer"), "minimum": 1, "maximum": 256, "title": "LoRA rank"},
-        "max_clips": {"default": None, **_number("integer", True), "minimum": 2, "title": "Max clips"},
-        "datasets": {
-            "default": list(d.datasets),
-            "type": "array",
-            "items": {"type": "string", "pattern": f"^{registry.NAME_PATTERN}$"},
-            "title": "Train datasets",
-            "description": "Train on these train-split datasets only. Empty: every train dataset "
-            "of the task.",
-        },
-        "test_datasets": {
-            "default": list(d.test_datasets),
-            "type": "array",
-            "items": {"type": "string", "pattern": f"^{registry.NAME_PATTERN}$"},
-            "title": "Test datasets",
-            "description": "Also evaluate on these test datasets (never trained on). Empty: every test "
-            "dataset of the task with labelled clips.",
-        },
-        "min_improvement": {
-            "default": d.min_improvement,
-            **_number("number"),
-            "minimum": 0,
-            "maximum": 1,
-            "title": "Min improvement",
-            "description": "Gate: the candidate must beat the base on held-out audio by this margin.",
-        },
-        "calibration": {
-            "default": d.calibration,
-            "type": "string",
-            "enum": [m.value for m in CalibrationMethod],
-            "title": "Calibration",
-            "description": "cry: the probability calibration fitted on the version's held-out run beside "
-            "its decision threshold (none, platt or isotonic).",
-        },
-        "target_precision": {
-            "default": d.target_precision,
-            **_number("number", True),
-            "exclusiveMinimum": 0,
-            "maximum": 1,
-            "title": "Target precision",
-            "description": "cry: the lowest threshold whose held-out precision reaches this. Empty: the "
-            "threshold that maximises F1.",
-        },
-        "auto_promote": {"default": False, "type": "boolean", "title": "Promote if it passes the gate"},
-        "device": {"default": "auto", "type": "string", "enum": [d.value for d in Device], "title": "Device"},
+        key: {"default": default, **schema}
+        for key, (default, schema) in options_spec.param_specs(FinetuneOptions, settings).items()
     }
 
 
@@ -238,10 +291,7 @@ def options_from_params(params: dict[str, Any], run_name: str = "") -> FinetuneO
     """FinetuneOptions from the DAG's params (validated again: the REST API can send anything)."""
     import re
 
-    raw = {k: v for k, v in params.items() if k in dag_param_specs() and v is not None}
-    if raw.get("question") == "":
-        del raw["question"]  # an emptied form field: the default question
-    raw["promote"] = bool(raw.pop("auto_promote", False))
+    raw = {k: v for k, v in params.items() if v is not None}
     if not raw.get("name") and run_name:
         raw["name"] = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{raw.get('task', 'cry')}-{run_name}").strip("-")[
             :100

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from qwen_tasks.errors import ConfigError, ModelError
+from qwen_tasks.records import ENCODER_WINDOW_SECONDS
 
 # Module-name patterns (peft matches them against full module names with re.fullmatch).
 TARGET_PATTERNS = {
@@ -35,7 +36,6 @@ TARGET_PATTERNS = {
     "audio": r"model\.audio_tower\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|fc1|fc2)",
 }
 DEFAULT_TARGETS = ("lm", "projector")
-MAX_TRAIN_SECONDS = 30.0  # one encoder window; longer clips would need a label per window
 
 
 @dataclass(frozen=True)
@@ -223,10 +223,12 @@ def train(
 
     if not examples:
         raise ConfigError("no training examples")
-    long = [ex.audio_id for ex in examples if len(ex.waveform) > MAX_TRAIN_SECONDS * backend.sampling_rate]
+    long = [
+        ex.audio_id for ex in examples if len(ex.waveform) > ENCODER_WINDOW_SECONDS * backend.sampling_rate
+    ]
     if long:
         raise ConfigError(
-            f"{len(long)} training clip(s) are over {MAX_TRAIN_SECONDS:.0f} s (e.g. audio {long[0]})"
+            f"{len(long)} training clip(s) are over {ENCODER_WINDOW_SECONDS:.0f} s (e.g. audio {long[0]})"
         )
     device = str(backend.device)
     checkpointing = config.gradient_checkpointing

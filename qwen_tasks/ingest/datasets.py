@@ -27,7 +27,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Connection, Engine
 
 from qwen_tasks.errors import ConfigError
-from qwen_tasks.records import Task
+from qwen_tasks.records import AudioStatus, Task
 from qwen_tasks.store.schema import (
     audio_file,
     dataset,
@@ -59,7 +59,6 @@ class SourceKind(StrEnum):
 
 # A manifest's kind gives its dataset's task: reference transcripts label ASR, audio-QA lines the cry task.
 TASK_OF_MANIFEST_KIND = {"asr": Task.ASR.value, "aqa": Task.CRY.value}
-ALL_TASKS: tuple[str, ...] = tuple(t.value for t in Task)
 
 
 def check_name(name: str, what: str = "--dataset") -> str:
@@ -83,9 +82,9 @@ def default_name(path: str | Path, kind: SourceKind) -> str:
 
 def check_tasks(tasks: Iterable[str], what: str = "--tasks") -> tuple[str, ...]:
     out = tuple(dict.fromkeys(t.strip() for t in tasks if t.strip()))
-    bad = [t for t in out if t not in ALL_TASKS]
+    bad = [t for t in out if t not in set(Task)]
     if not out or bad:
-        raise ConfigError(f"{what} must name tasks among {list(ALL_TASKS)}, got {list(tasks)!r}")
+        raise ConfigError(f"{what} must name tasks among {[t.value for t in Task]}, got {list(tasks)!r}")
     return out
 
 
@@ -121,7 +120,7 @@ class DatasetPlan:
         for s in self.sources:
             if s.dataset == name:
                 tasks.update(dict.fromkeys(s.tasks))
-        return tuple(t for t in ALL_TASKS if t in tasks)
+        return tuple(t for t in Task if t in tasks)
 
 
 def plan_sources(
@@ -146,18 +145,20 @@ def plan_sources(
     for folder in folders:
         plan.sources.append(
             Source(SourceKind.FOLDER, folder, name or default_name(folder, SourceKind.FOLDER),
-                   explicit or ALL_TASKS)
+                   explicit or tuple(Task))
         )  # fmt: skip
     for file in files:
         plan.sources.append(
-            Source(SourceKind.FILE, file, name or default_name(file, SourceKind.FILE), explicit or ALL_TASKS)
+            Source(
+                SourceKind.FILE, file, name or default_name(file, SourceKind.FILE), explicit or tuple(Task)
+            )
         )
     for path, kind in manifests:
         kinds = {kind} if kind else manifest_kinds.get(path, set())
-        task_set = explicit or tuple(t for t in ALL_TASKS if t in {TASK_OF_MANIFEST_KIND[k] for k in kinds})
+        task_set = explicit or tuple(t for t in Task if t in {TASK_OF_MANIFEST_KIND[k] for k in kinds})
         plan.sources.append(
             Source(SourceKind.MANIFEST, path, name or default_name(path, SourceKind.MANIFEST),
-                   task_set or ALL_TASKS)
+                   task_set or tuple(Task))
         )  # fmt: skip
     return plan
 
@@ -189,7 +190,7 @@ def record(conn: Connection, plan: DatasetPlan) -> list[dict[str, Any]]:
             sa.select(dataset.c.tasks).where(dataset.c.name == name).with_for_update()
         ).scalar_one_or_none()
         union = set(stored or ()) | set(plan.tasks_of(name))  # a dataset's tasks only grow
-        tasks = [t for t in ALL_TASKS if t in union]
+        tasks = [t for t in Task if t in union]
         stmt = pg_insert(dataset).values(name=name, split=plan.split or Split.TRAIN.value, tasks=tasks)
         dataset_id, split, stored_tasks = conn.execute(
             stmt.on_conflict_do_update(
@@ -210,7 +211,7 @@ def record(conn: Connection, plan: DatasetPlan) -> list[dict[str, Any]]:
             {
                 "name": name,
                 "split": split,
-                "tasks": sorted(stored_tasks, key=ALL_TASKS.index),
+                "tasks": sorted(stored_tasks, key=tuple(Task).index),
                 "clips_added": added,
             }
         )
@@ -231,7 +232,7 @@ def _add_members(conn: Connection, dataset_id: int, source: Source) -> int:
         files = sa.select(f.c.audio_id).where(f.c.path.startswith(prefix, autoescape=True))
     else:
         files = sa.select(f.c.audio_id).where(f.c.path == source.location)
-    files = files.where(f.c.status == "ok", f.c.audio_id.is_not(None)).distinct()
+    files = files.where(f.c.status == AudioStatus.OK, f.c.audio_id.is_not(None)).distinct()
     new = files.where(
         ~sa.exists().where(dataset_audio.c.dataset_id == dataset_id, dataset_audio.c.audio_id == f.c.audio_id)
     ).subquery()

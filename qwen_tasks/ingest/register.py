@@ -49,7 +49,7 @@ from qwen_tasks.ingest.audio_files import (
     within_roots,
 )
 from qwen_tasks.ingest.manifests import ManifestError, ManifestItem, ManifestKind, line_hash, read_manifest
-from qwen_tasks.records import is_url
+from qwen_tasks.records import AudioStatus, is_url
 from qwen_tasks.store import schema
 from qwen_tasks.store.database import transaction
 
@@ -503,12 +503,14 @@ class _Writer:
         for c in ok:
             if c.sha256 not in audio_rows:
                 audio_rows[c.sha256] = audio_row(c)
-            row = _file_row(c.path, size_bytes=c.size_bytes, mtime_ns=c.mtime_ns, status="ok")
+            row = _file_row(c.path, size_bytes=c.size_bytes, mtime_ns=c.mtime_ns, status=AudioStatus.OK)
             row.update(reason=None, root=roots.get(c.path), sha256=c.sha256, etag=c.etag)
             file_rows.append(row)
         for path, reason, st in bad:
             size, mtime = (st.st_size, st.st_mtime_ns) if st is not None else (None, None)
-            row = _file_row(path, size_bytes=size, mtime_ns=mtime, status="quarantined", reason=reason)
+            row = _file_row(
+                path, size_bytes=size, mtime_ns=mtime, status=AudioStatus.QUARANTINED, reason=reason
+            )
             row.update(root=roots.get(path), sha256=None, etag=None)
             file_rows.append(row)
         line_rows: list[dict[str, object]] = []
@@ -544,7 +546,7 @@ class _Writer:
             if audio_id is None:  # cannot happen: the chunk inserted the content, or it was stored already
                 raise RuntimeError(f"no audio row for {display_path(c.path)} ({c.sha256})")
             prev = self.known.get(c.path)
-            if prev is not None and prev.status == "ok":
+            if prev is not None and prev.status == AudioStatus.OK:
                 if prev.audio_id == audio_id:
                     summary.unchanged += 1
                 else:
@@ -591,7 +593,7 @@ def _unchanged(prev: _Known | None, size: int, mtime_ns: int | None, etag: str |
     """The stored row was ok and has the same size, mtime and (objects) ETag: the content is not read."""
     return (
         prev is not None
-        and prev.status == "ok"
+        and prev.status == AudioStatus.OK
         and (prev.size_bytes, prev.mtime_ns, prev.etag) == (size, mtime_ns, etag)
     )
 
@@ -664,7 +666,7 @@ def _mark_missing(
     gone = [
         k.id
         for path, k in known.items()
-        if k.status != "missing"
+        if k.status != AudioStatus.MISSING
         and path.startswith(prefixes)
         and not (skip and path.startswith(skip))
         and path not in found.paths
@@ -676,7 +678,7 @@ def _mark_missing(
         conn.execute(
             sa.update(t)
             .where(t.c.id.in_(gone))
-            .values(status="missing", audio_id=None, reason="file no longer exists")
+            .values(status=AudioStatus.MISSING, audio_id=None, reason="file no longer exists")
         )
         summary.missing += len(gone)
 

@@ -20,11 +20,13 @@ from typing import Any, TypeVar
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from qwen_tasks.config import Settings
 from qwen_tasks.errors import ConfigError, DatabaseUnavailable
 from qwen_tasks.ingest.datasets import members as dataset_members
 from qwen_tasks.records import (
     UNFINISHED_JOB,
     UNFINISHED_RUN,
+    AudioStatus,
     JobStatus,
     LabelRequest,
     ModelInfo,
@@ -47,7 +49,7 @@ from qwen_tasks.store.schema import (
 
 log = logging.getLogger(__name__)
 
-DEFAULT_LEASE_SECONDS = 120.0
+DEFAULT_LEASE_SECONDS = Settings.lease_seconds  # declared once, in config (QWEN_TASKS_LEASE_SECONDS)
 # Attempts per job, the same for every planner (CLI, DAG): a job-level error releases the job and any
 # worker may claim it again; after this many claims it fails for good with its last error.
 DEFAULT_MAX_ATTEMPTS = 3
@@ -285,7 +287,9 @@ def plan_run(
     def _plan() -> PlanResult:
         with db.transaction(engine) as conn:
             conn.execute(sa.select(sa.func.pg_advisory_xact_lock(sa.func.hashtextextended(key, 0))))
-            has_ok_path = sa.exists().where(audio_file.c.audio_id == audio.c.id, audio_file.c.status == "ok")
+            has_ok_path = sa.exists().where(
+                audio_file.c.audio_id == audio.c.id, audio_file.c.status == AudioStatus.OK
+            )
             in_flight = sa.exists().where(
                 label_job_item.c.audio_id == audio.c.id,
                 label_job_item.c.run_id.in_(_same_key_runs(task, model_info, unfinished=True)),
@@ -447,7 +451,9 @@ def audio_items(conn: Connection, audio_ids: Any) -> list[JobItem]:
             audio_file.c.path_bytes,
             audio.c.sha256,
         )
-        .outerjoin(audio_file, sa.and_(audio_file.c.audio_id == audio.c.id, audio_file.c.status == "ok"))
+        .outerjoin(
+            audio_file, sa.and_(audio_file.c.audio_id == audio.c.id, audio_file.c.status == AudioStatus.OK)
+        )
         .where(audio.c.id.in_(audio_ids))
         .order_by(audio.c.duration_s, audio.c.id, audio_file.c.id)
     ).all()

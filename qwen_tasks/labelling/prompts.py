@@ -13,12 +13,9 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from qwen_tasks.records import LabelRequest
+from qwen_tasks.records import DEFAULT_LANGUAGE, DEFAULT_QUESTION, LANGUAGE_PATTERN, CryMethod, LabelRequest
 
 PromptStyle = Literal["chat", "base"]
-
-DEFAULT_LANGUAGE = "en"
-DEFAULT_QUESTION = LabelRequest(task="cry").question
 
 LANGUAGE_NAMES = {
     "en": "English",
@@ -90,12 +87,12 @@ def method_key(request: LabelRequest) -> str:
         return "score"
     if methods == {"generate"}:
         return "generate"
-    return "both"
+    return CryMethod.BOTH.value
 
 
 def check_language(language: str) -> str:
     """Language codes are inserted into special tokens: accept only plain short codes."""
-    if not re.fullmatch(r"[a-z]{2,3}", language):
+    if not re.fullmatch(LANGUAGE_PATTERN.strip("^$"), language):
         raise ValueError(f"language must be a 2-3 letter code such as 'en' or 'zh', got {language!r}")
     return language
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from qwen_tasks.labelling.answers import normalize_yes_no
+from qwen_tasks.records import DEFAULT_LANGUAGE, ENCODER_WINDOW_SECONDS
 
-MAX_WINDOW_S = 30.0  # the encoder's fixed input: 3000 mel frames of 10 ms
 SEARCH_S = 5.0  # look for a quiet cut point within this many seconds before the limit
 FRAME_S = 0.025  # RMS frame length used to find quiet points
 MIN_TAIL_S = 1.0  # never leave a last window shorter than this (if the clip allows)
@@ -40,7 +40,7 @@ def plan_windows(
     waveform: np.ndarray,
     sample_rate: int,
     *,
-    max_s: float = MAX_WINDOW_S,
+    max_s: float = ENCODER_WINDOW_SECONDS,
     search_s: float = SEARCH_S,
     frame_s: float = FRAME_S,
     min_tail_s: float = MIN_TAIL_S,
@@ -85,7 +85,7 @@ def _quietest_cut(segment: np.ndarray, frame: int) -> int:
     return best * frame + frame // 2
 
 
-def join_transcripts(texts: Sequence[str], language: str = "en") -> str:
+def join_transcripts(texts: Sequence[str], language: str = DEFAULT_LANGUAGE) -> str:
     """Join window transcripts in order; no separator for languages written without spaces."""
     parts = [t.strip() for t in texts if t and t.strip()]
     return ("" if language in _NO_SPACE_LANGUAGES else " ").join(parts)

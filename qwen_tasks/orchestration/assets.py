@@ -32,7 +32,6 @@ SCHEME = "qwen_tasks"
 NEW_AUDIO_ALIAS = "qwen_tasks_new_audio"  # resolves to the dataset assets that got events
 PROMOTED_ALIAS = "qwen_tasks_promoted_model"  # the fine-tune DAG's promote task: an event only on promotion
 NEW_REVIEWS_ALIAS = "qwen_tasks_new_reviews"  # the review-sync DAG's pull: reviews/<task> events
-TASKS: tuple[str, ...] = tuple(t.value for t in Task)
 _URI = re.compile(rf"^{SCHEME}://(dataset|model|reviews)/([A-Za-z0-9][A-Za-z0-9._-]{{0,99}})$")
 _USERINFO = re.compile(r"(?<=://)[^/@]*@")  # user:secret@ in a URL
 
@@ -134,12 +133,12 @@ def scope_of(events: Sequence[Event], params: Mapping[str, Any] | None = None) -
     """
     parsed = [(parse_uri(e.uri), e) for e in events]
     datasets = list(dict.fromkeys(k[1] for k, _ in parsed if k and k[0] == "dataset"))
-    models = list(dict.fromkeys(k[1] for k, _ in parsed if k and k[0] == "model" and k[1] in TASKS))
+    models = list(dict.fromkeys(k[1] for k, _ in parsed if k and k[0] == "model" and k[1] in set(Task)))
     if not events:
         return RunScope("scheduled or manual run: every dataset of the requested tasks")
     why = "asset events: " + "; ".join(e.describe() for e in events)
     if models and not datasets:
-        wanted = [t for t in (params or {}).get("tasks") or TASKS if t in models]
+        wanted = [t for t in (params or {}).get("tasks") or tuple(Task) if t in models]
         return RunScope(why, tasks=tuple(wanted or models))
     if datasets and not models:
         return RunScope(why, datasets=tuple(datasets))

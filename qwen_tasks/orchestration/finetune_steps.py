@@ -31,6 +31,7 @@ from qwen_tasks.finetune.options import FinetuneOptions, options_from_params
 from qwen_tasks.orchestration.assets import Event, model_uri, parse_uri
 from qwen_tasks.orchestration.steps import _engine as open_engine
 from qwen_tasks.progress import ProgressLog
+from qwen_tasks.records import Task
 from qwen_tasks.store import database as db
 
 log = logging.getLogger(__name__)
@@ -48,10 +49,8 @@ def _engine(database_url: str | None) -> Engine:
     return engine
 
 
-def enough_new_reviews_step(
-    events: Sequence[Event], tasks: Sequence[str], *, database_url: str | None = None
-) -> dict[str, Any]:
-    """Whether a run started by imported reviews goes on: the first task (in `tasks` order) among the
+def enough_new_reviews_step(events: Sequence[Event], *, database_url: str | None = None) -> dict[str, Any]:
+    """Whether a run started by imported reviews goes on: the first task (in `Task` order) among the
     events' `reviews/<task>` assets with enough reviewed labels newer than its promoted version
     (`review.new_reviews.decide`); its decision as a dict, or {} when none has (the DAG then skips the
     rest of the run). No events: a manual run, which always trains."""
@@ -64,7 +63,7 @@ def enough_new_reviews_step(
         log.info("why this run: asset event %s", event.describe())
     reviewed = [k[1] for k in (parse_uri(e.uri) for e in events) if k and k[0] == "reviews"]
     engine = _engine(database_url) if reviewed else None
-    for name in dict.fromkeys(t for t in tasks if t in reviewed):
+    for name in dict.fromkeys(t.value for t in Task if t in reviewed):
         decision = decide(engine, name)
         log.info("%s", decision.reason())
         if decision.start:

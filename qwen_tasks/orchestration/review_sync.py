@@ -11,11 +11,12 @@ module imports neither Airflow nor the Label Studio SDK.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from qwen_tasks.errors import ConfigError
+from qwen_tasks import options_spec
+from qwen_tasks.options_spec import Spec, option
 from qwen_tasks.orchestration.connection import resolve_database_url, use_object_storage_connection
 from qwen_tasks.records import Task
 from qwen_tasks.review.queue import DEFAULT_RANDOM_SHARE, Strategy
@@ -27,38 +28,58 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class SyncOptions:
-    """The DAG's params, checked (the REST API and `dags test` can send anything)."""
+    """The DAG's params, one declaration each (`options_spec`: the DAG's `Param`s are generated from
+    these), checked again here (the REST API and `dags test` can send anything)."""
 
-    tasks: tuple[str, ...] = ("cry", "asr")
-    datasets: tuple[str, ...] = ()
-    strategy: str = DEFAULT_STRATEGY.value
-    limit: int = DEFAULT_LIMIT
-    random_share: float = DEFAULT_RANDOM_SHARE
-
-    def __post_init__(self) -> None:
-        for task in self.tasks:
-            if task not in {t.value for t in Task}:
-                raise ConfigError(f"param tasks: {task!r} is not asr or cry")
-        if self.strategy not in {s.value for s in Strategy}:
-            raise ConfigError(f"param strategy: {self.strategy!r} is not one of {', '.join(Strategy)}")
-        if isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 1:
-            raise ConfigError(f"param limit must be an integer >= 1, got {self.limit!r}")
-        if not isinstance(self.random_share, int | float) or not 0 <= self.random_share <= 1:
-            raise ConfigError(f"param random_share must be in [0, 1], got {self.random_share!r}")
+    tasks: tuple[str, ...] = option(
+        (Task.CRY.value, Task.ASR.value),
+        Spec("enum_list", "Tasks", "Tasks to push and pull", choices=Task, cli=False),
+    )
+    datasets: tuple[str, ...] = option(
+        (),
+        Spec(
+            "list",
+            "Datasets",
+            "Datasets to push and pull: one project each",
+            nullable=True,
+            cli=False,
+            default_text="every dataset of each task",
+        ),
+    )
+    strategy: str = option(
+        DEFAULT_STRATEGY.value,
+        Spec(
+            "enum",
+            "Strategy",
+            "How the review queue ranks clips (docs/review.md)",
+            choices=Strategy,
+            cli=False,
+        ),
+    )
+    limit: int = option(
+        DEFAULT_LIMIT,
+        Spec("int", "Limit", "At most this many new clips per project and push", minimum=1, cli=False),
+    )
+    random_share: float = option(
+        DEFAULT_RANDOM_SHARE,
+        Spec(
+            "float",
+            "Random share",
+            "Share of each push drawn uniformly (unbiased quality estimates)",
+            minimum=0,
+            maximum=1,
+            cli=False,
+        ),
+    )
 
     @classmethod
     def from_mapping(cls, params: Mapping[str, Any]) -> SyncOptions:
-        def listed(name: str, default: Sequence[str]) -> tuple[str, ...]:
-            value = params.get(name)
-            return tuple(default) if value is None else tuple(str(v) for v in value)
+        return cls(**options_spec.from_mapping(cls, params))
 
-        return cls(
-            tasks=listed("tasks", cls.tasks),
-            datasets=listed("datasets", ()),
-            strategy=str(params.get("strategy") or cls.strategy),
-            limit=cls.limit if params.get("limit") is None else params["limit"],
-            random_share=cls.random_share if params.get("random_share") is None else params["random_share"],
-        )
+    @classmethod
+    def param_specs(cls) -> dict[str, tuple[Any, dict[str, Any]]]:
+        """name -> (default, Param keyword arguments): the review-sync DAG's Params."""
+        return options_spec.param_specs(cls)
 
 
 def server_config() -> Any:

@@ -27,7 +27,7 @@ from sqlalchemy.engine import Engine
 from qwen_tasks.errors import ConfigError
 from qwen_tasks.ingest import datasets
 from qwen_tasks.labelling.jobs import get_run, latest_run_ids
-from qwen_tasks.records import LabelRequest, Task
+from qwen_tasks.records import DEFAULT_LANGUAGE, DEFAULT_QUESTION, LabelRequest, Task
 from qwen_tasks.review import queue
 from qwen_tasks.store.database import transaction
 from qwen_tasks.store.schema import (
@@ -42,7 +42,6 @@ from qwen_tasks.store.schema import (
     review_queue,
 )
 
-TASKS = ("asr", "cry")
 FROM_NAME = {"cry": "cry", "asr": "transcription"}
 CANT_TELL = "Can't tell"  # the reviewer's "unknown" (docs/review.md: how `unknown` is used)
 CHOICE_OF = {"yes": "Yes", "no": "No", "unknown": CANT_TELL}
@@ -71,8 +70,8 @@ REVIEW_COLUMNS = (
 
 
 def _check_task(task: str) -> str:
-    if task not in TASKS:
-        raise ConfigError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+    if task not in set(Task):
+        raise ConfigError(f"task must be one of {', '.join(Task)}, got {task!r}")
     return task
 
 
@@ -462,7 +461,7 @@ def _parse_task(item: Any, default_task: str | None) -> _Review:
             label, task = choice_label(item[FROM_NAME["cry"]]), task or "cry"
         if item.get(FROM_NAME["asr"]) is not None:
             text, task = text_value(item[FROM_NAME["asr"]]), task or "asr"
-    if task not in TASKS:
+    if task not in set(Task):
         raise ValueError(f"cannot tell the task (data.task = {task!r})")
     if task == "cry" and label is None:
         raise _Skip
@@ -604,9 +603,11 @@ def _prompt_text(task: str, question: str | None, language: str | None) -> str:
     from qwen_tasks.labelling.prompts import qwen2_audio_spec
     from qwen_tasks.quality.transcript_text import canonical_language
 
-    question = question or LabelRequest(task="cry").question
+    question = question or DEFAULT_QUESTION
     try:
-        request = LabelRequest(task=task, question=question, language=canonical_language(language) or "en")
+        request = LabelRequest(
+            task=task, question=question, language=canonical_language(language) or DEFAULT_LANGUAGE
+        )
         return qwen2_audio_spec(request, "chat").text
     except (ValueError, ConfigError):  # a language the prompts do not know: the default one
         return qwen2_audio_spec(LabelRequest(task=task, question=question), "chat").text

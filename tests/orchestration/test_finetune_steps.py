@@ -16,7 +16,7 @@ from qwen_tasks.errors import ConfigError
 from qwen_tasks.ingest.register import ingest
 from qwen_tasks.labelling import registry
 from qwen_tasks.orchestration import finetune_steps
-from qwen_tasks.orchestration.assets import TASKS, Event
+from qwen_tasks.orchestration.assets import Event
 from qwen_tasks.records import ModelVersionStatus
 from qwen_tasks.store import schema
 
@@ -42,10 +42,10 @@ def test_the_finetune_steps_pass_names_ids_and_counts(
     run = "manual__2026-01-01T00:00:00"
 
     # a manual run always goes on; a reviews event with too few new reviewed labels does not
-    manual = finetune_steps.enough_new_reviews_step([], TASKS, database_url=url)
+    manual = finetune_steps.enough_new_reviews_step([], database_url=url)
     assert manual == {"task": None, "why": "manual"}
     reviews = [Event("qwen_tasks://reviews/cry", {"reviewed": 3})]
-    assert finetune_steps.enough_new_reviews_step(reviews, TASKS, database_url=url) == {}
+    assert finetune_steps.enough_new_reviews_step(reviews, database_url=url) == {}
 
     with pytest.raises(ConfigError, match="--dataset 'nope': no such dataset"):
         finetune_steps.prepare_step({**params, "datasets": ["nope"]}, run_name=run, database_url=url)

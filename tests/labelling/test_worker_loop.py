@@ -157,3 +157,51 @@ def _metric_details(engine: Engine, run_id: int, name: str) -> dict[str, object]
     from qwen_tasks.quality.metrics import load_run_metrics
 
     return load_run_metrics(engine, run_id)[name]["details"]
+
+
+def test_label_resolves_its_model_once_and_the_worker_loads_what_was_planned(
+    engine: Engine,
+    database_url: str,
+    tiny_model_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A real `qwen-tasks label` (in-process, the tiny model): the model is chosen once (one
+    `registry.model_for`, one registry lookup of the name), config.json is read once for the backend kind,
+    and the worker loads the backend kind the plan recorded."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from qwen_tasks import progress
+    from qwen_tasks.cli import app
+    from qwen_tasks.labelling import backends, planning, registry
+
+    ingest_clips(engine, tmp_path / "a", [1.0, 1.5])
+    calls: dict[str, list[object]] = {"model_for": [], "find_model_version": [], "get_backend": []}
+
+    def spy(name: str, real):  # noqa: ANN001,ANN202 - calls through to the real function
+        def counted(*args: object, **kwargs: object) -> object:
+            calls[name].append(kwargs.get("backend", args[1:2]))
+            return real(*args, **kwargs)
+
+        return counted
+
+    monkeypatch.setattr(planning, "model_for", spy("model_for", registry.model_for))
+    monkeypatch.setattr(
+        registry, "find_model_version", spy("find_model_version", registry.find_model_version)
+    )
+    monkeypatch.setattr(backends, "get_backend", spy("get_backend", backends.get_backend))
+    monkeypatch.setattr(progress.log, "handlers", [])  # the CLI's progress handler stays in this test
+    monkeypatch.setenv("QWEN_TASKS_DATABASE_URL", database_url)
+    backends._model_type.cache_clear()
+
+    args = ["label", "--task", "cry", "--model", str(tiny_model_dir), "--device", "cpu", "--json"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    out = json.loads([line for line in result.stdout.splitlines() if line.startswith("{")][-1])
+    assert out["labelled"] == 2 and out["status"] == "done"
+    assert len(calls["model_for"]) == 1 and len(calls["find_model_version"]) == 1
+    assert backends._model_type.cache_info().misses == 1  # config.json read once for the backend kind
+    assert calls["get_backend"] == ["qwen2-audio"]  # loaded once, as the plan's ModelChoice said
+    assert count(engine, schema.cry_answer) == 2

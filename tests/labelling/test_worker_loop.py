@@ -77,7 +77,7 @@ def test_rerun_labels_nothing_and_relabel_keeps_old_labels(
         return worker.label(engine, opts, backend_factory=lambda run: backend)
 
     first = label()
-    assert first.run_id is not None and first.labelled == 2 and first.run_status == "done"
+    assert first.run_id is not None and first.labelled == 2 and first.status == "done"
     assert label().run_id is None  # nothing new: no run, no model work
     again = label(relabel=True)
     assert again.run_id not in (None, first.run_id) and again.labelled == 2
@@ -115,7 +115,7 @@ def test_truncated_transcripts_and_answers_are_flagged_counted_and_reported(
             {"tasks": [task], "model": str(tiny_model_dir), "device": "cpu", "relabel": True, **kw}
         )
         summary = worker.label(engine, opts, backend_factory=lambda run: backend)
-        assert summary.run_status == "done" and summary.labelled == 3
+        assert summary.status == "done" and summary.labelled == 3
         return summary
 
     def column(table: sa.Table, run_id: int, *where: object) -> dict[int, bool]:

@@ -99,6 +99,11 @@ class WorkSummary:
     def rtf(self) -> float | None:
         return real_time_factor(self.wall_seconds, self.audio_seconds)
 
+    @property
+    def status(self) -> str | None:
+        """`run_status` by the name `label` has always given it (its `--json` key)."""
+        return self.run_status
+
     def count(self, outcome: JobOutcome) -> None:
         """Add one job's outcome."""
         if outcome.status in (JobOutcomeStatus.DONE, JobOutcomeStatus.FAILED):
@@ -138,7 +143,7 @@ class WorkSummary:
         `run_status` the one of `work --json`); `only` these keys, floats rounded to `digits`."""
         out = asdict(self)
         out["rtf"] = self.rtf
-        out["status"] = self.run_status
+        out["status"] = self.status
         if only is not None:
             out = {k: out[k] for k in only}
         if digits is not None:

@@ -5,13 +5,14 @@ BIN    := $(VENV)/bin
 # GPU users: make install TORCH_INDEX=https://download.pytorch.org/whl/cu128  (see README)
 TORCH_INDEX ?=
 
-.PHONY: help install demo test test-fast test-qwen-audio lint format bench install-qwen-audio install-label-studio
+.PHONY: help install demo test test-fast test-middle test-qwen-audio lint format bench install-qwen-audio install-label-studio
 .DEFAULT_GOAL := help
 
 help:
 	@echo "make demo   - install into .venv, then run the nightly DAG once on generated sample audio"
 	@echo "make test   - install into .venv, then run lint and the test suite (embedded PostgreSQL if none runs)"
-	@echo "make test-fast - lint and the tests not marked slow (about a minute; while you edit)"
+	@echo "make test-fast - lint and the ~1260 tests that need no PostgreSQL and no model (2-3.5 min on 2 busy cores)"
+	@echo "make test-middle - the other ~240 tests not marked slow: PostgreSQL, the tiny model (about 11 min on 2 busy cores)"
 	@echo "make lint / format / bench / install"
 	@echo "make install-qwen-audio - .venv-qwen-audio (transformers 4.53.3) for the original Qwen-Audio (docs/models.md)"
 	@echo "make test-qwen-audio QWEN_AUDIO_CODE_DIR=DIR - the original Qwen-Audio's tests, which CI skips (docs/models.md)"
@@ -64,12 +65,20 @@ test: install
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
 
-# While editing: everything except the end-to-end tests marked `slow` (DAG runs, Airflow stack, CLI
-# subprocesses with a model). `make test` is the full suite and what CI runs.
+# The lanes (README, "Development"). `db` and `model` are set from the fixtures a test uses
+# (tests/conftest.py), `slow` by hand on the end-to-end tests (DAG runs, Airflow stacks, CLI subprocesses
+# with a model). The fast lane needs neither PostgreSQL nor a model; the middle lane is the other tests not
+# marked slow; `make test` is the full suite and what CI runs. tests/test_lanes.py reads FAST_LANE here.
+FAST_LANE   := not db and not model and not slow
+MIDDLE_LANE := not slow and not ($(FAST_LANE))
+
 test-fast: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest -m "$(FAST_LANE)"
+
+test-middle: install
+	$(BIN)/python -m pytest -m "$(MIDDLE_LANE)"
 
 # The original Qwen-Audio's tests, which skip without a copy of its GitHub code (CI has none) and without
 # .venv-qwen-audio: here a skip for either is a failure (QWEN_TASKS_REQUIRE_QWEN_AUDIO, tests/services.py).

@@ -33,8 +33,9 @@ sys.path.insert(0, str(ROOT))
 
 
 def run_task(engine, task: str, manifest: Path, kind: str, model: Path, args, tmp: Path) -> dict:
+    from qwen_tasks.finetune.options import FinetuneOptions
+    from qwen_tasks.finetune.run import run_finetune
     from qwen_tasks.ingest.register import ingest
-    from qwen_tasks.review.finetune import FinetuneOptions, run_finetune
 
     ingest(engine, [manifest.parent], manifests=[(manifest, kind)])
     cry = task == "cry"

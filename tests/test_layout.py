@@ -13,7 +13,7 @@ import qwen_tasks
 
 PACKAGE = Path(qwen_tasks.__file__).parent
 SHARED = ("config", "errors", "records", "progress")
-STAGES = ("store", "ingest", "labelling", "quality", "review", "orchestration", "cli")
+STAGES = ("store", "ingest", "labelling", "quality", "review", "finetune", "orchestration", "cli")
 # Outside the pipeline order: development aids may use any stage; the old import path of the normaliser
 # re-exports it; the CLI's make-tiny-model and demo commands use the dev package.
 ANY = {"dev", "normalize", "__main__", "__init__"}

@@ -9,9 +9,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from qwen_tasks.cli.common import announce, app, console, open_database, print_json
+from qwen_tasks.finetune.options import FinetuneOptions
 from qwen_tasks.progress import ProgressLog, log_to_stderr
 from qwen_tasks.records import ModelVersionStatus
-from qwen_tasks.review.finetune import FinetuneOptions
 
 _D = FinetuneOptions()  # defaults shown in --help come from the options object itself
 
@@ -76,7 +76,7 @@ def finetune(
     Example: qwen-tasks finetune --task cry --base ./tiny --epochs 2 --device cpu --test-dataset eval
     """
     from qwen_tasks.config import get_settings
-    from qwen_tasks.review.finetune import run_finetune
+    from qwen_tasks.finetune.run import run_finetune
 
     settings = get_settings()
     options = FinetuneOptions(

@@ -1,9 +1,11 @@
-"""Stage 4, review and fine-tune: people check labels, and reviewed labels make the model better.
+"""Stage 4, review: people check labels; what they confirm is what the fine-tune stage learns from.
 
 `export` writes a run's labels as JSON Lines with their provenance; `label_studio` is the Label Studio
-round trip (review queue out, human labels in) and the fine-tune rows; `finetune` is the loop behind
-`qwen-tasks finetune` and the `qwen_audio_finetune` DAG (data, split, train, evaluate, register, gate);
-`trainer` is its torch side (LoRA on a loaded Qwen2-Audio).
+round trip (review queue out, human labels in) and the fine-tune rows (`export-finetune`); `queue` ranks
+what reviewers see; `sync` is the live Label Studio sync; `new_reviews` counts reviewed labels newer than
+a task's promoted version (whether an automatic fine-tune is worth it). Fine-tuning itself is the next
+stage, `qwen_tasks.finetune`.
 
-May import: `store`, `ingest`, `labelling`, `quality` and the shared modules. Never `orchestration`, `cli`.
+May import: `store`, `ingest`, `labelling`, `quality` and the shared modules. Never `finetune`,
+`orchestration`, `cli`.
 """

@@ -36,6 +36,7 @@ def test_tokenizer_has_special_tokens_and_single_token_yes_no() -> None:
     assert tok.decode(tok.encode("the quick brown fox 今天")) == "the quick brown fox 今天"
 
 
+@pytest.mark.model  # builds the tiny model itself (the builder under test), not tiny_model_dir
 def test_same_seed_same_checkpoint_other_seed_differs(tiny: Path, tmp_path: Path) -> None:
     again = make_tiny_model(tmp_path / "again", seed=0)
     other = make_tiny_model(tmp_path / "other", seed=1)
@@ -45,6 +46,7 @@ def test_same_seed_same_checkpoint_other_seed_differs(tiny: Path, tmp_path: Path
     assert (other / "model.safetensors").read_bytes() != weights
 
 
+@pytest.mark.model  # builds the tiny model itself (the builder under test), not tiny_model_dir
 def test_config_audio_token_matches_tokenizer(tiny: Path) -> None:
     config = json.loads((tiny / "config.json").read_text())
     tokenizer = json.loads((tiny / "tokenizer.json").read_text())
@@ -54,6 +56,7 @@ def test_config_audio_token_matches_tokenizer(tiny: Path) -> None:
     assert config["audio_config"]["max_source_positions"] == 1500
 
 
+@pytest.mark.model  # builds the tiny model itself (the builder under test), not tiny_model_dir
 def test_loads_like_any_checkpoint(tiny: Path) -> None:
     backend = load_backend(str(tiny), device="cpu")
     assert backend.info.model == str(tiny)
@@ -62,6 +65,7 @@ def test_loads_like_any_checkpoint(tiny: Path) -> None:
     assert backend.yes_ids and backend.no_ids and not set(backend.yes_ids) & set(backend.no_ids)
 
 
+@pytest.mark.model  # builds the tiny model itself (the builder under test), not tiny_model_dir
 def test_mismatched_audio_token_id_is_refused(tiny: Path, tmp_path: Path) -> None:
     broken = tmp_path / "broken"
     broken.mkdir()
@@ -74,6 +78,7 @@ def test_mismatched_audio_token_id_is_refused(tiny: Path, tmp_path: Path) -> Non
         load_backend(str(broken), device="cpu")
 
 
+@pytest.mark.model  # builds the tiny model itself (the builder under test), not tiny_model_dir
 def test_base_checkpoint_has_no_chat_template(tmp_path: Path) -> None:
     base = make_tiny_model(tmp_path / "base", instruct=False)
     assert not (base / "chat_template.jinja").exists()
@@ -90,6 +95,7 @@ def test_unknown_preset_and_missing_model(tmp_path: Path) -> None:
         load_backend(str(empty), device="cpu")
 
 
+@pytest.mark.model  # builds the tiny model itself (the builder under test), not tiny_model_dir
 def test_cli_make_tiny_model(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["make-tiny-model", str(tmp_path / "cli"), "--seed", "3"])
     assert result.exit_code == 0, result.output

@@ -106,6 +106,7 @@ def test_make_tiny_model_onto_a_file_is_one_line(tmp_path: Path) -> None:
     assert below.stderr.strip() == f"error: {target / 'sub'}: cannot create the directory: Not a directory"
 
 
+@pytest.mark.model  # ends by building one into an empty folder
 def test_make_tiny_model_into_a_non_empty_folder_is_one_line(tmp_path: Path) -> None:
     (tmp_path / "mine.txt").write_text("keep me")
 

@@ -28,9 +28,10 @@ from services import require_redis
 
 from qwen_tasks.dev.airflow_stack import DAG_ID, AirflowStack, wait_until
 from qwen_tasks.dev.samples import write_cry_training_set
+from qwen_tasks.finetune.options import FinetuneOptions
+from qwen_tasks.finetune.train import train_version
 from qwen_tasks.ingest import sources
 from qwen_tasks.ingest.register import ingest
-from qwen_tasks.review.finetune import FinetuneOptions, train_version
 from qwen_tasks.store import database as db
 from qwen_tasks.store.schema import cry_answer, label_run, transcription
 

@@ -23,9 +23,9 @@ from labelling_helpers import count, run_cli, write_clips
 from sqlalchemy.engine import Engine
 
 from qwen_tasks.errors import ConfigError
+from qwen_tasks.finetune.options import FinetuneOptions, dag_param_specs, options_from_params
 from qwen_tasks.labelling.options import LabelOptions
 from qwen_tasks.orchestration import steps
-from qwen_tasks.review.finetune import FinetuneOptions, dag_param_specs, options_from_params
 from qwen_tasks.store import schema
 
 # --- files opened, as Python's audit hooks see them (open() and os.open both raise "open") -------------

@@ -84,6 +84,7 @@ def test_get_engine_raises_typed_error() -> None:
         db.get_engine("postgresql+psycopg2://x@127.0.0.1:1/none")
 
 
+@pytest.mark.db  # its CLI subprocess starts an embedded PostgreSQL, without a fixture
 def test_embedded_server_starts_and_is_reused(tmp_path) -> None:
     home = tmp_path / "home"
     try:

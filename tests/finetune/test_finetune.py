@@ -27,12 +27,15 @@ from sqlalchemy.engine import Engine
 
 from qwen_tasks.dev.samples import write_cry_training_set
 from qwen_tasks.errors import ConfigError
+from qwen_tasks.finetune import data as finetune_data
+from qwen_tasks.finetune.data import Prepared, Row, data_digest, heldout_ids
+from qwen_tasks.finetune.options import FinetuneOptions, dag_param_specs, options_from_params
+from qwen_tasks.finetune.run import FinetuneSummary, run_finetune
+from qwen_tasks.finetune.train import train_version
 from qwen_tasks.ingest.register import ingest
 from qwen_tasks.labelling import jobs, registry
 from qwen_tasks.quality.metrics import load_run_metrics
 from qwen_tasks.records import LabelRequest, ModelVersionStatus
-from qwen_tasks.review import finetune
-from qwen_tasks.review.finetune import FinetuneOptions
 from qwen_tasks.store import schema
 
 pytestmark = pytest.mark.slow
@@ -102,6 +105,12 @@ def options(model: Path, tmp_path: Path, **changes) -> FinetuneOptions:
     return FinetuneOptions(**{**base, **changes})
 
 
+def prepare(engine: Engine, opts: FinetuneOptions) -> tuple[Prepared, list[Row], list[Row]]:
+    """`prepare`'s counts, training rows and held-out rows."""
+    data = finetune_data.prepare(engine, opts)
+    return data.prepared, list(data.train), list(data.heldout)
+
+
 def _split(engine: Engine) -> dict[int, str]:
     with engine.connect() as conn:
         rows = conn.execute(sa.select(schema.finetune_split.c.audio_id, schema.finetune_split.c.part)).all()
@@ -112,16 +121,14 @@ def test_split_is_stratified_stored_and_never_leaks(
     engine: Engine, tmp_path: Path, tiny_model_dir: Path
 ) -> None:
     ingest_manifest(engine, noise_set(tmp_path / "a", 30))
-    prepared, train, heldout = finetune.prepare(
-        engine, options(tiny_model_dir, tmp_path, heldout_fraction=0.3)
-    )
+    prepared, train, heldout = prepare(engine, options(tiny_model_dir, tmp_path, heldout_fraction=0.3))
     assert {r.audio_id for r in train}.isdisjoint({r.audio_id for r in heldout})
     assert prepared.heldout == {"no": 4, "yes": 4} and prepared.train == {"no": 11, "yes": 11}
     first = _split(engine)
     assert sorted(a for a, p in first.items() if p == "heldout") == sorted(r.audio_id for r in heldout)
     # more labelled audio arrives: old assignments are kept, the new audio is split with the same ratio
     ingest_manifest(engine, noise_set(tmp_path / "b", 20, seed=2))
-    _, train2, heldout2 = finetune.prepare(engine, options(tiny_model_dir, tmp_path, heldout_fraction=0.3))
+    _, train2, heldout2 = prepare(engine, options(tiny_model_dir, tmp_path, heldout_fraction=0.3))
     second = _split(engine)
     assert all(second[a] == p for a, p in first.items())
     assert {r.audio_id for r in train2}.isdisjoint({r.audio_id for r in heldout2})
@@ -162,7 +169,7 @@ def test_a_candidate_that_does_not_beat_the_base_is_rejected(
     def registered(step: str) -> None:  # trained and registered, its evaluation not started
         while_evaluating.extend(json.loads(run_cli(["models", "--json"], url).stdout))
 
-    summary = finetune.run_finetune(
+    summary = run_finetune(
         engine, options(tiny_model_dir, tmp_path, lr=1e-6, min_improvement=0.05), on_step=registered
     )
     # before its evaluation was stored it was listed as evaluating, not as a candidate that beat the base
@@ -192,7 +199,7 @@ def test_it_learns_the_synthetic_cry_set_and_the_gate_passes(
 ) -> None:
     manifest = write_cry_training_set(tmp_path / "learnable", n=72)
     ingest_manifest(engine, manifest)
-    summary = finetune.run_finetune(
+    summary = run_finetune(
         engine,
         options(tiny_model_dir, tmp_path, epochs=3, heldout_fraction=0.33, promote=True, eval_method="both"),
     )
@@ -232,7 +239,7 @@ def test_it_learns_the_synthetic_cry_set_and_the_gate_passes(
 
 
 def _promoted_version_labels_with_its_calibration(
-    engine: Engine, model: Path, summary: finetune.FinetuneSummary
+    engine: Engine, model: Path, summary: FinetuneSummary
 ) -> None:
     """The version's decision rules were fitted on held-out clips (its own question: the candidate
     evaluation run; the manifest's question those clips ask: a run of its own) and stored for it; `label`
@@ -334,7 +341,7 @@ def test_versions_never_mix_and_adapter_labels_match_the_in_memory_model(
         ["label", "--task", "cry", "--model", str(tiny_model_dir), "--device", "cpu", "--json"], url
     )
     assert base_run.returncode == 0, base_run.stderr
-    trained = finetune.train_version(engine, options(tiny_model_dir, tmp_path, epochs=2), keep_backend=True)
+    trained = train_version(engine, options(tiny_model_dir, tmp_path, epochs=2), keep_backend=True)
     version_run = run_cli(["label", "--task", "cry", "--model", "v1", "--device", "cpu", "--json"], url)
     assert version_run.returncode == 0, version_run.stderr
     a, b = json.loads(base_run.stdout), json.loads(version_run.stdout)
@@ -443,7 +450,7 @@ def test_a_test_dataset_is_never_trained_on_and_is_evaluated_beside_the_heldout_
     split (two evaluation runs each, model_version_test, the views, `models --json`, the CLI table)."""
     ingest_manifest(engine, write_cry_training_set(tmp_path / "train", n=40), dataset="train-a")
     opts = options(tiny_model_dir, tmp_path, heldout_fraction=0.25)
-    first, train0, _ = finetune.prepare(engine, opts)  # stores the split: 30 training clips
+    first, train0, _ = prepare(engine, opts)  # stores the split: 30 training clips
     assert first.train == {"no": 15, "yes": 15} and first.test_datasets == []
     with engine.connect() as conn:
         paths = dict(conn.execute(sa.select(schema.audio_path.c.audio_id, schema.audio_path.c.path)).all())
@@ -477,8 +484,8 @@ def test_a_test_dataset_is_never_trained_on_and_is_evaluated_beside_the_heldout_
         row = conn.execute(sa.select(schema.model_version).where(schema.model_version.c.name == "v2")).one()
     assert row.counts["train"] == {"no": 14, "yes": 14} and row.counts["examples"] == len(expected) == 28
     assert row.counts["datasets"] == ["train-a"]
-    assert row.data_digest == finetune.data_digest(opts, expected, v2.prompt_version)
-    assert row.data_digest != finetune.data_digest(opts, train0, v2.prompt_version)
+    assert row.data_digest == data_digest(opts, expected, v2.prompt_version)
+    assert row.data_digest != data_digest(opts, train0, v2.prompt_version)
 
     # evaluations: held-out runs as before, and two evaluation runs over exactly the test set's clips
     heldout = sorted(a for a, p in split.items() if p == "heldout")
@@ -524,7 +531,7 @@ def test_a_test_dataset_is_never_trained_on_and_is_evaluated_beside_the_heldout_
         engine, write_cry_training_set(tmp_path / "eval-more", n=8, seed=2), dataset="eval", split="test"
     )
     assert len(members(engine, "eval")) == 22
-    again = finetune.run_finetune(engine, replace(opts, name="v3", out_dir=str(tmp_path / "v3")))
+    again = run_finetune(engine, replace(opts, name="v3", out_dir=str(tmp_path / "v3")))
     assert again.train == summary["train"] and again.skipped["in_test_dataset"] == 22
     with engine.connect() as conn:
         digests = dict(
@@ -543,22 +550,22 @@ def test_dataset_restricts_training_to_that_dataset(
     ingest_manifest(engine, noise_set(tmp_path / "b", 16), dataset="set-b")
     a_ids, b_ids = members(engine, "set-a"), members(engine, "set-b")
     # default scope: every train dataset of the task
-    _, train, heldout = finetune.prepare(engine, options(tiny_model_dir, tmp_path))
+    _, train, heldout = prepare(engine, options(tiny_model_dir, tmp_path))
     assert {r.audio_id for r in [*train, *heldout]} == a_ids | b_ids
     # --dataset set-a: only its clips, on both sides; the others are counted as outside the scope
     only_a = options(tiny_model_dir, tmp_path, datasets=("set-a",))
-    prepared, train, heldout = finetune.prepare(engine, only_a)
+    prepared, train, heldout = prepare(engine, only_a)
     assert {r.audio_id for r in [*train, *heldout]} == a_ids
     assert prepared.datasets == ["set-a"] and prepared.skipped["outside_datasets"] == len(b_ids) == 16
-    assert finetune.heldout_ids(engine, only_a) == sorted(r.audio_id for r in heldout)
+    assert heldout_ids(engine, only_a) == sorted(r.audio_id for r in heldout)
     # and the version trained with it records exactly that data
-    trained = finetune.train_version(engine, only_a)
+    trained = train_version(engine, only_a)
     assert trained.prepared.train == prepared.train and trained.prepared.datasets == ["set-a"]
     with engine.connect() as conn:
         row = conn.execute(sa.select(schema.model_version)).one()
     assert row.counts["datasets"] == ["set-a"] and row.hyperparams["datasets"] == ["set-a"]
     assert row.counts["examples"] == len(train)
-    assert row.data_digest == finetune.data_digest(only_a.resolved(), train, row.prompt_version)
+    assert row.data_digest == data_digest(only_a.resolved(), train, row.prompt_version)
 
 
 def test_dataset_names_are_checked_in_one_line(engine: Engine, tmp_path: Path, tiny_model_dir: Path) -> None:
@@ -580,11 +587,11 @@ def test_dataset_names_are_checked_in_one_line(engine: Engine, tmp_path: Path, t
     ]
     for change, message in cases:
         with pytest.raises(ConfigError) as caught:
-            finetune.prepare(engine, options(tiny_model_dir, tmp_path, **change))
+            prepare(engine, options(tiny_model_dir, tmp_path, **change))
         assert message in str(caught.value) and "\n" not in str(caught.value)
     assert count(engine, schema.finetune_split) == 0  # checked before anything is stored or loaded
     # the default test sets are the labelled ones: no-gold is left out, eval is in
-    prepared, _, _ = finetune.prepare(engine, options(tiny_model_dir, tmp_path))
+    prepared, _, _ = prepare(engine, options(tiny_model_dir, tmp_path))
     assert prepared.datasets == ["set-a"] and prepared.test_datasets == ["eval"]
     url = engine.url.render_as_string(hide_password=False)
     for extra, message in ((["--test-dataset", "set-a"], "--test-dataset 'set-a' is a train dataset"),
@@ -598,13 +605,11 @@ def test_dataset_names_are_checked_in_one_line(engine: Engine, tmp_path: Path, t
 
 
 def test_the_dag_params_carry_the_dataset_scope() -> None:
-    specs = finetune.dag_param_specs()
+    specs = dag_param_specs()
     assert specs["datasets"]["default"] == [] and specs["test_datasets"]["type"] == "array"
-    opts = finetune.options_from_params(
-        {"task": "cry", "datasets": ["set-a"], "test_datasets": ["eval", "x"]}
-    )
+    opts = options_from_params({"task": "cry", "datasets": ["set-a"], "test_datasets": ["eval", "x"]})
     assert opts.datasets == ("set-a",) and opts.test_datasets == ("eval", "x")
-    assert finetune.options_from_params({"task": "cry", "datasets": []}).datasets == ()
+    assert options_from_params({"task": "cry", "datasets": []}).datasets == ()
 
 
 def test_the_dag_form_offers_calibration_and_target_precision() -> None:
@@ -614,8 +619,8 @@ def test_the_dag_form_offers_calibration_and_target_precision() -> None:
     from airflow.sdk import Param
     from airflow.sdk.exceptions import ParamValidationError
 
-    specs = finetune.dag_param_specs()
-    d = finetune.FinetuneOptions()
+    specs = dag_param_specs()
+    d = FinetuneOptions()
     assert specs["calibration"]["default"] == d.calibration == "platt"
     assert specs["calibration"]["enum"] == ["none", "platt", "isotonic"]
     assert specs["target_precision"]["default"] is d.target_precision is None
@@ -629,8 +634,78 @@ def test_the_dag_form_offers_calibration_and_target_precision() -> None:
     for name, bad in (("calibration", "sigmoid"), ("target_precision", 1.5), ("target_precision", 0)):
         with pytest.raises(ParamValidationError):
             param(name).resolve(bad)
-    opts = finetune.options_from_params({"task": "cry", "calibration": "isotonic", "target_precision": 0.95})
+    opts = options_from_params({"task": "cry", "calibration": "isotonic", "target_precision": 0.95})
     assert (opts.calibration, opts.target_precision) == ("isotonic", 0.95)
-    assert finetune.options_from_params({"task": "cry", "target_precision": None}).target_precision is None
+    assert options_from_params({"task": "cry", "target_precision": None}).target_precision is None
     with pytest.raises(ConfigError, match="--target-precision must be in"):
-        finetune.options_from_params({"task": "cry", "target_precision": 2})
+        options_from_params({"task": "cry", "target_precision": 2})
+
+
+# --- prepare once: training and evaluation take its result -----------------------------------------------
+
+
+class _Statements:
+    """The SQL the engine sends while active: how often the split is assigned (its advisory lock) and how
+    often the labelled clips are looked up (`labelled_rows`' query) or the stored split is read."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.seen: list[tuple[str, str]] = []
+
+    def _record(self, conn, cursor, statement, parameters, context, executemany) -> None:  # noqa: ANN001
+        self.seen.append((statement, repr(parameters)))
+
+    def __enter__(self) -> _Statements:
+        sa.event.listen(self.engine, "before_cursor_execute", self._record)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        sa.event.remove(self.engine, "before_cursor_execute", self._record)
+
+    @property
+    def split_assignments(self) -> int:
+        return sum(1 for s, p in self.seen if "pg_advisory_xact_lock" in s and "qwen_tasks.split:" in p)
+
+    @property
+    def labelled_lookups(self) -> int:
+        return sum(1 for s, _ in self.seen if "AS in_scope" in s)
+
+    @property
+    def split_reads(self) -> int:
+        return sum(1 for s, _ in self.seen if "finetune_split" in s)
+
+
+def test_prepare_runs_once_and_training_uses_exactly_its_result(
+    engine: Engine, tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """`run_finetune` prepares once (one split assignment, one look-up of the labelled clips) and hands the
+    result to training and evaluation; `train_version` given a prepared result trains on exactly its
+    training rows, even when more labelled audio arrived after `prepare`, and does not touch the split."""
+    ingest_manifest(engine, noise_set(tmp_path / "a", 24), dataset="set-a")
+    seen: list[Prepared] = []
+    with _Statements(engine) as sql:
+        summary = run_finetune(engine, options(tiny_model_dir, tmp_path, lr=1e-6), on_prepared=seen.append)
+    assert (sql.split_assignments, sql.labelled_lookups) == (1, 1)
+    (prepared,) = seen
+    assert summary.train == prepared.train == {"no": 8, "yes": 8}
+    heldout = sorted(a for a, p in _split(engine).items() if p == "heldout")
+    assert _answered(engine, summary.base_run_id) == _answered(engine, summary.candidate_run_id) == heldout
+
+    opts = options(tiny_model_dir, tmp_path, name="v2", out_dir=str(tmp_path / "v2"))
+    data = finetune_data.prepare(engine, opts)
+    assert len(data.train) == 16 and data.heldout_ids == heldout
+    before = _split(engine)
+    # more labelled audio arrives between prepare and training: training uses what prepare found
+    ingest_manifest(engine, noise_set(tmp_path / "b", 10, seed=2), dataset="set-a")
+    with _Statements(engine) as sql:
+        trained = train_version(engine, opts, data)
+    assert (sql.split_assignments, sql.labelled_lookups, sql.split_reads) == (0, 0, 0)
+    assert _split(engine) == before  # the new audio got no split row: nothing prepared again
+    assert trained.prepared == data.prepared
+    with engine.connect() as conn:
+        row = conn.execute(sa.select(schema.model_version).where(schema.model_version.c.name == "v2")).one()
+    assert row.counts["examples"] == len(data.train) and row.counts["train"] == data.prepared.train
+    assert row.data_digest == data_digest(opts.resolved(), data.train, row.prompt_version)
+    # the prepared result of another task is refused, not trained on
+    with pytest.raises(ConfigError, match="prepared data is for cry"):
+        train_version(engine, options(tiny_model_dir, tmp_path, task="asr", name="v3"), data)

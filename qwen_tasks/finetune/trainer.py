@@ -1,6 +1,6 @@
 """LoRA fine-tuning of a loaded Qwen2-Audio on (audio, answer) examples: the torch side of `finetune`.
 
-Owns the training step and nothing else (no database, no split, no registry; `finetune` does those):
+Owns the training step and nothing else (no database, no split, no registry; `data` and `train` do those):
 - a training row is the *labelling* prompt of the backend (same chat template, same prompt version)
   followed by the answer and the end-of-turn token, so the model is trained on exactly what it is asked
   when labelling; the loss covers only the answer tokens and the end token (never the prompt or padding);
@@ -14,6 +14,7 @@ Owns the training step and nothing else (no database, no split, no registry; `fi
 
 from __future__ import annotations
 
+import gc
 import math
 import random
 import time
@@ -311,3 +312,15 @@ def save_adapter(peft_model: Any, out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     peft_model.save_pretrained(str(out_dir))
     return out_dir
+
+
+def free_memory() -> None:
+    """Give back what a finished model held (Python garbage, the CUDA cache) before the next one loads."""
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:  # pragma: no cover - torch is a hard dependency
+        pass

@@ -99,7 +99,7 @@ def fresh_set_labels(engine, summary, args, tmp: Path) -> dict:
     from qwen_tasks.ingest.register import ingest
     from qwen_tasks.labelling.options import LabelOptions
     from qwen_tasks.labelling.planning import plan
-    from qwen_tasks.labelling.worker import backend_for_run, work
+    from qwen_tasks.labelling.worker import WorkerOptions, work
 
     manifest = write_cry_training_set(tmp / "cry-fresh", n=args.fresh_n, seed=args.fresh_seed)
     ingest(engine, [manifest.parent], manifests=[(manifest, "aqa")], dataset="cry-fresh", split="test")
@@ -118,7 +118,7 @@ def fresh_set_labels(engine, summary, args, tmp: Path) -> dict:
              "device": "cpu", "question": question, "relabel": True}
         )  # fmt: skip
         planned = plan(engine, opts)
-        work(engine, planned.run_ids, backend_for_run("cpu"))
+        work(engine, planned.run_ids, WorkerOptions(device="cpu"))
         figures = written_label_figures(engine, planned.run_ids)
         out[asked] = figures
         print(

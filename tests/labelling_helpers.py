@@ -1,10 +1,10 @@
-"""Helpers shared by the labelling tests (jobs, worker, workers, label CLI): real files, real ingest.
+"""Helpers shared by the labelling tests (jobs, worker, label CLI): real files, real ingest.
 
-Not a test module: imported by tests/labelling/test_jobs.py, test_worker.py, test_workers.py,
-test_label_cli.py and others (the audio shapes of test_features.py and test_qwen_audio.py also by
-tests/qwen_audio_features.py in the Qwen-Audio environment); `writes_blocked` and `blocked_pids` also by
-tests/orchestration/test_airflow_stack.py (this file is on the pytest path, a test module is not unless
-its folder is collected).
+Not a test module: imported by tests/labelling/test_jobs.py, test_worker_results.py,
+test_worker_loop.py, test_worker_processes.py, test_label_cli.py and others (the audio shapes of
+test_features.py and test_qwen_audio.py also by tests/qwen_audio_features.py in the Qwen-Audio
+environment); `writes_blocked` and `blocked_pids` also by tests/orchestration/test_airflow_stack.py (this
+file is on the pytest path, a test module is not unless its folder is collected).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import soundfile as sf
@@ -106,3 +107,23 @@ def writes_blocked(engine: Engine) -> Iterator[Connection]:
             yield conn
         finally:
             tx.rollback()
+
+
+def plan_on(engine: Engine, backend: Any, request: Any, **kw: object) -> Any:
+    """`jobs.plan_run` for `request` with a loaded backend's model (batches of 4 clips / 60 s unless
+    `kw` says otherwise); returns the PlanResult."""
+    from qwen_tasks.labelling import jobs
+    from qwen_tasks.labelling.backends import model_info
+
+    args: dict[str, Any] = {"batch_size": 4, "max_batch_seconds": 60.0, **kw}
+    return jobs.plan_run(
+        engine, task=request.task, model_info=model_info(backend, request), request=request, **args
+    )
+
+
+def work_on(engine: Engine, run_id: int, backend: Any, **kw: Any) -> Any:
+    """The worker loop on one run with a loaded backend, a 30 s lease (`kw`: more WorkerOptions)."""
+    from qwen_tasks.labelling import worker
+
+    options = worker.WorkerOptions(**{"lease_seconds": 30, **kw})
+    return worker.work(engine, run_id, options, backend_factory=lambda run: backend)

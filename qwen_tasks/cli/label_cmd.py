@@ -1,6 +1,9 @@
 """`qwen-tasks label / work / runs / export`: thin wrappers over `labelling.worker`, `labelling.jobs`
 and `review.export`.
 
+`label` is options → the model chosen once (`planning.choose_models`) → plan + work (`worker.label`,
+which records that choice on the plan and loads it) → the summary printed.
+
 `label` with a model this interpreter cannot load (the original Qwen-Audio, from the main environment)
 plans here and hands the runs to `qwen-tasks work` in the environment that can (`_label_elsewhere`).
 """
@@ -104,24 +107,52 @@ def label(
     --model ./tiny --device cpu --json; qwen-tasks label --task asr --plan-only (then: qwen-tasks work
     --run ID, on as many machines as you like).
     """
+    from qwen_tasks.labelling.planning import choose_models
+
     check_task(task)
     settings = get_settings()
     opts = LabelOptions.from_mapping({**given(flags), "tasks": [task]}, settings, flags=True)
     engine = open_database()
     started = time.perf_counter()
-    elsewhere = _other_interpreter(engine, opts, task)  # the Qwen-Audio environment's python, or None
-    bar: _Bar | None = None
+    choices = choose_models(engine, opts)  # the model, resolved once: planning and the worker read it
+    elsewhere = choices[task].python  # the Qwen-Audio environment's python, or None: this one
+    shown = _Shown(engine, task, bar=not plan_only and elsewhere is None)
+    options = worker.WorkerOptions(lease_seconds=lease_seconds or settings.lease_seconds)
+    try:
+        with worker.signals_handled():
+            summary = worker.label(
+                engine, opts, options, choices=choices, max_jobs=max_jobs,
+                plan_only=plan_only or elsewhere is not None, on_plan=shown.plan, progress=shown.outcome,
+            )  # fmt: skip
+    finally:
+        shown.close()
+    if plan_only:
+        _print_planned(summary, as_json)
+        return
+    if elsewhere is not None and summary.run_ids:
+        summary = _label_elsewhere(engine, summary, elsewhere, opts, lease_seconds, started)
+    _print_labelled(summary, as_json)
 
-    def on_plan(plan: Any) -> None:
-        nonlocal bar
+
+class _Shown:
+    """What `label` shows as it goes: the plan (resumed and new runs, or why there is nothing to do), then
+    a progress bar while this process labels (`bar`)."""
+
+    def __init__(self, engine: Any, task: str, *, bar: bool) -> None:
+        self.engine, self.task, self.show_bar = engine, task, bar
+        self.bar: _Bar | None = None
+
+    def plan(self, plan: Any) -> None:
+        task = self.task
+        entry = plan.per_task.get(task) or {}
         if not plan.run_ids:
-            why = (plan.per_task.get(task) or {}).get("reason") or "every clip has a label for this model"
+            why = entry.get("reason") or "every clip has a label for this model"
             console.print(f"nothing to label for --task {task}: {why}", highlight=False, soft_wrap=True)
             return
-        version = (plan.per_task.get(task) or {}).get("model_version")
-        if version:
+        if entry.get("model_version"):
             console.print(
-                f"labelling with fine-tuned version {version} (revision {plan.revision})", highlight=False
+                f"labelling with fine-tuned version {entry['model_version']} (revision {plan.revision})",
+                highlight=False,
             )
         if plan.resumed_jobs:
             resumed = sorted(set(plan.run_ids) - set(plan.new_run_ids))
@@ -130,7 +161,7 @@ def label(
                 highlight=False,
             )
         left = f", {plan.left_over} left for the next run" if plan.left_over else ""
-        scope = ", ".join((plan.per_task.get(task) or {}).get("datasets") or [])
+        scope = ", ".join(entry.get("datasets") or [])
         new_runs = ", ".join(map(str, plan.new_run_ids))
         if new_runs:
             console.print(
@@ -139,35 +170,32 @@ def label(
                 highlight=False,
                 soft_wrap=True,
             )
-        if not plan_only and elsewhere is None:
-            clips = int(jobs.open_job_counts(engine, plan.run_ids)["clips"])
-            bar = _Bar(clips, f"{task} run {plan.run_ids[-1]}").__enter__()
+        if self.show_bar:
+            clips = int(jobs.open_job_counts(self.engine, plan.run_ids)["clips"])
+            self.bar = _Bar(clips, f"{task} run {plan.run_ids[-1]}").__enter__()
 
-    try:
-        with worker.signals_handled():
-            summary = worker.label(
-                engine,
-                opts,
-                max_jobs=max_jobs,
-                lease_seconds=lease_seconds or settings.lease_seconds,
-                plan_only=plan_only or elsewhere is not None,
-                on_plan=on_plan,
-                progress=lambda outcome: bar(outcome) if bar is not None else None,
-            )
-    finally:
-        if bar is not None:
-            bar.__exit__()
-    if plan_only:
-        if as_json:
-            print_json({"run_id": summary.run_id, "run_ids": summary.run_ids, "jobs": summary.jobs,
-                        "resumed_jobs": summary.resumed_jobs, "items": summary.planned,
-                        "left_over": summary.left_over})  # fmt: skip
-        else:
-            for run_id in summary.run_ids:
-                typer.echo(run_id)
+    def outcome(self, outcome: worker.JobOutcome) -> None:
+        if self.bar is not None:
+            self.bar(outcome)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__()
+
+
+def _print_planned(summary: worker.WorkSummary, as_json: bool) -> None:
+    """`label --plan-only`: the runs planned (their ids, one a line), or their figures as JSON."""
+    if as_json:
+        print_json({"run_id": summary.run_id, "run_ids": summary.run_ids, "jobs": summary.jobs,
+                    "resumed_jobs": summary.resumed_jobs, "items": summary.planned,
+                    "left_over": summary.left_over})  # fmt: skip
         return
-    if elsewhere is not None and summary.run_ids:
-        summary = _label_elsewhere(engine, summary, elsewhere, opts, lease_seconds, started)
+    for run_id in summary.run_ids:
+        typer.echo(run_id)
+
+
+def _print_labelled(summary: worker.WorkSummary, as_json: bool) -> None:
+    """`label`'s summary line (and JSON); exit 1 naming the errors when jobs failed for good."""
     out = summary.to_dict()
     error = (
         f"{summary.jobs_failed} job(s) failed after all attempts; see `qwen-tasks runs` and "
@@ -180,32 +208,22 @@ def label(
     if summary.run_id is not None:
         rtf = f", RTF {summary.rtf:.3f}" if summary.rtf else ""
         console.print(
-            f"run {summary.run_id} {summary.status}: {summary.labelled} labelled, {summary.failed} failed, "
-            f"{summary.audio_seconds:.1f} s of audio in {summary.wall_seconds:.1f} s{rtf}",
+            f"run {summary.run_id} {summary.run_status}: {summary.labelled} labelled, {summary.failed} "
+            f"failed, {summary.audio_seconds:.1f} s of audio in {summary.wall_seconds:.1f} s{rtf}",
             highlight=False,
         )
     if error:
         raise fail(error, as_json=False)  # the summary printed above carries it
 
 
-def _other_interpreter(engine: Any, opts: Any, task: str) -> Path | None:
-    """The python of the environment that must label `task` (None: this one), by the rule planning uses
-    to pick the model (`registry.model_for`)."""
-    from qwen_tasks.labelling.backends import required_python
-    from qwen_tasks.labelling.registry import model_for
-
-    choice = model_for(engine, task, opts.model, opts.revision, opts.adapter or None, opts.promoted)
-    return required_python(choice.model)
-
-
 def _label_elsewhere(
     engine: Any,
-    summary: worker.LabelSummary,
+    summary: worker.WorkSummary,
     python: Path,
     opts: Any,
     lease_seconds: float | None,
     started: float,
-) -> worker.LabelSummary:
+) -> worker.WorkSummary:
     """Work the planned runs with `qwen-tasks work --run ID` of the environment `python` belongs to, one
     run after the other, and add up their `--json` summaries into `summary` (the keys of any `label
     --json`). Its progress shows as it goes; its exit status is passed on (143 after SIGTERM, which is
@@ -237,16 +255,12 @@ def _label_elsewhere(
             soft_wrap=True,
         )
         done = environments.run_worker(run_id, args=args, python=python, env=env)
-        worked = done.summary or {}
-        for key in ("labelled", "failed", "jobs_failed", "audio_seconds", "model_load_seconds", "model_loads",
-                    "process_seconds"):  # fmt: skip
-            setattr(summary, key, getattr(summary, key) + (worked.get(key) or 0))
-        summary.errors += list(worked.get("errors") or [])
+        summary.merge(worker.WorkSummary.from_dict(done.summary or {}))
         if done.returncode and (done.summary is None or done.returncode != 1):
             if wants_json():  # it said why on stderr (143/130: stopped by a signal); stdout needs an object
                 print_json({"error": f"run {run_id}: the Qwen-Audio worker exited with {done.returncode}"})
             raise typer.Exit(done.returncode)
-    summary.status = jobs.get_run(engine, summary.run_id).status if summary.run_id is not None else None
+    summary.run_status = jobs.get_run(engine, summary.run_id).status if summary.run_id is not None else None
     summary.wall_seconds = time.perf_counter() - started
     return summary
 
@@ -298,37 +312,38 @@ def work(
         raise fail("give --run ID, or --follow to serve new runs of a model")
     engine = open_database()
     settings = get_settings()
-    lease = lease_seconds or settings.lease_seconds
+    options = worker.WorkerOptions(
+        worker_id=worker_id, lease_seconds=lease_seconds or settings.lease_seconds, max_jobs=max_jobs,
+        poll_seconds=poll_seconds, device=device, dtype=dtype,
+        until=worker.Until.STOPPED if follow else worker.Until.DRAINED if wait else worker.Until.IDLE,
+    )  # fmt: skip
     if follow:
-        _follow(engine, settings, model, revision, device, dtype, lease, worker_id, poll_seconds, max_jobs,
-                as_json)  # fmt: skip
+        _follow(engine, settings, model, revision, options, as_json)
         return
     jobs.get_run(engine, run)  # a wrong --run is one line before anything else
-    factory = worker.backend_for_run(device, dtype)
-    counts = jobs.open_job_counts(engine, run)
-    total = int(counts["clips"])
+    total = int(jobs.open_job_counts(engine, run)["clips"])
     with _Bar(total, f"run {run}") as bar, worker.signals_handled():
-        summary = worker.work(
-            engine, run, factory, worker_id=worker_id, lease_seconds=lease,
-            until=worker.Until.DRAINED if wait else worker.Until.IDLE, progress=bar, max_jobs=max_jobs,
-        )  # fmt: skip
+        summary = worker.work(engine, run, options, progress=bar)
     _work_done(summary, f"run {run} is {summary.run_status}", as_json)
 
 
 def _follow(
-    engine: Any, settings: Any, model: str | None, revision: str | None, device: str | None,
-    dtype: str | None, lease: float, worker_id: str | None, poll_seconds: float, max_jobs: int | None,
+    engine: Any,
+    settings: Any,
+    model: str | None,
+    revision: str | None,
+    options: worker.WorkerOptions,
     as_json: bool,
-) -> None:  # fmt: skip
+) -> None:
     """`work --follow`: load the model now, then serve every unfinished run of it until SIGTERM."""
     from qwen_tasks.labelling.backends import get_backend
-    from qwen_tasks.labelling.options import resolve_model
-    from qwen_tasks.labelling.registry import resolve_model as registered
+    from qwen_tasks.labelling.options import absolute_model_path
+    from qwen_tasks.labelling.registry import find_model_version
 
     rev = settings.model_revision if revision is None else revision.strip()
     # a fine-tuned version's name serves that version (base + adapter); a plain model serves the base
-    version = registered(engine, model or settings.model)
-    name = version.base_model if version else resolve_model(model or settings.model)
+    version = find_model_version(engine, model or settings.model)
+    name = version.base_model if version else absolute_model_path(model or settings.model)
     adapter = version.adapter_path if version else None
     if version is not None:
         rev = version.base_revision
@@ -343,7 +358,7 @@ def _follow(
     started = time.perf_counter()
     try:
         backend = get_backend(
-            name, revision=rev, device=device or settings.device, dtype=dtype, adapter=adapter
+            name, revision=rev, device=options.device or settings.device, dtype=options.dtype, adapter=adapter
         )
     except Exception as exc:
         if isinstance(exc, QwenTasksError):
@@ -359,10 +374,8 @@ def _follow(
     stop = worker.StopFlag()
     with worker.signals_handled(stop):
         summary = worker.work(
-            engine, None, lambda run: backend, worker_id=worker_id, lease_seconds=lease,
-            until=worker.Until.STOPPED, model=(model_id, getattr(backend, "revision", rev)),
-            max_jobs=max_jobs, stop=stop,
-            poll_seconds=poll_seconds, backend=backend,
+            engine, None, options, backend_factory=lambda run: backend, backend=backend,
+            model=(model_id, getattr(backend, "revision", rev)), stop=stop,
             progress=lambda o: console.print(
                 f"job {o.job_id} (run {o.run_id}): {o.status}, {o.labelled} labelled, {o.failed} failed",
                 highlight=False,

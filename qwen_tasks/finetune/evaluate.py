@@ -44,7 +44,7 @@ def evaluation_run(
     adapter, loaded from disk through the normal backend path) over `audio_ids` (the held-out split or a
     test dataset's labelled clips, named by `evaluated_on`); returns its id."""
     from qwen_tasks.labelling.backends import planned_model_info
-    from qwen_tasks.labelling.worker import Until, backend_for_run, work
+    from qwen_tasks.labelling.worker import WorkerOptions, work
 
     request = opts.eval_request()
     choice = registry.ModelChoice(
@@ -86,7 +86,7 @@ def evaluation_run(
         )
     with ProgressLog(f"held-out {role} run {plan.run_id}", len(audio_ids)) as shown:
         summary = work(
-            engine, plan.run_id, backend_for_run(opts.device, opts.dtype), until=Until.DRAINED,
+            engine, plan.run_id, WorkerOptions(device=opts.device, dtype=opts.dtype),
             progress=lambda o: shown.update(advance=o.labelled + o.failed, audio_seconds=o.audio_seconds),
         )  # fmt: skip
     if summary.run_status != RunStatus.DONE:

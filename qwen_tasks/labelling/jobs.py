@@ -422,15 +422,6 @@ def get_run(engine: Engine | Connection, run_id: int) -> RunInfo:
     )
 
 
-def run_of_job(engine: Engine, job_id: int) -> int:
-    """The run a job belongs to (ConfigError for an unknown job id)."""
-    with engine.connect() as conn:
-        run_id = conn.execute(sa.select(label_job.c.run_id).where(label_job.c.id == job_id)).scalar()
-    if run_id is None:
-        raise ConfigError(f"no labelling job with id {job_id}")
-    return int(run_id)
-
-
 def job_items(conn: Connection, job_id: int) -> list[JobItem]:
     """The audio of a job, in planned order (by duration), each with its ok paths."""
     ids = sa.select(label_job_item.c.audio_id).where(label_job_item.c.job_id == job_id)
@@ -614,35 +605,6 @@ def claim_job(
     return retry_db(_claim, what="claim job")
 
 
-def claim_job_id(engine: Engine, job_id: int, worker_id: str, lease_seconds: float) -> Job | None:
-    """Claim one given job (the DAG maps a task per job id); None when it is not claimable now.
-
-    A job already leased to `worker_id` is returned as it is (a retry of our own call).
-    """
-
-    def _claim() -> Job | None:
-        start = time.perf_counter()
-        with db.transaction(engine) as conn:
-            mine = conn.execute(sa.select(*_RETURNED).where(held_by(job_id, worker_id))).one_or_none()
-            if mine is not None:
-                return _job_from_row(mine, 0.0)
-            fail_exhausted(conn)
-            locked = (
-                sa.select(label_job.c.id)
-                .where(label_job.c.id == job_id, _claimable())
-                .with_for_update(skip_locked=True)
-            )
-            row = conn.execute(
-                label_job.update()
-                .where(label_job.c.id == locked.scalar_subquery())
-                .values(**_take(worker_id, lease_seconds))
-                .returning(*_RETURNED)
-            ).one_or_none()
-        return None if row is None else _job_from_row(row, time.perf_counter() - start)
-
-    return retry_db(_claim, what=f"claim job {job_id}")
-
-
 def job_state(engine: Engine, job_id: int) -> dict[str, Any]:
     """Status, attempts, lease and last error of one job (for waiting on a lease and for messages)."""
     with engine.connect() as conn:
@@ -682,13 +644,13 @@ def extend_lease(engine: Engine, job_id: int, worker_id: str, lease_seconds: flo
     return n == 1
 
 
-def release_job(
-    engine: Engine, job: Job, worker_id: str, error: str, *, permanent: bool = False
-) -> str | None:
+def release_job(engine: Engine, job: Job, worker_id: str, error: str) -> str | None:
     """Give a job back after a job-level error: pending again, or failed when attempts are used up.
 
     Returns the new status, or None when the job was no longer ours (someone else took it over).
     """
+
+    used_up = label_job.c.attempts >= label_job.c.max_attempts
 
     def _release() -> str | None:
         with db.transaction(engine) as conn:
@@ -696,23 +658,11 @@ def release_job(
                 label_job.update()
                 .where(held_by(job.id, worker_id))
                 .values(
-                    status=sa.case(
-                        (
-                            sa.literal(permanent) | (label_job.c.attempts >= label_job.c.max_attempts),
-                            JobStatus.FAILED.value,
-                        ),
-                        else_=JobStatus.PENDING.value,
-                    ),
+                    status=sa.case((used_up, JobStatus.FAILED.value), else_=JobStatus.PENDING.value),
                     lease_expires_at=None,
                     last_error=error[:4000],
                     claim_seconds=job.claim_seconds,
-                    finished_at=sa.case(
-                        (
-                            sa.literal(permanent) | (label_job.c.attempts >= label_job.c.max_attempts),
-                            sa.func.now(),
-                        ),
-                        else_=None,
-                    ),
+                    finished_at=sa.case((used_up, sa.func.now()), else_=None),
                 )
                 .returning(label_job.c.status)
             ).one_or_none()

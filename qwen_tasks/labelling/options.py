@@ -12,8 +12,9 @@ Optional options are nullable: `None` (an emptied form field, a JSON null) means
 default the CLI uses when a flag is left out. Defaults that depend on the machine come from the
 environment (`Spec.setting`: a `config.Settings` field and its QWEN_TASKS_* variable).
 
-`resolve_model` is the one place where the model a user names becomes the model that is loaded and
-recorded on the run (today: a local path is made absolute; a registered model name will resolve here).
+`absolute_model_path` is the one place where the model path a user names becomes the model that is
+loaded and recorded on the run (a local path is made absolute; a registered version's name is resolved
+by `registry.model_for`).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from qwen_tasks.records import (
     default_max_new_tokens,
 )
 
-__all__ = ["DEFAULT_QUESTION", "Dtype", "LabelOptions", "Workers", "resolve_model"]
+__all__ = ["DEFAULT_QUESTION", "Dtype", "LabelOptions", "Workers", "absolute_model_path"]
 
 
 class Dtype(StrEnum):
@@ -373,9 +374,8 @@ def _check_models(options: LabelOptions, settings: Settings | None, flags: bool)
         check_allowed(shown("model"), options.model, settings)
 
 
-def resolve_model(model: str) -> str:
+def absolute_model_path(model: str) -> str:
     """The model that is loaded and recorded for what the user named: a hub id as it is, a local path
-    made absolute (so two spellings of one folder are one label key). Registered model names resolve
-    here too, before anything is planned."""
+    made absolute (so two spellings of one folder are one label key)."""
     path = Path(model).expanduser()
     return str(path.resolve()) if path.exists() else model

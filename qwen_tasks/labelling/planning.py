@@ -4,6 +4,10 @@ Why one: the CLI and the DAG used to plan with different rules (attempts, whethe
 resumed). Now both call `plan`, which scopes each task to its datasets, groups cry clips by the question
 their manifest line asks, first resumes the unfinished jobs of earlier runs with the same model, revision
 and prompt, then plans one new run per (task, question) over the clips with no label yet.
+
+The model of each task is chosen once (`choose_models`: `registry.model_for`, one `ModelChoice` per
+task; `qwen-tasks label` makes it before planning to know which interpreter must label) and recorded on
+the plan per run (`Plan.run_choices`), which the CLI, the DAG's slots and the worker read from there.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ from sqlalchemy.engine import Engine
 from qwen_tasks.errors import ConfigError
 from qwen_tasks.ingest import datasets
 from qwen_tasks.labelling import decision, jobs
-from qwen_tasks.labelling.options import LabelOptions, resolve_model
+from qwen_tasks.labelling.options import LabelOptions, absolute_model_path
+from qwen_tasks.labelling.registry import ModelChoice, model_for
 from qwen_tasks.records import LabelRequest, ModelInfo, Task
 from qwen_tasks.store.schema import audio, cry_question
 
@@ -39,7 +44,8 @@ class Plan:
     items: int = 0  # clips in new runs
     left_over: int = 0  # audio that did not fit under max_jobs (planned next time)
     per_task: dict[str, dict[str, Any]] = field(default_factory=dict)
-    run_models: dict[int, str] = field(default_factory=dict)  # run id -> the model that labels it
+    choices: dict[str, ModelChoice] = field(default_factory=dict)  # task -> the model that labels it
+    run_choices: dict[int, ModelChoice] = field(default_factory=dict)  # run id -> the model that labels it
     run_jobs: dict[int, int] = field(default_factory=dict)  # run id -> its jobs in job_ids
 
     def to_dict(self) -> dict[str, Any]:
@@ -48,12 +54,22 @@ class Plan:
         return out
 
 
+def choose_models(engine: Engine, opts: LabelOptions) -> dict[str, ModelChoice]:
+    """Task -> the model that labels it (`registry.model_for`): the one place a `label` or a DAG run
+    resolves its model, version, adapter, backend kind and interpreter."""
+    return {
+        task: model_for(engine, task, opts.model, opts.revision, opts.adapter or None, opts.promoted)
+        for task in opts.tasks
+    }
+
+
 def plan(
     engine: Engine,
     opts: LabelOptions,
     *,
     max_jobs: int | None = None,
     context: Mapping[str, Any] | None = None,
+    choices: Mapping[str, ModelChoice] | None = None,
 ) -> Plan:
     """The one planning function (the DAG's plan step and `qwen-tasks label`). Per requested task: the
     clips of its datasets (`opts.datasets`, else every dataset labelled for the task), grouped by the
@@ -63,15 +79,17 @@ def plan(
     load), then one new run over the clips with no label yet (`relabel`: over all clips not already in
     an unfinished run). At most `max_jobs` jobs in total (Airflow's max_map_length); audio left over is
     planned next time. Every job gets jobs.DEFAULT_MAX_ATTEMPTS attempts, whoever planned it. A task
-    with nothing to do says why in its `per_task` entry (`reason`)."""
+    with nothing to do says why in its `per_task` entry (`reason`). `choices`: the tasks' models when the
+    caller chose them already (`choose_models`), else they are chosen here."""
     from qwen_tasks.labelling.backends import planned_model_info
-    from qwen_tasks.labelling.registry import model_for
 
-    out = Plan(model=resolve_model(opts.model), revision=opts.revision)
+    out = Plan(model=absolute_model_path(opts.model), revision=opts.revision)
+    out.choices = dict(choices) if choices is not None else choose_models(engine, opts)
     budget = max_jobs
     named = datasets.resolve(engine, opts.datasets, what="datasets" if context else "--dataset")
     for task in opts.tasks:
-        choice = model_for(engine, task, opts.model, opts.revision, opts.adapter or None, opts.promoted)
+        choice = out.choices[task]
+        kind = choice.backend or "auto"  # None: not usable, and planned_model_info says why
         entry: dict[str, Any] = {"resumed_jobs": 0, "run_id": None, "run_ids": [], "jobs": 0, "items": 0,
                                  "left_over": 0}  # fmt: skip
         out.per_task[task] = entry
@@ -80,7 +98,7 @@ def plan(
         # the model is checked first (a wrong --model is the error to report, even with nothing to label)
         planned_model_info(
             choice.model, opts.request(task), revision=choice.revision, device=opts.device,
-            dtype=opts.dtype_arg, adapter=choice.adapter,
+            dtype=opts.dtype_arg, adapter=choice.adapter, backend=kind,
         )  # fmt: skip
         scope = [d for d in named if task in d.tasks]
         entry["datasets"] = [d.name for d in scope]
@@ -97,7 +115,7 @@ def plan(
         for request, where in question_groups(engine, opts, task, dataset_ids):
             info = planned_model_info(
                 choice.model, request, revision=choice.revision, device=opts.device, dtype=opts.dtype_arg,
-                adapter=choice.adapter,
+                adapter=choice.adapter, backend=kind,
             )  # fmt: skip
             if choice.version:
                 log.info("%s: labelling with fine-tuned version %s (revision %s)", task, choice.version,
@@ -110,7 +128,7 @@ def plan(
             out.job_ids.extend(job_id for job_id, _ in resumed)
             out.run_ids.extend(sorted({run_id for _, run_id in resumed} - set(out.run_ids)))
             for _, run_id in resumed:
-                out.run_models[run_id] = info.model
+                out.run_choices[run_id] = choice
                 out.run_jobs[run_id] = out.run_jobs.get(run_id, 0) + 1
             out.resumed_jobs += len(resumed)
             entry["resumed_jobs"] += len(resumed)
@@ -143,7 +161,7 @@ def plan(
             if result.run_id is not None:
                 out.run_ids.append(result.run_id)
                 out.new_run_ids.append(result.run_id)
-                out.run_models[result.run_id] = info.model
+                out.run_choices[result.run_id] = choice
                 out.run_jobs[result.run_id] = len(result.job_ids)
                 entry["run_id"] = result.run_id
                 entry["run_ids"].append(result.run_id)

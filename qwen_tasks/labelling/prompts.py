@@ -73,10 +73,6 @@ class PromptSpec:
     version: str
     text: str  # instruction text (chat) or full text after the audio (base); no audio placeholder
 
-    @property
-    def backend_style(self) -> str:
-        return self.key[0]
-
 
 def method_key(request: LabelRequest) -> str:
     """ASR always generates; cry detection is keyed by its method set (score, generate or both)."""

@@ -5,7 +5,8 @@ training (listed as `evaluating` until its held-out evaluation is stored), then 
 beat the base on the held-out split by the margin) or `rejected` (it did not); `promote` makes it the one the
 nightly DAG uses for its task (the previous promoted version is retired in the same transaction), and
 is refused for a version that does not pass the gate unless forced — the force is recorded. Names are
-what users type (`label --model NAME`); `resolve_model` turns a name into base + adapter. The gate looks
+what users type (`label --model NAME`); `find_model_version` finds the version a name stands for, and
+`model_for` makes the one `ModelChoice` a `label` / a planned run is labelled with. The gate looks
 at the held-out split only; a version's evaluations on test datasets (`model_version_test`) are reported
 beside it (`list_versions`, view `model_version_evaluation`).
 """
@@ -13,6 +14,7 @@ beside it (`list_versions`, view `model_version_evaluation`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
@@ -266,14 +268,27 @@ def list_versions(engine: Engine, task: str | None = None) -> list[dict[str, Any
 
 @dataclass(frozen=True)
 class ModelChoice:
-    """What a run of one task is labelled with: a base model (+ revision), and the adapter and name of a
-    fine-tuned version when there is one. `params` is what the run stores for its workers
-    (jobs.RunInfo.load_args)."""
+    """What a run of one task is labelled with, resolved once (`model_for`) and read by everything after
+    it: planning records it per run (`planning.Plan.run_choices`), the CLI's "run elsewhere" decision reads
+    `python`, the worker loads with `backend`. A base model (+ revision; a local path made absolute), and
+    the adapter and name of a fine-tuned version when there is one; `backend` is the backend kind
+    (`backends.detect_backend`, None for a model that cannot be used: loading it says why) and `python`
+    the interpreter that must load it (None: this one; `backends.required_python`), both filled in from
+    the model when not given. `params` is what the run stores for its workers (jobs.RunInfo.load_args)."""
 
     model: str
     revision: str
     adapter: str | None = None
     version: str | None = None
+    backend: str | None = None
+    python: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.backend is None:
+            from qwen_tasks.labelling.backends import backend_kind, required_python
+
+            object.__setattr__(self, "backend", backend_kind(self.model))
+            object.__setattr__(self, "python", required_python(self.model))
 
     @property
     def params(self) -> dict[str, Any]:
@@ -295,9 +310,9 @@ def model_for(
     version when it was trained on this very base model and revision, else the base model alone."""
     from qwen_tasks.labelling.allowed_models import check_allowed
     from qwen_tasks.labelling.backends.adapter import adapter_dir
-    from qwen_tasks.labelling.options import resolve_model as resolve_path
+    from qwen_tasks.labelling.options import absolute_model_path
 
-    version = resolve_model(engine, model)
+    version = find_model_version(engine, model)
     if version is not None:
         if version.task != task:
             raise ConfigError(f"model version {model!r} was fine-tuned for {version.task}, not {task}")
@@ -307,8 +322,8 @@ def model_for(
         check_allowed(f"model {model!r} is a fine-tuned version whose base", version.base_model)
         check_allowed(f"model {model!r} is a fine-tuned version whose adapter", version.adapter_path)
         return ModelChoice(version.base_model, version.base_revision, version.adapter_path, version.name)
-    check_allowed("model", model)  # before resolve_path: a hub id stays itself, a path is resolved there
-    base = resolve_path(model)
+    check_allowed("model", model)  # before absolute_model_path: a hub id stays itself, a path is resolved
+    base = absolute_model_path(model)
     if adapter:
         check_allowed("adapter", adapter)
         return ModelChoice(base, revision, str(adapter_dir(adapter)))
@@ -323,7 +338,7 @@ def model_for(
     return ModelChoice(base, revision)
 
 
-def resolve_model(engine: Engine, model: str) -> ModelVersion | None:
+def find_model_version(engine: Engine, model: str) -> ModelVersion | None:
     """The registered version called `model`, or None when `model` is a hub id / path (a name never
     contains '/'). Retired and rejected versions can still be labelled with on purpose."""
     if "/" in model or not model:

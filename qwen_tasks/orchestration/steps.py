@@ -33,7 +33,7 @@ from sqlalchemy.engine import Engine
 from qwen_tasks.config import Settings, get_settings
 from qwen_tasks.errors import ConfigError, QwenTasksError
 from qwen_tasks.ingest.manifests import ManifestKind
-from qwen_tasks.labelling.options import LabelOptions, Workers, resolve_model
+from qwen_tasks.labelling.options import LabelOptions, Workers, absolute_model_path
 from qwen_tasks.labelling.planning import plan
 from qwen_tasks.orchestration.connection import use_object_storage_connection
 from qwen_tasks.progress import ProgressLog
@@ -45,6 +45,9 @@ log = logging.getLogger(__name__)
 # Airflow retries of a label_batch slot (a slot killed with its machine, a model that would not load on
 # a busy GPU); job attempts are counted on the jobs themselves (jobs.DEFAULT_MAX_ATTEMPTS).
 LABEL_RETRIES = 3
+# The figures of a label_batch slot's WorkSummary that go into XCom (not its job ids and errors).
+SLOT_FIGURES = ("jobs_done", "jobs_failed", "jobs_retried", "jobs_lost", "labelled", "failed",
+                "audio_seconds", "model_load_seconds", "wall_seconds")  # fmt: skip
 
 
 class JobFailed(QwenTasksError):
@@ -129,13 +132,12 @@ def plan_step(
     """`plan` for a DAG run; returns ids and counts, plus how many worker slots to map: `slots` for
     label_batch (this interpreter) and `qwen_audio_slots` for label_batch_qwen_audio (runs of an original
     Qwen-Audio model, `qwen_audio_run_ids`); each min(its jobs, the slots param), 0 when nothing is to do
-    or the jobs go to external workers."""
-    from qwen_tasks.labelling.backends import required_python
-
+    or the jobs go to external workers. Which interpreter labels a run is read from the plan
+    (`Plan.run_choices`: the model chosen once per task)."""
     p = options(params)
     planned = plan(_engine(database_url), p, max_jobs=max_jobs, context=context)
     n_jobs = len(planned.job_ids)
-    elsewhere = [r for r in planned.run_ids if required_python(planned.run_models[r]) is not None]
+    elsewhere = [r for r in planned.run_ids if planned.run_choices[r].python is not None]
     jobs_elsewhere = sum(planned.run_jobs.get(r, 0) for r in elsewhere)
     airflow = p.workers == Workers.AIRFLOW
     slots = min(n_jobs - jobs_elsewhere, p.slots) if airflow else 0
@@ -213,7 +215,7 @@ def work_step(
     Only runs whose model this interpreter can load are worked; the others are left to the slots of the
     interpreter that can (plan_step maps both). `params` None: device and dtype as planned.
     `on_name(name)` is called with the slot's UI name once its jobs are known (the DAG's map name)."""
-    from qwen_tasks.labelling.worker import Until, backend_for_run, default_worker_id, work
+    from qwen_tasks.labelling.worker import WorkerOptions, default_worker_id, work
 
     device, dtype = (None, None)
     if params is not None:
@@ -234,9 +236,10 @@ def work_step(
     # slots, this slot's count stays below the total and the ETA is an upper bound)
     total = int(open_job_counts(engine, ids)["clips"])
     with ProgressLog(f"worker {slot + 1}/{slots} runs {','.join(map(str, ids))}", total) as shown:
+        slot_options = WorkerOptions(worker_id=worker_id, lease_seconds=settings.lease_seconds,
+                                     device=device, dtype=dtype)  # fmt: skip
         summary = work(
-            engine, ids, backend_for_run(device, dtype), worker_id=worker_id,
-            lease_seconds=settings.lease_seconds, until=Until.DRAINED,
+            engine, ids, slot_options,
             progress=lambda o: shown.update(advance=o.labelled + o.failed, audio_seconds=o.audio_seconds),
         )  # fmt: skip
     names = _job_names(engine, summary.job_ids)
@@ -248,19 +251,7 @@ def work_step(
         summary.jobs_retried, summary.labelled, summary.failed, summary.model_load_seconds,
         summary.wall_seconds,
     )  # fmt: skip
-    out = {
-        "slot": slot,
-        "worker": worker_id,
-        "jobs_done": summary.jobs_done,
-        "jobs_failed": summary.jobs_failed,
-        "jobs_retried": summary.jobs_retried,
-        "jobs_lost": summary.jobs_lost,
-        "labelled": summary.labelled,
-        "failed": summary.failed,
-        "audio_seconds": round(summary.audio_seconds, 3),
-        "model_load_seconds": round(summary.model_load_seconds, 3),
-        "wall_seconds": round(summary.wall_seconds, 3),
-    }
+    out = {"slot": slot, "worker": worker_id, **summary.to_dict(SLOT_FIGURES, digits=3)}
     if summary.jobs_failed:
         raise JobFailed(
             f"{summary.jobs_failed} job(s) failed after all attempts: {'; '.join(summary.errors[-3:])}"
@@ -353,7 +344,7 @@ def report_step(
     p = options(params)
     engine = _engine(database_url)
     ids = [int(r) for r in run_ids] or latest_run_ids(
-        engine, tasks=p.tasks, model=resolve_model(p.model), statuses=(RunStatus.DONE,)
+        engine, tasks=p.tasks, model=absolute_model_path(p.model), statuses=(RunStatus.DONE,)
     )
     if not ids:
         return {"report": None, "run_ids": [], "reason": "no finished runs yet"}

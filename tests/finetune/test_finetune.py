@@ -247,7 +247,7 @@ def _promoted_version_labels_with_its_calibration(
     that question's rule and records it on every label."""
     from qwen_tasks.labelling.options import LabelOptions
     from qwen_tasks.labelling.planning import plan
-    from qwen_tasks.labelling.worker import backend_for_run, work
+    from qwen_tasks.labelling.worker import WorkerOptions, work
 
     own = summary.calibration
     assert own["method"] == "platt" and own["n_labels"] == 24 and own["run_id"] == summary.candidate_run_id
@@ -274,7 +274,7 @@ def _promoted_version_labels_with_its_calibration(
     assert planned.per_task["cry"]["model_version"] == "v1"
     # one run (every clip asks the manifest's question), decided with that question's rule
     assert planned.per_task["cry"]["calibration_ids"] == {planned.new_run_ids[0]: asked["id"]}
-    work(engine, planned.run_ids, backend_for_run("cpu"))
+    work(engine, planned.run_ids, WorkerOptions(device="cpu"))
     rule = registry_rule(engine, asked["id"])
     c = schema.cry_answer.c
     with engine.connect() as conn:

@@ -221,19 +221,18 @@ def test_release_retries_then_fails_with_the_error_kept(engine: Engine, tmp_path
     result = plan(engine, batch_size=1, max_attempts=2)
     assert result.run_id is not None
     bad, good = result.job_ids
-    job = jobs.claim_job_id(engine, bad, "w", 30)
-    assert job is not None
+    job = jobs.claim_job(engine, result.run_id, "w", 30)  # jobs are claimed in order: `bad` first
+    assert job is not None and job.id == bad
     assert jobs.release_job(engine, job, "w", "RuntimeError: boom 1") == "pending"
-    job = jobs.claim_job_id(engine, bad, "w", 30)
-    assert job is not None and job.attempts == 2
+    job = jobs.claim_job(engine, result.run_id, "w", 30)
+    assert job is not None and job.id == bad and job.attempts == 2
     assert jobs.release_job(engine, job, "other-worker", "not mine") is None
     assert jobs.release_job(engine, job, "w", "RuntimeError: boom 2") == "failed"
-    assert jobs.claim_job_id(engine, bad, "w", 30) is None
     state = jobs.job_state(engine, bad)
     assert state["status"] == "failed" and state["last_error"] == "RuntimeError: boom 2"
     assert jobs.finish_run_if_complete(engine, result.run_id) is None  # the other job is still pending
-    job = jobs.claim_job_id(engine, good, "w", 30)
-    assert job is not None
+    job = jobs.claim_job(engine, result.run_id, "w", 30)
+    assert job is not None and job.id == good  # `bad` (failed) is not claimable any more
     assert jobs.give_back(engine, job, "w", "interrupted")  # attempt not counted
     assert jobs.job_state(engine, good)["attempts"] == 0
 

@@ -20,7 +20,7 @@ import pytest
 import sqlalchemy as sa
 from labelling_helpers import blocked_pids, count, ingest_clips, run_cli, writes_blocked
 from sqlalchemy.engine import Engine
-from test_workers import start_worker, wait_for
+from test_worker_processes import start_worker, wait_for
 
 from qwen_tasks.labelling import jobs
 from qwen_tasks.store import schema

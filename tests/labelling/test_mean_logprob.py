@@ -87,7 +87,9 @@ def test_worker_stores_mean_logprob_per_transcription(engine: Engine, backend, t
         engine, task="asr", model_info=model_info(backend, ASR), request=ASR, batch_size=2,
         max_batch_seconds=60.0,
     )  # fmt: skip
-    summary = worker.work(engine, planned.run_id, lambda run: backend, lease_seconds=30)
+    summary = worker.work(
+        engine, planned.run_id, worker.WorkerOptions(lease_seconds=30), backend_factory=lambda run: backend
+    )
     assert summary.labelled == 3
     with engine.connect() as conn:
         stored = dict(

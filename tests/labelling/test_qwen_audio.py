@@ -109,7 +109,7 @@ def test_worker_refuses_a_qwen_audio_run_without_claiming_a_job(
         raise AssertionError("the model must not be loaded")
 
     with pytest.raises(WrongEnvironment, match=rf"-m qwen_tasks work --run {plan.run_id}`$"):
-        worker.work(engine, plan.run_id, factory)
+        worker.work(engine, plan.run_id, backend_factory=factory)
     assert loads == []
     with engine.connect() as conn:
         rows = conn.execute(sa.select(schema.label_job).where(schema.label_job.c.run_id == plan.run_id)).all()
@@ -387,7 +387,7 @@ def test_tiny_qwen_audio_end_to_end(
     delegated = run_cli(["label", *cry8], database_url, **env)
     figures["cry_both_batch8_wall_s"] = time.perf_counter() - started
     both8 = _last_json(delegated)
-    assert set(both8) == set(worker.LabelSummary(run_id=None, planned=0, jobs=0, left_over=0).to_dict())
+    assert set(both8) == set(worker.WorkSummary().to_dict())
     assert f"run {both8['run_id']}: labelling in the Qwen-Audio environment" in delegated.stderr
     assert "8/8 clips" in delegated.stderr and "1 jobs done, 0 failed, 8 clips labelled" in delegated.stderr
     assert (both8["planned"], both8["jobs"], both8["model_loads"]) == (8, 1, 1)

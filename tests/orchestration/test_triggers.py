@@ -25,8 +25,14 @@ def test_trigger_fires_when_the_runs_are_finished(
     request = LabelRequest(task="cry")
     info = planned_model_info("Qwen/Qwen2-Audio-7B-Instruct", request, device="cpu")
     plan = jobs.plan_run(
-        engine, task="cry", model_info=info, request=request, batch_size=1, max_batch_seconds=60
-    )
+        engine,
+        task="cry",
+        model_info=info,
+        request=request,
+        batch_size=1,
+        max_batch_seconds=60,
+        max_attempts=1,
+    )  # one attempt: a released job fails for good
     assert plan.run_id is not None
     trigger = airflow_wait.RunsFinishedTrigger([plan.run_id], poll_seconds=0.05)
     assert trigger.serialize() == (airflow_wait.CLASSPATH, {"run_ids": [plan.run_id], "poll_seconds": 0.05})
@@ -39,7 +45,7 @@ def test_trigger_fires_when_the_runs_are_finished(
         for _ in plan.job_ids:  # an external worker finishes the jobs (one fails for good)
             job = jobs.claim_job(engine, plan.run_id, "fleet", 30)
             assert job is not None
-            jobs.release_job(engine, job, "fleet", "boom", permanent=True)
+            jobs.release_job(engine, job, "fleet", "boom")
         jobs.finish_run_if_complete(engine, plan.run_id)
         event = await asyncio.wait_for(first, timeout=10)
         return event.payload

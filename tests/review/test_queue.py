@@ -148,7 +148,9 @@ def test_asr_uncertainty_from_a_tiny_model_run(engine: Engine, tiny_model_dir: P
         engine, task="asr", model_info=model_info(backend, request), request=request, batch_size=4,
         max_batch_seconds=60.0,
     )  # fmt: skip
-    worker.work(engine, planned.run_id, lambda run: backend, lease_seconds=30)
+    worker.work(
+        engine, planned.run_id, worker.WorkerOptions(lease_seconds=30), backend_factory=lambda run: backend
+    )
     with engine.connect() as conn:
         stored = conn.execute(
             sa.select(schema.transcription.c.audio_id, schema.transcription.c.mean_logprob)

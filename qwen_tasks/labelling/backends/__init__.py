@@ -24,6 +24,7 @@ __all__ = [
     "BACKENDS",
     "Backend",
     "WrongEnvironment",
+    "backend_kind",
     "check_environment",
     "detect_backend",
     "get_backend",
@@ -35,14 +36,17 @@ __all__ = [
 
 
 def detect_backend(model: str) -> str:
-    """'qwen2-audio' or 'qwen-audio' from a local config.json's model_type, else from the hub id."""
-    path = Path(model).expanduser()
-    config = path / "config.json"
-    if config.is_file():
-        try:
-            model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type", "")
-        except json.JSONDecodeError as exc:
-            raise ModelError(f"{config}: not valid JSON ({exc})") from None
+    """'qwen2-audio' or 'qwen-audio' from a local config.json's model_type, else from the hub id.
+
+    config.json is read once per process per model (`_model_type`, keyed by the file's path and mtime:
+    planning, the environment checks and loading all ask, and a rewritten file is read again)."""
+    config = Path(model).expanduser() / "config.json"
+    try:
+        stamp = config.stat().st_mtime_ns
+    except OSError:
+        stamp = None
+    if stamp is not None and config.is_file():
+        model_type = _model_type(str(config), stamp)
         if model_type == "qwen2_audio":
             return "qwen2-audio"
         if model_type == "qwen":
@@ -52,6 +56,15 @@ def detect_backend(model: str) -> str:
     if "qwen-audio" in lowered and "qwen2" not in lowered:
         return "qwen-audio"
     return "qwen2-audio"
+
+
+@functools.lru_cache(maxsize=64)
+def _model_type(config: str, mtime_ns: int) -> str:
+    """config.json's model_type (cached per file and modification time; see detect_backend)."""
+    try:
+        return str(json.loads(Path(config).read_text(encoding="utf-8")).get("model_type", ""))
+    except json.JSONDecodeError as exc:
+        raise ModelError(f"{config}: not valid JSON ({exc})") from None
 
 
 def _pick(model: str, backend: str, adapter: str | None = None) -> str:
@@ -90,6 +103,12 @@ def check_environment(model: str, backend: str = "auto", *, run_id: int | None =
             f"environment (transformers {qwen_audio.transformers_version()}): run `qwen-tasks work --run "
             f"{run_id if run_id is not None else 'ID'}` from the project's main environment (.venv)"
         )
+
+
+def backend_kind(model: str) -> str | None:
+    """The backend kind of `model` ('qwen2-audio' or 'qwen-audio'), None when it is not usable (loading
+    it reports why); what `registry.ModelChoice.backend` records."""
+    return _kind_or_none(model, "auto")
 
 
 def _kind_or_none(model: str, backend: str) -> str | None:

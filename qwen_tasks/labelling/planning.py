@@ -126,9 +126,9 @@ class _Planner:
             entry["model_version"] = choice.version
         # the model is checked first (a wrong --model is the error to report, even with nothing to label)
         self.model_info(choice, self.opts.request(task))
-        scope = [d for d in named if task in d.tasks]
-        entry["datasets"] = [d.name for d in scope]
-        if not scope:
+        labelled_for = [d for d in named if task in d.tasks]
+        entry["datasets"] = [d.name for d in labelled_for]
+        if not labelled_for:
             entry["reason"] = (
                 f"no dataset is labelled for {task}"
                 if not self.opts.datasets
@@ -136,9 +136,9 @@ class _Planner:
             ) + " (see: qwen-tasks datasets)"
             log.info("%s: nothing to plan: %s", task, entry["reason"])
             return
-        group = _TaskScope(task, choice, entry, [d.id for d in scope], self.opts.limit)
-        for request, where in question_groups(self.engine, self.opts, task, group.dataset_ids):
-            self.plan_group(group, request, where)
+        scope = _TaskScope(task, choice, entry, [d.id for d in labelled_for], self.opts.limit)
+        for request, where in question_groups(self.engine, self.opts, task, scope.dataset_ids):
+            self.plan_group(scope, request, where)
         _why_nothing(entry, task)
 
     def model_info(self, choice: ModelChoice, request: LabelRequest) -> ModelInfo:

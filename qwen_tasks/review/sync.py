@@ -86,8 +86,7 @@ class SyncOptions:
         Spec(
             "list",
             "Datasets",
-            "Datasets to push and pull: one project each (one per line in the form; --dataset is "
-            "repeatable)",
+            "Datasets to push and pull: one project each (one per line in the form; --dataset is repeatable)",
             nullable=True,
             flag="--dataset",
             default_text="every dataset of each task",

@@ -109,7 +109,7 @@ def label(
     settings = get_settings()
     opts = LabelOptions.from_mapping({**given(flags), "tasks": [task]}, settings, flags=True)
     lease_seconds = flags.get("lease_seconds")
-    options = WorkerOptions.from_flags({"lease_seconds": lease_seconds})
+    options = WorkerOptions.from_flags(given({"lease_seconds": lease_seconds}))
     engine = open_database()
     started = time.perf_counter()
     choices = choose_models(engine, opts)  # the model, resolved once: planning and the worker read it

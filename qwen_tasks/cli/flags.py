@@ -2,8 +2,9 @@
 
 `generated_flags(LabelOptions)` appends a typer option for every option with a flag (`Spec.cli`) to the
 decorated command's signature (`__signature__`, which typer reads through `inspect.signature`), so
-`qwen-tasks label` and `qwen-tasks finetune` take exactly the options their DAGs take, with the same
-defaults and limits in `--help`. Every generated flag defaults to None, "the option's default": the
+`qwen-tasks label`, `finetune` and `review push` take exactly the options their DAGs take, with the same
+defaults and limits in `--help` (`work` and `calibrate`, which have no DAG form, are generated the same
+way). Every generated flag defaults to None, "the option's default": the
 command hands what was given to `options_from_flags`, and `from_mapping` fills in the rest and checks
 all of it with the one set of rules (one line naming the flag). Options only a command has (`--json`,
 `--plan-only`) stay declared in the command itself.

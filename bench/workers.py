@@ -56,10 +56,10 @@ def run_config(
 ) -> dict[str, object]:
     request = LabelRequest(task="cry")
     info = planned_model_info(str(model), request, device="cpu")
-    plan = jobs.plan_run(
-        engine, task="cry", model_info=info, request=request, batch_size=batch_size,
+    plan = jobs.plan_run(engine, jobs.RunRequest(
+        task="cry", model_info=info, request=request, batch_size=batch_size,
         max_batch_seconds=240.0, relabel=True, params={"device": "cpu"},
-    )  # fmt: skip
+    ))  # fmt: skip
     if plan.run_id is None:
         raise SystemExit("nothing planned: did ingest find the clips?")
     env = {**os.environ, "QWEN_TASKS_DATABASE_URL": url, "OMP_NUM_THREADS": str(threads),

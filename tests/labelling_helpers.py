@@ -117,7 +117,8 @@ def plan_on(engine: Engine, backend: Any, request: Any, **kw: object) -> Any:
 
     args: dict[str, Any] = {"batch_size": 4, "max_batch_seconds": 60.0, **kw}
     return jobs.plan_run(
-        engine, task=request.task, model_info=model_info(backend, request), request=request, **args
+        engine,
+        jobs.RunRequest(task=request.task, model_info=model_info(backend, request), request=request, **args),
     )
 
 

@@ -61,8 +61,7 @@ def evaluation_run(
         dtype=opts.dtype,
         adapter=choice.adapter,
     )
-    plan = jobs.plan_run(
-        engine,
+    run = jobs.RunRequest(
         task=version.task,
         model_info=info,
         request=request,
@@ -80,6 +79,7 @@ def evaluation_run(
             "evaluated_on": evaluated_on,
         },
     )
+    plan = jobs.plan_run(engine, run)
     if plan.run_id is None:
         raise ConfigError(
             f"{version.name}: nothing planned for the {role} evaluation on {evaluated_on} (audio in use?)"

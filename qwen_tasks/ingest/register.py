@@ -900,15 +900,68 @@ def ingest(
     could otherwise name any file the worker can read (/etc/passwd, /proc/self/environ) and have its
     lines stored. Raises ConfigError when a path does not exist or a dataset option is invalid (nothing is
     written then) and DatabaseUnavailable when the database fails; bad audio never raises.
+
+    Phases: the sources listed and checked (`_list_sources`), the manifests read (`_read_manifests`),
+    the datasets planned (`_plan_datasets`), the files found (`_find_files`) and sorted against what is
+    stored (`_triage`), the files registered or quarantined (`_check_and_write`), then the missing files,
+    the manifest lines (`_write_manifests`) and the datasets recorded.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    configured = [_location(_as_source(r)) for r in roots] or list(get_settings().allowed_roots)
     summary = IngestSummary()
-    given = [_as_source(p) for p in paths]  # URLs checked (ConfigError) before anything is written
+    src = _list_sources(paths, manifests, roots, kind, summary)
+    items, stored = _read_manifests(engine, src, summary)
+    sources = _plan_datasets(engine, src, items, name=dataset, split=split, tasks=tasks)
+    found = _find_files(src, items, summary)
+    explicit = [p for p, real_dir in found.paths.items() if real_dir is None]  # not found by walking
+    with transaction(engine) as conn:  # connection loss -> DatabaseUnavailable, like every write
+        known = _load_known(conn, found, explicit, stored.files)
+    todo = _triage(found, known, src.allowed, summary)
+    lines_by_path, unwritten = _split_lines(items, todo)
+    if todo.new_roots:
+        with transaction(engine) as conn:
+            _record_roots(conn, todo.new_roots)
+    writer = _Writer(engine, known, todo.admitted, summary, lines_by_path, stored.lines)
+    _check_and_write(writer, found, todo, chunk_size=chunk_size, workers=workers, progress=progress)
+    with transaction(engine) as conn:
+        _mark_missing(conn, found, known, summary)
+    if items or stored.lines:
+        _write_manifests(engine, items, unwritten, stored.lines, known, writer)
+    with transaction(engine) as conn:
+        summary.datasets = datasets.record(conn, sources)
+    return summary
+
+
+@dataclass
+class _Sources:
+    """The sources of one ingest, checked: audio paths and manifests in their stored form (URLs checked,
+    local paths absolute), the URLs that are prefixes (folders), and the allowed roots."""
+
+    configured: list[str]  # roots configured (`roots`, else QWEN_TASKS_ALLOWED_ROOTS); empty: none
+    allowed: list[str]  # the roots in force (configured, else the sources' own), as real locations
+    audio_paths: list[str]
+    manifests: list[tuple[str, ManifestKind | None]]
+    prefixes: set[str]
+
+    @property
+    def manifest_paths(self) -> list[str]:
+        return [m for m, _ in self.manifests]
+
+
+def _list_sources(
+    paths: Sequence[Path | str],
+    manifests: Sequence[tuple[Path | str, ManifestKind | None]],
+    roots: Sequence[Path | str],
+    kind: ManifestKind | None,
+    summary: IngestSummary,
+) -> _Sources:
+    """The sources listed: URLs checked (ConfigError) before anything is written, manifests outside
+    configured roots refused (in `summary`) before anything else looks at them (their existence
+    included: a form user learns nothing about files elsewhere), missing local paths a ConfigError,
+    *.jsonl PATHs taken as manifests of `kind`, and the allowed roots settled."""
+    configured = [_location(_as_source(r)) for r in roots] or list(get_settings().allowed_roots)
+    given = [_as_source(p) for p in paths]
     given_manifests = [(_as_source(m), k) for m, k in manifests]
-    # Manifests outside configured roots first: refused before anything else looks at them (their
-    # existence included: a form user learns nothing about files elsewhere).
     given_manifests = [(m, k) for m, k in given_manifests if not _refused_manifest(m, configured, summary)]
     given = [
         p for p in given if not (_is_manifest_name(Path(p)) and _refused_manifest(p, configured, summary))
@@ -922,16 +975,21 @@ def ingest(
             raise ConfigError(f"no such file or directory: {p}")
     audio_paths, all_manifests = _split_manifests(given, given_manifests, kind, prefixes)
     allowed = configured or _default_roots(audio_paths, all_manifests)
-    allowed = [_location(r) for r in allowed]
+    return _Sources(configured, [_location(r) for r in allowed], audio_paths, all_manifests, prefixes)
 
+
+def _read_manifests(
+    engine: Engine, src: _Sources, summary: IngestSummary
+) -> tuple[list[ManifestItem], _Stored]:
+    """The manifests' valid lines (errors and conflicting lines reported in `summary`), and what the
+    database holds for them. The database reads while this thread parses the lines (psycopg2 waits for
+    the server without the GIL): a fifth of an unchanged 100k-line re-run."""
     items: list[ManifestItem] = []
-    manifest_paths = [m for m, _ in all_manifests]
+    manifest_paths = src.manifest_paths
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingest-read") as early:
-        # The database reads what it holds for these manifests while this thread parses their lines
-        # (psycopg2 waits for the server without the GIL): a fifth of an unchanged 100k-line re-run.
         reading = early.submit(_read_stored, engine, manifest_paths) if manifest_paths else None
-        for manifest_path, manifest_kind in all_manifests:
-            for entry in read_manifest(manifest_path, manifest_kind, roots=configured or None):
+        for manifest_path, manifest_kind in src.manifests:
+            for entry in read_manifest(manifest_path, manifest_kind, roots=src.configured or None):
                 if isinstance(entry, ManifestError):
                     summary.manifest_errors.append(entry.to_dict())
                 else:
@@ -939,42 +997,69 @@ def ingest(
         stored = reading.result() if reading is not None else _Stored()
     summary.manifest_items = len(items)
     summary.manifest_warnings = _find_conflicts(items)
+    summary.manifest_conflicts = len(summary.manifest_warnings)
+    return items, stored
+
+
+def _plan_datasets(
+    engine: Engine,
+    src: _Sources,
+    items: Sequence[ManifestItem],
+    *,
+    name: str | None,
+    split: str | None,
+    tasks: Sequence[str] | None,
+) -> datasets.DatasetPlan:
+    """Which dataset each source joins (`datasets.plan_sources`), checked against the stored splits
+    before anything is written (ConfigError)."""
     manifest_kinds: dict[str, set[str]] = {}
     for item in items:
         manifest_kinds.setdefault(item.manifest_path, set()).add(item.kind)
-    folders = [p for p in audio_paths if p in prefixes or (not is_url(p) and os.path.isdir(p))]
+    audio_paths = src.audio_paths
+    folders = [p for p in audio_paths if p in src.prefixes or (not is_url(p) and os.path.isdir(p))]
     sources = datasets.plan_sources(
         [display_path(p) for p in folders],
         [display_path(p) for p in audio_paths if p not in folders],
-        [(path, m_kind) for path, (_, m_kind) in zip(manifest_paths, all_manifests, strict=True)],
-        name=dataset,
+        list(src.manifests),
+        name=name,
         split=split,
         tasks=tasks,
         manifest_kinds=manifest_kinds,
     )
     with transaction(engine) as conn:
-        datasets.check_splits(conn, sources)  # before anything is written
-    summary.manifest_conflicts = len(summary.manifest_warnings)
+        datasets.check_splits(conn, sources)
+    return sources
 
-    found = _Discovery(skipped=summary.skipped, manifests=frozenset(manifest_paths))
-    _discover(audio_paths, allowed, found, prefixes)
+
+def _find_files(src: _Sources, items: Sequence[ManifestItem], summary: IngestSummary) -> _Discovery:
+    """Every candidate path: folders walked, prefixes listed, files named as PATHs or by manifest lines
+    (objects among them listed), names that would collide once stored dropped (in `summary`)."""
+    found = _Discovery(skipped=summary.skipped, manifests=frozenset(src.manifest_paths))
+    _discover(src.audio_paths, src.allowed, found, src.prefixes)
     for item in items:
         found.add(item.audio_path)
-    _list_named(found, allowed)
+    _list_named(found, src.allowed)
     _drop_name_collisions(found, summary)
+    return found
 
-    explicit = [p for p, real_dir in found.paths.items() if real_dir is None]  # not found by walking
-    with transaction(engine) as conn:  # connection loss -> DatabaseUnavailable, like every write
-        known = _load_known(conn, found, explicit, stored.files)
-    admitted: dict[str, str] = {}  # path -> the root that admitted it
-    lines_by_path: dict[str, list[ManifestItem]] = {}  # lines about files to write, filled below
-    writer = _Writer(engine, known, admitted, summary, lines_by_path, stored.lines)
 
-    to_check: list[str] = []
-    early_bad: list[tuple[str, str, os.stat_result | None]] = []
-    new_roots: list[tuple[int, str]] = []
-    for path, reason in found.bad.items():
-        early_bad.append((path, reason, None))
+class _Todo(NamedTuple):
+    """What `_triage` decided: the files to check (read and hash), those already bad, the unchanged rows
+    whose admitting root is new, and path -> the root that admitted it."""
+
+    to_check: list[str]
+    early_bad: list[tuple[str, str, os.stat_result | None]]
+    new_roots: list[tuple[int, str]]
+    admitted: dict[str, str]
+
+
+def _triage(
+    found: _Discovery, known: dict[str, _Known], allowed: Sequence[str], summary: IngestSummary
+) -> _Todo:
+    """Each path found as unchanged (counted in `summary`, not written at all: a nightly run over an
+    unchanged tree is read-only), bad (quarantined without reading it) or to check; from one lstat or
+    the listing, never opening the file."""
+    todo = _Todo([], [(path, reason, None) for path, reason in found.bad.items()], [], {})
     checker = _Roots(allowed)
     for path, real_dir in found.paths.items():
         if is_url(path):
@@ -982,28 +1067,55 @@ def ingest(
         else:
             verdict, reason, st, root = _classify(path, real_dir, checker, known)
         if root is not None:
-            admitted[path] = root
+            todo.admitted[path] = root
         if verdict == "unchanged":
-            summary.unchanged += 1  # not written at all: a nightly run over an unchanged tree is read-only
+            summary.unchanged += 1
             prev = known[path]
             if root is not None and prev.root != root:  # rows from before migration 0006, or new roots
-                new_roots.append((prev.id, root))
+                todo.new_roots.append((prev.id, root))
         elif verdict == "bad":
-            early_bad.append((path, reason or "unknown", st))
+            todo.early_bad.append((path, reason or "unknown", st))
         else:
-            to_check.append(path)
-    unwritten: list[ManifestItem] = []  # lines about files not written (unchanged ones): at the end
+            todo.to_check.append(path)
+    return todo
+
+
+def _split_lines(
+    items: Sequence[ManifestItem], todo: _Todo
+) -> tuple[dict[str, list[ManifestItem]], list[ManifestItem]]:
+    """The manifest lines about files to write (by path: each chunk writes its files' lines in its own
+    transaction), and the rest (lines about unchanged files), written at the end."""
+    lines_by_path: dict[str, list[ManifestItem]] = {}
+    unwritten: list[ManifestItem] = []
     if items:
-        to_write = set(to_check).union(path for path, _, _ in early_bad)
+        to_write = set(todo.to_check).union(path for path, _, _ in todo.early_bad)
         for item in items:
             if item.audio_path in to_write:
                 lines_by_path.setdefault(item.audio_path, []).append(item)
             else:
                 unwritten.append(item)
-    if new_roots:
-        with transaction(engine) as conn:
-            _record_roots(conn, new_roots)
+    return lines_by_path, unwritten
 
+
+def _check_and_write(
+    writer: _Writer,
+    found: _Discovery,
+    todo: _Todo,
+    *,
+    chunk_size: int,
+    workers: int | None,
+    progress: Progress | None,
+) -> None:
+    """Register or quarantine the files: the bad ones as they are, the others checked (hash, probe) in
+    chunks by a thread pool of `workers` threads and written chunk by chunk (`_Writer`).
+
+    Pipelined: while the writer thread writes chunk k (psycopg2 releases the GIL while Postgres works),
+    the pool checks chunk k+1 and this thread turns it into rows, so the database's work and ours overlap
+    instead of adding up. At most one chunk is being written at a time. A task is a slice of a chunk, not
+    a file: 10,000 futures cost more than the GIL-bound checks of small files they would spread; four
+    slices per thread keep the threads evenly busy.
+    """
+    to_check, early_bad = todo.to_check, todo.early_bad
     total = len(found.paths) + len(found.bad)
     done = total - len(to_check)
     if progress:
@@ -1014,11 +1126,7 @@ def ingest(
         ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="ingest") as pool,
         ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingest-write") as writing,
     ):
-        # Pipelined: while the writer thread writes chunk k (psycopg2 releases the GIL while Postgres
-        # works), the pool checks chunk k+1 and this thread turns it into rows, so the database's work
-        # and ours overlap instead of adding up. At most one chunk is being written at a time.
-        # A task is a slice of a chunk, not a file: 10,000 futures cost more than the GIL-bound checks
-        # of small files they would spread; four slices per thread keep the threads evenly busy.
+
         def submit(chunk: list[str]) -> list[Future[list[CheckedAudio | AudioError]]]:
             step = max(1, -(-len(chunk) // (4 * n_workers)))
             return [
@@ -1026,9 +1134,7 @@ def ingest(
                 for i in range(0, len(chunk), step)
             ]
 
-        in_flight: tuple[_Batch, Future[tuple[set[str], dict[str, tuple[int, int | None]]]], int] | None = (
-            None
-        )
+        in_flight: tuple[_Batch, Future[_Written], int] | None = None
 
         def finish_write() -> None:
             """Wait for the chunk being written, count it, and report progress."""
@@ -1052,26 +1158,39 @@ def ingest(
         for k, chunk in enumerate(chunks):
             results = [r for f in futures for r in f.result()]
             futures = submit(chunks[k + 1]) if k + 1 < len(chunks) else []
-            ok: list[CheckedAudio] = []
-            bad: list[tuple[str, str, os.stat_result | None]] = []
-            for path, result in zip(chunk, results, strict=True):
-                if isinstance(result, AudioError):
-                    bad.append((path, result.reason, None if is_url(path) else _stat_or_none(path)))
-                elif (listed := found.objects.get(path)) is not None:
-                    # the listing's ETag and time, as the next run's listing will say them: had the object
-                    # changed between listing and download, the next run sees the change and re-checks it
-                    ok.append(dataclasses.replace(result, mtime_ns=listed.mtime_ns, etag=listed.etag))
-                else:
-                    ok.append(result)
+            ok, bad = _judged(chunk, results, found.objects)
             hand_over(writer.prepare(ok, bad), len(chunk))
         finish_write()
 
-    with transaction(engine) as conn:
-        _mark_missing(conn, found, known, summary)
-    if items or stored.lines:
-        file_ids = {path: k.id for path, k in known.items()} | writer.file_ids  # manifest paths are UTF-8
-        unwritten += [line for lines in lines_by_path.values() for line in lines]  # none, normally
-        _write_manifest_items(engine, items, unwritten, stored.lines, file_ids)
-    with transaction(engine) as conn:
-        summary.datasets = datasets.record(conn, sources)
-    return summary
+
+def _judged(
+    chunk: Sequence[str], results: Sequence[CheckedAudio | AudioError], objects: dict[str, storage.ObjectInfo]
+) -> tuple[list[CheckedAudio], list[tuple[str, str, os.stat_result | None]]]:
+    """A checked chunk as (ok files, bad files with reason and stat). An object keeps the listing's ETag
+    and time, as the next run's listing will say them: had the object changed between listing and
+    download, the next run sees the change and re-checks it."""
+    ok: list[CheckedAudio] = []
+    bad: list[tuple[str, str, os.stat_result | None]] = []
+    for path, result in zip(chunk, results, strict=True):
+        if isinstance(result, AudioError):
+            bad.append((path, result.reason, None if is_url(path) else _stat_or_none(path)))
+        elif (listed := objects.get(path)) is not None:
+            ok.append(dataclasses.replace(result, mtime_ns=listed.mtime_ns, etag=listed.etag))
+        else:
+            ok.append(result)
+    return ok, bad
+
+
+def _write_manifests(
+    engine: Engine,
+    items: list[ManifestItem],
+    unwritten: list[ManifestItem],
+    stored_lines: dict[str, dict[int, tuple[object, ...]]],
+    known: dict[str, _Known],
+    writer: _Writer,
+) -> None:
+    """The manifest lines the file chunks did not write (`_write_manifest_items`), with the audio_file id
+    of every path this run looked at (known before, or written now; manifest paths are UTF-8)."""
+    file_ids = {path: k.id for path, k in known.items()} | writer.file_ids
+    unwritten = unwritten + [line for lines in writer.lines.values() for line in lines]  # none, normally
+    _write_manifest_items(engine, items, unwritten, stored_lines, file_ids)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypeVar
@@ -240,132 +240,93 @@ def _has_label(task: str, info: ModelInfo, request: LabelRequest) -> sa.ColumnEl
     )
 
 
-def plan_run(
-    engine: Engine,
-    *,
-    task: str,
-    model_info: ModelInfo,
-    request: LabelRequest,
-    batch_size: int,
-    max_batch_seconds: float,
-    limit: int | None = None,
-    relabel: bool = False,
-    max_jobs: int | None = None,
-    max_attempts: int = DEFAULT_MAX_ATTEMPTS,
-    params: dict[str, Any] | None = None,
-    audio_ids: Sequence[int] | None = None,
-    purpose: str = "label",
-    dataset_ids: Sequence[int] | None = None,
-    where: sa.ColumnElement[bool] | None = None,
-) -> PlanResult:
-    """Create a run with jobs for the audio that needs a label; returns ids only (small enough for XCom).
+@dataclass(frozen=True, kw_only=True)
+class RunRequest:
+    """What `plan_run` is asked to plan: one run of `task` with `model_info` asking `request`.
 
     Needs a label: audio with at least one ok path and no label for the same (task, model, revision,
     prompt_version) — unless `relabel`, which labels it again in a new run and keeps the old labels.
-    Audio already planned in an unfinished run of the same key is never planned twice; an advisory lock on
-    the key serialises concurrent plans, so two planners (DAG and CLI) cannot both take the same audio.
     `limit` caps the audio taken (oldest first); `max_jobs` caps the jobs (Airflow's max_map_length), the
     remaining audio is reported as left over and planned next time. `audio_ids` restricts the run to
     those audio (a fine-tune's held-out split); `purpose` 'evaluation' marks such a run (see 0004).
     `dataset_ids` restricts it to the members of those datasets and `where` adds a condition on
-    `audio.c.id` (the clips of one question). The datasets the run covered are recorded in `run_dataset`
-    (those in `dataset_ids` holding its clips; without `dataset_ids`, every dataset of its clips).
+    `audio.c.id` (the clips of one question). `params` are stored on the run beside the planning options.
+    Checked when made (ConfigError), so a request that exists can be planned without touching the
+    database first.
     """
-    if purpose not in ("label", "evaluation"):
-        raise ConfigError(f"purpose must be 'label' or 'evaluation', got {purpose!r}")
-    if task != request.task:
-        raise ConfigError(f"task {task!r} does not match the request's task {request.task!r}")
-    if limit is not None and limit < 1:
-        raise ConfigError(f"limit must be >= 1, got {limit}")
-    if max_jobs is not None and max_jobs < 1:
-        raise ConfigError(f"max_jobs must be >= 1, got {max_jobs}")
-    if max_attempts < 1:
-        raise ConfigError(f"max_attempts must be >= 1, got {max_attempts}")
-    make_batches([], batch_size, max_batch_seconds)  # validates the budgets before touching the database
-    key = f"qwen_tasks.plan:{task}:{model_info.model}:{model_info.revision}:{model_info.prompt_version}"
+
+    task: str
+    model_info: ModelInfo
+    request: LabelRequest
+    batch_size: int
+    max_batch_seconds: float
+    limit: int | None = None
+    relabel: bool = False
+    max_jobs: int | None = None
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    params: Mapping[str, Any] = field(default_factory=dict)
+    audio_ids: Sequence[int] | None = None
+    purpose: str = "label"
+    dataset_ids: Sequence[int] | None = None
+    where: sa.ColumnElement[bool] | None = field(default=None, compare=False)  # SQL: no `==` of its own
+
+    def __post_init__(self) -> None:
+        if self.purpose not in ("label", "evaluation"):
+            raise ConfigError(f"purpose must be 'label' or 'evaluation', got {self.purpose!r}")
+        if self.task != self.request.task:
+            raise ConfigError(f"task {self.task!r} does not match the request's task {self.request.task!r}")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"limit must be >= 1, got {self.limit}")
+        if self.max_jobs is not None and self.max_jobs < 1:
+            raise ConfigError(f"max_jobs must be >= 1, got {self.max_jobs}")
+        if self.max_attempts < 1:
+            raise ConfigError(f"max_attempts must be >= 1, got {self.max_attempts}")
+        make_batches([], self.batch_size, self.max_batch_seconds)  # validates the budgets
+
+    @property
+    def lock_key(self) -> str:
+        """The advisory lock that serialises plans of the same run key (task, model, revision, prompt)."""
+        info = self.model_info
+        return f"qwen_tasks.plan:{self.task}:{info.model}:{info.revision}:{info.prompt_version}"
+
+    def stored_params(self) -> dict[str, Any]:
+        """label_run.params: the request and the planning options, then the caller's `params`."""
+        return {
+            "request": _request_dict(self.request),
+            "batch_size": self.batch_size,
+            "max_batch_seconds": self.max_batch_seconds,
+            "limit": self.limit,
+            "relabel": self.relabel,
+            "max_jobs": self.max_jobs,
+            "max_attempts": self.max_attempts,
+            **self.params,
+        }
+
+
+def plan_run(engine: Engine, run: RunRequest) -> PlanResult:
+    """Create a run with jobs for the audio `run` selects (see RunRequest); returns ids only (small
+    enough for XCom). Audio already planned in an unfinished run of the same key is never planned twice;
+    an advisory lock on the key serialises concurrent plans, so two planners (DAG and CLI) cannot both
+    take the same audio. The datasets the run covered are recorded in `run_dataset` (those in
+    `dataset_ids` holding its clips; without `dataset_ids`, every dataset of its clips).
+
+    Steps, in one transaction: select the clips (`_select_clips`), make batches (`_batches`), insert the
+    run (`_insert_run`), its jobs and their items (`_insert_jobs`), record its datasets, notify workers.
+    """
 
     def _plan() -> PlanResult:
         with db.transaction(engine) as conn:
-            conn.execute(sa.select(sa.func.pg_advisory_xact_lock(sa.func.hashtextextended(key, 0))))
-            has_ok_path = sa.exists().where(
-                audio_file.c.audio_id == audio.c.id, audio_file.c.status == AudioStatus.OK
-            )
-            in_flight = sa.exists().where(
-                label_job_item.c.audio_id == audio.c.id,
-                label_job_item.c.run_id.in_(_same_key_runs(task, model_info, unfinished=True)),
-            )
-            query = sa.select(audio.c.id, audio.c.duration_s).where(has_ok_path, ~in_flight)
-            if audio_ids is not None:
-                query = query.where(audio.c.id.in_(list(audio_ids)))
-            if dataset_ids is not None:
-                query = query.where(audio.c.id.in_(dataset_members(dataset_ids)))
-            if where is not None:
-                query = query.where(where)
-            if not relabel:
-                query = query.where(~_has_label(task, model_info, request))
-            query = query.order_by(audio.c.id)
-            if limit is not None:
-                query = query.limit(limit)
-            todo = [(int(r.id), float(r.duration_s)) for r in conn.execute(query)]
-            batches = make_batches(todo, batch_size, max_batch_seconds)
-            if max_jobs is not None:
-                batches = batches[:max_jobs]
+            conn.execute(sa.select(sa.func.pg_advisory_xact_lock(sa.func.hashtextextended(run.lock_key, 0))))
+            todo = _select_clips(conn, run)
+            batches = _batches(todo, run)
             n_items = sum(len(b) for b in batches)
             if not batches:
                 return PlanResult(run_id=None, job_ids=[], n_items=0, n_left_over=len(todo))
-            stored_params = {
-                "request": _request_dict(request),
-                "batch_size": batch_size,
-                "max_batch_seconds": max_batch_seconds,
-                "limit": limit,
-                "relabel": relabel,
-                "max_jobs": max_jobs,
-                "max_attempts": max_attempts,
-                **(params or {}),
-            }
-            run_id = conn.execute(
-                label_run.insert()
-                .values(
-                    task=task,
-                    model=model_info.model,
-                    revision=model_info.revision,
-                    prompt_version=model_info.prompt_version,
-                    prompt_template=model_info.prompt_template,
-                    # dtype and device are recorded by the first worker that loads the model: the
-                    # planner (an Airflow scheduler, a laptop) may well have no GPU.
-                    params=stored_params,
-                    status=RunStatus.PLANNED,
-                    n_planned=n_items,
-                    purpose=purpose,
-                )
-                .returning(label_run.c.id)
-            ).scalar_one()
-            job_rows = [
-                {
-                    "run_id": run_id,
-                    "seq": seq,
-                    "n_items": len(batch),
-                    "audio_seconds": sum(d for _, d in batch),
-                    "max_attempts": max_attempts,
-                }
-                for seq, batch in enumerate(batches)
-            ]
-            job_ids = list(
-                conn.execute(
-                    label_job.insert().returning(label_job.c.id, sort_by_parameter_order=True), job_rows
-                ).scalars()
-            )
-            conn.execute(
-                label_job_item.insert(),
-                [
-                    {"job_id": job_id, "run_id": run_id, "audio_id": audio_id}
-                    for job_id, batch in zip(job_ids, batches, strict=True)
-                    for audio_id, _ in batch
-                ],
-            )
-            _record_datasets(conn, run_id, dataset_ids)
+            run_id = _insert_run(conn, run, n_items)
+            job_ids = _insert_jobs(conn, run_id, batches, run.max_attempts)
+            _record_datasets(conn, run_id, run.dataset_ids)
             # delivered on commit: workers waiting for this model wake up at once instead of polling
-            conn.execute(sa.select(sa.func.pg_notify(JOBS_CHANNEL, model_info.model[:7000])))
+            conn.execute(sa.select(sa.func.pg_notify(JOBS_CHANNEL, run.model_info.model[:7000])))
             return PlanResult(
                 run_id=run_id, job_ids=job_ids, n_items=n_items, n_left_over=len(todo) - n_items
             )
@@ -374,6 +335,91 @@ def plan_run(
     if result.run_id is not None:
         log.info("planned run %s: %d jobs, %d clips", result.run_id, len(result.job_ids), result.n_items)
     return result
+
+
+def _select_clips(conn: Connection, run: RunRequest) -> list[tuple[int, float]]:
+    """(audio id, duration) of the clips `run` takes, oldest first: an ok path, not in an unfinished run
+    of the same key, in its scope (`audio_ids`, `dataset_ids`, `where`), no label yet unless `relabel`;
+    at most `limit`."""
+    task, info = run.task, run.model_info
+    has_ok_path = sa.exists().where(
+        audio_file.c.audio_id == audio.c.id, audio_file.c.status == AudioStatus.OK
+    )
+    in_flight = sa.exists().where(
+        label_job_item.c.audio_id == audio.c.id,
+        label_job_item.c.run_id.in_(_same_key_runs(task, info, unfinished=True)),
+    )
+    query = sa.select(audio.c.id, audio.c.duration_s).where(has_ok_path, ~in_flight)
+    if run.audio_ids is not None:
+        query = query.where(audio.c.id.in_(list(run.audio_ids)))
+    if run.dataset_ids is not None:
+        query = query.where(audio.c.id.in_(dataset_members(run.dataset_ids)))
+    if run.where is not None:
+        query = query.where(run.where)
+    if not run.relabel:
+        query = query.where(~_has_label(task, info, run.request))
+    query = query.order_by(audio.c.id)
+    if run.limit is not None:
+        query = query.limit(run.limit)
+    return [(int(r.id), float(r.duration_s)) for r in conn.execute(query)]
+
+
+def _batches(todo: Sequence[tuple[int, float]], run: RunRequest) -> list[list[tuple[int, float]]]:
+    """The clips in batches under the run's budgets (`make_batches`), at most `max_jobs` of them."""
+    batches = make_batches(todo, run.batch_size, run.max_batch_seconds)
+    return batches[: run.max_jobs] if run.max_jobs is not None else batches
+
+
+def _insert_run(conn: Connection, run: RunRequest, n_items: int) -> int:
+    """The label_run row (status planned); returns its id."""
+    info = run.model_info
+    return conn.execute(
+        label_run.insert()
+        .values(
+            task=run.task,
+            model=info.model,
+            revision=info.revision,
+            prompt_version=info.prompt_version,
+            prompt_template=info.prompt_template,
+            # dtype and device are recorded by the first worker that loads the model: the
+            # planner (an Airflow scheduler, a laptop) may well have no GPU.
+            params=run.stored_params(),
+            status=RunStatus.PLANNED,
+            n_planned=n_items,
+            purpose=run.purpose,
+        )
+        .returning(label_run.c.id)
+    ).scalar_one()
+
+
+def _insert_jobs(
+    conn: Connection, run_id: int, batches: Sequence[Sequence[tuple[int, float]]], max_attempts: int
+) -> list[int]:
+    """One label_job per batch (in order: `seq`) and a label_job_item per clip; returns the job ids."""
+    job_rows = [
+        {
+            "run_id": run_id,
+            "seq": seq,
+            "n_items": len(batch),
+            "audio_seconds": sum(d for _, d in batch),
+            "max_attempts": max_attempts,
+        }
+        for seq, batch in enumerate(batches)
+    ]
+    job_ids = list(
+        conn.execute(
+            label_job.insert().returning(label_job.c.id, sort_by_parameter_order=True), job_rows
+        ).scalars()
+    )
+    conn.execute(
+        label_job_item.insert(),
+        [
+            {"job_id": job_id, "run_id": run_id, "audio_id": audio_id}
+            for job_id, batch in zip(job_ids, batches, strict=True)
+            for audio_id, _ in batch
+        ],
+    )
+    return job_ids
 
 
 def _record_datasets(conn: Connection, run_id: int, dataset_ids: Sequence[int] | None) -> None:

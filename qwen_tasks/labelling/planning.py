@@ -80,121 +80,183 @@ def plan(
     an unfinished run). At most `max_jobs` jobs in total (Airflow's max_map_length); audio left over is
     planned next time. Every job gets jobs.DEFAULT_MAX_ATTEMPTS attempts, whoever planned it. A task
     with nothing to do says why in its `per_task` entry (`reason`). `choices`: the tasks' models when the
-    caller chose them already (`choose_models`), else they are chosen here."""
-    from qwen_tasks.labelling.backends import planned_model_info
+    caller chose them already (`choose_models`), else they are chosen here.
 
+    Steps: `_Planner.plan_task` per task (check its model, scope it to datasets), `plan_group` per
+    question group (`resume`, then `new_run`), and `_why_nothing` for a task that got no jobs."""
     out = Plan(model=absolute_model_path(opts.model), revision=opts.revision)
     out.choices = dict(choices) if choices is not None else choose_models(engine, opts)
-    budget = max_jobs
+    planner = _Planner(engine, opts, dict(context or {}), out, budget=max_jobs)
     named = datasets.resolve(engine, opts.datasets, what="datasets" if context else "--dataset")
     for task in opts.tasks:
-        choice = out.choices[task]
-        kind = choice.backend or "auto"  # None: not usable, and planned_model_info says why
+        planner.plan_task(task, named)
+    return out
+
+
+@dataclass
+class _TaskScope:
+    """One task being planned: its model, its `per_task` entry, its datasets and the clips left under
+    `--limit` (shared by its question groups)."""
+
+    task: str
+    choice: ModelChoice
+    entry: dict[str, Any]
+    dataset_ids: list[int]
+    limit: int | None
+
+
+@dataclass
+class _Planner:
+    """The state of one `plan` call: the plan being filled and the jobs left under `max_jobs`."""
+
+    engine: Engine
+    opts: LabelOptions
+    context: dict[str, Any]  # stored on each new run's params (the DAG's run id, ...)
+    out: Plan
+    budget: int | None  # jobs left under max_jobs (None: no cap)
+
+    def plan_task(self, task: str, named: Sequence[datasets.Dataset]) -> None:
+        """One task: its model checked, its datasets found, each question group planned; a task with
+        nothing to do gets a `reason`."""
+        choice = self.out.choices[task]
         entry: dict[str, Any] = {"resumed_jobs": 0, "run_id": None, "run_ids": [], "jobs": 0, "items": 0,
                                  "left_over": 0}  # fmt: skip
-        out.per_task[task] = entry
+        self.out.per_task[task] = entry
         if choice.version:
             entry["model_version"] = choice.version
         # the model is checked first (a wrong --model is the error to report, even with nothing to label)
-        planned_model_info(
-            choice.model, opts.request(task), revision=choice.revision, device=opts.device,
-            dtype=opts.dtype_arg, adapter=choice.adapter, backend=kind,
-        )  # fmt: skip
-        scope = [d for d in named if task in d.tasks]
-        entry["datasets"] = [d.name for d in scope]
-        if not scope:
+        self.model_info(choice, self.opts.request(task))
+        labelled_for = [d for d in named if task in d.tasks]
+        entry["datasets"] = [d.name for d in labelled_for]
+        if not labelled_for:
             entry["reason"] = (
                 f"no dataset is labelled for {task}"
-                if not opts.datasets
-                else f"none of the datasets {list(opts.datasets)} is labelled for {task}"
+                if not self.opts.datasets
+                else f"none of the datasets {list(self.opts.datasets)} is labelled for {task}"
             ) + " (see: qwen-tasks datasets)"
             log.info("%s: nothing to plan: %s", task, entry["reason"])
-            continue
-        dataset_ids = [d.id for d in scope]
-        limit = opts.limit
-        for request, where in question_groups(engine, opts, task, dataset_ids):
-            info = planned_model_info(
-                choice.model, request, revision=choice.revision, device=opts.device, dtype=opts.dtype_arg,
-                adapter=choice.adapter, backend=kind,
-            )  # fmt: skip
-            if choice.version:
-                log.info("%s: labelling with fine-tuned version %s (revision %s)", task, choice.version,
-                         info.revision)  # fmt: skip
-            request = with_calibration(engine, opts, request, info, choice.version, dataset_ids)
-            out.model, out.revision = info.model, info.revision
-            resumed = jobs.unfinished_jobs(
-                engine, task, info.model, info.revision, info.prompt_version, limit=budget
-            )
-            out.job_ids.extend(job_id for job_id, _ in resumed)
-            out.run_ids.extend(sorted({run_id for _, run_id in resumed} - set(out.run_ids)))
-            for _, run_id in resumed:
-                out.run_choices[run_id] = choice
-                out.run_jobs[run_id] = out.run_jobs.get(run_id, 0) + 1
-            out.resumed_jobs += len(resumed)
-            entry["resumed_jobs"] += len(resumed)
-            if budget is not None:
-                budget -= len(resumed)
-            if resumed:
-                log.info("%s: resuming %d unfinished job(s) of run(s) %s", task, len(resumed),
-                         sorted({r for _, r in resumed}))  # fmt: skip
-            in_flight = jobs.in_flight_runs(engine, task, info.model, info.revision, info.prompt_version)
-            if budget is not None and budget < 1:
-                entry["left_over"] = None  # not counted: no room left in this DAG run
-                continue
-            if limit is not None and limit < 1:
-                continue  # --limit reached by the groups before
-            result = jobs.plan_run(
-                engine,
-                task=task,
+            return
+        scope = _TaskScope(task, choice, entry, [d.id for d in labelled_for], self.opts.limit)
+        for request, where in question_groups(self.engine, self.opts, task, scope.dataset_ids):
+            self.plan_group(scope, request, where)
+        _why_nothing(entry, task)
+
+    def model_info(self, choice: ModelChoice, request: LabelRequest) -> ModelInfo:
+        """The run key of `request` asked of the chosen model (ConfigError when it cannot be used)."""
+        from qwen_tasks.labelling.backends import planned_model_info
+
+        kind = choice.backend or "auto"  # None: not usable, and planned_model_info says why
+        return planned_model_info(
+            choice.model, request, revision=choice.revision, device=self.opts.device,
+            dtype=self.opts.dtype_arg, adapter=choice.adapter, backend=kind,
+        )  # fmt: skip
+
+    def plan_group(
+        self, scope: _TaskScope, request: LabelRequest, where: sa.ColumnElement[bool] | None
+    ) -> None:
+        """One question group of a task: resume the unfinished jobs of its run key, then plan a new run
+        over its clips with no label yet (unless the job budget or `--limit` is used up)."""
+        choice, entry, task = scope.choice, scope.entry, scope.task
+        info = self.model_info(choice, request)
+        if choice.version:
+            log.info("%s: labelling with fine-tuned version %s (revision %s)", task, choice.version,
+                     info.revision)  # fmt: skip
+        request = with_calibration(self.engine, self.opts, request, info, choice.version, scope.dataset_ids)
+        self.out.model, self.out.revision = info.model, info.revision
+        resumed = self.resume(scope, info)
+        in_flight = jobs.in_flight_runs(self.engine, task, info.model, info.revision, info.prompt_version)
+        if self.budget is not None and self.budget < 1:
+            entry["left_over"] = None  # not counted: no room left in this DAG run
+            return
+        if scope.limit is not None and scope.limit < 1:
+            return  # --limit reached by the groups before
+        result = self.new_run(scope, request, info, where)
+        if in_flight and not result.job_ids and not resumed:
+            busy = entry.setdefault("in_flight_run_ids", [])
+            busy.extend(r for r in in_flight if r not in busy)
+
+    def resume(self, scope: _TaskScope, info: ModelInfo) -> list[tuple[int, int]]:
+        """The unfinished jobs of earlier runs with this run key (within the budget), added to the plan;
+        returns them as (job id, run id)."""
+        out, entry = self.out, scope.entry
+        resumed = jobs.unfinished_jobs(
+            self.engine, scope.task, info.model, info.revision, info.prompt_version, limit=self.budget
+        )
+        out.job_ids.extend(job_id for job_id, _ in resumed)
+        out.run_ids.extend(sorted({run_id for _, run_id in resumed} - set(out.run_ids)))
+        for _, run_id in resumed:
+            out.run_choices[run_id] = scope.choice
+            out.run_jobs[run_id] = out.run_jobs.get(run_id, 0) + 1
+        out.resumed_jobs += len(resumed)
+        entry["resumed_jobs"] += len(resumed)
+        if self.budget is not None:
+            self.budget -= len(resumed)
+        if resumed:
+            log.info("%s: resuming %d unfinished job(s) of run(s) %s", scope.task, len(resumed),
+                     sorted({r for _, r in resumed}))  # fmt: skip
+        return resumed
+
+    def new_run(
+        self, scope: _TaskScope, request: LabelRequest, info: ModelInfo, where: sa.ColumnElement[bool] | None
+    ) -> jobs.PlanResult:
+        """A new run (`jobs.plan_run`) over the group's clips with no label yet, added to the plan; the
+        budget and the task's `--limit` shrink by what it took."""
+        out, entry, opts = self.out, scope.entry, self.opts
+        result = jobs.plan_run(
+            self.engine,
+            jobs.RunRequest(
+                task=scope.task,
                 model_info=info,
                 request=request,
                 batch_size=opts.batch_size,
                 max_batch_seconds=opts.max_batch_seconds,
-                limit=limit,
+                limit=scope.limit,
                 relabel=opts.relabel,
-                max_jobs=budget,
-                params={"device": opts.device, "dtype": opts.dtype_arg, **choice.params,
-                        "datasets": entry["datasets"], **dict(context or {})},
-                dataset_ids=dataset_ids,
+                max_jobs=self.budget,
+                params={"device": opts.device, "dtype": opts.dtype_arg, **scope.choice.params,
+                        "datasets": entry["datasets"], **self.context},
+                dataset_ids=scope.dataset_ids,
                 where=where,
-            )  # fmt: skip
-            if result.run_id is not None:
-                out.run_ids.append(result.run_id)
-                out.new_run_ids.append(result.run_id)
-                out.run_choices[result.run_id] = choice
-                out.run_jobs[result.run_id] = len(result.job_ids)
-                entry["run_id"] = result.run_id
-                entry["run_ids"].append(result.run_id)
-                if request.calibration is not None:  # run id -> the rule its labels are decided with
-                    entry.setdefault("calibration_ids", {})[result.run_id] = request.calibration.id
-            out.job_ids.extend(result.job_ids)
-            out.items += result.n_items
-            out.left_over += result.n_left_over
-            if budget is not None:
-                budget -= len(result.job_ids)
-            if limit is not None:
-                limit -= result.n_items
-            if in_flight and not result.job_ids and not resumed:
-                busy = entry.setdefault("in_flight_run_ids", [])
-                busy.extend(r for r in in_flight if r not in busy)
-            entry["jobs"] += len(result.job_ids)
-            entry["items"] += result.n_items
-            if entry["left_over"] is not None:
-                entry["left_over"] += result.n_left_over
-        busy = entry.get("in_flight_run_ids")
-        if not entry["jobs"] and not entry["resumed_jobs"] and busy:
-            # Another `label` (or the DAG) holds every open job of this key: not "everything has a label".
-            # This call does not wait for it (the DAG and scripts should not block on another's run).
-            entry["reason"] = (
-                f"the clips of {', '.join(entry['datasets'])} without a label are being labelled by run "
-                f"{', '.join(map(str, busy))} (in flight; see: qwen-tasks runs)"
-            )
-        if not entry["jobs"] and not entry["resumed_jobs"] and "reason" not in entry:
-            entry["reason"] = (
-                f"every clip of {', '.join(entry['datasets'])} already has a label for {task} from this "
-                "model, revision and prompt (--relabel labels them again)"
-            )
-    return out
+            ),
+        )  # fmt: skip
+        if result.run_id is not None:
+            out.run_ids.append(result.run_id)
+            out.new_run_ids.append(result.run_id)
+            out.run_choices[result.run_id] = scope.choice
+            out.run_jobs[result.run_id] = len(result.job_ids)
+            entry["run_id"] = result.run_id
+            entry["run_ids"].append(result.run_id)
+            if request.calibration is not None:  # run id -> the rule its labels are decided with
+                entry.setdefault("calibration_ids", {})[result.run_id] = request.calibration.id
+        out.job_ids.extend(result.job_ids)
+        out.items += result.n_items
+        out.left_over += result.n_left_over
+        if self.budget is not None:
+            self.budget -= len(result.job_ids)
+        if scope.limit is not None:
+            scope.limit -= result.n_items
+        entry["jobs"] += len(result.job_ids)
+        entry["items"] += result.n_items
+        if entry["left_over"] is not None:
+            entry["left_over"] += result.n_left_over
+        return result
+
+
+def _why_nothing(entry: dict[str, Any], task: str) -> None:
+    """The `reason` of a task whose groups got no jobs: its clips are in another's run, or all labelled."""
+    busy = entry.get("in_flight_run_ids")
+    if not entry["jobs"] and not entry["resumed_jobs"] and busy:
+        # Another `label` (or the DAG) holds every open job of this key: not "everything has a label".
+        # This call does not wait for it (the DAG and scripts should not block on another's run).
+        entry["reason"] = (
+            f"the clips of {', '.join(entry['datasets'])} without a label are being labelled by run "
+            f"{', '.join(map(str, busy))} (in flight; see: qwen-tasks runs)"
+        )
+    if not entry["jobs"] and not entry["resumed_jobs"] and "reason" not in entry:
+        entry["reason"] = (
+            f"every clip of {', '.join(entry['datasets'])} already has a label for {task} from this "
+            "model, revision and prompt (--relabel labels them again)"
+        )
 
 
 def with_calibration(

@@ -388,12 +388,13 @@ def _run_answers(run_id: int) -> Any:
 
 
 def run_figures(
-    conn: Connection, run_id: int, details: dict[str, dict[str, Any]]
+    conn: Connection, run_id: int, details: dict[str, dict[str, Any]], answers: Any = None
 ) -> list[tuple[str, Any, dict]]:
     """Extra figures of a cry run for run_metric: `score.ece` (bins in its details) and, per method,
-    `<method>.coverage` = decided / clips with gold (from the accuracy figures' details)."""
+    `<method>.coverage` = decided / clips with gold (from the accuracy figures' details). `answers`: the
+    run's answers with their gold label as `run_bins` reads them (default: joined here)."""
     out: list[tuple[str, Any, dict]] = []
-    answers = _run_answers(run_id)
+    answers = _run_answers(run_id) if answers is None else answers
     bins = run_bins(conn, answers)
     if bins:
         of = "p_calibrated" if any_calibrated(conn, answers) else "p_yes"

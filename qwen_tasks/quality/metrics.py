@@ -44,6 +44,7 @@ from qwen_tasks.store.schema import (
     audio_file,
     cry_answer,
     cry_gold,
+    cry_run_clip,
     dataset,
     dataset_audio,
     label_failure,
@@ -68,6 +69,11 @@ GROUP_FIGURES: dict[str, tuple[str, ...]] = {
 SWEEP = tuple(round(t, 2) for t in np.arange(0.05, 1.0, 0.05))
 TOP_PAIRS = 20
 ASR_CHUNK = 5000  # transcripts scored per round trip (metrics of an ASR run)
+# work_mem of the transaction that aggregates a cry run's clips (server memory, not ours): the counts have
+# a few hundred groups, but PostgreSQL estimates hundreds of thousands (one per key combination) and, at
+# the default 4 MB, sorted 1 M rows on disk to group them (2.2 s at 1 M answers); with room for the hash
+# it estimates, it hashes them.
+AGGREGATE_WORK_MEM = "64MB"
 
 
 @dataclass
@@ -268,77 +274,66 @@ def _cry_metrics(rows: Sequence[Any], out: _Metrics) -> None:
 WHOLE_RUN = ("run", "")
 
 
-# The run's clips, one row per clip and group, written once per computation (a temporary table dropped at
-# commit) and aggregated from there: columns of `_cry_clips`.
-_CLIPS = sa.table(
-    "_cry_clip",
-    *(sa.column(n, sa.Text) for n in ("grouping", "group_name", "gold", "s_label", "g_label")),
-    *(sa.column(n, sa.Boolean) for n in ("has_s", "has_g")),
-    *(sa.column(n, sa.Float) for n in ("s_p", "g_p")),
-    sa.column("audio_id", sa.BigInteger),
-)
-
-
-def _cry_clips(conn: Connection, run_id: int) -> None:
-    """Fill `_cry_clip`: the run's clips (both methods' label and p_yes side by side, and the gold label),
-    once for the whole run and once per group they are in (grouping, group_name)."""
-    c = cry_answer.c
-    is_score, is_gen = c.method == "score", c.method == "generate"
-    per_clip = (
-        sa.select(
-            c.audio_id,
-            sa.func.max(c.label).filter(is_score).label("s_label"),
-            sa.func.max(c.p_yes).filter(is_score).label("s_p"),
-            sa.func.max(c.label).filter(is_gen).label("g_label"),
-            sa.func.max(c.p_yes).filter(is_gen).label("g_p"),
-            sa.func.bool_or(is_score).label("has_s"),
-            sa.func.bool_or(is_gen).label("has_g"),
-        )
-        .where(c.run_id == run_id)
-        .group_by(c.audio_id)
-        .subquery("per_clip")
+def _cry_clips(conn: Connection, run_id: int) -> sa.Subquery:
+    """The run's clips (both methods' label and p_yes side by side, and the gold label), once for the whole
+    run and once per group they are in (grouping, group_name): rows of `cry_run_clip` (kept by triggers,
+    migration 0018), read by the run's key, not computed from its answers."""
+    rc = cry_run_clip.c
+    cols = (
+        rc.audio_id,
+        rc.gold_label.label("gold"),
+        rc.s_label,
+        rc.g_label,
+        rc.s_label.is_not(None).label("has_s"),
+        rc.g_label.is_not(None).label("has_g"),
+        rc.s_p,
+        rc.g_p,
     )
-    clips = (
-        sa.select(per_clip, cry_gold.c.gold_label.label("gold"))
-        .select_from(per_clip.outerjoin(cry_gold, cry_gold.c.audio_id == per_clip.c.audio_id))
-        .cte("clips")
-    )
-    a = clips.c
-    cols = (a.audio_id, a.gold, a.s_label, a.g_label, a.has_s, a.has_g, a.s_p, a.g_p)
     covered = sa.select(run_dataset.c.dataset_id).where(run_dataset.c.run_id == run_id)
     has_covered = conn.execute(sa.select(sa.exists(covered))).scalar_one()
     by_dataset = (
         sa.select(sa.literal("dataset", sa.Text).label("grouping"), dataset.c.name.label("group_name"), *cols)
-        .select_from(clips)
-        .join(dataset_audio, dataset_audio.c.audio_id == a.audio_id)
+        .select_from(cry_run_clip)
+        .join(dataset_audio, dataset_audio.c.audio_id == rc.audio_id)
         .join(dataset, dataset.c.id == dataset_audio.c.dataset_id)
+        .where(rc.run_id == run_id)
     )
     if has_covered:
         by_dataset = by_dataset.where(dataset.c.id.in_(covered))
-    sources = (
-        sa.select(audio_file.c.audio_id, manifest_item.c.source)
-        .distinct(audio_file.c.audio_id)
-        .join(audio_file, audio_file.c.id == manifest_item.c.audio_file_id)
-        .where(
-            manifest_item.c.kind == "aqa",
-            manifest_item.c.source.is_not(None),
-            audio_file.c.audio_id.in_(sa.select(a.audio_id)),
-        )
-        .order_by(audio_file.c.audio_id, manifest_item.c.id.desc())
-        .subquery("sources")
-    )
-    by_source = (
-        sa.select(
-            sa.literal("source", sa.Text).label("grouping"), sources.c.source.label("group_name"), *cols
-        )
-        .select_from(clips)
-        .join(sources, sources.c.audio_id == a.audio_id)
-    )
+    by_source = sa.select(
+        sa.literal("source", sa.Text).label("grouping"), rc.source.label("group_name"), *cols
+    ).where(rc.run_id == run_id, rc.source.is_not(None))
     grouping, group_name = (sa.literal(v, sa.Text) for v in WHOLE_RUN)
-    whole = sa.select(grouping.label("grouping"), group_name.label("group_name"), *cols).select_from(clips)
-    compiled = sa.union_all(whole, by_dataset, by_source).compile(dialect=conn.dialect)
-    conn.exec_driver_sql("DROP TABLE IF EXISTS _cry_clip")
-    conn.exec_driver_sql(f"CREATE TEMPORARY TABLE _cry_clip ON COMMIT DROP AS {compiled}", compiled.params)
+    whole = sa.select(grouping.label("grouping"), group_name.label("group_name"), *cols).where(
+        rc.run_id == run_id
+    )
+    return sa.union_all(whole, by_dataset, by_source).subquery("clips")
+
+
+def run_answers(run_id: int, members: sa.Select | None = None) -> sa.Subquery:
+    """The run's cry answers with their gold label, one row per clip and method (audio_id, method, label,
+    p_yes, threshold, p_calibrated, gold_label), from `cry_run_clip`; `members`: a query of the audio ids
+    to keep (None: all). What calibration's bins and the report read, instead of joining the run's answers
+    to cry_gold."""
+    rc = cry_run_clip.c
+    where = [rc.run_id == run_id] + ([] if members is None else [rc.audio_id.in_(members)])
+    return sa.union_all(
+        *(
+            sa.select(
+                rc.audio_id,
+                sa.literal(method, sa.Text).label("method"),
+                label.label("label"),
+                p.label("p_yes"),
+                threshold.label("threshold"),
+                calibrated.label("p_calibrated"),
+                rc.gold_label,
+            ).where(*where, label.is_not(None))
+            for method, label, p, threshold, calibrated in (
+                ("score", rc.s_label, rc.s_p, rc.s_threshold, rc.s_calibrated),
+                ("generate", rc.g_label, rc.g_p, rc.g_threshold, rc.g_calibrated),
+            )
+        )
+    ).subquery("answers")
 
 
 def _cry_group_metrics(conn: Connection, run_id: int) -> dict[tuple[str, str], _Metrics]:
@@ -346,8 +341,8 @@ def _cry_group_metrics(conn: Connection, run_id: int) -> dict[tuple[str, str], _
     are counted by (gold, both methods' labels, which sweep thresholds each p_yes reaches), a few hundred
     rows whatever the run's size, and the ROC AUC is the Mann-Whitney statistic over the histogram of
     p_yes values (ties counted half). Same figures and details as `_cry_metrics` over the rows."""
-    _cry_clips(conn, run_id)
-    t = _CLIPS.c
+    conn.execute(sa.select(sa.func.set_config("work_mem", AGGREGATE_WORK_MEM, True)))
+    t = _cry_clips(conn, run_id).c
     thresholds = sa.cast(sa.literal([float(x) for x in SWEEP]), ARRAY(sa.Float))
     ks = sa.func.width_bucket(t.s_p, thresholds).label("ks")  # how many thresholds s_p reaches
     kg = sa.func.width_bucket(t.g_p, thresholds).label("kg")
@@ -780,16 +775,16 @@ def _group_metrics(
 def _truncated(conn: Connection, run_id: int, task: str, out: _Metrics) -> None:
     """Generated text that hit its token budget (no end-of-sequence token): ASR `truncated`, cry
     `generate.truncated`; value = count, details n and rate. Absent when nothing was generated."""
-    table, name, where = (
-        (transcription, "truncated", ())
-        if task == "asr"
-        else (cry_answer, "generate.truncated", (cry_answer.c.method == "generate",))
-    )
-    n, hit = conn.execute(
-        sa.select(sa.func.count(), sa.func.count().filter(table.c.truncated)).where(
-            table.c.run_id == run_id, *where
-        )
-    ).one()
+    if task == "asr":
+        t = transcription.c
+        name, query = "truncated", sa.select(sa.func.count(), sa.func.count().filter(t.truncated))
+        query = query.where(t.run_id == run_id)
+    else:  # the generate answers, from cry_run_clip (one row per clip)
+        rc = cry_run_clip.c
+        name = "generate.truncated"
+        query = sa.select(sa.func.count(rc.g_label), sa.func.count().filter(rc.g_truncated))
+        query = query.where(rc.run_id == run_id)
+    n, hit = conn.execute(query).one()
     if n:
         out.add(name, hit, n=n, rate=hit / n)
 
@@ -864,7 +859,7 @@ def compute_run_metrics(engine: Engine, run_id: int) -> dict[str, Any]:
         _truncated(conn, run_id, run.task, out)
         _throughput(conn, run_id, out)
         if run.task == "cry":  # ECE and coverage (quality.calibration)
-            for name, value, details in calibration_figures(conn, run_id, out.details):
+            for name, value, details in calibration_figures(conn, run_id, out.details, run_answers(run_id)):
                 out.add(name, value, **details)
         _store_groups(conn, run_id, groups)
         conn.execute(sa.delete(run_metric).where(run_metric.c.run_id == run_id))
@@ -912,9 +907,12 @@ def _inputs(conn: Connection, run_id: int) -> str:
     (status, counts, purpose, end), its answers, failures and jobs, and the counter every change of gold
     labels, manifest lines, files and datasets bumps (migration 0011). Equal strings: same figures."""
     r = label_run.c
+    rc = cry_run_clip.c  # one row per clip, both methods: the run's cry answers, counted without reading them
     answers = sa.union_all(
-        sa.select(sa.func.count()).where(cry_answer.c.run_id == run_id),
-        sa.select(sa.func.count()).where(transcription.c.run_id == run_id),
+        sa.select((sa.func.count(rc.s_label) + sa.func.count(rc.g_label)).label("n")).where(
+            rc.run_id == run_id
+        ),
+        sa.select(sa.func.count().label("n")).where(transcription.c.run_id == run_id),
     ).subquery()
     jobs = label_job.c
     row = conn.execute(
@@ -924,7 +922,7 @@ def _inputs(conn: Connection, run_id: int) -> str:
             r.n_labelled,
             r.n_failed,
             r.finished_at,
-            sa.select(sa.func.sum(answers.c.count)).scalar_subquery(),
+            sa.select(sa.func.sum(answers.c.n)).scalar_subquery(),
             sa.select(sa.func.count()).where(label_failure.c.run_id == run_id).scalar_subquery(),
             sa.select(sa.func.count())
             .where(jobs.run_id == run_id, jobs.status == JobStatus.DONE.value)

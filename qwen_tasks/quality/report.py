@@ -26,6 +26,7 @@ from qwen_tasks.quality.metrics import (
     current_run_metrics,
     load_group_metrics,
     require_datasets,
+    run_answers,
 )
 from qwen_tasks.records import JobStatus
 from qwen_tasks.store.schema import (
@@ -247,53 +248,13 @@ def _confusion_tables(metrics: dict[str, dict[str, Any]]) -> str:
     return "".join(out)
 
 
-_ANSWERS = sa.Table(
-    "_report_answers",
-    sa.MetaData(),
-    sa.Column("audio_id", sa.BigInteger),
-    sa.Column("method", sa.Text),
-    sa.Column("label", sa.Text),
-    sa.Column("p_yes", sa.Float),
-    sa.Column("threshold", sa.Float),
-    sa.Column("p_calibrated", sa.Float),
-    sa.Column("raw_answer", sa.Text),
-    sa.Column("gold_label", sa.Text),
-    prefixes=["TEMPORARY"],
-)
-
-
-def _answers_with_gold(conn: sa.Connection, run_id: int, members: sa.Select | None) -> sa.Table:
-    """The section's answers with their gold label, joined once into a temporary table that the
-    histogram, ROC, threshold and worst-item queries then read, instead of each joining the run's answers
-    to cry_gold again."""
-    c = cry_answer.c
-    query = (
-        sa.select(
-            c.audio_id,
-            c.method,
-            c.label,
-            c.p_yes,
-            c.threshold,
-            c.p_calibrated,
-            c.raw_answer,
-            cry_gold.c.gold_label,
-        )
-        .select_from(cry_answer.outerjoin(cry_gold, cry_gold.c.audio_id == c.audio_id))
-        .where(c.run_id == run_id)
-        .where(sa.true() if members is None else c.audio_id.in_(members))
-    )
-    _ANSWERS.drop(conn, checkfirst=True)
-    _ANSWERS.create(conn)
-    conn.execute(sa.insert(_ANSWERS).from_select(list(_ANSWERS.c.keys()), query))
-    conn.exec_driver_sql("ANALYZE _report_answers")
-    return _ANSWERS
-
-
 def _cry_section(
     conn: sa.Connection, run_id: int, metrics: dict[str, dict[str, Any]], members: sa.Select | None = None
 ) -> tuple[str, list[str]]:
-    """`members`: a query of the audio ids to show (one dataset's), None for the whole run."""
-    answers = _answers_with_gold(conn, run_id, members)
+    """`members`: a query of the audio ids to show (one dataset's), None for the whole run. The section's
+    answers and their gold label are read from `cry_run_clip` (quality.metrics.run_answers: one row per
+    clip, kept by triggers) by every query below, not joined to cry_gold again."""
+    answers = run_answers(run_id, members)
     a = answers.c
     parts = [_confusion_tables(metrics)]
     plots = _cry_plots(conn, answers, run_id)
@@ -310,10 +271,28 @@ def _cry_section(
         )
     # the worst items only: sorted and cut in the database
     wrongness = sa.case((a.p_yes.is_(None), 1.0), (a.gold_label == "no", a.p_yes), else_=1.0 - a.p_yes)
-    shown = (a.audio_id, audio_path.c.path, a.method, a.gold_label, a.label, a.p_yes, a.raw_answer)
+    # the path and the raw answer: lookups the planner makes for the rows returned only
+    path = sa.select(audio_path.c.path).where(audio_path.c.audio_id == a.audio_id).scalar_subquery()
+    raw = (
+        sa.select(cry_answer.c.raw_answer)
+        .where(
+            cry_answer.c.run_id == run_id,
+            cry_answer.c.audio_id == a.audio_id,
+            cry_answer.c.method == a.method,
+        )
+        .scalar_subquery()
+    )
+    shown = (
+        a.audio_id,
+        path.label("path"),
+        a.method,
+        a.gold_label,
+        a.label,
+        a.p_yes,
+        raw.label("raw_answer"),
+    )
     wrong = conn.execute(
         sa.select(*shown)
-        .select_from(answers.outerjoin(audio_path, audio_path.c.audio_id == a.audio_id))
         .where(a.gold_label.is_not(None), a.label.in_(("yes", "no")), a.label != a.gold_label)
         .order_by(wrongness.desc(), a.audio_id, a.method)
         .limit(WORST)
@@ -327,11 +306,7 @@ def _cry_section(
         )
     )
     unknown = conn.execute(
-        sa.select(*shown)
-        .select_from(answers.outerjoin(audio_path, audio_path.c.audio_id == a.audio_id))
-        .where(a.label == "unknown")
-        .order_by(a.audio_id, a.method)
-        .limit(WORST)
+        sa.select(*shown).where(a.label == "unknown").order_by(a.audio_id, a.method).limit(WORST)
     ).all()
     parts.append("<h3>Unknown answers</h3>")
     parts.append(

@@ -731,3 +731,23 @@ VIEWS: tuple[sa.Table, ...] = (
     run_progress, audio_path, cry_gold, asr_reference, latest_label, review_queue, run_quality,
     model_version_quality, dataset_summary, model_version_evaluation, run_quality_by_dataset, cry_question,
 )  # fmt: skip
+
+# 0018_cry_run_clip: per cry run and clip, both methods' answers side by side with the clip's gold label
+# and manifest source (kept by triggers): what `metrics` and `report` of a cry run read.
+cry_run_clip = sa.Table(
+    "cry_run_clip",
+    metadata,
+    sa.Column("run_id", sa.BigInteger, sa.ForeignKey("label_run.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("audio_id", sa.BigInteger, sa.ForeignKey("audio.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("s_label", sa.Text),
+    sa.Column("s_p", sa.Float),
+    sa.Column("s_threshold", sa.Float),
+    sa.Column("s_calibrated", sa.Float),
+    sa.Column("g_label", sa.Text),
+    sa.Column("g_p", sa.Float),
+    sa.Column("g_threshold", sa.Float),
+    sa.Column("g_calibrated", sa.Float),
+    sa.Column("g_truncated", sa.Boolean),
+    sa.Column("gold_label", sa.Text),
+    sa.Column("source", sa.Text),
+)

@@ -31,7 +31,7 @@ def plan(engine: Engine, **kw: object) -> jobs.PlanResult:
         "max_batch_seconds": 4.0,
     }
     args.update(kw)
-    return jobs.plan_run(engine, **args)  # type: ignore[arg-type]
+    return jobs.plan_run(engine, jobs.RunRequest(**args))  # type: ignore[arg-type]
 
 
 def job_rows(engine: Engine, run_id: int) -> list[sa.Row]:

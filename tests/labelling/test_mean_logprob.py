@@ -83,10 +83,10 @@ def test_cry_answers_do_not_report_it(backend) -> None:
 
 def test_worker_stores_mean_logprob_per_transcription(engine: Engine, backend, tmp_path: Path) -> None:
     ids = ingest_clips(engine, tmp_path / "a", [1.0, 2.0, 3.0])
-    planned = jobs.plan_run(
-        engine, task="asr", model_info=model_info(backend, ASR), request=ASR, batch_size=2,
+    planned = jobs.plan_run(engine, jobs.RunRequest(
+        task="asr", model_info=model_info(backend, ASR), request=ASR, batch_size=2,
         max_batch_seconds=60.0,
-    )  # fmt: skip
+    ))  # fmt: skip
     summary = worker.work(
         engine, planned.run_id, worker.WorkerOptions(lease_seconds=30), backend_factory=lambda run: backend
     )

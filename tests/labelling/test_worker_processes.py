@@ -31,10 +31,10 @@ REQUEST = LabelRequest(task="cry")
 
 def plan(engine: Engine, model: Path, **kw: object) -> jobs.PlanResult:
     info = planned_model_info(str(model), REQUEST, device="cpu")
-    result = jobs.plan_run(
-        engine, task="cry", model_info=info, request=REQUEST, batch_size=1, max_batch_seconds=60.0,
+    result = jobs.plan_run(engine, jobs.RunRequest(
+        task="cry", model_info=info, request=REQUEST, batch_size=1, max_batch_seconds=60.0,
         params={"device": "cpu"}, **kw,
-    )  # type: ignore[arg-type]  # fmt: skip
+    ))  # type: ignore[arg-type]  # fmt: skip
     assert result.run_id is not None
     return result
 

@@ -26,12 +26,14 @@ def test_trigger_fires_when_the_runs_are_finished(
     info = planned_model_info("Qwen/Qwen2-Audio-7B-Instruct", request, device="cpu")
     plan = jobs.plan_run(
         engine,
-        task="cry",
-        model_info=info,
-        request=request,
-        batch_size=1,
-        max_batch_seconds=60,
-        max_attempts=1,
+        jobs.RunRequest(
+            task="cry",
+            model_info=info,
+            request=request,
+            batch_size=1,
+            max_batch_seconds=60,
+            max_attempts=1,
+        ),
     )  # one attempt: a released job fails for good
     assert plan.run_id is not None
     trigger = airflow_wait.RunsFinishedTrigger([plan.run_id], poll_seconds=0.05)

@@ -144,10 +144,10 @@ def test_asr_uncertainty_from_a_tiny_model_run(engine: Engine, tiny_model_dir: P
     ingest_clips(engine, tmp_path / "a", [1.0, 1.5, 2.0, 2.5])
     backend = get_backend(str(tiny_model_dir), device="cpu")
     request = LabelRequest("asr", max_new_tokens=5)
-    planned = jobs.plan_run(
-        engine, task="asr", model_info=model_info(backend, request), request=request, batch_size=4,
+    planned = jobs.plan_run(engine, jobs.RunRequest(
+        task="asr", model_info=model_info(backend, request), request=request, batch_size=4,
         max_batch_seconds=60.0,
-    )  # fmt: skip
+    ))  # fmt: skip
     worker.work(
         engine, planned.run_id, worker.WorkerOptions(lease_seconds=30), backend_factory=lambda run: backend
     )

@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -30,3 +32,49 @@ def test_bench_sql_small_scale(database_url: str) -> None:
                  "qwen-tasks metrics --run 36 (cry)", "qwen-tasks export --run 36 (cry)"):  # fmt: skip
         assert name in table
     assert "timeout" not in table and "failed" not in table and "exit " not in table
+
+
+@pytest.mark.slow
+def test_bench_bulk_fill_gives_the_rows_of_the_triggers(engine: Engine, admin_url: str) -> None:
+    """`--bulk` (the per-clip tables' triggers off, the tables rebuilt after the fill) leaves the same
+    dataset_clip, review_item, cry_run_clip and dataset_summary as a fill with every trigger on."""
+    import importlib.util
+
+    from qwen_tasks.store import database as db
+
+    spec = importlib.util.spec_from_file_location("bench_sql", ROOT / "bench" / "sql.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def tables(eng: Engine) -> dict[str, list[tuple]]:
+        with eng.connect() as conn:
+            out = {
+                t: [tuple(r) for r in conn.execute(sa.text(f"SELECT * FROM {t} ORDER BY 1, 2, 3"))]  # noqa: S608
+                for t in ("dataset_clip", "review_item", "cry_run_clip")
+            }
+            out["dataset_summary"] = [
+                tuple(r)
+                for r in conn.execute(
+                    sa.text("SELECT name, clips, audio_seconds, asr_labelled, cry_labelled, asr_references, "
+                            "cry_gold, cry_gold_yes, cry_gold_no FROM dataset_summary ORDER BY name")
+                )
+            ]  # fmt: skip
+        return out
+
+    bench.fill(engine, 2000, 12000, [])
+    with_triggers = tables(engine)
+    assert all(with_triggers.values())
+    with db.scratch_database(admin_url, prefix="qwen_tasks_test_bulk") as url:
+        bulk = db.get_engine(url)
+        try:
+            bench.fill(bulk, 2000, 12000, [], bulk=True)
+            assert tables(bulk) == with_triggers
+            with bulk.connect() as conn:  # the triggers are on again
+                disabled = conn.execute(
+                    sa.text("SELECT count(*) FROM pg_trigger WHERE tgenabled = 'D' AND tgname ~ :p"),
+                    {"p": bench.KEEPING_TRIGGERS},
+                ).scalar_one()
+            assert disabled == 0
+        finally:
+            bulk.dispose()

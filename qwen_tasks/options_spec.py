@@ -2,8 +2,8 @@
 surface generated from it.
 
 An options dataclass (`labelling.options.LabelOptions`, `finetune.options.FinetuneOptions`,
-`orchestration.review_sync.SyncOptions`) declares each option once, `name: type = option(default,
-Spec(...))`. From that one declaration come:
+`review.sync.SyncOptions`, `labelling.worker.WorkerOptions`, `quality.calibration.CalibrateOptions`)
+declares each option once, `name: type = option(default, Spec(...))`. From that one declaration come:
 - the DAG's Params (`param_specs`: Airflow `Param(default, **schema)`, the JSON schema its trigger form
   renders and validates; the key is the field name, or `Spec.param`);
 - the CLI's flags (`qwen_tasks.cli.flags.generated_flags`: a typer option per field with a flag, default

@@ -25,17 +25,28 @@ from qwen_tasks.errors import ConfigError
 from qwen_tasks.finetune import options as finetune
 from qwen_tasks.finetune.options import FinetuneOptions
 from qwen_tasks.labelling.options import LabelOptions
+from qwen_tasks.labelling.worker import WorkerOptions
 from qwen_tasks.options_spec import default_text, flag_name, specs
 from qwen_tasks.orchestration.review_sync import SyncOptions
+from qwen_tasks.quality.calibration import CalibrateOptions
 from qwen_tasks.records import AudioStatus, CryMethod, LabelRequest, Task
 
-COMMANDS = {"label": LabelOptions, "finetune": FinetuneOptions}
+# every command whose flags are generated from an options class (and how many flags it has at least)
+COMMANDS = {
+    "label": LabelOptions,
+    "finetune": FinetuneOptions,
+    "review push": SyncOptions,
+    "work": WorkerOptions,
+    "calibrate": CalibrateOptions,
+}
+MIN_FLAGS = {"label": 15, "finetune": 15, "review push": 4, "work": 6, "calibrate": 8}
 
 
 def _help(command: str) -> str:
     """`qwen-tasks COMMAND --help` as one line of text (wide, so nothing is cut; box drawing removed)."""
     env = {**os.environ, "COLUMNS": "400", "TERMINAL_WIDTH": "400"}
-    out = subprocess.run([*CLI, command, "--help"], capture_output=True, text=True, env=env, check=True)
+    args = [*CLI, *command.split(), "--help"]
+    out = subprocess.run(args, capture_output=True, text=True, env=env, check=True)
     return " ".join(out.stdout.replace("│", " ").split())
 
 
@@ -49,7 +60,7 @@ def test_every_option_with_a_flag_is_in_help_with_its_default(command: str) -> N
     options = COMMANDS[command]
     text = _help(command)
     flagged = {name: spec for name, spec in specs(options).items() if spec.cli}
-    assert len(flagged) >= 15, flagged  # label: 16 options, finetune: 25
+    assert len(flagged) >= MIN_FLAGS[command], flagged  # label: 16 options, finetune: 25
     for name, spec in flagged.items():
         flag = (spec.flag or "--" + name.replace("_", "-")).split("/")[0]
         assert re.search(rf"(^| ){re.escape(flag)} ", text), (command, flag)
@@ -59,6 +70,12 @@ def test_every_option_with_a_flag_is_in_help_with_its_default(command: str) -> N
     assert f"Default: {Settings.env_var('batch_size')}, else {Settings.batch_size}." in _help("label")
     assert "Default: QWEN_TASKS_MAX_BATCH_SECONDS, else 240." in _help("label")
     assert f"Range: >= 1, <= {specs(FinetuneOptions)['epochs'].maximum:.0f}." in _help("finetune")
+    # `label --lease-seconds` is the worker's option, declared once in WorkerOptions (as `work`'s)
+    lease = f"Default: {Settings.env_var('lease_seconds')}, else {Settings.lease_seconds:g}. Range: >= 0.5."
+    assert lease in _help("label") and lease in _help("work")
+    # calibrate and finetune share the calibration method and target precision (one Spec each)
+    for name in ("calibration", "target_precision"):
+        assert specs(CalibrateOptions)[name] is specs(FinetuneOptions)[name]
 
 
 def test_flags_and_params_are_the_public_names() -> None:
@@ -80,6 +97,14 @@ def test_flags_and_params_are_the_public_names() -> None:
         "min_improvement", "calibration", "target_precision", "auto_promote", "device",
     ]  # fmt: skip
     assert list(SyncOptions.param_specs()) == ["tasks", "datasets", "strategy", "limit", "random_share"]
+    # the flags that were hand-written before they were generated (`--task` stays the command's own)
+    push = {flag_name(n, s) for n, s in specs(SyncOptions).items() if s.cli}
+    assert push == {"--dataset", "--strategy", "--limit", "--random-share"}
+    work = {flag_name(n, s) for n, s in specs(WorkerOptions).items() if s.cli}
+    assert work == {"--device", "--dtype", "--lease-seconds", "--worker-id", "--poll-seconds", "--max-jobs"}
+    calibrate = {flag_name(n, s) for n, s in specs(CalibrateOptions).items() if s.cli}
+    assert calibrate == {"--task", "--model", "--revision", "--version", "--run", "--dataset",
+                         "--calibration", "--target-precision"}  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -117,9 +142,47 @@ def test_the_dag_params_and_the_cli_refuse_the_same_value_naming_the_option(
     assert f"{flag} {rule} (got {bad})" in lines[0] and "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("args", "flag", "bad", "rule"),
+    [
+        (["review", "push", "--task", "cry"], "--limit", "0", "must be >= 1 (got 0)"),
+        (["review", "push", "--task", "cry"], "--random-share", "1.5", "must be <= 1 (got 1.5)"),
+        (["review", "push", "--task", "cry"], "--strategy", "best", "must be one of"),
+        (["work", "--run", "1"], "--lease-seconds", "0.1", "must be >= 0.5 (got 0.1)"),
+        (["work", "--follow"], "--poll-seconds", "0", "must be >= 0.1 (got 0.0)"),
+        (["work", "--run", "1"], "--max-jobs", "0", "must be >= 1 (got 0)"),
+        (["label", "--task", "cry"], "--lease-seconds", "0.1", "must be >= 0.5 (got 0.1)"),
+        (["calibrate"], "--run", "0", "must be >= 1 (got 0)"),
+        (["calibrate"], "--target-precision", "1.5", "must be in (0, 1]"),
+        (["calibrate"], "--calibration", "linear", "must be none, platt or isotonic"),
+    ],
+)
+def test_every_generated_command_refuses_an_out_of_range_value_in_one_line(
+    args: list[str], flag: str, bad: str, rule: str
+) -> None:
+    """Before anything touches the database (it is not there): one line naming the flag, exit 1."""
+    result = _cli(*args, flag, bad)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 1 and len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"error: {flag} {rule}") and "Traceback" not in result.stderr
+
+
+def test_the_review_sync_params_refuse_what_push_refuses() -> None:
+    from airflow.sdk import Param
+    from airflow.sdk.exceptions import ParamValidationError
+
+    default, schema = SyncOptions.param_specs()["limit"]
+    with pytest.raises(ParamValidationError):
+        Param(default, **schema).resolve(0)
+    with pytest.raises(ConfigError, match=r"^param 'limit' must be >= 1 \(got 0\)$"):
+        SyncOptions.from_mapping({"limit": 0})
+    with pytest.raises(ConfigError, match=r"^--limit must be >= 1 \(got 0\)$"):
+        SyncOptions.from_mapping({"limit": 0}, flags=True)
+
+
 def test_environment_defaults_come_from_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     """`Spec.setting` names a Settings field; its variable is declared there once."""
-    for options in (LabelOptions, FinetuneOptions, SyncOptions):
+    for options in (LabelOptions, FinetuneOptions, SyncOptions, WorkerOptions, CalibrateOptions):
         for name, spec in specs(options).items():
             if spec.setting:
                 assert Settings.env_var(spec.setting).startswith("QWEN_TASKS_"), (options, name)
@@ -132,6 +195,9 @@ def test_environment_defaults_come_from_settings(monkeypatch: pytest.MonkeyPatch
     assert LabelOptions.param_specs()["batch_size"][0] == 7
     assert finetune.dag_param_specs()["device"]["default"] == "cpu"
     assert FinetuneOptions.from_mapping({"task": "asr"}, params=False).device == "cpu"
+    monkeypatch.setenv("QWEN_TASKS_LEASE_SECONDS", "33")
+    assert WorkerOptions.from_flags({}).lease_seconds == 33.0  # `work` and `label` without --lease-seconds
+    assert WorkerOptions().lease_seconds == Settings.lease_seconds
 
 
 def test_a_required_flag_is_required_and_lists_are_split() -> None:

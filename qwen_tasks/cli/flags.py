@@ -2,8 +2,9 @@
 
 `generated_flags(LabelOptions)` appends a typer option for every option with a flag (`Spec.cli`) to the
 decorated command's signature (`__signature__`, which typer reads through `inspect.signature`), so
-`qwen-tasks label` and `qwen-tasks finetune` take exactly the options their DAGs take, with the same
-defaults and limits in `--help`. Every generated flag defaults to None, "the option's default": the
+`qwen-tasks label`, `finetune` and `review push` take exactly the options their DAGs take, with the same
+defaults and limits in `--help` (`work` and `calibrate`, which have no DAG form, are generated the same
+way). Every generated flag defaults to None, "the option's default": the
 command hands what was given to `options_from_flags`, and `from_mapping` fills in the rest and checks
 all of it with the one set of rules (one line naming the flag). Options only a command has (`--json`,
 `--plan-only`) stay declared in the command itself.
@@ -12,7 +13,7 @@ all of it with the one set of rules (one line naming the flag). Options only a c
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any, TypeVar
 
 import typer
@@ -25,11 +26,12 @@ _TYPES: dict[str, Any] = {"str": str, "int": int, "float": float, "bool": bool, 
                           "list": list[str], "enum_list": list[str]}  # fmt: skip
 
 
-def flag_parameters(options: type) -> list[inspect.Parameter]:
-    """One keyword-only parameter per option with a flag: `typer.Option(None, <flag>, help=...)`."""
+def flag_parameters(options: type, only: Collection[str] | None = None) -> list[inspect.Parameter]:
+    """One keyword-only parameter per option with a flag (of those named in `only`, if given):
+    `typer.Option(None, <flag>, help=...)`."""
     out = []
     for name, spec in specs(options).items():
-        if not spec.cli:
+        if not spec.cli or (only is not None and name not in only):
             continue
         decl = spec.flag or "--" + name.replace("_", "-")
         annotation = str if spec.separator else _TYPES[spec.kind]
@@ -42,15 +44,16 @@ def flag_parameters(options: type) -> list[inspect.Parameter]:
     return out
 
 
-def generated_flags(options: type) -> Callable[[F], F]:
-    """Decorator (below `@app.command`): the command's own parameters, then the options' flags, which
-    reach the command in its `**flags`."""
+def generated_flags(options: type, only: Collection[str] | None = None) -> Callable[[F], F]:
+    """Decorator (below `@app.command`): the command's own parameters, then the options' flags (those in
+    `only`, if given), which reach the command in its `**flags`. Stackable: a command may take the flags
+    of two options classes (`label`: LabelOptions', and WorkerOptions' `--lease-seconds`)."""
 
     def wrap(command: F) -> F:
         signature = inspect.signature(command)
         own = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
         taken = {p.name for p in own}
-        extra = [p for p in flag_parameters(options) if p.name not in taken]
+        extra = [p for p in flag_parameters(options, only) if p.name not in taken]
         command.__signature__ = signature.replace(parameters=[*own, *extra])  # type: ignore[attr-defined]
         return command
 

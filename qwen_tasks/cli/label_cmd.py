@@ -22,10 +22,11 @@ from rich.table import Table
 
 from qwen_tasks.cli.common import app, check_task, console, fail, open_database, print_json, wants_json
 from qwen_tasks.cli.flags import generated_flags, given
-from qwen_tasks.config import Settings, get_settings
+from qwen_tasks.config import get_settings
 from qwen_tasks.errors import QwenTasksError
 from qwen_tasks.labelling import jobs, worker
 from qwen_tasks.labelling.options import LabelOptions
+from qwen_tasks.labelling.worker import WorkerOptions
 from qwen_tasks.progress import ProgressLog, log_to_stderr
 from qwen_tasks.records import JobOutcomeStatus
 
@@ -85,17 +86,12 @@ class _Bar:
 
 
 @app.command("label")
+@generated_flags(WorkerOptions, only=("lease_seconds",))  # the worker's lease: `work`'s --lease-seconds
 @generated_flags(LabelOptions)  # --model, --batch-size, --threshold, ...: one flag per LabelOptions option
 def label(
     task: str = typer.Option(..., "--task", help="asr (transcribe) or cry (is a baby crying? yes/no)."),
     plan_only: bool = typer.Option(False, "--plan-only", help="Create the run and its jobs, then stop."),
     max_jobs: int = typer.Option(None, "--max-jobs", min=1, help="Plan at most N jobs (rest left over)."),
-    lease_seconds: float = typer.Option(
-        None,
-        "--lease-seconds",
-        min=0.5,
-        help=f"Job lease (default: {Settings.env_var('lease_seconds')}, {Settings.lease_seconds:g}).",
-    ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON summary on stdout."),
     **flags: Any,
 ) -> None:
@@ -112,12 +108,13 @@ def label(
     check_task(task)
     settings = get_settings()
     opts = LabelOptions.from_mapping({**given(flags), "tasks": [task]}, settings, flags=True)
+    lease_seconds = flags.get("lease_seconds")
+    options = WorkerOptions.from_flags(given({"lease_seconds": lease_seconds}))
     engine = open_database()
     started = time.perf_counter()
     choices = choose_models(engine, opts)  # the model, resolved once: planning and the worker read it
     elsewhere = choices[task].python  # the Qwen-Audio environment's python, or None: this one
     shown = _Shown(engine, task, bar=not plan_only and elsewhere is None)
-    options = worker.WorkerOptions(lease_seconds=lease_seconds or settings.lease_seconds)
     try:
         with worker.signals_handled():
             summary = worker.label(
@@ -266,6 +263,7 @@ def _label_elsewhere(
 
 
 @app.command("work")
+@generated_flags(WorkerOptions)  # --device, --dtype, --lease-seconds, --worker-id, --poll-seconds, --max-jobs
 def work(
     run: int = typer.Option(None, "--run", help="Run id (from `label --plan-only` or `runs`)."),
     follow: bool = typer.Option(
@@ -278,28 +276,13 @@ def work(
     revision: str = typer.Option(
         None, "--revision", help="--follow: its revision (QWEN_TASKS_MODEL_REVISION)."
     ),
-    device: str = typer.Option(None, "--device", help="auto, cpu or cuda[:N] (default: as planned)."),
-    dtype: str = typer.Option(None, "--dtype", help="float32, bfloat16 or float16 (default: per device)."),
-    lease_seconds: float = typer.Option(
-        None,
-        "--lease-seconds",
-        min=0.5,
-        help="A killed worker's job is taken over after this long (default: "
-        f"{Settings.env_var('lease_seconds')}, {Settings.lease_seconds:g}).",
-    ),
-    worker_id: str = typer.Option(
-        None, "--worker-id", help="Name recorded on the jobs (default: host:pid:rnd)."
-    ),
     wait: bool = typer.Option(
         True,
         "--wait/--no-wait",
         help="Wait for jobs other workers hold (take over if they die) or stop when idle.",
     ),
-    poll_seconds: float = typer.Option(
-        5.0, "--poll-seconds", min=0.1, help="--follow: look for new jobs at least this often."
-    ),
-    max_jobs: int = typer.Option(None, "--max-jobs", min=1, help="Stop after N jobs."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON summary on stdout."),
+    **flags: Any,
 ) -> None:
     """Claim and process jobs of a run until none is left (start as many workers as you have GPUs), or,
     with --follow, keep a model loaded and serve every new run of it.
@@ -310,15 +293,11 @@ def work(
     """  # fmt: skip
     if (run is None) == (not follow):
         raise fail("give --run ID, or --follow to serve new runs of a model")
+    until = worker.Until.STOPPED if follow else worker.Until.DRAINED if wait else worker.Until.IDLE
+    options = WorkerOptions.from_flags(given(flags), until=until)
     engine = open_database()
-    settings = get_settings()
-    options = worker.WorkerOptions(
-        worker_id=worker_id, lease_seconds=lease_seconds or settings.lease_seconds, max_jobs=max_jobs,
-        poll_seconds=poll_seconds, device=device, dtype=dtype,
-        until=worker.Until.STOPPED if follow else worker.Until.DRAINED if wait else worker.Until.IDLE,
-    )  # fmt: skip
     if follow:
-        _follow(engine, settings, model, revision, options, as_json)
+        _follow(engine, model, revision, options, as_json)
         return
     jobs.get_run(engine, run)  # a wrong --run is one line before anything else
     total = int(jobs.open_job_counts(engine, run)["clips"])
@@ -328,18 +307,14 @@ def work(
 
 
 def _follow(
-    engine: Any,
-    settings: Any,
-    model: str | None,
-    revision: str | None,
-    options: worker.WorkerOptions,
-    as_json: bool,
+    engine: Any, model: str | None, revision: str | None, options: WorkerOptions, as_json: bool
 ) -> None:
     """`work --follow`: load the model now, then serve every unfinished run of it until SIGTERM."""
     from qwen_tasks.labelling.backends import get_backend
     from qwen_tasks.labelling.options import absolute_model_path
     from qwen_tasks.labelling.registry import find_model_version
 
+    settings = get_settings()
     rev = settings.model_revision if revision is None else revision.strip()
     # a fine-tuned version's name serves that version (base + adapter); a plain model serves the base
     version = find_model_version(engine, model or settings.model)

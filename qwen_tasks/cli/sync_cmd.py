@@ -1,20 +1,23 @@
 """`qwen-tasks review push / review pull`: thin wrappers over `review.sync` (live Label Studio review).
 
 The server comes from LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY (never printed), local audio from
-LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT; docs/review.md has the setup.
+LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT; docs/review.md has the setup. `push`'s flags are generated from
+`review.sync.SyncOptions`, the declaration the review-sync DAG's Params come from.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import typer
 
 from qwen_tasks.cli.common import check_task, console, open_database, print_json
+from qwen_tasks.cli.flags import generated_flags, given
 from qwen_tasks.cli.review_cmd import (
     announce_reviews,
     review_app,
 )  # one `review` group: queue (review_cmd), push, pull
-from qwen_tasks.review.queue import DEFAULT_RANDOM_SHARE, Strategy
-from qwen_tasks.review.sync import DEFAULT_LIMIT, DEFAULT_STRATEGY
+from qwen_tasks.review.sync import SyncOptions
 
 
 def _server():  # noqa: ANN202 - label_studio_server.Server; the SDK is imported only when used
@@ -24,44 +27,20 @@ def _server():  # noqa: ANN202 - label_studio_server.Server; the SDK is imported
 
 
 @review_app.command("push")
+@generated_flags(SyncOptions)  # --dataset, --strategy, --limit, --random-share: the review-sync DAG's Params
 def push(
     task: str = typer.Option(..., "--task", help="cry or asr."),
-    dataset: list[str] = typer.Option(
-        None,
-        "--dataset",
-        help="Dataset name (repeatable; default: each dataset of the task): one project each.",
-    ),
-    strategy: str = typer.Option(
-        DEFAULT_STRATEGY.value,
-        "--strategy",
-        help=f"{', '.join(Strategy)} (docs/review.md).",
-    ),
-    limit: int = typer.Option(DEFAULT_LIMIT, "--limit", min=1, help="At most N new clips per project."),
-    random_share: float = typer.Option(
-        DEFAULT_RANDOM_SHARE, "--random-share", help="Share of each push drawn uniformly, in [0, 1]."
-    ),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
+    **flags: Any,
 ) -> None:
     """Send clips to review: one Label Studio project per (dataset, task), the model's answer as a
     prediction, audio through a Local Files storage; never a clip twice to a project, never a clip already
     reviewed."""
-    from qwen_tasks.errors import ConfigError
     from qwen_tasks.review.sync import push as run_push
 
-    try:
-        chosen = Strategy(strategy)
-    except ValueError:
-        raise ConfigError(f"--strategy must be one of {', '.join(Strategy)}, got {strategy!r}") from None
     check_task(task)
-    summary = run_push(
-        open_database(),
-        _server(),
-        task=task,
-        dataset_names=list(dataset or []),
-        strategy=chosen,
-        limit=limit,
-        random_share=random_share,
-    )
+    options = SyncOptions.from_mapping({**given(flags), "tasks": [task]}, flags=True)
+    summary = run_push(open_database(), _server(), task=task, **options.push_args())
     for project in summary.projects:
         console.print(
             f"{project['title']} (project {project['project_id']}): {project['pushed']} pushed, "

@@ -21,14 +21,13 @@ from qwen_tasks.labelling import registry
 from qwen_tasks.labelling.allowed_models import check_allowed
 from qwen_tasks.labelling.options import Dtype
 from qwen_tasks.options_spec import Spec, option
-from qwen_tasks.quality.calibration import check_method, check_target_precision
+from qwen_tasks.quality.calibration import CALIBRATION, DEFAULT_METHOD, TARGET_PRECISION
 from qwen_tasks.records import (
     DEFAULT_LANGUAGE,
     DEFAULT_QUESTION,
     LANGUAGE_PATTERN,
     MAX_QUESTION_CHARS,
     QUESTION_PATTERN,
-    CalibrationMethod,
     CryMethod,
     LabelRequest,
     Task,
@@ -150,30 +149,8 @@ class FinetuneOptions:
             maximum=1,
         ),
     )
-    calibration: str = option(
-        CalibrationMethod.PLATT.value,
-        Spec(
-            "enum",
-            "Calibration",
-            "cry: the probability calibration fitted on the version's held-out run beside its decision "
-            "threshold (platt is safe with few labels)",
-            choices=CalibrationMethod,
-            check=check_method,
-        ),
-    )
-    target_precision: float | None = option(
-        None,
-        Spec(
-            "float",
-            "Target precision",
-            "cry: the lowest threshold whose held-out precision reaches this",
-            nullable=True,
-            exclusive_minimum=0,
-            maximum=1,
-            check=check_target_precision,
-            default_text="the threshold that maximises F1",
-        ),
-    )
+    calibration: str = option(DEFAULT_METHOD.value, CALIBRATION)  # `calibrate --calibration`'s Spec
+    target_precision: float | None = option(None, TARGET_PRECISION)
     promote: bool = option(
         False,
         Spec("bool", "Promote if it passes the gate", "Promote the version if it passes the gate",

@@ -5,81 +5,23 @@ return counts only, for XCom. The server comes from the Airflow connection `qwen
 (host = URL, password = API key, extra `document_root`), else from LABEL_STUDIO_URL /
 LABEL_STUDIO_API_KEY; the key never reaches a log, XCom or the database. Clips in a bucket are served
 through an S3 storage made with the connection `qwen_tasks_s3` (else the AWS chain). Importing this
-module imports neither Airflow nor the Label Studio SDK.
+module imports neither Airflow nor the Label Studio SDK. The DAG's Params are `review.sync.SyncOptions`'s
+(re-exported here), the same declaration `qwen-tasks review push`'s flags come from.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
-from qwen_tasks import options_spec
-from qwen_tasks.options_spec import Spec, option
 from qwen_tasks.orchestration.connection import resolve_database_url, use_object_storage_connection
-from qwen_tasks.records import Task
-from qwen_tasks.review.queue import DEFAULT_RANDOM_SHARE, Strategy
-from qwen_tasks.review.sync import DEFAULT_LIMIT, DEFAULT_STRATEGY
+from qwen_tasks.review.sync import SyncOptions
 from qwen_tasks.store import database as db
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class SyncOptions:
-    """The DAG's params, one declaration each (`options_spec`: the DAG's `Param`s are generated from
-    these), checked again here (the REST API and `dags test` can send anything)."""
-
-    tasks: tuple[str, ...] = option(
-        (Task.CRY.value, Task.ASR.value),
-        Spec("enum_list", "Tasks", "Tasks to push and pull", choices=Task, cli=False),
-    )
-    datasets: tuple[str, ...] = option(
-        (),
-        Spec(
-            "list",
-            "Datasets",
-            "Datasets to push and pull: one project each",
-            nullable=True,
-            cli=False,
-            default_text="every dataset of each task",
-        ),
-    )
-    strategy: str = option(
-        DEFAULT_STRATEGY.value,
-        Spec(
-            "enum",
-            "Strategy",
-            "How the review queue ranks clips (docs/review.md)",
-            choices=Strategy,
-            cli=False,
-        ),
-    )
-    limit: int = option(
-        DEFAULT_LIMIT,
-        Spec("int", "Limit", "At most this many new clips per project and push", minimum=1, cli=False),
-    )
-    random_share: float = option(
-        DEFAULT_RANDOM_SHARE,
-        Spec(
-            "float",
-            "Random share",
-            "Share of each push drawn uniformly (unbiased quality estimates)",
-            minimum=0,
-            maximum=1,
-            cli=False,
-        ),
-    )
-
-    @classmethod
-    def from_mapping(cls, params: Mapping[str, Any]) -> SyncOptions:
-        return cls(**options_spec.from_mapping(cls, params))
-
-    @classmethod
-    def param_specs(cls) -> dict[str, tuple[Any, dict[str, Any]]]:
-        """name -> (default, Param keyword arguments): the review-sync DAG's Params."""
-        return options_spec.param_specs(cls)
+__all__ = ["SyncOptions", "pull_step", "push_step", "server_config"]
 
 
 def server_config() -> Any:
@@ -116,9 +58,7 @@ def push_step(
     options, engine, server = _setup(params, database_url, config)
     out = {"pushed": 0, "adopted": 0, "skipped": 0, "projects": 0}
     for task in options.tasks:
-        summary = push(engine, server, task=task, dataset_names=options.datasets,
-                       strategy=Strategy(options.strategy), limit=options.limit,
-                       random_share=options.random_share)  # fmt: skip
+        summary = push(engine, server, task=task, **options.push_args())
         for line in summary.skipped:
             log.warning("not pushed: %s", line)
         out["pushed"] += summary.pushed

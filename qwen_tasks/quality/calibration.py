@@ -11,11 +11,15 @@ labelling applies it with `records.Calibration.apply`, the same code that evalua
 Also here: ECE over 10 equal-width bins and the reliability diagram, binned in SQL (`width_bucket`, one
 row per bin whatever the run's size), and accuracy shown with its coverage (decided / total clips with
 gold), so an accuracy over one decided clip cannot read as perfect.
+
+`CalibrateOptions` declares `qwen-tasks calibrate`'s options once (`options_spec`: its flags are
+generated from it); the calibration method and the target precision are declared here once
+(`CALIBRATION`, `TARGET_PRECISION`), and `finetune.options.FinetuneOptions` reuses them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -23,9 +27,11 @@ import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from qwen_tasks import options_spec
 from qwen_tasks.errors import ConfigError
 from qwen_tasks.labelling import decision
-from qwen_tasks.records import Calibration, CalibrationMethod, logit
+from qwen_tasks.options_spec import Spec, option
+from qwen_tasks.records import Calibration, CalibrationMethod, Task, logit
 from qwen_tasks.store.database import transaction
 from qwen_tasks.store.schema import cry_answer, cry_gold, dataset_audio, finetune_split, label_run
 
@@ -59,6 +65,76 @@ def check_target_precision(value: float | None) -> float | None:
     if value is not None and not 0.0 < value <= 1.0:
         raise ConfigError(f"--target-precision must be in (0, 1], got {value}")
     return value
+
+
+def _check_task(task: str) -> str:
+    if task != Task.CRY:
+        raise ConfigError(f"--task must be cry (yes/no decisions), got {task!r}")
+    return str(task)
+
+
+# The two options `calibrate` and `finetune` (and its DAG's form) share, declared once.
+CALIBRATION = Spec(
+    "enum",
+    "Calibration",
+    "cry: the probability calibration fitted on held-out labels beside the decision threshold (platt is "
+    "safe with few labels)",
+    choices=CalibrationMethod,
+    check=check_method,
+)
+TARGET_PRECISION = Spec(
+    "float",
+    "Target precision",
+    "cry: the lowest threshold whose held-out precision reaches this",
+    nullable=True,
+    exclusive_minimum=0,
+    maximum=1,
+    check=check_target_precision,
+    default_text="the threshold that maximises F1",
+)
+
+
+@dataclass(frozen=True)
+class CalibrateOptions:
+    """What `qwen-tasks calibrate` takes, one declaration per option (`options_spec`; its flags are
+    generated from these): which run the rule is fitted on, and how."""
+
+    task: str = option(
+        Task.CRY.value,
+        Spec("enum", "Task", "cry (the only task with yes/no decisions)", choices=(Task.CRY,),
+             check=_check_task, dag=False),
+    )  # fmt: skip
+    model: str = option(
+        "",
+        Spec("str", "Base model", "Hub id or path", nullable=True, setting="model", dag=False),
+    )
+    revision: str = option(
+        "",
+        Spec("str", "Revision", "Pinned revision of the base model", nullable=True, dag=False,
+             default_text="the default branch"),
+    )  # fmt: skip
+    version: str | None = option(
+        None,
+        Spec("str", "Version", "A fine-tuned version: refit on its held-out evaluation run", nullable=True,
+             dag=False, default_text="none: the base model's run"),
+    )  # fmt: skip
+    run: int | None = option(
+        None,
+        Spec("int", "Run", "Fit on this cry run of the base model (one run per question)", nullable=True,
+             minimum=1, dag=False, default_text="its latest"),
+    )  # fmt: skip
+    dataset: str | None = option(
+        None,
+        Spec("str", "Dataset", "Fit on (and apply to) this dataset's clips only", nullable=True, dag=False,
+             default_text="every dataset"),
+    )  # fmt: skip
+    calibration: str = option(DEFAULT_METHOD.value, CALIBRATION)
+    target_precision: float | None = option(None, TARGET_PRECISION)
+
+    @classmethod
+    def from_flags(cls, flags: Mapping[str, Any]) -> CalibrateOptions:
+        """From CLI flags keyed by field name (missing or None: the default); errors name the flag."""
+        return cls(**options_spec.from_mapping(cls, flags, flags=True))
 
 
 def candidate_thresholds(scores: Sequence[float]) -> np.ndarray:

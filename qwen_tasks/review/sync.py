@@ -13,13 +13,16 @@ Pull, per project: list its tasks and annotations, write what is new or has a ne
 stored copy, delete what Label Studio no longer has (review_annotation), and re-resolve the human label of
 each clip touched (`review.resolution`), all in one transaction per project: pulling twice changes
 nothing, and a pull killed half way leaves every project either pulled or not.
+
+`SyncOptions` declares push's options once (`options_spec`): `qwen-tasks review push`'s flags and the
+review-sync DAG's Params are both generated from it.
 """
 
 from __future__ import annotations
 
 import logging
 import posixpath
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -28,9 +31,11 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Engine
 
+from qwen_tasks import options_spec
 from qwen_tasks.errors import ConfigError
 from qwen_tasks.ingest import datasets, sources
 from qwen_tasks.labelling.jobs import get_run
+from qwen_tasks.options_spec import Spec, option
 from qwen_tasks.records import Task
 from qwen_tasks.review import queue
 from qwen_tasks.review.label_studio import (
@@ -63,6 +68,68 @@ SOURCE = "label-studio-sync"
 BATCH = 100  # tasks per Label Studio import call, committed together
 DEFAULT_STRATEGY = queue.Strategy.UNCERTAINTY  # `review push` and the DAG's default ranking
 DEFAULT_LIMIT = 100  # new clips per project and push
+
+
+@dataclass(frozen=True)
+class SyncOptions:
+    """What a push (and a pull) covers, one declaration per option (`options_spec`): the review-sync
+    DAG's Params and `qwen-tasks review push`'s flags are generated from these, and checked again here
+    (the REST API and `dags test` can send anything). Field names are the DAG's Param keys (a public
+    contract: do not rename); `push --task` takes one task, declared by the command."""
+
+    tasks: tuple[str, ...] = option(
+        (Task.CRY.value, Task.ASR.value),
+        Spec("enum_list", "Tasks", "Tasks to push and pull", choices=Task, flag="--task", cli=False),
+    )
+    datasets: tuple[str, ...] = option(
+        (),
+        Spec(
+            "list",
+            "Datasets",
+            "Datasets to push and pull: one project each (one per line in the form; --dataset is repeatable)",
+            nullable=True,
+            flag="--dataset",
+            default_text="every dataset of each task",
+        ),
+    )
+    strategy: str = option(
+        DEFAULT_STRATEGY.value,
+        Spec("enum", "Strategy", "How the review queue ranks clips (docs/review.md)", choices=queue.Strategy),
+    )
+    limit: int = option(
+        DEFAULT_LIMIT,
+        Spec("int", "Limit", "At most this many new clips per project and push", minimum=1),
+    )
+    random_share: float = option(
+        queue.DEFAULT_RANDOM_SHARE,
+        Spec(
+            "float",
+            "Random share",
+            "Share of each push drawn uniformly (unbiased quality estimates)",
+            minimum=0,
+            maximum=1,
+        ),
+    )
+
+    @classmethod
+    def from_mapping(cls, raw: Mapping[str, Any], *, flags: bool = False) -> SyncOptions:
+        """Checked options from DAG params, or from CLI flags keyed by field name (`flags`: errors name
+        the flag); a missing key or None takes the default."""
+        return cls(**options_spec.from_mapping(cls, raw, flags=flags))
+
+    @classmethod
+    def param_specs(cls) -> dict[str, tuple[Any, dict[str, Any]]]:
+        """name -> (default, Param keyword arguments): the review-sync DAG's Params."""
+        return options_spec.param_specs(cls)
+
+    def push_args(self) -> dict[str, Any]:
+        """`push`'s keyword arguments for one task (the CLI and the DAG push the same way)."""
+        return {
+            "dataset_names": self.datasets,
+            "strategy": queue.Strategy(self.strategy),
+            "limit": self.limit,
+            "random_share": self.random_share,
+        }
 
 
 # --- push ------------------------------------------------------------------------------------------

@@ -20,15 +20,18 @@ from typing import Any
 
 from sqlalchemy.engine import Engine
 
+from qwen_tasks import options_spec
 from qwen_tasks.errors import ConfigError, ModelError, QwenTasksError, WrongEnvironment
 from qwen_tasks.labelling import jobs, planning
 from qwen_tasks.labelling.backends import check_environment
 from qwen_tasks.labelling.backends.base import Backend
+from qwen_tasks.labelling.options import Dtype
 from qwen_tasks.labelling.registry import ModelChoice
 from qwen_tasks.labelling.worker.leases import LeaseKeeper, StopFlag, default_worker_id, why
 from qwen_tasks.labelling.worker.results import WriteFailed
 from qwen_tasks.labelling.worker.stages import Overlapped, check_backend, process_job
 from qwen_tasks.labelling.worker.summary import JobOutcome, WorkSummary
+from qwen_tasks.options_spec import Spec, from_setting, option
 from qwen_tasks.records import FINISHED_JOB, UNFINISHED_JOB, JobOutcomeStatus, RunStatus
 
 log = logging.getLogger(__name__)
@@ -46,16 +49,47 @@ class Until(StrEnum):
 
 @dataclass(frozen=True)
 class WorkerOptions:
-    """How one worker runs: the settings `work` takes (CLI flags, a DAG slot's, `label`'s)."""
+    """How one worker runs: the settings `work` takes (CLI flags, a DAG slot's, `label`'s), one declaration
+    per option (`options_spec`): `qwen-tasks work`'s flags (and `label --lease-seconds`) are generated
+    from these. `until` and `overlap` have no flag (`work --follow` / `--wait` choose `until`)."""
 
-    worker_id: str | None = None  # recorded on the jobs; None: host:pid:random (default_worker_id)
-    lease_seconds: float = jobs.DEFAULT_LEASE_SECONDS
+    worker_id: str | None = option(
+        None,
+        Spec("str", "Worker id", "Name recorded on the jobs", nullable=True, dag=False,
+             default_text="host:pid:rnd"),
+    )  # fmt: skip
+    lease_seconds: float = from_setting(
+        Spec("float", "Lease seconds", "A killed worker's job is taken over after this long", minimum=0.5,
+             setting="lease_seconds", dag=False),
+    )  # fmt: skip
     until: Until = Until.DRAINED
-    max_jobs: int | None = None  # stop after this many jobs
-    poll_seconds: float = 5.0  # Until.STOPPED / waiting for a lease: look for jobs at least this often
+    max_jobs: int | None = option(
+        None,
+        Spec("int", "Max jobs", "Stop after N jobs", nullable=True, minimum=1, dag=False,
+             default_text="no limit"),
+    )  # fmt: skip
+    poll_seconds: float = option(
+        5.0,
+        Spec("float", "Poll seconds", "--follow, or waiting for a lease: look for jobs at least this often",
+             minimum=0.1, dag=False),
+    )  # fmt: skip
     overlap: bool | None = None  # None: QWEN_TASKS_OVERLAP (on)
-    device: str | None = None  # None: what each run was planned with
-    dtype: str | None = None
+    device: str | None = option(
+        None,
+        Spec("str", "Device", "auto, cpu or cuda[:N]", nullable=True, dag=False,
+             default_text="what each run was planned with"),
+    )  # fmt: skip
+    dtype: str | None = option(
+        None,
+        Spec("enum", "Weights dtype", "auto = bfloat16 on CUDA, float32 on CPU", choices=Dtype, nullable=True,
+             dag=False, default_text="as planned"),
+    )  # fmt: skip
+
+    @classmethod
+    def from_flags(cls, flags: Mapping[str, Any], **fixed: Any) -> WorkerOptions:
+        """From CLI flags keyed by field name (missing or None: the default, the environment's for the
+        lease); errors name the flag. `fixed`: the fields without a flag (`until`)."""
+        return cls(**options_spec.from_mapping(cls, flags, flags=True), **fixed)
 
 
 BackendFactory = Callable[[jobs.RunInfo], Backend]

@@ -196,8 +196,13 @@ def export_rows(
 def _line_query(run: Any, scope: Any) -> sa.Select:
     """One text column, the JSON line of each row of `export_rows` (same keys in the same order, `, ` and
     `: ` separators, non-ASCII kept), built by PostgreSQL, in path order."""
+    return _lines(run, _query(run, scope))
+
+
+def _lines(run: Any, query: sa.Select) -> sa.Select:
+    """The JSON line of each row of `query` (the columns of `_asr_query` / `_cry_query`), in path order."""
     tail = ", " + json.dumps(_provenance(run), ensure_ascii=False)[1:]
-    q = _query(run, scope).subquery()
+    q = query.subquery()
     parts = _asr_parts(q) if run.task == "asr" else _cry_parts(q)
     line = sa.literal("{", sa.Text) + sa.func.concat_ws(", ", *parts) + sa.literal(tail, sa.Text)
     return sa.select(line).select_from(q).order_by(q.c.path)

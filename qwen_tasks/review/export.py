@@ -22,7 +22,14 @@ from sqlalchemy.engine import Engine
 from qwen_tasks.errors import ConfigError
 from qwen_tasks.ingest import datasets
 from qwen_tasks.labelling.jobs import latest_run_ids
-from qwen_tasks.store.schema import audio_file, cry_answer, label_run, manifest_item, transcription
+from qwen_tasks.store.schema import (
+    audio_file,
+    cry_answer,
+    cry_run_clip,
+    label_run,
+    manifest_item,
+    transcription,
+)
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +71,30 @@ def _with_manifest_value(
         query.add_columns(sa.func.coalesce(by_path.c.value, by_audio.c.value).label(label))
         .outerjoin(by_path, by_path.c.audio_file_id == audio_file.c.id)
         .outerjoin(by_audio, by_audio.c.audio_id == audio_id)
+    )
+
+
+def _with_newest_manifest_value(
+    query: sa.Select, column: sa.Column, kind: str, audio_id: Any, label: str
+) -> sa.Select:
+    """`query` (which selects from audio_file, one row per path) with the manifest's value for each row's
+    path as `label`, by the rule of `_manifest_values`, in path order: the row is joined to every line of
+    `kind` with a value naming any path of its clip (one hash of those lines), and DISTINCT ON (path)
+    keeps the line naming this very path first, else the newest. The choice rides on the sort by path the
+    export makes anyway, instead of two hashed DISTINCT ON passes over the manifest joined separately."""
+    mf = audio_file.alias("mf")
+    lines = (
+        sa.select(mf.c.audio_id, manifest_item.c.audio_file_id, manifest_item.c.id, column.label("value"))
+        .join(mf, mf.c.id == manifest_item.c.audio_file_id)
+        .where(manifest_item.c.kind == kind, column.is_not(None), mf.c.audio_id.is_not(None))
+        .subquery("lines")
+    )
+    own = lines.c.audio_file_id == audio_file.c.id
+    return (
+        query.add_columns(lines.c.value.label(label))
+        .outerjoin(lines, lines.c.audio_id == audio_id)
+        .distinct(audio_file.c.path)
+        .order_by(audio_file.c.path, own.desc(), lines.c.id.desc())
     )
 
 
@@ -112,30 +143,34 @@ def _asr_query(run_id: int) -> sa.Select:
 
 
 def _cry_query(run_id: int) -> sa.Select:
-    c = cry_answer.c
-    # the run's score and generate answers side by side: one full join on the clip, no distinct pass
-    score = sa.select(cry_answer).where(c.run_id == run_id, c.method == "score").subquery("s")
-    gen = sa.select(cry_answer).where(c.run_id == run_id, c.method == "generate").subquery("g")
-    audio_id = sa.func.coalesce(score.c.audio_id, gen.c.audio_id)
+    """The run's clips from `cry_run_clip` (0018: both methods' label, p_yes, threshold and p_calibrated
+    side by side, one row per clip, kept by triggers), with what it does not hold (the generated answer's
+    text, the score answer's calibration_id, either answer's windows) looked up in `cry_answer` by its
+    unique key (run, clip, method), instead of scanning the run's answers twice and joining them."""
+    r = cry_run_clip.c
+    s, g = cry_answer.alias("s"), cry_answer.alias("g")
     query = (
         sa.select(
             audio_file.c.path,
-            audio_id.label("audio_id"),
-            score.c.p_yes.label("score_p_yes"),
-            score.c.label.label("score_label"),
-            score.c.threshold,
-            score.c.calibration_id,
-            score.c.p_calibrated,
-            score.c.windows.label("score_windows"),
-            gen.c.raw_answer,
-            gen.c.p_yes.label("gen_p_yes"),
-            gen.c.label.label("gen_label"),
-            gen.c.windows.label("gen_windows"),
+            r.audio_id,
+            r.s_p.label("score_p_yes"),
+            r.s_label.label("score_label"),
+            r.s_threshold.label("threshold"),
+            s.c.calibration_id,
+            r.s_calibrated.label("p_calibrated"),
+            s.c.windows.label("score_windows"),
+            g.c.raw_answer,
+            r.g_p.label("gen_p_yes"),
+            r.g_label.label("gen_label"),
+            g.c.windows.label("gen_windows"),
         )
-        .select_from(score.outerjoin(gen, gen.c.audio_id == score.c.audio_id, full=True))
-        .join(audio_file, sa.and_(audio_file.c.audio_id == audio_id, audio_file.c.status == "ok"))
+        .select_from(cry_run_clip)
+        .join(audio_file, sa.and_(audio_file.c.audio_id == r.audio_id, audio_file.c.status == "ok"))
+        .outerjoin(s, sa.and_(s.c.run_id == r.run_id, s.c.audio_id == r.audio_id, s.c.method == "score"))
+        .outerjoin(g, sa.and_(g.c.run_id == r.run_id, g.c.audio_id == r.audio_id, g.c.method == "generate"))
+        .where(r.run_id == run_id)
     )
-    return _with_manifest_value(query, manifest_item.c.gold_label, "aqa", audio_id, "gold")
+    return _with_newest_manifest_value(query, manifest_item.c.gold_label, "aqa", r.audio_id, "gold")
 
 
 def _resolve_run(engine: Engine, task: str, run_id: int | None, dataset: str | None) -> tuple[Any, Any]:

@@ -34,54 +34,16 @@ from qwen_tasks.store.schema import (
 log = logging.getLogger(__name__)
 
 
-def _manifest_values(column: sa.Column, kind: str) -> tuple[sa.Subquery, sa.Subquery]:
-    """(newest line per path, newest line per audio) of the manifest lines of `kind` that give `column`:
-    the value for a path is the line naming this very path first, else the newest line naming any path
-    with the same bytes (`coalesce(by_path.value, by_audio.value)`). Two subqueries joined on their keys,
-    not a lookup per exported row, so PostgreSQL can hash them once (a few hundred thousand lines)."""
-    mf = audio_file.alias("mf")
-    lines = (
-        sa.select(manifest_item.c.audio_file_id, mf.c.audio_id, manifest_item.c.id, column.label("value"))
-        .join(mf, mf.c.id == manifest_item.c.audio_file_id)
-        .where(manifest_item.c.kind == kind, column.is_not(None))
-        .subquery()
-    )
-    by_path = (
-        sa.select(lines.c.audio_file_id, lines.c.value)
-        .distinct(lines.c.audio_file_id)
-        .order_by(lines.c.audio_file_id, lines.c.id.desc())
-        .subquery("by_path")
-    )
-    by_audio = (
-        sa.select(lines.c.audio_id, lines.c.value)
-        .where(lines.c.audio_id.is_not(None))
-        .distinct(lines.c.audio_id)
-        .order_by(lines.c.audio_id, lines.c.id.desc())
-        .subquery("by_audio")
-    )
-    return by_path, by_audio
-
-
 def _with_manifest_value(
     query: sa.Select, column: sa.Column, kind: str, audio_id: Any, label: str
 ) -> sa.Select:
-    """`query` (which selects from audio_file) with the manifest's value for each row's path as `label`."""
-    by_path, by_audio = _manifest_values(column, kind)
-    return (
-        query.add_columns(sa.func.coalesce(by_path.c.value, by_audio.c.value).label(label))
-        .outerjoin(by_path, by_path.c.audio_file_id == audio_file.c.id)
-        .outerjoin(by_audio, by_audio.c.audio_id == audio_id)
-    )
-
-
-def _with_newest_manifest_value(
-    query: sa.Select, column: sa.Column, kind: str, audio_id: Any, label: str
-) -> sa.Select:
     """`query` (which selects from audio_file, one row per path) with the manifest's value for each row's
-    path as `label`, by the rule of `_manifest_values`, in path order: the row is joined to every line of
-    `kind` with a value naming any path of its clip (one hash of those lines), and DISTINCT ON (path)
-    keeps the line naming this very path first, else the newest. The choice rides on the sort by path the
-    export makes anyway, instead of two hashed DISTINCT ON passes over the manifest joined separately."""
+    path as `label`, in path order. The value for a path is the one of the newest line of `kind` naming
+    this very path, else of the newest line naming any path with the same bytes. Each row is joined to
+    the lines of `kind` with a value for its clip (any path) and DISTINCT ON (path) keeps the first by
+    (names this path, newest): the choice rides on the sort by path the export makes anyway. PostgreSQL
+    hashes the lines once for a large run, or looks them up by index for a small one (its choice), where
+    the rule as two DISTINCT ON subqueries (by path, by clip) sorted and hashed the manifest twice."""
     mf = audio_file.alias("mf")
     lines = (
         sa.select(mf.c.audio_id, manifest_item.c.audio_file_id, manifest_item.c.id, column.label("value"))
@@ -98,31 +60,6 @@ def _with_newest_manifest_value(
     )
 
 
-def _manifest_lookup(column: sa.Column, kind: str, audio_id: Any) -> sa.ColumnElement:
-    """The manifest's value for each row's path by the rule of `_manifest_values`, as two lookups per row
-    (index scans of the lines naming this path, else of the lines naming any path with the same bytes;
-    the second only runs when the first finds nothing): for runs much smaller than the manifest, cheaper
-    than hashing every line of it twice."""
-    mi, mf = manifest_item, audio_file.alias("mf")
-    newest = (mi.c.kind == kind, column.is_not(None))
-    by_path = (
-        sa.select(column)
-        .where(mi.c.audio_file_id == audio_file.c.id, *newest)
-        .order_by(mi.c.id.desc())
-        .limit(1)
-        .scalar_subquery()
-    )
-    by_audio = (
-        sa.select(column)
-        .join(mf, mf.c.id == mi.c.audio_file_id)
-        .where(mf.c.audio_id == audio_id, *newest)
-        .order_by(mi.c.id.desc())
-        .limit(1)
-        .scalar_subquery()
-    )
-    return sa.func.coalesce(by_path, by_audio)
-
-
 def _asr_query(run_id: int) -> sa.Select:
     t = transcription
     query = (
@@ -136,10 +73,7 @@ def _asr_query(run_id: int) -> sa.Select:
         .join(audio_file, sa.and_(audio_file.c.audio_id == t.c.audio_id, audio_file.c.status == "ok"))
         .where(t.c.run_id == run_id)
     )
-    # an ASR run covers a tenth of the clips (95,625 lines at 1 M clips, 150,000 reference lines): the
-    # references are looked up per row rather than hashed whole (_with_manifest_value, for cry runs)
-    reference = _manifest_lookup(manifest_item.c.reference_text, "asr", t.c.audio_id)
-    return query.add_columns(reference.label("reference"))
+    return _with_manifest_value(query, manifest_item.c.reference_text, "asr", t.c.audio_id, "reference")
 
 
 def _cry_query(run_id: int) -> sa.Select:
@@ -170,7 +104,7 @@ def _cry_query(run_id: int) -> sa.Select:
         .outerjoin(g, sa.and_(g.c.run_id == r.run_id, g.c.audio_id == r.audio_id, g.c.method == "generate"))
         .where(r.run_id == run_id)
     )
-    return _with_newest_manifest_value(query, manifest_item.c.gold_label, "aqa", r.audio_id, "gold")
+    return _with_manifest_value(query, manifest_item.c.gold_label, "aqa", r.audio_id, "gold")
 
 
 def _resolve_run(engine: Engine, task: str, run_id: int | None, dataset: str | None) -> tuple[Any, Any]:
@@ -221,9 +155,7 @@ def export_rows(
     run, scope = _resolve_run(engine, task, run_id, dataset)
     provenance = _provenance(run)
     with engine.connect() as conn:
-        result = conn.execution_options(stream_results=True, yield_per=1000).execute(
-            _query(run, scope).order_by(audio_file.c.path)
-        )
+        result = conn.execution_options(stream_results=True, yield_per=1000).execute(_query(run, scope))
         for row in result:
             yield (_asr_row(row) if task == "asr" else _cry_row(row)) | provenance
 

@@ -1,11 +1,11 @@
 """The cry export read from `cry_run_clip` (0018, kept by triggers) against the export as it was built
-before (issue 26): the run's score and generate answers scanned from `cry_answer` and fully joined, gold
-by the manifest rule as two hashed subqueries. Both go through the same JSON line builder
-(`export._lines`), so the COPY text must be byte for byte the reference's: same lines, same order, same
-keys and values. The seed covers clips with one method only, calibrated score answers, several windows on
-either method, whole and non-ASCII values, clips at several paths (a mirror with its own gold line, or
-without), answers of another run on the same clips, an answer changed after it was written, and a
-dataset scope."""
+before (issue 26; tests/export_reference.py): the run's score and generate answers scanned from
+`cry_answer` and fully joined, gold by the manifest rule as two DISTINCT ON subqueries. Both go through
+the same JSON line builder (`export._lines`), so the COPY text must be byte for byte the reference's:
+same lines, same order, same keys and values. The seed covers clips with one method only, calibrated
+score answers, several windows on either method, whole and non-ASCII values, clips at several paths (a
+mirror with its own gold line, or without), answers of another run on the same clips, an answer changed
+after it was written, and a dataset scope."""
 
 from __future__ import annotations
 
@@ -13,44 +13,14 @@ import io
 import json
 import random
 
+import export_reference
 import pytest
 import sqlalchemy as sa
 from review_seed import Job, add_audio, add_cry_answers, add_gold, add_run
 from sqlalchemy.engine import Engine
 
-from qwen_tasks.ingest import datasets
 from qwen_tasks.review import export
 from qwen_tasks.store import schema
-
-
-def _reference_query(run_id: int, dataset_id: int | None) -> sa.Select:
-    """The cry export's rows as `main` selected them before this change (a copy, kept as the reference)."""
-    a, f, mi = schema.cry_answer, schema.audio_file, schema.manifest_item
-    score = sa.select(a).where(a.c.run_id == run_id, a.c.method == "score").subquery("s")
-    gen = sa.select(a).where(a.c.run_id == run_id, a.c.method == "generate").subquery("g")
-    audio_id = sa.func.coalesce(score.c.audio_id, gen.c.audio_id)
-    query = (
-        sa.select(
-            f.c.path,
-            audio_id.label("audio_id"),
-            score.c.p_yes.label("score_p_yes"),
-            score.c.label.label("score_label"),
-            score.c.threshold,
-            score.c.calibration_id,
-            score.c.p_calibrated,
-            score.c.windows.label("score_windows"),
-            gen.c.raw_answer,
-            gen.c.p_yes.label("gen_p_yes"),
-            gen.c.label.label("gen_label"),
-            gen.c.windows.label("gen_windows"),
-        )
-        .select_from(score.outerjoin(gen, gen.c.audio_id == score.c.audio_id, full=True))
-        .join(f, sa.and_(f.c.audio_id == audio_id, f.c.status == "ok"))
-    )
-    query = export._with_manifest_value(query, mi.c.gold_label, "aqa", audio_id, "gold")
-    if dataset_id is not None:
-        query = query.where(f.c.audio_id.in_(datasets.members([dataset_id])))
-    return query
 
 
 def _seed(engine: Engine, seed: int) -> tuple[int, int]:
@@ -146,7 +116,10 @@ def test_cry_export_is_the_reference_byte_for_byte(engine: Engine, seed: int) ->
         run = conn.execute(sa.select(schema.label_run).where(schema.label_run.c.id == run_id)).one()
     for scope_id, dataset in ((None, None), (dataset_id, "some")):
         with engine.connect() as conn:
-            want = [line for (line,) in conn.execute(export._lines(run, _reference_query(run_id, scope_id)))]
+            want = [
+                line
+                for (line,) in conn.execute(export._lines(run, export_reference.cry_query(run_id, scope_id)))
+            ]
         copied = io.StringIO()  # what `qwen-tasks export` writes
         assert export.export_copy(engine, "cry", run_id, dataset)(copied) == len(want)
         assert copied.getvalue() == "".join(line + "\n" for line in want)

@@ -34,15 +34,19 @@ from qwen_tasks.store.schema import (
 log = logging.getLogger(__name__)
 
 
+# The columns `_with_manifest_value` adds beside the value, by which `_in_path_order` picks the line.
+_OWN_LINE, _LINE_ID = "manifest_own_line", "manifest_line_id"
+
+
 def _with_manifest_value(
     query: sa.Select, column: sa.Column, kind: str, audio_id: Any, label: str
 ) -> sa.Select:
-    """`query` (which selects from audio_file, one row per path) with the manifest's value for each row's
-    path as `label`, in path order. The value for a path is the one of the newest line of `kind` naming
-    this very path, else of the newest line naming any path with the same bytes. Each row is joined to
-    the lines of `kind` with a value for its clip (any path) and DISTINCT ON (path) keeps the first by
-    (names this path, newest): the choice rides on the sort by path the export makes anyway. PostgreSQL
-    hashes the lines once for a large run, or looks them up by index for a small one (its choice), where
+    """`query` (which selects from audio_file, one row per path) with the manifest's value for its path as
+    `label`, as candidates that `_in_path_order` narrows to one row per path. The value for a path is the
+    one of the newest line of `kind` naming this very path, else of the newest line naming any path with
+    the same bytes: each row is joined to the lines of `kind` with a value for its clip (any path), and
+    the pick (names this path, newest) rides on the sort by path the export makes anyway. PostgreSQL
+    hashes the lines once for a large run or looks them up by index for a small one (its choice), where
     the rule as two DISTINCT ON subqueries (by path, by clip) sorted and hashed the manifest twice."""
     mf = audio_file.alias("mf")
     lines = (
@@ -51,13 +55,20 @@ def _with_manifest_value(
         .where(manifest_item.c.kind == kind, column.is_not(None), mf.c.audio_id.is_not(None))
         .subquery("lines")
     )
-    own = lines.c.audio_file_id == audio_file.c.id
-    return (
-        query.add_columns(lines.c.value.label(label))
-        .outerjoin(lines, lines.c.audio_id == audio_id)
-        .distinct(audio_file.c.path)
-        .order_by(audio_file.c.path, own.desc(), lines.c.id.desc())
-    )
+    return query.add_columns(
+        lines.c.value.label(label),
+        (lines.c.audio_file_id == audio_file.c.id).label(_OWN_LINE),
+        lines.c.id.label(_LINE_ID),
+    ).outerjoin(lines, lines.c.audio_id == audio_id)
+
+
+def _in_path_order(select: sa.Select, q: sa.Subquery) -> sa.Select:
+    """`select` over the rows `q` of `_query`, one per path (the manifest line picked), in path order. The
+    rows are not narrowed in `q` itself so that PostgreSQL flattens it: what is selected over it (the JSON
+    line) is then computed with the joins, in the parallel workers, not after the sort on the leader."""
+    if _LINE_ID not in q.c:  # rows with their value already chosen (tests/export_reference.py)
+        return select.order_by(q.c.path)
+    return select.distinct(q.c.path).order_by(q.c.path, q.c[_OWN_LINE].desc(), q.c[_LINE_ID].desc())
 
 
 def _asr_query(run_id: int) -> sa.Select:
@@ -155,7 +166,10 @@ def export_rows(
     run, scope = _resolve_run(engine, task, run_id, dataset)
     provenance = _provenance(run)
     with engine.connect() as conn:
-        result = conn.execution_options(stream_results=True, yield_per=1000).execute(_query(run, scope))
+        q = _query(run, scope).subquery()
+        result = conn.execution_options(stream_results=True, yield_per=1000).execute(
+            _in_path_order(sa.select(q), q)
+        )
         for row in result:
             yield (_asr_row(row) if task == "asr" else _cry_row(row)) | provenance
 
@@ -172,7 +186,7 @@ def _lines(run: Any, query: sa.Select) -> sa.Select:
     q = query.subquery()
     parts = _asr_parts(q) if run.task == "asr" else _cry_parts(q)
     line = sa.literal("{", sa.Text) + sa.func.concat_ws(", ", *parts) + sa.literal(tail, sa.Text)
-    return sa.select(line).select_from(q).order_by(q.c.path)
+    return _in_path_order(sa.select(line), q)
 
 
 def export_lines(

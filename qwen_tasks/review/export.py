@@ -121,8 +121,9 @@ def _cry_query(run_id: int) -> sa.Select:
 # random_page_cost of an export's transaction. At PostgreSQL's default (4, a disk seeking per page read
 # at random) the planner hashed every manifest line of the task and the audio_file table (1 M rows) to
 # join a run's rows to them; with the cost of a cached or SSD page (1.1, the value commonly set for SSDs)
-# it joins them by index: 0.52 s rather than 0.70 s for an ASR run of 95,625 lines and 2.8 s rather than
-# 3.4 s for a cry run of 510,000 on the benchmark database (docs/sql.md, export session of 0018).
+# it joins them by index: 0.52–0.58 s rather than 0.62–0.77 s for an ASR run of 95,625 lines and 2.8 s
+# rather than 3.4 s for a cry run of 510,000 on the benchmark database (docs/sql.md, export session of
+# 0018). Set with set_config(..., is_local): for the export's transaction only.
 EXPORT_RANDOM_PAGE_COST = "1.1"
 _PLANNER_SETTINGS = sa.select(sa.func.set_config("random_page_cost", EXPORT_RANDOM_PAGE_COST, True))
 

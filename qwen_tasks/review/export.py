@@ -22,74 +22,53 @@ from sqlalchemy.engine import Engine
 from qwen_tasks.errors import ConfigError
 from qwen_tasks.ingest import datasets
 from qwen_tasks.labelling.jobs import latest_run_ids
-from qwen_tasks.store.schema import audio_file, cry_answer, label_run, manifest_item, transcription
+from qwen_tasks.store.schema import (
+    audio_file,
+    cry_answer,
+    cry_run_clip,
+    label_run,
+    manifest_item,
+    transcription,
+)
 
 log = logging.getLogger(__name__)
 
 
-def _manifest_values(column: sa.Column, kind: str) -> tuple[sa.Subquery, sa.Subquery]:
-    """(newest line per path, newest line per audio) of the manifest lines of `kind` that give `column`:
-    the value for a path is the line naming this very path first, else the newest line naming any path
-    with the same bytes (`coalesce(by_path.value, by_audio.value)`). Two subqueries joined on their keys,
-    not a lookup per exported row, so PostgreSQL can hash them once (a few hundred thousand lines)."""
-    mf = audio_file.alias("mf")
-    lines = (
-        sa.select(manifest_item.c.audio_file_id, mf.c.audio_id, manifest_item.c.id, column.label("value"))
-        .join(mf, mf.c.id == manifest_item.c.audio_file_id)
-        .where(manifest_item.c.kind == kind, column.is_not(None))
-        .subquery()
-    )
-    by_path = (
-        sa.select(lines.c.audio_file_id, lines.c.value)
-        .distinct(lines.c.audio_file_id)
-        .order_by(lines.c.audio_file_id, lines.c.id.desc())
-        .subquery("by_path")
-    )
-    by_audio = (
-        sa.select(lines.c.audio_id, lines.c.value)
-        .where(lines.c.audio_id.is_not(None))
-        .distinct(lines.c.audio_id)
-        .order_by(lines.c.audio_id, lines.c.id.desc())
-        .subquery("by_audio")
-    )
-    return by_path, by_audio
+# The columns `_with_manifest_value` adds beside the value, by which `_in_path_order` picks the line.
+_OWN_LINE, _LINE_ID = "manifest_own_line", "manifest_line_id"
 
 
 def _with_manifest_value(
     query: sa.Select, column: sa.Column, kind: str, audio_id: Any, label: str
 ) -> sa.Select:
-    """`query` (which selects from audio_file) with the manifest's value for each row's path as `label`."""
-    by_path, by_audio = _manifest_values(column, kind)
-    return (
-        query.add_columns(sa.func.coalesce(by_path.c.value, by_audio.c.value).label(label))
-        .outerjoin(by_path, by_path.c.audio_file_id == audio_file.c.id)
-        .outerjoin(by_audio, by_audio.c.audio_id == audio_id)
+    """`query` (which selects from audio_file, one row per path) with the manifest's value for its path as
+    `label`, as candidates that `_in_path_order` narrows to one row per path. The value for a path is the
+    one of the newest line of `kind` naming this very path, else of the newest line naming any path with
+    the same bytes: each row is joined to the lines of `kind` with a value for its clip (any path), and
+    the pick (names this path, newest) rides on the sort by path the export makes anyway. PostgreSQL
+    hashes the lines once for a large run or looks them up by index for a small one (its choice), where
+    the rule as two DISTINCT ON subqueries (by path, by clip) sorted and hashed the manifest twice."""
+    mf = audio_file.alias("mf")
+    lines = (
+        sa.select(mf.c.audio_id, manifest_item.c.audio_file_id, manifest_item.c.id, column.label("value"))
+        .join(mf, mf.c.id == manifest_item.c.audio_file_id)
+        .where(manifest_item.c.kind == kind, column.is_not(None), mf.c.audio_id.is_not(None))
+        .subquery("lines")
     )
+    return query.add_columns(
+        lines.c.value.label(label),
+        (lines.c.audio_file_id == audio_file.c.id).label(_OWN_LINE),
+        lines.c.id.label(_LINE_ID),
+    ).outerjoin(lines, lines.c.audio_id == audio_id)
 
 
-def _manifest_lookup(column: sa.Column, kind: str, audio_id: Any) -> sa.ColumnElement:
-    """The manifest's value for each row's path by the rule of `_manifest_values`, as two lookups per row
-    (index scans of the lines naming this path, else of the lines naming any path with the same bytes;
-    the second only runs when the first finds nothing): for runs much smaller than the manifest, cheaper
-    than hashing every line of it twice."""
-    mi, mf = manifest_item, audio_file.alias("mf")
-    newest = (mi.c.kind == kind, column.is_not(None))
-    by_path = (
-        sa.select(column)
-        .where(mi.c.audio_file_id == audio_file.c.id, *newest)
-        .order_by(mi.c.id.desc())
-        .limit(1)
-        .scalar_subquery()
-    )
-    by_audio = (
-        sa.select(column)
-        .join(mf, mf.c.id == mi.c.audio_file_id)
-        .where(mf.c.audio_id == audio_id, *newest)
-        .order_by(mi.c.id.desc())
-        .limit(1)
-        .scalar_subquery()
-    )
-    return sa.func.coalesce(by_path, by_audio)
+def _in_path_order(select: sa.Select, q: sa.Subquery) -> sa.Select:
+    """`select` over the rows `q` of `_query`, one per path (the manifest line picked), in path order. The
+    rows are not narrowed in `q` itself so that PostgreSQL flattens it: what is selected over it (the JSON
+    line) is then computed with the joins, in the parallel workers, not after the sort on the leader."""
+    if _LINE_ID not in q.c:  # rows with their value already chosen (tests/export_reference.py)
+        return select.order_by(q.c.path)
+    return select.distinct(q.c.path).order_by(q.c.path, q.c[_OWN_LINE].desc(), q.c[_LINE_ID].desc())
 
 
 def _asr_query(run_id: int) -> sa.Select:
@@ -105,37 +84,48 @@ def _asr_query(run_id: int) -> sa.Select:
         .join(audio_file, sa.and_(audio_file.c.audio_id == t.c.audio_id, audio_file.c.status == "ok"))
         .where(t.c.run_id == run_id)
     )
-    # an ASR run covers a tenth of the clips (95,625 lines at 1 M clips, 150,000 reference lines): the
-    # references are looked up per row rather than hashed whole (_with_manifest_value, for cry runs)
-    reference = _manifest_lookup(manifest_item.c.reference_text, "asr", t.c.audio_id)
-    return query.add_columns(reference.label("reference"))
+    return _with_manifest_value(query, manifest_item.c.reference_text, "asr", t.c.audio_id, "reference")
 
 
 def _cry_query(run_id: int) -> sa.Select:
-    c = cry_answer.c
-    # the run's score and generate answers side by side: one full join on the clip, no distinct pass
-    score = sa.select(cry_answer).where(c.run_id == run_id, c.method == "score").subquery("s")
-    gen = sa.select(cry_answer).where(c.run_id == run_id, c.method == "generate").subquery("g")
-    audio_id = sa.func.coalesce(score.c.audio_id, gen.c.audio_id)
+    """The run's clips from `cry_run_clip` (0018: both methods' label, p_yes, threshold and p_calibrated
+    side by side, one row per clip, kept by triggers), with what it does not hold (the generated answer's
+    text, the score answer's calibration_id, either answer's windows) looked up in `cry_answer` by its
+    unique key (run, clip, method), instead of scanning the run's answers twice and joining them."""
+    r = cry_run_clip.c
+    s, g = cry_answer.alias("s"), cry_answer.alias("g")
     query = (
         sa.select(
             audio_file.c.path,
-            audio_id.label("audio_id"),
-            score.c.p_yes.label("score_p_yes"),
-            score.c.label.label("score_label"),
-            score.c.threshold,
-            score.c.calibration_id,
-            score.c.p_calibrated,
-            score.c.windows.label("score_windows"),
-            gen.c.raw_answer,
-            gen.c.p_yes.label("gen_p_yes"),
-            gen.c.label.label("gen_label"),
-            gen.c.windows.label("gen_windows"),
+            r.audio_id,
+            r.s_p.label("score_p_yes"),
+            r.s_label.label("score_label"),
+            r.s_threshold.label("threshold"),
+            s.c.calibration_id,
+            r.s_calibrated.label("p_calibrated"),
+            s.c.windows.label("score_windows"),
+            g.c.raw_answer,
+            r.g_p.label("gen_p_yes"),
+            r.g_label.label("gen_label"),
+            g.c.windows.label("gen_windows"),
         )
-        .select_from(score.outerjoin(gen, gen.c.audio_id == score.c.audio_id, full=True))
-        .join(audio_file, sa.and_(audio_file.c.audio_id == audio_id, audio_file.c.status == "ok"))
+        .select_from(cry_run_clip)
+        .join(audio_file, sa.and_(audio_file.c.audio_id == r.audio_id, audio_file.c.status == "ok"))
+        .outerjoin(s, sa.and_(s.c.run_id == r.run_id, s.c.audio_id == r.audio_id, s.c.method == "score"))
+        .outerjoin(g, sa.and_(g.c.run_id == r.run_id, g.c.audio_id == r.audio_id, g.c.method == "generate"))
+        .where(r.run_id == run_id)
     )
-    return _with_manifest_value(query, manifest_item.c.gold_label, "aqa", audio_id, "gold")
+    return _with_manifest_value(query, manifest_item.c.gold_label, "aqa", r.audio_id, "gold")
+
+
+# random_page_cost of an export's transaction. At PostgreSQL's default (4, a disk seeking per page read
+# at random) the planner hashed every manifest line of the task and the audio_file table (1 M rows) to
+# join a run's rows to them; with the cost of a cached or SSD page (1.1, the value commonly set for SSDs)
+# it joins them by index: 0.52–0.58 s rather than 0.62–0.77 s for an ASR run of 95,625 lines and 2.8 s
+# rather than 3.4 s for a cry run of 510,000 on the benchmark database (docs/sql.md, export session of
+# 0018). Set with set_config(..., is_local): for the export's transaction only.
+EXPORT_RANDOM_PAGE_COST = "1.1"
+_PLANNER_SETTINGS = sa.select(sa.func.set_config("random_page_cost", EXPORT_RANDOM_PAGE_COST, True))
 
 
 def _resolve_run(engine: Engine, task: str, run_id: int | None, dataset: str | None) -> tuple[Any, Any]:
@@ -186,8 +176,10 @@ def export_rows(
     run, scope = _resolve_run(engine, task, run_id, dataset)
     provenance = _provenance(run)
     with engine.connect() as conn:
+        conn.execute(_PLANNER_SETTINGS)
+        q = _query(run, scope).subquery()
         result = conn.execution_options(stream_results=True, yield_per=1000).execute(
-            _query(run, scope).order_by(audio_file.c.path)
+            _in_path_order(sa.select(q), q)
         )
         for row in result:
             yield (_asr_row(row) if task == "asr" else _cry_row(row)) | provenance
@@ -196,11 +188,16 @@ def export_rows(
 def _line_query(run: Any, scope: Any) -> sa.Select:
     """One text column, the JSON line of each row of `export_rows` (same keys in the same order, `, ` and
     `: ` separators, non-ASCII kept), built by PostgreSQL, in path order."""
+    return _lines(run, _query(run, scope))
+
+
+def _lines(run: Any, query: sa.Select) -> sa.Select:
+    """The JSON line of each row of `query` (the columns of `_asr_query` / `_cry_query`), in path order."""
     tail = ", " + json.dumps(_provenance(run), ensure_ascii=False)[1:]
-    q = _query(run, scope).subquery()
+    q = query.subquery()
     parts = _asr_parts(q) if run.task == "asr" else _cry_parts(q)
     line = sa.literal("{", sa.Text) + sa.func.concat_ws(", ", *parts) + sa.literal(tail, sa.Text)
-    return sa.select(line).select_from(q).order_by(q.c.path)
+    return _in_path_order(sa.select(line), q)
 
 
 def export_lines(
@@ -209,6 +206,7 @@ def export_lines(
     """The rows of `export_rows` as JSON text, one line each, built by PostgreSQL and streamed."""
     run, scope = _resolve_run(engine, task, run_id, dataset)
     with engine.connect() as conn:
+        conn.execute(_PLANNER_SETTINGS)
         result = conn.execution_options(stream_results=True, yield_per=5000).execute(_line_query(run, scope))
         for (text,) in result:
             yield text
@@ -229,11 +227,13 @@ def export_copy(engine: Engine, task: str, run_id: int | None = None, dataset: s
     is resolved now (ConfigError before any file is made); the copy runs when the copier is called."""
     run, scope = _resolve_run(engine, task, run_id, dataset)
     compiled = _line_query(run, scope).compile(dialect=engine.dialect)
+    settings = _PLANNER_SETTINGS.compile(dialect=engine.dialect)
 
     def copy(f: TextIO) -> int:
         raw = engine.raw_connection()
         try:
             with raw.cursor() as cur:
+                cur.execute(settings.string, settings.params)  # for this transaction only
                 # the query's values are bound by the driver (mogrify), as in every other statement
                 statement = cur.mogrify(
                     f"COPY ({compiled.string}) TO STDOUT WITH {_COPY_OPTIONS}", compiled.params

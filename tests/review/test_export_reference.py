@@ -1,5 +1,5 @@
-"""The reference of an ASR export row, looked up per row (export._manifest_lookup), against the rule as
-two subqueries over every manifest line (export._with_manifest_value, what the cry export joins): the
+"""The reference of an ASR export row (export._with_manifest_value: picked in the sort by path), against
+the rule as two subqueries over every manifest line (tests/export_reference.py, what the export did): the
 line naming the row's own path first, else the newest line naming any path with the same bytes. Clips
 with several paths, lines on either path, a path with none."""
 
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import random
 
+import export_reference
 import pytest
 import sqlalchemy as sa
 from review_seed import Job, add_audio, add_references, add_run, add_transcripts
@@ -44,7 +45,7 @@ def test_asr_export_references_follow_the_manifest_rule(engine: Engine, seed: in
     run = add_run(engine, "asr", [Job(0, 1, clips, 1.0)])
     add_transcripts(engine, run, {a: "some words" for a in clips}, "en")
     t = schema.transcription
-    hashed = export._with_manifest_value(
+    hashed = export_reference.with_manifest_value(
         sa.select(f.c.path, t.c.audio_id)
         .join(f, sa.and_(f.c.audio_id == t.c.audio_id, f.c.status == "ok"))
         .where(t.c.run_id == run),

@@ -186,6 +186,8 @@ class Settings:
     gpu_slots: int = _var(1, "QWEN_TASKS_GPU_POOL_SLOTS")
     # a dead worker's job is taken over after this long
     lease_seconds: float = _var(120.0, "QWEN_TASKS_LEASE_SECONDS")
+    # how often the labelling DAG's deferred wait for an external worker fleet looks at the runs
+    wait_poll_seconds: float = _var(30.0, "QWEN_TASKS_WAIT_POLL_SECONDS")
     # what the nightly run ingests: folders / URL prefixes, and manifests (`:`-separated lists)
     audio_dirs: tuple[str, ...] = _var((), "QWEN_TASKS_AUDIO_DIRS")
     asr_manifests: tuple[str, ...] = _var((), "QWEN_TASKS_ASR_MANIFESTS")
@@ -249,6 +251,9 @@ class Settings:
             gpu_slots=read(lambda: _env_int(var("gpu_slots"), cls.gpu_slots), cls.gpu_slots),
             lease_seconds=read(
                 lambda: _env_float(var("lease_seconds"), cls.lease_seconds), cls.lease_seconds
+            ),
+            wait_poll_seconds=read(
+                lambda: _env_float(var("wait_poll_seconds"), cls.wait_poll_seconds), cls.wait_poll_seconds
             ),
             audio_dirs=tuple(split_paths(os.environ.get(var("audio_dirs"), ""))),
             asr_manifests=tuple(split_paths(os.environ.get(var("asr_manifests"), ""))),

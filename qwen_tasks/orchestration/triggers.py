@@ -11,7 +11,6 @@ Imports Airflow: only the DAG file (and the triggerer, by class path) imports th
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import AsyncIterator, Sequence
 from datetime import timedelta
 from typing import Any
@@ -19,17 +18,15 @@ from typing import Any
 from airflow.sdk import BaseOperator
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
+from qwen_tasks.config import Settings, get_settings
+
 CLASSPATH = "qwen_tasks.orchestration.triggers.RunsFinishedTrigger"
 
 
 def poll_seconds() -> float:
-    """How often the trigger looks at the runs (QWEN_TASKS_WAIT_POLL_SECONDS, default 30 s)."""
-    raw = os.environ.get("QWEN_TASKS_WAIT_POLL_SECONDS", "").strip()
-    try:
-        value = float(raw) if raw else 30.0
-    except ValueError:
-        value = 30.0
-    return value if value > 0 else 30.0
+    """How often the trigger looks at the runs (`config.Settings.wait_poll_seconds`: read strictly, so a
+    bad QWEN_TASKS_WAIT_POLL_SECONDS fails the waiting task with one line naming it)."""
+    return get_settings().wait_poll_seconds
 
 
 def _progress(run_ids: Sequence[int]) -> dict[str, Any]:
@@ -42,7 +39,7 @@ def _progress(run_ids: Sequence[int]) -> dict[str, Any]:
 class RunsFinishedTrigger(BaseTrigger):
     """Fires when every run in `run_ids` is done or failed (their jobs finished or used up attempts)."""
 
-    def __init__(self, run_ids: Sequence[int], poll_seconds: float = 30.0) -> None:
+    def __init__(self, run_ids: Sequence[int], poll_seconds: float = Settings.wait_poll_seconds) -> None:
         super().__init__()
         self.run_ids = [int(r) for r in run_ids]
         self.poll_seconds = float(poll_seconds)

@@ -56,3 +56,17 @@ def test_trigger_fires_when_the_runs_are_finished(
     assert payload["finished"] is True
     assert payload["runs"][str(plan.run_id)]["failed"] == 2
     assert payload["runs"][str(plan.run_id)]["status"] == "failed"
+
+
+def test_poll_seconds_is_a_setting_and_a_bad_value_is_one_line_naming_it(monkeypatch) -> None:
+    from qwen_tasks.errors import ConfigError
+
+    monkeypatch.delenv("QWEN_TASKS_WAIT_POLL_SECONDS", raising=False)
+    assert airflow_wait.poll_seconds() == 30.0
+    monkeypatch.setenv("QWEN_TASKS_WAIT_POLL_SECONDS", "2.5")
+    assert airflow_wait.poll_seconds() == 2.5
+    for bad in ("soon", "0", "-1"):
+        monkeypatch.setenv("QWEN_TASKS_WAIT_POLL_SECONDS", bad)
+        with pytest.raises(ConfigError, match="QWEN_TASKS_WAIT_POLL_SECONDS") as info:
+            airflow_wait.poll_seconds()
+        assert "\n" not in str(info.value)

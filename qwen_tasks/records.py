@@ -302,6 +302,7 @@ def default_max_new_tokens(task: str, seconds: float) -> int:
 # The rule as the JSON schema pattern the DAG form checks; Python's `re` reads it the same way.
 MAX_QUESTION_CHARS = 1000
 QUESTION_PATTERN = r"^[^\u0000-\u001f\u007f-\u009f]*$"
+QUESTION_PATTERN_HINT = "must not contain control characters (newlines, tabs, ...)"  # the pattern in words
 _CONTROL = re.compile(r"[\u0000-\u001f\u007f-\u009f]")
 
 

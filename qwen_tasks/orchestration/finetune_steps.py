@@ -29,7 +29,6 @@ from sqlalchemy.engine import Engine
 from qwen_tasks.config import get_settings
 from qwen_tasks.finetune.options import FinetuneOptions, options_from_params
 from qwen_tasks.orchestration.assets import Event, model_uri, parse_uri
-from qwen_tasks.orchestration.steps import _engine as open_engine
 from qwen_tasks.progress import ProgressLog
 from qwen_tasks.records import Task
 from qwen_tasks.store import database as db
@@ -44,7 +43,7 @@ def options(params: Mapping[str, Any], run_name: str = "") -> FinetuneOptions:
 
 
 def _engine(database_url: str | None) -> Engine:
-    engine = open_engine(database_url)
+    engine = db.get_engine(database_url)
     db.upgrade(engine)  # a fresh labels database works on the first fine-tune
     return engine
 

@@ -72,10 +72,6 @@ def options(params: Mapping[str, Any]) -> LabelOptions:
     return LabelOptions.from_mapping(params)
 
 
-def _engine(database_url: str | None) -> Engine:
-    return db.get_engine(database_url)
-
-
 # --- steps ---------------------------------------------------------------------------------------------
 
 
@@ -103,7 +99,7 @@ def _counts(summary: Mapping[str, Any]) -> dict[str, Any]:
 
 def ingest_step(params: Mapping[str, Any], *, database_url: str | None = None) -> dict[str, Any]:
     """Ingest the configured folders and manifests; returns counts."""
-    return _counts(_ingest(params, _engine(database_url)))
+    return _counts(_ingest(params, db.get_engine(database_url)))
 
 
 def watch_step(params: Mapping[str, Any], *, database_url: str | None = None) -> dict[str, Any]:
@@ -112,7 +108,7 @@ def watch_step(params: Mapping[str, Any], *, database_url: str | None = None) ->
     counts only) for the task to emit."""
     from qwen_tasks.orchestration.assets import new_audio_events
 
-    engine = _engine(database_url)
+    engine = db.get_engine(database_url)
     summary = _ingest(params, engine)
     events = new_audio_events(engine, summary.get("datasets") or [])
     for event in events:
@@ -135,7 +131,7 @@ def plan_step(
     or the jobs go to external workers. Which interpreter labels a run is read from the plan
     (`Plan.run_choices`: the model chosen once per task)."""
     p = options(params)
-    planned = plan(_engine(database_url), p, max_jobs=max_jobs, context=context)
+    planned = plan(db.get_engine(database_url), p, max_jobs=max_jobs, context=context)
     n_jobs = len(planned.job_ids)
     elsewhere = [r for r in planned.run_ids if planned.run_choices[r].python is not None]
     jobs_elsewhere = sum(planned.run_jobs.get(r, 0) for r in elsewhere)
@@ -222,7 +218,7 @@ def work_step(
         p = options(params)
         device, dtype = p.device, p.dtype_arg
     settings = get_settings()
-    engine = _engine(database_url)
+    engine = db.get_engine(database_url)
     use_object_storage_connection()  # audio in a bucket is read with the DAG's connection, if it has one
     worker_id = worker or f"{default_worker_id()}:slot{slot + 1}"
     ids = _runs_for_this_interpreter(engine, [int(r) for r in run_ids])
@@ -302,7 +298,7 @@ def runs_progress(run_ids: Sequence[int], *, database_url: str | None = None) ->
     from qwen_tasks.labelling.jobs import run_status_counts
     from qwen_tasks.records import FINISHED_RUN
 
-    counts = run_status_counts(_engine(database_url), run_ids)
+    counts = run_status_counts(db.get_engine(database_url), run_ids)
     missing = sorted(set(int(r) for r in run_ids) - set(counts))
     if missing:
         raise ConfigError(f"no labelling run with id {missing[0]} (deleted while the DAG waited?)")
@@ -317,7 +313,7 @@ def metrics_step(run_ids: Sequence[int], *, database_url: str | None = None) -> 
     """Compute and store quality and speed metrics for each run; returns metric counts per run."""
     from qwen_tasks.quality.metrics import compute_run_metrics
 
-    engine = _engine(database_url)
+    engine = db.get_engine(database_url)
     out: dict[str, Any] = {}
     for run_id in run_ids:
         metrics = compute_run_metrics(engine, int(run_id))
@@ -342,7 +338,7 @@ def report_step(
     from qwen_tasks.quality.report import write_report
 
     p = options(params)
-    engine = _engine(database_url)
+    engine = db.get_engine(database_url)
     ids = [int(r) for r in run_ids] or latest_run_ids(
         engine, tasks=p.tasks, model=absolute_model_path(p.model), statuses=(RunStatus.DONE,)
     )
